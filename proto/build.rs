@@ -1,0 +1,11 @@
+//! Generates the wire types from proto/flotilla.proto with protox: no system protoc.
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    println!("cargo:rerun-if-changed=proto/flotilla.proto");
+    let fds = protox::compile(["proto/flotilla.proto"], ["proto"])?;
+    tonic_prost_build::configure()
+        .build_client(true)
+        .build_server(true)
+        .compile_fds(fds)?;
+    Ok(())
+}

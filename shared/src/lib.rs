@@ -1,0 +1,22 @@
+//! Flotilla's domain: labels and selectors, sources and groups, bundles and their
+//! manifests, targeting, states and join tokens.
+//!
+//! This crate does no I/O and knows nothing of tonic, kube, gix or sled. Everything
+//! here is a pure function of its inputs, so it is tested with plain `#[test]`s.
+
+pub mod bundle;
+pub mod error;
+pub mod labels;
+pub mod objects;
+pub mod selector;
+pub mod state;
+pub mod targeting;
+pub mod token;
+
+pub use error::Error;
+
+/// The field manager every object Flotilla applies is written under.
+pub const FIELD_MANAGER: &str = "flotilla";
+
+/// Label naming the bundle an object belongs to; ownership can be rebuilt from it.
+pub const BUNDLE_LABEL: &str = "flotilla.io/bundle";
