@@ -622,3 +622,136 @@ pub fn test_dir(name: &str) -> Result<tempfile::TempDir> {
         .prefix(&format!("flotilla-{name}-"))
         .tempdir()?)
 }
+
+/// A TCP proxy on loopback that can cut its traffic, to inject network faults
+/// between an agent and its API server (or hub).
+pub struct FaultProxy {
+    pub port: u16,
+    blocked: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    generation: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl FaultProxy {
+    /// Proxies 127.0.0.1:<new port> to 127.0.0.1:`upstream`.
+    pub fn start(upstream: u16) -> Result<FaultProxy> {
+        use std::sync::atomic::{AtomicBool, AtomicU64};
+        use std::sync::Arc;
+        let port = free_port();
+        let listener = TcpListener::bind(("127.0.0.1", port))?;
+        listener.set_nonblocking(true)?;
+        let blocked = Arc::new(AtomicBool::new(false));
+        let generation = Arc::new(AtomicU64::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (b, g, s) = (blocked.clone(), generation.clone(), stop.clone());
+        std::thread::spawn(move || {
+            while !s.load(Ordering::Relaxed) {
+                let client = match listener.accept() {
+                    Ok((c, _)) => c,
+                    Err(_) => {
+                        std::thread::sleep(Duration::from_millis(20));
+                        continue;
+                    }
+                };
+                if b.load(Ordering::Relaxed) {
+                    drop(client);
+                    continue;
+                }
+                let Ok(server) = std::net::TcpStream::connect(("127.0.0.1", upstream)) else {
+                    continue;
+                };
+                let my_gen = g.load(Ordering::Relaxed);
+                for (mut from, mut to) in [
+                    (client.try_clone(), server.try_clone()),
+                    (server.try_clone(), client.try_clone()),
+                ]
+                .into_iter()
+                .filter_map(|(a, b)| Some((a.ok()?, b.ok()?)))
+                {
+                    let g = g.clone();
+                    std::thread::spawn(move || {
+                        use std::io::Read;
+                        let _ = from.set_read_timeout(Some(Duration::from_millis(200)));
+                        let mut buf = [0u8; 16384];
+                        loop {
+                            if g.load(Ordering::Relaxed) != my_gen {
+                                break;
+                            }
+                            match from.read(&mut buf) {
+                                Ok(0) => break,
+                                Ok(n) => {
+                                    if to.write_all(&buf[..n]).is_err() {
+                                        break;
+                                    }
+                                }
+                                Err(e)
+                                    if matches!(
+                                        e.kind(),
+                                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                                    ) => {}
+                                Err(_) => break,
+                            }
+                        }
+                        let _ = from.shutdown(std::net::Shutdown::Both);
+                        let _ = to.shutdown(std::net::Shutdown::Both);
+                    });
+                }
+            }
+        });
+        Ok(FaultProxy {
+            port,
+            blocked,
+            generation,
+            stop,
+        })
+    }
+
+    /// Cuts every open connection and refuses new ones until [`FaultProxy::unblock`].
+    pub fn block(&self) {
+        self.blocked.store(true, Ordering::Relaxed);
+        self.generation.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn unblock(&self) {
+        self.blocked.store(false, Ordering::Relaxed);
+    }
+}
+
+impl Drop for FaultProxy {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        self.generation.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// A copy of `kubeconfig` whose server is 127.0.0.1:`port` (e.g. a [`FaultProxy`]).
+pub fn kubeconfig_via(kubeconfig: &Path, port: u16, out: &Path) -> Result<PathBuf> {
+    let text = fs::read_to_string(kubeconfig)?;
+    let mut done = false;
+    let rewritten: Vec<String> = text
+        .lines()
+        .map(|l| {
+            if let Some(idx) = l.find("server: https://127.0.0.1:") {
+                done = true;
+                format!("{}server: https://127.0.0.1:{port}", &l[..idx])
+            } else {
+                l.to_string()
+            }
+        })
+        .collect();
+    if !done {
+        bail!("no loopback server line in {}", kubeconfig.display());
+    }
+    fs::write(out, rewritten.join("\n") + "\n")?;
+    Ok(out.to_path_buf())
+}
+
+/// The API server port a test cluster's kubeconfig points at.
+pub fn kube_port(kubeconfig: &Path) -> Result<u16> {
+    let text = fs::read_to_string(kubeconfig)?;
+    let line = text
+        .lines()
+        .find_map(|l| l.split("server: https://127.0.0.1:").nth(1))
+        .ok_or_else(|| anyhow!("no server line in {}", kubeconfig.display()))?;
+    Ok(line.trim().parse()?)
+}
