@@ -88,10 +88,16 @@ fn kill_between_receive_and_apply_loses_nothing() -> Result<()> {
     wait_value(west, ns, Some("before"))?;
 
     // Cut the agent off its cluster, push a change, and wait until the agent has
-    // acknowledged it (WaitApplied: received and stored, not applied).
+    // acknowledged it: WaitApplied (stored, not applied), or ErrApplied once its
+    // apply attempt against the unreachable API server has failed.
     proxy.block();
     repo.commit(&BTreeMap::from([("app.yaml", Some(cm(ns, "after").as_str()))]), "after")?;
-    hub.wait_bundle_state("crash", "crash-west", "WaitApplied")?;
+    wait_until("new revision acknowledged", DEADLINE, || {
+        Ok(hub
+            .bundle_state("crash", "crash-west")?
+            .filter(|(s, _)| s == "WaitApplied" || s == "ErrApplied")
+            .map(|_| ()))
+    })?;
     agent.proc.kill9();
     assert_eq!(value(west, ns)?.as_deref(), Some("before"), "nothing was applied yet");
 
