@@ -172,9 +172,9 @@ say "Pushing a change: greeting hello -> bonjour"
 sed -i 's/greeting: hello/greeting: bonjour/' "$REPO/common/settings.yaml"
 git -C "$REPO" commit -q -am "Say bonjour"
 start_t=$SECONDS
-greeting() { kubectl --kubeconfig "$DEMO/$1/kubeconfig" get cm settings -n demo -o jsonpath='{.data.greeting}'; }
-wait_for "change on east" 120 bash -c "[[ \$($(declare -f greeting); greeting east) == bonjour ]]"
-wait_for "change on west" 120 bash -c "[[ \$($(declare -f greeting); greeting west) == bonjour ]]"
+greeting_is() { [[ $(kubectl --kubeconfig "$DEMO/$1/kubeconfig" get cm settings -n demo -o jsonpath='{.data.greeting}') == "$2" ]]; }
+wait_for "change on east" 120 greeting_is east bonjour
+wait_for "change on west" 120 greeting_is west bonjour
 echo "the commit reached both clusters in about $((SECONDS - start_t)) s (polling every 2 s)"
 
 say "Removing a file from Git: the Service goes away"
@@ -199,8 +199,8 @@ spec:
 YAML
 git -C "$REPO" add -A && git -C "$REPO" commit -q -m "Drop the web Service"
 svc_gone() { ! kubectl --kubeconfig "$DEMO/$1/kubeconfig" get svc web -n demo >/dev/null 2>&1; }
-wait_for "service pruned on east" 120 bash -c "$(declare -f svc_gone); svc_gone east"
-wait_for "service pruned on west" 120 bash -c "$(declare -f svc_gone); svc_gone west"
+wait_for "service pruned on east" 120 svc_gone east
+wait_for "service pruned on west" 120 svc_gone west
 echo "service web pruned from both clusters"
 
 say "The demo keeps running. Look around:"
