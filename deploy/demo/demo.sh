@@ -153,8 +153,12 @@ for c in east west; do
     --kubeconfig "$DEMO/$c/kubeconfig" --state-dir "$DEMO/agent-$c"
 done
 
-bundle_ready() { flotilla bundle get "$1" -o json | grep -q "\"cluster\": \"$2\"" && \
-  flotilla bundle get "$1" | grep -E "^ *$2 " | grep -q Ready; }
+bundle_ready() { # bundle_ready BUNDLE CLUSTER
+  flotilla bundle get "$1" -o json | python3 -c '
+import json, sys
+b = json.load(sys.stdin)
+sys.exit(0 if any(c["cluster"] == sys.argv[1] and c["state"] == "Ready" for c in b["clusters"]) else 1)' "$2"
+}
 wait_for "common on east" 120 bundle_ready common-common east
 wait_for "common on west" 120 bundle_ready common-common west
 wait_for "prod on east" 120 bundle_ready prod-prod east
