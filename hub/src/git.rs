@@ -116,10 +116,10 @@ fn attempt(
     cache_dir: &Path,
 ) -> Result<Snapshot, GitError> {
     let repo = open_cache(url, cache_dir)?;
-    let fetch_err = |what: &str, e: &dyn std::fmt::Display| GitError::Fetch {
+    let fetch_err = |what: &str, e: &dyn std::error::Error| GitError::Fetch {
         url: shown.to_string(),
         what: what.to_string(),
-        reason: scrub(&e.to_string(), url, shown),
+        reason: scrub(&chain(e), url, shown),
     };
     let (what, specs): (String, Vec<String>) = match git_ref {
         GitRef::Branch(b) => (
@@ -145,9 +145,9 @@ fn attempt(
         .with_refspecs(specs.iter().map(String::as_str), gix::remote::Direction::Fetch)
         .map_err(|e| fetch_err(&what, &e))?;
 
-    let unreachable = |e: &dyn std::fmt::Display| GitError::Unreachable {
+    let unreachable = |e: &dyn std::error::Error| GitError::Unreachable {
         url: shown.to_string(),
-        reason: scrub(&e.to_string(), url, shown),
+        reason: scrub(&chain(e), url, shown),
     };
     let connection = remote
         .connect(gix::remote::Direction::Fetch)
@@ -176,10 +176,10 @@ fn attempt(
         .receive(gix::progress::Discard, &interrupt)
         .map_err(|e| fetch_err(&what, &e))?;
 
-    let read_err = |what: &str, e: &dyn std::fmt::Display| GitError::Read {
+    let read_err = |what: &str, e: &dyn std::error::Error| GitError::Read {
         url: shown.to_string(),
         what: what.to_string(),
-        reason: scrub(&e.to_string(), url, shown),
+        reason: scrub(&chain(e), url, shown),
     };
     let start = match (git_ref, remote_id) {
         (_, Some(id)) => id,
@@ -298,6 +298,24 @@ pub fn redact_url(url: &str) -> String {
     }
 }
 
+/// An error and its causes, `outer: inner: innermost`, skipping causes that repeat
+/// their parent's text.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut last = out.clone();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let msg = c.to_string();
+        if !msg.is_empty() && !last.contains(&msg) {
+            out.push_str(": ");
+            out.push_str(&msg);
+        }
+        last = msg;
+        cur = c.source();
+    }
+    out
+}
+
 /// Replaces the raw URL in an underlying error message with its redacted form.
 fn scrub(message: &str, url: &str, shown: &str) -> String {
     if url == shown {
@@ -377,16 +395,17 @@ mod tests {
         origin
             .write("apps/web/deploy.yaml", "kind: Deployment\n")
             .write("README.md", "hi\n");
+        for i in 0..8 {
+            origin.write(&format!("static/f{i}.txt"), &format!("file {i}\n"));
+        }
         let c1 = origin.commit("one");
         let cache = tempfile::tempdir().unwrap();
         let cache_dir = cache.path().join("src-a");
 
         let s1 = fetch_snapshot(&origin.url(), &branch("main"), &cache_dir).unwrap();
         assert_eq!(s1.commit, c1);
-        assert_eq!(
-            s1.files.keys().collect::<Vec<_>>(),
-            ["README.md", "apps/web/deploy.yaml"]
-        );
+        assert_eq!(s1.files.len(), 10);
+        assert!(s1.files.contains_key("README.md"));
         assert_eq!(text(&s1, "apps/web/deploy.yaml"), "kind: Deployment\n");
         assert!(cache_dir.join("HEAD").exists(), "bare cache created");
 
@@ -397,10 +416,34 @@ mod tests {
         assert_eq!(s2.commit, c2);
         assert_eq!(text(&s2, "apps/web/deploy.yaml"), "kind: Service\n");
         assert!(!s2.files.contains_key("README.md"), "deleted file gone");
+        assert_eq!(text(&s2, "static/f7.txt"), "file 7\n");
+        // Incremental: the second pack holds only what the new commit added.
+        let mut packs = pack_sizes(&cache_dir);
+        packs.sort();
+        assert_eq!(packs.len(), 2, "{packs:?}");
+        assert!(packs[0] <= 5 && packs[1] >= 14, "{packs:?}");
 
         // Nothing new: same answer, from the cache.
         let s3 = fetch_snapshot(&origin.url(), &branch("main"), &cache_dir).unwrap();
         assert_eq!(s3, s2);
+    }
+
+    /// Object counts of the packs in a bare repository.
+    fn pack_sizes(bare: &Path) -> Vec<usize> {
+        let mut out = Vec::new();
+        for e in std::fs::read_dir(bare.join("objects/pack")).unwrap() {
+            let p = e.unwrap().path();
+            if p.extension().is_some_and(|x| x == "idx") {
+                let idx = std::fs::File::open(&p).unwrap();
+                let o = Command::new("git")
+                    .arg("show-index")
+                    .stdin(idx)
+                    .output()
+                    .unwrap();
+                out.push(String::from_utf8_lossy(&o.stdout).lines().count());
+            }
+        }
+        out
     }
 
     #[test]
@@ -463,6 +506,7 @@ mod tests {
         let url = origin.url();
 
         let err = fetch_snapshot(&url, &branch("nope"), &dir).unwrap_err();
+        eprintln!("{err}");
         assert!(matches!(err, GitError::MissingBranch { .. }), "{err}");
         assert!(err.to_string().contains("\"nope\""), "{err}");
         assert!(err.to_string().contains(&url), "{err}");
@@ -484,6 +528,7 @@ mod tests {
         let cache = tempfile::tempdir().unwrap();
         let err = fetch_snapshot("git://127.0.0.1:1/x", &branch("main"), &cache.path().join("a"))
             .unwrap_err();
+        eprintln!("{err}");
         assert!(matches!(err, GitError::Unreachable { .. }), "{err}");
         assert!(err.to_string().contains("git://127.0.0.1:1/x"), "{err}");
 
@@ -494,6 +539,7 @@ mod tests {
             &cache.path().join("b"),
         )
         .unwrap_err();
+        eprintln!("{err}");
         assert!(matches!(err, GitError::Unreachable { .. }), "{err}");
     }
 
@@ -506,6 +552,7 @@ mod tests {
             &cache.path().join("a"),
         )
         .unwrap_err();
+        eprintln!("{err}");
         assert!(!err.to_string().contains("s3cret"), "{err}");
         assert!(!redact_url("https://u:s3cret@example.com/r.git").contains("s3cret"));
         assert_eq!(redact_url("https://example.com/r.git"), "https://example.com/r.git");
@@ -639,6 +686,7 @@ mod tests {
             &cache.path().join("e"),
         )
         .unwrap_err();
+        eprintln!("{err}");
         assert!(matches!(err, GitError::Unreachable { .. }), "{err}");
     }
 }
