@@ -78,11 +78,7 @@ const URL_MARKER: &str = "flotilla-url";
 ///
 /// A cache that cannot be opened, belongs to another URL, or fails in a way the network
 /// does not explain is deleted and rebuilt once.
-pub fn fetch_snapshot(
-    url: &str,
-    git_ref: &GitRef,
-    cache_dir: &Path,
-) -> Result<Snapshot, GitError> {
+pub fn fetch_snapshot(url: &str, git_ref: &GitRef, cache_dir: &Path) -> Result<Snapshot, GitError> {
     let shown = redact_url(url);
     if let GitRef::Revision(r) = git_ref {
         if !is_hex_revision(r) {
@@ -91,12 +87,11 @@ pub fn fetch_snapshot(
             });
         }
     }
-    let parsed: gix::Url = gix::url::parse(url.as_bytes().as_bstr()).map_err(|e| {
-        GitError::BadUrl {
+    let parsed: gix::Url =
+        gix::url::parse(url.as_bytes().as_bstr()).map_err(|e| GitError::BadUrl {
             url: shown.clone(),
             reason: scrub(&e.to_string(), url, &shown),
-        }
-    })?;
+        })?;
     match attempt(url, &parsed, &shown, git_ref, cache_dir) {
         Ok(s) => Ok(s),
         Err(e) if e.is_final() => Err(e),
@@ -142,7 +137,10 @@ fn attempt(
         .remote_at(parsed.clone())
         .map_err(|e| fetch_err(&what, &e))?
         .with_fetch_tags(gix::remote::fetch::Tags::None)
-        .with_refspecs(specs.iter().map(String::as_str), gix::remote::Direction::Fetch)
+        .with_refspecs(
+            specs.iter().map(String::as_str),
+            gix::remote::Direction::Fetch,
+        )
         .map_err(|e| fetch_err(&what, &e))?;
 
     let unreachable = |e: &dyn std::error::Error| GitError::Unreachable {
@@ -156,21 +154,24 @@ fn attempt(
     let prepare = connection
         .prepare_fetch(gix::progress::Discard, Default::default())
         .map_err(|e| unreachable(&e))?;
-    let remote_id = match git_ref {
-        GitRef::Branch(b) => Some(
-            mapped_id(prepare.ref_map(), false).ok_or_else(|| GitError::MissingBranch {
-                url: shown.to_string(),
-                branch: b.clone(),
-            })?,
-        ),
-        GitRef::Tag(t) => Some(
-            mapped_id(prepare.ref_map(), true).ok_or_else(|| GitError::MissingTag {
-                url: shown.to_string(),
-                tag: t.clone(),
-            })?,
-        ),
-        GitRef::Revision(_) => None,
-    };
+    let remote_id =
+        match git_ref {
+            GitRef::Branch(b) => Some(mapped_id(prepare.ref_map(), false).ok_or_else(|| {
+                GitError::MissingBranch {
+                    url: shown.to_string(),
+                    branch: b.clone(),
+                }
+            })?),
+            GitRef::Tag(t) => {
+                Some(
+                    mapped_id(prepare.ref_map(), true).ok_or_else(|| GitError::MissingTag {
+                        url: shown.to_string(),
+                        tag: t.clone(),
+                    })?,
+                )
+            }
+            GitRef::Revision(_) => None,
+        };
     let interrupt = AtomicBool::new(false);
     prepare
         .receive(gix::progress::Discard, &interrupt)
@@ -250,7 +251,9 @@ fn open_cache(url: &str, cache_dir: &Path) -> Result<gix::Repository, GitError> 
         if same_url {
             match gix::open_opts(cache_dir, gix::open::Options::isolated()) {
                 Ok(repo) if repo.is_bare() => return Ok(repo),
-                Ok(_) => tracing::warn!(cache = %cache_dir.display(), "git cache is not bare, rebuilding it"),
+                Ok(_) => {
+                    tracing::warn!(cache = %cache_dir.display(), "git cache is not bare, rebuilding it")
+                }
                 Err(error) => {
                     tracing::warn!(cache = %cache_dir.display(), %error, "git cache cannot be opened, rebuilding it")
                 }
@@ -333,7 +336,12 @@ mod tests {
     fn git(dir: &Path, args: &[&str]) -> String {
         let out = Command::new("git")
             .args(["-c", "user.name=t", "-c", "user.email=t@example.com"])
-            .args(["-c", "init.defaultBranch=main", "-c", "commit.gpgsign=false"])
+            .args([
+                "-c",
+                "init.defaultBranch=main",
+                "-c",
+                "commit.gpgsign=false",
+            ])
             .args(args)
             .current_dir(dir)
             .env("GIT_CONFIG_GLOBAL", "/dev/null")
@@ -479,20 +487,29 @@ mod tests {
         let dir = cache.path().join("c");
         let url = origin.url();
         let s = fetch_snapshot(&url, &branch("main"), &dir).unwrap();
-        assert_eq!((s.commit.as_str(), text(&s, "v.txt").as_str()), (c2.as_str(), "2\n"));
+        assert_eq!(
+            (s.commit.as_str(), text(&s, "v.txt").as_str()),
+            (c2.as_str(), "2\n")
+        );
         let s = fetch_snapshot(&url, &branch("feature"), &dir).unwrap();
-        assert_eq!((s.commit.as_str(), text(&s, "v.txt").as_str()), (c3.as_str(), "3\n"));
+        assert_eq!(
+            (s.commit.as_str(), text(&s, "v.txt").as_str()),
+            (c3.as_str(), "3\n")
+        );
         let s = fetch_snapshot(&url, &GitRef::Tag("v1".into()), &dir).unwrap();
         assert_eq!(s.commit, c1, "annotated tag peeled to its commit");
         let s = fetch_snapshot(&url, &GitRef::Tag("light".into()), &dir).unwrap();
         assert_eq!(s.commit, c1);
         let s = fetch_snapshot(&url, &GitRef::Revision(c1.clone()), &dir).unwrap();
-        assert_eq!((s.commit.as_str(), text(&s, "v.txt").as_str()), (c1.as_str(), "1\n"));
+        assert_eq!(
+            (s.commit.as_str(), text(&s, "v.txt").as_str()),
+            (c1.as_str(), "1\n")
+        );
         let s = fetch_snapshot(&url, &GitRef::Revision(c3[..10].to_string()), &dir).unwrap();
         assert_eq!(s.commit, c3, "abbreviated revision");
         // A revision only on a branch, in a fresh cache.
-        let s = fetch_snapshot(&url, &GitRef::Revision(c3.clone()), &cache.path().join("d"))
-            .unwrap();
+        let s =
+            fetch_snapshot(&url, &GitRef::Revision(c3.clone()), &cache.path().join("d")).unwrap();
         assert_eq!(s.commit, c3);
     }
 
@@ -526,8 +543,12 @@ mod tests {
     #[test]
     fn unreachable_repositories() {
         let cache = tempfile::tempdir().unwrap();
-        let err = fetch_snapshot("git://127.0.0.1:1/x", &branch("main"), &cache.path().join("a"))
-            .unwrap_err();
+        let err = fetch_snapshot(
+            "git://127.0.0.1:1/x",
+            &branch("main"),
+            &cache.path().join("a"),
+        )
+        .unwrap_err();
         eprintln!("{err}");
         assert!(matches!(err, GitError::Unreachable { .. }), "{err}");
         assert!(err.to_string().contains("git://127.0.0.1:1/x"), "{err}");
@@ -555,7 +576,10 @@ mod tests {
         eprintln!("{err}");
         assert!(!err.to_string().contains("s3cret"), "{err}");
         assert!(!redact_url("https://u:s3cret@example.com/r.git").contains("s3cret"));
-        assert_eq!(redact_url("https://example.com/r.git"), "https://example.com/r.git");
+        assert_eq!(
+            redact_url("https://example.com/r.git"),
+            "https://example.com/r.git"
+        );
     }
 
     #[test]
@@ -592,7 +616,9 @@ mod tests {
     #[test]
     fn skips_symlinks_and_submodules_keeps_executables() {
         let origin = Origin::new();
-        origin.write("run.sh", "#!/bin/sh\n").write("x/y.yaml", "y\n");
+        origin
+            .write("run.sh", "#!/bin/sh\n")
+            .write("x/y.yaml", "y\n");
         std::process::Command::new("chmod")
             .args(["+x", origin.dir.join("run.sh").to_str().unwrap()])
             .status()
@@ -676,7 +702,10 @@ mod tests {
         origin.write("apps/a.yaml", "a: 2\n");
         let c2 = origin.commit("two");
         let s = fetch_snapshot(&url, &branch("main"), &dir).unwrap();
-        assert_eq!((s.commit.as_str(), text(&s, "apps/a.yaml").as_str()), (c2.as_str(), "a: 2\n"));
+        assert_eq!(
+            (s.commit.as_str(), text(&s, "apps/a.yaml").as_str()),
+            (c2.as_str(), "a: 2\n")
+        );
 
         let err = fetch_snapshot(&url, &branch("gone"), &dir).unwrap_err();
         assert!(matches!(err, GitError::MissingBranch { .. }), "{err}");

@@ -1,3 +1,4 @@
 //! The hub.
 
+pub mod cli;
 pub mod git;
