@@ -22,7 +22,7 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Operate a Flotilla fleet through the hub's HTTP API.
 #[derive(Debug, Parser)]
-#[command(name = "flotilla", version, about)]
+#[command(name = "flotilla", version)]
 pub struct Cli {
     /// URL of the hub's HTTP API.
     #[arg(long, global = true, env = "FLOTILLA_HUB", default_value = DEFAULT_HUB)]
@@ -105,12 +105,12 @@ pub struct SourceAdd {
     /// Bundle directories (globs); repeat for several. Default: each directory with a
     /// flotilla.yaml or fleet.yaml, else the root.
     // No `env`: a repeated value has no unambiguous single-variable form.
-    #[arg(long = "path")]
+    #[arg(long = "path", value_name = "GLOB")]
     pub paths: Vec<String>,
     /// Clusters to deploy to, as a label selector (`env=prod,tier!=edge`); repeat for
     /// several. Default: every cluster.
     // No `env`: selectors contain commas, so a list in one variable would be ambiguous.
-    #[arg(long = "target", value_parser = selector_arg)]
+    #[arg(long = "target", value_name = "SELECTOR", value_parser = selector_arg)]
     pub targets: Vec<LabelSelector>,
     /// How often to fetch (e.g. 15s, 1m).
     #[arg(long, env = "FLOTILLA_SOURCE_POLL", value_parser = duration_arg)]
