@@ -1,1 +1,4 @@
 //! The hub.
+
+pub mod cli;
+pub mod git;

@@ -1,0 +1,1343 @@
+//! The operator CLI `flotilla`: arguments, calls to the hub's HTTP API, and output as
+//! tables (pure functions of the API's JSON), JSON or YAML.
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use flotilla_shared::labels::LabelEdit;
+use flotilla_shared::objects::{parse_duration, validate_name, GitSourceSpec, Target, API_VERSION};
+use flotilla_shared::selector::LabelSelector;
+use serde_json::{json, Value};
+
+/// Default address of the hub's HTTP API, as `flotilla-hub` listens by default.
+pub const DEFAULT_HUB: &str = "http://127.0.0.1:7080";
+
+/// Long enough for a slow apply on a busy hub, short enough that a wedged hub does not
+/// hang a script forever.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+/// A hub on a reachable network answers a connect within seconds.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Operate a Flotilla fleet through the hub's HTTP API.
+#[derive(Debug, Parser)]
+#[command(name = "flotilla", version)]
+pub struct Cli {
+    /// URL of the hub's HTTP API.
+    #[arg(long, global = true, env = "FLOTILLA_HUB", default_value = DEFAULT_HUB)]
+    pub hub: String,
+    /// API token (the hub writes an admin token to DATA_DIR/admin-token).
+    #[arg(long, global = true, env = "FLOTILLA_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Join tokens for enrolling agents.
+    #[command(subcommand)]
+    Token(TokenCommand),
+    /// Git repositories the hub tracks.
+    #[command(subcommand)]
+    Source(SourceCommand),
+    /// Create or update the declarative objects (GitSource, ClusterGroup) in a file.
+    Apply {
+        /// File to read, or `-` for standard input.
+        #[arg(short = 'f', long = "filename", env = "FLOTILLA_APPLY_FILE")]
+        file: String,
+    },
+    /// Enrolled clusters.
+    #[command(subcommand)]
+    Cluster(ClusterCommand),
+    /// Bundles and their state on each cluster.
+    #[command(subcommand)]
+    Bundle(BundleCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TokenCommand {
+    /// Print a new single-use join token, alone on stdout.
+    Create {
+        /// How long the token stays valid (e.g. 30m, 1h, 1d).
+        #[arg(long, env = "FLOTILLA_TOKEN_TTL", default_value = "1h", value_parser = duration_arg)]
+        ttl: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SourceCommand {
+    /// Track a Git repository.
+    Add(SourceAdd),
+    /// List sources with their last fetched commit and last error.
+    List(Output),
+    /// Show one source.
+    Get {
+        /// Source name.
+        name: String,
+        #[command(flatten)]
+        output: Output,
+    },
+    /// Stop tracking a source.
+    Delete {
+        /// Source name.
+        name: String,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct SourceAdd {
+    /// Source name (lowercase letters, digits and '-').
+    pub name: String,
+    /// Repository URL.
+    #[arg(long, env = "FLOTILLA_SOURCE_REPO")]
+    pub repo: String,
+    /// Branch to follow (default: main).
+    #[arg(long, env = "FLOTILLA_SOURCE_BRANCH", group = "gitref")]
+    pub branch: Option<String>,
+    /// Tag to deploy.
+    #[arg(long, env = "FLOTILLA_SOURCE_TAG", group = "gitref")]
+    pub tag: Option<String>,
+    /// Commit to deploy.
+    #[arg(long, env = "FLOTILLA_SOURCE_REVISION", group = "gitref")]
+    pub revision: Option<String>,
+    /// Bundle directories (globs); repeat for several. Default: each directory with a
+    /// flotilla.yaml or fleet.yaml, else the root.
+    // No `env`: a repeated value has no unambiguous single-variable form.
+    #[arg(long = "path", value_name = "GLOB")]
+    pub paths: Vec<String>,
+    /// Clusters to deploy to, as a label selector (`env=prod,tier!=edge`); repeat for
+    /// several. Default: every cluster.
+    // No `env`: selectors contain commas, so a list in one variable would be ambiguous.
+    #[arg(long = "target", value_name = "SELECTOR", value_parser = selector_arg)]
+    pub targets: Vec<LabelSelector>,
+    /// How often to fetch (e.g. 15s, 1m).
+    #[arg(long, env = "FLOTILLA_SOURCE_POLL", value_parser = duration_arg)]
+    pub poll: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ClusterCommand {
+    /// List clusters: labels, connection, versions, bundle counts.
+    List(Output),
+    /// Show one cluster and its bundles.
+    Get {
+        /// Cluster name.
+        name: String,
+        #[command(flatten)]
+        output: Output,
+    },
+    /// Set (`k=v`) or remove (`k-`) labels, as `kubectl label` does.
+    Label {
+        /// Cluster name.
+        name: String,
+        /// Edits: `key=value` sets, `key-` removes.
+        #[arg(required = true, value_parser = clap::value_parser!(LabelEdit))]
+        edits: Vec<LabelEdit>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BundleCommand {
+    /// List bundles with their revision and readiness.
+    List(Output),
+    /// Show one bundle and its state on each cluster.
+    Get {
+        /// Bundle name.
+        name: String,
+        #[command(flatten)]
+        output: Output,
+    },
+}
+
+/// Output format of read commands.
+#[derive(Debug, Args, Clone, Copy)]
+pub struct Output {
+    /// Output format.
+    #[arg(short = 'o', long = "output", env = "FLOTILLA_OUTPUT", value_enum, default_value_t = Format::Table)]
+    pub output: Format,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Format {
+    Table,
+    Json,
+    Yaml,
+}
+
+fn duration_arg(s: &str) -> Result<String, String> {
+    parse_duration(s)
+        .map(|_| s.to_string())
+        .map_err(|e| e.to_string())
+}
+
+fn selector_arg(s: &str) -> Result<LabelSelector, String> {
+    LabelSelector::parse(s).map_err(|e| e.to_string())
+}
+
+/// Why a command failed; printed as `error: <message>`.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    #[error("cannot reach the hub at {hub}: {reason} (is flotilla-hub running? set --hub or FLOTILLA_HUB)")]
+    Unreachable { hub: String, reason: String },
+    #[error("{message}")]
+    Api { status: u16, message: String },
+    #[error("{0}")]
+    Usage(String),
+    #[error("reading {file}: {reason}")]
+    Input { file: String, reason: String },
+    #[error("unexpected answer from the hub: {0}")]
+    Response(String),
+    #[error("writing output: {0}")]
+    Output(#[from] std::io::Error),
+}
+
+/// Parses `args` (program name first) and runs the command, writing results to
+/// `stdout` and errors and hints to `stderr`. Returns the process exit code: 0 on
+/// success, 1 on a failed command, 2 on bad arguments.
+pub async fn run<I, T>(args: I, stdout: &mut dyn Write, stderr: &mut dyn Write) -> i32
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    let cli = match Cli::try_parse_from(args) {
+        Ok(cli) => cli,
+        Err(e) => {
+            let text = e.render().to_string();
+            let _ = if e.use_stderr() {
+                write!(stderr, "{text}")
+            } else {
+                write!(stdout, "{text}")
+            };
+            return e.exit_code();
+        }
+    };
+    match execute(cli, stdout, stderr).await {
+        Ok(()) => 0,
+        Err(e) => {
+            let _ = writeln!(stderr, "error: {e}");
+            1
+        }
+    }
+}
+
+async fn execute(cli: Cli, out: &mut dyn Write, err: &mut dyn Write) -> Result<(), CliError> {
+    let api = Api::new(&cli.hub, cli.token.clone())?;
+    let now = SystemTime::now();
+    match cli.command {
+        Command::Token(TokenCommand::Create { ttl }) => {
+            let v = api
+                .send(
+                    "POST",
+                    "/api/v1/tokens",
+                    Some(Body::Json(json!({ "ttl": ttl }))),
+                )
+                .await?;
+            let token = v
+                .get("token")
+                .and_then(Value::as_str)
+                .ok_or_else(|| CliError::Response("no token in the answer".into()))?;
+            writeln!(out, "{token}")?;
+            let expires = v.get("expiresAt").map(plain).unwrap_or_default();
+            writeln!(
+                err,
+                "single-use join token, expires {expires}; enrol with: flotilla-agent --token <token> --cluster-name NAME ..."
+            )?;
+        }
+        Command::Source(SourceCommand::Add(add)) => {
+            let yaml = source_yaml(&add)?;
+            let v = api.apply(&format!("source add {}", add.name), yaml).await?;
+            out.write_all(applied_lines(&v).as_bytes())?;
+        }
+        Command::Source(SourceCommand::List(o)) => {
+            let v = api.send("GET", "/api/v1/sources", None).await?;
+            print(out, o.output, &v, |v| sources_table(v, now))?;
+        }
+        Command::Source(SourceCommand::Get { name, output }) => {
+            let v = api
+                .send("GET", &format!("/api/v1/sources/{}", segment(&name)), None)
+                .await?;
+            print(out, output.output, &v, |v| source_details(v, now))?;
+        }
+        Command::Source(SourceCommand::Delete { name }) => {
+            api.send(
+                "DELETE",
+                &format!("/api/v1/sources/{}", segment(&name)),
+                None,
+            )
+            .await?;
+            writeln!(out, "gitsource/{name} deleted")?;
+        }
+        Command::Apply { file } => {
+            let (label, text) = read_input(&file)?;
+            let v = api.apply(&label, text).await?;
+            out.write_all(applied_lines(&v).as_bytes())?;
+        }
+        Command::Cluster(ClusterCommand::List(o)) => {
+            let v = api.send("GET", "/api/v1/clusters", None).await?;
+            print(out, o.output, &v, |v| clusters_table(v, now))?;
+        }
+        Command::Cluster(ClusterCommand::Get { name, output }) => {
+            let v = api
+                .send("GET", &format!("/api/v1/clusters/{}", segment(&name)), None)
+                .await?;
+            print(out, output.output, &v, |v| cluster_details(v, now))?;
+        }
+        Command::Cluster(ClusterCommand::Label { name, edits }) => {
+            let body = label_body(&edits);
+            api.send(
+                "PATCH",
+                &format!("/api/v1/clusters/{}/labels", segment(&name)),
+                Some(Body::Json(body)),
+            )
+            .await?;
+            writeln!(out, "cluster/{name} labeled")?;
+        }
+        Command::Bundle(BundleCommand::List(o)) => {
+            let v = api.send("GET", "/api/v1/bundles", None).await?;
+            print(out, o.output, &v, bundles_table)?;
+        }
+        Command::Bundle(BundleCommand::Get { name, output }) => {
+            let v = api
+                .send("GET", &format!("/api/v1/bundles/{}", segment(&name)), None)
+                .await?;
+            print(out, output.output, &v, bundle_details)?;
+        }
+    }
+    Ok(())
+}
+
+fn read_input(file: &str) -> Result<(String, String), CliError> {
+    let input_err = |e: std::io::Error| CliError::Input {
+        file: file.to_string(),
+        reason: e.to_string(),
+    };
+    if file == "-" {
+        let mut text = String::new();
+        std::io::stdin()
+            .read_to_string(&mut text)
+            .map_err(input_err)?;
+        Ok(("stdin".into(), text))
+    } else {
+        Ok((
+            file.to_string(),
+            std::fs::read_to_string(file).map_err(input_err)?,
+        ))
+    }
+}
+
+fn print(
+    out: &mut dyn Write,
+    format: Format,
+    v: &Value,
+    table: impl Fn(&Value) -> String,
+) -> Result<(), CliError> {
+    let text = match format {
+        Format::Table => table(v),
+        Format::Json => {
+            let mut s =
+                serde_json::to_string_pretty(v).map_err(|e| CliError::Response(e.to_string()))?;
+            s.push('\n');
+            s
+        }
+        Format::Yaml => {
+            serde_saphyr::to_string(v).map_err(|e| CliError::Response(e.to_string()))?
+        }
+    };
+    out.write_all(text.as_bytes())?;
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------
+// Requests
+
+enum Body {
+    Json(Value),
+    Yaml(String),
+}
+
+struct Api {
+    base: String,
+    token: Option<String>,
+    http: reqwest::Client,
+}
+
+impl Api {
+    fn new(hub: &str, token: Option<String>) -> Result<Self, CliError> {
+        let base = hub.trim_end_matches('/').to_string();
+        if !(base.starts_with("http://") || base.starts_with("https://")) {
+            return Err(CliError::Usage(format!(
+                "--hub must be an http:// URL, not {base:?}"
+            )));
+        }
+        let http = reqwest::Client::builder()
+            .timeout(REQUEST_TIMEOUT)
+            .connect_timeout(CONNECT_TIMEOUT)
+            .build()
+            .map_err(|e| CliError::Usage(format!("HTTP client: {e}")))?;
+        Ok(Api { base, token, http })
+    }
+
+    async fn apply(&self, file: &str, yaml: String) -> Result<Value, CliError> {
+        self.send(
+            "POST",
+            &format!("/api/v1/apply?file={}", segment(file)),
+            Some(Body::Yaml(yaml)),
+        )
+        .await
+    }
+
+    /// Sends one request; a 2xx answer's JSON (null when empty) or the hub's error.
+    async fn send(&self, method: &str, path: &str, body: Option<Body>) -> Result<Value, CliError> {
+        let method = reqwest::Method::from_bytes(method.as_bytes())
+            .map_err(|e| CliError::Usage(e.to_string()))?;
+        let mut req = self.http.request(method, format!("{}{path}", self.base));
+        if let Some(t) = &self.token {
+            req = req.bearer_auth(t);
+        }
+        req = match body {
+            Some(Body::Json(v)) => req.json(&v),
+            Some(Body::Yaml(s)) => req
+                .header(reqwest::header::CONTENT_TYPE, "application/yaml")
+                .body(s),
+            None => req,
+        };
+        let resp = req.send().await.map_err(|e| CliError::Unreachable {
+            hub: self.base.clone(),
+            reason: reqwest_reason(&e),
+        })?;
+        let status = resp.status();
+        let text = resp.text().await.map_err(|e| CliError::Unreachable {
+            hub: self.base.clone(),
+            reason: reqwest_reason(&e),
+        })?;
+        if !status.is_success() {
+            let mut message = serde_json::from_str::<Value>(&text)
+                .ok()
+                .and_then(|v| v.get("error").and_then(Value::as_str).map(str::to_string))
+                .unwrap_or_else(|| {
+                    let t = text.trim();
+                    if t.is_empty() {
+                        status.to_string()
+                    } else {
+                        format!("{status}: {t}")
+                    }
+                });
+            if status == reqwest::StatusCode::UNAUTHORIZED && self.token.is_none() {
+                message.push_str(" (no token given: set --token or FLOTILLA_TOKEN)");
+            }
+            return Err(CliError::Api {
+                status: status.as_u16(),
+                message,
+            });
+        }
+        if text.trim().is_empty() {
+            return Ok(Value::Null);
+        }
+        serde_json::from_str(&text).map_err(|e| CliError::Response(format!("invalid JSON: {e}")))
+    }
+}
+
+/// The innermost cause, which says what actually happened ("Connection refused").
+fn reqwest_reason(e: &reqwest::Error) -> String {
+    let mut cur: &dyn std::error::Error = e;
+    while let Some(next) = cur.source() {
+        cur = next;
+    }
+    if e.is_timeout() {
+        format!("timed out ({cur})")
+    } else {
+        cur.to_string()
+    }
+}
+
+/// Percent-encodes one path segment or query value.
+fn segment(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// The GitSource object `source add` applies, validated as the hub would.
+pub fn source_yaml(add: &SourceAdd) -> Result<String, CliError> {
+    let spec = GitSourceSpec {
+        repo: add.repo.clone(),
+        branch: add.branch.clone(),
+        tag: add.tag.clone(),
+        revision: add.revision.clone(),
+        paths: add.paths.clone(),
+        poll_interval: add.poll.clone(),
+        targets: add.targets.iter().cloned().map(Target::selector).collect(),
+    };
+    validate_name(&add.name).map_err(|e| CliError::Usage(e.to_string()))?;
+    spec.validate(&add.name)
+        .map_err(|e| CliError::Usage(e.to_string()))?;
+    let obj = json!({
+        "apiVersion": API_VERSION,
+        "kind": "GitSource",
+        "metadata": {"name": add.name},
+        "spec": spec,
+    });
+    serde_saphyr::to_string(&obj).map_err(|e| CliError::Usage(e.to_string()))
+}
+
+/// The body of `PATCH /clusters/{name}/labels`: the last edit of a key wins.
+pub fn label_body(edits: &[LabelEdit]) -> Value {
+    let mut set = BTreeMap::new();
+    let mut remove = Vec::new();
+    for e in edits {
+        match e {
+            LabelEdit::Set(k, v) => {
+                remove.retain(|r| r != k);
+                set.insert(k.clone(), v.clone());
+            }
+            LabelEdit::Remove(k) => {
+                set.remove(k);
+                if !remove.contains(k) {
+                    remove.push(k.clone());
+                }
+            }
+        }
+    }
+    json!({"set": set, "remove": remove})
+}
+
+// ---------------------------------------------------------------------------------
+// Formatting: pure functions of the API's JSON.
+
+const NONE: &str = "<none>";
+
+/// Columns aligned as kubectl aligns them: padded to the widest cell plus three spaces.
+pub fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.chars().count()).collect();
+    for row in rows {
+        for (i, cell) in row.iter().enumerate() {
+            if let Some(w) = widths.get_mut(i) {
+                *w = (*w).max(cell.chars().count());
+            }
+        }
+    }
+    let mut out = String::new();
+    let header: Vec<String> = headers.iter().map(|h| h.to_string()).collect();
+    for row in std::iter::once(&header).chain(rows) {
+        let mut line = String::new();
+        for (i, cell) in row.iter().enumerate() {
+            line.push_str(cell);
+            if i + 1 < row.len() {
+                let pad = widths[i] - cell.chars().count() + 3;
+                line.extend(std::iter::repeat_n(' ', pad));
+            }
+        }
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+/// A JSON value as one table cell: strings bare, null as `<none>`, newlines flattened.
+fn plain(v: &Value) -> String {
+    let s = match v {
+        Value::Null => return NONE.to_string(),
+        Value::String(s) if s.is_empty() => return NONE.to_string(),
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    };
+    s.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+fn field(v: &Value, key: &str) -> String {
+    plain(v.get(key).unwrap_or(&Value::Null))
+}
+
+/// A commit id shortened as git shows it.
+fn short(v: &Value) -> String {
+    match v.as_str() {
+        Some(s) if s.len() > 7 && s.chars().all(|c| c.is_ascii_hexdigit()) => s[..7].to_string(),
+        _ => plain(v),
+    }
+}
+
+fn short_field(v: &Value, key: &str) -> String {
+    short(v.get(key).unwrap_or(&Value::Null))
+}
+
+fn rows_of(v: &Value) -> &[Value] {
+    v.as_array().map(Vec::as_slice).unwrap_or_default()
+}
+
+/// When a timestamp (RFC 3339 string or Unix milliseconds) lies before `now`, as
+/// kubectl shows ages: `45s`, `12m`, `5h`, `3d`.
+pub fn age(v: &Value, now: SystemTime) -> String {
+    let then = match v {
+        Value::String(s) => match humantime::parse_rfc3339_weak(s) {
+            Ok(t) => t,
+            Err(_) => return plain(v),
+        },
+        Value::Number(n) => match n.as_u64() {
+            Some(ms) => UNIX_EPOCH + Duration::from_millis(ms),
+            None => return plain(v),
+        },
+        _ => return plain(v),
+    };
+    let secs = now.duration_since(then).unwrap_or_default().as_secs();
+    match secs {
+        s if s < 120 => format!("{s}s"),
+        s if s < 2 * 3600 => format!("{}m", s / 60),
+        s if s < 48 * 3600 => format!("{}h", s / 3600),
+        s => format!("{}d", s / 86400),
+    }
+}
+
+fn age_field(v: &Value, key: &str, now: SystemTime) -> String {
+    age(v.get(key).unwrap_or(&Value::Null), now)
+}
+
+/// `k=v,k2=v2`, or `<none>`.
+fn labels(v: &Value) -> String {
+    match v.as_object() {
+        Some(m) if !m.is_empty() => m
+            .iter()
+            .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or_default()))
+            .collect::<Vec<_>>()
+            .join(","),
+        _ => NONE.to_string(),
+    }
+}
+
+/// `Ready=2,ErrApplied=1`, or `<none>`.
+fn counts(v: &Value) -> String {
+    match v.as_object() {
+        Some(m) if !m.is_empty() => m
+            .iter()
+            .map(|(k, n)| format!("{k}={n}"))
+            .collect::<Vec<_>>()
+            .join(","),
+        _ => NONE.to_string(),
+    }
+}
+
+/// `ready/total` from per-state counts.
+fn ready_of(v: &Value) -> String {
+    let Some(m) = v.as_object() else {
+        return "0/0".into();
+    };
+    let total: u64 = m.values().filter_map(Value::as_u64).sum();
+    let ready = m.get("Ready").and_then(Value::as_u64).unwrap_or(0);
+    format!("{ready}/{total}")
+}
+
+/// How a source names what it follows: `branch main`, `tag v1`, `revision 1a2b3c4`.
+fn git_ref(v: &Value) -> String {
+    let s = |k: &str| v.get(k).and_then(Value::as_str).filter(|s| !s.is_empty());
+    if let Some(r) = s("revision") {
+        format!("revision {}", short(&json!(r)))
+    } else if let Some(t) = s("tag") {
+        format!("tag {t}")
+    } else {
+        format!("branch {}", s("branch").unwrap_or("main"))
+    }
+}
+
+/// Targets, as `selector env=prod`, `group edge`, `cluster c1`, joined by `; `.
+fn targets(v: &Value) -> String {
+    let list = rows_of(v);
+    if list.is_empty() {
+        return "<all clusters>".into();
+    }
+    list.iter()
+        .map(|t| match serde_json::from_value::<Target>(t.clone()) {
+            Ok(t) => {
+                let mut parts = Vec::new();
+                if let Some(n) = &t.cluster_name {
+                    parts.push(format!("cluster {n}"));
+                }
+                if let Some(s) = &t.cluster_selector {
+                    parts.push(format!("selector {s}"));
+                }
+                if let Some(g) = &t.cluster_group {
+                    parts.push(format!("group {g}"));
+                }
+                if let Some(s) = &t.cluster_group_selector {
+                    parts.push(format!("group selector {s}"));
+                }
+                if parts.is_empty() {
+                    "<all clusters>".into()
+                } else {
+                    parts.join(" and ")
+                }
+            }
+            Err(_) => t.as_str().map_or_else(|| t.to_string(), str::to_string),
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+fn strings(v: &Value) -> String {
+    let list: Vec<String> = rows_of(v).iter().map(plain).collect();
+    if list.is_empty() {
+        NONE.into()
+    } else {
+        list.join(", ")
+    }
+}
+
+/// `Key:  value` lines with the values aligned.
+fn describe(pairs: &[(&str, String)]) -> String {
+    let width = pairs.iter().map(|(k, _)| k.len()).max().unwrap_or(0) + 2;
+    pairs
+        .iter()
+        .map(|(k, v)| format!("{:<width$}{v}\n", format!("{k}:")))
+        .collect()
+}
+
+pub fn sources_table(v: &Value, now: SystemTime) -> String {
+    let rows: Vec<Vec<String>> = rows_of(v)
+        .iter()
+        .map(|s| {
+            vec![
+                field(s, "name"),
+                field(s, "repo"),
+                git_ref(s),
+                short_field(s, "commit"),
+                age_field(s, "lastFetched", now),
+                field(s, "lastError"),
+            ]
+        })
+        .collect();
+    table(
+        &["NAME", "REPO", "REF", "COMMIT", "LAST FETCHED", "ERROR"],
+        &rows,
+    )
+}
+
+pub fn source_details(s: &Value, now: SystemTime) -> String {
+    let get = |k: &str| s.get(k).unwrap_or(&Value::Null);
+    describe(&[
+        ("Name", field(s, "name")),
+        ("Repo", field(s, "repo")),
+        ("Ref", git_ref(s)),
+        ("Paths", strings(get("paths"))),
+        ("Poll interval", field(s, "pollInterval")),
+        ("Targets", targets(get("targets"))),
+        ("Commit", field(s, "commit")),
+        ("Last fetched", age_field(s, "lastFetched", now)),
+        ("Last error", field(s, "lastError")),
+        ("Bundles", strings(get("bundles"))),
+    ])
+}
+
+pub fn clusters_table(v: &Value, now: SystemTime) -> String {
+    let rows: Vec<Vec<String>> = rows_of(v)
+        .iter()
+        .map(|c| {
+            vec![
+                field(c, "name"),
+                labels(c.get("labels").unwrap_or(&Value::Null)),
+                field(c, "connected"),
+                age_field(c, "lastSeen", now),
+                field(c, "agentVersion"),
+                field(c, "kubernetesVersion"),
+                counts(c.get("bundleCounts").unwrap_or(&Value::Null)),
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "NAME",
+            "LABELS",
+            "CONNECTED",
+            "LAST SEEN",
+            "AGENT",
+            "KUBERNETES",
+            "BUNDLES",
+        ],
+        &rows,
+    )
+}
+
+/// Per-cluster or per-bundle states, keyed by `first` (`bundle` or `cluster`).
+fn states_table(list: &Value, first: &str) -> String {
+    let rows: Vec<Vec<String>> = rows_of(list)
+        .iter()
+        .map(|b| {
+            vec![
+                field(b, first),
+                field(b, "state"),
+                short_field(b, "appliedRevision"),
+                field(b, "message"),
+            ]
+        })
+        .collect();
+    table(
+        &[&first.to_uppercase(), "STATE", "REVISION", "MESSAGE"],
+        &rows,
+    )
+}
+
+pub fn cluster_details(c: &Value, now: SystemTime) -> String {
+    let mut out = describe(&[
+        ("Name", field(c, "name")),
+        ("Labels", labels(c.get("labels").unwrap_or(&Value::Null))),
+        ("Connected", field(c, "connected")),
+        ("Last seen", age_field(c, "lastSeen", now)),
+        ("Agent", field(c, "agentVersion")),
+        ("Kubernetes", field(c, "kubernetesVersion")),
+        (
+            "Bundles",
+            counts(c.get("bundleCounts").unwrap_or(&Value::Null)),
+        ),
+    ]);
+    out.push('\n');
+    out.push_str(&states_table(
+        c.get("bundles").unwrap_or(&Value::Null),
+        "bundle",
+    ));
+    out
+}
+
+pub fn bundles_table(v: &Value) -> String {
+    let rows: Vec<Vec<String>> = rows_of(v)
+        .iter()
+        .map(|b| {
+            vec![
+                field(b, "name"),
+                field(b, "source"),
+                field(b, "path"),
+                short_field(b, "revision"),
+                ready_of(b.get("clusterCounts").unwrap_or(&Value::Null)),
+            ]
+        })
+        .collect();
+    table(&["NAME", "SOURCE", "PATH", "REVISION", "READY"], &rows)
+}
+
+pub fn bundle_details(b: &Value) -> String {
+    let mut pairs = vec![
+        ("Name", field(b, "name")),
+        ("Source", field(b, "source")),
+        ("Path", field(b, "path")),
+        ("Revision", field(b, "revision")),
+    ];
+    if b.get("error").is_some_and(|e| !e.is_null()) {
+        pairs.push(("Error", field(b, "error")));
+    }
+    let mut out = describe(&pairs);
+    out.push('\n');
+    out.push_str(&states_table(
+        b.get("clusters").unwrap_or(&Value::Null),
+        "cluster",
+    ));
+    out
+}
+
+/// `gitsource/apps created`, one line per applied object, as kubectl prints.
+pub fn applied_lines(v: &Value) -> String {
+    rows_of(v.get("applied").unwrap_or(&Value::Null))
+        .iter()
+        .map(|a| {
+            format!(
+                "{}/{} {}\n",
+                field(a, "kind").to_lowercase(),
+                field(a, "name"),
+                field(a, "action")
+            )
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("flotilla").chain(args.iter().copied()))
+    }
+
+    fn at(secs: u64) -> SystemTime {
+        UNIX_EPOCH + Duration::from_secs(secs)
+    }
+
+    #[test]
+    fn parses_the_contract_commands() {
+        let cli = parse(&[
+            "--hub",
+            "http://h:1",
+            "--token",
+            "t",
+            "cluster",
+            "list",
+            "-o",
+            "json",
+        ])
+        .unwrap();
+        assert_eq!(cli.hub, "http://h:1");
+        assert_eq!(cli.token.as_deref(), Some("t"));
+        assert!(matches!(
+            cli.command,
+            Command::Cluster(ClusterCommand::List(Output {
+                output: Format::Json
+            }))
+        ));
+
+        let cli = parse(&[
+            "source",
+            "add",
+            "apps",
+            "--repo",
+            "https://g/x.git",
+            "--tag",
+            "v1",
+            "--path",
+            "apps/*",
+            "--path",
+            "infra",
+            "--target",
+            "env=prod,tier!=edge",
+            "--target",
+            "region in (eu,us)",
+            "--poll",
+            "30s",
+        ])
+        .unwrap();
+        let Command::Source(SourceCommand::Add(add)) = cli.command else {
+            panic!()
+        };
+        assert_eq!(add.tag.as_deref(), Some("v1"));
+        assert_eq!(add.paths, ["apps/*", "infra"]);
+        assert_eq!(add.targets.len(), 2);
+        assert_eq!(add.targets[1].to_string(), "region in (eu,us)");
+
+        let cli = parse(&["cluster", "label", "c1", "env=prod", "old-"]).unwrap();
+        let Command::Cluster(ClusterCommand::Label { name, edits }) = cli.command else {
+            panic!()
+        };
+        assert_eq!(name, "c1");
+        assert_eq!(
+            edits,
+            [
+                LabelEdit::Set("env".into(), "prod".into()),
+                LabelEdit::Remove("old".into())
+            ]
+        );
+
+        assert!(matches!(
+            parse(&["apply", "-f", "-"]).unwrap().command,
+            Command::Apply { file } if file == "-"
+        ));
+        assert!(matches!(
+            parse(&["bundle", "get", "b", "-o", "yaml"])
+                .unwrap()
+                .command,
+            Command::Bundle(BundleCommand::Get {
+                output: Output {
+                    output: Format::Yaml
+                },
+                ..
+            })
+        ));
+        assert!(matches!(
+            parse(&["token", "create"]).unwrap().command,
+            Command::Token(TokenCommand::Create { ttl }) if ttl == "1h"
+        ));
+    }
+
+    #[test]
+    fn rejects_bad_arguments() {
+        for bad in [
+            &[
+                "source", "add", "a", "--repo", "r", "--branch", "b", "--tag", "t",
+            ][..],
+            &["source", "add", "a", "--repo", "r", "--target", "a b"],
+            &["source", "add", "a", "--repo", "r", "--poll", "soon"],
+            &["token", "create", "--ttl", "1x"],
+            &["cluster", "label", "c1"],
+            &["cluster", "label", "c1", "nonsense"],
+            &["cluster", "list", "-o", "xml"],
+            &["source", "add", "a"],
+        ] {
+            assert!(parse(bad).is_err(), "{bad:?} should fail");
+        }
+    }
+
+    #[test]
+    fn source_add_builds_a_gitsource() {
+        let cli = parse(&[
+            "source",
+            "add",
+            "apps",
+            "--repo",
+            "https://g/x.git",
+            "--target",
+            "env=prod",
+        ])
+        .unwrap();
+        let Command::Source(SourceCommand::Add(add)) = cli.command else {
+            panic!()
+        };
+        let yaml = source_yaml(&add).unwrap();
+        let objs = flotilla_shared::objects::parse_objects("t", &yaml).unwrap();
+        let flotilla_shared::objects::Object::GitSource { metadata, spec } = &objs[0] else {
+            panic!()
+        };
+        assert_eq!(metadata.name, "apps");
+        assert_eq!(spec.repo, "https://g/x.git");
+        assert_eq!(
+            spec.targets[0]
+                .cluster_selector
+                .as_ref()
+                .unwrap()
+                .to_string(),
+            "env=prod"
+        );
+
+        let cli = parse(&["source", "add", "Bad_Name", "--repo", "r"]).unwrap();
+        let Command::Source(SourceCommand::Add(add)) = cli.command else {
+            panic!()
+        };
+        assert!(source_yaml(&add).is_err());
+    }
+
+    #[test]
+    fn label_edits_become_set_and_remove() {
+        let edits: Vec<LabelEdit> = ["env=dev", "tier-", "env=prod", "x-", "x=1"]
+            .iter()
+            .map(|s| s.parse().unwrap())
+            .collect();
+        assert_eq!(
+            label_body(&edits),
+            json!({"set": {"env": "prod", "x": "1"}, "remove": ["tier"]})
+        );
+    }
+
+    #[test]
+    fn tables_align_like_kubectl() {
+        let t = table(
+            &["NAME", "STATE"],
+            &[
+                vec!["a".into(), "Ready".into()],
+                vec!["longer-name".into(), "".into()],
+            ],
+        );
+        assert_eq!(t, "NAME          STATE\na             Ready\nlonger-name\n");
+    }
+
+    #[test]
+    fn cluster_list_table() {
+        let v = json!([
+            {"name": "east", "labels": {"env": "prod", "tier": "edge"}, "connected": true,
+             "lastSeen": "1970-01-01T00:16:40Z", "agentVersion": "0.1.0",
+             "kubernetesVersion": "v1.34.1", "bundleCounts": {"Ready": 2, "ErrApplied": 1}},
+            {"name": "west", "labels": {}, "connected": false, "lastSeen": null,
+             "agentVersion": null, "kubernetesVersion": null, "bundleCounts": {}},
+        ]);
+        let t = clusters_table(&v, at(1000 + 7200));
+        let want = "\
+NAME   LABELS               CONNECTED   LAST SEEN   AGENT    KUBERNETES   BUNDLES
+east   env=prod,tier=edge   true        2h          0.1.0    v1.34.1      Ready=2,ErrApplied=1
+west   <none>               false       <none>      <none>   <none>       <none>
+";
+        assert_eq!(t, want);
+    }
+
+    #[test]
+    fn ages() {
+        let now = at(100_000);
+        assert_eq!(age(&json!(99_955_000u64), now), "45s");
+        assert_eq!(
+            age(&json!("1970-01-01T27:46:40Z"), now),
+            "1970-01-01T27:46:40Z"
+        );
+        assert_eq!(age(&json!("1970-01-02T03:36:40Z"), now), "10m");
+        assert_eq!(age(&json!("1970-01-01T00:00:00Z"), now), "27h");
+        assert_eq!(age(&json!("1970-01-01T00:00:00Z"), at(5 * 86400)), "5d");
+        assert_eq!(age(&Value::Null, now), "<none>");
+        assert_eq!(age(&json!(200_000_000u64), now), "0s", "future: clock skew");
+    }
+
+    #[test]
+    fn bundle_tables() {
+        let list = json!([
+            {"name": "apps-web", "source": "apps", "path": "web",
+             "revision": "0123456789abcdef0123456789abcdef01234567", "contentHash": "x",
+             "error": null, "clusterCounts": {"Ready": 2, "WaitApplied": 1}},
+        ]);
+        assert_eq!(
+            bundles_table(&list),
+            "NAME       SOURCE   PATH   REVISION   READY\napps-web   apps     web    0123456    2/3\n"
+        );
+        let one = json!({"name": "apps-web", "source": "apps", "path": "web",
+        "revision": "0123456789abcdef0123456789abcdef01234567",
+        "clusters": [
+            {"cluster": "east", "state": "ErrApplied", "appliedRevision": "abcdef0123456789",
+             "message": "web/d.yaml: Deployment default/web:\n field is immutable"},
+            {"cluster": "west", "state": "Ready", "appliedRevision": null, "message": ""}
+        ]});
+        let want = "\
+Name:     apps-web
+Source:   apps
+Path:     web
+Revision: 0123456789abcdef0123456789abcdef01234567
+
+CLUSTER   STATE        REVISION   MESSAGE
+east      ErrApplied   abcdef0    web/d.yaml: Deployment default/web: field is immutable
+west      Ready        <none>     <none>
+";
+        assert_eq!(bundle_details(&one), want);
+    }
+
+    #[test]
+    fn source_tables() {
+        let v = json!([
+            {"name": "apps", "repo": "https://g/apps.git", "branch": "main", "tag": null,
+             "revision": null, "paths": [], "pollInterval": "15s", "targets": [],
+             "commit": "89abcdef0123456789abcdef0123456789abcdef", "lastFetched": 95_000u64,
+             "lastError": null, "bundles": ["apps"]},
+            {"name": "infra", "repo": "git://h/infra", "branch": null, "tag": "v2",
+             "revision": null, "commit": null, "lastFetched": null,
+             "lastError": "cannot reach repository git://h/infra: connection refused"},
+        ]);
+        let want = "\
+NAME    REPO                 REF           COMMIT    LAST FETCHED   ERROR
+apps    https://g/apps.git   branch main   89abcde   5s             <none>
+infra   git://h/infra        tag v2        <none>    <none>         cannot reach repository git://h/infra: connection refused
+";
+        assert_eq!(sources_table(&v, at(100)), want);
+
+        let one = json!({"name": "apps", "repo": "r", "revision": "0123456789abcdef",
+            "paths": ["apps/*"], "pollInterval": "15s",
+            "targets": [{"clusterSelector": {"matchLabels": {"env": "prod"}}}, {"clusterGroup": "edge"}],
+            "bundles": ["apps-a", "apps-b"]});
+        let d = source_details(&one, at(0));
+        assert!(d.contains("Ref:           revision 0123456\n"), "{d}");
+        assert!(
+            d.contains("Targets:       selector env=prod; group edge\n"),
+            "{d}"
+        );
+        assert!(d.contains("Bundles:       apps-a, apps-b\n"), "{d}");
+    }
+
+    #[test]
+    fn applied_like_kubectl() {
+        let v = json!({"applied": [
+            {"kind": "GitSource", "name": "apps", "action": "created"},
+            {"kind": "ClusterGroup", "name": "edge", "action": "unchanged"}]});
+        assert_eq!(
+            applied_lines(&v),
+            "gitsource/apps created\nclustergroup/edge unchanged\n"
+        );
+    }
+
+    #[test]
+    fn segments_are_encoded() {
+        assert_eq!(segment("apps-web"), "apps-web");
+        assert_eq!(segment("a b/c"), "a%20b%2Fc");
+    }
+}
+
+/// The CLI against a stand-in hub on 127.0.0.1:0 that records each request.
+#[cfg(test)]
+mod http_tests {
+    use super::*;
+    use std::sync::{Arc, Mutex};
+
+    use axum::http::{HeaderMap, Method, StatusCode, Uri};
+    use axum::response::IntoResponse;
+
+    #[derive(Debug, Clone)]
+    struct Seen {
+        method: String,
+        uri: String,
+        auth: Option<String>,
+        body: String,
+    }
+
+    type Log = Arc<Mutex<Vec<Seen>>>;
+
+    async fn hub(
+        axum::extract::State(log): axum::extract::State<Log>,
+        method: Method,
+        uri: Uri,
+        headers: HeaderMap,
+        body: String,
+    ) -> axum::response::Response {
+        log.lock().unwrap().push(Seen {
+            method: method.to_string(),
+            uri: uri.to_string(),
+            auth: headers
+                .get("authorization")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string),
+            body,
+        });
+        let ok = |v: Value| (StatusCode::OK, axum::Json(v)).into_response();
+        match (method.as_str(), uri.path()) {
+            ("POST", "/api/v1/tokens") => ok(json!({"token": "flt1.abc.def.123", "id": "abc",
+                "expiresAt": "2030-01-01T00:00:00Z"})),
+            ("POST", "/api/v1/apply") => ok(json!({"applied": [
+                {"kind": "GitSource", "name": "apps", "action": "created"}]})),
+            ("GET", "/api/v1/clusters") => ok(json!([{"name": "east", "labels": {"env": "prod"},
+                "connected": true, "lastSeen": null, "agentVersion": "0.1.0",
+                "kubernetesVersion": "v1.34.1", "bundleCounts": {"Ready": 1}}])),
+            ("PATCH", "/api/v1/clusters/east/labels") => ok(json!({"name": "east"})),
+            ("DELETE", "/api/v1/sources/apps") => StatusCode::NO_CONTENT.into_response(),
+            _ => (
+                StatusCode::NOT_FOUND,
+                axum::Json(json!({"error": format!("{} not found", uri.path())})),
+            )
+                .into_response(),
+        }
+    }
+
+    async fn start() -> (String, Log) {
+        let log: Log = Arc::default();
+        let app = axum::Router::new().fallback(hub).with_state(log.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        (format!("http://{addr}"), log)
+    }
+
+    async fn cli(hub: &str, args: &[&str]) -> (i32, String, String) {
+        let mut out = Vec::new();
+        let mut err = Vec::new();
+        let argv = ["flotilla", "--hub", hub, "--token", "s3cret"]
+            .into_iter()
+            .chain(args.iter().copied());
+        let code = run(argv, &mut out, &mut err).await;
+        (
+            code,
+            String::from_utf8(out).unwrap(),
+            String::from_utf8(err).unwrap(),
+        )
+    }
+
+    fn last(log: &Log) -> Seen {
+        log.lock().unwrap().last().cloned().unwrap()
+    }
+
+    #[tokio::test]
+    async fn sends_what_the_api_expects() {
+        let (hub, log) = start().await;
+
+        let (code, out, err) = cli(&hub, &["token", "create", "--ttl", "2h"]).await;
+        assert_eq!((code, out.as_str()), (0, "flt1.abc.def.123\n"), "{err}");
+        assert!(err.contains("2030-01-01"), "{err}");
+        let seen = last(&log);
+        assert_eq!(
+            (seen.method.as_str(), seen.uri.as_str()),
+            ("POST", "/api/v1/tokens")
+        );
+        assert_eq!(seen.auth.as_deref(), Some("Bearer s3cret"));
+        assert_eq!(
+            serde_json::from_str::<Value>(&seen.body).unwrap(),
+            json!({"ttl": "2h"})
+        );
+
+        let (code, out, err) = cli(
+            &hub,
+            &[
+                "source",
+                "add",
+                "apps",
+                "--repo",
+                "https://g/apps.git",
+                "--branch",
+                "dev",
+                "--path",
+                "apps/*",
+                "--target",
+                "env=prod",
+                "--poll",
+                "30s",
+            ],
+        )
+        .await;
+        assert_eq!(
+            (code, out.as_str()),
+            (0, "gitsource/apps created\n"),
+            "{err}"
+        );
+        let seen = last(&log);
+        assert_eq!(seen.method, "POST");
+        assert_eq!(seen.uri, "/api/v1/apply?file=source%20add%20apps");
+        let objs = flotilla_shared::objects::parse_objects("body", &seen.body).unwrap();
+        let flotilla_shared::objects::Object::GitSource { spec, .. } = &objs[0] else {
+            panic!()
+        };
+        assert_eq!(spec.branch.as_deref(), Some("dev"));
+        assert_eq!(spec.paths, ["apps/*"]);
+        assert_eq!(spec.poll_interval.as_deref(), Some("30s"));
+
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("fleet.yaml");
+        std::fs::write(
+            &file,
+            "apiVersion: flotilla.io/v1alpha1\nkind: ClusterGroup\nmetadata: {name: edge}\n",
+        )
+        .unwrap();
+        let (code, _, err) = cli(&hub, &["apply", "-f", file.to_str().unwrap()]).await;
+        assert_eq!(code, 0, "{err}");
+        let seen = last(&log);
+        assert!(
+            seen.uri.starts_with("/api/v1/apply?file=%2F"),
+            "{}",
+            seen.uri
+        );
+        assert!(seen.body.contains("kind: ClusterGroup"));
+
+        let (code, out, err) = cli(&hub, &["cluster", "label", "east", "env=dev", "tier-"]).await;
+        assert_eq!((code, out.as_str()), (0, "cluster/east labeled\n"), "{err}");
+        let seen = last(&log);
+        assert_eq!(
+            (seen.method.as_str(), seen.uri.as_str()),
+            ("PATCH", "/api/v1/clusters/east/labels")
+        );
+        assert_eq!(
+            serde_json::from_str::<Value>(&seen.body).unwrap(),
+            json!({"set": {"env": "dev"}, "remove": ["tier"]})
+        );
+
+        let (code, out, _) = cli(&hub, &["cluster", "list", "-o", "json"]).await;
+        assert_eq!(code, 0);
+        assert_eq!(
+            serde_json::from_str::<Value>(&out).unwrap()[0]["name"],
+            "east"
+        );
+        assert!(out.contains("\n  {"), "pretty JSON: {out}");
+        let (_, out, _) = cli(&hub, &["cluster", "list", "-o", "yaml"]).await;
+        assert!(out.contains("name: east"), "{out}");
+        let (_, out, _) = cli(&hub, &["cluster", "list"]).await;
+        assert!(out.starts_with("NAME   LABELS"), "{out}");
+
+        let (code, out, _) = cli(&hub, &["source", "delete", "apps"]).await;
+        assert_eq!((code, out.as_str()), (0, "gitsource/apps deleted\n"));
+        assert_eq!(last(&log).method, "DELETE");
+    }
+
+    #[tokio::test]
+    async fn errors_go_to_stderr_with_exit_1() {
+        let (hub, _log) = start().await;
+        let (code, out, err) = cli(&hub, &["bundle", "get", "nope"]).await;
+        assert_eq!((code, out.as_str()), (1, ""));
+        assert_eq!(err, "error: /api/v1/bundles/nope not found\n");
+
+        // Nothing listens on port 1.
+        let (code, _, err) = cli("http://127.0.0.1:1", &["cluster", "list"]).await;
+        assert_eq!(code, 1);
+        assert!(
+            err.starts_with("error: cannot reach the hub at http://127.0.0.1:1"),
+            "{err}"
+        );
+        assert!(!err.contains("s3cret"));
+
+        let (code, _, err) = cli(&hub, &["cluster", "list", "-o", "xml"]).await;
+        assert_eq!(code, 2, "{err}");
+    }
+}
