@@ -156,7 +156,21 @@ impl Hub {
                 .await
                 .map(|_| self)
         });
-        shutdown.await;
+        let (mut gateway, mut api) = (gateway, api);
+        tokio::select! {
+            _ = shutdown => {}
+            // Either server stopping on its own is an error: report it at once.
+            r = &mut gateway => {
+                stop_tx.send_replace(true);
+                r.context("gateway task")?.context("agent gateway")?;
+                anyhow::bail!("the agent gateway stopped unexpectedly");
+            }
+            r = &mut api => {
+                stop_tx.send_replace(true);
+                r.context("API task")?.context("API server")?;
+                anyhow::bail!("the API server stopped unexpectedly");
+            }
+        }
         tracing::info!("shutting down");
         stop_tx.send_replace(true);
         let drained = tokio::time::timeout(SHUTDOWN_GRACE, async {

@@ -150,7 +150,13 @@ impl Pki {
         let ca_issuer = Issuer::from_ca_cert_pem(&ca_pem, ca_key)?;
         let ca_der = pem_to_der(&ca_pem)?;
 
-        if !hub_cert_path.exists() || !hub_key_path.exists() {
+        // A serving certificate that does not name the advertised host (the flag
+        // changed) is replaced; the CA, and so every agent's trust, stays.
+        let names_host = read(&hub_cert_path)
+            .ok()
+            .and_then(|pem| pem_to_der(&pem).ok())
+            .is_some_and(|der| cert_names_host(&der, advertise_host));
+        if !names_host || !hub_key_path.exists() {
             let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
             let mut names = vec![advertise_host.to_string()];
             for n in ["localhost", "127.0.0.1"] {
@@ -260,6 +266,27 @@ pub fn pem_to_der(pem: &str) -> Result<CertificateDer<'static>, PkiError> {
         .map_err(|e| PkiError::Invalid(format!("invalid certificate PEM: {e}")))
 }
 
+/// Whether a certificate's SANs name `host` (as a DNS name or an IP address).
+fn cert_names_host(der: &[u8], host: &str) -> bool {
+    use x509_parser::extensions::GeneralName;
+    let Ok((_, cert)) = x509_parser::parse_x509_certificate(der) else {
+        return false;
+    };
+    let Ok(Some(san)) = cert.subject_alternative_name() else {
+        return false;
+    };
+    let ip: Option<std::net::IpAddr> = host.parse().ok();
+    san.value.general_names.iter().any(|n| match n {
+        GeneralName::DNSName(d) => d.eq_ignore_ascii_case(host),
+        GeneralName::IPAddress(bytes) => match (ip, bytes.len()) {
+            (Some(std::net::IpAddr::V4(v4)), 4) => v4.octets() == **bytes,
+            (Some(std::net::IpAddr::V6(v6)), 16) => v6.octets() == **bytes,
+            _ => false,
+        },
+        _ => false,
+    })
+}
+
 /// The cluster a (chain-verified) client certificate names: its CN, which must be
 /// a valid cluster name and agree with the `flotilla://cluster/<name>` URI SAN.
 pub fn cluster_from_cert(der: &[u8]) -> Option<String> {
@@ -291,6 +318,13 @@ mod tests {
         let b = Pki::load_or_create(dir.path(), "hub.example").unwrap();
         assert_eq!(a.ca_pem, b.ca_pem);
         assert_eq!(a.admin_token(), b.admin_token());
+        assert_eq!(a.server_chain, b.server_chain);
+        assert!(cert_names_host(&a.server_chain[0], "hub.example"));
+        assert!(cert_names_host(&a.server_chain[0], "127.0.0.1"));
+        let c = Pki::load_or_create(dir.path(), "10.0.0.7").unwrap();
+        assert_eq!(a.ca_pem, c.ca_pem);
+        assert!(cert_names_host(&c.server_chain[0], "10.0.0.7"));
+        assert!(!cert_names_host(&c.server_chain[0], "hub.example"));
         assert!(a.admin_token().len() >= 32);
         let mode = fs::metadata(dir.path().join("admin-token"))
             .unwrap()
