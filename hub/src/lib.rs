@@ -1,4 +1,266 @@
-//! The hub.
+//! The Flotilla hub: tracks Git sources, renders bundles, decides which clusters
+//! get which bundle, serves agents over mutually-authenticated gRPC and operators
+//! over an HTTP API.
+//!
+//! `run` is the whole server; it takes its listeners and a shutdown future so tests
+//! (and `main.rs`) choose the addresses.
 
+#![forbid(unsafe_code)]
+
+pub mod api;
 pub mod cli;
+pub mod fleet;
+pub mod gateway;
 pub mod git;
+pub mod pki;
+pub mod sources;
+pub mod store;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context;
+use flotilla_shared::token::{hash_secret, JoinToken, ID_LEN, SECRET_LEN};
+use rand::Rng;
+use tokio::net::{TcpListener, TcpSocket};
+use tokio::sync::watch;
+
+use crate::fleet::Fleet;
+use crate::pki::Pki;
+use crate::sources::Pollers;
+use crate::store::{SledStore, Store, TokenRecord};
+
+/// Listen backlog of the agent port: a hub restart makes every agent reconnect at
+/// once, and the default 128 overflows under such bursts.
+pub const AGENT_BACKLOG: u32 = 4096;
+/// How long shutdown waits for connections to drain before giving up on them.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// What the hub library needs to start.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Holds the CA, the serving certificate, the admin token, the store and Git caches.
+    pub data_dir: PathBuf,
+    /// Host name agents dial; goes into the serving certificate.
+    pub advertise_host: String,
+    /// Poll Git sources. Off in tests that inject snapshots with `Hub::inject_snapshot`.
+    pub poll_git: bool,
+}
+
+impl Config {
+    pub fn new(data_dir: impl Into<PathBuf>) -> Config {
+        Config {
+            data_dir: data_dir.into(),
+            advertise_host: "localhost".into(),
+            poll_git: true,
+        }
+    }
+}
+
+/// The running hub's shared parts. Cheap to clone.
+#[derive(Clone)]
+pub struct Hub {
+    pub fleet: Arc<Fleet>,
+    pub pki: Arc<Pki>,
+    pub pollers: Arc<Pollers>,
+}
+
+impl Hub {
+    /// Opens (or initialises) the data directory: PKI, admin token, store.
+    pub fn open(config: &Config) -> anyhow::Result<Hub> {
+        let pki = Pki::load_or_create(&config.data_dir, &config.advertise_host)
+            .context("loading the hub's PKI")?;
+        let store: Arc<dyn Store> =
+            Arc::new(SledStore::open(&config.data_dir.join("store")).context("opening the store")?);
+        let fleet = Fleet::load(store).context("loading the fleet from the store")?;
+        let pollers = Arc::new(Pollers::new(
+            fleet.clone(),
+            config.data_dir.join("git"),
+            config.poll_git,
+        ));
+        Ok(Hub {
+            fleet,
+            pki: Arc::new(pki),
+            pollers,
+        })
+    }
+
+    /// Creates a join token valid for `ttl`; only the secret's hash is stored.
+    /// Returns the token and its expiry (ms since the epoch).
+    pub fn create_token(&self, ttl: Duration) -> anyhow::Result<(JoinToken, u64)> {
+        let token = JoinToken {
+            id: random_lower_alnum(ID_LEN),
+            secret: random_lower_alnum(SECRET_LEN),
+            ca_hash: self.pki.ca_hash(),
+        };
+        let expires_at_ms = now_ms().saturating_add(ttl.as_millis() as u64);
+        self.fleet.store().put_token(&TokenRecord {
+            id: token.id.clone(),
+            secret_hash: hash_secret(&token.secret),
+            expires_at_ms,
+            used: false,
+        })?;
+        self.fleet.store().flush()?;
+        Ok((token, expires_at_ms))
+    }
+
+    /// Test hook: hands a source a snapshot as if its poller had fetched it.
+    /// Returns false if the source does not exist.
+    pub fn inject_snapshot(&self, source: &str, snapshot: git::Snapshot) -> anyhow::Result<bool> {
+        let Some((_, spec)) = self
+            .fleet
+            .source_specs()
+            .into_iter()
+            .find(|(n, _)| n == source)
+        else {
+            return Ok(false);
+        };
+        let bundles = sources::render_snapshot(source, &spec, &snapshot.files)
+            .map_err(|e| anyhow::anyhow!(e))?;
+        Ok(self
+            .fleet
+            .set_snapshot(source, &snapshot.commit, bundles, now_ms()))
+    }
+
+    /// Serves agents on `agent_listener` and the API on `api_listener` until
+    /// `shutdown` completes.
+    pub async fn serve(
+        self,
+        agent_listener: TcpListener,
+        api_listener: TcpListener,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
+        let (stop_tx, stop_rx) = watch::channel(false);
+        for (name, spec) in self.fleet.source_specs() {
+            self.pollers.sync(&name, &spec);
+        }
+        tracing::info!(
+            agents = ?agent_listener.local_addr().ok(),
+            api = ?api_listener.local_addr().ok(),
+            "hub serving"
+        );
+        let gateway = tokio::spawn(gateway::serve(
+            agent_listener,
+            self.pki.clone(),
+            self.fleet.clone(),
+            stop_rx.clone(),
+        ));
+        let mut api_stop = stop_rx.clone();
+        let api = tokio::spawn(async move {
+            axum::serve(api_listener, api::router(self.clone()))
+                .with_graceful_shutdown(async move {
+                    let _ = api_stop.wait_for(|s| *s).await;
+                })
+                .await
+                .map(|_| self)
+        });
+        let (mut gateway, mut api) = (gateway, api);
+        tokio::select! {
+            _ = shutdown => {}
+            // Either server stopping on its own is an error: report it at once.
+            r = &mut gateway => {
+                stop_tx.send_replace(true);
+                r.context("gateway task")?.context("agent gateway")?;
+                anyhow::bail!("the agent gateway stopped unexpectedly");
+            }
+            r = &mut api => {
+                stop_tx.send_replace(true);
+                r.context("API task")?.context("API server")?;
+                anyhow::bail!("the API server stopped unexpectedly");
+            }
+        }
+        tracing::info!("shutting down");
+        stop_tx.send_replace(true);
+        let drained = tokio::time::timeout(SHUTDOWN_GRACE, async {
+            let g = gateway.await;
+            let a = api.await;
+            (g, a)
+        })
+        .await;
+        match drained {
+            Ok((g, a)) => {
+                g.context("gateway task")?.context("agent gateway")?;
+                let hub = a.context("API task")?.context("API server")?;
+                hub.pollers.stop_all();
+                hub.fleet.store().flush()?;
+            }
+            Err(_) => tracing::warn!("connections did not drain in time"),
+        }
+        Ok(())
+    }
+}
+
+/// The whole hub: opens the data directory and serves until `shutdown`.
+pub async fn run(
+    config: Config,
+    agent_listener: TcpListener,
+    api_listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    Hub::open(&config)?
+        .serve(agent_listener, api_listener, shutdown)
+        .await
+}
+
+/// Binds the agent port with a deep backlog (see `AGENT_BACKLOG`).
+pub fn bind_agent_listener(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(AGENT_BACKLOG)
+}
+
+/// Wall-clock milliseconds since the epoch, read at the edges (token expiry,
+/// last-seen), never inside decisions.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// RFC 3339 (UTC, seconds) of a time in ms since the epoch.
+pub fn rfc3339(ms: u64) -> String {
+    humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_millis(ms)).to_string()
+}
+
+/// Compares secrets without leaking where they differ.
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn random_lower_alnum(len: usize) -> String {
+    const CHARS: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
+    let mut rng = rand::rng();
+    (0..len)
+        .map(|_| CHARS[rng.random_range(0..CHARS.len())] as char)
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn helpers() {
+        assert!(constant_time_eq(b"abc", b"abc"));
+        assert!(!constant_time_eq(b"abc", b"abd"));
+        assert!(!constant_time_eq(b"abc", b"ab"));
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
+        let t = random_lower_alnum(SECRET_LEN);
+        assert_eq!(t.len(), SECRET_LEN);
+        assert!(
+            JoinToken::split_credential(&format!("{}.{t}", random_lower_alnum(ID_LEN))).is_ok()
+        );
+    }
+}

@@ -1,1 +1,69 @@
-fn main() {}
+//! `flotilla-hub`: parses flags, sets up tracing, binds the listeners and runs the hub.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Parser;
+
+/// The Flotilla hub: Git sources, rendering, targeting, fleet status, agent gateway.
+#[derive(Debug, Parser)]
+#[command(version)]
+struct Args {
+    /// Directory for the CA, serving certificate, admin token, store and Git caches.
+    #[arg(long, env = "FLOTILLA_DATA_DIR")]
+    data_dir: PathBuf,
+    /// Address agents connect to (gRPC over TLS 1.3).
+    #[arg(long, env = "FLOTILLA_AGENT_LISTEN", default_value = "127.0.0.1:7443")]
+    agent_listen: SocketAddr,
+    /// Address of the HTTP API.
+    #[arg(long, env = "FLOTILLA_API_LISTEN", default_value = "127.0.0.1:7080")]
+    api_listen: SocketAddr,
+    /// Host name agents use to reach the hub; put in the serving certificate.
+    #[arg(long, env = "FLOTILLA_ADVERTISE_HOST", default_value = "localhost")]
+    advertise_host: String,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    let agent = flotilla_hub::bind_agent_listener(args.agent_listen)
+        .with_context(|| format!("binding {}", args.agent_listen))?;
+    let api = tokio::net::TcpListener::bind(args.api_listen)
+        .await
+        .with_context(|| format!("binding {}", args.api_listen))?;
+    let config = flotilla_hub::Config {
+        data_dir: args.data_dir,
+        advertise_host: args.advertise_host,
+        poll_git: true,
+    };
+    flotilla_hub::run(config, agent, api, shutdown_signal()).await
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}

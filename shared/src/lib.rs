@@ -4,6 +4,7 @@
 //! This crate does no I/O and knows nothing of tonic, kube, gix or sled. Everything
 //! here is a pure function of its inputs, so it is tested with plain `#[test]`s.
 
+pub mod assign;
 pub mod bundle;
 pub mod error;
 pub mod labels;

@@ -1,0 +1,274 @@
+//! The operator HTTP API (plain HTTP, JSON in camelCase, every route behind the
+//! admin bearer token). Errors are `{"error": "..."}` with 400/401/404/409/500.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{header, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, patch, post};
+use axum::{Json, Router};
+use flotilla_shared::labels::{apply_edits, LabelEdit};
+use flotilla_shared::objects::{parse_duration, parse_objects, Object};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use crate::fleet::Action;
+use crate::Hub;
+
+/// Join tokens live an hour unless asked otherwise: long enough to start an agent
+/// by hand, short enough that a leaked one soon stops mattering.
+pub const DEFAULT_TOKEN_TTL: Duration = Duration::from_secs(3600);
+
+/// An API error: a status and a message for `{"error": ...}`.
+#[derive(Debug)]
+pub struct ApiError(StatusCode, String);
+
+impl ApiError {
+    fn bad_request(m: impl Into<String>) -> Self {
+        ApiError(StatusCode::BAD_REQUEST, m.into())
+    }
+    fn not_found(m: impl Into<String>) -> Self {
+        ApiError(StatusCode::NOT_FOUND, m.into())
+    }
+    fn internal(e: impl std::fmt::Display) -> Self {
+        tracing::error!(error = %e, "API internal error");
+        ApiError(StatusCode::INTERNAL_SERVER_ERROR, "internal error".into())
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, Json(json!({ "error": self.1 }))).into_response()
+    }
+}
+
+type ApiResult<T> = Result<Json<T>, ApiError>;
+
+/// The API's routes, all behind the admin token.
+pub fn router(hub: Hub) -> Router {
+    Router::new()
+        .route("/api/v1/tokens", post(create_token))
+        .route("/api/v1/apply", post(apply))
+        .route("/api/v1/sources", get(list_sources))
+        .route(
+            "/api/v1/sources/{name}",
+            get(get_source).delete(delete_source),
+        )
+        .route("/api/v1/groups", get(list_groups))
+        .route("/api/v1/clusters", get(list_clusters))
+        .route("/api/v1/clusters/{name}", get(get_cluster))
+        .route("/api/v1/clusters/{name}/labels", patch(patch_labels))
+        .route("/api/v1/bundles", get(list_bundles))
+        .route("/api/v1/bundles/{name}", get(get_bundle))
+        .fallback(|| async { ApiError::not_found("no such route") })
+        .layer(middleware::from_fn_with_state(hub.clone(), require_admin))
+        .with_state(hub)
+}
+
+async fn require_admin(State(hub): State<Hub>, req: Request, next: Next) -> Response {
+    let presented = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    match presented {
+        Some(t) if crate::constant_time_eq(t.as_bytes(), hub.pki.admin_token().as_bytes()) => {
+            next.run(req).await
+        }
+        _ => ApiError(
+            StatusCode::UNAUTHORIZED,
+            "a valid admin token is required (Authorization: Bearer ...)".into(),
+        )
+        .into_response(),
+    }
+}
+
+fn json_body<T: for<'de> Deserialize<'de> + Default>(body: &Bytes) -> Result<T, ApiError> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(T::default());
+    }
+    serde_json::from_slice(body).map_err(|e| ApiError::bad_request(format!("invalid body: {e}")))
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TokenRequest {
+    ttl: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct TokenResponse {
+    token: String,
+    id: String,
+    expires_at: String,
+}
+
+async fn create_token(State(hub): State<Hub>, body: Bytes) -> ApiResult<TokenResponse> {
+    let req: TokenRequest = json_body(&body)?;
+    let ttl = match req.ttl.as_deref() {
+        Some(t) => parse_duration(t).map_err(|e| ApiError::bad_request(e.to_string()))?,
+        None => DEFAULT_TOKEN_TTL,
+    };
+    let (token, expires_ms) = hub.create_token(ttl).map_err(ApiError::internal)?;
+    tracing::info!(token_id = %token.id, "join token created");
+    Ok(Json(TokenResponse {
+        id: token.id.clone(),
+        token: token.to_string(),
+        expires_at: crate::rfc3339(expires_ms),
+    }))
+}
+
+#[derive(Debug, Deserialize)]
+struct ApplyQuery {
+    file: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+struct Applied {
+    kind: &'static str,
+    name: String,
+    action: Action,
+}
+
+async fn apply(
+    State(hub): State<Hub>,
+    Query(q): Query<ApplyQuery>,
+    body: Bytes,
+) -> ApiResult<serde_json::Value> {
+    let file = q.file.unwrap_or_else(|| "<request>".into());
+    let text = std::str::from_utf8(&body)
+        .map_err(|_| ApiError::bad_request(format!("{file}: not UTF-8")))?;
+    // Every document is checked before anything is applied.
+    let objects = parse_objects(&file, text).map_err(|e| ApiError::bad_request(e.to_string()))?;
+    let mut applied = Vec::new();
+    for obj in objects {
+        let kind = obj.kind();
+        let name = obj.name().to_string();
+        let action = match obj {
+            Object::GitSource { spec, .. } => {
+                let action = hub
+                    .fleet
+                    .apply_source(&name, spec.clone())
+                    .map_err(ApiError::internal)?;
+                hub.pollers.sync(&name, &spec);
+                action
+            }
+            Object::ClusterGroup { metadata, spec } => hub
+                .fleet
+                .apply_group(&name, metadata.labels, spec)
+                .map_err(ApiError::internal)?,
+        };
+        tracing::info!(kind, name = %name, ?action, "applied");
+        applied.push(Applied { kind, name, action });
+    }
+    Ok(Json(json!({ "applied": applied })))
+}
+
+async fn list_sources(State(hub): State<Hub>) -> ApiResult<Vec<crate::fleet::SourceView>> {
+    Ok(Json(hub.fleet.sources()))
+}
+
+async fn get_source(
+    State(hub): State<Hub>,
+    Path(name): Path<String>,
+) -> ApiResult<crate::fleet::SourceView> {
+    hub.fleet
+        .source(&name)
+        .map(Json)
+        .ok_or_else(|| ApiError::not_found(format!("source {name} not found")))
+}
+
+async fn delete_source(
+    State(hub): State<Hub>,
+    Path(name): Path<String>,
+) -> ApiResult<serde_json::Value> {
+    hub.pollers.stop(&name);
+    if !hub.fleet.delete_source(&name).map_err(ApiError::internal)? {
+        return Err(ApiError::not_found(format!("source {name} not found")));
+    }
+    tracing::info!(source = %name, "source deleted");
+    Ok(Json(json!({ "deleted": name })))
+}
+
+async fn list_groups(State(hub): State<Hub>) -> ApiResult<Vec<crate::fleet::GroupView>> {
+    Ok(Json(hub.fleet.groups()))
+}
+
+async fn list_clusters(State(hub): State<Hub>) -> ApiResult<Vec<crate::fleet::ClusterView>> {
+    Ok(Json(hub.fleet.clusters()))
+}
+
+async fn get_cluster(
+    State(hub): State<Hub>,
+    Path(name): Path<String>,
+) -> ApiResult<crate::fleet::ClusterView> {
+    hub.fleet
+        .cluster(&name)
+        .map(Json)
+        .ok_or_else(|| ApiError::not_found(format!("cluster {name} not found")))
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LabelPatch {
+    #[serde(default)]
+    set: BTreeMap<String, String>,
+    #[serde(default)]
+    remove: Vec<String>,
+}
+
+async fn patch_labels(
+    State(hub): State<Hub>,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> ApiResult<crate::fleet::ClusterView> {
+    let patch: LabelPatch = json_body(&body)?;
+    let mut edits = Vec::new();
+    for (k, v) in patch.set {
+        edits.push(
+            format!("{k}={v}")
+                .parse::<LabelEdit>()
+                .map_err(|e| ApiError::bad_request(e.to_string()))?,
+        );
+    }
+    for k in patch.remove {
+        edits.push(
+            format!("{k}-")
+                .parse::<LabelEdit>()
+                .map_err(|e| ApiError::bad_request(e.to_string()))?,
+        );
+    }
+    let current = hub
+        .fleet
+        .cluster_labels(&name)
+        .ok_or_else(|| ApiError::not_found(format!("cluster {name} not found")))?;
+    let view = hub
+        .fleet
+        .set_labels(&name, apply_edits(&current, &edits))
+        .map_err(|e| match e {
+            crate::fleet::FleetError::NotFound(m) => ApiError::not_found(format!("{m} not found")),
+            other => ApiError::internal(other),
+        })?;
+    tracing::info!(cluster = %name, "labels changed");
+    Ok(Json(view))
+}
+
+async fn list_bundles(State(hub): State<Hub>) -> ApiResult<Vec<crate::fleet::BundleView>> {
+    Ok(Json(hub.fleet.bundles()))
+}
+
+async fn get_bundle(
+    State(hub): State<Hub>,
+    Path(name): Path<String>,
+) -> ApiResult<crate::fleet::BundleView> {
+    hub.fleet
+        .bundle(&name)
+        .map(Json)
+        .ok_or_else(|| ApiError::not_found(format!("bundle {name} not found")))
+}

@@ -1,0 +1,750 @@
+//! The in-memory fleet model: sources with their latest snapshot, groups, clusters,
+//! sessions and statuses, written through to the store. Decisions (who gets what,
+//! which state to show) come from `flotilla_shared::assign`; this module only keeps
+//! the inputs and tells sessions when they changed.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use flotilla_shared::assign::{self, Assignment, BundleInfo};
+use flotilla_shared::bundle::{RenderError, Rendered};
+use flotilla_shared::labels::Labels;
+use flotilla_shared::objects::{ClusterGroupSpec, GitSourceSpec};
+use flotilla_shared::state::{BundleState, Reported};
+use flotilla_shared::targeting::{ClusterInfo, GroupInfo};
+use serde::Serialize;
+use tokio::sync::watch;
+
+use crate::store::{ClusterRecord, GroupRecord, SourceRecord, StatusRecord, Store, StoreError};
+
+/// One bundle of a snapshot, rendered (or not).
+#[derive(Debug, Clone)]
+pub struct RenderedBundle {
+    pub name: String,
+    pub path: String,
+    pub result: Result<Rendered, RenderError>,
+}
+
+#[derive(Debug, Clone)]
+struct BundleEntry {
+    path: String,
+    /// Last good content: (hash, commit).
+    good: Option<(String, String)>,
+    render_error: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+struct SourceState {
+    spec: GitSourceSpec,
+    commit: Option<String>,
+    last_fetched_ms: Option<u64>,
+    last_error: Option<String>,
+    bundles: BTreeMap<String, BundleEntry>,
+}
+
+#[derive(Debug, Clone)]
+struct ClusterState {
+    record: ClusterRecord,
+    /// Id of the live session, if any.
+    session: Option<u64>,
+}
+
+#[derive(Default)]
+struct State {
+    sources: BTreeMap<String, SourceState>,
+    groups: BTreeMap<String, GroupRecord>,
+    clusters: BTreeMap<String, ClusterState>,
+    statuses: BTreeMap<(String, String), StatusRecord>,
+    /// Rendered content by hash, shared by every bundle and cluster that uses it.
+    contents: HashMap<String, Arc<Rendered>>,
+    next_session: u64,
+    version: u64,
+}
+
+/// What `apply` did to an object.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Action {
+    Created,
+    Configured,
+    Unchanged,
+}
+
+/// Why a fleet operation was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum FleetError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("{0} not found")]
+    NotFound(String),
+}
+
+/// The fleet: shared by the gateway, the API and the source pollers.
+pub struct Fleet {
+    state: Mutex<State>,
+    store: Arc<dyn Store>,
+    changed: watch::Sender<u64>,
+}
+
+impl std::fmt::Debug for Fleet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Fleet").finish_non_exhaustive()
+    }
+}
+
+impl State {
+    fn bump(&mut self, changed: &watch::Sender<u64>) {
+        self.version += 1;
+        changed.send_replace(self.version);
+    }
+
+    fn groups_info(&self) -> Vec<GroupInfo> {
+        self.groups
+            .values()
+            .map(|g| GroupInfo {
+                name: g.name.clone(),
+                selector: g.spec.selector.clone(),
+                labels: g.labels.clone(),
+            })
+            .collect()
+    }
+
+    fn bundles_info(&self) -> Vec<BundleInfo> {
+        self.sources
+            .iter()
+            .flat_map(|(source, s)| {
+                s.bundles.iter().map(move |(name, b)| BundleInfo {
+                    name: name.clone(),
+                    source: source.clone(),
+                    path: b.path.clone(),
+                    good: b.good.clone(),
+                    render_error: b.render_error.clone(),
+                    targets: s.spec.targets.clone(),
+                })
+            })
+            .collect()
+    }
+
+    fn assignments(&self, cluster: &ClusterRecord) -> Vec<Assignment> {
+        assign::assignments(
+            &cluster_info(cluster),
+            &self.groups_info(),
+            &self.bundles_info(),
+        )
+    }
+
+    fn reported(&self, cluster: &str, bundle: &str) -> Option<Reported> {
+        self.statuses
+            .get(&(cluster.to_string(), bundle.to_string()))
+            .map(|s| Reported {
+                content_hash: s.content_hash.clone(),
+                revision: s.revision.clone(),
+                state: s.state,
+                message: s.message.clone(),
+            })
+    }
+
+    fn cluster_bundles(&self, c: &ClusterRecord) -> Vec<ClusterBundleView> {
+        self.assignments(c)
+            .iter()
+            .map(|a| {
+                let reported = self.reported(&c.name, &a.bundle);
+                let (state, message) = assign::assignment_state(
+                    a,
+                    c.acked.get(&a.bundle).map(String::as_str),
+                    reported.as_ref(),
+                );
+                ClusterBundleView {
+                    bundle: a.bundle.clone(),
+                    state,
+                    applied_revision: reported.map(|r| r.revision),
+                    message,
+                }
+            })
+            .collect()
+    }
+
+    fn cluster_view(&self, c: &ClusterState, with_bundles: bool) -> ClusterView {
+        let bundles = self.cluster_bundles(&c.record);
+        let counts = assign::count_states(bundles.iter().map(|b| b.state));
+        ClusterView {
+            name: c.record.name.clone(),
+            labels: c.record.labels.clone(),
+            connected: c.session.is_some(),
+            last_seen: c.record.last_seen_ms.map(crate::rfc3339),
+            agent_version: c.record.agent_version.clone(),
+            kubernetes_version: c.record.kubernetes_version.clone(),
+            bundle_counts: counts,
+            bundles: with_bundles.then_some(bundles),
+        }
+    }
+
+    fn gc_contents(&mut self) {
+        let live: BTreeSet<String> = self
+            .sources
+            .values()
+            .flat_map(|s| s.bundles.values())
+            .filter_map(|b| b.good.as_ref().map(|(h, _)| h.clone()))
+            .collect();
+        self.contents.retain(|h, _| live.contains(h));
+    }
+}
+
+fn cluster_info(c: &ClusterRecord) -> ClusterInfo {
+    ClusterInfo {
+        name: c.name.clone(),
+        labels: c.labels.clone(),
+    }
+}
+
+/// A source as the API shows it.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SourceView {
+    pub name: String,
+    pub repo: String,
+    pub branch: Option<String>,
+    pub tag: Option<String>,
+    pub revision: Option<String>,
+    pub paths: Vec<String>,
+    pub poll_interval: String,
+    pub targets: Vec<flotilla_shared::objects::Target>,
+    pub commit: Option<String>,
+    pub last_fetched: Option<String>,
+    pub last_error: Option<String>,
+    pub bundles: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct GroupView {
+    pub name: String,
+    pub labels: Labels,
+    pub selector: flotilla_shared::selector::LabelSelector,
+    pub clusters: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ClusterBundleView {
+    pub bundle: String,
+    pub state: BundleState,
+    pub applied_revision: Option<String>,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ClusterView {
+    pub name: String,
+    pub labels: Labels,
+    pub connected: bool,
+    pub last_seen: Option<String>,
+    pub agent_version: String,
+    pub kubernetes_version: String,
+    pub bundle_counts: BTreeMap<String, usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bundles: Option<Vec<ClusterBundleView>>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct BundleClusterView {
+    pub cluster: String,
+    pub state: BundleState,
+    pub applied_revision: Option<String>,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct BundleView {
+    pub name: String,
+    pub source: String,
+    pub path: String,
+    pub revision: String,
+    pub content_hash: Option<String>,
+    pub error: Option<String>,
+    pub cluster_counts: BTreeMap<String, usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub clusters: Option<Vec<BundleClusterView>>,
+}
+
+/// What a session sends: the complete set and the contents by hash.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DesiredSet {
+    /// (bundle, content hash, revision), sorted by bundle.
+    pub bundles: Vec<(String, String, String)>,
+}
+
+impl Fleet {
+    /// Loads the fleet from the store.
+    pub fn load(store: Arc<dyn Store>) -> Result<Arc<Fleet>, StoreError> {
+        let mut state = State::default();
+        for s in store.list_sources()? {
+            state.sources.insert(
+                s.name.clone(),
+                SourceState {
+                    spec: s.spec,
+                    commit: None,
+                    last_fetched_ms: None,
+                    last_error: None,
+                    bundles: BTreeMap::new(),
+                },
+            );
+        }
+        for g in store.list_groups()? {
+            state.groups.insert(g.name.clone(), g);
+        }
+        for c in store.list_clusters()? {
+            state.clusters.insert(
+                c.name.clone(),
+                ClusterState {
+                    record: c,
+                    session: None,
+                },
+            );
+        }
+        for s in store.list_statuses()? {
+            state
+                .statuses
+                .insert((s.cluster.clone(), s.bundle.clone()), s);
+        }
+        let (changed, _) = watch::channel(0);
+        Ok(Arc::new(Fleet {
+            state: Mutex::new(state),
+            store,
+            changed,
+        }))
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock leaves plain data behind; keep serving.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    /// A receiver that changes whenever anything that affects desired sets does.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.changed.subscribe()
+    }
+
+    // ---- sources and groups -------------------------------------------------
+
+    pub fn source_specs(&self) -> Vec<(String, GitSourceSpec)> {
+        self.lock()
+            .sources
+            .iter()
+            .map(|(n, s)| (n.clone(), s.spec.clone()))
+            .collect()
+    }
+
+    pub fn apply_source(&self, name: &str, spec: GitSourceSpec) -> Result<Action, FleetError> {
+        let mut st = self.lock();
+        let action = match st.sources.get(name) {
+            Some(s) if s.spec == spec => return Ok(Action::Unchanged),
+            Some(_) => Action::Configured,
+            None => Action::Created,
+        };
+        self.store.put_source(&SourceRecord {
+            name: name.to_string(),
+            spec: spec.clone(),
+        })?;
+        match st.sources.get_mut(name) {
+            Some(s) => s.spec = spec,
+            None => {
+                st.sources.insert(
+                    name.to_string(),
+                    SourceState {
+                        spec,
+                        commit: None,
+                        last_fetched_ms: None,
+                        last_error: None,
+                        bundles: BTreeMap::new(),
+                    },
+                );
+            }
+        }
+        st.bump(&self.changed);
+        Ok(action)
+    }
+
+    pub fn delete_source(&self, name: &str) -> Result<bool, FleetError> {
+        let mut st = self.lock();
+        if st.sources.remove(name).is_none() {
+            return Ok(false);
+        }
+        self.store.delete_source(name)?;
+        st.gc_contents();
+        st.bump(&self.changed);
+        Ok(true)
+    }
+
+    pub fn apply_group(
+        &self,
+        name: &str,
+        labels: Labels,
+        spec: ClusterGroupSpec,
+    ) -> Result<Action, FleetError> {
+        let mut st = self.lock();
+        let rec = GroupRecord {
+            name: name.to_string(),
+            labels,
+            spec,
+        };
+        let action = match st.groups.get(name) {
+            Some(g) if *g == rec => return Ok(Action::Unchanged),
+            Some(_) => Action::Configured,
+            None => Action::Created,
+        };
+        self.store.put_group(&rec)?;
+        st.groups.insert(name.to_string(), rec);
+        st.bump(&self.changed);
+        Ok(action)
+    }
+
+    /// Records a new snapshot of a source. Bundles that failed to render keep their
+    /// last good content; bundles no longer in the tree go away (agents prune).
+    /// Returns false if the source no longer exists.
+    pub fn set_snapshot(
+        &self,
+        source: &str,
+        commit: &str,
+        bundles: Vec<RenderedBundle>,
+        now_ms: u64,
+    ) -> bool {
+        let mut st = self.lock();
+        let st = &mut *st;
+        let Some(src) = st.sources.get_mut(source) else {
+            return false;
+        };
+        let mut next = BTreeMap::new();
+        for b in bundles {
+            let previous_good = src.bundles.get(&b.name).and_then(|e| e.good.clone());
+            let entry = match b.result {
+                Ok(rendered) => {
+                    let hash = rendered.content_hash();
+                    st.contents
+                        .entry(hash.clone())
+                        .or_insert_with(|| Arc::new(rendered));
+                    BundleEntry {
+                        path: b.path,
+                        good: Some((hash, commit.to_string())),
+                        render_error: None,
+                    }
+                }
+                Err(e) => BundleEntry {
+                    path: b.path,
+                    good: previous_good,
+                    render_error: Some(e.to_string()),
+                },
+            };
+            next.insert(b.name, entry);
+        }
+        src.bundles = next;
+        src.commit = Some(commit.to_string());
+        src.last_fetched_ms = Some(now_ms);
+        src.last_error = None;
+        st.gc_contents();
+        st.bump(&self.changed);
+        true
+    }
+
+    /// The commit of the source's current snapshot.
+    pub fn source_commit(&self, source: &str) -> Option<String> {
+        self.lock()
+            .sources
+            .get(source)
+            .and_then(|s| s.commit.clone())
+    }
+
+    /// Records a fetch that found nothing new.
+    pub fn set_fetched(&self, source: &str, now_ms: u64) {
+        if let Some(s) = self.lock().sources.get_mut(source) {
+            s.last_fetched_ms = Some(now_ms);
+            s.last_error = None;
+        }
+    }
+
+    /// Records a failed fetch; the last good snapshot stays.
+    pub fn set_source_error(&self, source: &str, error: String) {
+        if let Some(s) = self.lock().sources.get_mut(source) {
+            s.last_error = Some(error);
+        }
+    }
+
+    // ---- clusters and sessions ----------------------------------------------
+
+    pub fn cluster_exists(&self, name: &str) -> bool {
+        self.lock().clusters.contains_key(name)
+    }
+
+    /// Registers a newly enrolled cluster; false if the name is taken.
+    pub fn create_cluster(&self, record: ClusterRecord) -> Result<bool, FleetError> {
+        let mut st = self.lock();
+        if st.clusters.contains_key(&record.name) || !self.store.create_cluster(&record)? {
+            return Ok(false);
+        }
+        self.store.flush()?;
+        st.clusters.insert(
+            record.name.clone(),
+            ClusterState {
+                record,
+                session: None,
+            },
+        );
+        st.bump(&self.changed);
+        Ok(true)
+    }
+
+    /// Forgets a cluster (used to undo an enrolment that failed after registering).
+    pub fn remove_cluster(&self, name: &str) -> Result<(), FleetError> {
+        let mut st = self.lock();
+        st.clusters.remove(name);
+        self.store.delete_cluster(name)?;
+        Ok(())
+    }
+
+    /// Replaces a cluster's labels; targeting is re-evaluated at once.
+    pub fn set_labels(&self, name: &str, labels: Labels) -> Result<ClusterView, FleetError> {
+        let mut st = self.lock();
+        let c = st
+            .clusters
+            .get_mut(name)
+            .ok_or_else(|| FleetError::NotFound(format!("cluster {name}")))?;
+        c.record.labels = labels;
+        self.store.put_cluster(&c.record)?;
+        st.bump(&self.changed);
+        let c = &st.clusters[name];
+        Ok(st.cluster_view(c, true))
+    }
+
+    /// Starts a session for a cluster, superseding any previous one. Returns the
+    /// session id, or None if the cluster is unknown.
+    pub fn connect(
+        &self,
+        name: &str,
+        agent_version: &str,
+        kubernetes_version: &str,
+        now_ms: u64,
+    ) -> Result<Option<u64>, FleetError> {
+        let mut st = self.lock();
+        st.next_session += 1;
+        let id = st.next_session;
+        let Some(c) = st.clusters.get_mut(name) else {
+            return Ok(None);
+        };
+        c.session = Some(id);
+        c.record.agent_version = agent_version.to_string();
+        c.record.kubernetes_version = kubernetes_version.to_string();
+        c.record.last_seen_ms = Some(now_ms);
+        self.store.put_cluster(&c.record)?;
+        // Wakes the superseded session so it ends.
+        st.bump(&self.changed);
+        Ok(Some(id))
+    }
+
+    pub fn is_current(&self, name: &str, session: u64) -> bool {
+        self.lock()
+            .clusters
+            .get(name)
+            .is_some_and(|c| c.session == Some(session))
+    }
+
+    /// Updates last-seen; persists it when `persist`.
+    pub fn touch(&self, name: &str, now_ms: u64, persist: bool) -> Result<(), FleetError> {
+        let mut st = self.lock();
+        if let Some(c) = st.clusters.get_mut(name) {
+            c.record.last_seen_ms = Some(now_ms);
+            if persist {
+                self.store.put_cluster(&c.record)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Ends a session (if it is still the current one) and persists last-seen.
+    pub fn disconnect(&self, name: &str, session: u64, now_ms: u64) -> Result<(), FleetError> {
+        let mut st = self.lock();
+        if let Some(c) = st.clusters.get_mut(name) {
+            if c.session == Some(session) {
+                c.session = None;
+                c.record.last_seen_ms = Some(now_ms);
+                self.store.put_cluster(&c.record)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// What the cluster must hold now.
+    pub fn desired(&self, name: &str) -> Option<DesiredSet> {
+        let st = self.lock();
+        let c = st.clusters.get(name)?;
+        Some(DesiredSet {
+            bundles: assign::sendable(&st.assignments(&c.record)),
+        })
+    }
+
+    pub fn content(&self, hash: &str) -> Option<Arc<Rendered>> {
+        self.lock().contents.get(hash).cloned()
+    }
+
+    /// Records that the agent holds (flushed) exactly this set.
+    pub fn record_ack(&self, name: &str, set: &DesiredSet) -> Result<(), FleetError> {
+        let mut st = self.lock();
+        if let Some(c) = st.clusters.get_mut(name) {
+            c.record.acked = set
+                .bundles
+                .iter()
+                .map(|(b, h, _)| (b.clone(), h.clone()))
+                .collect();
+            self.store.put_cluster(&c.record)?;
+        }
+        Ok(())
+    }
+
+    /// Stores an agent's status report (not yet flushed; see `Store::flush`).
+    pub fn record_status(&self, status: StatusRecord) -> Result<(), FleetError> {
+        let mut st = self.lock();
+        self.store.put_status(&status)?;
+        st.statuses
+            .insert((status.cluster.clone(), status.bundle.clone()), status);
+        Ok(())
+    }
+
+    // ---- views for the API --------------------------------------------------
+
+    pub fn sources(&self) -> Vec<SourceView> {
+        let st = self.lock();
+        st.sources.iter().map(|(n, s)| source_view(n, s)).collect()
+    }
+
+    pub fn source(&self, name: &str) -> Option<SourceView> {
+        let st = self.lock();
+        st.sources.get(name).map(|s| source_view(name, s))
+    }
+
+    pub fn groups(&self) -> Vec<GroupView> {
+        let st = self.lock();
+        let infos = st.groups_info();
+        st.groups
+            .values()
+            .zip(infos.iter())
+            .map(|(g, info)| GroupView {
+                name: g.name.clone(),
+                labels: g.labels.clone(),
+                selector: g.spec.selector.clone(),
+                clusters: st
+                    .clusters
+                    .values()
+                    .filter(|c| info.contains(&cluster_info(&c.record)))
+                    .map(|c| c.record.name.clone())
+                    .collect(),
+            })
+            .collect()
+    }
+
+    pub fn clusters(&self) -> Vec<ClusterView> {
+        let st = self.lock();
+        st.clusters
+            .values()
+            .map(|c| st.cluster_view(c, false))
+            .collect()
+    }
+
+    pub fn cluster(&self, name: &str) -> Option<ClusterView> {
+        let st = self.lock();
+        st.clusters.get(name).map(|c| st.cluster_view(c, true))
+    }
+
+    pub fn cluster_labels(&self, name: &str) -> Option<Labels> {
+        self.lock()
+            .clusters
+            .get(name)
+            .map(|c| c.record.labels.clone())
+    }
+
+    fn bundle_views(&self, only: Option<&str>) -> Vec<BundleView> {
+        let st = self.lock();
+        let groups = st.groups_info();
+        let mut out = Vec::new();
+        for info in st.bundles_info() {
+            if only.is_some_and(|n| n != info.name) {
+                continue;
+            }
+            let mut clusters = Vec::new();
+            for c in st.clusters.values() {
+                let ci = cluster_info(&c.record);
+                if !flotilla_shared::targeting::targets_match(&info.targets, &ci, &groups) {
+                    continue;
+                }
+                let a = Assignment {
+                    bundle: info.name.clone(),
+                    content_hash: info.good.as_ref().map(|(h, _)| h.clone()),
+                    revision: info
+                        .good
+                        .as_ref()
+                        .map(|(_, r)| r.clone())
+                        .unwrap_or_default(),
+                    render_error: info.render_error.clone(),
+                };
+                let reported = st.reported(&c.record.name, &info.name);
+                let (state, message) = assign::assignment_state(
+                    &a,
+                    c.record.acked.get(&info.name).map(String::as_str),
+                    reported.as_ref(),
+                );
+                clusters.push(BundleClusterView {
+                    cluster: c.record.name.clone(),
+                    state,
+                    applied_revision: reported.map(|r| r.revision),
+                    message,
+                });
+            }
+            let latest = st
+                .sources
+                .get(&info.source)
+                .and_then(|s| s.commit.clone())
+                .unwrap_or_default();
+            out.push(BundleView {
+                name: info.name.clone(),
+                source: info.source.clone(),
+                path: info.path.clone(),
+                revision: info.good.as_ref().map(|(_, r)| r.clone()).unwrap_or(latest),
+                content_hash: info.good.as_ref().map(|(h, _)| h.clone()),
+                error: info.render_error.clone(),
+                cluster_counts: assign::count_states(clusters.iter().map(|c| c.state)),
+                clusters: only.is_some().then_some(clusters),
+            });
+        }
+        out
+    }
+
+    pub fn bundles(&self) -> Vec<BundleView> {
+        self.bundle_views(None)
+    }
+
+    pub fn bundle(&self, name: &str) -> Option<BundleView> {
+        self.bundle_views(Some(name)).into_iter().next()
+    }
+}
+
+fn source_view(name: &str, s: &SourceState) -> SourceView {
+    SourceView {
+        name: name.to_string(),
+        repo: s.spec.repo.clone(),
+        branch: s.spec.branch.clone(),
+        tag: s.spec.tag.clone(),
+        revision: s.spec.revision.clone(),
+        paths: s.spec.paths.clone(),
+        poll_interval: humantime::format_duration(s.spec.poll_interval()).to_string(),
+        targets: s.spec.targets.clone(),
+        commit: s.commit.clone(),
+        last_fetched: s.last_fetched_ms.map(crate::rfc3339),
+        last_error: s.last_error.clone(),
+        bundles: s.bundles.keys().cloned().collect(),
+    }
+}

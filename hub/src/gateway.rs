@@ -1,0 +1,585 @@
+//! The agent gateway: our own TLS 1.3 accept loop (client certificates optional at
+//! the TLS layer, verified against the fleet CA when presented), the Enrolment
+//! service, and the Fleet service's per-cluster sessions.
+
+use std::collections::{BTreeMap, HashSet};
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use flotilla_proto::v1;
+use flotilla_proto::v1::enrolment_server::{Enrolment, EnrolmentServer};
+use flotilla_proto::v1::fleet_server::{Fleet as FleetRpc, FleetServer};
+use flotilla_shared::labels::{validate_key, validate_value};
+use flotilla_shared::objects::validate_name;
+use flotilla_shared::token::{hash_secret, JoinToken};
+use rustls::server::WebPkiClientVerifier;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, watch};
+use tokio_rustls::TlsAcceptor;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::codec::CompressionEncoding;
+use tonic::transport::server::Connected;
+use tonic::{Request, Response, Status, Streaming};
+use tracing::Instrument;
+
+use crate::fleet::{DesiredSet, Fleet};
+use crate::pki::{cluster_from_cert, Pki};
+use crate::store::{ClusterRecord, StatusRecord, TokenRefusal};
+
+/// A TLS handshake that takes longer is a stuck or hostile peer.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Large fleets send large Desired sets; 64 MiB leaves headroom over the default 4.
+const MAX_MESSAGE: usize = 64 * 1024 * 1024;
+/// Last-seen is persisted at least this often while a session lives.
+const PERSIST_LAST_SEEN: Duration = Duration::from_secs(30);
+/// An agent must say Hello this soon after opening its stream.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(30);
+/// Outbound messages buffered per session before the session waits for the agent.
+const SESSION_BUFFER: usize = 16;
+
+/// What the gateway knows about the peer of a connection; handlers read it from
+/// the request extensions.
+#[derive(Debug, Clone)]
+pub struct PeerInfo {
+    pub remote_addr: Option<SocketAddr>,
+    /// The cluster named by a verified client certificate.
+    pub cluster: Option<String>,
+}
+
+/// A TLS connection that carries its verified peer identity.
+pub struct TlsConn {
+    io: tokio_rustls::server::TlsStream<TcpStream>,
+    info: PeerInfo,
+}
+
+impl Connected for TlsConn {
+    type ConnectInfo = PeerInfo;
+
+    fn connect_info(&self) -> PeerInfo {
+        self.info.clone()
+    }
+}
+
+impl AsyncRead for TlsConn {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for TlsConn {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+}
+
+/// The TLS server configuration: TLS 1.3 only, ALPN h2, ring, client certificates
+/// optional but verified against the fleet CA when presented.
+pub fn server_config(pki: &Pki) -> anyhow::Result<rustls::ServerConfig> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(pki.ca_der.clone())?;
+    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+        .allow_unauthenticated()
+        .build()?;
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(pki.server_chain.clone(), pki.server_key())?;
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(config)
+}
+
+/// Accepts TCP connections until shutdown, handshakes each in its own task, and
+/// yields the established ones.
+pub fn accept_loop(
+    listener: TcpListener,
+    acceptor: TlsAcceptor,
+    mut shutdown: watch::Receiver<bool>,
+) -> ReceiverStream<Result<TlsConn, std::io::Error>> {
+    let (tx, rx) = mpsc::channel(128);
+    tokio::spawn(async move {
+        loop {
+            let accepted = tokio::select! {
+                _ = async { let _ = shutdown.wait_for(|s| *s).await; } => break,
+                r = listener.accept() => r,
+            };
+            let (tcp, remote) = match accepted {
+                Ok(x) => x,
+                Err(error) => {
+                    // Out of file descriptors and the like: pause instead of spinning.
+                    tracing::warn!(%error, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let _ = tcp.set_nodelay(true);
+            let (tx, acceptor) = (tx.clone(), acceptor.clone());
+            tokio::spawn(async move {
+                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                    Ok(Ok(io)) => {
+                        let cluster = io
+                            .get_ref()
+                            .1
+                            .peer_certificates()
+                            .and_then(|c| c.first())
+                            .and_then(|c| cluster_from_cert(c));
+                        let info = PeerInfo {
+                            remote_addr: Some(remote),
+                            cluster,
+                        };
+                        let _ = tx.send(Ok(TlsConn { io, info })).await;
+                    }
+                    Ok(Err(error)) => tracing::debug!(%error, %remote, "TLS handshake failed"),
+                    Err(_) => tracing::debug!(%remote, "TLS handshake timed out"),
+                }
+            });
+        }
+    });
+    ReceiverStream::new(rx)
+}
+
+/// Serves Enrolment and Fleet on `listener` until `shutdown` turns true.
+pub async fn serve(
+    listener: TcpListener,
+    pki: Arc<Pki>,
+    fleet: Arc<Fleet>,
+    shutdown: watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    let acceptor = TlsAcceptor::from(Arc::new(server_config(&pki)?));
+    let incoming = accept_loop(listener, acceptor, shutdown.clone());
+    let enrolment = EnrolmentService {
+        pki: pki.clone(),
+        fleet: fleet.clone(),
+    };
+    let sessions = FleetService {
+        fleet,
+        shutdown: shutdown.clone(),
+    };
+    let mut stop = shutdown;
+    tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+        .add_service(EnrolmentServer::new(enrolment))
+        .add_service(
+            FleetServer::new(sessions)
+                .send_compressed(CompressionEncoding::Gzip)
+                .accept_compressed(CompressionEncoding::Gzip)
+                .max_decoding_message_size(MAX_MESSAGE)
+                .max_encoding_message_size(MAX_MESSAGE),
+        )
+        .serve_with_incoming_shutdown(incoming, async move {
+            let _ = stop.wait_for(|s| *s).await;
+        })
+        .await?;
+    Ok(())
+}
+
+/// Trades join tokens for client certificates.
+pub struct EnrolmentService {
+    pki: Arc<Pki>,
+    fleet: Arc<Fleet>,
+}
+
+fn internal(e: impl std::fmt::Display) -> Status {
+    tracing::error!(error = %e, "internal error");
+    Status::internal("internal error")
+}
+
+#[tonic::async_trait]
+impl Enrolment for EnrolmentService {
+    async fn get_ca(
+        &self,
+        _request: Request<v1::GetCaRequest>,
+    ) -> Result<Response<v1::GetCaResponse>, Status> {
+        Ok(Response::new(v1::GetCaResponse {
+            ca_pem: self.pki.ca_pem.clone(),
+        }))
+    }
+
+    async fn enroll(
+        &self,
+        request: Request<v1::EnrollRequest>,
+    ) -> Result<Response<v1::EnrollResponse>, Status> {
+        let r = request.into_inner();
+        let (id, secret) = JoinToken::split_credential(&r.token)
+            .map_err(|_| Status::unauthenticated("malformed join token"))?;
+        let name = r.cluster_name.clone();
+        validate_name(&name).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        for (k, v) in &r.labels {
+            validate_key(k)
+                .and_then(|_| validate_value(v))
+                .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        }
+        Pki::check_csr(&r.csr_pem).map_err(|e| Status::invalid_argument(e.to_string()))?;
+
+        // The token is spent before anything is signed, atomically: of two
+        // enrolments racing with one token, exactly one proceeds.
+        let store = self.fleet.store().clone();
+        let (id, secret_hash) = (id.to_string(), hash_secret(secret));
+        let consumed = tokio::task::spawn_blocking(move || {
+            store.consume_token(&id, &secret_hash, crate::now_ms())
+        })
+        .await
+        .map_err(internal)?
+        .map_err(internal)?;
+        match consumed {
+            Ok(()) => {}
+            Err(refusal @ (TokenRefusal::Unknown | TokenRefusal::Used | TokenRefusal::Expired)) => {
+                tracing::info!(cluster = %name, reason = %refusal, "enrolment refused");
+                return Err(Status::unauthenticated(refusal.to_string()));
+            }
+        }
+
+        let record = ClusterRecord {
+            name: name.clone(),
+            labels: r.labels.into_iter().collect(),
+            enrolled_at_ms: crate::now_ms(),
+            ..Default::default()
+        };
+        if !self.fleet.create_cluster(record).map_err(internal)? {
+            return Err(Status::already_exists(format!(
+                "cluster {name} is already enrolled"
+            )));
+        }
+        let certificate_pem = match self.pki.sign_csr(&r.csr_pem, &name) {
+            Ok(pem) => pem,
+            Err(e) => {
+                let _ = self.fleet.remove_cluster(&name);
+                return Err(internal(e));
+            }
+        };
+        tracing::info!(cluster = %name, "cluster enrolled");
+        Ok(Response::new(v1::EnrollResponse {
+            certificate_pem,
+            ca_pem: self.pki.ca_pem.clone(),
+        }))
+    }
+}
+
+/// Serves one long-lived session per cluster.
+pub struct FleetService {
+    fleet: Arc<Fleet>,
+    shutdown: watch::Receiver<bool>,
+}
+
+#[tonic::async_trait]
+impl FleetRpc for FleetService {
+    type SessionStream = ReceiverStream<Result<v1::HubMessage, Status>>;
+
+    async fn session(
+        &self,
+        request: Request<Streaming<v1::AgentMessage>>,
+    ) -> Result<Response<Self::SessionStream>, Status> {
+        let cluster = request
+            .extensions()
+            .get::<PeerInfo>()
+            .and_then(|p| p.cluster.clone())
+            .ok_or_else(|| Status::unauthenticated("a fleet client certificate is required"))?;
+        if !self.fleet.cluster_exists(&cluster) {
+            return Err(Status::permission_denied(format!(
+                "cluster {cluster} is not enrolled"
+            )));
+        }
+        let (tx, rx) = mpsc::channel(SESSION_BUFFER);
+        let session = Session {
+            fleet: self.fleet.clone(),
+            cluster: cluster.clone(),
+            inbound: request.into_inner(),
+            tx,
+            shutdown: self.shutdown.clone(),
+        };
+        let span = tracing::info_span!("session", cluster = %cluster);
+        tokio::spawn(session.run().instrument(span));
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}
+
+struct Session {
+    fleet: Arc<Fleet>,
+    cluster: String,
+    inbound: Streaming<v1::AgentMessage>,
+    tx: mpsc::Sender<Result<v1::HubMessage, Status>>,
+    shutdown: watch::Receiver<bool>,
+}
+
+/// Per-session bookkeeping of what was sent and what the agent holds.
+struct Sent {
+    /// Content hashes the agent holds (from Hello, then from acks).
+    held: HashSet<String>,
+    last: Option<DesiredSet>,
+    generation: u64,
+    /// Sent, not yet acknowledged, by generation.
+    pending: BTreeMap<u64, DesiredSet>,
+}
+
+enum End {
+    Closed,
+    Error(Status),
+}
+
+impl Session {
+    async fn run(mut self) {
+        let hello = match tokio::time::timeout(HELLO_TIMEOUT, self.inbound.message()).await {
+            Ok(Ok(Some(v1::AgentMessage {
+                msg: Some(v1::agent_message::Msg::Hello(h)),
+            }))) => h,
+            Ok(Ok(_)) => {
+                let _ = self
+                    .tx
+                    .send(Err(Status::invalid_argument(
+                        "the first message must be Hello",
+                    )))
+                    .await;
+                return;
+            }
+            Ok(Err(status)) => {
+                tracing::debug!(%status, "stream failed before Hello");
+                return;
+            }
+            Err(_) => {
+                let _ = self
+                    .tx
+                    .send(Err(Status::deadline_exceeded("no Hello")))
+                    .await;
+                return;
+            }
+        };
+        let id = match self.fleet.connect(
+            &self.cluster,
+            &hello.agent_version,
+            &hello.kubernetes_version,
+            crate::now_ms(),
+        ) {
+            Ok(Some(id)) => id,
+            Ok(None) => {
+                let _ = self
+                    .tx
+                    .send(Err(Status::permission_denied("cluster is not enrolled")))
+                    .await;
+                return;
+            }
+            Err(e) => {
+                let _ = self.tx.send(Err(internal(e))).await;
+                return;
+            }
+        };
+        tracing::info!(
+            agent_version = %hello.agent_version,
+            kubernetes_version = %hello.kubernetes_version,
+            held = hello.held_hashes.len(),
+            "agent connected"
+        );
+        let mut sent = Sent {
+            held: hello.held_hashes.into_iter().collect(),
+            last: None,
+            generation: 0,
+            pending: BTreeMap::new(),
+        };
+        let end = self.serve(id, &mut sent).await;
+        if let End::Error(status) = end {
+            let _ = self.tx.send(Err(status)).await;
+        }
+        if let Err(error) = self.fleet.disconnect(&self.cluster, id, crate::now_ms()) {
+            tracing::warn!(%error, "cannot persist last-seen");
+        }
+        tracing::info!("agent disconnected");
+    }
+
+    async fn serve(&mut self, id: u64, sent: &mut Sent) -> End {
+        let mut changes = self.fleet.subscribe();
+        changes.mark_unchanged();
+        if let Err(end) = self.send_desired(sent).await {
+            return end;
+        }
+        let mut persist = tokio::time::interval(PERSIST_LAST_SEEN);
+        persist.tick().await;
+        let mut shutdown = self.shutdown.clone();
+        loop {
+            tokio::select! {
+                msg = self.inbound.message() => match msg {
+                    Ok(Some(m)) => {
+                        if let Err(e) = self.fleet.touch(&self.cluster, crate::now_ms(), false) {
+                            return End::Error(internal(e));
+                        }
+                        if let Err(end) = self.handle(m, sent).await {
+                            return end;
+                        }
+                    }
+                    Ok(None) => return End::Closed,
+                    Err(status) => {
+                        tracing::debug!(%status, "stream ended");
+                        return End::Closed;
+                    }
+                },
+                changed = changes.changed() => {
+                    if changed.is_err() {
+                        return End::Error(Status::unavailable("hub shutting down"));
+                    }
+                    if !self.fleet.is_current(&self.cluster, id) {
+                        tracing::info!("superseded by a newer session");
+                        return End::Error(Status::aborted("superseded by a newer session of this cluster"));
+                    }
+                    if let Err(end) = self.send_desired(sent).await {
+                        return end;
+                    }
+                }
+                _ = persist.tick() => {
+                    if let Err(error) = self.fleet.touch(&self.cluster, crate::now_ms(), true) {
+                        tracing::warn!(%error, "cannot persist last-seen");
+                    }
+                }
+                _ = async { let _ = shutdown.wait_for(|s| *s).await; } => {
+                    return End::Error(Status::unavailable("hub shutting down"));
+                }
+                _ = self.tx.closed() => return End::Closed,
+            }
+        }
+    }
+
+    async fn send(&self, msg: v1::hub_message::Msg) -> Result<(), End> {
+        self.tx
+            .send(Ok(v1::HubMessage { msg: Some(msg) }))
+            .await
+            .map_err(|_| End::Closed)
+    }
+
+    /// Sends the cluster's desired set if it differs from the last one sent, with
+    /// the contents the agent does not hold.
+    async fn send_desired(&self, sent: &mut Sent) -> Result<(), End> {
+        let Some(desired) = self.fleet.desired(&self.cluster) else {
+            return Err(End::Error(Status::permission_denied(
+                "cluster is no longer enrolled",
+            )));
+        };
+        if sent.last.as_ref() == Some(&desired) {
+            return Ok(());
+        }
+        // Generations only grow, across sessions and hub restarts too: the agent
+        // may compare them with what it persisted.
+        sent.generation = (sent.generation + 1).max(crate::now_ms());
+        let mut contents = Vec::new();
+        let mut included = HashSet::new();
+        for (bundle, hash, _) in &desired.bundles {
+            if sent.held.contains(hash) || !included.insert(hash.clone()) {
+                continue;
+            }
+            match self.fleet.content(hash) {
+                Some(rendered) => contents.push(flotilla_proto::bundle_content(hash, &rendered)),
+                None => tracing::warn!(%bundle, %hash, "content missing"),
+            }
+        }
+        let msg = v1::Desired {
+            generation: sent.generation,
+            bundles: desired
+                .bundles
+                .iter()
+                .map(|(name, hash, revision)| v1::BundleRef {
+                    name: name.clone(),
+                    content_hash: hash.clone(),
+                    revision: revision.clone(),
+                })
+                .collect(),
+            contents,
+        };
+        tracing::info!(
+            generation = sent.generation,
+            bundles = msg.bundles.len(),
+            contents = msg.contents.len(),
+            "sending desired set"
+        );
+        sent.pending.insert(sent.generation, desired.clone());
+        sent.last = Some(desired);
+        self.send(v1::hub_message::Msg::Desired(msg)).await
+    }
+
+    async fn handle(&self, m: v1::AgentMessage, sent: &mut Sent) -> Result<(), End> {
+        use v1::agent_message::Msg;
+        match m.msg {
+            Some(Msg::Hello(_)) => Err(End::Error(Status::invalid_argument(
+                "Hello is only valid as the first message",
+            ))),
+            Some(Msg::Heartbeat(_)) | None => Ok(()),
+            Some(Msg::Ack(ack)) => {
+                let Some(set) = sent.pending.get(&ack.generation).cloned() else {
+                    tracing::debug!(generation = ack.generation, "ack for an unknown generation");
+                    return Ok(());
+                };
+                // An ack covers its generation; older ones are superseded.
+                sent.pending.retain(|g, _| *g > ack.generation);
+                sent.held
+                    .extend(set.bundles.iter().map(|(_, h, _)| h.clone()));
+                tracing::debug!(generation = ack.generation, "desired set acknowledged");
+                self.fleet
+                    .record_ack(&self.cluster, &set)
+                    .map_err(|e| End::Error(internal(e)))
+            }
+            Some(Msg::Status(s)) => {
+                let seq = s.seq;
+                match status_record(&self.cluster, s) {
+                    Ok(rec) => {
+                        tracing::debug!(bundle = %rec.bundle, state = %rec.state, seq, "status");
+                        self.fleet
+                            .record_status(rec)
+                            .map_err(|e| End::Error(internal(e)))?;
+                        let store = self.fleet.store().clone();
+                        tokio::task::spawn_blocking(move || store.flush())
+                            .await
+                            .map_err(|e| End::Error(internal(e)))?
+                            .map_err(|e| End::Error(internal(e)))?;
+                    }
+                    // Acknowledged anyway: resending it would not make it valid.
+                    Err(reason) => tracing::warn!(seq, %reason, "invalid status dropped"),
+                }
+                self.send(v1::hub_message::Msg::StatusAck(v1::StatusAck { seq }))
+                    .await
+            }
+        }
+    }
+}
+
+/// Checks an agent's status report and turns it into a record for its cluster.
+fn status_record(cluster: &str, s: v1::BundleStatus) -> Result<StatusRecord, String> {
+    validate_name(&s.bundle).map_err(|e| e.to_string())?;
+    let state = flotilla_proto::status_state(&s).map_err(|e| e.to_string())?;
+    Ok(StatusRecord {
+        cluster: cluster.to_string(),
+        bundle: s.bundle,
+        content_hash: s.content_hash,
+        revision: s.revision,
+        state,
+        message: s.message,
+        observed_at_ms: s.observed_at_unix_ms,
+    })
+}

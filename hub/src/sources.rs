@@ -1,0 +1,231 @@
+//! Git sources: a poller task per source fetches its repository (one fetch per
+//! repository, however many bundles), renders every bundle of a new commit and
+//! hands the snapshot to the fleet; failures back off and keep the last good one.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use flotilla_shared::bundle::{bundle_dirs, bundle_files, bundle_name, render_plain};
+use flotilla_shared::objects::GitSourceSpec;
+use tokio::sync::Notify;
+use tokio::task::JoinHandle;
+use tracing::Instrument;
+
+use crate::fleet::{Fleet, RenderedBundle};
+
+/// First retry after a failed fetch: soon enough to ride out a blip.
+const BACKOFF_START: Duration = Duration::from_secs(5);
+/// Longest wait between retries: a broken repository is retried at least this often.
+const BACKOFF_MAX: Duration = Duration::from_secs(300);
+
+/// How long to wait before retrying after `failures` consecutive failed fetches.
+pub fn backoff(failures: u32) -> Duration {
+    let factor = 1u32 << failures.saturating_sub(1).min(16);
+    BACKOFF_START.saturating_mul(factor).min(BACKOFF_MAX)
+}
+
+/// Renders every bundle of a source's tree. Err when the source's own settings
+/// make no sense for this tree (an invalid path glob); per-bundle render errors are
+/// kept per bundle.
+pub fn render_snapshot(
+    source: &str,
+    spec: &GitSourceSpec,
+    files: &BTreeMap<String, Vec<u8>>,
+) -> Result<Vec<RenderedBundle>, String> {
+    let paths: Vec<String> = files.keys().cloned().collect();
+    let dirs = bundle_dirs(&paths, &spec.paths).map_err(|e| format!("paths: {e}"))?;
+    Ok(dirs
+        .iter()
+        .map(|dir| {
+            let bundle: BTreeMap<String, Vec<u8>> = bundle_files(&paths, dir, &dirs)
+                .into_iter()
+                .filter_map(|(full, rel)| files.get(full).map(|b| (rel, b.clone())))
+                .collect();
+            RenderedBundle {
+                name: bundle_name(source, dir),
+                path: dir.clone(),
+                result: render_plain(&bundle),
+            }
+        })
+        .collect())
+}
+
+struct Poller {
+    spec: GitSourceSpec,
+    wake: Arc<Notify>,
+    task: JoinHandle<()>,
+}
+
+/// The running pollers, one per source.
+pub struct Pollers {
+    fleet: Arc<Fleet>,
+    cache_root: PathBuf,
+    enabled: bool,
+    tasks: Mutex<HashMap<String, Poller>>,
+}
+
+impl Pollers {
+    /// `enabled: false` keeps sources static (tests inject snapshots instead).
+    pub fn new(fleet: Arc<Fleet>, cache_root: PathBuf, enabled: bool) -> Pollers {
+        Pollers {
+            fleet,
+            cache_root,
+            enabled,
+            tasks: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn tasks(&self) -> std::sync::MutexGuard<'_, HashMap<String, Poller>> {
+        self.tasks.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Makes the poller of `name` match its current spec and fetch now: a new or
+    /// changed source gets a fresh poller, an unchanged one is woken.
+    pub fn sync(&self, name: &str, spec: &GitSourceSpec) {
+        if !self.enabled {
+            return;
+        }
+        let mut tasks = self.tasks();
+        if let Some(p) = tasks.get(name) {
+            if p.spec == *spec && !p.task.is_finished() {
+                p.wake.notify_one();
+                return;
+            }
+            p.task.abort();
+        }
+        let wake = Arc::new(Notify::new());
+        let span = tracing::info_span!("source", source = %name);
+        let task = tokio::spawn(
+            poll_loop(
+                self.fleet.clone(),
+                name.to_string(),
+                spec.clone(),
+                self.cache_root.join(name),
+                wake.clone(),
+            )
+            .instrument(span),
+        );
+        tasks.insert(
+            name.to_string(),
+            Poller {
+                spec: spec.clone(),
+                wake,
+                task,
+            },
+        );
+    }
+
+    pub fn stop(&self, name: &str) {
+        if let Some(p) = self.tasks().remove(name) {
+            p.task.abort();
+        }
+    }
+
+    pub fn stop_all(&self) {
+        for (_, p) in self.tasks().drain() {
+            p.task.abort();
+        }
+    }
+}
+
+async fn poll_loop(
+    fleet: Arc<Fleet>,
+    name: String,
+    spec: GitSourceSpec,
+    cache_dir: PathBuf,
+    wake: Arc<Notify>,
+) {
+    let mut last_commit: Option<String> = None;
+    let mut failures = 0u32;
+    loop {
+        let (url, git_ref, dir) = (spec.repo.clone(), spec.git_ref(), cache_dir.clone());
+        let fetched = tokio::task::spawn_blocking(move || {
+            crate::git::fetch_snapshot(&url, &git_ref, &dir).map_err(|e| e.to_string())
+        })
+        .await
+        .unwrap_or_else(|e| Err(format!("fetch task failed: {e}")));
+        let delay = match fetched {
+            Ok(snapshot) if last_commit.as_deref() == Some(snapshot.commit.as_str()) => {
+                failures = 0;
+                fleet.set_fetched(&name, crate::now_ms());
+                spec.poll_interval()
+            }
+            Ok(snapshot) => {
+                failures = 0;
+                match render_snapshot(&name, &spec, &snapshot.files) {
+                    Ok(bundles) => {
+                        let failed = bundles.iter().filter(|b| b.result.is_err()).count();
+                        tracing::info!(
+                            commit = %snapshot.commit,
+                            bundles = bundles.len(),
+                            failed,
+                            "new commit"
+                        );
+                        fleet.set_snapshot(&name, &snapshot.commit, bundles, crate::now_ms());
+                    }
+                    Err(error) => {
+                        tracing::warn!(%error, commit = %snapshot.commit, "cannot render");
+                        fleet.set_source_error(&name, error);
+                    }
+                }
+                last_commit = Some(snapshot.commit);
+                spec.poll_interval()
+            }
+            Err(error) => {
+                failures += 1;
+                tracing::warn!(%error, failures, "fetch failed");
+                fleet.set_source_error(&name, error);
+                backoff(failures)
+            }
+        };
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = wake.notified() => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tree(list: &[(&str, &str)]) -> BTreeMap<String, Vec<u8>> {
+        list.iter()
+            .map(|(p, c)| (p.to_string(), c.as_bytes().to_vec()))
+            .collect()
+    }
+
+    #[test]
+    fn renders_each_bundle_dir() {
+        let spec = GitSourceSpec {
+            repo: "x".into(),
+            paths: vec!["apps/*".into()],
+            ..Default::default()
+        };
+        let files = tree(&[
+            ("README.md", "hi"),
+            (
+                "apps/web/cm.yaml",
+                "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: web}\n",
+            ),
+            ("apps/bad/cm.yaml", "apiVersion: v1\nkind: ConfigMap\n"),
+        ]);
+        let out = render_snapshot("src", &spec, &files).unwrap();
+        let names: Vec<&str> = out.iter().map(|b| b.name.as_str()).collect();
+        assert_eq!(names, ["src-apps-bad", "src-apps-web"]);
+        assert!(out[0].result.is_err());
+        let web = out[1].result.as_ref().unwrap();
+        assert_eq!(web.manifests.len(), 1);
+        assert_eq!(web.manifests[0].file, "cm.yaml");
+    }
+
+    #[test]
+    fn backoff_doubles_up_to_a_cap() {
+        assert_eq!(backoff(1), Duration::from_secs(5));
+        assert_eq!(backoff(2), Duration::from_secs(10));
+        assert_eq!(backoff(4), Duration::from_secs(40));
+        assert_eq!(backoff(40), BACKOFF_MAX);
+    }
+}

@@ -1,0 +1,311 @@
+//! The hub's persistent state behind a narrow, typed `Store` trait (so a networked
+//! store could follow), and its embedded implementation on sled.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use flotilla_shared::labels::Labels;
+use flotilla_shared::objects::{ClusterGroupSpec, GitSourceSpec};
+use flotilla_shared::state::BundleState;
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("store: {0}")]
+    Sled(#[from] sled::Error),
+    #[error("store: corrupt record {key:?}: {reason}")]
+    Corrupt { key: String, reason: String },
+    #[error("store: {0}")]
+    Encode(String),
+}
+
+/// A join token, as the hub keeps it: never the secret, only its hash.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenRecord {
+    pub id: String,
+    pub secret_hash: String,
+    pub expires_at_ms: u64,
+    pub used: bool,
+}
+
+/// Why a join token was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum TokenRefusal {
+    #[error("unknown join token")]
+    Unknown,
+    #[error("join token already used")]
+    Used,
+    #[error("join token expired")]
+    Expired,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SourceRecord {
+    pub name: String,
+    pub spec: GitSourceSpec,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupRecord {
+    pub name: String,
+    #[serde(default)]
+    pub labels: Labels,
+    pub spec: ClusterGroupSpec,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct ClusterRecord {
+    pub name: String,
+    pub labels: Labels,
+    #[serde(default)]
+    pub agent_version: String,
+    #[serde(default)]
+    pub kubernetes_version: String,
+    #[serde(default)]
+    pub enrolled_at_ms: u64,
+    #[serde(default)]
+    pub last_seen_ms: Option<u64>,
+    /// Per bundle, the content hash the agent last acknowledged holding.
+    #[serde(default)]
+    pub acked: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatusRecord {
+    pub cluster: String,
+    pub bundle: String,
+    pub content_hash: String,
+    pub revision: String,
+    pub state: BundleState,
+    pub message: String,
+    pub observed_at_ms: i64,
+}
+
+/// Everything the hub persists. Methods are small and typed; each is atomic.
+pub trait Store: Send + Sync + 'static {
+    fn put_token(&self, token: &TokenRecord) -> Result<(), StoreError>;
+    /// Marks a token used if it exists, matches, is unused and unexpired, atomically
+    /// (two concurrent enrolments with one token: exactly one wins).
+    fn consume_token(
+        &self,
+        id: &str,
+        secret_hash: &str,
+        now_ms: u64,
+    ) -> Result<Result<(), TokenRefusal>, StoreError>;
+
+    fn list_sources(&self) -> Result<Vec<SourceRecord>, StoreError>;
+    fn put_source(&self, source: &SourceRecord) -> Result<(), StoreError>;
+    fn delete_source(&self, name: &str) -> Result<bool, StoreError>;
+
+    fn list_groups(&self) -> Result<Vec<GroupRecord>, StoreError>;
+    fn put_group(&self, group: &GroupRecord) -> Result<(), StoreError>;
+
+    fn list_clusters(&self) -> Result<Vec<ClusterRecord>, StoreError>;
+    /// Inserts a cluster unless one of that name exists; false if it did.
+    fn create_cluster(&self, cluster: &ClusterRecord) -> Result<bool, StoreError>;
+    fn put_cluster(&self, cluster: &ClusterRecord) -> Result<(), StoreError>;
+    fn delete_cluster(&self, name: &str) -> Result<(), StoreError>;
+
+    fn list_statuses(&self) -> Result<Vec<StatusRecord>, StoreError>;
+    fn put_status(&self, status: &StatusRecord) -> Result<(), StoreError>;
+
+    /// Makes every write so far durable.
+    fn flush(&self) -> Result<(), StoreError>;
+}
+
+/// The embedded store: one sled database, a tree per kind, JSON values.
+pub struct SledStore {
+    db: sled::Db,
+    tokens: sled::Tree,
+    sources: sled::Tree,
+    groups: sled::Tree,
+    clusters: sled::Tree,
+    statuses: sled::Tree,
+}
+
+impl SledStore {
+    pub fn open(path: &Path) -> Result<SledStore, StoreError> {
+        let db = sled::open(path)?;
+        Ok(SledStore {
+            tokens: db.open_tree("tokens")?,
+            sources: db.open_tree("sources")?,
+            groups: db.open_tree("groups")?,
+            clusters: db.open_tree("clusters")?,
+            statuses: db.open_tree("statuses")?,
+            db,
+        })
+    }
+}
+
+fn encode<T: Serialize>(v: &T) -> Result<Vec<u8>, StoreError> {
+    serde_json::to_vec(v).map_err(|e| StoreError::Encode(e.to_string()))
+}
+
+fn decode<T: DeserializeOwned>(key: &[u8], bytes: &[u8]) -> Result<T, StoreError> {
+    serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt {
+        key: String::from_utf8_lossy(key).into_owned(),
+        reason: e.to_string(),
+    })
+}
+
+fn list<T: DeserializeOwned>(tree: &sled::Tree) -> Result<Vec<T>, StoreError> {
+    tree.iter()
+        .map(|kv| {
+            let (k, v) = kv?;
+            decode(&k, &v)
+        })
+        .collect()
+}
+
+fn status_key(cluster: &str, bundle: &str) -> Vec<u8> {
+    format!("{cluster}\0{bundle}").into_bytes()
+}
+
+impl Store for SledStore {
+    fn put_token(&self, token: &TokenRecord) -> Result<(), StoreError> {
+        self.tokens.insert(token.id.as_bytes(), encode(token)?)?;
+        Ok(())
+    }
+
+    fn consume_token(
+        &self,
+        id: &str,
+        secret_hash: &str,
+        now_ms: u64,
+    ) -> Result<Result<(), TokenRefusal>, StoreError> {
+        loop {
+            let Some(old) = self.tokens.get(id.as_bytes())? else {
+                return Ok(Err(TokenRefusal::Unknown));
+            };
+            let mut rec: TokenRecord = decode(id.as_bytes(), &old)?;
+            if !crate::constant_time_eq(rec.secret_hash.as_bytes(), secret_hash.as_bytes()) {
+                return Ok(Err(TokenRefusal::Unknown));
+            }
+            if rec.used {
+                return Ok(Err(TokenRefusal::Used));
+            }
+            if rec.expires_at_ms <= now_ms {
+                return Ok(Err(TokenRefusal::Expired));
+            }
+            rec.used = true;
+            let swapped =
+                self.tokens
+                    .compare_and_swap(id.as_bytes(), Some(old), Some(encode(&rec)?))?;
+            if swapped.is_ok() {
+                self.tokens.flush()?;
+                return Ok(Ok(()));
+            }
+            // Someone changed the record meanwhile: look again.
+        }
+    }
+
+    fn list_sources(&self) -> Result<Vec<SourceRecord>, StoreError> {
+        list(&self.sources)
+    }
+
+    fn put_source(&self, source: &SourceRecord) -> Result<(), StoreError> {
+        self.sources
+            .insert(source.name.as_bytes(), encode(source)?)?;
+        Ok(())
+    }
+
+    fn delete_source(&self, name: &str) -> Result<bool, StoreError> {
+        Ok(self.sources.remove(name.as_bytes())?.is_some())
+    }
+
+    fn list_groups(&self) -> Result<Vec<GroupRecord>, StoreError> {
+        list(&self.groups)
+    }
+
+    fn put_group(&self, group: &GroupRecord) -> Result<(), StoreError> {
+        self.groups.insert(group.name.as_bytes(), encode(group)?)?;
+        Ok(())
+    }
+
+    fn list_clusters(&self) -> Result<Vec<ClusterRecord>, StoreError> {
+        list(&self.clusters)
+    }
+
+    fn create_cluster(&self, cluster: &ClusterRecord) -> Result<bool, StoreError> {
+        let swapped = self.clusters.compare_and_swap(
+            cluster.name.as_bytes(),
+            None as Option<&[u8]>,
+            Some(encode(cluster)?),
+        )?;
+        Ok(swapped.is_ok())
+    }
+
+    fn put_cluster(&self, cluster: &ClusterRecord) -> Result<(), StoreError> {
+        self.clusters
+            .insert(cluster.name.as_bytes(), encode(cluster)?)?;
+        Ok(())
+    }
+
+    fn delete_cluster(&self, name: &str) -> Result<(), StoreError> {
+        self.clusters.remove(name.as_bytes())?;
+        Ok(())
+    }
+
+    fn list_statuses(&self) -> Result<Vec<StatusRecord>, StoreError> {
+        list(&self.statuses)
+    }
+
+    fn put_status(&self, status: &StatusRecord) -> Result<(), StoreError> {
+        self.statuses
+            .insert(status_key(&status.cluster, &status.bundle), encode(status)?)?;
+        Ok(())
+    }
+
+    fn flush(&self) -> Result<(), StoreError> {
+        self.db.flush()?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_are_single_use_and_expire() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(&dir.path().join("store")).unwrap();
+        let rec = TokenRecord {
+            id: "abcd1234".into(),
+            secret_hash: "h".into(),
+            expires_at_ms: 1000,
+            used: false,
+        };
+        store.put_token(&rec).unwrap();
+        assert_eq!(
+            store.consume_token("abcd1234", "wrong", 10).unwrap(),
+            Err(TokenRefusal::Unknown)
+        );
+        assert_eq!(
+            store.consume_token("abcd1234", "h", 1000).unwrap(),
+            Err(TokenRefusal::Expired)
+        );
+        assert_eq!(store.consume_token("abcd1234", "h", 10).unwrap(), Ok(()));
+        assert_eq!(
+            store.consume_token("abcd1234", "h", 10).unwrap(),
+            Err(TokenRefusal::Used)
+        );
+        assert_eq!(
+            store.consume_token("nope", "h", 10).unwrap(),
+            Err(TokenRefusal::Unknown)
+        );
+    }
+
+    #[test]
+    fn clusters_are_created_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(&dir.path().join("store")).unwrap();
+        let c = ClusterRecord {
+            name: "a".into(),
+            ..Default::default()
+        };
+        assert!(store.create_cluster(&c).unwrap());
+        assert!(!store.create_cluster(&c).unwrap());
+        assert_eq!(store.list_clusters().unwrap(), vec![c]);
+    }
+}

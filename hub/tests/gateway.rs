@@ -1,0 +1,533 @@
+//! Component tests: the real hub (gRPC gateway and HTTP API) on 127.0.0.1:0, real
+//! tonic clients doing real mTLS over tokio-rustls, real HTTP requests.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use flotilla_hub::{Config, Hub};
+use flotilla_proto::v1;
+use flotilla_proto::v1::enrolment_client::EnrolmentClient;
+use flotilla_proto::v1::fleet_client::FleetClient;
+use flotilla_shared::token::JoinToken;
+use rcgen::{CertificateParams, KeyPair};
+use rustls_pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
+use serde_json::{json, Value};
+use tokio::sync::{mpsc, oneshot};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::{Channel, Endpoint};
+use tonic::Code;
+
+struct TestHub {
+    hub: Hub,
+    agent_addr: SocketAddr,
+    api: String,
+    ca_pem: String,
+    _stop: oneshot::Sender<()>,
+    _dir: tempfile::TempDir,
+}
+
+async fn start_hub() -> TestHub {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = Config::new(dir.path());
+    config.poll_git = false;
+    let hub = Hub::open(&config).unwrap();
+    let agent = flotilla_hub::bind_agent_listener("127.0.0.1:0".parse().unwrap()).unwrap();
+    let api = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let agent_addr = agent.local_addr().unwrap();
+    let api_addr = api.local_addr().unwrap();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let ca_pem = hub.pki.ca_pem.clone();
+    tokio::spawn(hub.clone().serve(agent, api, async move {
+        let _ = stopped.await;
+    }));
+    TestHub {
+        hub,
+        agent_addr,
+        api: format!("http://{api_addr}"),
+        ca_pem,
+        _stop: stop,
+        _dir: dir,
+    }
+}
+
+impl TestHub {
+    fn admin(&self) -> String {
+        format!("Bearer {}", self.hub.pki.admin_token())
+    }
+
+    async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<String>,
+    ) -> (u16, Value) {
+        let mut req = reqwest::Client::new()
+            .request(method, format!("{}{path}", self.api))
+            .header("authorization", self.admin());
+        if let Some(b) = body {
+            req = req.body(b);
+        }
+        let resp = req.send().await.unwrap();
+        let status = resp.status().as_u16();
+        let text = resp.text().await.unwrap();
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
+    }
+
+    async fn token(&self, ttl: &str) -> JoinToken {
+        let (status, body) = self
+            .call(
+                reqwest::Method::POST,
+                "/api/v1/tokens",
+                Some(json!({ "ttl": ttl }).to_string()),
+            )
+            .await;
+        assert_eq!(status, 200, "{body}");
+        body["token"].as_str().unwrap().parse().unwrap()
+    }
+
+    /// A gRPC channel over TLS trusting the fleet CA, with an optional client cert.
+    async fn channel(
+        &self,
+        client: Option<(&str, &KeyPair)>,
+    ) -> Result<Channel, tonic::transport::Error> {
+        channel_to(self.agent_addr, &self.ca_pem, client).await
+    }
+}
+
+async fn channel_to(
+    addr: SocketAddr,
+    ca_pem: &str,
+    client: Option<(&str, &KeyPair)>,
+) -> Result<Channel, tonic::transport::Error> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(flotilla_hub::pki::pem_to_der(ca_pem).unwrap())
+        .unwrap();
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates(roots);
+    let mut config = match client {
+        None => builder.with_no_client_auth(),
+        Some((cert_pem, key)) => builder
+            .with_client_auth_cert(
+                vec![flotilla_hub::pki::pem_to_der(cert_pem).unwrap()],
+                PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
+            )
+            .unwrap(),
+    };
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect_with_connector(tower::service_fn(move |_uri| {
+            let connector = connector.clone();
+            async move {
+                let tcp = tokio::net::TcpStream::connect(addr).await?;
+                let tls = connector
+                    .connect(ServerName::try_from("localhost").unwrap(), tcp)
+                    .await?;
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tls))
+            }
+        }))
+        .await
+}
+
+fn csr(key: &KeyPair) -> String {
+    CertificateParams::default()
+        .serialize_request(key)
+        .unwrap()
+        .pem()
+        .unwrap()
+}
+
+async fn enroll(
+    th: &TestHub,
+    token: &JoinToken,
+    name: &str,
+    labels: &[(&str, &str)],
+    key: &KeyPair,
+) -> Result<v1::EnrollResponse, tonic::Status> {
+    let mut client = EnrolmentClient::new(th.channel(None).await.unwrap());
+    client
+        .enroll(v1::EnrollRequest {
+            token: token.credential(),
+            cluster_name: name.into(),
+            labels: labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            csr_pem: csr(key),
+        })
+        .await
+        .map(|r| r.into_inner())
+}
+
+#[tokio::test]
+async fn enrolment_checks_tokens_and_names() {
+    let th = start_hub().await;
+
+    // The API refuses calls without the admin token.
+    let resp = reqwest::get(format!("{}/api/v1/clusters", th.api))
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 401);
+    let body: Value = resp.json().await.unwrap();
+    assert!(body["error"].is_string());
+
+    // GetCa is open, and its hash is what the token pins.
+    let token = th.token("1h").await;
+    let mut client = EnrolmentClient::new(th.channel(None).await.unwrap());
+    let ca = client
+        .get_ca(v1::GetCaRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .ca_pem;
+    let der = flotilla_hub::pki::pem_to_der(&ca).unwrap();
+    assert_eq!(flotilla_shared::token::ca_hash(&der), token.ca_hash);
+
+    let key = KeyPair::generate().unwrap();
+    let resp = enroll(&th, &token, "edge-1", &[("env", "dev")], &key)
+        .await
+        .unwrap();
+    let der = flotilla_hub::pki::pem_to_der(&resp.certificate_pem).unwrap();
+    assert_eq!(
+        flotilla_hub::pki::cluster_from_cert(&der).as_deref(),
+        Some("edge-1")
+    );
+    assert_eq!(resp.ca_pem, th.ca_pem);
+
+    // A token works once.
+    let err = enroll(&th, &token, "edge-2", &[], &key).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated, "{err}");
+
+    // An expired token does not work at all.
+    let expired = th.token("1ms").await;
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let err = enroll(&th, &expired, "edge-3", &[], &key)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated, "{err}");
+    assert!(err.message().contains("expired"), "{err}");
+
+    // A name is enrolled once.
+    let fresh = th.token("1h").await;
+    let err = enroll(&th, &fresh, "edge-1", &[], &key).await.unwrap_err();
+    assert_eq!(err.code(), Code::AlreadyExists, "{err}");
+
+    // Bad input is refused before a token is spent.
+    let fresh = th.token("1h").await;
+    let err = enroll(&th, &fresh, "Bad_Name", &[], &key)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err}");
+    assert!(enroll(&th, &fresh, "edge-4", &[], &key).await.is_ok());
+
+    let (status, clusters) = th
+        .call(reqwest::Method::GET, "/api/v1/clusters", None)
+        .await;
+    assert_eq!(status, 200);
+    let names: Vec<&str> = clusters
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["edge-1", "edge-4"]);
+    assert_eq!(clusters[0]["labels"]["env"], "dev");
+    assert_eq!(clusters[0]["connected"], false);
+}
+
+fn session_request(
+    first: v1::AgentMessage,
+) -> (
+    mpsc::Sender<v1::AgentMessage>,
+    ReceiverStream<v1::AgentMessage>,
+) {
+    let (tx, rx) = mpsc::channel(16);
+    tx.try_send(first).unwrap();
+    (tx, ReceiverStream::new(rx))
+}
+
+fn hello(held: Vec<String>) -> v1::AgentMessage {
+    v1::AgentMessage {
+        msg: Some(v1::agent_message::Msg::Hello(v1::Hello {
+            agent_version: "test-agent".into(),
+            kubernetes_version: "v1.34.0".into(),
+            held_hashes: held,
+        })),
+    }
+}
+
+#[tokio::test]
+async fn fleet_requires_a_fleet_certificate() {
+    let th = start_hub().await;
+
+    // No client certificate: TLS succeeds (enrolment needs that), Fleet refuses.
+    let mut client = FleetClient::new(th.channel(None).await.unwrap());
+    let (_tx, rx) = session_request(hello(vec![]));
+    let err = client.session(rx).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated, "{err}");
+
+    // A certificate from another CA fails the handshake.
+    let other_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::default();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let other_ca = ca_params.self_signed(&other_key).unwrap();
+    let issuer = rcgen::Issuer::new(ca_params, other_key);
+    let key = KeyPair::generate().unwrap();
+    let mut params = CertificateParams::default();
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "edge-1");
+    params.subject_alt_names = vec![rcgen::SanType::URI(
+        "flotilla://cluster/edge-1".try_into().unwrap(),
+    )];
+    params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+    let forged = params.signed_by(&key, &issuer).unwrap();
+    let _ = other_ca;
+    let result = match th.channel(Some((&forged.pem(), &key))).await {
+        Err(e) => Err(e.to_string()),
+        Ok(channel) => {
+            let (_tx, rx) = session_request(hello(vec![]));
+            FleetClient::new(channel)
+                .session(rx)
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        }
+    };
+    assert!(result.is_err(), "a foreign certificate was accepted");
+}
+
+async fn next_msg(stream: &mut tonic::Streaming<v1::HubMessage>) -> v1::hub_message::Msg {
+    tokio::time::timeout(Duration::from_secs(5), stream.message())
+        .await
+        .expect("no message from the hub within 5 s")
+        .unwrap()
+        .unwrap()
+        .msg
+        .unwrap()
+}
+
+async fn wait_for<F: Fn(&Value) -> bool>(th: &TestHub, path: &str, pred: F) -> Value {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let (status, body) = th.call(reqwest::Method::GET, path, None).await;
+        if status == 200 && pred(&body) {
+            return body;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting on {path}: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn session_delivers_desired_set_and_records_status() {
+    let th = start_hub().await;
+    let token = th.token("1h").await;
+    let key = KeyPair::generate().unwrap();
+    let cert = enroll(&th, &token, "edge-1", &[("env", "prod")], &key)
+        .await
+        .unwrap()
+        .certificate_pem;
+
+    let source = "apiVersion: flotilla.io/v1alpha1\nkind: GitSource\nmetadata: {name: apps}\nspec:\n  repo: https://git.example.com/apps.git\n  paths: [\"apps/*\"]\n  targets:\n  - clusterSelector: {matchLabels: {env: prod}}\n";
+    let (status, body) = th
+        .call(
+            reqwest::Method::POST,
+            "/api/v1/apply?file=apps.yaml",
+            Some(source.into()),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["applied"][0]["action"], "created");
+    let (_, body) = th
+        .call(
+            reqwest::Method::POST,
+            "/api/v1/apply?file=apps.yaml",
+            Some(source.into()),
+        )
+        .await;
+    assert_eq!(body["applied"][0]["action"], "unchanged");
+    let (status, body) = th
+        .call(
+            reqwest::Method::POST,
+            "/api/v1/apply?file=bad.yaml",
+            Some("apiVersion: flotilla.io/v1alpha1\nkind: Nope\nmetadata: {name: x}\n".into()),
+        )
+        .await;
+    assert_eq!(status, 400);
+    assert!(
+        body["error"].as_str().unwrap().contains("bad.yaml"),
+        "{body}"
+    );
+
+    let files: BTreeMap<String, Vec<u8>> = [(
+        "apps/web/cm.yaml",
+        "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: web, namespace: demo}\ndata: {k: v}\n",
+    )]
+    .into_iter()
+    .map(|(p, c)| (p.to_string(), c.as_bytes().to_vec()))
+    .collect();
+    assert!(th
+        .hub
+        .inject_snapshot(
+            "apps",
+            flotilla_hub::git::Snapshot {
+                commit: "c0ffee".into(),
+                files,
+            },
+        )
+        .unwrap());
+
+    let channel = th.channel(Some((&cert, &key))).await.unwrap();
+    let mut client = FleetClient::new(channel);
+    let (tx, rx) = session_request(hello(vec![]));
+    let mut inbound = client.session(rx).await.unwrap().into_inner();
+
+    let v1::hub_message::Msg::Desired(desired) = next_msg(&mut inbound).await else {
+        panic!("expected Desired")
+    };
+    assert_eq!(desired.bundles.len(), 1);
+    let bundle = &desired.bundles[0];
+    assert_eq!(bundle.name, "apps-apps-web");
+    assert_eq!(bundle.revision, "c0ffee");
+    assert_eq!(desired.contents.len(), 1);
+    let rendered = flotilla_shared::bundle::Rendered::try_from(&desired.contents[0]).unwrap();
+    assert_eq!(rendered.content_hash(), bundle.content_hash);
+
+    let b = wait_for(&th, "/api/v1/bundles/apps-apps-web", |b| {
+        b["clusters"][0]["state"] == "Pending"
+    })
+    .await;
+    assert_eq!(b["source"], "apps");
+    assert_eq!(b["path"], "apps/web");
+
+    tx.send(v1::AgentMessage {
+        msg: Some(v1::agent_message::Msg::Ack(v1::DesiredAck {
+            generation: desired.generation,
+        })),
+    })
+    .await
+    .unwrap();
+    wait_for(&th, "/api/v1/bundles/apps-apps-web", |b| {
+        b["clusters"][0]["state"] == "WaitApplied"
+    })
+    .await;
+
+    tx.send(v1::AgentMessage {
+        msg: Some(v1::agent_message::Msg::Status(v1::BundleStatus {
+            bundle: bundle.name.clone(),
+            content_hash: bundle.content_hash.clone(),
+            revision: bundle.revision.clone(),
+            state: v1::BundleState::Ready as i32,
+            message: String::new(),
+            seq: 1,
+            observed_at_unix_ms: 1,
+        })),
+    })
+    .await
+    .unwrap();
+    let v1::hub_message::Msg::StatusAck(ack) = next_msg(&mut inbound).await else {
+        panic!("expected StatusAck")
+    };
+    assert_eq!(ack.seq, 1);
+
+    let (_, b) = th
+        .call(reqwest::Method::GET, "/api/v1/bundles/apps-apps-web", None)
+        .await;
+    assert_eq!(b["clusters"][0]["cluster"], "edge-1");
+    assert_eq!(b["clusters"][0]["state"], "Ready");
+    assert_eq!(b["clusters"][0]["appliedRevision"], "c0ffee");
+    let (_, c) = th
+        .call(reqwest::Method::GET, "/api/v1/clusters/edge-1", None)
+        .await;
+    assert_eq!(c["connected"], true);
+    assert_eq!(c["agentVersion"], "test-agent");
+    assert_eq!(c["kubernetesVersion"], "v1.34.0");
+    assert_eq!(c["bundleCounts"]["Ready"], 1);
+    assert_eq!(c["bundles"][0]["state"], "Ready");
+    let (_, s) = th
+        .call(reqwest::Method::GET, "/api/v1/sources/apps", None)
+        .await;
+    assert_eq!(s["commit"], "c0ffee");
+    assert_eq!(s["bundles"][0], "apps-apps-web");
+
+    // Relabelling moves the bundle away at once.
+    let (status, c) = th
+        .call(
+            reqwest::Method::PATCH,
+            "/api/v1/clusters/edge-1/labels",
+            Some(json!({"set": {"env": "dev"}}).to_string()),
+        )
+        .await;
+    assert_eq!(status, 200, "{c}");
+    assert_eq!(c["labels"]["env"], "dev");
+    let v1::hub_message::Msg::Desired(after) = next_msg(&mut inbound).await else {
+        panic!("expected Desired")
+    };
+    assert!(after.bundles.is_empty());
+    assert!(after.generation > desired.generation);
+
+    // Back again: the agent holds the content, so only the reference is sent.
+    tx.send(v1::AgentMessage {
+        msg: Some(v1::agent_message::Msg::Ack(v1::DesiredAck {
+            generation: after.generation,
+        })),
+    })
+    .await
+    .unwrap();
+    th.call(
+        reqwest::Method::PATCH,
+        "/api/v1/clusters/edge-1/labels",
+        Some(json!({"set": {"env": "prod"}}).to_string()),
+    )
+    .await;
+    let v1::hub_message::Msg::Desired(back) = next_msg(&mut inbound).await else {
+        panic!("expected Desired")
+    };
+    assert_eq!(back.bundles.len(), 1);
+    assert!(back.contents.is_empty());
+
+    // A second session of the same cluster replaces the first.
+    let channel = th.channel(Some((&cert, &key))).await.unwrap();
+    let (_tx2, rx2) = session_request(hello(vec![bundle.content_hash.clone()]));
+    let mut second = FleetClient::new(channel)
+        .session(rx2)
+        .await
+        .unwrap()
+        .into_inner();
+    let v1::hub_message::Msg::Desired(d2) = next_msg(&mut second).await else {
+        panic!("expected Desired")
+    };
+    assert!(d2.contents.is_empty());
+    let ended = tokio::time::timeout(Duration::from_secs(5), inbound.message())
+        .await
+        .expect("the first session did not end");
+    assert!(ended.is_err() || ended.unwrap().is_none());
+
+    // Deleting the source empties the desired set.
+    let (status, _) = th
+        .call(reqwest::Method::DELETE, "/api/v1/sources/apps", None)
+        .await;
+    assert_eq!(status, 200);
+    let v1::hub_message::Msg::Desired(gone) = next_msg(&mut second).await else {
+        panic!("expected Desired")
+    };
+    assert!(gone.bundles.is_empty());
+    let (status, _) = th
+        .call(reqwest::Method::GET, "/api/v1/sources/apps", None)
+        .await;
+    assert_eq!(status, 404);
+}

@@ -1,0 +1,196 @@
+//! Which bundles each cluster must run: the bundles of every source whose targets
+//! match the cluster, and the state the hub shows for each (cluster, bundle) pair.
+
+use std::collections::BTreeMap;
+
+use crate::objects::Target;
+use crate::state::{effective_state, BundleState, Reported};
+use crate::targeting::{targets_match, ClusterInfo, GroupInfo};
+
+/// What assignment needs to know of one bundle.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BundleInfo {
+    pub name: String,
+    pub source: String,
+    /// The bundle's directory in the source ("" for the root).
+    pub path: String,
+    /// The last content that rendered, if any: (content hash, commit it came from).
+    pub good: Option<(String, String)>,
+    /// The render error of the latest commit, if it failed.
+    pub render_error: Option<String>,
+    /// The targets of the bundle's source.
+    pub targets: Vec<Target>,
+}
+
+/// One bundle a cluster must run.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Assignment {
+    pub bundle: String,
+    /// `None` when the bundle never rendered: nothing can be sent yet.
+    pub content_hash: Option<String>,
+    pub revision: String,
+    pub render_error: Option<String>,
+}
+
+/// The bundles a cluster must run, sorted by name. Bundles that never rendered are
+/// included (the hub shows them as `ErrApplied`) but carry no content hash.
+pub fn assignments(
+    cluster: &ClusterInfo,
+    groups: &[GroupInfo],
+    bundles: &[BundleInfo],
+) -> Vec<Assignment> {
+    let mut out: Vec<Assignment> = bundles
+        .iter()
+        .filter(|b| targets_match(&b.targets, cluster, groups))
+        .map(|b| Assignment {
+            bundle: b.name.clone(),
+            content_hash: b.good.as_ref().map(|(h, _)| h.clone()),
+            revision: b.good.as_ref().map(|(_, r)| r.clone()).unwrap_or_default(),
+            render_error: b.render_error.clone(),
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+/// What can be sent to the agent: assigned bundles that have content, as
+/// (name, content hash, revision).
+pub fn sendable(assignments: &[Assignment]) -> Vec<(String, String, String)> {
+    assignments
+        .iter()
+        .filter_map(|a| {
+            a.content_hash
+                .as_ref()
+                .map(|h| (a.bundle.clone(), h.clone(), a.revision.clone()))
+        })
+        .collect()
+}
+
+/// The state the hub shows for one assignment, given the hash the agent last
+/// acknowledged for that bundle and its last report.
+pub fn assignment_state(
+    a: &Assignment,
+    acked_hash: Option<&str>,
+    reported: Option<&Reported>,
+) -> (BundleState, String) {
+    let hash = a.content_hash.as_deref().unwrap_or_default();
+    let acknowledged = !hash.is_empty() && acked_hash == Some(hash);
+    effective_state(hash, a.render_error.as_deref(), acknowledged, reported)
+}
+
+/// Counts states by name, as shown in `bundleCounts` / `clusterCounts`.
+pub fn count_states(states: impl IntoIterator<Item = BundleState>) -> BTreeMap<String, usize> {
+    let mut out = BTreeMap::new();
+    for s in states {
+        *out.entry(s.as_str().to_string()).or_insert(0) += 1;
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::labels::parse_labels;
+    use crate::selector::LabelSelector;
+
+    fn cluster(name: &str, labels: &str) -> ClusterInfo {
+        ClusterInfo {
+            name: name.into(),
+            labels: parse_labels(labels).unwrap(),
+        }
+    }
+
+    fn bundle(name: &str, targets: Vec<Target>) -> BundleInfo {
+        BundleInfo {
+            name: name.into(),
+            source: "src".into(),
+            path: String::new(),
+            good: Some((format!("hash-{name}"), "c1".into())),
+            render_error: None,
+            targets,
+        }
+    }
+
+    fn sel(s: &str) -> Target {
+        Target::selector(LabelSelector::parse(s).unwrap())
+    }
+
+    #[test]
+    fn assigns_by_targets_and_groups() {
+        let groups = vec![GroupInfo {
+            name: "edge".into(),
+            selector: LabelSelector::parse("tier=edge").unwrap(),
+            labels: Default::default(),
+        }];
+        let bundles = vec![
+            bundle("prod", vec![sel("env=prod")]),
+            bundle("all", vec![]),
+            bundle(
+                "edge",
+                vec![Target {
+                    cluster_group: Some("edge".into()),
+                    ..Default::default()
+                }],
+            ),
+        ];
+        let names = |c: &ClusterInfo| -> Vec<String> {
+            assignments(c, &groups, &bundles)
+                .into_iter()
+                .map(|a| a.bundle)
+                .collect()
+        };
+        assert_eq!(names(&cluster("a", "env=prod")), ["all", "prod"]);
+        assert_eq!(names(&cluster("b", "env=dev,tier=edge")), ["all", "edge"]);
+        assert_eq!(
+            names(&cluster("c", "env=prod,tier=edge")),
+            ["all", "edge", "prod"]
+        );
+        assert_eq!(names(&cluster("d", "")), ["all"]);
+    }
+
+    #[test]
+    fn render_failures_keep_last_good_content() {
+        let mut failed = bundle("bad", vec![]);
+        failed.render_error = Some("a.yaml:3: invalid YAML".into());
+        let mut never = bundle("never", vec![]);
+        never.good = None;
+        never.render_error = Some("b.yaml: kind is required".into());
+        let a = assignments(&cluster("x", ""), &[], &[failed, never]);
+        assert_eq!(a.len(), 2);
+        assert_eq!(a[0].content_hash.as_deref(), Some("hash-bad"));
+        assert_eq!(a[0].revision, "c1");
+        assert_eq!(a[1].content_hash, None);
+        let send = sendable(&a);
+        assert_eq!(send, [("bad".into(), "hash-bad".into(), "c1".into())]);
+        let (state, msg) = assignment_state(&a[0], Some("hash-bad"), None);
+        assert_eq!(state, BundleState::ErrApplied);
+        assert!(msg.contains("a.yaml:3"));
+    }
+
+    #[test]
+    fn states_follow_ack_and_reports() {
+        let a = &assignments(&cluster("x", ""), &[], &[bundle("b", vec![])])[0];
+        assert_eq!(assignment_state(a, None, None).0, BundleState::Pending);
+        assert_eq!(
+            assignment_state(a, Some("old"), None).0,
+            BundleState::Pending
+        );
+        assert_eq!(
+            assignment_state(a, Some("hash-b"), None).0,
+            BundleState::WaitApplied
+        );
+        let r = Reported {
+            content_hash: "hash-b".into(),
+            revision: "c1".into(),
+            state: BundleState::Ready,
+            message: String::new(),
+        };
+        assert_eq!(
+            assignment_state(a, Some("hash-b"), Some(&r)).0,
+            BundleState::Ready
+        );
+        let counts = count_states([BundleState::Ready, BundleState::Ready, BundleState::Pending]);
+        assert_eq!(counts.get("Ready"), Some(&2));
+        assert_eq!(counts.get("Pending"), Some(&1));
+    }
+}
