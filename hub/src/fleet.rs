@@ -39,6 +39,8 @@ struct SourceState {
     commit: Option<String>,
     last_fetched_ms: Option<u64>,
     last_error: Option<String>,
+    /// Failed fetches since the last good one (the poller backs off by it).
+    consecutive_failures: u32,
     bundles: BTreeMap<String, BundleEntry>,
 }
 
@@ -212,6 +214,7 @@ pub struct SourceView {
     pub commit: Option<String>,
     pub last_fetched: Option<String>,
     pub last_error: Option<String>,
+    pub consecutive_failures: u32,
     pub bundles: Vec<String>,
 }
 
@@ -289,6 +292,7 @@ impl Fleet {
                     commit: None,
                     last_fetched_ms: None,
                     last_error: None,
+                    consecutive_failures: 0,
                     bundles: BTreeMap::new(),
                 },
             );
@@ -363,6 +367,7 @@ impl Fleet {
                         commit: None,
                         last_fetched_ms: None,
                         last_error: None,
+                        consecutive_failures: 0,
                         bundles: BTreeMap::new(),
                     },
                 );
@@ -448,6 +453,7 @@ impl Fleet {
         src.commit = Some(commit.to_string());
         src.last_fetched_ms = Some(now_ms);
         src.last_error = None;
+        src.consecutive_failures = 0;
         st.gc_contents();
         st.bump(&self.changed);
         true
@@ -466,6 +472,7 @@ impl Fleet {
         if let Some(s) = self.lock().sources.get_mut(source) {
             s.last_fetched_ms = Some(now_ms);
             s.last_error = None;
+            s.consecutive_failures = 0;
         }
     }
 
@@ -473,6 +480,7 @@ impl Fleet {
     pub fn set_source_error(&self, source: &str, error: String) {
         if let Some(s) = self.lock().sources.get_mut(source) {
             s.last_error = Some(error);
+            s.consecutive_failures = s.consecutive_failures.saturating_add(1);
         }
     }
 
@@ -607,12 +615,22 @@ impl Fleet {
     }
 
     /// Stores an agent's status report (not yet flushed; see `Store::flush`).
-    pub fn record_status(&self, status: StatusRecord) -> Result<(), FleetError> {
+    /// A report about a bundle not assigned to the reporting cluster is refused:
+    /// an agent speaks only for what it was given.
+    pub fn record_status(&self, status: StatusRecord) -> Result<bool, FleetError> {
         let mut st = self.lock();
+        let assigned = st.clusters.get(&status.cluster).is_some_and(|c| {
+            st.assignments(&c.record)
+                .iter()
+                .any(|a| a.bundle == status.bundle)
+        });
+        if !assigned {
+            return Ok(false);
+        }
         self.store.put_status(&status)?;
         st.statuses
             .insert((status.cluster.clone(), status.bundle.clone()), status);
-        Ok(())
+        Ok(true)
     }
 
     // ---- views for the API --------------------------------------------------
@@ -745,6 +763,7 @@ fn source_view(name: &str, s: &SourceState) -> SourceView {
         commit: s.commit.clone(),
         last_fetched: s.last_fetched_ms.map(crate::rfc3339),
         last_error: s.last_error.clone(),
+        consecutive_failures: s.consecutive_failures,
         bundles: s.bundles.keys().cloned().collect(),
     }
 }

@@ -550,9 +550,14 @@ impl Session {
                 match status_record(&self.cluster, s) {
                     Ok(rec) => {
                         tracing::debug!(bundle = %rec.bundle, state = %rec.state, seq, "status");
-                        self.fleet
+                        let bundle = rec.bundle.clone();
+                        let kept = self
+                            .fleet
                             .record_status(rec)
                             .map_err(|e| End::Error(internal(e)))?;
+                        if !kept {
+                            tracing::warn!(%bundle, seq, "status for a bundle not assigned to this cluster dropped");
+                        }
                         let store = self.fleet.store().clone();
                         tokio::task::spawn_blocking(move || store.flush())
                             .await

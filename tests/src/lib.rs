@@ -687,7 +687,8 @@ impl FaultProxy {
                                 Err(e)
                                     if matches!(
                                         e.kind(),
-                                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                                        std::io::ErrorKind::WouldBlock
+                                            | std::io::ErrorKind::TimedOut
                                     ) => {}
                                 Err(_) => break,
                             }

@@ -36,8 +36,18 @@ fn agent_restart_without_hub_keeps_cluster_converged() -> Result<()> {
     let ns = "e2e-offline";
     let mut hub = Hub::start(&dir.path().join("hub"))?;
     let repo = GitRepo::new(dir.path(), "off")?;
-    repo.commit(&BTreeMap::from([("app.yaml", Some(cm(ns, "one").as_str()))]), "one")?;
-    let mut agent = Agent::start(&hub, &hub.token()?, "off-east", "", east, &dir.path().join("agent"))?;
+    repo.commit(
+        &BTreeMap::from([("app.yaml", Some(cm(ns, "one").as_str()))]),
+        "one",
+    )?;
+    let mut agent = Agent::start(
+        &hub,
+        &hub.token()?,
+        "off-east",
+        "",
+        east,
+        &dir.path().join("agent"),
+    )?;
     hub.cli(&["source", "add", "off", "--repo", &repo.url, "--poll", "1s"])?;
     hub.wait_bundle_state("off", "off-east", "Ready")?;
     wait_value(east, ns, Some("one"))?;
@@ -76,14 +86,26 @@ fn kill_between_receive_and_apply_loses_nothing() -> Result<()> {
     let ns = "e2e-crash";
     let mut hub = Hub::start(&dir.path().join("hub"))?;
     let repo = GitRepo::new(dir.path(), "crash")?;
-    repo.commit(&BTreeMap::from([("app.yaml", Some(cm(ns, "before").as_str()))]), "before")?;
+    repo.commit(
+        &BTreeMap::from([("app.yaml", Some(cm(ns, "before").as_str()))]),
+        "before",
+    )?;
     // The agent reaches its API server through a proxy we can cut.
     let proxy = FaultProxy::start(kube_port(&west.kubeconfig)?)?;
     let kubeconfig = kubeconfig_via(&west.kubeconfig, proxy.port, &dir.path().join("kubeconfig"))?;
     let state = dir.path().join("agent");
     let token = hub.token()?;
-    let mut agent = Agent::spawn(&hub.agent_url, Some(&token), "crash-west", "", &kubeconfig, &state)?;
-    hub.cli(&["source", "add", "crash", "--repo", &repo.url, "--poll", "1s"])?;
+    let mut agent = Agent::spawn(
+        &hub.agent_url,
+        Some(&token),
+        "crash-west",
+        "",
+        &kubeconfig,
+        &state,
+    )?;
+    hub.cli(&[
+        "source", "add", "crash", "--repo", &repo.url, "--poll", "1s",
+    ])?;
     hub.wait_bundle_state("crash", "crash-west", "Ready")?;
     wait_value(west, ns, Some("before"))?;
 
@@ -91,7 +113,10 @@ fn kill_between_receive_and_apply_loses_nothing() -> Result<()> {
     // acknowledged it: WaitApplied (stored, not applied), or ErrApplied once its
     // apply attempt against the unreachable API server has failed.
     proxy.block();
-    repo.commit(&BTreeMap::from([("app.yaml", Some(cm(ns, "after").as_str()))]), "after")?;
+    repo.commit(
+        &BTreeMap::from([("app.yaml", Some(cm(ns, "after").as_str()))]),
+        "after",
+    )?;
     wait_until("new revision acknowledged", DEADLINE, || {
         Ok(hub
             .bundle_state("crash", "crash-west")?
@@ -99,7 +124,11 @@ fn kill_between_receive_and_apply_loses_nothing() -> Result<()> {
             .map(|_| ()))
     })?;
     agent.proc.kill9();
-    assert_eq!(value(west, ns)?.as_deref(), Some("before"), "nothing was applied yet");
+    assert_eq!(
+        value(west, ns)?.as_deref(),
+        Some("before"),
+        "nothing was applied yet"
+    );
 
     // Hub gone, cluster back: the restarted agent applies what it had acknowledged.
     hub.stop();

@@ -59,24 +59,44 @@ fn commits_reach_targeted_clusters_and_follow_labels() -> Result<()> {
         ]),
         "first",
     )?;
-    let _east_agent = Agent::start(&hub, &hub.token()?, "spine-east", "env=prod", east, &dir.path().join("east"))?;
-    let _west_agent = Agent::start(&hub, &hub.token()?, "spine-west", "env=dev", west, &dir.path().join("west"))?;
+    let _east_agent = Agent::start(
+        &hub,
+        &hub.token()?,
+        "spine-east",
+        "env=prod",
+        east,
+        &dir.path().join("east"),
+    )?;
+    let _west_agent = Agent::start(
+        &hub,
+        &hub.token()?,
+        "spine-west",
+        "env=dev",
+        west,
+        &dir.path().join("west"),
+    )?;
     hub.cli(&[
-        "source", "add", "apps", "--repo", &repo.url, "--path", "web", "--target", "env=prod", "--poll", "1s",
+        "source", "add", "apps", "--repo", &repo.url, "--path", "web", "--target", "env=prod",
+        "--poll", "1s",
     ])?;
     let bundle = "apps-web";
 
     // Created where the selector matches, and only there.
     hub.wait_bundle_state(bundle, "spine-east", "Ready")?;
     wait_cm(east, ns, "web", Some("v1"))?;
-    let cm = east.get("configmap", Some(ns), "web")?.ok_or_else(|| anyhow!("gone"))?;
+    let cm = east
+        .get("configmap", Some(ns), "web")?
+        .ok_or_else(|| anyhow!("gone"))?;
     assert_eq!(cm["metadata"]["labels"]["flotilla.io/bundle"], bundle);
     let managers: Vec<&str> = cm["metadata"]["managedFields"]
         .as_array()
         .map(|a| a.iter().filter_map(|m| m["manager"].as_str()).collect())
         .unwrap_or_default();
     assert!(managers.contains(&"flotilla"), "managers: {managers:?}");
-    assert!(west.get("namespace", None, ns)?.is_none(), "west must not get the bundle");
+    assert!(
+        west.get("namespace", None, ns)?.is_none(),
+        "west must not get the bundle"
+    );
     let clusters = hub.cli_json(&["cluster", "list"])?;
     let east_row = clusters
         .as_array()
@@ -84,13 +104,25 @@ fn commits_reach_targeted_clusters_and_follow_labels() -> Result<()> {
         .ok_or_else(|| anyhow!("spine-east not listed: {clusters}"))?;
     assert_eq!(east_row["connected"], true);
     assert_eq!(east_row["labels"]["env"], "prod");
-    assert!(east_row["kubernetesVersion"].as_str().unwrap_or_default().starts_with("v1.34"), "{east_row}");
+    assert!(
+        east_row["kubernetesVersion"]
+            .as_str()
+            .unwrap_or_default()
+            .starts_with("v1.34"),
+        "{east_row}"
+    );
 
     // Changed.
-    let c2 = repo.commit(&files(&[("web/config.yaml", Some(&config_map(ns, "web", "v2")))]), "change")?;
+    let c2 = repo.commit(
+        &files(&[("web/config.yaml", Some(&config_map(ns, "web", "v2")))]),
+        "change",
+    )?;
     wait_cm(east, ns, "web", Some("v2"))?;
     // Added.
-    repo.commit(&files(&[("web/extra.yaml", Some(&config_map(ns, "extra", "x")))]), "add")?;
+    repo.commit(
+        &files(&[("web/extra.yaml", Some(&config_map(ns, "extra", "x")))]),
+        "add",
+    )?;
     wait_cm(east, ns, "extra", Some("x"))?;
     // Deleted from Git: pruned.
     let c4 = repo.commit(&files(&[("web/extra.yaml", None)]), "remove")?;
@@ -100,12 +132,20 @@ fn commits_reach_targeted_clusters_and_follow_labels() -> Result<()> {
         let applied = b["clusters"]
             .as_array()
             .and_then(|cs| cs.iter().find(|c| c["cluster"] == "spine-east"))
-            .map(|c| c["appliedRevision"].as_str().unwrap_or_default().to_string());
+            .map(|c| {
+                c["appliedRevision"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string()
+            });
         Ok((b["revision"] == c4.as_str() && applied.as_deref() == Some(c4.as_str())).then_some(()))
     })?;
     assert_ne!(c2, c4);
     assert_eq!(cm_value(east, ns, "web")?.as_deref(), Some("v2"));
-    assert!(west.get("namespace", None, ns)?.is_none(), "west must still not have it");
+    assert!(
+        west.get("namespace", None, ns)?.is_none(),
+        "west must still not have it"
+    );
 
     // Relabel: the bundle moves from east to west.
     hub.cli(&["cluster", "label", "spine-west", "env=prod"])?;
@@ -148,21 +188,45 @@ fn bad_input_stays_in_its_bundle() -> Result<()> {
         ]),
         "all good",
     )?;
-    let _agent = Agent::start(&hub, &hub.token()?, "bad-east", "", east, &dir.path().join("east"))?;
-    hub.cli(&["source", "add", "mixed", "--repo", &repo.url, "--path", "good", "--path", "bad", "--poll", "1s"])?;
-    hub.cli(&["source", "add", "nowhere", "--repo", "git://127.0.0.1:1/nothing", "--poll", "1s"])?;
+    let _agent = Agent::start(
+        &hub,
+        &hub.token()?,
+        "bad-east",
+        "",
+        east,
+        &dir.path().join("east"),
+    )?;
+    hub.cli(&[
+        "source", "add", "mixed", "--repo", &repo.url, "--path", "good", "--path", "bad", "--poll",
+        "1s",
+    ])?;
+    hub.cli(&[
+        "source",
+        "add",
+        "nowhere",
+        "--repo",
+        "git://127.0.0.1:1/nothing",
+        "--poll",
+        "1s",
+    ])?;
     hub.wait_bundle_state("mixed-good", "bad-east", "Ready")?;
     hub.wait_bundle_state("mixed-bad", "bad-east", "Ready")?;
 
     repo.commit(
         &files(&[
-            ("bad/cm.yaml", Some("apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: bad\n  labels: [oops\n")),
+            (
+                "bad/cm.yaml",
+                Some("apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: bad\n  labels: [oops\n"),
+            ),
             ("good/cm.yaml", Some(&config_map(ns, "good", "2"))),
         ]),
         "break one bundle",
     )?;
     let msg = hub.wait_bundle_state("mixed-bad", "bad-east", "ErrApplied")?;
-    assert!(msg.contains("cm.yaml:"), "message names the file and line: {msg}");
+    assert!(
+        msg.contains("cm.yaml:"),
+        "message names the file and line: {msg}"
+    );
     // The good bundle of the same commit still goes through; the bad one keeps its last good state.
     wait_cm(east, ns, "good", Some("2"))?;
     hub.wait_bundle_state("mixed-good", "bad-east", "Ready")?;
@@ -180,7 +244,10 @@ fn bad_input_stays_in_its_bundle() -> Result<()> {
         Ok((failures(&s) > failures(&first)).then_some(()))
     })?;
     let table = hub.cli(&["source", "list"])?;
-    assert!(table.contains("nowhere") && table.contains("mixed"), "{table}");
+    assert!(
+        table.contains("nowhere") && table.contains("mixed"),
+        "{table}"
+    );
     Ok(())
 }
 
@@ -207,20 +274,33 @@ fn tokens_are_single_use_and_expire() -> Result<()> {
     assert!(log.to_lowercase().contains("used"), "{log}");
 
     let short = hub.cli_json(&["token", "create", "--ttl", "1s"])?;
-    let short_token = short["token"].as_str().ok_or_else(|| anyhow!("{short}"))?.to_string();
+    let short_token = short["token"]
+        .as_str()
+        .ok_or_else(|| anyhow!("{short}"))?
+        .to_string();
     let expires = humantime::parse_rfc3339_weak(short["expiresAt"].as_str().unwrap_or_default())?;
     // Wait for the expiry instant to pass (a deadline, not a fixed sleep).
     wait_until("token expired", Duration::from_secs(10), || {
         Ok((std::time::SystemTime::now() > expires).then_some(()))
     })?;
-    let mut expired = Agent::start(&hub, &short_token, "tok-late", "", west, &dir.path().join("c"))?;
+    let mut expired = Agent::start(
+        &hub,
+        &short_token,
+        "tok-late",
+        "",
+        west,
+        &dir.path().join("c"),
+    )?;
     let log = wait_until("expired token refused", DEADLINE, || {
         Ok((!expired.proc.alive()).then(|| expired.proc.log_text()))
     })?;
     assert!(log.to_lowercase().contains("expired"), "{log}");
     let clusters = hub.cli(&["cluster", "list"])?;
     assert!(clusters.contains("tok-east"));
-    assert!(!clusters.contains("tok-west") && !clusters.contains("tok-late"), "{clusters}");
+    assert!(
+        !clusters.contains("tok-west") && !clusters.contains("tok-late"),
+        "{clusters}"
+    );
 
     // The enrolled agent needs no token any more.
     first.restart()?;
@@ -241,10 +321,25 @@ fn deploy_manifests_pass_server_dry_run() -> Result<()> {
     let file = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/agent/agent.yaml");
     let file = file.to_string_lossy().to_string();
     // A dry run cannot create the namespace the other objects live in, so create it first.
-    east.kubectl(&["create", "namespace", "flotilla-system", "--dry-run=client", "-o", "yaml"])
-        .and_then(|y| east.kubectl_stdin(&["apply", "--server-side", "-f", "-"], &y))?;
+    east.kubectl(&[
+        "create",
+        "namespace",
+        "flotilla-system",
+        "--dry-run=client",
+        "-o",
+        "yaml",
+    ])
+    .and_then(|y| east.kubectl_stdin(&["apply", "--server-side", "-f", "-"], &y))?;
     let out = east.kubectl(&["apply", "--server-side", "--dry-run=server", "-f", &file])?;
-    for kind in ["serviceaccount", "clusterrole", "clusterrolebinding", "secret", "configmap", "persistentvolumeclaim", "deployment"] {
+    for kind in [
+        "serviceaccount",
+        "clusterrole",
+        "clusterrolebinding",
+        "secret",
+        "configmap",
+        "persistentvolumeclaim",
+        "deployment",
+    ] {
         assert!(out.contains(kind), "{kind} missing from: {out}");
     }
     Ok(())
