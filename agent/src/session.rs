@@ -259,8 +259,9 @@ mod tests {
 
     #[test]
     fn backoff_grows_and_caps() {
-        assert_eq!(backoff(0, 0.999), Duration::from_secs(1).mul_f64(0.9995));
+        assert_eq!(backoff(0, 0.999), BACKOFF_MIN, "never below the minimum");
         assert_eq!(backoff(0, 0.0), BACKOFF_MIN);
+        assert_eq!(backoff(2, 0.5), Duration::from_secs(3));
         assert_eq!(backoff(3, 1.0), Duration::from_secs(8));
         assert_eq!(backoff(10, 1.0), BACKOFF_MAX);
         assert_eq!(backoff(u32::MAX, 0.0), BACKOFF_MAX / 2);
