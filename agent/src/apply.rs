@@ -76,7 +76,12 @@ impl Cluster {
     }
 
     /// Resolves a kind; with `grace`, keeps trying for a while (a CRD was just made).
-    pub async fn kind(&mut self, api_version: &str, kind: &str, grace: bool) -> Result<Kind, String> {
+    pub async fn kind(
+        &mut self,
+        api_version: &str,
+        kind: &str,
+        grace: bool,
+    ) -> Result<Kind, String> {
         let key = (api_version.to_string(), kind.to_string());
         if let Some(k) = self.kinds.get(&key) {
             return Ok(k.clone());
@@ -168,10 +173,7 @@ impl Cluster {
                 return Ok(());
             }
             if tokio::time::Instant::now() >= deadline {
-                return Err(format!(
-                    "not Established after {}s",
-                    CRD_DEADLINE.as_secs()
-                ));
+                return Err(format!("not Established after {}s", CRD_DEADLINE.as_secs()));
             }
             tokio::time::sleep(CRD_POLL).await;
         }
@@ -200,10 +202,7 @@ impl Cluster {
             info!(%object, "not pruning: no longer labelled as part of this bundle");
             return Ok(false);
         }
-        match api
-            .delete(&object.name, &DeleteParams::background())
-            .await
-        {
+        match api.delete(&object.name, &DeleteParams::background()).await {
             Ok(_) => Ok(true),
             Err(e) if is_not_found(&e) => Ok(false),
             Err(e) => Err(format!("{object}: {}", reason(&e))),

@@ -120,10 +120,8 @@ impl Reconciler {
                     pruned = done.pruned,
                     "bundle applied"
                 );
-                self.applied_ok.insert(
-                    b.name.clone(),
-                    (b.content_hash.clone(), b.revision.clone()),
-                );
+                self.applied_ok
+                    .insert(b.name.clone(), (b.content_hash.clone(), b.revision.clone()));
                 self.report(b, BundleState::Ready, "", last.as_ref());
             }
             Err(message) => {
@@ -164,12 +162,7 @@ impl Reconciler {
             .store
             .content(&b.content_hash)
             .map_err(|e| e.to_string())?
-            .ok_or_else(|| {
-                format!(
-                    "content {} not received from the hub yet",
-                    b.content_hash
-                )
-            })?;
+            .ok_or_else(|| format!("content {} not received from the hub yet", b.content_hash))?;
         let content = BundleContent::decode(bytes.as_slice())
             .map_err(|e| format!("stored content {} is unreadable: {e}", b.content_hash))?;
         let rendered = Rendered::try_from(&content).map_err(|e| e.to_string())?;
@@ -250,7 +243,10 @@ impl Reconciler {
         }));
         let found = self.cluster.list_owned(name, &kinds).await?;
         if !found.is_empty() {
-            info!(objects = found.len(), "rebuilt the inventory from the cluster");
+            info!(
+                objects = found.len(),
+                "rebuilt the inventory from the cluster"
+            );
         }
         self.store
             .set_inventory(name, &found)

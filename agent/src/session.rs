@@ -9,9 +9,7 @@ use std::time::Duration;
 use flotilla_proto::v1::agent_message::Msg as AgentMsg;
 use flotilla_proto::v1::fleet_client::FleetClient;
 use flotilla_proto::v1::hub_message::Msg as HubMsg;
-use flotilla_proto::v1::{
-    AgentMessage, BundleStatus, Desired, DesiredAck, Heartbeat, Hello,
-};
+use flotilla_proto::v1::{AgentMessage, BundleStatus, Desired, DesiredAck, Heartbeat, Hello};
 use prost::Message;
 use rustls::ClientConfig;
 use tokio::sync::{mpsc, watch, Notify};
@@ -108,7 +106,10 @@ impl Sessions {
             }
             let delay = backoff(attempt, rand::random::<f64>());
             attempt = attempt.saturating_add(1);
-            info!(retry_in_ms = delay.as_millis() as u64, "reconnecting to the hub");
+            info!(
+                retry_in_ms = delay.as_millis() as u64,
+                "reconnecting to the hub"
+            );
             drop(_enter);
             tokio::select! {
                 _ = tokio::time::sleep(delay) => {}
@@ -286,7 +287,9 @@ mod tests {
         assert_eq!(set.bundles[0].revision, "c");
         assert_eq!(contents[0].0, "h");
         assert_eq!(
-            BundleContent::decode(contents[0].1.as_slice()).unwrap().content_hash,
+            BundleContent::decode(contents[0].1.as_slice())
+                .unwrap()
+                .content_hash,
             "h"
         );
     }

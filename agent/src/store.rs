@@ -322,7 +322,10 @@ mod tests {
             assert_eq!(s.desired().unwrap(), None);
             s.save_desired(
                 &set(1, &[("a", "h1"), ("b", "h2")]),
-                &[("h1".into(), b"one".to_vec()), ("h2".into(), b"two".to_vec())],
+                &[
+                    ("h1".into(), b"one".to_vec()),
+                    ("h2".into(), b"two".to_vec()),
+                ],
             )
             .unwrap();
         }
@@ -331,7 +334,10 @@ mod tests {
         assert_eq!(s.held_hashes().unwrap(), ["h1", "h2"]);
         s.save_desired(
             &set(2, &[("a", "h3")]),
-            &[("h3".into(), b"three".to_vec()), ("zz".into(), b"x".to_vec())],
+            &[
+                ("h3".into(), b"three".to_vec()),
+                ("zz".into(), b"x".to_vec()),
+            ],
         )
         .unwrap();
         assert_eq!(s.held_hashes().unwrap(), ["h3"]);

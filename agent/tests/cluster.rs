@@ -217,7 +217,10 @@ async fn applies_updates_prunes_and_removes(client: &kube::Client) {
     // Removal: everything the bundle owns is deleted and its state dropped.
     set_desired(&store, 4, &[]);
     rec.pass().await;
-    assert!(cm(client, &ns("agt-a"), "one").await.is_none(), "one deleted");
+    assert!(
+        cm(client, &ns("agt-a"), "one").await.is_none(),
+        "one deleted"
+    );
     let namespaces: Api<Namespace> = Api::all(client.clone());
     let gone_or_going = namespaces
         .get_opt(&ns("agt-a"))
@@ -266,10 +269,7 @@ spec:
     let w: Api<DynamicObject> = Api::namespaced_with(client.clone(), &ns("agt-crd"), &ar);
     let w1 = w.get("w1").await.unwrap();
     assert_eq!(w1.data["spec"]["size"], 3);
-    assert_eq!(
-        w1.metadata.labels.unwrap()["flotilla.io/bundle"],
-        "widgets"
-    );
+    assert_eq!(w1.metadata.labels.unwrap()["flotilla.io/bundle"], "widgets");
 }
 
 async fn lost_inventory_is_rebuilt_from_labels(client: &kube::Client) {
@@ -294,8 +294,14 @@ async fn lost_inventory_is_rebuilt_from_labels(client: &kube::Client) {
     let (tx, _rx) = watch::channel(0);
     let mut rec = Reconciler::new(store.clone(), Cluster::new(client.clone()), tx);
     let keep = rendered(&[
-        ("ns.yaml", "apiVersion: v1\nkind: Namespace\nmetadata: {name: agt-inv}\n"),
-        ("cm.yaml", "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: keep, namespace: agt-inv}\n"),
+        (
+            "ns.yaml",
+            "apiVersion: v1\nkind: Namespace\nmetadata: {name: agt-inv}\n",
+        ),
+        (
+            "cm.yaml",
+            "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: keep, namespace: agt-inv}\n",
+        ),
     ]);
     set_desired(&store, 1, &[("inv", &keep)]);
     rec.pass().await;
