@@ -38,6 +38,7 @@ async fn main() -> anyhow::Result<()> {
         )
         .init();
     let args = Args::parse();
+    let shutdown = shutdown_signal()?;
     let labels = if args.labels.trim().is_empty() {
         Default::default()
     } else {
@@ -51,25 +52,20 @@ async fn main() -> anyhow::Result<()> {
         kubeconfig: args.kubeconfig,
         state_dir: args.state_dir,
     };
-    flotilla_agent::run(config, shutdown_signal()).await?;
+    flotilla_agent::run(config, shutdown).await?;
     Ok(())
 }
 
-/// Completes on ctrl-c or SIGTERM.
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending().await,
+/// Completes on ctrl-c or SIGTERM. The handlers are registered now, not on first
+/// poll, so a signal arriving during start-up is not fatal.
+fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
+    let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
+    Ok(async move {
+        tokio::select! {
+            _ = int.recv() => {}
+            _ = term.recv() => {}
         }
-    };
-    tokio::select! {
-        _ = ctrl_c => {}
-        _ = term => {}
-    }
+    })
 }
