@@ -1,0 +1,248 @@
+//! Talking to the cluster: server-side apply under the field manager `flotilla`,
+//! kind discovery, waiting for CRDs, deleting what we own, and finding our objects
+//! by their bundle label when the inventory is lost.
+
+use std::collections::{BTreeSet, HashMap};
+use std::time::Duration;
+
+use flotilla_shared::bundle::ObjectRef;
+use flotilla_shared::{BUNDLE_LABEL, FIELD_MANAGER};
+use k8s_openapi::api::core::v1::Namespace;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams};
+use kube::core::GroupVersionKind;
+use kube::discovery::{self, ApiCapabilities, ApiResource, Scope};
+use kube::Client;
+use tracing::{debug, info};
+
+/// How long a new CRD may take to become Established before objects of its kinds
+/// are attempted anyway (the API server usually needs well under a second).
+const CRD_DEADLINE: Duration = Duration::from_secs(30);
+/// Polling interval while waiting for a CRD.
+const CRD_POLL: Duration = Duration::from_millis(200);
+/// After a CRD was applied its kinds may take a moment to appear in discovery.
+const DISCOVERY_GRACE: Duration = Duration::from_secs(10);
+
+/// Why a cluster call failed, in the API server's words when it gave any.
+pub fn reason(e: &kube::Error) -> String {
+    match e {
+        kube::Error::Api(s) if !s.message.is_empty() => s.message.clone(),
+        other => crate::transport::error_chain(other),
+    }
+}
+
+fn is_not_found(e: &kube::Error) -> bool {
+    matches!(e, kube::Error::Api(s) if s.is_not_found())
+}
+
+fn is_already_exists(e: &kube::Error) -> bool {
+    matches!(e, kube::Error::Api(s) if s.is_already_exists())
+}
+
+fn gvk_of(api_version: &str, kind: &str) -> GroupVersionKind {
+    let (group, version) = api_version.split_once('/').unwrap_or(("", api_version));
+    GroupVersionKind::gvk(group, version, kind)
+}
+
+/// A resolved kind: how to reach it and whether it is namespaced.
+#[derive(Clone)]
+pub struct Kind {
+    pub resource: ApiResource,
+    pub namespaced: bool,
+}
+
+/// The cluster side of the agent. Caches kind discovery; kinds not found are not
+/// cached, so a CRD applied later is picked up.
+pub struct Cluster {
+    client: Client,
+    kinds: HashMap<(String, String), Kind>,
+}
+
+impl Cluster {
+    pub fn new(client: Client) -> Self {
+        Cluster {
+            client,
+            kinds: HashMap::new(),
+        }
+    }
+
+    /// The API server's version, e.g. `v1.34.1`.
+    pub async fn version(&self) -> Result<String, String> {
+        self.client
+            .apiserver_version()
+            .await
+            .map(|v| v.git_version)
+            .map_err(|e| reason(&e))
+    }
+
+    /// Resolves a kind; with `grace`, keeps trying for a while (a CRD was just made).
+    pub async fn kind(
+        &mut self,
+        api_version: &str,
+        kind: &str,
+        grace: bool,
+    ) -> Result<Kind, String> {
+        let key = (api_version.to_string(), kind.to_string());
+        if let Some(k) = self.kinds.get(&key) {
+            return Ok(k.clone());
+        }
+        let gvk = gvk_of(api_version, kind);
+        let deadline = tokio::time::Instant::now() + DISCOVERY_GRACE;
+        let (resource, caps): (ApiResource, ApiCapabilities) = loop {
+            match discovery::pinned_kind(&self.client, &gvk).await {
+                Ok(found) => break found,
+                Err(e) if grace && tokio::time::Instant::now() < deadline => {
+                    debug!(error = %e, %api_version, %kind, "kind not served yet; retrying");
+                    tokio::time::sleep(CRD_POLL).await;
+                }
+                Err(e) => {
+                    return Err(format!(
+                        "the cluster does not serve kind {kind} in {api_version}: {}",
+                        reason(&e)
+                    ))
+                }
+            }
+        };
+        let k = Kind {
+            resource,
+            namespaced: caps.scope == Scope::Namespaced,
+        };
+        self.kinds.insert(key, k.clone());
+        Ok(k)
+    }
+
+    fn api(&self, kind: &Kind, namespace: Option<&str>) -> Api<DynamicObject> {
+        match (kind.namespaced, namespace) {
+            (true, Some(ns)) => Api::namespaced_with(self.client.clone(), ns, &kind.resource),
+            _ => Api::all_with(self.client.clone(), &kind.resource),
+        }
+    }
+
+    /// Creates a namespace unless it exists (as Fleet does for a bundle's namespace).
+    /// It is not labelled or recorded: removing the bundle leaves it in place.
+    pub async fn ensure_namespace(&self, name: &str) -> Result<(), String> {
+        let api: Api<Namespace> = Api::all(self.client.clone());
+        match api.get_opt(name).await {
+            Ok(Some(_)) => return Ok(()),
+            Ok(None) => {}
+            Err(e) => return Err(format!("Namespace {name}: {}", reason(&e))),
+        }
+        let mut ns = Namespace::default();
+        ns.metadata.name = Some(name.to_string());
+        match api.create(&PostParams::default(), &ns).await {
+            Ok(_) => {
+                info!(namespace = %name, "created the bundle's namespace");
+                Ok(())
+            }
+            Err(e) if is_already_exists(&e) => Ok(()),
+            Err(e) => Err(format!("Namespace {name}: {}", reason(&e))),
+        }
+    }
+
+    /// Server-side applies one prepared object, forcing ownership of conflicting fields.
+    pub async fn apply(
+        &self,
+        kind: &Kind,
+        object: &ObjectRef,
+        body: &serde_json::Value,
+    ) -> Result<(), String> {
+        let params = PatchParams::apply(FIELD_MANAGER).force();
+        self.api(kind, object.namespace.as_deref())
+            .patch(&object.name, &params, &Patch::Apply(body))
+            .await
+            .map(|_| ())
+            .map_err(|e| reason(&e))
+    }
+
+    /// Waits until a CRD is Established.
+    pub async fn wait_crd(&self, name: &str) -> Result<(), String> {
+        let api: Api<CustomResourceDefinition> = Api::all(self.client.clone());
+        let deadline = tokio::time::Instant::now() + CRD_DEADLINE;
+        loop {
+            let established = api
+                .get_opt(name)
+                .await
+                .map_err(|e| reason(&e))?
+                .and_then(|crd| crd.status)
+                .and_then(|s| s.conditions)
+                .is_some_and(|cs| {
+                    cs.iter()
+                        .any(|c| c.type_ == "Established" && c.status == "True")
+                });
+            if established {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(format!("not Established after {}s", CRD_DEADLINE.as_secs()));
+            }
+            tokio::time::sleep(CRD_POLL).await;
+        }
+    }
+
+    /// Deletes an object if it still carries our label for `bundle`; gone is fine.
+    pub async fn delete_owned(&mut self, bundle: &str, object: &ObjectRef) -> Result<bool, String> {
+        let kind = match self.kind(&object.api_version, &object.kind, false).await {
+            Ok(k) => k,
+            // The kind itself is gone (its CRD was deleted): so are its objects.
+            Err(_) => return Ok(false),
+        };
+        let api = self.api(&kind, object.namespace.as_deref());
+        let live = match api.get_opt(&object.name).await {
+            Ok(Some(live)) => live,
+            Ok(None) => return Ok(false),
+            Err(e) => return Err(format!("{object}: {}", reason(&e))),
+        };
+        let owned = live
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(BUNDLE_LABEL))
+            .is_some_and(|b| b == bundle);
+        if !owned {
+            info!(%object, "not pruning: no longer labelled as part of this bundle");
+            return Ok(false);
+        }
+        match api.delete(&object.name, &DeleteParams::background()).await {
+            Ok(_) => Ok(true),
+            Err(e) if is_not_found(&e) => Ok(false),
+            Err(e) => Err(format!("{object}: {}", reason(&e))),
+        }
+    }
+
+    /// Finds the objects labelled as belonging to `bundle`, among the given kinds
+    /// (apiVersion, kind). Kinds the cluster does not serve are skipped.
+    pub async fn list_owned(
+        &mut self,
+        bundle: &str,
+        kinds: &BTreeSet<(String, String)>,
+    ) -> Result<BTreeSet<ObjectRef>, String> {
+        let selector = format!("{BUNDLE_LABEL}={bundle}");
+        let mut out = BTreeSet::new();
+        for (api_version, kind_name) in kinds {
+            let Ok(kind) = self.kind(api_version, kind_name, false).await else {
+                continue;
+            };
+            let api: Api<DynamicObject> = Api::all_with(self.client.clone(), &kind.resource);
+            let list = api
+                .list_metadata(&ListParams::default().labels(&selector))
+                .await
+                .map_err(|e| format!("listing {kind_name}: {}", reason(&e)))?;
+            for item in list.items {
+                let Some(name) = item.metadata.name else {
+                    continue;
+                };
+                out.insert(ObjectRef {
+                    api_version: api_version.clone(),
+                    kind: kind_name.clone(),
+                    namespace: if kind.namespaced {
+                        item.metadata.namespace
+                    } else {
+                        None
+                    },
+                    name,
+                });
+            }
+        }
+        Ok(out)
+    }
+}

@@ -1,0 +1,204 @@
+//! Enrolment: the first start trades the join token for a client certificate. The
+//! hub's CA is fetched over unverified TLS and accepted only if it matches the
+//! hash pinned in the token; the CSR then goes over TLS verified against it.
+
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use flotilla_proto::v1::enrolment_client::EnrolmentClient;
+use flotilla_proto::v1::{EnrollRequest, GetCaRequest};
+use flotilla_shared::labels::Labels;
+use flotilla_shared::token::{ca_hash, JoinToken};
+use tonic::transport::Uri;
+use tracing::info;
+
+use crate::error::{Error, Result};
+use crate::transport;
+
+/// File names in the state directory. The certificate is written last, so its
+/// presence means the other two are complete.
+pub const CA_FILE: &str = "ca.pem";
+pub const KEY_FILE: &str = "client.key";
+pub const CERT_FILE: &str = "client.pem";
+
+/// What the agent needs to talk to the hub: the fleet CA and its own certificate.
+#[derive(Clone)]
+pub struct Identity {
+    pub ca_pem: String,
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+impl std::fmt::Debug for Identity {
+    /// Never prints the key.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Identity").finish_non_exhaustive()
+    }
+}
+
+/// Reads the identity from the state directory; `None` when not enrolled yet.
+pub fn load_identity(dir: &Path) -> Result<Option<Identity>> {
+    let cert_path = dir.join(CERT_FILE);
+    if !cert_path.exists() {
+        return Ok(None);
+    }
+    let read = |name: &str| {
+        let p = dir.join(name);
+        std::fs::read_to_string(&p).map_err(|e| Error::io(p, e))
+    };
+    Ok(Some(Identity {
+        ca_pem: read(CA_FILE)?,
+        cert_pem: read(CERT_FILE)?,
+        key_pem: read(KEY_FILE)?,
+    }))
+}
+
+/// Writes a file atomically and durably: temp file, fsync, rename, fsync the directory.
+pub fn write_atomic(dir: &Path, name: &str, data: &[u8], mode: u32) -> Result<()> {
+    let tmp: PathBuf = dir.join(format!(".{name}.tmp"));
+    let target = dir.join(name);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(mode)
+        .open(&tmp)
+        .map_err(|e| Error::io(&tmp, e))?;
+    f.write_all(data).map_err(|e| Error::io(&tmp, e))?;
+    f.sync_all().map_err(|e| Error::io(&tmp, e))?;
+    drop(f);
+    std::fs::rename(&tmp, &target).map_err(|e| Error::io(&target, e))?;
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| Error::io(dir, e))
+}
+
+/// A fresh ECDSA P-256 key and a CSR naming the cluster; returns (key PEM, CSR PEM).
+pub fn key_and_csr(cluster_name: &str) -> Result<(String, String)> {
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
+        .map_err(|e| Error::Enrolment(format!("cannot generate a key: {e}")))?;
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new())
+        .map_err(|e| Error::Enrolment(format!("CSR: {e}")))?;
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, cluster_name);
+    let csr = params
+        .serialize_request(&key)
+        .and_then(|csr| csr.pem())
+        .map_err(|e| Error::Enrolment(format!("CSR: {e}")))?;
+    Ok((key.serialize_pem(), csr))
+}
+
+/// Turns a refusal from the hub into a message saying what is wrong.
+fn refusal(cluster_name: &str, status: &tonic::Status) -> Error {
+    use tonic::Code;
+    let msg = status.message();
+    Error::Enrolment(match status.code() {
+        Code::PermissionDenied | Code::Unauthenticated => format!("token refused: {msg}"),
+        Code::AlreadyExists => {
+            format!("cluster {cluster_name:?} is already enrolled at the hub: {msg}")
+        }
+        Code::InvalidArgument => format!("enrolment refused: {msg}"),
+        Code::Unavailable => format!("hub unavailable: {msg}"),
+        code => format!("enrolment failed ({code:?}): {msg}"),
+    })
+}
+
+/// Enrols with the hub and stores the identity in `dir`.
+pub async fn enroll(
+    hub: &Uri,
+    token: &str,
+    cluster_name: &str,
+    labels: &Labels,
+    dir: &Path,
+) -> Result<Identity> {
+    let token: JoinToken = token
+        .parse()
+        .map_err(|e: flotilla_shared::Error| Error::Config(e.to_string()))?;
+
+    // 1. The CA, over TLS we cannot verify yet; pinned by the token.
+    let channel = transport::channel(hub, transport::insecure_config()?).await?;
+    let ca_pem = EnrolmentClient::new(channel)
+        .get_ca(GetCaRequest {})
+        .await
+        .map_err(|s| refusal(cluster_name, &s))?
+        .into_inner()
+        .ca_pem;
+    let ca_der = transport::certs_from_pem(&ca_pem)?;
+    let got = ca_hash(ca_der[0].as_ref());
+    if got != token.ca_hash {
+        return Err(Error::Enrolment(format!(
+            "the hub's CA (sha256 {got}) does not match the hash pinned in the join token \
+             ({}); refusing to trust it",
+            token.ca_hash
+        )));
+    }
+    info!(ca_hash = %got, "hub CA matches the token's pin");
+
+    // 2. The CSR, over TLS verified against that CA.
+    let (key_pem, csr_pem) = key_and_csr(cluster_name)?;
+    let channel = transport::channel(hub, transport::anonymous_config(&ca_pem)?).await?;
+    let resp = EnrolmentClient::new(channel)
+        .enroll(EnrollRequest {
+            token: token.credential(),
+            cluster_name: cluster_name.to_string(),
+            labels: labels.clone().into_iter().collect(),
+            csr_pem,
+        })
+        .await
+        .map_err(|s| refusal(cluster_name, &s))?
+        .into_inner();
+    transport::certs_from_pem(&resp.certificate_pem)
+        .map_err(|e| Error::Enrolment(format!("the hub returned an unusable certificate: {e}")))?;
+    // The configuration is checked once here so a bad certificate fails now.
+    transport::mutual_config(&ca_pem, &resp.certificate_pem, &key_pem)?;
+
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    write_atomic(dir, KEY_FILE, key_pem.as_bytes(), 0o600)?;
+    write_atomic(dir, CA_FILE, ca_pem.as_bytes(), 0o644)?;
+    write_atomic(dir, CERT_FILE, resp.certificate_pem.as_bytes(), 0o644)?;
+    info!(cluster = %cluster_name, "enrolled with the hub");
+    Ok(Identity {
+        ca_pem,
+        cert_pem: resp.certificate_pem,
+        key_pem,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn csr_names_the_cluster() {
+        let (key, csr) = key_and_csr("edge-1").unwrap();
+        assert!(key.contains("PRIVATE KEY"));
+        assert!(csr.contains("CERTIFICATE REQUEST"));
+        let params = rcgen::CertificateSigningRequestParams::from_pem(&csr).unwrap();
+        let cn = params
+            .params
+            .distinguished_name
+            .get(&rcgen::DnType::CommonName)
+            .cloned();
+        assert_eq!(cn, Some(rcgen::DnValue::Utf8String("edge-1".into())));
+    }
+
+    #[test]
+    fn atomic_write_sets_mode_and_identity_loads() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        assert!(load_identity(dir.path()).unwrap().is_none());
+        write_atomic(dir.path(), KEY_FILE, b"k", 0o600).unwrap();
+        write_atomic(dir.path(), CA_FILE, b"ca", 0o644).unwrap();
+        write_atomic(dir.path(), CERT_FILE, b"c", 0o644).unwrap();
+        let mode = std::fs::metadata(dir.path().join(KEY_FILE))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let id = load_identity(dir.path()).unwrap().unwrap();
+        assert_eq!(id.key_pem, "k");
+        assert_eq!(format!("{id:?}"), "Identity { .. }");
+    }
+}

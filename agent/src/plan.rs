@@ -1,0 +1,236 @@
+//! Pure decisions of the reconciler: which bundles to apply or remove, how an
+//! object is prepared for applying (namespace, ownership label), and whether a
+//! status is worth reporting. No I/O here.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use flotilla_shared::bundle::{BundleOptions, Manifest, ObjectRef};
+use flotilla_shared::state::BundleState;
+use flotilla_shared::BUNDLE_LABEL;
+
+use crate::store::{DesiredBundle, Status};
+
+/// What the reconciler must do in one pass.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Apply (or re-apply) a bundle's content, then prune what left it.
+    Apply(DesiredBundle),
+    /// Delete everything a bundle that left the Desired set owns.
+    Remove(String),
+}
+
+/// Decides a reconcile pass: apply every desired bundle whose (content, revision)
+/// is not the one last applied successfully (so failed bundles are retried and,
+/// with an empty `applied_ok` at start-up, everything is re-applied); remove every
+/// bundle that has objects recorded but is no longer desired. Removals first, so a
+/// bundle renamed in Git frees its objects before its successor claims them.
+pub fn decide(
+    desired: &[DesiredBundle],
+    applied_ok: &BTreeMap<String, (String, String)>,
+    with_inventory: &BTreeSet<String>,
+) -> Vec<Action> {
+    let wanted: BTreeSet<&str> = desired.iter().map(|b| b.name.as_str()).collect();
+    let mut actions: Vec<Action> = with_inventory
+        .iter()
+        .filter(|b| !wanted.contains(b.as_str()))
+        .map(|b| Action::Remove(b.clone()))
+        .collect();
+    actions.extend(
+        desired
+            .iter()
+            .filter(|b| {
+                applied_ok.get(&b.name) != Some(&(b.content_hash.clone(), b.revision.clone()))
+            })
+            .map(|b| Action::Apply(b.clone())),
+    );
+    actions
+}
+
+/// Prepares a manifest for server-side apply: places namespaced objects with the
+/// bundle's options, strips the namespace from cluster-scoped ones, and labels the
+/// object with its bundle. Returns the final identity and the object.
+pub fn prepare(
+    bundle: &str,
+    manifest: &Manifest,
+    options: &BundleOptions,
+    namespaced: bool,
+) -> (ObjectRef, serde_json::Value) {
+    let mut obj = manifest.object.clone();
+    let mut r = manifest.object_ref();
+    if !obj["metadata"].is_object() {
+        obj["metadata"] = serde_json::json!({});
+    }
+    let meta = &mut obj["metadata"];
+    if namespaced {
+        let ns = options.namespace_for(r.namespace.as_deref());
+        meta["namespace"] = serde_json::Value::String(ns.clone());
+        r.namespace = Some(ns);
+    } else {
+        if let Some(m) = meta.as_object_mut() {
+            m.remove("namespace");
+        }
+        r.namespace = None;
+    }
+    if !meta["labels"].is_object() {
+        meta["labels"] = serde_json::json!({});
+    }
+    meta["labels"][BUNDLE_LABEL] = serde_json::Value::String(bundle.to_string());
+    (r, obj)
+}
+
+/// An apply error as users read it: `file: Kind ns/name: reason`.
+pub fn object_error(file: &str, object: &ObjectRef, reason: &str) -> String {
+    format!("{file}: {object}: {reason}")
+}
+
+/// Whether a new status differs from the last one reported enough to send it.
+pub fn worth_reporting(
+    last: Option<&Status>,
+    content_hash: &str,
+    revision: &str,
+    state: BundleState,
+    message: &str,
+) -> bool {
+    match last {
+        None => true,
+        Some(l) => {
+            l.content_hash != content_hash
+                || l.revision != revision
+                || l.state != state
+                || l.message != message
+        }
+    }
+}
+
+/// Whether to announce `WaitApplied` before applying: only for content the hub has
+/// not yet heard about from us, so re-applies at start-up and retries of a failed
+/// bundle do not flap its state.
+pub fn announce_wait(last: Option<&Status>, content_hash: &str, revision: &str) -> bool {
+    match last {
+        None => true,
+        Some(l) => l.content_hash != content_hash || l.revision != revision,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn b(name: &str, hash: &str) -> DesiredBundle {
+        DesiredBundle {
+            name: name.into(),
+            content_hash: hash.into(),
+            revision: "c1".into(),
+        }
+    }
+
+    #[test]
+    fn decides_applies_and_removals() {
+        let desired = [b("a", "h1"), b("b", "h2"), b("c", "h3")];
+        let applied = BTreeMap::from([
+            ("a".to_string(), ("h1".to_string(), "c1".to_string())),
+            ("b".to_string(), ("old".to_string(), "c1".to_string())),
+        ]);
+        let inv = BTreeSet::from(["a".to_string(), "gone".to_string()]);
+        assert_eq!(
+            decide(&desired, &applied, &inv),
+            vec![
+                Action::Remove("gone".into()),
+                Action::Apply(b("b", "h2")),
+                Action::Apply(b("c", "h3")),
+            ]
+        );
+        // Start-up: nothing applied yet, everything is re-applied.
+        assert_eq!(decide(&desired, &BTreeMap::new(), &inv).len(), 4);
+        // A new revision with the same content is re-applied (and re-reported).
+        let mut moved = b("a", "h1");
+        moved.revision = "c2".into();
+        assert_eq!(
+            decide(&[moved.clone()], &applied, &BTreeSet::new()),
+            vec![Action::Apply(moved)]
+        );
+    }
+
+    fn manifest(obj: serde_json::Value) -> Manifest {
+        Manifest {
+            file: "deploy.yaml".into(),
+            object: obj,
+        }
+    }
+
+    #[test]
+    fn prepares_namespaced_objects() {
+        let m = manifest(json!({"apiVersion":"apps/v1","kind":"Deployment",
+            "metadata":{"name":"web","labels":{"app":"web"}}}));
+        let opts = BundleOptions {
+            default_namespace: Some("demo".into()),
+            target_namespace: None,
+        };
+        let (r, obj) = prepare("apps-web", &m, &opts, true);
+        assert_eq!(r.namespace.as_deref(), Some("demo"));
+        assert_eq!(obj["metadata"]["namespace"], "demo");
+        assert_eq!(obj["metadata"]["labels"]["app"], "web");
+        assert_eq!(obj["metadata"]["labels"][BUNDLE_LABEL], "apps-web");
+        assert_eq!(r.to_string(), "Deployment demo/web");
+    }
+
+    #[test]
+    fn prepares_cluster_scoped_objects() {
+        let m = manifest(json!({"apiVersion":"v1","kind":"Namespace",
+            "metadata":{"name":"demo","namespace":"oops","labels":null}}));
+        let opts = BundleOptions {
+            default_namespace: None,
+            target_namespace: Some("forced".into()),
+        };
+        let (r, obj) = prepare("b", &m, &opts, false);
+        assert_eq!(r.namespace, None);
+        assert!(obj["metadata"].get("namespace").is_none());
+        assert_eq!(obj["metadata"]["labels"][BUNDLE_LABEL], "b");
+    }
+
+    #[test]
+    fn error_names_file_object_reason() {
+        let r = ObjectRef {
+            api_version: "apps/v1".into(),
+            kind: "Deployment".into(),
+            namespace: Some("demo".into()),
+            name: "web".into(),
+        };
+        assert_eq!(
+            object_error("deploy.yaml", &r, "spec.replicas: Invalid value"),
+            "deploy.yaml: Deployment demo/web: spec.replicas: Invalid value"
+        );
+    }
+
+    #[test]
+    fn reporting_rules() {
+        let last = Status {
+            bundle: "a".into(),
+            content_hash: "h".into(),
+            revision: "r".into(),
+            state: BundleState::ErrApplied,
+            message: "boom".into(),
+            seq: 1,
+            observed_at_unix_ms: 0,
+        };
+        assert!(!worth_reporting(
+            Some(&last),
+            "h",
+            "r",
+            BundleState::ErrApplied,
+            "boom"
+        ));
+        assert!(worth_reporting(
+            Some(&last),
+            "h",
+            "r",
+            BundleState::Ready,
+            ""
+        ));
+        assert!(worth_reporting(None, "h", "r", BundleState::Ready, ""));
+        assert!(!announce_wait(Some(&last), "h", "r"));
+        assert!(announce_wait(Some(&last), "h2", "r"));
+        assert!(announce_wait(None, "h", "r"));
+    }
+}

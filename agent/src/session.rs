@@ -1,0 +1,296 @@
+//! The session with the hub: one long-lived `Fleet.Session` stream at a time,
+//! re-dialled with exponential backoff. It stores each Desired set durably before
+//! acknowledging it, wakes the reconciler, and sends the statuses the reconciler
+//! recorded (re-sending those the hub has not acknowledged after a reconnect).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use flotilla_proto::v1::agent_message::Msg as AgentMsg;
+use flotilla_proto::v1::fleet_client::FleetClient;
+use flotilla_proto::v1::hub_message::Msg as HubMsg;
+use flotilla_proto::v1::{AgentMessage, BundleStatus, Desired, DesiredAck, Heartbeat, Hello};
+use prost::Message;
+use rustls::ClientConfig;
+use tokio::sync::{mpsc, watch, Notify};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Uri;
+use tracing::{info, info_span, warn, Instrument};
+
+use crate::error::{Error, Result};
+use crate::store::{DesiredBundle, DesiredSet, Store};
+use crate::transport;
+
+/// Heartbeats keep the hub's last-seen fresh; 30 s is the protocol's interval.
+pub const HEARTBEAT: Duration = Duration::from_secs(30);
+/// First reconnect delay: quick enough for a hub restart, slow enough not to spin.
+pub const BACKOFF_MIN: Duration = Duration::from_secs(1);
+/// Reconnect delays stop growing here, so a hub back from an outage sees its
+/// agents within half a minute.
+pub const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// How long asking the API server for its version may delay Hello.
+const VERSION_TIMEOUT: Duration = Duration::from_secs(5);
+/// Outgoing messages queued before the sender waits for the stream.
+const OUTBOX: usize = 64;
+
+/// The delay before reconnect attempt `attempt` (0-based): doubling from
+/// [`BACKOFF_MIN`] up to [`BACKOFF_MAX`], scaled by `jitter` in [0, 1) to between
+/// 50 % and 100 % so agents cut off together do not return together.
+pub fn backoff(attempt: u32, jitter: f64) -> Duration {
+    let base = BACKOFF_MIN
+        .saturating_mul(2u32.saturating_pow(attempt.min(16)))
+        .min(BACKOFF_MAX);
+    base.mul_f64(0.5 + 0.5 * jitter.clamp(0.0, 1.0))
+        .max(BACKOFF_MIN)
+}
+
+/// Converts a Desired message into what the store keeps.
+pub fn desired_set(d: &Desired) -> (DesiredSet, Vec<(String, Vec<u8>)>) {
+    let set = DesiredSet {
+        generation: d.generation,
+        bundles: d
+            .bundles
+            .iter()
+            .map(|b| DesiredBundle {
+                name: b.name.clone(),
+                content_hash: b.content_hash.clone(),
+                revision: b.revision.clone(),
+            })
+            .collect(),
+    };
+    let contents = d
+        .contents
+        .iter()
+        .map(|c| (c.content_hash.clone(), c.encode_to_vec()))
+        .collect();
+    (set, contents)
+}
+
+/// Everything a session needs.
+pub struct Sessions {
+    pub hub: Uri,
+    pub tls: Arc<ClientConfig>,
+    pub cluster_name: String,
+    pub store: Store,
+    pub kube: kube::Client,
+    /// Woken after a Desired set is stored.
+    pub reconcile: Arc<Notify>,
+    /// The seq of the newest recorded status.
+    pub statuses: watch::Receiver<u64>,
+}
+
+enum Ended {
+    Shutdown,
+    Closed,
+}
+
+impl Sessions {
+    /// Keeps a session open until shut down.
+    pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
+        let mut attempt = 0u32;
+        loop {
+            let span = info_span!("session", cluster = %self.cluster_name);
+            let mut connected = false;
+            let ended = self
+                .session(&mut shutdown, &mut connected)
+                .instrument(span.clone())
+                .await;
+            let _enter = span.enter();
+            match ended {
+                Ok(Ended::Shutdown) => return,
+                Ok(Ended::Closed) => info!("session closed by the hub"),
+                Err(e) => warn!(error = %e, "session disconnected"),
+            }
+            if connected {
+                attempt = 0;
+            }
+            let delay = backoff(attempt, rand::random::<f64>());
+            attempt = attempt.saturating_add(1);
+            info!(
+                retry_in_ms = delay.as_millis() as u64,
+                "reconnecting to the hub"
+            );
+            drop(_enter);
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = crate::stopped(&mut shutdown) => return,
+            }
+        }
+    }
+
+    async fn session(
+        &mut self,
+        shutdown: &mut watch::Receiver<bool>,
+        connected: &mut bool,
+    ) -> Result<Ended> {
+        let channel = transport::channel(&self.hub, self.tls.clone()).await?;
+        let mut client = FleetClient::new(channel);
+        let kubernetes_version =
+            match tokio::time::timeout(VERSION_TIMEOUT, self.kube.apiserver_version()).await {
+                Ok(Ok(v)) => v.git_version,
+                Ok(Err(e)) => {
+                    warn!(error = %crate::apply::reason(&e), "cannot read the Kubernetes version");
+                    String::new()
+                }
+                Err(_) => {
+                    warn!("the API server did not say its version in time");
+                    String::new()
+                }
+            };
+        let (tx, rx) = mpsc::channel::<AgentMessage>(OUTBOX);
+        let held_hashes = self.store.held_hashes()?;
+        let held = held_hashes.len();
+        send(
+            &tx,
+            AgentMsg::Hello(Hello {
+                agent_version: env!("CARGO_PKG_VERSION").to_string(),
+                kubernetes_version: kubernetes_version.clone(),
+                held_hashes,
+            }),
+        )
+        .await?;
+        let mut inbound = client
+            .session(ReceiverStream::new(rx))
+            .await
+            .map_err(|s| hub_error(&s))?
+            .into_inner();
+        *connected = true;
+        info!(%kubernetes_version, held, "session connected");
+
+        // Statuses the hub has not acknowledged are sent again.
+        let mut sent_upto = self.store.acked_seq()?;
+        self.send_statuses(&tx, &mut sent_upto).await?;
+        self.statuses.mark_unchanged();
+        let mut heartbeat =
+            tokio::time::interval_at(tokio::time::Instant::now() + HEARTBEAT, HEARTBEAT);
+        loop {
+            tokio::select! {
+                msg = inbound.message() => match msg {
+                    Ok(Some(m)) => match m.msg {
+                        Some(HubMsg::Desired(d)) => self.on_desired(&tx, &d).await?,
+                        Some(HubMsg::StatusAck(a)) => self.store.ack(a.seq)?,
+                        None => warn!("empty message from the hub"),
+                    },
+                    Ok(None) => return Ok(Ended::Closed),
+                    Err(s) => return Err(hub_error(&s)),
+                },
+                changed = self.statuses.changed() => {
+                    if changed.is_err() {
+                        // The reconciler is gone: we are shutting down.
+                        return Ok(Ended::Shutdown);
+                    }
+                    self.send_statuses(&tx, &mut sent_upto).await?;
+                }
+                _ = heartbeat.tick() => send(&tx, AgentMsg::Heartbeat(Heartbeat {})).await?,
+                _ = crate::stopped(shutdown) => return Ok(Ended::Shutdown),
+            }
+        }
+    }
+
+    async fn on_desired(&self, tx: &mpsc::Sender<AgentMessage>, d: &Desired) -> Result<()> {
+        let (set, contents) = desired_set(d);
+        self.store.save_desired(&set, &contents)?;
+        let missing: Vec<&str> = set
+            .bundles
+            .iter()
+            .filter(|b| matches!(self.store.content(&b.content_hash), Ok(None)))
+            .map(|b| b.name.as_str())
+            .collect();
+        if !missing.is_empty() {
+            warn!(bundles = ?missing, "the hub sent no content for some bundles");
+        }
+        // Only now, with the set on disk, may the hub count it as held.
+        send(
+            tx,
+            AgentMsg::Ack(DesiredAck {
+                generation: d.generation,
+            }),
+        )
+        .await?;
+        info!(
+            generation = d.generation,
+            bundles = set.bundles.len(),
+            new_contents = d.contents.len(),
+            "desired state received"
+        );
+        self.reconcile.notify_one();
+        Ok(())
+    }
+
+    async fn send_statuses(
+        &self,
+        tx: &mpsc::Sender<AgentMessage>,
+        sent_upto: &mut u64,
+    ) -> Result<()> {
+        for s in self.store.statuses_after(*sent_upto)? {
+            let state: flotilla_proto::v1::BundleState = s.state.into();
+            send(
+                tx,
+                AgentMsg::Status(BundleStatus {
+                    bundle: s.bundle.clone(),
+                    content_hash: s.content_hash.clone(),
+                    revision: s.revision.clone(),
+                    state: state as i32,
+                    message: s.message.clone(),
+                    seq: s.seq,
+                    observed_at_unix_ms: s.observed_at_unix_ms,
+                }),
+            )
+            .await?;
+            *sent_upto = (*sent_upto).max(s.seq);
+        }
+        Ok(())
+    }
+}
+
+async fn send(tx: &mpsc::Sender<AgentMessage>, msg: AgentMsg) -> Result<()> {
+    tx.send(AgentMessage { msg: Some(msg) })
+        .await
+        .map_err(|_| Error::Hub("the stream to the hub closed".into()))
+}
+
+fn hub_error(s: &tonic::Status) -> Error {
+    Error::Hub(format!("{:?}: {}", s.code(), s.message()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use flotilla_proto::v1::{BundleContent, BundleRef};
+
+    #[test]
+    fn backoff_grows_and_caps() {
+        assert_eq!(backoff(0, 0.999), BACKOFF_MIN, "never below the minimum");
+        assert_eq!(backoff(0, 0.0), BACKOFF_MIN);
+        assert_eq!(backoff(2, 0.5), Duration::from_secs(3));
+        assert_eq!(backoff(3, 1.0), Duration::from_secs(8));
+        assert_eq!(backoff(10, 1.0), BACKOFF_MAX);
+        assert_eq!(backoff(u32::MAX, 0.0), BACKOFF_MAX / 2);
+    }
+
+    #[test]
+    fn desired_converts() {
+        let d = Desired {
+            generation: 4,
+            bundles: vec![BundleRef {
+                name: "a".into(),
+                content_hash: "h".into(),
+                revision: "c".into(),
+            }],
+            contents: vec![BundleContent {
+                content_hash: "h".into(),
+                ..Default::default()
+            }],
+        };
+        let (set, contents) = desired_set(&d);
+        assert_eq!(set.generation, 4);
+        assert_eq!(set.bundles[0].revision, "c");
+        assert_eq!(contents[0].0, "h");
+        assert_eq!(
+            BundleContent::decode(contents[0].1.as_slice())
+                .unwrap()
+                .content_hash,
+            "h"
+        );
+    }
+}

@@ -1,0 +1,422 @@
+//! The agent's durable state in sled (`DIR/state.sled`): the last Desired set, bundle
+//! contents by hash, the inventory of objects applied per bundle (for pruning), and
+//! statuses with their sequence numbers. Every write that something else relies on
+//! (an ack to the hub, a status about to be sent) is flushed first.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+
+use flotilla_shared::bundle::ObjectRef;
+use flotilla_shared::state::BundleState;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use tracing::{error, warn};
+
+use crate::error::{Error, Result};
+
+/// Directory of the sled database inside the state directory.
+pub const DB_DIR: &str = "state.sled";
+
+const DESIRED_KEY: &[u8] = b"desired";
+const SEQ_KEY: &[u8] = b"seq";
+const ACKED_KEY: &[u8] = b"acked_seq";
+const KINDS_KEY: &[u8] = b"kinds";
+
+/// One bundle of the Desired set, as the hub named it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DesiredBundle {
+    pub name: String,
+    pub content_hash: String,
+    pub revision: String,
+}
+
+/// The last complete Desired set received from the hub.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DesiredSet {
+    pub generation: u64,
+    pub bundles: Vec<DesiredBundle>,
+}
+
+/// A status the agent produced for one bundle.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Status {
+    pub bundle: String,
+    pub content_hash: String,
+    pub revision: String,
+    pub state: BundleState,
+    pub message: String,
+    pub seq: u64,
+    pub observed_at_unix_ms: i64,
+}
+
+/// The agent's sled database, behind a small API.
+#[derive(Clone)]
+pub struct Store {
+    db: sled::Db,
+    meta: sled::Tree,
+    contents: sled::Tree,
+    inventory: sled::Tree,
+    statuses: sled::Tree,
+}
+
+fn decode<T: DeserializeOwned>(key: &[u8], bytes: &[u8]) -> Result<T> {
+    serde_json::from_slice(bytes).map_err(|e| Error::Corrupt {
+        key: String::from_utf8_lossy(key).into_owned(),
+        reason: e.to_string(),
+    })
+}
+
+fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+    // Serializing these plain structs cannot fail.
+    serde_json::to_vec(value).unwrap_or_default()
+}
+
+fn u64_of(bytes: Option<sled::IVec>) -> u64 {
+    bytes
+        .and_then(|b| <[u8; 8]>::try_from(b.as_ref()).ok())
+        .map(u64::from_be_bytes)
+        .unwrap_or(0)
+}
+
+impl Store {
+    /// Opens (or creates) the store in `state_dir`. A database that fails to open is
+    /// moved aside and replaced by an empty one: everything in it can be rebuilt
+    /// from the hub and from the labels on the cluster's objects.
+    ///
+    /// `now_unix_ms` seeds the status sequence of a fresh store, so sequence numbers
+    /// keep increasing even when an old store was lost.
+    pub fn open(state_dir: &Path, now_unix_ms: i64) -> Result<Store> {
+        let path = state_dir.join(DB_DIR);
+        let db = match sled::open(&path) {
+            Ok(db) => db,
+            Err(e) => {
+                let aside = PathBuf::from(format!("{}.corrupt-{now_unix_ms}", path.display()));
+                error!(error = %e, path = %path.display(), moved_to = %aside.display(),
+                    "state store cannot be opened; moving it aside and starting empty");
+                std::fs::rename(&path, &aside).map_err(|e| Error::io(&path, e))?;
+                sled::open(&path)?
+            }
+        };
+        let store = Store {
+            meta: db.open_tree("meta")?,
+            contents: db.open_tree("contents")?,
+            inventory: db.open_tree("inventory")?,
+            statuses: db.open_tree("statuses")?,
+            db,
+        };
+        if store.meta.get(SEQ_KEY)?.is_none() {
+            let seed = u64::try_from(now_unix_ms).unwrap_or(0).saturating_mul(1000);
+            store.meta.insert(SEQ_KEY, &seed.to_be_bytes())?;
+            store.meta.insert(ACKED_KEY, &seed.to_be_bytes())?;
+            store.flush()?;
+        }
+        Ok(store)
+    }
+
+    /// Makes every write so far durable.
+    pub fn flush(&self) -> Result<()> {
+        self.db.flush()?;
+        Ok(())
+    }
+
+    /// The last Desired set, if any was ever received.
+    pub fn desired(&self) -> Result<Option<DesiredSet>> {
+        self.meta
+            .get(DESIRED_KEY)?
+            .map(|b| decode(DESIRED_KEY, &b))
+            .transpose()
+    }
+
+    /// Stores a Desired set and the new contents (hash, encoded BundleContent), drops
+    /// contents no bundle refers to any more, and flushes: after this returns the
+    /// Desired set may be acknowledged.
+    pub fn save_desired(&self, set: &DesiredSet, contents: &[(String, Vec<u8>)]) -> Result<()> {
+        let wanted: BTreeSet<&str> = set
+            .bundles
+            .iter()
+            .map(|b| b.content_hash.as_str())
+            .collect();
+        for (hash, bytes) in contents {
+            if wanted.contains(hash.as_str()) {
+                self.contents.insert(hash.as_bytes(), bytes.as_slice())?;
+            }
+        }
+        self.meta.insert(DESIRED_KEY, encode(set))?;
+        for key in self.contents.iter().keys() {
+            let key = key?;
+            if !wanted.contains(String::from_utf8_lossy(&key).as_ref()) {
+                self.contents.remove(key)?;
+            }
+        }
+        self.flush()
+    }
+
+    /// The encoded BundleContent for a hash.
+    pub fn content(&self, hash: &str) -> Result<Option<Vec<u8>>> {
+        Ok(self.contents.get(hash.as_bytes())?.map(|b| b.to_vec()))
+    }
+
+    /// The content hashes held, for Hello.
+    pub fn held_hashes(&self) -> Result<Vec<String>> {
+        self.contents
+            .iter()
+            .keys()
+            .map(|k| Ok(String::from_utf8_lossy(&k?).into_owned()))
+            .collect()
+    }
+
+    /// The objects applied for a bundle; `None` when the store has no record of it.
+    pub fn inventory(&self, bundle: &str) -> Result<Option<BTreeSet<ObjectRef>>> {
+        self.inventory
+            .get(bundle.as_bytes())?
+            .map(|b| decode(bundle.as_bytes(), &b))
+            .transpose()
+    }
+
+    /// Records the objects of a bundle (and their kinds, for rebuilding inventories
+    /// from the cluster later), durably.
+    pub fn set_inventory(&self, bundle: &str, objects: &BTreeSet<ObjectRef>) -> Result<()> {
+        let mut kinds = self.known_kinds()?;
+        let before = kinds.len();
+        kinds.extend(
+            objects
+                .iter()
+                .map(|o| (o.api_version.clone(), o.kind.clone())),
+        );
+        if kinds.len() != before {
+            self.meta.insert(KINDS_KEY, encode(&kinds))?;
+        }
+        self.inventory.insert(bundle.as_bytes(), encode(objects))?;
+        self.flush()
+    }
+
+    /// Bundles with an inventory: those that may have objects in the cluster.
+    pub fn inventory_bundles(&self) -> Result<Vec<String>> {
+        self.inventory
+            .iter()
+            .keys()
+            .map(|k| Ok(String::from_utf8_lossy(&k?).into_owned()))
+            .collect()
+    }
+
+    /// Every (apiVersion, kind) the agent ever applied.
+    pub fn known_kinds(&self) -> Result<BTreeSet<(String, String)>> {
+        Ok(self
+            .meta
+            .get(KINDS_KEY)?
+            .map(|b| decode(KINDS_KEY, &b))
+            .transpose()?
+            .unwrap_or_default())
+    }
+
+    /// Forgets a bundle that was removed and pruned: its inventory and status.
+    pub fn remove_bundle(&self, bundle: &str) -> Result<()> {
+        self.inventory.remove(bundle.as_bytes())?;
+        self.statuses.remove(bundle.as_bytes())?;
+        self.flush()
+    }
+
+    /// Records a new status with the next sequence number, durably, before anyone
+    /// may send it.
+    pub fn record_status(
+        &self,
+        bundle: &str,
+        content_hash: &str,
+        revision: &str,
+        state: BundleState,
+        message: &str,
+        observed_at_unix_ms: i64,
+    ) -> Result<Status> {
+        let seq = u64_of(self.meta.get(SEQ_KEY)?) + 1;
+        self.meta.insert(SEQ_KEY, &seq.to_be_bytes())?;
+        let status = Status {
+            bundle: bundle.to_string(),
+            content_hash: content_hash.to_string(),
+            revision: revision.to_string(),
+            state,
+            message: message.to_string(),
+            seq,
+            observed_at_unix_ms,
+        };
+        self.statuses.insert(bundle.as_bytes(), encode(&status))?;
+        self.flush()?;
+        Ok(status)
+    }
+
+    /// The latest status of a bundle.
+    pub fn last_status(&self, bundle: &str) -> Result<Option<Status>> {
+        self.statuses
+            .get(bundle.as_bytes())?
+            .map(|b| decode(bundle.as_bytes(), &b))
+            .transpose()
+    }
+
+    /// The latest status of every bundle with a seq above `after`, oldest first.
+    pub fn statuses_after(&self, after: u64) -> Result<Vec<Status>> {
+        let mut out = Vec::new();
+        for item in self.statuses.iter() {
+            let (k, v) = item?;
+            let s: Status = match decode(&k, &v) {
+                Ok(s) => s,
+                Err(e) => {
+                    warn!(error = %e, "dropping an unreadable status");
+                    self.statuses.remove(k)?;
+                    continue;
+                }
+            };
+            if s.seq > after {
+                out.push(s);
+            }
+        }
+        out.sort_by_key(|s| s.seq);
+        Ok(out)
+    }
+
+    /// The highest seq the hub acknowledged.
+    pub fn acked_seq(&self) -> Result<u64> {
+        Ok(u64_of(self.meta.get(ACKED_KEY)?))
+    }
+
+    /// Notes the hub's acknowledgement of every status up to `seq`.
+    pub fn ack(&self, seq: u64) -> Result<()> {
+        self.meta.fetch_and_update(ACKED_KEY, |old| {
+            let old = u64_of(old.map(sled::IVec::from));
+            Some(old.max(seq).to_be_bytes().to_vec())
+        })?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn obj(kind: &str, name: &str) -> ObjectRef {
+        ObjectRef {
+            api_version: "v1".into(),
+            kind: kind.into(),
+            namespace: Some("ns".into()),
+            name: name.into(),
+        }
+    }
+
+    fn set(gen: u64, bundles: &[(&str, &str)]) -> DesiredSet {
+        DesiredSet {
+            generation: gen,
+            bundles: bundles
+                .iter()
+                .map(|(n, h)| DesiredBundle {
+                    name: n.to_string(),
+                    content_hash: h.to_string(),
+                    revision: "r1".into(),
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn desired_contents_and_gc_survive_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = Store::open(dir.path(), 1).unwrap();
+            assert_eq!(s.desired().unwrap(), None);
+            s.save_desired(
+                &set(1, &[("a", "h1"), ("b", "h2")]),
+                &[
+                    ("h1".into(), b"one".to_vec()),
+                    ("h2".into(), b"two".to_vec()),
+                ],
+            )
+            .unwrap();
+        }
+        let s = Store::open(dir.path(), 2).unwrap();
+        assert_eq!(s.desired().unwrap().unwrap().generation, 1);
+        assert_eq!(s.held_hashes().unwrap(), ["h1", "h2"]);
+        s.save_desired(
+            &set(2, &[("a", "h3")]),
+            &[
+                ("h3".into(), b"three".to_vec()),
+                ("zz".into(), b"x".to_vec()),
+            ],
+        )
+        .unwrap();
+        assert_eq!(s.held_hashes().unwrap(), ["h3"]);
+        assert_eq!(s.content("h3").unwrap().unwrap(), b"three");
+        assert_eq!(s.content("h1").unwrap(), None);
+    }
+
+    #[test]
+    fn inventory_and_kinds() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = Store::open(dir.path(), 1).unwrap();
+            assert_eq!(s.inventory("a").unwrap(), None);
+            s.set_inventory("a", &BTreeSet::from([obj("ConfigMap", "x")]))
+                .unwrap();
+        }
+        let s = Store::open(dir.path(), 1).unwrap();
+        assert_eq!(s.inventory_bundles().unwrap(), ["a"]);
+        assert_eq!(
+            s.known_kinds().unwrap(),
+            BTreeSet::from([("v1".to_string(), "ConfigMap".to_string())])
+        );
+        s.remove_bundle("a").unwrap();
+        assert_eq!(s.inventory("a").unwrap(), None);
+        assert_eq!(s.known_kinds().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn statuses_seq_and_acks() {
+        let dir = tempfile::tempdir().unwrap();
+        let (first, acked);
+        {
+            let s = Store::open(dir.path(), 5).unwrap();
+            acked = s.acked_seq().unwrap();
+            first = s
+                .record_status("a", "h", "r", BundleState::WaitApplied, "", 10)
+                .unwrap();
+            assert!(first.seq > acked);
+            s.record_status("b", "h", "r", BundleState::Ready, "", 11)
+                .unwrap();
+            s.record_status("a", "h", "r", BundleState::Ready, "", 12)
+                .unwrap();
+            let pending = s.statuses_after(acked).unwrap();
+            assert_eq!(pending.len(), 2, "latest per bundle");
+            assert_eq!(pending[0].bundle, "b");
+            assert_eq!(pending[1].state, BundleState::Ready);
+            s.ack(first.seq + 1).unwrap();
+            s.flush().unwrap();
+        }
+        let s = Store::open(dir.path(), 99).unwrap();
+        assert_eq!(s.acked_seq().unwrap(), first.seq + 1);
+        let pending = s.statuses_after(s.acked_seq().unwrap()).unwrap();
+        assert_eq!(pending.len(), 1);
+        assert_eq!(pending[0].bundle, "a");
+        let next = s
+            .record_status("c", "h", "r", BundleState::Ready, "", 13)
+            .unwrap();
+        assert_eq!(next.seq, first.seq + 3, "seq continues after reopen");
+        s.ack(1).unwrap();
+        assert_eq!(s.acked_seq().unwrap(), first.seq + 1, "acks never go back");
+    }
+
+    #[test]
+    fn fresh_store_seeds_seq_from_clock() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path(), 7).unwrap();
+        let st = s
+            .record_status("a", "h", "r", BundleState::Ready, "", 0)
+            .unwrap();
+        assert_eq!(st.seq, 7001);
+    }
+
+    #[test]
+    fn unopenable_store_is_moved_aside() {
+        let dir = tempfile::tempdir().unwrap();
+        // A plain file where the database directory should be makes sled fail.
+        std::fs::write(dir.path().join(DB_DIR), b"garbage").unwrap();
+        let s = Store::open(dir.path(), 3).unwrap();
+        assert_eq!(s.desired().unwrap(), None);
+        assert!(dir.path().join(format!("{DB_DIR}.corrupt-3")).exists());
+    }
+}

@@ -1,0 +1,262 @@
+//! The session against an in-process fake hub over real mutual TLS: Hello carries
+//! the held hashes, a Desired set is on disk before its ack arrives, statuses are
+//! sent and their acks recorded, and shutdown stops the session.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use flotilla_agent::session::Sessions;
+use flotilla_agent::store::Store;
+use flotilla_agent::transport;
+use flotilla_proto::v1::agent_message::Msg as AgentMsg;
+use flotilla_proto::v1::fleet_server::{Fleet, FleetServer};
+use flotilla_proto::v1::hub_message::Msg as HubMsg;
+use flotilla_proto::v1::{AgentMessage, BundleContent, BundleRef, Desired, HubMessage, StatusAck};
+use flotilla_shared::state::BundleState;
+use futures::Stream;
+use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::PrivateKeyDer;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, watch, Notify};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::server::Connected;
+use tonic::{Request, Response, Status, Streaming};
+
+/// A TLS stream tonic can serve (it implements `Connected` only with its own TLS).
+struct Tls(tokio_rustls::server::TlsStream<TcpStream>);
+
+impl Connected for Tls {
+    type ConnectInfo = ();
+    fn connect_info(&self) {}
+}
+impl AsyncRead for Tls {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_read(cx, buf)
+    }
+}
+impl AsyncWrite for Tls {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.0).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_shutdown(cx)
+    }
+}
+
+struct FakeHub {
+    events: mpsc::UnboundedSender<AgentMessage>,
+    desired: Desired,
+}
+
+type HubStream = Pin<Box<dyn Stream<Item = Result<HubMessage, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Fleet for FakeHub {
+    type SessionStream = HubStream;
+
+    async fn session(
+        &self,
+        req: Request<Streaming<AgentMessage>>,
+    ) -> Result<Response<HubStream>, Status> {
+        let mut inbound = req.into_inner();
+        let (tx, rx) = mpsc::channel(16);
+        let events = self.events.clone();
+        let desired = self.desired.clone();
+        tokio::spawn(async move {
+            while let Ok(Some(m)) = inbound.message().await {
+                let reply = match &m.msg {
+                    Some(AgentMsg::Hello(_)) => Some(HubMsg::Desired(desired.clone())),
+                    Some(AgentMsg::Status(s)) => Some(HubMsg::StatusAck(StatusAck { seq: s.seq })),
+                    _ => None,
+                };
+                let _ = events.send(m);
+                if let Some(r) = reply {
+                    if tx.send(Ok(HubMessage { msg: Some(r) })).await.is_err() {
+                        break;
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+struct Pki {
+    ca_pem: String,
+    server: (String, String),
+    client: (String, String),
+}
+
+fn pki() -> Pki {
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.distinguished_name.push(DnType::CommonName, "test CA");
+    let ca = CertifiedIssuer::self_signed(ca, KeyPair::generate().unwrap()).unwrap();
+    let leaf = |sans: Vec<String>, cn: &str| {
+        let key = KeyPair::generate().unwrap();
+        let mut p = CertificateParams::new(sans).unwrap();
+        p.distinguished_name.push(DnType::CommonName, cn);
+        let cert = p.signed_by(&key, &ca).unwrap();
+        (cert.pem(), key.serialize_pem())
+    };
+    Pki {
+        ca_pem: ca.pem(),
+        server: leaf(vec!["localhost".into()], "hub"),
+        client: leaf(vec![], "c1"),
+    }
+}
+
+async fn serve(pki: &Pki, hub: FakeHub) -> (u16, watch::Sender<bool>) {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    for c in transport::certs_from_pem(&pki.ca_pem).unwrap() {
+        roots.add(c).unwrap();
+    }
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        Arc::new(roots),
+        provider.clone(),
+    )
+    .build()
+    .unwrap();
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(
+            transport::certs_from_pem(&pki.server.0).unwrap(),
+            PrivateKeyDer::from_pem_slice(pki.server.1.as_bytes()).unwrap(),
+        )
+        .unwrap();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (stop_tx, mut stop_rx) = watch::channel(false);
+    let incoming = futures::stream::unfold((listener, acceptor), |(l, a)| async move {
+        loop {
+            let (tcp, _) = l.accept().await.ok()?;
+            if let Ok(tls) = a.accept(tcp).await {
+                return Some((Ok::<_, std::io::Error>(Tls(tls)), (l, a)));
+            }
+        }
+    });
+    tokio::spawn(async move {
+        tonic::transport::Server::builder()
+            .add_service(FleetServer::new(hub))
+            .serve_with_incoming_shutdown(incoming, async move {
+                let _ = stop_rx.wait_for(|s| *s).await;
+            })
+            .await
+            .unwrap();
+    });
+    (port, stop_tx)
+}
+
+async fn next(events: &mut mpsc::UnboundedReceiver<AgentMessage>) -> AgentMsg {
+    tokio::time::timeout(Duration::from_secs(20), events.recv())
+        .await
+        .expect("a message from the agent in time")
+        .expect("events open")
+        .msg
+        .expect("a message")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_stores_before_ack_and_sends_statuses() {
+    let pki = pki();
+    let content = BundleContent {
+        content_hash: "h1".into(),
+        ..Default::default()
+    };
+    let desired = Desired {
+        generation: 7,
+        bundles: vec![BundleRef {
+            name: "web".into(),
+            content_hash: "h1".into(),
+            revision: "c1".into(),
+        }],
+        contents: vec![content],
+    };
+    let (events_tx, mut events) = mpsc::unbounded_channel();
+    let (port, stop) = serve(
+        &pki,
+        FakeHub {
+            events: events_tx.clone(),
+            desired,
+        },
+    )
+    .await;
+
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), 1).unwrap();
+    // The Kubernetes version is best effort; an unreachable API server is fine here.
+    let kube =
+        kube::Client::try_from(kube::Config::new("http://127.0.0.1:9".parse().unwrap())).unwrap();
+    let (status_tx, status_rx) = watch::channel(0u64);
+    let wake = Arc::new(Notify::new());
+    let sessions = Sessions {
+        hub: transport::parse_hub(&format!("https://localhost:{port}")).unwrap(),
+        tls: transport::mutual_config(&pki.ca_pem, &pki.client.0, &pki.client.1).unwrap(),
+        cluster_name: "c1".into(),
+        store: store.clone(),
+        kube,
+        reconcile: wake.clone(),
+        statuses: status_rx,
+    };
+    let (shut_tx, shut_rx) = watch::channel(false);
+    let agent = tokio::spawn(sessions.run(shut_rx));
+
+    let AgentMsg::Hello(hello) = next(&mut events).await else {
+        panic!("Hello first")
+    };
+    assert!(hello.held_hashes.is_empty());
+    assert_eq!(hello.agent_version, env!("CARGO_PKG_VERSION"));
+    let AgentMsg::Ack(ack) = next(&mut events).await else {
+        panic!("then the ack")
+    };
+    assert_eq!(ack.generation, 7);
+    let stored = store.desired().unwrap().expect("stored before the ack");
+    assert_eq!(stored.generation, 7);
+    assert_eq!(store.held_hashes().unwrap(), ["h1"]);
+    tokio::time::timeout(Duration::from_secs(5), wake.notified())
+        .await
+        .expect("the reconciler is woken");
+
+    // A status recorded by the reconciler is sent and its ack recorded.
+    let st = store
+        .record_status("web", "h1", "c1", BundleState::Ready, "", 42)
+        .unwrap();
+    status_tx.send_replace(st.seq);
+    let AgentMsg::Status(s) = next(&mut events).await else {
+        panic!("a status")
+    };
+    assert_eq!((s.bundle.as_str(), s.seq), ("web", st.seq));
+    assert_eq!(s.state, flotilla_proto::v1::BundleState::Ready as i32);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while store.acked_seq().unwrap() < st.seq {
+        assert!(tokio::time::Instant::now() < deadline, "ack recorded");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    let _ = shut_tx.send(true);
+    tokio::time::timeout(Duration::from_secs(5), agent)
+        .await
+        .expect("the session stops on shutdown")
+        .unwrap();
+    stop.send_replace(true);
+}
