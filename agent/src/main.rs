@@ -11,22 +11,22 @@ use tracing_subscriber::EnvFilter;
 #[command(version, about)]
 struct Args {
     /// The hub's agent endpoint, e.g. https://hub.example.com:7443.
-    #[arg(long, env = "FLOTILLA_HUB")]
+    #[arg(long, env = "FLOTILLA_AGENT_HUB")]
     hub: String,
     /// Join token from `flotilla token create`; needed only for the first start.
-    #[arg(long, env = "FLOTILLA_TOKEN", hide_env_values = true)]
+    #[arg(long, env = "FLOTILLA_AGENT_TOKEN", hide_env_values = true)]
     token: Option<String>,
     /// This cluster's name in the fleet (a DNS label).
-    #[arg(long, env = "FLOTILLA_CLUSTER_NAME")]
+    #[arg(long, env = "FLOTILLA_AGENT_CLUSTER_NAME")]
     cluster_name: String,
     /// Labels to seed at enrolment, k=v,k2=v2 (later changes: `flotilla cluster label`).
-    #[arg(long, env = "FLOTILLA_LABELS", default_value = "")]
+    #[arg(long, env = "FLOTILLA_AGENT_LABELS", default_value = "")]
     labels: String,
     /// Kubeconfig of the cluster to manage; without it, the in-cluster service account.
-    #[arg(long, env = "FLOTILLA_KUBECONFIG")]
+    #[arg(long, env = "FLOTILLA_AGENT_KUBECONFIG")]
     kubeconfig: Option<PathBuf>,
     /// Directory for the agent's certificate and state.
-    #[arg(long, env = "FLOTILLA_STATE_DIR")]
+    #[arg(long, env = "FLOTILLA_AGENT_STATE_DIR")]
     state_dir: PathBuf,
 }
 
@@ -50,7 +50,7 @@ async fn main() -> anyhow::Result<()> {
         cluster_name: args.cluster_name,
         labels,
         kubeconfig: args.kubeconfig,
-        state_dir: args.state_dir,
+        state_dir: std::path::absolute(&args.state_dir).context("--state-dir")?,
     };
     flotilla_agent::run(config, shutdown).await?;
     Ok(())

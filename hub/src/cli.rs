@@ -63,6 +63,9 @@ pub enum TokenCommand {
         /// How long the token stays valid (e.g. 30m, 1h, 1d).
         #[arg(long, env = "FLOTILLA_TOKEN_TTL", default_value = "1h", value_parser = duration_arg)]
         ttl: String,
+        /// `table` prints the token alone; `json`/`yaml` add its id and expiry.
+        #[command(flatten)]
+        output: Output,
     },
 }
 
@@ -226,7 +229,7 @@ async fn execute(cli: Cli, out: &mut dyn Write, err: &mut dyn Write) -> Result<(
     let api = Api::new(&cli.hub, cli.token.clone())?;
     let now = SystemTime::now();
     match cli.command {
-        Command::Token(TokenCommand::Create { ttl }) => {
+        Command::Token(TokenCommand::Create { ttl, output }) => {
             let v = api
                 .send(
                     "POST",
@@ -238,6 +241,9 @@ async fn execute(cli: Cli, out: &mut dyn Write, err: &mut dyn Write) -> Result<(
                 .get("token")
                 .and_then(Value::as_str)
                 .ok_or_else(|| CliError::Response("no token in the answer".into()))?;
+            if output.output != Format::Table {
+                return print(out, output.output, &v, |_| String::new());
+            }
             writeln!(out, "{token}")?;
             let expires = v.get("expiresAt").map(plain).unwrap_or_default();
             writeln!(
@@ -944,7 +950,7 @@ mod tests {
         ));
         assert!(matches!(
             parse(&["token", "create"]).unwrap().command,
-            Command::Token(TokenCommand::Create { ttl }) if ttl == "1h"
+            Command::Token(TokenCommand::Create { ttl, .. }) if ttl == "1h"
         ));
     }
 

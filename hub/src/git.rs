@@ -261,6 +261,7 @@ fn open_cache(url: &str, cache_dir: &Path) -> Result<gix::Repository, GitError> 
         }
         wipe(cache_dir)?;
     }
+    std::fs::create_dir_all(cache_dir).map_err(|e| cache_err(&e))?;
     gix::init_bare(cache_dir).map_err(|e| cache_err(&e))?;
     std::fs::write(&marker, url).map_err(|e| cache_err(&e))?;
     gix::open_opts(cache_dir, gix::open::Options::isolated()).map_err(|e| cache_err(&e))

@@ -38,7 +38,7 @@ async fn main() -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding {}", args.api_listen))?;
     let config = flotilla_hub::Config {
-        data_dir: args.data_dir,
+        data_dir: std::path::absolute(&args.data_dir).context("--data-dir")?,
         advertise_host: args.advertise_host,
         poll_git: true,
     };
