@@ -146,6 +146,7 @@ func run() int {
 		"--secure-port=0",
 		"--controllers=*",
 		"--service-account-private-key-file=" + p.saKey,
+		"--flex-volume-plugin-dir=" + filepath.Join(dir, "flexvolume"),
 		"--root-ca-file=" + p.caCert,
 		"--cluster-signing-cert-file=" + p.caCert,
 		"--cluster-signing-key-file=" + p.caKey,
@@ -181,11 +182,12 @@ func run() int {
 	} else if *verbosity >= 2 {
 		etcdLevel = "warn"
 	}
-	etcd, etcdURL, err := startEtcd(dir, etcdLevel)
+	etcdServer, etcdURL, err := startEtcd(dir, etcdLevel)
 	if err != nil {
 		logf("%v", err)
 		return 1
 	}
+	etcd := &onceCloser{c: etcdServer}
 	defer etcd.Close()
 	logf("etcd ready at %s (%.1fs)", etcdURL, time.Since(start).Seconds())
 
@@ -302,6 +304,13 @@ func run() int {
 }
 
 type closer interface{ Close() }
+
+type onceCloser struct {
+	once sync.Once
+	c    closer
+}
+
+func (o *onceCloser) Close() { o.once.Do(o.c.Close) }
 
 func shutdown(apiCancel context.CancelFunc, wg *sync.WaitGroup, etcd closer, code int) int {
 	apiCancel()
