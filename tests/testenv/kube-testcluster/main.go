@@ -177,9 +177,9 @@ func run() int {
 	}
 
 	etcdLevel := "error"
-	if *verbosity >= 4 {
+	if *verbosity >= 6 {
 		etcdLevel = "info"
-	} else if *verbosity >= 2 {
+	} else if *verbosity >= 4 {
 		etcdLevel = "warn"
 	}
 	etcdServer, etcdURL, err := startEtcd(dir, etcdLevel)
