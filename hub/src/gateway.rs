@@ -336,7 +336,8 @@ struct Session {
 
 /// Per-session bookkeeping of what was sent and what the agent holds.
 struct Sent {
-    /// Content hashes the agent holds (from Hello, then from acks).
+    /// Content hashes the agent holds, or will once it has read what was sent
+    /// (from Hello, then the contents of the last set sent).
     held: HashSet<String>,
     last: Option<DesiredSet>,
     generation: u64,
@@ -490,16 +491,26 @@ impl Session {
         // may compare them with what it persisted.
         sent.generation = (sent.generation + 1).max(crate::now_ms());
         let mut contents = Vec::new();
-        let mut included = HashSet::new();
+        // What the agent holds once it has stored this set: it keeps exactly the
+        // contents the set refers to (dropping the rest), and the stream is ordered.
+        let mut will_hold = HashSet::new();
         for (bundle, hash, _) in &desired.bundles {
-            if sent.held.contains(hash) || !included.insert(hash.clone()) {
+            if will_hold.contains(hash) {
+                continue;
+            }
+            if sent.held.contains(hash) {
+                will_hold.insert(hash.clone());
                 continue;
             }
             match self.fleet.content(hash) {
-                Some(rendered) => contents.push(flotilla_proto::bundle_content(hash, &rendered)),
+                Some(rendered) => {
+                    contents.push(flotilla_proto::bundle_content(hash, &rendered));
+                    will_hold.insert(hash.clone());
+                }
                 None => tracing::warn!(%bundle, %hash, "content missing"),
             }
         }
+        sent.held = will_hold;
         let msg = v1::Desired {
             generation: sent.generation,
             bundles: desired
@@ -538,8 +549,6 @@ impl Session {
                 };
                 // An ack covers its generation; older ones are superseded.
                 sent.pending.retain(|g, _| *g > ack.generation);
-                sent.held
-                    .extend(set.bundles.iter().map(|(_, h, _)| h.clone()));
                 tracing::debug!(generation = ack.generation, "desired set acknowledged");
                 self.fleet
                     .record_ack(&self.cluster, &set)

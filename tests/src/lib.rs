@@ -174,6 +174,15 @@ impl Drop for Proc {
     }
 }
 
+/// Runs "$@" until this shell's stdin reaches EOF or it gets SIGTERM/SIGINT, then
+/// stops the command with SIGTERM and waits for it.
+const STOP_WITH_STDIN: &str = r#"
+"$@" </dev/null & pid=$!
+trap 'kill -TERM $pid 2>/dev/null; wait $pid; exit 0' TERM INT
+read -r _ || true
+kill -TERM $pid 2>/dev/null; wait $pid
+"#;
+
 /// A test control plane: etcd, apiserver, controller-manager, scheduler and
 /// simulated nodes in one process.
 pub struct TestCluster {
@@ -187,9 +196,16 @@ impl TestCluster {
     pub fn start(name: &str, dir: &Path) -> Result<TestCluster> {
         fs::create_dir_all(dir)?;
         let port = free_port();
+        // The wrapper stops the cluster when its stdin closes, that is when the test
+        // process exits (clusters shared through a static are never dropped), or on
+        // SIGTERM from `Proc::stop`.
         let proc = Proc::spawn(
             &format!("kube-testcluster {name}"),
-            Command::new(testenv_dir().join("kube-testcluster"))
+            Command::new("bash")
+                .arg("-c")
+                .arg(STOP_WITH_STDIN)
+                .arg("kube-testcluster")
+                .arg(testenv_dir().join("kube-testcluster"))
                 .arg("--data-dir")
                 .arg(dir)
                 .arg("--port")
@@ -616,11 +632,17 @@ pub fn git(dir: &Path, args: &[&str]) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-/// A fresh temp dir that is kept if the test fails (its logs help) and removed otherwise.
+/// A fresh temp dir for a test's hub, agents and repositories, removed when the
+/// test ends unless `FLOTILLA_KEEP_TEST_DIRS` is set (their logs help debugging).
 pub fn test_dir(name: &str) -> Result<tempfile::TempDir> {
-    Ok(tempfile::Builder::new()
+    let mut dir = tempfile::Builder::new()
         .prefix(&format!("flotilla-{name}-"))
-        .tempdir()?)
+        .tempdir()?;
+    if std::env::var_os("FLOTILLA_KEEP_TEST_DIRS").is_some() {
+        eprintln!("test dir kept: {}", dir.path().display());
+        dir.disable_cleanup(true);
+    }
+    Ok(dir)
 }
 
 /// A TCP proxy on loopback that can cut its traffic, to inject network faults

@@ -84,9 +84,9 @@ fn commits_reach_targeted_clusters_and_follow_labels() -> Result<()> {
     // Created where the selector matches, and only there.
     hub.wait_bundle_state(bundle, "spine-east", "Ready")?;
     wait_cm(east, ns, "web", Some("v1"))?;
-    let cm = east
-        .get("configmap", Some(ns), "web")?
-        .ok_or_else(|| anyhow!("gone"))?;
+    let cm: serde_json::Value = serde_json::from_str(&east.kubectl(&[
+        "get", "configmap", "web", "-n", ns, "-o", "json", "--show-managed-fields",
+    ])?)?;
     assert_eq!(cm["metadata"]["labels"]["flotilla.io/bundle"], bundle);
     let managers: Vec<&str> = cm["metadata"]["managedFields"]
         .as_array()
