@@ -228,7 +228,7 @@ pub fn now_ms() -> u64 {
 
 /// RFC 3339 (UTC, seconds) of a time in ms since the epoch.
 pub fn rfc3339(ms: u64) -> String {
-    humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_millis(ms)).to_string()
+    humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_millis(ms)).to_string()
 }
 
 /// Compares secrets without leaking where they differ.
@@ -256,7 +256,7 @@ mod tests {
         assert!(constant_time_eq(b"abc", b"abc"));
         assert!(!constant_time_eq(b"abc", b"abd"));
         assert!(!constant_time_eq(b"abc", b"ab"));
-        assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00.000Z");
         let t = random_lower_alnum(SECRET_LEN);
         assert_eq!(t.len(), SECRET_LEN);
         assert!(

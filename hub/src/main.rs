@@ -31,6 +31,8 @@ async fn main() -> anyhow::Result<()> {
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
+        // Colours only on a terminal: logs go to files and journals too.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let agent = flotilla_hub::bind_agent_listener(args.agent_listen)
         .with_context(|| format!("binding {}", args.agent_listen))?;

@@ -68,7 +68,7 @@ fn agent_restart_without_hub_keeps_cluster_converged() -> Result<()> {
     hub.wait_bundle_state("off", "off-east", "Ready")?;
     let log = agent.proc.log_text();
     assert!(
-        log.contains("contents=0"),
+        log.contains("new_contents=0"),
         "the reconnected agent must not be sent content it holds:\n{log}"
     );
     Ok(())

@@ -85,7 +85,14 @@ fn commits_reach_targeted_clusters_and_follow_labels() -> Result<()> {
     hub.wait_bundle_state(bundle, "spine-east", "Ready")?;
     wait_cm(east, ns, "web", Some("v1"))?;
     let cm: serde_json::Value = serde_json::from_str(&east.kubectl(&[
-        "get", "configmap", "web", "-n", ns, "-o", "json", "--show-managed-fields",
+        "get",
+        "configmap",
+        "web",
+        "-n",
+        ns,
+        "-o",
+        "json",
+        "--show-managed-fields",
     ])?)?;
     assert_eq!(cm["metadata"]["labels"]["flotilla.io/bundle"], bundle);
     let managers: Vec<&str> = cm["metadata"]["managedFields"]
