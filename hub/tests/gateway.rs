@@ -532,3 +532,128 @@ async fn session_delivers_desired_set_and_records_status() {
         .await;
     assert_eq!(status, 404);
 }
+
+/// Cluster A's certificate reads only A's assignments, and cannot report for a
+/// bundle that is not A's (the stream is bound to the certificate's identity).
+#[tokio::test]
+async fn a_cluster_sees_and_reports_only_its_own_bundles() {
+    let th = start_hub().await;
+    let key_a = KeyPair::generate().unwrap();
+    let cert_a = enroll(
+        &th,
+        &th.token("1h").await,
+        "site-a",
+        &[("env", "prod")],
+        &key_a,
+    )
+    .await
+    .unwrap()
+    .certificate_pem;
+    let key_b = KeyPair::generate().unwrap();
+    enroll(
+        &th,
+        &th.token("1h").await,
+        "site-b",
+        &[("env", "dev")],
+        &key_b,
+    )
+    .await
+    .unwrap();
+    let source = "apiVersion: flotilla.io/v1alpha1\nkind: GitSource\nmetadata: {name: devonly}\nspec:\n  repo: https://git.example.com/apps.git\n  targets:\n  - clusterSelector: {matchLabels: {env: dev}}\n";
+    let (status, body) = th
+        .call(
+            reqwest::Method::POST,
+            "/api/v1/apply?file=s.yaml",
+            Some(source.into()),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let files: BTreeMap<String, Vec<u8>> = [(
+        "cm.yaml".to_string(),
+        b"apiVersion: v1\nkind: ConfigMap\nmetadata: {name: secret-of-b}\n".to_vec(),
+    )]
+    .into_iter()
+    .collect();
+    assert!(th
+        .hub
+        .inject_snapshot(
+            "devonly",
+            flotilla_hub::git::Snapshot {
+                commit: "b0b".into(),
+                files,
+            },
+        )
+        .unwrap());
+
+    // A connects with its own certificate: its desired set is empty, and no content
+    // of B's bundle reaches it.
+    let channel = th.channel(Some((&cert_a, &key_a))).await.unwrap();
+    let mut client = FleetClient::new(channel);
+    let (tx, rx) = session_request(hello(vec![]));
+    let mut inbound = client.session(rx).await.unwrap().into_inner();
+    let v1::hub_message::Msg::Desired(desired) = next_msg(&mut inbound).await else {
+        panic!("expected Desired")
+    };
+    assert!(desired.bundles.is_empty(), "{desired:?}");
+    assert!(desired.contents.is_empty(), "{desired:?}");
+
+    // A claims B's bundle is Ready (even with the right content hash): acknowledged,
+    // so A's queue drains, but not recorded.
+    let (_, b) = th
+        .call(reqwest::Method::GET, "/api/v1/bundles/devonly", None)
+        .await;
+    let hash = b["contentHash"].as_str().unwrap().to_string();
+    tx.send(v1::AgentMessage {
+        msg: Some(v1::agent_message::Msg::Status(v1::BundleStatus {
+            bundle: "devonly".into(),
+            content_hash: hash,
+            revision: "b0b".into(),
+            state: v1::BundleState::Ready as i32,
+            message: String::new(),
+            seq: 7,
+            observed_at_unix_ms: 1,
+        })),
+    })
+    .await
+    .unwrap();
+    let v1::hub_message::Msg::StatusAck(ack) = next_msg(&mut inbound).await else {
+        panic!("expected StatusAck")
+    };
+    assert_eq!(ack.seq, 7);
+    let (_, b) = th
+        .call(reqwest::Method::GET, "/api/v1/bundles/devonly", None)
+        .await;
+    let clusters = b["clusters"].as_array().unwrap();
+    assert_eq!(clusters.len(), 1, "{b}");
+    assert_eq!(clusters[0]["cluster"], "site-b");
+    assert_eq!(
+        clusters[0]["state"], "Pending",
+        "A's report must not count: {b}"
+    );
+    let (_, a) = th
+        .call(reqwest::Method::GET, "/api/v1/clusters/site-a", None)
+        .await;
+    assert!(a["bundles"].as_array().is_none_or(|v| v.is_empty()), "{a}");
+
+    // Had the claim been recorded, A would show Ready as soon as it is assigned the
+    // bundle; it must show Pending (sent, not yet acknowledged) instead.
+    let (status, _) = th
+        .call(
+            reqwest::Method::PATCH,
+            "/api/v1/clusters/site-a/labels",
+            Some(json!({"set": {"env": "dev"}}).to_string()),
+        )
+        .await;
+    assert_eq!(status, 200);
+    let b = wait_for(&th, "/api/v1/bundles/devonly", |b| {
+        b["clusters"].as_array().is_some_and(|c| c.len() == 2)
+    })
+    .await;
+    let a_state = b["clusters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["cluster"] == "site-a")
+        .map(|c| c["state"].clone());
+    assert_eq!(a_state, Some(json!("Pending")), "{b}");
+}

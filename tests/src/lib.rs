@@ -150,6 +150,7 @@ impl Proc {
         if let Some(mut c) = self.child.take() {
             let _ = Command::new("kill")
                 .args(["-TERM", &c.id().to_string()])
+                .stderr(Stdio::null())
                 .status();
             let start = Instant::now();
             while start.elapsed() < Duration::from_secs(10) {
