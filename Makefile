@@ -18,7 +18,7 @@ testenv:
 
 ## test: lint, unit and component tests, then end-to-end tests on real clusters
 test: testenv build lint
-	FLOTILLA_TESTENV_BIN=$(TESTENV_BIN) FLOTILLA_BIN_DIR=$(CARGO_TARGET_DIR)/debug \
+	FLOTILLA_TESTENV_BIN=$(TESTENV_BIN) FLOTILLA_BIN_DIR=$(CARGO_TARGET_DIR)/debug FLOTILLA_REQUIRE_E2E=1 \
 		$(CARGO) test --workspace -- --test-threads=2
 
 unit:
