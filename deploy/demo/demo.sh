@@ -95,7 +95,8 @@ spec:
         image: nginx:1.27
         ports:
         - containerPort: 80
----
+YAML
+cat > "$REPO/common/service.yaml" <<'YAML'
 apiVersion: v1
 kind: Service
 metadata:
@@ -182,26 +183,8 @@ wait_for "change on west" 120 greeting_is west bonjour
 echo "the commit reached both clusters in about $((SECONDS - start_t)) s (polling every 2 s)"
 
 say "Removing a file from Git: the Service goes away"
-git -C "$REPO" rm -q common/web.yaml
-cat > "$REPO/common/web.yaml" <<'YAML'
-apiVersion: apps/v1
-kind: Deployment
-metadata:
-  name: web
-  namespace: demo
-spec:
-  replicas: 2
-  selector:
-    matchLabels: {app: web}
-  template:
-    metadata:
-      labels: {app: web}
-    spec:
-      containers:
-      - name: web
-        image: nginx:1.27
-YAML
-git -C "$REPO" add -A && git -C "$REPO" commit -q -m "Drop the web Service"
+git -C "$REPO" rm -q common/service.yaml
+git -C "$REPO" commit -q -m "Drop the web Service"
 svc_gone() { ! kubectl --kubeconfig "$DEMO/$1/kubeconfig" get svc web -n demo >/dev/null 2>&1; }
 wait_for "service pruned on east" 120 svc_gone east
 wait_for "service pruned on west" 120 svc_gone west
