@@ -95,6 +95,10 @@ func run() int {
 			return 1
 		}
 	}
+	// Trade a little CPU for ~20% less memory (GOGC in the environment wins).
+	if os.Getenv("GOGC") == "" {
+		debug.SetGCPercent(50)
+	}
 	if os.Getenv("GOMEMLIMIT") == "" && *memLimit > 0 {
 		debug.SetMemoryLimit(*memLimit << 20)
 	}
