@@ -84,6 +84,16 @@ func run() int {
 		logf("%v", err)
 		return 1
 	}
+	lock, err := os.OpenFile(filepath.Join(dir, ".lock"), os.O_CREATE|os.O_RDWR, 0o600)
+	if err != nil {
+		logf("%v", err)
+		return 1
+	}
+	defer lock.Close()
+	if err := unix.Flock(int(lock.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
+		logf("data dir %s is in use by another kube-testcluster (%v)", dir, err)
+		return 1
+	}
 	if *logFile != "" {
 		f, err := os.OpenFile(*logFile, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
 		if err != nil {
@@ -113,8 +123,21 @@ func run() int {
 	signal.Notify(sigCh, syscall.SIGTERM, syscall.SIGINT)
 	ctx, stop := context.WithCancel(context.Background())
 	defer stop()
+	// Components call klog.Fatal when their startup is interrupted; once we
+	// are shutting down, park such goroutines instead of exiting non-zero in
+	// the middle of the orderly shutdown.
+	var shuttingDown atomic.Bool
+	var parkOnce sync.Once
+	klog.OsExit = func(code int) {
+		if shuttingDown.Load() {
+			parkOnce.Do(func() { close(parked) })
+			select {}
+		}
+		os.Exit(code)
+	}
 	go func() {
 		s := <-sigCh
+		shuttingDown.Store(true)
 		logf("received %v, shutting down", s)
 		stop()
 		// a second signal, or a hung shutdown, ends the process at once
@@ -307,6 +330,10 @@ func run() int {
 	return shutdown(apiCancel, &wg, etcd, code)
 }
 
+// parked is closed when a component goroutine was parked by klog.OsExit:
+// the shutdown then no longer waits for all components.
+var parked = make(chan struct{})
+
 type closer interface{ Close() }
 
 type onceCloser struct {
@@ -322,6 +349,11 @@ func shutdown(apiCancel context.CancelFunc, wg *sync.WaitGroup, etcd closer, cod
 	go func() { wg.Wait(); close(done) }()
 	select {
 	case <-done:
+	case <-parked:
+		select {
+		case <-done:
+		case <-time.After(500 * time.Millisecond):
+		}
 	case <-time.After(5 * time.Second):
 		logf("components still stopping after 5s, closing etcd anyway")
 	}
