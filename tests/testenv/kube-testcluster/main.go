@@ -8,6 +8,7 @@ import (
 	"errors"
 	"flag"
 	"fmt"
+	"io"
 	"os"
 	"os/signal"
 	"path/filepath"
@@ -57,6 +58,8 @@ func run() int {
 	memLimit := fs.Int64("memory-limit-mb", 400, "Go soft memory limit in MiB (0: none; GOMEMLIMIT wins)")
 	extraAPI := fs.String("apiserver-args", "", "extra kube-apiserver flags, space separated")
 	extraCM := fs.String("controller-manager-args", "", "extra kube-controller-manager flags, space separated")
+	watchPID := fs.Int("watch-pid", 0, "shut down when the process with this PID is gone (e.g. the test runner)")
+	stdinEOF := fs.Bool("stop-on-stdin-eof", false, "shut down when stdin is closed (hand it a pipe that the test runner holds)")
 	showVersion := fs.Bool("version", false, "print the Kubernetes version and exit")
 	if err := fs.Parse(os.Args[1:]); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
@@ -152,6 +155,26 @@ func run() int {
 			os.Exit(0)
 		}
 	}()
+
+	if *watchPID > 0 {
+		go func() {
+			for {
+				time.Sleep(500 * time.Millisecond)
+				if err := unix.Kill(*watchPID, 0); errors.Is(err, unix.ESRCH) {
+					logf("watched process %d is gone", *watchPID)
+					sigCh <- syscall.SIGTERM
+					return
+				}
+			}
+		}()
+	}
+	if *stdinEOF {
+		go func() {
+			_, _ = io.Copy(io.Discard, os.Stdin)
+			logf("stdin closed")
+			sigCh <- syscall.SIGTERM
+		}()
+	}
 
 	p := newPKI(dir)
 	if err := p.ensure(); err != nil {
