@@ -286,6 +286,9 @@ func run() int {
 		"--authorization-mode=RBAC",
 		"--allow-privileged=true",
 		"--endpoint-reconciler-type=none",
+		// dial simulated kubelets by IP (through the egress proxy), never
+		// by looking their names up in DNS
+		"--kubelet-preferred-address-types=InternalIP",
 		"--enable-priority-and-fairness=false",
 		"--profiling=false",
 		"--event-ttl=30m",
@@ -297,6 +300,12 @@ func run() int {
 	var wg sync.WaitGroup
 	apiCtx, apiCancel := context.WithCancel(context.Background())
 	defer apiCancel()
+	egressConfig, err := startEgressProxy(apiCtx, dir, *port)
+	if err != nil {
+		logf("%v", err)
+		return 1
+	}
+	apiArgs = append(apiArgs, "--egress-selector-config-file="+egressConfig)
 	apiDone := make(chan error, 1)
 	wg.Add(1)
 	go func() {
