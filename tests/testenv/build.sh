@@ -98,8 +98,11 @@ for b in "${bins[@]}"; do [[ -x "$tmp/$b" ]] || { say "error: $b was not built";
 rm -rf "$cache"
 mv "$tmp" "$cache"
 say "built in $(( SECONDS - start ))s"
-# Keep the three most recent builds (each ~200 MB); installed copies are
-# hard links or copies, so they survive pruning.
+# Keep the three most recent builds (each ~200 MB) and anything younger than
+# an hour (another checkout may be installing it); installed copies are hard
+# links or copies, so they survive pruning.
 find "$cache_root" -mindepth 1 -maxdepth 1 -type d ! -name '.*' -printf '%T@ %p\n' |
-  sort -rn | tail -n +4 | cut -d' ' -f2- | while read -r old; do rm -rf "$old"; done
+  sort -rn | tail -n +4 | cut -d' ' -f2- | while read -r old; do
+    [[ -n "$(find "$old" -maxdepth 0 -mmin +60)" ]] && rm -rf "$old"
+  done
 install_bins
