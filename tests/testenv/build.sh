@@ -103,6 +103,6 @@ say "built in $(( SECONDS - start ))s"
 # links or copies, so they survive pruning.
 find "$cache_root" -mindepth 1 -maxdepth 1 -type d ! -name '.*' -printf '%T@ %p\n' |
   sort -rn | tail -n +4 | cut -d' ' -f2- | while read -r old; do
-    [[ -n "$(find "$old" -maxdepth 0 -mmin +60)" ]] && rm -rf "$old"
-  done
+    if [[ -n "$(find "$old" -maxdepth 0 -mmin +60)" ]]; then rm -rf "$old"; fi
+  done || true
 install_bins
