@@ -33,7 +33,7 @@ key="$(
     done
   } | sha256sum | cut -c1-32
 )"
-cache_root="${XDG_CACHE_HOME:-$HOME/.cache}/flotilla/testenv"
+cache_root="${XDG_CACHE_HOME:-${HOME:-/tmp}/.cache}/flotilla/testenv"
 cache="$cache_root/$key"
 
 install_bins() {
@@ -98,4 +98,11 @@ for b in "${bins[@]}"; do [[ -x "$tmp/$b" ]] || { say "error: $b was not built";
 rm -rf "$cache"
 mv "$tmp" "$cache"
 say "built in $(( SECONDS - start ))s"
+# Keep the three most recent builds (each ~200 MB) and anything younger than
+# an hour (another checkout may be installing it); installed copies are hard
+# links or copies, so they survive pruning.
+find "$cache_root" -mindepth 1 -maxdepth 1 -type d ! -name '.*' -printf '%T@ %p\n' |
+  sort -rn | tail -n +4 | cut -d' ' -f2- | while read -r old; do
+    if [[ -n "$(find "$old" -maxdepth 0 -mmin +60)" ]]; then rm -rf "$old"; fi
+  done || true
 install_bins

@@ -8,6 +8,7 @@ import (
 	"errors"
 	"flag"
 	"fmt"
+	"io"
 	"os"
 	"os/signal"
 	"path/filepath"
@@ -57,6 +58,8 @@ func run() int {
 	memLimit := fs.Int64("memory-limit-mb", 400, "Go soft memory limit in MiB (0: none; GOMEMLIMIT wins)")
 	extraAPI := fs.String("apiserver-args", "", "extra kube-apiserver flags, space separated")
 	extraCM := fs.String("controller-manager-args", "", "extra kube-controller-manager flags, space separated")
+	watchPID := fs.Int("watch-pid", 0, "shut down when the process with this PID is gone (e.g. the test runner)")
+	stdinEOF := fs.Bool("stop-on-stdin-eof", false, "shut down when stdin is closed (hand it a pipe that the test runner holds)")
 	showVersion := fs.Bool("version", false, "print the Kubernetes version and exit")
 	if err := fs.Parse(os.Args[1:]); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
@@ -84,6 +87,16 @@ func run() int {
 		logf("%v", err)
 		return 1
 	}
+	lock, err := os.OpenFile(filepath.Join(dir, ".lock"), os.O_CREATE|os.O_RDWR, 0o600)
+	if err != nil {
+		logf("%v", err)
+		return 1
+	}
+	defer lock.Close()
+	if err := unix.Flock(int(lock.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
+		logf("data dir %s is in use by another kube-testcluster (%v)", dir, err)
+		return 1
+	}
 	if *logFile != "" {
 		f, err := os.OpenFile(*logFile, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
 		if err != nil {
@@ -94,6 +107,10 @@ func run() int {
 			logf("redirecting stderr: %v", err)
 			return 1
 		}
+	}
+	// Trade a little CPU for ~20% less memory (GOGC in the environment wins).
+	if os.Getenv("GOGC") == "" {
+		debug.SetGCPercent(50)
 	}
 	if os.Getenv("GOMEMLIMIT") == "" && *memLimit > 0 {
 		debug.SetMemoryLimit(*memLimit << 20)
@@ -109,8 +126,21 @@ func run() int {
 	signal.Notify(sigCh, syscall.SIGTERM, syscall.SIGINT)
 	ctx, stop := context.WithCancel(context.Background())
 	defer stop()
+	// Components call klog.Fatal when their startup is interrupted; once we
+	// are shutting down, park such goroutines instead of exiting non-zero in
+	// the middle of the orderly shutdown.
+	var shuttingDown atomic.Bool
+	var parkOnce sync.Once
+	klog.OsExit = func(code int) {
+		if shuttingDown.Load() {
+			parkOnce.Do(func() { close(parked) })
+			select {}
+		}
+		os.Exit(code)
+	}
 	go func() {
 		s := <-sigCh
+		shuttingDown.Store(true)
 		logf("received %v, shutting down", s)
 		stop()
 		// a second signal, or a hung shutdown, ends the process at once
@@ -125,6 +155,26 @@ func run() int {
 			os.Exit(0)
 		}
 	}()
+
+	if *watchPID > 0 {
+		go func() {
+			for {
+				time.Sleep(500 * time.Millisecond)
+				if err := unix.Kill(*watchPID, 0); errors.Is(err, unix.ESRCH) {
+					logf("watched process %d is gone", *watchPID)
+					sigCh <- syscall.SIGTERM
+					return
+				}
+			}
+		}()
+	}
+	if *stdinEOF {
+		go func() {
+			_, _ = io.Copy(io.Discard, os.Stdin)
+			logf("stdin closed")
+			sigCh <- syscall.SIGTERM
+		}()
+	}
 
 	p := newPKI(dir)
 	if err := p.ensure(); err != nil {
@@ -236,6 +286,9 @@ func run() int {
 		"--authorization-mode=RBAC",
 		"--allow-privileged=true",
 		"--endpoint-reconciler-type=none",
+		// dial simulated kubelets by IP (through the egress proxy), never
+		// by looking their names up in DNS
+		"--kubelet-preferred-address-types=InternalIP",
 		"--enable-priority-and-fairness=false",
 		"--profiling=false",
 		"--event-ttl=30m",
@@ -247,6 +300,12 @@ func run() int {
 	var wg sync.WaitGroup
 	apiCtx, apiCancel := context.WithCancel(context.Background())
 	defer apiCancel()
+	egressConfig, err := startEgressProxy(apiCtx, dir, *port)
+	if err != nil {
+		logf("%v", err)
+		return 1
+	}
+	apiArgs = append(apiArgs, "--egress-selector-config-file="+egressConfig)
 	apiDone := make(chan error, 1)
 	wg.Add(1)
 	go func() {
@@ -303,6 +362,10 @@ func run() int {
 	return shutdown(apiCancel, &wg, etcd, code)
 }
 
+// parked is closed when a component goroutine was parked by klog.OsExit:
+// the shutdown then no longer waits for all components.
+var parked = make(chan struct{})
+
 type closer interface{ Close() }
 
 type onceCloser struct {
@@ -318,6 +381,11 @@ func shutdown(apiCancel context.CancelFunc, wg *sync.WaitGroup, etcd closer, cod
 	go func() { wg.Wait(); close(done) }()
 	select {
 	case <-done:
+	case <-parked:
+		select {
+		case <-done:
+		case <-time.After(500 * time.Millisecond):
+		}
 	case <-time.After(5 * time.Second):
 		logf("components still stopping after 5s, closing etcd anyway")
 	}
