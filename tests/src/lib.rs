@@ -175,15 +175,6 @@ impl Drop for Proc {
     }
 }
 
-/// Runs "$@" until this shell's stdin reaches EOF or it gets SIGTERM/SIGINT, then
-/// stops the command with SIGTERM and waits for it.
-const STOP_WITH_STDIN: &str = r#"
-"$@" </dev/null & pid=$!
-trap 'kill -TERM $pid 2>/dev/null; wait $pid; exit 0' TERM INT
-read -r _ || true
-kill -TERM $pid 2>/dev/null; wait $pid
-"#;
-
 /// A test control plane: etcd, apiserver, controller-manager, scheduler and
 /// simulated nodes in one process.
 pub struct TestCluster {
@@ -197,20 +188,19 @@ impl TestCluster {
     pub fn start(name: &str, dir: &Path) -> Result<TestCluster> {
         fs::create_dir_all(dir)?;
         let port = free_port();
-        // The wrapper stops the cluster when its stdin closes, that is when the test
-        // process exits (clusters shared through a static are never dropped), or on
-        // SIGTERM from `Proc::stop`.
+        // The cluster stops when its stdin closes, that is when the test process exits
+        // (clusters shared through a static are never dropped), or on SIGTERM from
+        // `Proc::stop`.
         let proc = Proc::spawn(
             &format!("kube-testcluster {name}"),
-            Command::new("bash")
-                .arg("-c")
-                .arg(STOP_WITH_STDIN)
-                .arg("kube-testcluster")
-                .arg(testenv_dir().join("kube-testcluster"))
+            Command::new(testenv_dir().join("kube-testcluster"))
                 .arg("--data-dir")
                 .arg(dir)
                 .arg("--port")
-                .arg(port.to_string()),
+                .arg(port.to_string())
+                .arg("--name")
+                .arg(name)
+                .arg("--stop-on-stdin-eof"),
             &dir.join("cluster.log"),
         )?;
         let kubeconfig = dir.join("kubeconfig");
