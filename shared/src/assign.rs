@@ -273,15 +273,15 @@ mod tests {
             custom("off", sel("env=off"), true),
             custom("empty", Target::default(), false),
         ];
-        let hash = |labels: &str| {
-            assignments(&cluster("x", labels), &[], std::slice::from_ref(&b))
+        let hash = |b: &BundleInfo, labels: &str| {
+            assignments(&cluster("x", labels), &[], std::slice::from_ref(b))
                 .first()
                 .map(|a| a.content_hash.clone().unwrap_or_default())
         };
         // First match wins; no match is the default; an empty target matches nothing.
-        assert_eq!(hash("env=prod,region=eu").as_deref(), Some("hash-prod"));
-        assert_eq!(hash("env=dev").as_deref(), Some("hash-web"));
-        assert_eq!(hash("env=off"), None);
+        assert_eq!(hash(&b, "env=prod,region=eu").as_deref(), Some("hash-prod"));
+        assert_eq!(hash(&b, "env=dev").as_deref(), Some("hash-web"));
+        assert_eq!(hash(&b, "env=off"), None);
         let by_name = CustomizationInfo {
             target: Target {
                 cluster_name: Some("x".into()),
@@ -290,6 +290,6 @@ mod tests {
             ..custom("named", Target::default(), false)
         };
         b.customizations.insert(0, by_name);
-        assert_eq!(hash("env=prod").as_deref(), Some("hash-named"));
+        assert_eq!(hash(&b, "env=prod").as_deref(), Some("hash-named"));
     }
 }

@@ -212,7 +212,7 @@ pub enum Renderer {
     /// `kustomize build DIR`.
     Kustomize { dir: String },
     /// `helm template`, then `kustomize build` over its output when `kustomize_dir`.
-    Helm(HelmPlan),
+    Helm(Box<HelmPlan>),
 }
 
 /// Everything `helm template` is run with.
@@ -421,7 +421,7 @@ pub fn plan(
             Some(d) => Some(d),
             None => has_kustomization(files, ".").then(|| ".".to_string()),
         };
-        Renderer::Helm(HelmPlan {
+        Renderer::Helm(Box::new(HelmPlan {
             release_name: pick(&over_helm.release_name, &base_helm.release_name)
                 .unwrap_or_else(|| bundle_name.to_string()),
             chart,
@@ -435,7 +435,7 @@ pub fn plan(
             values_files,
             values,
             kustomize_dir,
-        })
+        }))
     } else if kustomize_dir.is_some() || uses_kustomize(spec, files) {
         let dir = kustomize_dir.unwrap_or_else(|| ".".into());
         if !has_kustomization(files, &dir) {
