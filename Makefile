@@ -12,9 +12,10 @@ all: build
 build:
 	$(CARGO) build --workspace --bins
 
-## testenv: the Kubernetes test control plane and kubectl, built from Go modules (cached)
+## testenv: the Kubernetes test control plane, kubectl, helm and kustomize, built from Go modules (cached)
 testenv:
 	bash tests/testenv/build.sh
+	bash tests/testenv/build-tools.sh
 
 ## test: lint, unit and component tests, then end-to-end tests on real clusters
 test: testenv build lint

@@ -54,6 +54,45 @@ pub enum Command {
     /// Bundles and their state on each cluster.
     #[command(subcommand)]
     Bundle(BundleCommand),
+    /// Offline (no hub): print the manifests a cluster with these labels would
+    /// receive from the bundle in DIR, in apply order, as a multi-document YAML
+    /// stream. Helm and Kustomize bundles need helm/kustomize (PATH, --helm,
+    /// --kustomize). Cluster groups are not known offline: `clusterGroup` and
+    /// `clusterGroupSelector` customisations never match.
+    Render(RenderArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct RenderArgs {
+    /// The bundle directory (the one holding flotilla.yaml/fleet.yaml, if any).
+    #[arg(value_name = "DIR")]
+    pub dir: std::path::PathBuf,
+    /// A label of the cluster, `key=value` (repeat, or separate with commas).
+    #[arg(
+        short = 'l',
+        long = "label",
+        value_name = "KEY=VALUE",
+        env = "FLOTILLA_RENDER_LABELS",
+        value_delimiter = ','
+    )]
+    pub labels: Vec<String>,
+    /// The cluster's name, for `clusterName` customisations.
+    #[arg(
+        long,
+        value_name = "NAME",
+        env = "FLOTILLA_RENDER_CLUSTER_NAME",
+        default_value = "local"
+    )]
+    pub cluster_name: String,
+    /// The bundle's name (Helm's default release name); default: DIR's name.
+    #[arg(long, value_name = "NAME", env = "FLOTILLA_RENDER_BUNDLE_NAME")]
+    pub bundle_name: Option<String>,
+    /// The helm program (default: `helm` on PATH).
+    #[arg(long, value_name = "PATH", env = "FLOTILLA_HELM")]
+    pub helm: Option<std::path::PathBuf>,
+    /// The kustomize program (default: `kustomize` on PATH).
+    #[arg(long, value_name = "PATH", env = "FLOTILLA_KUSTOMIZE")]
+    pub kustomize: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -194,6 +233,8 @@ pub enum CliError {
     Response(String),
     #[error("writing output: {0}")]
     Output(#[from] std::io::Error),
+    #[error("cannot render: {0}")]
+    Render(String),
 }
 
 /// Parses `args` (program name first) and runs the command, writing results to
@@ -229,6 +270,7 @@ async fn execute(cli: Cli, out: &mut dyn Write, err: &mut dyn Write) -> Result<(
     let api = Api::new(&cli.hub, cli.token.clone())?;
     let now = SystemTime::now();
     match cli.command {
+        Command::Render(args) => render(&args, out, err).await?,
         Command::Token(TokenCommand::Create { ttl, output }) => {
             let v = api
                 .send(
@@ -310,6 +352,43 @@ async fn execute(cli: Cli, out: &mut dyn Write, err: &mut dyn Write) -> Result<(
                 .await?;
             print(out, output.output, &v, bundle_details)?;
         }
+    }
+    Ok(())
+}
+
+/// `flotilla render`: the same rendering code as the hub, on a local directory.
+async fn render(
+    args: &RenderArgs,
+    out: &mut dyn Write,
+    err: &mut dyn Write,
+) -> Result<(), CliError> {
+    let mut labels = flotilla_shared::labels::Labels::new();
+    for l in &args.labels {
+        let parsed =
+            flotilla_shared::labels::parse_labels(l).map_err(|e| CliError::Usage(e.to_string()))?;
+        labels.extend(parsed);
+    }
+    let dir = std::path::absolute(&args.dir).unwrap_or_else(|_| args.dir.clone());
+    let files = crate::render::read_bundle_dir(&dir).map_err(|e| CliError::Input {
+        file: args.dir.display().to_string(),
+        reason: e.to_string(),
+    })?;
+    let bundle_name = args.bundle_name.clone().unwrap_or_else(|| {
+        let base = dir
+            .file_name()
+            .map(|n| n.to_string_lossy().to_string())
+            .unwrap_or_default();
+        flotilla_shared::bundle::bundle_name(&base, "")
+    });
+    let tools = crate::render::Tools::new(args.helm.clone(), args.kustomize.clone());
+    let cluster = flotilla_shared::targeting::ClusterInfo {
+        name: args.cluster_name.clone(),
+        labels,
+    };
+    match crate::render::render_for_cluster(&tools, &bundle_name, &files, &cluster, &[]).await {
+        Ok(Some(r)) => out.write_all(crate::render::to_yaml_stream(&r).as_bytes())?,
+        Ok(None) => writeln!(err, "this cluster does not get the bundle (doNotDeploy)")?,
+        Err(e) => return Err(CliError::Render(e.to_string())),
     }
     Ok(())
 }

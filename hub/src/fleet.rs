@@ -6,7 +6,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use flotilla_shared::assign::{self, Assignment, BundleInfo};
+use flotilla_shared::assign::{self, Assignment, BundleInfo, CustomizationInfo};
 use flotilla_shared::bundle::{RenderError, Rendered};
 use flotilla_shared::labels::Labels;
 use flotilla_shared::objects::{ClusterGroupSpec, GitSourceSpec};
@@ -17,12 +17,15 @@ use tokio::sync::watch;
 
 use crate::store::{ClusterRecord, GroupRecord, SourceRecord, StatusRecord, Store, StoreError};
 
-/// One bundle of a snapshot, rendered (or not).
+/// One bundle of a snapshot, rendered (or not): the default content, and the
+/// content of each target customisation (its `good`/`render_error` are filled in
+/// by the fleet).
 #[derive(Debug, Clone)]
 pub struct RenderedBundle {
     pub name: String,
     pub path: String,
     pub result: Result<Rendered, RenderError>,
+    pub customizations: Vec<(CustomizationInfo, Result<Rendered, RenderError>)>,
 }
 
 #[derive(Debug, Clone)]
@@ -31,6 +34,8 @@ struct BundleEntry {
     /// Last good content: (hash, commit).
     good: Option<(String, String)>,
     render_error: Option<String>,
+    /// Per target customisation, with its own last good content.
+    customizations: Vec<CustomizationInfo>,
 }
 
 #[derive(Debug, Clone)]
@@ -122,6 +127,7 @@ impl State {
                     good: b.good.clone(),
                     render_error: b.render_error.clone(),
                     targets: s.spec.targets.clone(),
+                    customizations: b.customizations.clone(),
                 })
             })
             .collect()
@@ -186,7 +192,11 @@ impl State {
             .sources
             .values()
             .flat_map(|s| s.bundles.values())
-            .filter_map(|b| b.good.as_ref().map(|(h, _)| h.clone()))
+            .flat_map(|b| {
+                std::iter::once(&b.good)
+                    .chain(b.customizations.iter().map(|c| &c.good))
+                    .filter_map(|g| g.as_ref().map(|(h, _)| h.clone()))
+            })
             .collect();
         self.contents.retain(|h, _| live.contains(h));
     }
@@ -428,24 +438,43 @@ impl Fleet {
         };
         let mut next = BTreeMap::new();
         for b in bundles {
-            let previous_good = src.bundles.get(&b.name).and_then(|e| e.good.clone());
-            let entry = match b.result {
-                Ok(rendered) => {
-                    let hash = rendered.content_hash();
-                    st.contents
-                        .entry(hash.clone())
-                        .or_insert_with(|| Arc::new(rendered));
-                    BundleEntry {
-                        path: b.path,
-                        good: Some((hash, commit.to_string())),
-                        render_error: None,
+            let previous = src.bundles.get(&b.name);
+            let contents = &mut st.contents;
+            // A failed render keeps the last good content of the same variant.
+            let mut settle =
+                |result: Result<Rendered, RenderError>, previous_good: Option<(String, String)>| {
+                    match result {
+                        Ok(rendered) => {
+                            let hash = rendered.content_hash();
+                            contents
+                                .entry(hash.clone())
+                                .or_insert_with(|| Arc::new(rendered));
+                            (Some((hash, commit.to_string())), None)
+                        }
+                        Err(e) => (previous_good, Some(e.to_string())),
                     }
-                }
-                Err(e) => BundleEntry {
-                    path: b.path,
-                    good: previous_good,
-                    render_error: Some(e.to_string()),
-                },
+                };
+            let (good, render_error) = settle(b.result, previous.and_then(|e| e.good.clone()));
+            let customizations = b
+                .customizations
+                .into_iter()
+                .map(|(info, result)| {
+                    let previous_good = previous
+                        .and_then(|e| e.customizations.iter().find(|c| c.name == info.name))
+                        .and_then(|c| c.good.clone());
+                    let (good, render_error) = settle(result, previous_good);
+                    CustomizationInfo {
+                        good,
+                        render_error,
+                        ..info
+                    }
+                })
+                .collect();
+            let entry = BundleEntry {
+                path: b.path,
+                good,
+                render_error,
+                customizations,
             };
             next.insert(b.name, entry);
         }
@@ -696,18 +725,8 @@ impl Fleet {
             let mut clusters = Vec::new();
             for c in st.clusters.values() {
                 let ci = cluster_info(&c.record);
-                if !flotilla_shared::targeting::targets_match(&info.targets, &ci, &groups) {
+                let Some(a) = info.assignment(&ci, &groups) else {
                     continue;
-                }
-                let a = Assignment {
-                    bundle: info.name.clone(),
-                    content_hash: info.good.as_ref().map(|(h, _)| h.clone()),
-                    revision: info
-                        .good
-                        .as_ref()
-                        .map(|(_, r)| r.clone())
-                        .unwrap_or_default(),
-                    render_error: info.render_error.clone(),
                 };
                 let reported = st.reported(&c.record.name, &info.name);
                 let (state, message) = assign::assignment_state(

@@ -13,6 +13,7 @@ pub mod fleet;
 pub mod gateway;
 pub mod git;
 pub mod pki;
+pub mod render;
 pub mod sources;
 pub mod store;
 
@@ -48,6 +49,8 @@ pub struct Config {
     pub advertise_host: String,
     /// Poll Git sources. Off in tests that inject snapshots with `Hub::inject_snapshot`.
     pub poll_git: bool,
+    /// helm and kustomize, for Helm and Kustomize bundles.
+    pub tools: render::Tools,
 }
 
 impl Config {
@@ -56,6 +59,7 @@ impl Config {
             data_dir: data_dir.into(),
             advertise_host: "localhost".into(),
             poll_git: true,
+            tools: render::Tools::default(),
         }
     }
 }
@@ -66,6 +70,7 @@ pub struct Hub {
     pub fleet: Arc<Fleet>,
     pub pki: Arc<Pki>,
     pub pollers: Arc<Pollers>,
+    pub tools: Arc<render::Tools>,
 }
 
 impl Hub {
@@ -76,8 +81,10 @@ impl Hub {
         let store: Arc<dyn Store> =
             Arc::new(SledStore::open(&config.data_dir.join("store")).context("opening the store")?);
         let fleet = Fleet::load(store).context("loading the fleet from the store")?;
+        let tools = Arc::new(config.tools.clone());
         let pollers = Arc::new(Pollers::new(
             fleet.clone(),
+            tools.clone(),
             config.data_dir.join("git"),
             config.poll_git,
         ));
@@ -85,6 +92,7 @@ impl Hub {
             fleet,
             pki: Arc::new(pki),
             pollers,
+            tools,
         })
     }
 
@@ -109,7 +117,11 @@ impl Hub {
 
     /// Test hook: hands a source a snapshot as if its poller had fetched it.
     /// Returns false if the source does not exist.
-    pub fn inject_snapshot(&self, source: &str, snapshot: git::Snapshot) -> anyhow::Result<bool> {
+    pub async fn inject_snapshot(
+        &self,
+        source: &str,
+        snapshot: git::Snapshot,
+    ) -> anyhow::Result<bool> {
         let Some((_, spec)) = self
             .fleet
             .source_specs()
@@ -118,8 +130,16 @@ impl Hub {
         else {
             return Ok(false);
         };
-        let bundles = sources::render_snapshot(source, &spec, &snapshot.files)
-            .map_err(|e| anyhow::anyhow!(e))?;
+        let bundles = sources::render_snapshot(
+            &self.tools,
+            &render::RenderCache::default(),
+            &mut render::RenderCache::default(),
+            source,
+            &spec,
+            &snapshot.files,
+        )
+        .await
+        .map_err(|e| anyhow::anyhow!(e))?;
         Ok(self
             .fleet
             .set_snapshot(source, &snapshot.commit, bundles, now_ms()))

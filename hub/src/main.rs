@@ -22,6 +22,12 @@ struct Args {
     /// Host name agents use to reach the hub; put in the serving certificate.
     #[arg(long, env = "FLOTILLA_ADVERTISE_HOST", default_value = "localhost")]
     advertise_host: String,
+    /// The helm program, for Helm bundles (default: `helm` on PATH).
+    #[arg(long, env = "FLOTILLA_HELM", value_name = "PATH")]
+    helm: Option<PathBuf>,
+    /// The kustomize program, for Kustomize bundles (default: `kustomize` on PATH).
+    #[arg(long, env = "FLOTILLA_KUSTOMIZE", value_name = "PATH")]
+    kustomize: Option<PathBuf>,
 }
 
 #[tokio::main]
@@ -43,6 +49,7 @@ async fn main() -> anyhow::Result<()> {
         data_dir: std::path::absolute(&args.data_dir).context("--data-dir")?,
         advertise_host: args.advertise_host,
         poll_git: true,
+        tools: flotilla_hub::render::Tools::new(args.helm, args.kustomize),
     };
     flotilla_hub::run(config, agent, api, shutdown_signal()).await
 }

@@ -7,13 +7,14 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use flotilla_shared::bundle::{bundle_dirs, bundle_files, bundle_name, render_plain};
+use flotilla_shared::bundle::{bundle_dirs, bundle_files, bundle_name};
 use flotilla_shared::objects::GitSourceSpec;
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tracing::Instrument;
 
 use crate::fleet::{Fleet, RenderedBundle};
+use crate::render::{RenderCache, Tools};
 
 /// First retry after a failed fetch: soon enough to ride out a blip.
 const BACKOFF_START: Duration = Duration::from_secs(5);
@@ -26,30 +27,42 @@ pub fn backoff(failures: u32) -> Duration {
     BACKOFF_START.saturating_mul(factor).min(BACKOFF_MAX)
 }
 
-/// Renders every bundle of a source's tree. Err when the source's own settings
+/// Renders every bundle of a source's tree, for every target customisation, one
+/// bundle after the other (renders are CPU-heavy; the hub shares its machine).
+/// Bundles whose files did not change since `previous` are not rendered again;
+/// `next` collects this snapshot's renders. Err when the source's own settings
 /// make no sense for this tree (an invalid path glob); per-bundle render errors are
 /// kept per bundle.
-pub fn render_snapshot(
+pub async fn render_snapshot(
+    tools: &Tools,
+    previous: &RenderCache,
+    next: &mut RenderCache,
     source: &str,
     spec: &GitSourceSpec,
     files: &BTreeMap<String, Vec<u8>>,
 ) -> Result<Vec<RenderedBundle>, String> {
     let paths: Vec<String> = files.keys().cloned().collect();
     let dirs = bundle_dirs(&paths, &spec.paths).map_err(|e| format!("paths: {e}"))?;
-    Ok(dirs
-        .iter()
-        .map(|dir| {
-            let bundle: BTreeMap<String, Vec<u8>> = bundle_files(&paths, dir, &dirs)
-                .into_iter()
-                .filter_map(|(full, rel)| files.get(full).map(|b| (rel, b.clone())))
-                .collect();
-            RenderedBundle {
-                name: bundle_name(source, dir),
-                path: dir.clone(),
-                result: render_plain(&bundle),
-            }
-        })
-        .collect())
+    let mut out = Vec::with_capacity(dirs.len());
+    for dir in &dirs {
+        let bundle: BTreeMap<String, Vec<u8>> = bundle_files(&paths, dir, &dirs)
+            .into_iter()
+            .filter_map(|(full, rel)| files.get(full).map(|b| (rel, b.clone())))
+            .collect();
+        let name = bundle_name(source, dir);
+        let span = tracing::info_span!("render", bundle = %name);
+        let r = next
+            .render(previous, tools, &name, &bundle)
+            .instrument(span)
+            .await;
+        out.push(RenderedBundle {
+            name,
+            path: dir.clone(),
+            result: r.default,
+            customizations: r.customizations,
+        });
+    }
+    Ok(out)
 }
 
 struct Poller {
@@ -61,6 +74,7 @@ struct Poller {
 /// The running pollers, one per source.
 pub struct Pollers {
     fleet: Arc<Fleet>,
+    tools: Arc<Tools>,
     cache_root: PathBuf,
     enabled: bool,
     tasks: Mutex<HashMap<String, Poller>>,
@@ -68,9 +82,15 @@ pub struct Pollers {
 
 impl Pollers {
     /// `enabled: false` keeps sources static (tests inject snapshots instead).
-    pub fn new(fleet: Arc<Fleet>, cache_root: PathBuf, enabled: bool) -> Pollers {
+    pub fn new(
+        fleet: Arc<Fleet>,
+        tools: Arc<Tools>,
+        cache_root: PathBuf,
+        enabled: bool,
+    ) -> Pollers {
         Pollers {
             fleet,
+            tools,
             cache_root,
             enabled,
             tasks: Mutex::new(HashMap::new()),
@@ -100,6 +120,7 @@ impl Pollers {
         let task = tokio::spawn(
             poll_loop(
                 self.fleet.clone(),
+                self.tools.clone(),
                 name.to_string(),
                 spec.clone(),
                 self.cache_root.join(name),
@@ -132,12 +153,14 @@ impl Pollers {
 
 async fn poll_loop(
     fleet: Arc<Fleet>,
+    tools: Arc<Tools>,
     name: String,
     spec: GitSourceSpec,
     cache_dir: PathBuf,
     wake: Arc<Notify>,
 ) {
     let mut last_commit: Option<String> = None;
+    let mut renders = RenderCache::default();
     let mut failures = 0u32;
     loop {
         let (url, git_ref, dir) = (spec.repo.clone(), spec.git_ref(), cache_dir.clone());
@@ -154,7 +177,12 @@ async fn poll_loop(
             }
             Ok(snapshot) => {
                 failures = 0;
-                match render_snapshot(&name, &spec, &snapshot.files) {
+                let mut next = RenderCache::default();
+                let rendered =
+                    render_snapshot(&tools, &renders, &mut next, &name, &spec, &snapshot.files)
+                        .await;
+                renders = next;
+                match rendered {
                     Ok(bundles) => {
                         let failed = bundles.iter().filter(|b| b.result.is_err()).count();
                         tracing::info!(
@@ -197,8 +225,8 @@ mod tests {
             .collect()
     }
 
-    #[test]
-    fn renders_each_bundle_dir() {
+    #[tokio::test]
+    async fn renders_each_bundle_dir() {
         let spec = GitSourceSpec {
             repo: "x".into(),
             paths: vec!["apps/*".into()],
@@ -212,7 +240,17 @@ mod tests {
             ),
             ("apps/bad/cm.yaml", "apiVersion: v1\nkind: ConfigMap\n"),
         ]);
-        let out = render_snapshot("src", &spec, &files).unwrap();
+        let mut next = RenderCache::default();
+        let out = render_snapshot(
+            &Tools::default(),
+            &RenderCache::default(),
+            &mut next,
+            "src",
+            &spec,
+            &files,
+        )
+        .await
+        .unwrap();
         let names: Vec<&str> = out.iter().map(|b| b.name.as_str()).collect();
         assert_eq!(names, ["src-apps-bad", "src-apps-web"]);
         assert!(out[0].result.is_err());

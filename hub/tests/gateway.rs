@@ -389,6 +389,7 @@ async fn session_delivers_desired_set_and_records_status() {
                 files,
             },
         )
+        .await
         .unwrap());
 
     let channel = th.channel(Some((&cert, &key))).await.unwrap();
@@ -583,6 +584,7 @@ async fn a_cluster_sees_and_reports_only_its_own_bundles() {
                 files,
             },
         )
+        .await
         .unwrap());
 
     // A connects with its own certificate: its desired set is empty, and no content

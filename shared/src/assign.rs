@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use crate::objects::Target;
 use crate::state::{effective_state, BundleState, Reported};
-use crate::targeting::{targets_match, ClusterInfo, GroupInfo};
+use crate::targeting::{target_matches, targets_match, ClusterInfo, GroupInfo};
 
 /// What assignment needs to know of one bundle.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -20,6 +20,74 @@ pub struct BundleInfo {
     pub render_error: Option<String>,
     /// The targets of the bundle's source.
     pub targets: Vec<Target>,
+    /// The bundle's target customisations, in order; `good` and `render_error`
+    /// above are the default's, for clusters that match none.
+    pub customizations: Vec<CustomizationInfo>,
+}
+
+/// One target customisation of a bundle and how it rendered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CustomizationInfo {
+    pub name: String,
+    pub target: Target,
+    /// Matching clusters do not get the bundle (Fleet's `doNotDeploy`).
+    pub do_not_deploy: bool,
+    pub good: Option<(String, String)>,
+    pub render_error: Option<String>,
+}
+
+/// The content a cluster gets of a bundle: its own customisation's, or the default.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Pick<'a> {
+    /// The customisation that matched, if any.
+    pub customization: Option<&'a str>,
+    pub good: Option<&'a (String, String)>,
+    pub render_error: Option<&'a str>,
+}
+
+impl BundleInfo {
+    /// Which variant of the bundle a targeted cluster gets: the first customisation
+    /// whose target matches (one that names no cluster, selector or group matches
+    /// nothing), else the default. `None` when that customisation says
+    /// `doNotDeploy`.
+    pub fn pick(&self, cluster: &ClusterInfo, groups: &[GroupInfo]) -> Option<Pick<'_>> {
+        let matched = self.customizations.iter().find(|c| {
+            let t = &c.target;
+            let any = t.cluster_name.is_some()
+                || t.cluster_selector.is_some()
+                || t.cluster_group.is_some()
+                || t.cluster_group_selector.is_some();
+            any && target_matches(t, cluster, groups)
+        });
+        match matched {
+            Some(c) if c.do_not_deploy => None,
+            Some(c) => Some(Pick {
+                customization: Some(&c.name),
+                good: c.good.as_ref(),
+                render_error: c.render_error.as_deref(),
+            }),
+            None => Some(Pick {
+                customization: None,
+                good: self.good.as_ref(),
+                render_error: self.render_error.as_deref(),
+            }),
+        }
+    }
+
+    /// The assignment of this bundle to a cluster, if the cluster is targeted and
+    /// not excluded by `doNotDeploy`.
+    pub fn assignment(&self, cluster: &ClusterInfo, groups: &[GroupInfo]) -> Option<Assignment> {
+        if !targets_match(&self.targets, cluster, groups) {
+            return None;
+        }
+        let p = self.pick(cluster, groups)?;
+        Some(Assignment {
+            bundle: self.name.clone(),
+            content_hash: p.good.map(|(h, _)| h.clone()),
+            revision: p.good.map(|(_, r)| r.clone()).unwrap_or_default(),
+            render_error: p.render_error.map(str::to_string),
+        })
+    }
 }
 
 /// One bundle a cluster must run.
@@ -41,13 +109,7 @@ pub fn assignments(
 ) -> Vec<Assignment> {
     let mut out: Vec<Assignment> = bundles
         .iter()
-        .filter(|b| targets_match(&b.targets, cluster, groups))
-        .map(|b| Assignment {
-            bundle: b.name.clone(),
-            content_hash: b.good.as_ref().map(|(h, _)| h.clone()),
-            revision: b.good.as_ref().map(|(_, r)| r.clone()).unwrap_or_default(),
-            render_error: b.render_error.clone(),
-        })
+        .filter_map(|b| b.assignment(cluster, groups))
         .collect();
     out.sort();
     out
@@ -108,6 +170,7 @@ mod tests {
             good: Some((format!("hash-{name}"), "c1".into())),
             render_error: None,
             targets,
+            customizations: vec![],
         }
     }
 
@@ -192,5 +255,41 @@ mod tests {
         let counts = count_states([BundleState::Ready, BundleState::Ready, BundleState::Pending]);
         assert_eq!(counts.get("Ready"), Some(&2));
         assert_eq!(counts.get("Pending"), Some(&1));
+    }
+
+    #[test]
+    fn customisations_pick_content_per_cluster() {
+        let custom = |name: &str, target: Target, dnd: bool| CustomizationInfo {
+            name: name.into(),
+            target,
+            do_not_deploy: dnd,
+            good: Some((format!("hash-{name}"), "c1".into())),
+            render_error: None,
+        };
+        let mut b = bundle("web", vec![]);
+        b.customizations = vec![
+            custom("prod", sel("env=prod"), false),
+            custom("prod-eu", sel("env=prod,region=eu"), false),
+            custom("off", sel("env=off"), true),
+            custom("empty", Target::default(), false),
+        ];
+        let hash = |b: &BundleInfo, labels: &str| {
+            assignments(&cluster("x", labels), &[], std::slice::from_ref(b))
+                .first()
+                .map(|a| a.content_hash.clone().unwrap_or_default())
+        };
+        // First match wins; no match is the default; an empty target matches nothing.
+        assert_eq!(hash(&b, "env=prod,region=eu").as_deref(), Some("hash-prod"));
+        assert_eq!(hash(&b, "env=dev").as_deref(), Some("hash-web"));
+        assert_eq!(hash(&b, "env=off"), None);
+        let by_name = CustomizationInfo {
+            target: Target {
+                cluster_name: Some("x".into()),
+                ..Default::default()
+            },
+            ..custom("named", Target::default(), false)
+        };
+        b.customizations.insert(0, by_name);
+        assert_eq!(hash(&b, "env=prod").as_deref(), Some("hash-named"));
     }
 }

@@ -319,6 +319,11 @@ fn first_line(s: &str) -> String {
 /// apply order. `kind: List` documents are expanded.
 pub fn render_plain(files: &BTreeMap<String, Vec<u8>>) -> Result<Rendered, RenderError> {
     let config = parse_config(files)?;
+    finish(parse_manifests(files)?, config.options())
+}
+
+/// The objects of every manifest file of a plain bundle, in path order.
+pub fn parse_manifests(files: &BTreeMap<String, Vec<u8>>) -> Result<Vec<Manifest>, RenderError> {
     let mut manifests = Vec::new();
     for (path, bytes) in files.iter().filter(|(p, _)| is_manifest_file(p)) {
         let err = |line: Option<u64>, object: Option<String>, reason: String| RenderError {
@@ -346,13 +351,29 @@ pub fn render_plain(files: &BTreeMap<String, Vec<u8>>) -> Result<Rendered, Rende
                 vec![doc]
             };
             for object in items {
-                check_object(&object).map_err(|(obj, reason)| err(None, obj, reason))?;
                 manifests.push(Manifest {
                     file: path.clone(),
                     object,
                 });
             }
         }
+    }
+    Ok(manifests)
+}
+
+/// The common end of every renderer: checks each object (apiVersion, kind, name),
+/// refuses an object defined twice, and sorts into apply order.
+pub fn finish(
+    mut manifests: Vec<Manifest>,
+    options: BundleOptions,
+) -> Result<Rendered, RenderError> {
+    for m in &manifests {
+        check_object(&m.object).map_err(|(object, reason)| RenderError {
+            file: m.file.clone(),
+            line: None,
+            object,
+            reason,
+        })?;
     }
     let mut seen = BTreeSet::new();
     for m in &manifests {
@@ -373,10 +394,7 @@ pub fn render_plain(files: &BTreeMap<String, Vec<u8>>) -> Result<Rendered, Rende
         }
     }
     sort_for_apply(&mut manifests);
-    Ok(Rendered {
-        manifests,
-        options: config.options(),
-    })
+    Ok(Rendered { manifests, options })
 }
 
 fn check_object(obj: &serde_json::Value) -> Result<(), (Option<String>, String)> {

@@ -347,6 +347,12 @@ impl Hub {
                 .arg(format!("127.0.0.1:{agent_port}"))
                 .arg("--api-listen")
                 .arg(format!("127.0.0.1:{api_port}"))
+                // helm and kustomize as `make testenv` builds them, for Helm and
+                // Kustomize bundles.
+                .arg("--helm")
+                .arg(testenv_dir().join("helm"))
+                .arg("--kustomize")
+                .arg(testenv_dir().join("kustomize"))
                 .env("RUST_LOG", "info,flotilla_hub=debug"),
             &dir.join(format!(
                 "hub-{}.log",

@@ -1,0 +1,485 @@
+//! Rendering bundles with the external tools: each variant of a bundle (the
+//! default and one per target customisation) is planned by
+//! `flotilla_shared::fleetyaml`, then rendered here — plain YAML in process, Helm
+//! and Kustomize by running `helm template` / `kustomize build` on a temporary copy
+//! of the bundle, with a timeout and an output limit. Used by the hub's source
+//! pollers and by the offline `flotilla render`.
+
+use std::collections::{BTreeMap, HashMap};
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use flotilla_shared::assign::CustomizationInfo;
+use flotilla_shared::bundle::{parse_manifests, RenderError, Rendered};
+use flotilla_shared::fleetyaml::{self, RenderPlan, Renderer, Variant};
+use sha2::{Digest, Sha256};
+use tokio::io::AsyncReadExt;
+
+/// A render that takes longer is stuck (a chart pulling from an unreachable repo,
+/// a runaway template); a minute is far more than any real chart needs.
+pub const RENDER_TIMEOUT: Duration = Duration::from_secs(60);
+/// Larger output is a mistake (a loop in a template), and would be too large to
+/// send to agents anyway.
+pub const MAX_OUTPUT: usize = 64 << 20;
+/// What a tool's error message may take in a bundle's status.
+const MAX_MESSAGE: usize = 2000;
+
+/// The programs the hub renders with, and the limits it runs them under.
+#[derive(Debug, Clone)]
+pub struct Tools {
+    pub helm: PathBuf,
+    pub kustomize: PathBuf,
+    pub timeout: Duration,
+    pub max_output: usize,
+}
+
+impl Default for Tools {
+    /// `helm` and `kustomize` from PATH.
+    fn default() -> Tools {
+        Tools {
+            helm: "helm".into(),
+            kustomize: "kustomize".into(),
+            timeout: RENDER_TIMEOUT,
+            max_output: MAX_OUTPUT,
+        }
+    }
+}
+
+impl Tools {
+    /// The given paths, else the programs on PATH. Relative paths are made
+    /// absolute: the tools run in a temporary directory.
+    pub fn new(helm: Option<PathBuf>, kustomize: Option<PathBuf>) -> Tools {
+        let d = Tools::default();
+        let abs = |p: PathBuf| {
+            if p.components().count() > 1 {
+                std::path::absolute(&p).unwrap_or(p)
+            } else {
+                p
+            }
+        };
+        Tools {
+            helm: helm.map(abs).unwrap_or(d.helm),
+            kustomize: kustomize.map(abs).unwrap_or(d.kustomize),
+            ..d
+        }
+    }
+}
+
+/// A bundle rendered for every cluster it can go to: the default content and one
+/// per target customisation.
+#[derive(Debug, Clone)]
+pub struct BundleRender {
+    pub default: Result<Rendered, RenderError>,
+    pub customizations: Vec<(CustomizationInfo, Result<Rendered, RenderError>)>,
+}
+
+impl BundleRender {
+    fn all_ok(&self) -> bool {
+        self.default.is_ok() && self.customizations.iter().all(|(_, r)| r.is_ok())
+    }
+}
+
+/// Renders every variant of a bundle (its files, bundle-relative). Variants with
+/// the same plan are rendered once.
+pub async fn render_bundle(
+    tools: &Tools,
+    bundle_name: &str,
+    files: &BTreeMap<String, Vec<u8>>,
+) -> BundleRender {
+    let spec = match fleetyaml::parse_spec(files) {
+        Ok(s) => s,
+        Err(e) => {
+            return BundleRender {
+                default: Err(e),
+                customizations: vec![],
+            }
+        }
+    };
+    let mut done: HashMap<String, Result<Rendered, RenderError>> = HashMap::new();
+    let mut results = Vec::new();
+    for variant in fleetyaml::variants(&spec) {
+        let result = if !variant.deploys() {
+            Ok(Rendered {
+                manifests: vec![],
+                options: Default::default(),
+            })
+        } else {
+            match fleetyaml::plan(&spec, &variant, files, bundle_name) {
+                Err(e) => Err(e),
+                Ok(plan) => {
+                    let key = plan.key();
+                    match done.get(&key) {
+                        Some(r) => r.clone(),
+                        None => {
+                            let r = render_plan(tools, &plan, files).await;
+                            done.insert(key, r.clone());
+                            r
+                        }
+                    }
+                }
+            }
+        };
+        results.push((variant, result));
+    }
+    let mut it = results.into_iter();
+    let default = it
+        .next()
+        .map(|(_, r)| r)
+        .unwrap_or_else(|| Err(tool_error(".", "no variant to render".into())));
+    BundleRender {
+        default,
+        customizations: it
+            .map(|(v, r): (Variant, _)| {
+                let c = v.customization.unwrap_or_default();
+                (
+                    CustomizationInfo {
+                        name: v.name,
+                        target: c.target(),
+                        do_not_deploy: c.do_not_deploy,
+                        good: None,
+                        render_error: None,
+                    },
+                    r,
+                )
+            })
+            .collect(),
+    }
+}
+
+fn tool_error(file: &str, reason: String) -> RenderError {
+    RenderError {
+        file: file.to_string(),
+        line: None,
+        object: None,
+        reason,
+    }
+}
+
+/// Renders one plan.
+pub async fn render_plan(
+    tools: &Tools,
+    plan: &RenderPlan,
+    files: &BTreeMap<String, Vec<u8>>,
+) -> Result<Rendered, RenderError> {
+    let manifests = match &plan.renderer {
+        Renderer::Plain { overlays } => {
+            parse_manifests(&fleetyaml::apply_overlays(files, overlays)?)?
+        }
+        Renderer::Kustomize { dir } => {
+            let tmp = write_bundle(files, dir)?;
+            let out = kustomize(tools, tmp.path(), dir).await?;
+            fleetyaml::parse_tool_output(&format!("kustomize build {dir}"), &out)?
+        }
+        Renderer::Helm(h) => {
+            let tmp = write_bundle(files, &h.chart)?;
+            let root = tmp.path().join("bundle");
+            let values = tmp.path().join("values.json");
+            std::fs::write(&values, serde_json::to_vec(&h.values).unwrap_or_default())
+                .map_err(|e| tool_error(&h.chart, format!("writing values: {e}")))?;
+            let mut args: Vec<OsString> = vec![
+                "template".into(),
+                h.release_name.clone().into(),
+                if h.repo.is_some() || h.chart.contains("://") {
+                    h.chart.clone().into()
+                } else {
+                    root.join(&h.chart).into_os_string()
+                },
+                "--namespace".into(),
+                h.namespace.clone().into(),
+                "--include-crds".into(),
+            ];
+            if let Some(repo) = &h.repo {
+                args.extend(["--repo".into(), repo.into()]);
+            }
+            if let Some(v) = &h.version {
+                args.extend(["--version".into(), v.into()]);
+            }
+            for f in &h.values_files {
+                args.extend(["-f".into(), root.join(f).into_os_string()]);
+            }
+            args.extend(["-f".into(), values.into_os_string()]);
+            let home = tmp.path().join("helm-home");
+            let env = [
+                ("HELM_CACHE_HOME", home.join("cache")),
+                ("HELM_CONFIG_HOME", home.join("config")),
+                ("HELM_DATA_HOME", home.join("data")),
+            ];
+            let out = run(tools, &tools.helm, "helm", &args, &root, &env)
+                .await
+                .map_err(|e| tool_error(&h.chart, e))?;
+            match &h.kustomize_dir {
+                None => fleetyaml::parse_tool_output(&format!("helm template {}", h.chart), &out)?,
+                Some(dir) => {
+                    let (path, content) = fleetyaml::kustomization_with_helm_output(files, dir)?;
+                    let write = |p: PathBuf, b: &[u8]| {
+                        std::fs::write(&p, b)
+                            .map_err(|e| tool_error(dir, format!("writing {}: {e}", p.display())))
+                    };
+                    write(root.join(&path), &content)?;
+                    write(
+                        root.join(dir).join(fleetyaml::HELM_OUTPUT_FILE),
+                        out.as_bytes(),
+                    )?;
+                    let out = kustomize(tools, tmp.path(), dir).await?;
+                    fleetyaml::parse_tool_output(&format!("kustomize build {dir}"), &out)?
+                }
+            }
+        }
+    };
+    fleetyaml::finish(manifests, plan)
+}
+
+async fn kustomize(tools: &Tools, tmp: &Path, dir: &str) -> Result<String, RenderError> {
+    let root = tmp.join("bundle");
+    let args: Vec<OsString> = vec!["build".into(), root.join(dir).into_os_string()];
+    run(tools, &tools.kustomize, "kustomize", &args, &root, &[])
+        .await
+        .map_err(|e| tool_error(dir, e))
+}
+
+/// Copies the bundle's files into a fresh temporary directory (`<tmp>/bundle`).
+fn write_bundle(
+    files: &BTreeMap<String, Vec<u8>>,
+    what: &str,
+) -> Result<tempfile::TempDir, RenderError> {
+    let io = |e: std::io::Error| tool_error(what, format!("preparing the render: {e}"));
+    let tmp = tempfile::Builder::new()
+        .prefix("flotilla-render-")
+        .tempdir()
+        .map_err(io)?;
+    let root = tmp.path().join("bundle");
+    std::fs::create_dir_all(&root).map_err(io)?;
+    for (rel, bytes) in files {
+        // Paths come from a Git tree: relative, no `..` (gix refuses those), but be sure.
+        if rel.split('/').any(|p| p == ".." || p.is_empty()) || rel.starts_with('/') {
+            continue;
+        }
+        let path = root.join(rel);
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent).map_err(io)?;
+        }
+        std::fs::write(&path, bytes).map_err(io)?;
+    }
+    Ok(tmp)
+}
+
+/// Runs a tool and returns its standard output; on failure, a message with the
+/// end of its standard error.
+async fn run(
+    tools: &Tools,
+    program: &Path,
+    label: &str,
+    args: &[OsString],
+    cwd: &Path,
+    env: &[(&str, PathBuf)],
+) -> Result<String, String> {
+    let mut cmd = tokio::process::Command::new(program);
+    cmd.args(args)
+        .current_dir(cwd)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().map_err(|e| {
+        if e.kind() == std::io::ErrorKind::NotFound {
+            format!(
+                "{label} not found ({}): install it on the hub's PATH or pass --{label} PATH",
+                program.display()
+            )
+        } else {
+            format!("cannot run {label}: {e}")
+        }
+    })?;
+    let (Some(stdout), Some(stderr)) = (child.stdout.take(), child.stderr.take()) else {
+        return Err(format!("cannot run {label}: no pipes"));
+    };
+    let limit = tools.max_output as u64;
+    let work = async {
+        let mut out = Vec::new();
+        let mut err = Vec::new();
+        let read_out = async { stdout.take(limit + 1).read_to_end(&mut out).await };
+        let read_err = async { stderr.take(1 << 20).read_to_end(&mut err).await };
+        let (a, b) = tokio::join!(read_out, read_err);
+        a.and(b)
+            .map_err(|e| format!("reading {label}'s output: {e}"))?;
+        if out.len() as u64 > limit {
+            return Err(format!("{label} output is larger than {} MiB", limit >> 20));
+        }
+        let status = child
+            .wait()
+            .await
+            .map_err(|e| format!("waiting for {label}: {e}"))?;
+        Ok((status, out, err))
+    };
+    let (status, out, err) = tokio::time::timeout(tools.timeout, work)
+        .await
+        .map_err(|_| {
+            format!(
+                "{label} did not finish within {}",
+                humantime::format_duration(tools.timeout)
+            )
+        })??;
+    if !status.success() {
+        let text = String::from_utf8_lossy(&err);
+        let text = text.trim();
+        let tail = if text.len() > MAX_MESSAGE {
+            let mut start = text.len() - MAX_MESSAGE;
+            while !text.is_char_boundary(start) {
+                start += 1;
+            }
+            &text[start..]
+        } else {
+            text
+        };
+        return Err(format!(
+            "{label} failed ({status}): {}",
+            if tail.is_empty() { "no message" } else { tail }
+        ));
+    }
+    String::from_utf8(out).map_err(|_| format!("{label} output is not UTF-8"))
+}
+
+/// Renders of the last snapshot, by bundle name and content: a new commit
+/// re-renders only the bundles whose files changed.
+#[derive(Debug, Default)]
+pub struct RenderCache {
+    entries: HashMap<String, BundleRender>,
+}
+
+impl RenderCache {
+    fn key(bundle_name: &str, files: &BTreeMap<String, Vec<u8>>) -> String {
+        let mut h = Sha256::new();
+        h.update(bundle_name.as_bytes());
+        for (p, b) in files {
+            h.update(b"\0");
+            h.update(p.as_bytes());
+            h.update(b"\0");
+            h.update((b.len() as u64).to_le_bytes());
+            h.update(b);
+        }
+        hex::encode(h.finalize())
+    }
+
+    /// Renders a bundle, or reuses the render of identical input from `previous`;
+    /// the result is kept in `self` for the next snapshot.
+    pub async fn render(
+        &mut self,
+        previous: &RenderCache,
+        tools: &Tools,
+        bundle_name: &str,
+        files: &BTreeMap<String, Vec<u8>>,
+    ) -> BundleRender {
+        let key = Self::key(bundle_name, files);
+        // Failures are not reused: a chart repository may be back next time.
+        let r = match previous.entries.get(&key) {
+            Some(r) if r.all_ok() => r.clone(),
+            _ => render_bundle(tools, bundle_name, files).await,
+        };
+        self.entries.insert(key, r.clone());
+        r
+    }
+}
+
+/// Renders a bundle for one cluster: the variant of its first matching target
+/// customisation, else the default. `Ok(None)` when that customisation says
+/// `doNotDeploy`. Used by `flotilla render` and the render tests.
+pub async fn render_for_cluster(
+    tools: &Tools,
+    bundle_name: &str,
+    files: &BTreeMap<String, Vec<u8>>,
+    cluster: &flotilla_shared::targeting::ClusterInfo,
+    groups: &[flotilla_shared::targeting::GroupInfo],
+) -> Result<Option<Rendered>, RenderError> {
+    let r = render_bundle(tools, bundle_name, files).await;
+    let info = flotilla_shared::assign::BundleInfo {
+        name: bundle_name.to_string(),
+        source: String::new(),
+        path: String::new(),
+        good: None,
+        render_error: None,
+        targets: vec![],
+        customizations: r.customizations.iter().map(|(c, _)| c.clone()).collect(),
+    };
+    let Some(pick) = info.pick(cluster, groups) else {
+        return Ok(None);
+    };
+    let result = match pick.customization {
+        None => r.default,
+        Some(name) => r
+            .customizations
+            .into_iter()
+            .find(|(c, _)| c.name == name)
+            .map(|(_, r)| r)
+            .unwrap_or_else(|| Err(tool_error(".", format!("no customisation {name}")))),
+    };
+    result.map(Some)
+}
+
+/// Reads a bundle directory from disk (as the hub sees it in Git): every file,
+/// relative `/`-separated paths, without dotfiles and directories (`.git`) and
+/// without nested bundles (directories with their own `flotilla.yaml`/`fleet.yaml`).
+pub fn read_bundle_dir(dir: &Path) -> std::io::Result<BTreeMap<String, Vec<u8>>> {
+    fn walk(root: &Path, rel: &str, out: &mut BTreeMap<String, Vec<u8>>) -> std::io::Result<()> {
+        let mut entries: Vec<_> = std::fs::read_dir(root.join(rel))?.collect::<Result<_, _>>()?;
+        entries.sort_by_key(|e| e.file_name());
+        for e in entries {
+            let name = e.file_name().to_string_lossy().to_string();
+            if name.starts_with('.') {
+                continue;
+            }
+            let path = if rel.is_empty() {
+                name
+            } else {
+                format!("{rel}/{name}")
+            };
+            let ty = std::fs::metadata(e.path())?;
+            if ty.is_dir() {
+                walk(root, &path, out)?;
+            } else if ty.is_file() {
+                out.insert(path, std::fs::read(e.path())?);
+            }
+        }
+        Ok(())
+    }
+    let mut all = BTreeMap::new();
+    walk(dir, "", &mut all)?;
+    let paths: Vec<String> = all.keys().cloned().collect();
+    let mut dirs = flotilla_shared::bundle::bundle_dirs(&paths, &[]).unwrap_or_default();
+    if !dirs.iter().any(|d| d.is_empty()) {
+        dirs.insert(0, String::new());
+    }
+    let keep: Vec<String> = flotilla_shared::bundle::bundle_files(&paths, "", &dirs)
+        .into_iter()
+        .map(|(full, _)| full.to_string())
+        .collect();
+    all.retain(|p, _| keep.contains(p));
+    Ok(all)
+}
+
+/// A rendered bundle as a multi-document YAML stream, in apply order: a header
+/// with the namespace options, then each object after a `# Source:` comment.
+pub fn to_yaml_stream(r: &Rendered) -> String {
+    let mut out = String::new();
+    if let Some(ns) = &r.options.target_namespace {
+        out.push_str(&format!("# namespace: {ns}\n"));
+    }
+    if let Some(ns) = &r.options.default_namespace {
+        out.push_str(&format!("# defaultNamespace: {ns}\n"));
+    }
+    for m in &r.manifests {
+        out.push_str("---\n");
+        out.push_str(&format!("# Source: {}\n", m.file));
+        let text =
+            serde_saphyr::to_string(&m.object).unwrap_or_else(|e| format!("# cannot print: {e}\n"));
+        out.push_str(&text);
+        if !text.ends_with('\n') {
+            out.push('\n');
+        }
+    }
+    out
+}
