@@ -1213,7 +1213,7 @@ infra   git://h/infra        tag v2        <none>    <none>         cannot reach
         .unwrap();
         let path = file.to_str().unwrap();
         let run_it = |extra: &[&str]| {
-            let mut args: Vec<String> = [
+            let args: Vec<String> = [
                 "flotilla",
                 "--hub",
                 "http://127.0.0.1:9",
