@@ -94,7 +94,7 @@ fn bundle_state_follows_deployment_health() -> Result<()> {
         ]),
         "two deployments",
     )?;
-    let _agent = Agent::start(
+    let agent = Agent::start(
         &hub,
         &hub.token()?,
         "health-east",
@@ -146,6 +146,10 @@ fn bundle_state_follows_deployment_health() -> Result<()> {
     let started = std::time::Instant::now();
     let msg = wait_state(&hub, "hdep-web", "health-east", "NotReady", |_| true)?;
     assert_eq!(msg, format!("Deployment {ns}/web: 1/2 replicas available"));
+    eprintln!(
+        "pod readiness lost -> bundle NotReady at the hub: {:?}",
+        started.elapsed()
+    );
     assert!(
         started.elapsed() < std::time::Duration::from_secs(30),
         "noticed within seconds, took {:?}",
@@ -169,6 +173,16 @@ fn bundle_state_follows_deployment_health() -> Result<()> {
     )?;
     // It may pass through WaitApplied and NotReady on the way.
     hub.wait_bundle_state("hdep-stuck", "health-east", "Ready")?;
+
+    // Watches and health records keep the agent small.
+    let status = std::fs::read_to_string(format!("/proc/{}/status", agent.proc.pid()))?;
+    let rss_kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .context("VmRSS")?;
+    eprintln!("agent RSS with health watches: {} MiB", rss_kib / 1024);
+    assert!(rss_kib < 100 * 1024, "agent RSS {rss_kib} KiB");
     Ok(())
 }
 
