@@ -39,6 +39,16 @@ fn is_already_exists(e: &kube::Error) -> bool {
     matches!(e, kube::Error::Api(s) if s.is_already_exists())
 }
 
+/// An object as JSON with its apiVersion and kind, which responses may omit.
+fn typed_value(obj: DynamicObject, api_version: &str, kind: &str) -> serde_json::Value {
+    let mut v = serde_json::to_value(obj).unwrap_or_default();
+    if v.is_object() {
+        v["apiVersion"] = serde_json::Value::String(api_version.to_string());
+        v["kind"] = serde_json::Value::String(kind.to_string());
+    }
+    v
+}
+
 fn gvk_of(api_version: &str, kind: &str) -> GroupVersionKind {
     let (group, version) = api_version.split_once('/').unwrap_or(("", api_version));
     GroupVersionKind::gvk(group, version, kind)
@@ -139,38 +149,44 @@ impl Cluster {
         }
     }
 
-    /// Server-side applies one prepared object, forcing ownership of conflicting fields.
+    /// The client, for watches.
+    pub fn client(&self) -> Client {
+        self.client.clone()
+    }
+
+    /// Server-side applies one prepared object, forcing ownership of conflicting
+    /// fields. Returns the object as the API server stored it.
     pub async fn apply(
         &self,
         kind: &Kind,
         object: &ObjectRef,
         body: &serde_json::Value,
-    ) -> Result<(), String> {
+    ) -> Result<serde_json::Value, String> {
         let params = PatchParams::apply(FIELD_MANAGER).force();
-        self.api(kind, object.namespace.as_deref())
+        let live = self
+            .api(kind, object.namespace.as_deref())
             .patch(&object.name, &params, &Patch::Apply(body))
             .await
-            .map(|_| ())
-            .map_err(|e| reason(&e))
+            .map_err(|e| reason(&e))?;
+        Ok(typed_value(live, &object.api_version, &object.kind))
     }
 
-    /// Waits until a CRD is Established.
-    pub async fn wait_crd(&self, name: &str) -> Result<(), String> {
+    /// Waits until a CRD is Established; returns it as last read.
+    pub async fn wait_crd(&self, name: &str) -> Result<serde_json::Value, String> {
         let api: Api<CustomResourceDefinition> = Api::all(self.client.clone());
         let deadline = tokio::time::Instant::now() + CRD_DEADLINE;
         loop {
-            let established = api
-                .get_opt(name)
-                .await
-                .map_err(|e| reason(&e))?
-                .and_then(|crd| crd.status)
-                .and_then(|s| s.conditions)
+            let crd = api.get_opt(name).await.map_err(|e| reason(&e))?;
+            let established = crd
+                .as_ref()
+                .and_then(|crd| crd.status.as_ref())
+                .and_then(|s| s.conditions.as_ref())
                 .is_some_and(|cs| {
                     cs.iter()
                         .any(|c| c.type_ == "Established" && c.status == "True")
                 });
-            if established {
-                return Ok(());
+            if let (true, Some(crd)) = (established, crd) {
+                return Ok(serde_json::to_value(crd).unwrap_or_default());
             }
             if tokio::time::Instant::now() >= deadline {
                 return Err(format!("not Established after {}s", CRD_DEADLINE.as_secs()));

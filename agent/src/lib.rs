@@ -6,6 +6,7 @@
 pub mod apply;
 pub mod enroll;
 pub mod error;
+pub mod health;
 pub mod plan;
 pub mod reconcile;
 pub mod session;

@@ -1,7 +1,8 @@
 //! The reconcile loop: independent of the hub connection, it applies the Desired set
 //! held in the store (at start-up, everything, so an agent restarted while the hub
 //! is down still converges), prunes what left it, retries failures periodically,
-//! and records statuses for the session to send.
+//! and hands the outcome to the health tracker, which records statuses for the
+//! session to send.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -9,12 +10,12 @@ use std::time::Duration;
 
 use flotilla_proto::v1::BundleContent;
 use flotilla_shared::bundle::{to_prune, Rendered};
-use flotilla_shared::state::BundleState;
 use prost::Message;
 use tokio::sync::{watch, Notify};
 use tracing::{error, info, info_span, warn, Instrument};
 
 use crate::apply::Cluster;
+use crate::health::{AppliedObject, Tracker};
 use crate::plan::{self, Action};
 use crate::store::{DesiredBundle, Store};
 
@@ -32,7 +33,7 @@ pub fn now_unix_ms() -> i64 {
 
 /// The result of applying one bundle.
 struct Applied {
-    objects: usize,
+    objects: Vec<AppliedObject>,
     pruned: usize,
 }
 
@@ -42,18 +43,25 @@ pub struct Reconciler {
     /// (content hash, revision) last applied successfully, per bundle. Empty at
     /// start-up: everything is re-applied once.
     applied_ok: BTreeMap<String, (String, String)>,
-    /// Carries the seq of the newest status to the session.
-    statuses: watch::Sender<u64>,
+    /// Follows the applied objects' health and records every bundle status.
+    health: Tracker,
 }
 
 impl Reconciler {
+    /// `statuses` carries the seq of the newest recorded status to the session.
     pub fn new(store: Store, cluster: Cluster, statuses: watch::Sender<u64>) -> Self {
+        let health = Tracker::new(store.clone(), cluster.client(), statuses);
         Reconciler {
             store,
             cluster,
             applied_ok: BTreeMap::new(),
-            statuses,
+            health,
         }
+    }
+
+    /// The health tracker (for tests and diagnostics).
+    pub fn health(&self) -> &Tracker {
+        &self.health
     }
 
     /// Runs passes until shut down: one at once, then one on every wake-up (a new
@@ -105,54 +113,22 @@ impl Reconciler {
     }
 
     async fn reconcile(&mut self, b: &DesiredBundle) {
-        let last = self.store.last_status(&b.name).unwrap_or_else(|e| {
-            warn!(error = %e, "unreadable last status");
-            None
-        });
-        if plan::announce_wait(last.as_ref(), &b.content_hash, &b.revision) {
-            self.report(b, BundleState::WaitApplied, "", None);
-        }
-        let last = self.store.last_status(&b.name).ok().flatten();
+        self.health.applying(b);
         match self.apply(b).await {
             Ok(done) => {
                 info!(
-                    objects = done.objects,
+                    objects = done.objects.len(),
                     pruned = done.pruned,
                     "bundle applied"
                 );
                 self.applied_ok
                     .insert(b.name.clone(), (b.content_hash.clone(), b.revision.clone()));
-                self.report(b, BundleState::Ready, "", last.as_ref());
+                self.health.applied(b, done.objects);
             }
             Err(message) => {
                 warn!(error = %message, "bundle not applied");
-                self.report(b, BundleState::ErrApplied, &message, last.as_ref());
+                self.health.failed(b, &message);
             }
-        }
-    }
-
-    fn report(
-        &self,
-        b: &DesiredBundle,
-        state: BundleState,
-        message: &str,
-        last: Option<&crate::store::Status>,
-    ) {
-        if !plan::worth_reporting(last, &b.content_hash, &b.revision, state, message) {
-            return;
-        }
-        match self.store.record_status(
-            &b.name,
-            &b.content_hash,
-            &b.revision,
-            state,
-            message,
-            now_unix_ms(),
-        ) {
-            Ok(s) => {
-                self.statuses.send_replace(s.seq);
-            }
-            Err(e) => error!(error = %e, "cannot record a status"),
         }
     }
 
@@ -184,6 +160,7 @@ impl Reconciler {
         }
 
         let mut applied = BTreeSet::new();
+        let mut objects = Vec::with_capacity(rendered.manifests.len());
         let mut crd_applied = false;
         for m in &rendered.manifests {
             let written = m.object_ref();
@@ -199,18 +176,25 @@ impl Reconciler {
                     .set_inventory(name, &inventory)
                     .map_err(|e| e.to_string())?;
             }
-            self.cluster
+            let mut live = self
+                .cluster
                 .apply(&kind, &r, &body)
                 .await
                 .map_err(|e| plan::object_error(&m.file, &r, &e))?;
             if r.kind == "CustomResourceDefinition" && r.group() == "apiextensions.k8s.io" {
-                self.cluster
+                live = self
+                    .cluster
                     .wait_crd(&r.name)
                     .await
                     .map_err(|e| plan::object_error(&m.file, &r, &e))?;
                 crd_applied = true;
             }
-            applied.insert(r);
+            applied.insert(r.clone());
+            objects.push(AppliedObject {
+                object: r,
+                resource: kind.resource.clone(),
+                live: Some(live),
+            });
         }
 
         let mut pruned = 0;
@@ -223,10 +207,7 @@ impl Reconciler {
         self.store
             .set_inventory(name, &applied)
             .map_err(|e| e.to_string())?;
-        Ok(Applied {
-            objects: applied.len(),
-            pruned,
-        })
+        Ok(Applied { objects, pruned })
     }
 
     /// Rebuilds a lost inventory from the objects labelled with the bundle, among
@@ -279,6 +260,7 @@ impl Reconciler {
             return;
         }
         self.applied_ok.remove(name);
+        self.health.removed(name);
         info!(deleted, "bundle removed");
     }
 }

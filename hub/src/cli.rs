@@ -54,6 +54,16 @@ pub enum Command {
     /// Bundles and their state on each cluster.
     #[command(subcommand)]
     Bundle(BundleCommand),
+    /// Offline: each object's health (Current, InProgress, Failed, Terminating,
+    /// NotFound, Unknown) and reason, from manifests or `kubectl get -o yaml`.
+    Health {
+        /// File to read (several YAML documents, or a `kind: List`), or `-` for
+        /// standard input.
+        #[arg(short = 'f', long = "filename", env = "FLOTILLA_HEALTH_FILE")]
+        file: String,
+        #[command(flatten)]
+        output: Output,
+    },
     /// Offline (no hub): print the manifests a cluster with these labels would
     /// receive from the bundle in DIR, in apply order, as a multi-document YAML
     /// stream. Helm and Kustomize bundles need helm/kustomize (PATH, --helm,
@@ -267,6 +277,16 @@ where
 }
 
 async fn execute(cli: Cli, out: &mut dyn Write, err: &mut dyn Write) -> Result<(), CliError> {
+    // Offline commands never touch the hub.
+    if let Command::Health { file, output } = &cli.command {
+        let (label, text) = read_input(file)?;
+        let objects =
+            flotilla_shared::health::objects_in_yaml(&text).map_err(|reason| CliError::Input {
+                file: label,
+                reason,
+            })?;
+        return print(out, output.output, &health_report(&objects), health_table);
+    }
     let api = Api::new(&cli.hub, cli.token.clone())?;
     let now = SystemTime::now();
     match cli.command {
@@ -352,6 +372,7 @@ async fn execute(cli: Cli, out: &mut dyn Write, err: &mut dyn Write) -> Result<(
                 .await?;
             print(out, output.output, &v, bundle_details)?;
         }
+        Command::Health { .. } => {}
     }
     Ok(())
 }
@@ -598,6 +619,45 @@ pub fn label_body(edits: &[LabelEdit]) -> Value {
 // Formatting: pure functions of the API's JSON.
 
 const NONE: &str = "<none>";
+
+/// `health -o json`: `{apiVersion, kind, namespace, name, status, message}` per
+/// object, in input order.
+pub fn health_report(objects: &[Value]) -> Value {
+    let s = |v: &Value| v.as_str().map_or(Value::Null, |s| Value::String(s.into()));
+    Value::Array(
+        objects
+            .iter()
+            .map(|o| {
+                let h = flotilla_shared::health::health(o);
+                json!({
+                    "apiVersion": s(&o["apiVersion"]),
+                    "kind": s(&o["kind"]),
+                    "namespace": s(&o["metadata"]["namespace"]),
+                    "name": s(&o["metadata"]["name"]),
+                    "status": h.status.as_str(),
+                    "message": h.message,
+                })
+            })
+            .collect(),
+    )
+}
+
+/// The health table: KIND, NAMESPACE, NAME, STATUS, MESSAGE.
+pub fn health_table(v: &Value) -> String {
+    let rows: Vec<Vec<String>> = rows_of(v)
+        .iter()
+        .map(|o| {
+            vec![
+                plain(&o["kind"]),
+                plain(&o["namespace"]),
+                plain(&o["name"]),
+                plain(&o["status"]),
+                plain(&o["message"]),
+            ]
+        })
+        .collect();
+    table(&["KIND", "NAMESPACE", "NAME", "STATUS", "MESSAGE"], &rows)
+}
 
 /// Columns aligned as kubectl aligns them: padded to the widest cell plus three spaces.
 pub fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
@@ -1217,6 +1277,78 @@ infra   git://h/infra        tag v2        <none>    <none>         cannot reach
             applied_lines(&v),
             "gitsource/apps created\nclustergroup/edge unchanged\n"
         );
+    }
+
+    /// `health` reads `kubectl get -o yaml` output and needs no hub: the hub URL
+    /// here points nowhere.
+    #[tokio::test]
+    async fn health_is_offline_and_keeps_input_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("objects.yaml");
+        std::fs::write(
+            &file,
+            "apiVersion: v1\nkind: List\nitems:\n- apiVersion: apps/v1\n  kind: Deployment\n  metadata: {name: web, namespace: demo, generation: 1}\n  spec: {replicas: 3}\n  status: {observedGeneration: 1, replicas: 3, updatedReplicas: 3, availableReplicas: 1}\n- apiVersion: v1\n  kind: ConfigMap\n  metadata: {name: settings, namespace: demo}\n---\napiVersion: v1\nkind: Namespace\nmetadata: {name: demo}\nstatus: {phase: Active}\n",
+        )
+        .unwrap();
+        let path = file.to_str().unwrap();
+        let run_it = |extra: &[&str]| {
+            let args: Vec<String> = [
+                "flotilla",
+                "--hub",
+                "http://127.0.0.1:9",
+                "health",
+                "-f",
+                path,
+            ]
+            .into_iter()
+            .chain(extra.iter().copied())
+            .map(String::from)
+            .collect();
+            async move {
+                let (mut out, mut err) = (Vec::new(), Vec::new());
+                let code = run(args, &mut out, &mut err).await;
+                (
+                    code,
+                    String::from_utf8(out).unwrap(),
+                    String::from_utf8(err).unwrap(),
+                )
+            }
+        };
+        let (code, out, err) = run_it(&["-o", "json"]).await;
+        assert_eq!((code, err.as_str()), (0, ""));
+        let v: Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(
+            v,
+            json!([
+                {"apiVersion": "apps/v1", "kind": "Deployment", "namespace": "demo", "name": "web",
+                 "status": "InProgress", "message": "1/3 replicas available"},
+                {"apiVersion": "v1", "kind": "ConfigMap", "namespace": "demo", "name": "settings",
+                 "status": "Current", "message": "no status to wait for"},
+                {"apiVersion": "v1", "kind": "Namespace", "namespace": null, "name": "demo",
+                 "status": "Current", "message": "active"},
+            ])
+        );
+        let (code, out, _) = run_it(&[]).await;
+        assert_eq!(code, 0);
+        assert_eq!(
+            out,
+            "KIND         NAMESPACE   NAME       STATUS       MESSAGE\n\
+             Deployment   demo        web        InProgress   1/3 replicas available\n\
+             ConfigMap    demo        settings   Current      no status to wait for\n\
+             Namespace    <none>      demo       Current      active\n"
+        );
+        let mut out = Vec::new();
+        let mut err = Vec::new();
+        let code = run(
+            ["flotilla", "health", "-f", "/nonexistent/x.yaml"],
+            &mut out,
+            &mut err,
+        )
+        .await;
+        assert_eq!(code, 1);
+        assert!(String::from_utf8(err)
+            .unwrap()
+            .starts_with("error: reading /nonexistent/x.yaml"));
     }
 
     #[test]

@@ -8,6 +8,7 @@ pub mod assign;
 pub mod bundle;
 pub mod error;
 pub mod fleetyaml;
+pub mod health;
 pub mod labels;
 pub mod objects;
 pub mod selector;

@@ -1,0 +1,603 @@
+//! Health tracking: the latest health of every object the agent applied, kept
+//! fresh by watches (one per kind and namespace in use, or per kind for
+//! cluster-scoped kinds, restricted to objects with the bundle label), and each
+//! applied bundle's state derived from it (`Ready` or `NotReady`). It is also the
+//! one writer of bundle statuses, so apply outcomes and health changes never race.
+//!
+//! [`Book`] decides (pure, no I/O); [`Tracker`] does: it locks the book, records the
+//! statuses the book asks for, and starts or stops the watches it needs.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::sync::{Arc, Mutex, Weak};
+
+use flotilla_shared::bundle::ObjectRef;
+use flotilla_shared::health::{bundle_health, health, Health, HealthStatus};
+use flotilla_shared::state::BundleState;
+use flotilla_shared::BUNDLE_LABEL;
+use futures::StreamExt;
+use kube::api::{Api, DynamicObject};
+use kube::discovery::ApiResource;
+use kube::runtime::watcher::{self, watcher, Event};
+use kube::runtime::WatchStreamExt;
+use serde_json::Value;
+use tokio::sync::watch as signal;
+use tokio::task::JoinHandle;
+use tracing::{debug, error, info, warn};
+
+use crate::plan;
+use crate::store::{DesiredBundle, Store};
+
+/// What one watch covers: a kind as the bundles wrote it, in one namespace (or the
+/// whole cluster for cluster-scoped kinds).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct WatchKey {
+    pub api_version: String,
+    pub kind: String,
+    pub namespace: Option<String>,
+}
+
+impl WatchKey {
+    fn of(r: &ObjectRef) -> WatchKey {
+        WatchKey {
+            api_version: r.api_version.clone(),
+            kind: r.kind.clone(),
+            namespace: r.namespace.clone(),
+        }
+    }
+
+    fn object(&self, name: &str) -> ObjectRef {
+        ObjectRef {
+            api_version: self.api_version.clone(),
+            kind: self.kind.clone(),
+            namespace: self.namespace.clone(),
+            name: name.to_string(),
+        }
+    }
+}
+
+/// One sighting of an object: who it is (uid, resourceVersion) and its health.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Sighting {
+    pub uid: String,
+    /// resourceVersion as a number when it is one (etcd's revisions are), to drop
+    /// sightings older than the one held.
+    pub version: Option<u64>,
+    pub health: Health,
+}
+
+impl Sighting {
+    /// Reads what health needs from an object, and nothing else.
+    pub fn of(obj: &Value) -> Sighting {
+        let meta = &obj["metadata"];
+        Sighting {
+            uid: meta["uid"].as_str().unwrap_or_default().to_string(),
+            version: meta["resourceVersion"]
+                .as_str()
+                .and_then(|v| v.parse().ok()),
+            health: health(obj),
+        }
+    }
+
+    /// The object was deleted.
+    pub fn gone(obj: &Value) -> Sighting {
+        Sighting {
+            health: Health::not_found(),
+            ..Sighting::of(obj)
+        }
+    }
+
+    /// Whether this sighting is older than `held` (same object, lower version).
+    fn older_than(&self, held: &Sighting) -> bool {
+        self.uid == held.uid
+            && matches!((self.version, held.version), (Some(new), Some(old)) if new < old)
+    }
+}
+
+/// A bundle whose health is tracked.
+#[derive(Debug)]
+struct Tracked {
+    desired: DesiredBundle,
+    /// In apply order, for messages.
+    objects: Vec<ObjectRef>,
+    /// False while its content is being (re)applied: the reconciler speaks for it.
+    reporting: bool,
+    /// The (state, message) last derived, to report only changes.
+    last: Option<(BundleState, String)>,
+}
+
+/// A status the book wants recorded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Report {
+    pub bundle: DesiredBundle,
+    pub state: BundleState,
+    pub message: String,
+}
+
+/// The pure part: objects' latest health, tracked bundles, and what changes.
+#[derive(Debug, Default)]
+pub struct Book {
+    bundles: BTreeMap<String, Tracked>,
+    seen: HashMap<ObjectRef, Sighting>,
+}
+
+impl Book {
+    /// Stops reporting a bundle while it is reapplied (its watches stay).
+    pub fn suspend(&mut self, bundle: &str) {
+        if let Some(t) = self.bundles.get_mut(bundle) {
+            t.reporting = false;
+        }
+    }
+
+    /// Forgets a bundle (failed or removed) and the objects only it held.
+    pub fn forget(&mut self, bundle: &str) {
+        self.bundles.remove(bundle);
+        self.gc();
+    }
+
+    /// A bundle was applied: its objects with the sightings the apply returned.
+    /// Returns the bundle's state to report.
+    pub fn applied(
+        &mut self,
+        bundle: &DesiredBundle,
+        objects: Vec<(ObjectRef, Option<Sighting>)>,
+    ) -> Option<Report> {
+        let refs: Vec<ObjectRef> = objects.iter().map(|(r, _)| r.clone()).collect();
+        self.bundles.insert(
+            bundle.name.clone(),
+            Tracked {
+                desired: bundle.clone(),
+                objects: refs,
+                reporting: true,
+                last: None,
+            },
+        );
+        for (r, s) in objects {
+            if let Some(s) = s {
+                self.sight(r, s);
+            }
+        }
+        self.gc();
+        self.derive(|name| name == bundle.name).into_iter().next()
+    }
+
+    /// A watch saw an object (or its deletion). Returns the bundle states that changed.
+    pub fn observe(&mut self, object: ObjectRef, sighting: Sighting) -> Vec<Report> {
+        if !self.is_tracked(&object) {
+            return vec![];
+        }
+        if !self.sight(object.clone(), sighting) {
+            return vec![];
+        }
+        let holders: BTreeSet<String> = self
+            .bundles
+            .iter()
+            .filter(|(_, t)| t.objects.contains(&object))
+            .map(|(n, _)| n.clone())
+            .collect();
+        self.derive(|name| holders.contains(name))
+    }
+
+    /// A watch (re)listed its objects: the tracked objects under `key` it had
+    /// seen before but not in this list are gone. Returns the bundle states that changed.
+    pub fn relisted(&mut self, key: &WatchKey, names: &HashSet<String>) -> Vec<Report> {
+        let gone: Vec<ObjectRef> = self
+            .seen
+            .iter()
+            .filter(|(r, s)| {
+                WatchKey::of(r) == *key
+                    && !names.contains(&r.name)
+                    && s.health.status != HealthStatus::NotFound
+            })
+            .map(|(r, _)| r.clone())
+            .collect();
+        let mut out = Vec::new();
+        for r in gone {
+            let uid = self.seen.get(&r).map(|s| s.uid.clone()).unwrap_or_default();
+            out.extend(self.observe(
+                r,
+                Sighting {
+                    uid,
+                    version: None,
+                    health: Health::not_found(),
+                },
+            ));
+        }
+        out
+    }
+
+    /// The watches the tracked bundles need.
+    pub fn watch_keys(&self) -> BTreeSet<WatchKey> {
+        self.bundles
+            .values()
+            .flat_map(|t| t.objects.iter().map(WatchKey::of))
+            .collect()
+    }
+
+    /// Health as last seen, for tests and logs.
+    pub fn health_of(&self, object: &ObjectRef) -> Option<&Health> {
+        self.seen.get(object).map(|s| &s.health)
+    }
+
+    fn is_tracked(&self, object: &ObjectRef) -> bool {
+        self.bundles.values().any(|t| t.objects.contains(object))
+    }
+
+    /// Records a sighting unless it is older than the one held; true if recorded.
+    fn sight(&mut self, object: ObjectRef, s: Sighting) -> bool {
+        if let Some(held) = self.seen.get(&object) {
+            // A deletion of an older incarnation (same name, other uid) says
+            // nothing about the object applied since.
+            let stale_delete = s.health.status == HealthStatus::NotFound
+                && !s.uid.is_empty()
+                && !held.uid.is_empty()
+                && s.uid != held.uid;
+            if s.older_than(held) || stale_delete || *held == s {
+                return false;
+            }
+        }
+        self.seen.insert(object, s);
+        true
+    }
+
+    /// Drops sightings of objects no bundle tracks (memory stays proportional to
+    /// the inventories).
+    fn gc(&mut self) {
+        let tracked: HashSet<&ObjectRef> = self
+            .bundles
+            .values()
+            .flat_map(|t| t.objects.iter())
+            .collect();
+        self.seen.retain(|r, _| tracked.contains(r));
+    }
+
+    /// Derives the state of the reporting bundles `which` selects; returns those
+    /// that changed.
+    fn derive(&mut self, which: impl Fn(&str) -> bool) -> Vec<Report> {
+        let waiting = Health {
+            status: HealthStatus::Unknown,
+            message: "not observed yet".into(),
+        };
+        let mut out = Vec::new();
+        for (name, t) in self.bundles.iter_mut() {
+            if !t.reporting || !which(name) {
+                continue;
+            }
+            let (state, message) = bundle_health(
+                t.objects
+                    .iter()
+                    .map(|r| (r, self.seen.get(r).map_or(&waiting, |s| &s.health))),
+            );
+            let now = Some((state, message.clone()));
+            if t.last != now {
+                t.last = now;
+                out.push(Report {
+                    bundle: t.desired.clone(),
+                    state,
+                    message,
+                });
+            }
+        }
+        out
+    }
+}
+
+/// An object the reconciler applied: where to watch it, and the object as the API
+/// server returned it (its freshest view).
+pub struct AppliedObject {
+    pub object: ObjectRef,
+    pub resource: ApiResource,
+    pub live: Option<Value>,
+}
+
+struct Inner {
+    book: Book,
+    store: Store,
+    client: kube::Client,
+    statuses: signal::Sender<u64>,
+    resources: HashMap<WatchKey, ApiResource>,
+    watches: HashMap<WatchKey, JoinHandle<()>>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        for (_, w) in self.watches.drain() {
+            w.abort();
+        }
+    }
+}
+
+impl Inner {
+    fn record(&self, b: &DesiredBundle, state: BundleState, message: &str) {
+        let last = self.store.last_status(&b.name).unwrap_or_else(|e| {
+            warn!(bundle = %b.name, error = %e, "unreadable last status");
+            None
+        });
+        if !plan::worth_reporting(last.as_ref(), &b.content_hash, &b.revision, state, message) {
+            return;
+        }
+        match self.store.record_status(
+            &b.name,
+            &b.content_hash,
+            &b.revision,
+            state,
+            message,
+            crate::reconcile::now_unix_ms(),
+        ) {
+            Ok(s) => {
+                self.statuses.send_replace(s.seq);
+            }
+            Err(e) => error!(bundle = %b.name, error = %e, "cannot record a status"),
+        }
+    }
+
+    fn report(&self, reports: Vec<Report>) {
+        for r in reports {
+            info!(bundle = %r.bundle.name, state = %r.state, message = %r.message, "bundle health");
+            self.record(&r.bundle, r.state, &r.message);
+        }
+    }
+
+    /// Starts the watches the book needs and stops the others.
+    fn adjust_watches(&mut self, me: &Weak<Mutex<Inner>>) {
+        let wanted = self.book.watch_keys();
+        self.watches.retain(|key, task| {
+            let keep = wanted.contains(key);
+            if !keep {
+                debug!(kind = %key.kind, namespace = ?key.namespace, "stopping a health watch");
+                task.abort();
+            }
+            keep
+        });
+        self.resources.retain(|key, _| wanted.contains(key));
+        for key in wanted {
+            if self.watches.contains_key(&key) {
+                continue;
+            }
+            let Some(resource) = self.resources.get(&key) else {
+                continue;
+            };
+            let api: Api<DynamicObject> = match &key.namespace {
+                Some(ns) => Api::namespaced_with(self.client.clone(), ns, resource),
+                None => Api::all_with(self.client.clone(), resource),
+            };
+            debug!(kind = %key.kind, namespace = ?key.namespace, "starting a health watch");
+            let task = tokio::spawn(run_watch(me.clone(), key.clone(), api));
+            self.watches.insert(key, task);
+        }
+    }
+}
+
+/// The I/O side: shared by the reconciler and the watch tasks.
+#[derive(Clone)]
+pub struct Tracker {
+    inner: Arc<Mutex<Inner>>,
+}
+
+impl Tracker {
+    pub fn new(store: Store, client: kube::Client, statuses: signal::Sender<u64>) -> Tracker {
+        Tracker {
+            inner: Arc::new(Mutex::new(Inner {
+                book: Book::default(),
+                store,
+                client,
+                statuses,
+                resources: HashMap::new(),
+                watches: HashMap::new(),
+            })),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A bundle's content is about to be applied: `WaitApplied` for content the hub
+    /// has not heard about from us, and no health reports until it is applied.
+    pub fn applying(&self, b: &DesiredBundle) {
+        let mut inner = self.lock();
+        inner.book.suspend(&b.name);
+        let last = inner.store.last_status(&b.name).ok().flatten();
+        if plan::announce_wait(last.as_ref(), &b.content_hash, &b.revision) {
+            inner.record(b, BundleState::WaitApplied, "");
+        }
+    }
+
+    /// Applying failed: `ErrApplied`, and its health is no longer followed.
+    pub fn failed(&self, b: &DesiredBundle, message: &str) {
+        let mut inner = self.lock();
+        inner.book.forget(&b.name);
+        inner.record(b, BundleState::ErrApplied, message);
+        inner.adjust_watches(&Arc::downgrade(&self.inner));
+    }
+
+    /// Applied: follow its objects' health and report its state.
+    pub fn applied(&self, b: &DesiredBundle, objects: Vec<AppliedObject>) {
+        let mut inner = self.lock();
+        let mut seen = Vec::with_capacity(objects.len());
+        for o in objects {
+            inner.resources.insert(WatchKey::of(&o.object), o.resource);
+            seen.push((o.object, o.live.as_ref().map(Sighting::of)));
+        }
+        let report = inner.book.applied(b, seen);
+        inner.report(report.into_iter().collect());
+        inner.adjust_watches(&Arc::downgrade(&self.inner));
+    }
+
+    /// The bundle was removed from the cluster.
+    pub fn removed(&self, bundle: &str) {
+        let mut inner = self.lock();
+        inner.book.forget(bundle);
+        inner.adjust_watches(&Arc::downgrade(&self.inner));
+    }
+
+    /// The number of running watches.
+    pub fn watch_count(&self) -> usize {
+        self.lock().watches.len()
+    }
+}
+
+/// Follows one kind in one namespace until aborted (or the tracker is gone),
+/// feeding what it sees to the book. Only objects with the bundle label are
+/// listed; the watcher re-lists and backs off by itself after errors.
+async fn run_watch(tracker: Weak<Mutex<Inner>>, key: WatchKey, api: Api<DynamicObject>) {
+    let config = watcher::Config::default().labels(BUNDLE_LABEL);
+    let mut events = watcher(api, config).default_backoff().boxed();
+    let mut listing: Option<HashSet<String>> = None;
+    // The first list may miss objects applied while it ran (they follow as
+    // events), so only later re-lists, after a lost watch, can tell deletions.
+    let mut first_list = true;
+    while let Some(event) = events.next().await {
+        let Some(inner) = tracker.upgrade() else {
+            return;
+        };
+        let with_kind = |o: DynamicObject| -> (String, Value) {
+            let name = o.metadata.name.clone().unwrap_or_default();
+            let mut v = serde_json::to_value(o).unwrap_or(Value::Null);
+            // List items may come without their type; the rules need it.
+            if v.is_object() {
+                v["apiVersion"] = Value::String(key.api_version.clone());
+                v["kind"] = Value::String(key.kind.clone());
+            }
+            (name, v)
+        };
+        let reports = match event {
+            Ok(Event::Apply(o)) | Ok(Event::InitApply(o)) => {
+                let (name, v) = with_kind(o);
+                if let Some(l) = listing.as_mut() {
+                    l.insert(name.clone());
+                }
+                let mut g = inner.lock().unwrap_or_else(|e| e.into_inner());
+                let r = g.book.observe(key.object(&name), Sighting::of(&v));
+                g.report(r);
+                continue;
+            }
+            Ok(Event::Delete(o)) => {
+                let (name, v) = with_kind(o);
+                let mut g = inner.lock().unwrap_or_else(|e| e.into_inner());
+                g.book.observe(key.object(&name), Sighting::gone(&v))
+            }
+            Ok(Event::Init) => {
+                listing = Some(HashSet::new());
+                continue;
+            }
+            Ok(Event::InitDone) => {
+                let names = listing.take().unwrap_or_default();
+                if std::mem::replace(&mut first_list, false) {
+                    continue;
+                }
+                let mut g = inner.lock().unwrap_or_else(|e| e.into_inner());
+                g.book.relisted(&key, &names)
+            }
+            Err(e) => {
+                warn!(kind = %key.kind, namespace = ?key.namespace, error = %e,
+                    "health watch failed; retrying");
+                continue;
+            }
+        };
+        inner
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .report(reports);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn bundle(name: &str) -> DesiredBundle {
+        DesiredBundle {
+            name: name.into(),
+            content_hash: "h".into(),
+            revision: "r".into(),
+        }
+    }
+
+    fn deploy(name: &str) -> ObjectRef {
+        ObjectRef {
+            api_version: "apps/v1".into(),
+            kind: "Deployment".into(),
+            namespace: Some("demo".into()),
+            name: name.into(),
+        }
+    }
+
+    fn seen(uid: &str, rv: u64, available: i64) -> Sighting {
+        Sighting::of(&json!({
+            "apiVersion": "apps/v1", "kind": "Deployment",
+            "metadata": {"name": "web", "uid": uid, "resourceVersion": rv.to_string(), "generation": 1},
+            "spec": {"replicas": 2},
+            "status": {"observedGeneration": 1, "replicas": 2, "updatedReplicas": 2, "availableReplicas": available}
+        }))
+    }
+
+    #[test]
+    fn follows_health_and_reports_changes_only() {
+        let mut book = Book::default();
+        let b = bundle("web");
+        let r = book
+            .applied(&b, vec![(deploy("web"), Some(seen("u1", 10, 0)))])
+            .unwrap();
+        assert_eq!(r.state, BundleState::NotReady);
+        assert_eq!(r.message, "Deployment demo/web: 0/2 replicas available");
+        // Older news is dropped; the same news is not a change.
+        assert!(book.observe(deploy("web"), seen("u1", 9, 2)).is_empty());
+        assert!(book.observe(deploy("web"), seen("u1", 10, 0)).is_empty());
+        let r = book.observe(deploy("web"), seen("u1", 11, 1));
+        assert_eq!(r[0].message, "Deployment demo/web: 1/2 replicas available");
+        let r = book.observe(deploy("web"), seen("u1", 12, 2));
+        assert_eq!(
+            (r[0].state, r[0].message.as_str()),
+            (BundleState::Ready, "")
+        );
+        // Objects of no tracked bundle are ignored.
+        assert!(book.observe(deploy("other"), seen("u9", 1, 0)).is_empty());
+        assert_eq!(book.health_of(&deploy("other")), None);
+        // It degrades later.
+        let r = book.observe(deploy("web"), seen("u1", 20, 1));
+        assert_eq!(r[0].state, BundleState::NotReady);
+    }
+
+    #[test]
+    fn deletions_and_relists() {
+        let mut book = Book::default();
+        let b = bundle("web");
+        book.applied(&b, vec![(deploy("web"), Some(seen("u2", 30, 2)))]);
+        // The deletion of an older incarnation does not count.
+        let old = json!({"metadata": {"name": "web", "uid": "u1", "resourceVersion": "29"}});
+        assert!(book.observe(deploy("web"), Sighting::gone(&old)).is_empty());
+        let cur = json!({"metadata": {"name": "web", "uid": "u2", "resourceVersion": "31"}});
+        let r = book.observe(deploy("web"), Sighting::gone(&cur));
+        assert_eq!(r[0].message, "Deployment demo/web: not found");
+        book.observe(deploy("web"), seen("u3", 40, 2));
+        let key = WatchKey::of(&deploy("web"));
+        let r = book.relisted(&key, &HashSet::new());
+        assert_eq!(r[0].state, BundleState::NotReady);
+        assert!(book.relisted(&key, &HashSet::new()).is_empty());
+    }
+
+    #[test]
+    fn suspended_bundles_stay_quiet_and_watches_follow_inventories() {
+        let mut book = Book::default();
+        book.applied(&bundle("a"), vec![(deploy("web"), Some(seen("u1", 1, 2)))]);
+        let mut cm = deploy("settings");
+        cm.api_version = "v1".into();
+        cm.kind = "ConfigMap".into();
+        cm.namespace = Some("other".into());
+        book.applied(&bundle("b"), vec![(cm.clone(), None)]);
+        assert_eq!(book.watch_keys().len(), 2);
+        book.suspend("a");
+        assert!(book.observe(deploy("web"), seen("u1", 2, 0)).is_empty());
+        book.forget("a");
+        assert_eq!(
+            book.watch_keys().into_iter().collect::<Vec<_>>(),
+            [WatchKey::of(&cm)]
+        );
+        assert_eq!(
+            book.health_of(&deploy("web")),
+            None,
+            "forgotten objects are dropped"
+        );
+    }
+}
