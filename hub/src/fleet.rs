@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use flotilla_shared::assign::{self, Assignment, BundleInfo, CustomizationInfo};
 use flotilla_shared::bundle::{RenderError, Rendered};
+use flotilla_shared::depends::Dependency;
 use flotilla_shared::labels::Labels;
 use flotilla_shared::objects::{ClusterGroupSpec, GitSourceSpec};
 use flotilla_shared::state::{BundleState, Reported};
@@ -26,6 +27,10 @@ pub struct RenderedBundle {
     pub path: String,
     pub result: Result<Rendered, RenderError>,
     pub customizations: Vec<(CustomizationInfo, Result<Rendered, RenderError>)>,
+    /// `dependsOn` of the bundle's `fleet.yaml`.
+    pub depends_on: Vec<Dependency>,
+    /// The labels `dependsOn` selectors match (see `depends::bundle_labels`).
+    pub labels: Labels,
 }
 
 #[derive(Debug, Clone)]
@@ -36,6 +41,8 @@ struct BundleEntry {
     render_error: Option<String>,
     /// Per target customisation, with its own last good content.
     customizations: Vec<CustomizationInfo>,
+    depends_on: Vec<Dependency>,
+    labels: Labels,
 }
 
 #[derive(Debug, Clone)]
@@ -128,17 +135,33 @@ impl State {
                     render_error: b.render_error.clone(),
                     targets: s.spec.targets.clone(),
                     customizations: b.customizations.clone(),
+                    depends_on: b.depends_on.clone(),
+                    labels: b.labels.clone(),
                 })
             })
             .collect()
     }
 
+    /// The cluster's assignments, those waiting for their dependencies marked.
     fn assignments(&self, cluster: &ClusterRecord) -> Vec<Assignment> {
-        assign::assignments(
-            &cluster_info(cluster),
-            &self.groups_info(),
-            &self.bundles_info(),
-        )
+        let bundles = self.bundles_info();
+        let mut out = assign::assignments(&cluster_info(cluster), &self.groups_info(), &bundles);
+        flotilla_shared::depends::gate(&mut out, &bundles, |b| {
+            self.reported(&cluster.name, b)
+        });
+        out
+    }
+
+    /// What the agent holds of a bundle: the hash it acknowledged, and the revision
+    /// it reported for that hash, if any.
+    fn held(&self, cluster: &ClusterRecord, bundle: &str) -> Option<(String, String)> {
+        let hash = cluster.acked.get(bundle)?;
+        let revision = self
+            .reported(&cluster.name, bundle)
+            .filter(|r| &r.content_hash == hash)
+            .map(|r| r.revision)
+            .unwrap_or_default();
+        Some((hash.clone(), revision))
     }
 
     fn reported(&self, cluster: &str, bundle: &str) -> Option<Reported> {
@@ -475,6 +498,8 @@ impl Fleet {
                 good,
                 render_error,
                 customizations,
+                depends_on: b.depends_on,
+                labels: b.labels,
             };
             next.insert(b.name, entry);
         }
@@ -621,7 +646,7 @@ impl Fleet {
         let st = self.lock();
         let c = st.clusters.get(name)?;
         Some(DesiredSet {
-            bundles: assign::sendable(&st.assignments(&c.record)),
+            bundles: assign::sendable(&st.assignments(&c.record), |b| st.held(&c.record, b)),
         })
     }
 
@@ -657,8 +682,14 @@ impl Fleet {
             return Ok(false);
         }
         self.store.put_status(&status)?;
-        st.statuses
-            .insert((status.cluster.clone(), status.bundle.clone()), status);
+        let ready = |s: &StatusRecord| (s.state == BundleState::Ready).then(|| s.content_hash.clone());
+        let key = (status.cluster.clone(), status.bundle.clone());
+        let readiness_changed = st.statuses.get(&key).map(ready) != Some(ready(&status));
+        st.statuses.insert(key, status);
+        // Bundles that depend on this one may now be sent (or held back).
+        if readiness_changed {
+            st.bump(&self.changed);
+        }
         Ok(true)
     }
 

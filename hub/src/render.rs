@@ -404,6 +404,8 @@ pub async fn render_for_cluster(
         render_error: None,
         targets: vec![],
         customizations: r.customizations.iter().map(|(c, _)| c.clone()).collect(),
+        depends_on: vec![],
+        labels: Default::default(),
     };
     let Some(pick) = info.pick(cluster, groups) else {
         return Ok(None);

@@ -55,7 +55,12 @@ pub async fn render_snapshot(
             .render(previous, tools, &name, &bundle)
             .instrument(span)
             .await;
+        // A fleet.yaml that does not parse fails the render itself; its dependsOn
+        // and labels then do not matter.
+        let spec = flotilla_shared::fleetyaml::parse_spec(&bundle).unwrap_or_default();
         out.push(RenderedBundle {
+            depends_on: flotilla_shared::depends::parse_depends_on(&spec.depends_on),
+            labels: flotilla_shared::depends::bundle_labels(source, &spec.labels),
             name,
             path: dir.clone(),
             result: r.default,

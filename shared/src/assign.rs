@@ -23,6 +23,10 @@ pub struct BundleInfo {
     /// The bundle's target customisations, in order; `good` and `render_error`
     /// above are the default's, for clusters that match none.
     pub customizations: Vec<CustomizationInfo>,
+    /// `dependsOn`: bundles that must be `Ready` on a cluster before this one is sent.
+    pub depends_on: Vec<crate::depends::Dependency>,
+    /// The labels `dependsOn` selectors of other bundles match.
+    pub labels: crate::labels::Labels,
 }
 
 /// One target customisation of a bundle and how it rendered.
@@ -86,6 +90,7 @@ impl BundleInfo {
             content_hash: p.good.map(|(h, _)| h.clone()),
             revision: p.good.map(|(_, r)| r.clone()).unwrap_or_default(),
             render_error: p.render_error.map(str::to_string),
+            waiting_for: Vec::new(),
         })
     }
 }
@@ -98,6 +103,9 @@ pub struct Assignment {
     pub content_hash: Option<String>,
     pub revision: String,
     pub render_error: Option<String>,
+    /// Dependencies not `Ready` on the cluster (filled in by
+    /// [`crate::depends::gate`]): while any remain, the content is held back.
+    pub waiting_for: Vec<String>,
 }
 
 /// The bundles a cluster must run, sorted by name. Bundles that never rendered are
@@ -116,11 +124,20 @@ pub fn assignments(
 }
 
 /// What can be sent to the agent: assigned bundles that have content, as
-/// (name, content hash, revision).
-pub fn sendable(assignments: &[Assignment]) -> Vec<(String, String, String)> {
+/// (name, content hash, revision). A bundle waiting for its dependencies is not
+/// sent, or, if the agent already holds some content of it (`held`: the hash and
+/// revision it last acknowledged), stays at that content: waiting never removes
+/// what runs.
+pub fn sendable(
+    assignments: &[Assignment],
+    held: impl Fn(&str) -> Option<(String, String)>,
+) -> Vec<(String, String, String)> {
     assignments
         .iter()
         .filter_map(|a| {
+            if !a.waiting_for.is_empty() {
+                return held(&a.bundle).map(|(h, r)| (a.bundle.clone(), h, r));
+            }
             a.content_hash
                 .as_ref()
                 .map(|h| (a.bundle.clone(), h.clone(), a.revision.clone()))
@@ -137,6 +154,12 @@ pub fn assignment_state(
 ) -> (BundleState, String) {
     let hash = a.content_hash.as_deref().unwrap_or_default();
     let acknowledged = !hash.is_empty() && acked_hash == Some(hash);
+    if !a.waiting_for.is_empty() && !acknowledged && a.render_error.is_none() {
+        return (
+            BundleState::Pending,
+            format!("waiting for {}", a.waiting_for.join(", ")),
+        );
+    }
     effective_state(hash, a.render_error.as_deref(), acknowledged, reported)
 }
 
@@ -171,6 +194,8 @@ mod tests {
             render_error: None,
             targets,
             customizations: vec![],
+            depends_on: vec![],
+            labels: Default::default(),
         }
     }
 
@@ -223,7 +248,7 @@ mod tests {
         assert_eq!(a[0].content_hash.as_deref(), Some("hash-bad"));
         assert_eq!(a[0].revision, "c1");
         assert_eq!(a[1].content_hash, None);
-        let send = sendable(&a);
+        let send = sendable(&a, |_| None);
         assert_eq!(send, [("bad".into(), "hash-bad".into(), "c1".into())]);
         let (state, msg) = assignment_state(&a[0], Some("hash-bad"), None);
         assert_eq!(state, BundleState::ErrApplied);

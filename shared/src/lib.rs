@@ -6,6 +6,7 @@
 
 pub mod assign;
 pub mod bundle;
+pub mod depends;
 pub mod error;
 pub mod fleetyaml;
 pub mod health;
@@ -15,6 +16,7 @@ pub mod selector;
 pub mod state;
 pub mod targeting;
 pub mod token;
+pub mod webhook;
 
 pub use error::Error;
 
