@@ -69,6 +69,33 @@ impl GitError {
     }
 }
 
+/// How to authenticate to a private repository, from a secret stored in the hub.
+/// `Debug` shows no secret.
+#[derive(Clone, PartialEq, Eq)]
+pub enum Credentials {
+    /// HTTP(S) basic auth; a token goes in `password` (GitHub, GitLab and Gitea take
+    /// any user name with a token).
+    Basic { username: String, password: String },
+    /// SSH: the private key (OpenSSH or PEM) and the `known_hosts` lines the server
+    /// must match (host keys are always checked).
+    Ssh {
+        private_key: Vec<u8>,
+        known_hosts: Vec<u8>,
+    },
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Credentials::Basic { username, .. } => f
+                .debug_struct("Basic")
+                .field("username", username)
+                .finish_non_exhaustive(),
+            Credentials::Ssh { .. } => f.debug_struct("Ssh").finish_non_exhaustive(),
+        }
+    }
+}
+
 /// File inside the bare cache recording which URL it mirrors; a cache for another URL
 /// is discarded rather than mixed.
 const URL_MARKER: &str = "flotilla-url";
@@ -79,6 +106,18 @@ const URL_MARKER: &str = "flotilla-url";
 /// A cache that cannot be opened, belongs to another URL, or fails in a way the network
 /// does not explain is deleted and rebuilt once.
 pub fn fetch_snapshot(url: &str, git_ref: &GitRef, cache_dir: &Path) -> Result<Snapshot, GitError> {
+    fetch_snapshot_with(url, git_ref, cache_dir, None)
+}
+
+/// [`fetch_snapshot`] with credentials for a private repository: basic auth is
+/// handed to gix through its credential hook (never put in the URL), an SSH key
+/// is written to a private temporary file for the `ssh` program while it runs.
+pub fn fetch_snapshot_with(
+    url: &str,
+    git_ref: &GitRef,
+    cache_dir: &Path,
+    credentials: Option<&Credentials>,
+) -> Result<Snapshot, GitError> {
     let shown = redact_url(url);
     if let GitRef::Revision(r) = git_ref {
         if !is_hex_revision(r) {
@@ -92,13 +131,94 @@ pub fn fetch_snapshot(url: &str, git_ref: &GitRef, cache_dir: &Path) -> Result<S
             url: shown.clone(),
             reason: scrub(&e.to_string(), url, &shown),
         })?;
-    match attempt(url, &parsed, &shown, git_ref, cache_dir) {
+    let auth = Auth::new(credentials, &shown)?;
+    let result = match attempt(url, &parsed, &shown, git_ref, cache_dir, &auth) {
         Ok(s) => Ok(s),
         Err(e) if e.is_final() => Err(e),
         Err(e) => {
             tracing::warn!(cache = %cache_dir.display(), error = %e, "git cache unusable, rebuilding it");
             wipe(cache_dir)?;
-            attempt(url, &parsed, &shown, git_ref, cache_dir)
+            attempt(url, &parsed, &shown, git_ref, cache_dir, &auth)
+        }
+    };
+    result.map_err(|e| auth.scrub_error(e))
+}
+
+/// Credentials prepared for one fetch.
+struct Auth {
+    basic: Option<(String, String)>,
+    /// `core.sshCommand` for this fetch, and the directory holding the key (removed
+    /// on drop).
+    ssh: Option<(String, tempfile::TempDir)>,
+}
+
+impl Auth {
+    fn new(credentials: Option<&Credentials>, shown: &str) -> Result<Auth, GitError> {
+        let cache_err = |e: std::io::Error| GitError::Fetch {
+            url: shown.to_string(),
+            what: "SSH key".into(),
+            reason: format!("cannot prepare a private key file: {e}"),
+        };
+        Ok(match credentials {
+            None => Auth {
+                basic: None,
+                ssh: None,
+            },
+            Some(Credentials::Basic { username, password }) => Auth {
+                basic: Some((username.clone(), password.clone())),
+                ssh: None,
+            },
+            Some(Credentials::Ssh {
+                private_key,
+                known_hosts,
+            }) => {
+                use std::os::unix::fs::OpenOptionsExt;
+                let dir = tempfile::tempdir().map_err(cache_err)?;
+                let key = dir.path().join("id");
+                let hosts = dir.path().join("known_hosts");
+                let mut key_bytes = private_key.clone();
+                if !key_bytes.ends_with(b"\n") {
+                    // ssh refuses a key whose last line has no newline.
+                    key_bytes.push(b'\n');
+                }
+                std::io::Write::write_all(
+                    &mut std::fs::OpenOptions::new()
+                        .write(true)
+                        .create_new(true)
+                        .mode(0o600)
+                        .open(&key)
+                        .map_err(cache_err)?,
+                    &key_bytes,
+                )
+                .map_err(cache_err)?;
+                std::fs::write(&hosts, known_hosts).map_err(cache_err)?;
+                let command = format!(
+                    "ssh -i '{}' -o IdentitiesOnly=yes -o UserKnownHostsFile='{}' \
+                     -o GlobalKnownHostsFile=/dev/null -o StrictHostKeyChecking=yes \
+                     -o BatchMode=yes -F /dev/null",
+                    key.display(),
+                    hosts.display()
+                );
+                Auth {
+                    basic: None,
+                    ssh: Some((command, dir)),
+                }
+            }
+        })
+    }
+
+    /// No secret in a message, whatever a transport put there.
+    fn scrub_error(&self, e: GitError) -> GitError {
+        let Some((_, password)) = &self.basic else {
+            return e;
+        };
+        if password.is_empty() || !e.to_string().contains(password.as_str()) {
+            return e;
+        }
+        GitError::Fetch {
+            url: String::new(),
+            what: "repository".into(),
+            reason: e.to_string().replace(password.as_str(), "<redacted>"),
         }
     }
 }
@@ -109,8 +229,22 @@ fn attempt(
     shown: &str,
     git_ref: &GitRef,
     cache_dir: &Path,
+    auth: &Auth,
 ) -> Result<Snapshot, GitError> {
-    let repo = open_cache(url, cache_dir)?;
+    let mut repo = open_cache(url, cache_dir)?;
+    if let Some((command, _)) = &auth.ssh {
+        let mut config = repo.config_snapshot_mut();
+        config
+            .set_raw_value(&gix::config::tree::Core::SSH_COMMAND, command.as_str())
+            .map_err(|e| GitError::Cache {
+                path: cache_dir.display().to_string(),
+                reason: format!("cannot set the SSH command: {e}"),
+            })?;
+        config.commit().map_err(|e| GitError::Cache {
+            path: cache_dir.display().to_string(),
+            reason: format!("cannot set the SSH command: {e}"),
+        })?;
+    }
     let fetch_err = |what: &str, e: &dyn std::error::Error| GitError::Fetch {
         url: shown.to_string(),
         what: what.to_string(),
@@ -147,9 +281,26 @@ fn attempt(
         url: shown.to_string(),
         reason: scrub(&chain(e), url, shown),
     };
-    let connection = remote
+    let mut connection = remote
         .connect(gix::remote::Direction::Fetch)
         .map_err(|e| unreachable(&e))?;
+    if let Some((username, password)) = auth.basic.clone() {
+        // gix asks this hook when the server wants credentials; nothing else sees them.
+        connection = connection.with_credentials(move |action| match action {
+            gix::credentials::helper::Action::Get(ctx) => {
+                Ok(Some(gix::credentials::protocol::Outcome {
+                    identity: gix::sec::identity::Account {
+                        username: username.clone(),
+                        password: password.clone(),
+                        oauth_refresh_token: None,
+                    },
+                    next: ctx.into(),
+                }))
+            }
+            gix::credentials::helper::Action::Store(_)
+            | gix::credentials::helper::Action::Erase(_) => Ok(None),
+        });
+    }
     // The handshake and ref listing: failures here mean the server refused or is absent.
     let prepare = connection
         .prepare_fetch(gix::progress::Discard, Default::default())
@@ -640,6 +791,54 @@ mod tests {
         let cache = tempfile::tempdir().unwrap();
         let s = fetch_snapshot(&origin.url(), &branch("main"), &cache.path().join("c")).unwrap();
         assert_eq!(s.files.keys().collect::<Vec<_>>(), ["run.sh", "x/y.yaml"]);
+    }
+
+    #[test]
+    fn private_repository_over_http_with_basic_auth() {
+        // gix's HTTP client takes the process-wide provider (ring), as the hub sets it.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let origin = Origin::new();
+        origin.write("apps/a.yaml", "a: 1\n");
+        let c1 = origin.commit("one");
+        let server =
+            flotilla_tests::githttp::GitHttp::start(origin.dir.parent().unwrap(), "alice", "pw-s3cret")
+                .unwrap();
+        let url = server.url("repo");
+        // The hub trusts the system roots, or those SSL_CERT_FILE names; no other
+        // test in this process speaks HTTPS.
+        std::env::set_var("SSL_CERT_FILE", &server.ca_file);
+        let cache = tempfile::tempdir().unwrap();
+        let good = Credentials::Basic {
+            username: "alice".into(),
+            password: "pw-s3cret".into(),
+        };
+        let s = fetch_snapshot_with(&url, &branch("main"), &cache.path().join("a"), Some(&good))
+            .unwrap();
+        assert_eq!(s.commit, c1);
+        assert_eq!(text(&s, "apps/a.yaml"), "a: 1\n");
+        origin.write("apps/a.yaml", "a: 2\n");
+        let c2 = origin.commit("two");
+        let s = fetch_snapshot_with(&url, &branch("main"), &cache.path().join("a"), Some(&good))
+            .unwrap();
+        assert_eq!((s.commit.as_str(), text(&s, "apps/a.yaml").as_str()), (c2.as_str(), "a: 2\n"));
+        assert!(server.served() > 0);
+
+        let refused = server.refused();
+        let bad = Credentials::Basic {
+            username: "alice".into(),
+            password: "wrong-pw-s3cret".into(),
+        };
+        let err = fetch_snapshot_with(&url, &branch("main"), &cache.path().join("b"), Some(&bad))
+            .unwrap_err();
+        eprintln!("wrong password: {err}");
+        let msg = err.to_string();
+        assert!(!msg.contains("wrong-pw-s3cret") && !msg.contains("pw-s3cret"), "{msg}");
+        assert!(msg.contains("127.0.0.1"), "names the repository: {msg}");
+        assert!(server.refused() > refused, "the server saw the wrong password");
+        assert!(format!("{bad:?}").find("s3cret").is_none());
+
+        let err = fetch_snapshot(&url, &branch("main"), &cache.path().join("c")).unwrap_err();
+        eprintln!("no credentials: {err}");
     }
 
     /// `git daemon` on a free loopback port, killed by PID when dropped.

@@ -5,6 +5,8 @@
 //! Control planes are costly (seconds and ~0.5 GiB each), so a test binary starts
 //! them once ([`shared_clusters`]) and every test works in namespaces of its own.
 
+pub mod githttp;
+
 use std::collections::BTreeMap;
 use std::fs;
 use std::io::Write;
