@@ -1,5 +1,6 @@
 //! The operator HTTP API (plain HTTP, JSON in camelCase, every route behind the
-//! admin bearer token). Errors are `{"error": "..."}` with 400/401/404/409/500.
+//! admin bearer token) and the Git push webhook (`POST /hooks/git`, authenticated
+//! by its signature instead). Errors are `{"error": "..."}` with 400/401/404/409/500.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -48,9 +49,25 @@ impl IntoResponse for ApiError {
 
 type ApiResult<T> = Result<Json<T>, ApiError>;
 
-/// The API's routes, all behind the admin token.
+/// The API's routes, all behind the admin token, and the webhook route.
 pub fn router(hub: Hub) -> Router {
+    let hooks = Router::new()
+        .route("/hooks/git", post(git_hook))
+        .with_state(hub.clone());
+    admin_router(hub).merge(hooks)
+}
+
+/// Webhook bodies are small JSON documents; GitHub caps them at 25 MB, a push of a
+/// few commits is a few KiB. Larger bodies are refused before any hashing.
+const HOOK_BODY_LIMIT: usize = 1 << 20;
+
+fn admin_router(hub: Hub) -> Router {
     Router::new()
+        .route("/api/v1/secrets", get(list_secrets))
+        .route(
+            "/api/v1/secrets/{name}",
+            axum::routing::put(put_secret).delete(delete_secret),
+        )
         .route("/api/v1/tokens", post(create_token))
         .route("/api/v1/apply", post(apply))
         .route("/api/v1/sources", get(list_sources))
@@ -67,6 +84,143 @@ pub fn router(hub: Hub) -> Router {
         .fallback(|| async { ApiError::not_found("no such route") })
         .layer(middleware::from_fn_with_state(hub.clone(), require_admin))
         .with_state(hub)
+}
+
+/// `POST /hooks/git`: a GitHub or GitLab push event. Checked against the hub's
+/// webhook secret and every source secret's `webhookSecret` (401 if none
+/// matches), then every source following the pushed repository and ref fetches at
+/// once. Polling stays the fallback for lost hooks.
+async fn git_hook(
+    State(hub): State<Hub>,
+    headers: axum::http::HeaderMap,
+    body: Bytes,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    use flotilla_shared::webhook;
+    if body.len() > HOOK_BODY_LIMIT {
+        return Err(ApiError(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "webhook body too large".into(),
+        ));
+    }
+    let secrets = hub.fleet.store().list_secrets().map_err(ApiError::internal)?;
+    let mut keys: Vec<&[u8]> = secrets
+        .iter()
+        .filter_map(|s| s.webhook_secret.as_deref())
+        .map(str::as_bytes)
+        .collect();
+    if let Some(k) = &hub.webhook_secret {
+        keys.push(k.as_bytes());
+    }
+    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    let provider = webhook::authenticate(header, &body, &keys).map_err(|e| match e {
+        webhook::HookError::UnknownProvider => ApiError::bad_request(e.to_string()),
+        other => {
+            tracing::warn!(error = %other, "webhook refused");
+            ApiError(StatusCode::UNAUTHORIZED, other.to_string())
+        }
+    })?;
+    let event = header("x-github-event")
+        .or_else(|| header("x-gitlab-event"))
+        .unwrap_or_default();
+    let push = match webhook::parse_push(provider, event, &body) {
+        Ok(p) => p,
+        // Pings and other events are fine; there is nothing to do.
+        Err(webhook::HookError::NotPush(e)) => {
+            return Ok(Json(json!({ "ignored": e, "triggered": [] })))
+        }
+        Err(e) => return Err(ApiError::bad_request(e.to_string())),
+    };
+    let matching: Vec<String> = hub
+        .fleet
+        .source_specs()
+        .into_iter()
+        .filter(|(_, spec)| webhook::concerns(&push, spec))
+        .map(|(n, _)| n)
+        .collect();
+    let triggered = hub.pollers.wake(&matching);
+    tracing::info!(git_ref = %push.git_ref, repos = ?push.repos, ?triggered, "push webhook");
+    Ok(Json(json!({ "triggered": triggered })))
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct SecretBody {
+    username: Option<String>,
+    password: Option<String>,
+    ssh_private_key: Option<String>,
+    known_hosts: Option<String>,
+    webhook_secret: Option<String>,
+}
+
+/// A secret as the API shows it: which fields are set, never their values.
+fn secret_view(s: &crate::store::SecretRecord) -> serde_json::Value {
+    let mut fields = Vec::new();
+    for (name, set) in [
+        ("username", s.username.is_some()),
+        ("password", s.password.is_some()),
+        ("sshPrivateKey", s.ssh_private_key.is_some()),
+        ("knownHosts", s.known_hosts.is_some()),
+        ("webhookSecret", s.webhook_secret.is_some()),
+    ] {
+        if set {
+            fields.push(name);
+        }
+    }
+    json!({ "name": s.name, "fields": fields })
+}
+
+async fn list_secrets(State(hub): State<Hub>) -> ApiResult<serde_json::Value> {
+    let list = hub.fleet.store().list_secrets().map_err(ApiError::internal)?;
+    Ok(Json(serde_json::Value::Array(
+        list.iter().map(secret_view).collect(),
+    )))
+}
+
+async fn put_secret(
+    State(hub): State<Hub>,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> ApiResult<serde_json::Value> {
+    flotilla_shared::objects::validate_name(&name)
+        .map_err(|e| ApiError::bad_request(e.to_string()))?;
+    let b: SecretBody = json_body(&body)?;
+    if b.ssh_private_key.is_some() && b.known_hosts.as_deref().is_none_or(|h| h.trim().is_empty())
+    {
+        return Err(ApiError::bad_request(
+            "an SSH key needs knownHosts (host keys are always checked)",
+        ));
+    }
+    let record = crate::store::SecretRecord {
+        name: name.clone(),
+        username: b.username,
+        password: b.password,
+        ssh_private_key: b.ssh_private_key,
+        known_hosts: b.known_hosts,
+        webhook_secret: b.webhook_secret,
+    };
+    hub.fleet
+        .store()
+        .put_secret(&record)
+        .map_err(ApiError::internal)?;
+    tracing::info!(secret = %name, "secret stored");
+    hub.pollers.wake_using_secret(&name);
+    Ok(Json(secret_view(&record)))
+}
+
+async fn delete_secret(
+    State(hub): State<Hub>,
+    Path(name): Path<String>,
+) -> ApiResult<serde_json::Value> {
+    if !hub
+        .fleet
+        .store()
+        .delete_secret(&name)
+        .map_err(ApiError::internal)?
+    {
+        return Err(ApiError::not_found(format!("secret {name} not found")));
+    }
+    tracing::info!(secret = %name, "secret deleted");
+    Ok(Json(json!({ "deleted": name })))
 }
 
 async fn require_admin(State(hub): State<Hub>, req: Request, next: Next) -> Response {

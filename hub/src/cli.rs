@@ -48,6 +48,10 @@ pub enum Command {
         #[arg(short = 'f', long = "filename", env = "FLOTILLA_APPLY_FILE")]
         file: String,
     },
+    /// Credentials for private repositories (and webhook secrets), stored in the hub
+    /// and referred to by name (`source add --secret`, `spec.secretRef`). Never shown.
+    #[command(subcommand)]
+    Secret(SecretCommand),
     /// Enrolled clusters.
     #[command(subcommand)]
     Cluster(ClusterCommand),
@@ -167,6 +171,45 @@ pub struct SourceAdd {
     /// How often to fetch (e.g. 15s, 1m).
     #[arg(long, env = "FLOTILLA_SOURCE_POLL", value_parser = duration_arg)]
     pub poll: Option<String>,
+    /// Hub secret with the repository's credentials (`flotilla secret create`).
+    #[arg(long, env = "FLOTILLA_SOURCE_SECRET", value_name = "NAME")]
+    pub secret: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SecretCommand {
+    /// Create or replace a secret. HTTPS: `--username U --password-file F` (a
+    /// token goes in the password file); SSH: `--ssh-key-file K --known-hosts-file H`.
+    Create(SecretCreate),
+    /// List secrets: names and which fields they hold, never the values.
+    List(Output),
+    /// Delete a secret.
+    Delete {
+        /// Secret name.
+        name: String,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct SecretCreate {
+    /// Secret name (lowercase letters, digits and '-').
+    pub name: String,
+    /// User name for HTTPS (default `git`; forges take any name with a token).
+    #[arg(long, env = "FLOTILLA_SECRET_USERNAME")]
+    pub username: Option<String>,
+    /// File holding the HTTPS password or token (`-`: standard input); one
+    /// trailing newline is dropped.
+    #[arg(long, env = "FLOTILLA_SECRET_PASSWORD_FILE", value_name = "FILE")]
+    pub password_file: Option<String>,
+    /// File holding the SSH private key (unencrypted, OpenSSH or PEM).
+    #[arg(long, env = "FLOTILLA_SECRET_SSH_KEY_FILE", value_name = "FILE", requires = "known_hosts_file")]
+    pub ssh_key_file: Option<String>,
+    /// known_hosts lines for the SSH server (host keys are always checked).
+    #[arg(long, env = "FLOTILLA_SECRET_KNOWN_HOSTS_FILE", value_name = "FILE")]
+    pub known_hosts_file: Option<String>,
+    /// File holding the webhook secret of the sources using this secret.
+    #[arg(long, env = "FLOTILLA_SECRET_WEBHOOK_SECRET_FILE", value_name = "FILE")]
+    pub webhook_secret_file: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -337,6 +380,29 @@ async fn execute(cli: Cli, out: &mut dyn Write, err: &mut dyn Write) -> Result<(
             .await?;
             writeln!(out, "gitsource/{name} deleted")?;
         }
+        Command::Secret(SecretCommand::Create(c)) => {
+            let body = secret_body(&c)?;
+            api.send(
+                "PUT",
+                &format!("/api/v1/secrets/{}", segment(&c.name)),
+                Some(Body::Json(body)),
+            )
+            .await?;
+            writeln!(out, "secret/{} configured", c.name)?;
+        }
+        Command::Secret(SecretCommand::List(o)) => {
+            let v = api.send("GET", "/api/v1/secrets", None).await?;
+            print(out, o.output, &v, secrets_table)?;
+        }
+        Command::Secret(SecretCommand::Delete { name }) => {
+            api.send(
+                "DELETE",
+                &format!("/api/v1/secrets/{}", segment(&name)),
+                None,
+            )
+            .await?;
+            writeln!(out, "secret/{name} deleted")?;
+        }
         Command::Apply { file } => {
             let (label, text) = read_input(&file)?;
             let v = api.apply(&label, text).await?;
@@ -477,6 +543,9 @@ impl Api {
                 "--hub must be an http:// URL, not {base:?}"
             )));
         }
+        // reqwest builds a TLS config even for http:// hubs; it takes the process-wide
+        // provider (ring: the tree has no other).
+        let _ = rustls::crypto::ring::default_provider().install_default();
         let http = reqwest::Client::builder()
             .timeout(REQUEST_TIMEOUT)
             .connect_timeout(CONNECT_TIMEOUT)
@@ -581,6 +650,7 @@ pub fn source_yaml(add: &SourceAdd) -> Result<String, CliError> {
         paths: add.paths.clone(),
         poll_interval: add.poll.clone(),
         targets: add.targets.iter().cloned().map(Target::selector).collect(),
+        secret_ref: add.secret.clone(),
     };
     validate_name(&add.name).map_err(|e| CliError::Usage(e.to_string()))?;
     spec.validate(&add.name)
@@ -592,6 +662,58 @@ pub fn source_yaml(add: &SourceAdd) -> Result<String, CliError> {
         "spec": spec,
     });
     serde_saphyr::to_string(&obj).map_err(|e| CliError::Usage(e.to_string()))
+}
+
+/// The body of `PUT /secrets/{name}`, from the files named on the command line.
+fn secret_body(c: &SecretCreate) -> Result<Value, CliError> {
+    validate_name(&c.name).map_err(|e| CliError::Usage(e.to_string()))?;
+    let read = |f: &Option<String>| -> Result<Option<String>, CliError> {
+        match f {
+            None => Ok(None),
+            Some(f) => {
+                let (_, text) = read_input(f)?;
+                Ok(Some(text.strip_suffix('\n').unwrap_or(&text).to_string()))
+            }
+        }
+    };
+    let password = read(&c.password_file)?;
+    let key = read(&c.ssh_key_file)?;
+    let hosts = read(&c.known_hosts_file)?;
+    let webhook = read(&c.webhook_secret_file)?;
+    if password.is_none() && key.is_none() && webhook.is_none() {
+        return Err(CliError::Usage(
+            "give --password-file, --ssh-key-file (with --known-hosts-file) or --webhook-secret-file"
+                .into(),
+        ));
+    }
+    // The key file keeps its final newline: ssh wants it.
+    let key = key.map(|k| format!("{k}\n"));
+    Ok(json!({
+        "username": c.username,
+        "password": password,
+        "sshPrivateKey": key,
+        "knownHosts": hosts,
+        "webhookSecret": webhook,
+    }))
+}
+
+/// `secret list`: names and which fields are set.
+pub fn secrets_table(v: &Value) -> String {
+    let rows: Vec<Vec<String>> = v
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|s| {
+                    let fields: Vec<String> = s["fields"]
+                        .as_array()
+                        .map(|f| f.iter().filter_map(|x| x.as_str().map(String::from)).collect())
+                        .unwrap_or_default();
+                    vec![field(s, "name"), fields.join(",")]
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    table(&["NAME", "FIELDS"], &rows)
 }
 
 /// The body of `PATCH /clusters/{name}/labels`: the last edit of a key wins.

@@ -277,30 +277,37 @@ fn attempt(
         )
         .map_err(|e| fetch_err(&what, &e))?;
 
-    let unreachable = |e: &dyn std::error::Error| GitError::Unreachable {
-        url: shown.to_string(),
-        reason: scrub(&chain(e), url, shown),
+    let unreachable = |e: &dyn std::error::Error| {
+        let reason = scrub(&chain(e), url, shown);
+        GitError::Unreachable {
+            url: shown.to_string(),
+            reason: if reason.contains("No credentials were returned") {
+                "the repository asks for credentials and the source names no secret (secretRef)"
+                    .to_string()
+            } else {
+                reason
+            },
+        }
     };
     let mut connection = remote
         .connect(gix::remote::Direction::Fetch)
         .map_err(|e| unreachable(&e))?;
-    if let Some((username, password)) = auth.basic.clone() {
-        // gix asks this hook when the server wants credentials; nothing else sees them.
-        connection = connection.with_credentials(move |action| match action {
-            gix::credentials::helper::Action::Get(ctx) => {
-                Ok(Some(gix::credentials::protocol::Outcome {
-                    identity: gix::sec::identity::Account {
-                        username: username.clone(),
-                        password: password.clone(),
-                        oauth_refresh_token: None,
-                    },
-                    next: ctx.into(),
-                }))
-            }
-            gix::credentials::helper::Action::Store(_)
-            | gix::credentials::helper::Action::Erase(_) => Ok(None),
-        });
-    }
+    // gix asks this hook when the server wants credentials; nothing else sees them.
+    // Without credentials the answer is "none" (never a terminal prompt).
+    let basic = auth.basic.clone();
+    connection = connection.with_credentials(move |action| match (action, &basic) {
+        (gix::credentials::helper::Action::Get(ctx), Some((username, password))) => {
+            Ok(Some(gix::credentials::protocol::Outcome {
+                identity: gix::sec::identity::Account {
+                    username: username.clone(),
+                    password: password.clone(),
+                    oauth_refresh_token: None,
+                },
+                next: ctx.into(),
+            }))
+        }
+        _ => Ok(None),
+    });
     // The handshake and ref listing: failures here mean the server refused or is absent.
     let prepare = connection
         .prepare_fetch(gix::progress::Discard, Default::default())
@@ -839,6 +846,7 @@ mod tests {
 
         let err = fetch_snapshot(&url, &branch("main"), &cache.path().join("c")).unwrap_err();
         eprintln!("no credentials: {err}");
+        assert!(!err.to_string().contains("tty"), "never prompts: {err}");
     }
 
     /// `git daemon` on a free loopback port, killed by PID when dropped.

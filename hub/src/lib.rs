@@ -51,6 +51,9 @@ pub struct Config {
     pub poll_git: bool,
     /// helm and kustomize, for Helm and Kustomize bundles.
     pub tools: render::Tools,
+    /// The hub-wide secret push webhooks are signed with (`POST /hooks/git`).
+    /// Sources may add their own through their secret's `webhookSecret`.
+    pub webhook_secret: Option<String>,
 }
 
 impl Config {
@@ -60,6 +63,7 @@ impl Config {
             advertise_host: "localhost".into(),
             poll_git: true,
             tools: render::Tools::default(),
+            webhook_secret: None,
         }
     }
 }
@@ -71,11 +75,16 @@ pub struct Hub {
     pub pki: Arc<Pki>,
     pub pollers: Arc<Pollers>,
     pub tools: Arc<render::Tools>,
+    /// See [`Config::webhook_secret`].
+    pub webhook_secret: Option<Arc<str>>,
 }
 
 impl Hub {
     /// Opens (or initialises) the data directory: PKI, admin token, store.
     pub fn open(config: &Config) -> anyhow::Result<Hub> {
+        // Git over HTTPS (gix's reqwest client) takes the process-wide provider:
+        // ring, the tree's only one.
+        let _ = rustls::crypto::ring::default_provider().install_default();
         let pki = Pki::load_or_create(&config.data_dir, &config.advertise_host)
             .context("loading the hub's PKI")?;
         let store: Arc<dyn Store> =
@@ -93,6 +102,11 @@ impl Hub {
             pki: Arc::new(pki),
             pollers,
             tools,
+            webhook_secret: config
+                .webhook_secret
+                .as_deref()
+                .filter(|s| !s.is_empty())
+                .map(Arc::from),
         })
     }
 

@@ -28,6 +28,11 @@ struct Args {
     /// The kustomize program, for Kustomize bundles (default: `kustomize` on PATH).
     #[arg(long, env = "FLOTILLA_KUSTOMIZE", value_name = "PATH")]
     kustomize: Option<PathBuf>,
+    /// File holding the secret Git push webhooks (`POST /hooks/git`) are signed
+    /// with (GitHub's `X-Hub-Signature-256`, GitLab's `X-Gitlab-Token`). Without it,
+    /// only sources whose secret has a `webhookSecret` accept hooks.
+    #[arg(long, env = "FLOTILLA_WEBHOOK_SECRET_FILE", value_name = "PATH")]
+    webhook_secret_file: Option<PathBuf>,
 }
 
 #[tokio::main]
@@ -45,11 +50,21 @@ async fn main() -> anyhow::Result<()> {
     let api = tokio::net::TcpListener::bind(args.api_listen)
         .await
         .with_context(|| format!("binding {}", args.api_listen))?;
+    let webhook_secret = match &args.webhook_secret_file {
+        Some(p) => Some(
+            std::fs::read_to_string(p)
+                .with_context(|| format!("reading --webhook-secret-file {}", p.display()))?
+                .trim()
+                .to_string(),
+        ),
+        None => None,
+    };
     let config = flotilla_hub::Config {
         data_dir: std::path::absolute(&args.data_dir).context("--data-dir")?,
         advertise_host: args.advertise_host,
         poll_git: true,
         tools: flotilla_hub::render::Tools::new(args.helm, args.kustomize),
+        webhook_secret,
     };
     flotilla_hub::run(config, agent, api, shutdown_signal()).await
 }

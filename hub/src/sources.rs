@@ -15,6 +15,7 @@ use tracing::Instrument;
 
 use crate::fleet::{Fleet, RenderedBundle};
 use crate::render::{RenderCache, Tools};
+use crate::store::SecretRecord;
 
 /// First retry after a failed fetch: soon enough to ride out a blip.
 const BACKOFF_START: Duration = Duration::from_secs(5);
@@ -143,6 +144,34 @@ impl Pollers {
         );
     }
 
+    /// Makes the named sources fetch now (a webhook said they changed). Returns
+    /// those that have a poller.
+    pub fn wake(&self, names: &[String]) -> Vec<String> {
+        let tasks = self.tasks();
+        names
+            .iter()
+            .filter(|n| match tasks.get(n.as_str()) {
+                Some(p) if !p.task.is_finished() => {
+                    p.wake.notify_one();
+                    true
+                }
+                _ => false,
+            })
+            .cloned()
+            .collect()
+    }
+
+    /// Wakes the sources that use the secret `name` (it was created or changed).
+    pub fn wake_using_secret(&self, name: &str) {
+        let using: Vec<String> = self
+            .tasks()
+            .iter()
+            .filter(|(_, p)| p.spec.secret_ref.as_deref() == Some(name))
+            .map(|(n, _)| n.clone())
+            .collect();
+        self.wake(&using);
+    }
+
     pub fn stop(&self, name: &str) {
         if let Some(p) = self.tasks().remove(name) {
             p.task.abort();
@@ -154,6 +183,44 @@ impl Pollers {
             p.task.abort();
         }
     }
+}
+
+/// The Git credentials in the secret a source names, if any.
+fn credentials(
+    fleet: &Fleet,
+    secret: Option<&str>,
+) -> Result<Option<crate::git::Credentials>, String> {
+    let Some(name) = secret else {
+        return Ok(None);
+    };
+    let s = fleet
+        .store()
+        .get_secret(name)
+        .map_err(|e| e.to_string())?
+        .ok_or_else(|| format!("secret {name} not found (flotilla secret create {name} ...)"))?;
+    credentials_of(&s)
+}
+
+/// SSH key (with its known_hosts), else user name and password, else nothing (a
+/// secret that only holds a webhook secret).
+pub fn credentials_of(s: &SecretRecord) -> Result<Option<crate::git::Credentials>, String> {
+    if let Some(key) = &s.ssh_private_key {
+        let Some(hosts) = s.known_hosts.as_ref().filter(|h| !h.trim().is_empty()) else {
+            return Err(format!(
+                "secret {}: an SSH key needs known_hosts (host keys are always checked)",
+                s.name
+            ));
+        };
+        return Ok(Some(crate::git::Credentials::Ssh {
+            private_key: key.as_bytes().to_vec(),
+            known_hosts: hosts.as_bytes().to_vec(),
+        }));
+    }
+    Ok(s.password.as_ref().map(|p| crate::git::Credentials::Basic {
+        // Token-only forges (GitHub, GitLab, Gitea) accept any user name.
+        username: s.username.clone().unwrap_or_else(|| "git".to_string()),
+        password: p.clone(),
+    }))
 }
 
 async fn poll_loop(
@@ -169,11 +236,17 @@ async fn poll_loop(
     let mut failures = 0u32;
     loop {
         let (url, git_ref, dir) = (spec.repo.clone(), spec.git_ref(), cache_dir.clone());
-        let fetched = tokio::task::spawn_blocking(move || {
-            crate::git::fetch_snapshot(&url, &git_ref, &dir).map_err(|e| e.to_string())
-        })
-        .await
-        .unwrap_or_else(|e| Err(format!("fetch task failed: {e}")));
+        // Read at every fetch: a secret changed with `flotilla secret create` applies
+        // at once.
+        let fetched = match credentials(&fleet, spec.secret_ref.as_deref()) {
+            Ok(creds) => tokio::task::spawn_blocking(move || {
+                crate::git::fetch_snapshot_with(&url, &git_ref, &dir, creds.as_ref())
+                    .map_err(|e| e.to_string())
+            })
+            .await
+            .unwrap_or_else(|e| Err(format!("fetch task failed: {e}"))),
+            Err(e) => Err(e),
+        };
         let delay = match fetched {
             Ok(snapshot) if last_commit.as_deref() == Some(snapshot.commit.as_str()) => {
                 failures = 0;

@@ -39,6 +39,34 @@ pub enum TokenRefusal {
     Expired,
 }
 
+/// Credentials kept by the hub for private repositories (and a webhook secret),
+/// referred to by name from sources. Stored as given (protect `DATA_DIR`); the API
+/// shows only which fields are set, and `Debug` shows none of them.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct SecretRecord {
+    pub name: String,
+    #[serde(default)]
+    pub username: Option<String>,
+    #[serde(default)]
+    pub password: Option<String>,
+    #[serde(default)]
+    pub ssh_private_key: Option<String>,
+    #[serde(default)]
+    pub known_hosts: Option<String>,
+    /// Authenticates push webhooks for the sources that use this secret.
+    #[serde(default)]
+    pub webhook_secret: Option<String>,
+}
+
+impl std::fmt::Debug for SecretRecord {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SecretRecord")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SourceRecord {
     pub name: String,
@@ -109,6 +137,12 @@ pub trait Store: Send + Sync + 'static {
     fn list_statuses(&self) -> Result<Vec<StatusRecord>, StoreError>;
     fn put_status(&self, status: &StatusRecord) -> Result<(), StoreError>;
 
+    fn list_secrets(&self) -> Result<Vec<SecretRecord>, StoreError>;
+    fn get_secret(&self, name: &str) -> Result<Option<SecretRecord>, StoreError>;
+    /// Creates or replaces a secret; durable when it returns.
+    fn put_secret(&self, secret: &SecretRecord) -> Result<(), StoreError>;
+    fn delete_secret(&self, name: &str) -> Result<bool, StoreError>;
+
     /// Makes every write so far durable.
     fn flush(&self) -> Result<(), StoreError>;
 }
@@ -121,6 +155,7 @@ pub struct SledStore {
     groups: sled::Tree,
     clusters: sled::Tree,
     statuses: sled::Tree,
+    secrets: sled::Tree,
 }
 
 impl SledStore {
@@ -132,6 +167,7 @@ impl SledStore {
             groups: db.open_tree("groups")?,
             clusters: db.open_tree("clusters")?,
             statuses: db.open_tree("statuses")?,
+            secrets: db.open_tree("secrets")?,
             db,
         })
     }
@@ -201,6 +237,30 @@ impl Store for SledStore {
 
     fn list_sources(&self) -> Result<Vec<SourceRecord>, StoreError> {
         list(&self.sources)
+    }
+
+    fn list_secrets(&self) -> Result<Vec<SecretRecord>, StoreError> {
+        list(&self.secrets)
+    }
+
+    fn get_secret(&self, name: &str) -> Result<Option<SecretRecord>, StoreError> {
+        match self.secrets.get(name.as_bytes())? {
+            Some(v) => Ok(Some(decode(name.as_bytes(), &v)?)),
+            None => Ok(None),
+        }
+    }
+
+    fn put_secret(&self, secret: &SecretRecord) -> Result<(), StoreError> {
+        self.secrets
+            .insert(secret.name.as_bytes(), encode(secret)?)?;
+        self.secrets.flush()?;
+        Ok(())
+    }
+
+    fn delete_secret(&self, name: &str) -> Result<bool, StoreError> {
+        let gone = self.secrets.remove(name.as_bytes())?.is_some();
+        self.secrets.flush()?;
+        Ok(gone)
     }
 
     fn put_source(&self, source: &SourceRecord) -> Result<(), StoreError> {

@@ -44,6 +44,10 @@ pub struct GitSourceSpec {
     /// Which clusters get the bundles. Empty: every cluster.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub targets: Vec<Target>,
+    /// Name of a hub secret with the repository's credentials (and, optionally,
+    /// this source's webhook secret).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_ref: Option<String>,
 }
 
 /// What Git reference a source follows.
