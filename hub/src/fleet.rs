@@ -747,21 +747,25 @@ impl Fleet {
 
     fn bundle_views(&self, only: Option<&str>) -> Vec<BundleView> {
         let st = self.lock();
-        let groups = st.groups_info();
         let mut out = Vec::new();
+        // Each cluster's assignments, with dependsOn applied (it needs all of them).
+        let per_cluster: Vec<(&ClusterState, Vec<Assignment>)> = st
+            .clusters
+            .values()
+            .map(|c| (c, st.assignments(&c.record)))
+            .collect();
         for info in st.bundles_info() {
             if only.is_some_and(|n| n != info.name) {
                 continue;
             }
             let mut clusters = Vec::new();
-            for c in st.clusters.values() {
-                let ci = cluster_info(&c.record);
-                let Some(a) = info.assignment(&ci, &groups) else {
+            for (c, assigned) in &per_cluster {
+                let Some(a) = assigned.iter().find(|a| a.bundle == info.name) else {
                     continue;
                 };
                 let reported = st.reported(&c.record.name, &info.name);
                 let (state, message) = assign::assignment_state(
-                    &a,
+                    a,
                     c.record.acked.get(&info.name).map(String::as_str),
                     reported.as_ref(),
                 );

@@ -339,10 +339,23 @@ impl Hub {
 
     /// Starts (or restarts) a hub on given ports, reusing `dir`.
     pub fn start_on(dir: &Path, agent_port: u16, api_port: u16) -> Result<Hub> {
+        Self::start_with(dir, agent_port, api_port, &[], &[])
+    }
+
+    /// As [`Hub::start_on`], with extra flags and environment variables.
+    pub fn start_with(
+        dir: &Path,
+        agent_port: u16,
+        api_port: u16,
+        args: &[&str],
+        envs: &[(&str, &str)],
+    ) -> Result<Hub> {
         fs::create_dir_all(dir)?;
         let proc = Proc::spawn(
             "flotilla-hub",
             Command::new(bin_dir().join("flotilla-hub"))
+                .args(args)
+                .envs(envs.iter().copied())
                 .arg("--data-dir")
                 .arg(dir)
                 .arg("--agent-listen")
@@ -469,6 +482,41 @@ impl Hub {
                 })
             },
         )
+    }
+}
+
+/// Sends one HTTP/1.1 POST to `127.0.0.1:port` and returns the status code and
+/// body (no client library: the tests speak plain HTTP to the hub).
+pub fn http_post(port: u16, path: &str, headers: &[(&str, &str)], body: &[u8]) -> Result<(u16, String)> {
+    use std::io::Read;
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
+    s.set_read_timeout(Some(Duration::from_secs(30)))?;
+    let mut req = format!(
+        "POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    s.write_all(req.as_bytes())?;
+    s.write_all(body)?;
+    let mut out = Vec::new();
+    s.read_to_end(&mut out)?;
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| anyhow!("no HTTP status in {text:?}"))?;
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    Ok((status, body))
+}
+
+impl Hub {
+    /// The port of the hub's HTTP API (also serves `/hooks/git`).
+    pub fn api_port(&self) -> u16 {
+        self.api_port
     }
 }
 
