@@ -349,6 +349,8 @@ async fn run(
 #[derive(Debug, Default)]
 pub struct RenderCache {
     entries: HashMap<String, BundleRender>,
+    /// Bundles rendered into this cache rather than reused from the previous one.
+    fresh: usize,
 }
 
 impl RenderCache {
@@ -365,6 +367,11 @@ impl RenderCache {
         hex::encode(h.finalize())
     }
 
+    /// How many bundles were rendered (not reused) into this cache.
+    pub fn fresh_renders(&self) -> usize {
+        self.fresh
+    }
+
     /// Renders a bundle, or reuses the render of identical input from `previous`;
     /// the result is kept in `self` for the next snapshot.
     pub async fn render(
@@ -378,7 +385,10 @@ impl RenderCache {
         // Failures are not reused: a chart repository may be back next time.
         let r = match previous.entries.get(&key) {
             Some(r) if r.all_ok() => r.clone(),
-            _ => render_bundle(tools, bundle_name, files).await,
+            _ => {
+                self.fresh += 1;
+                render_bundle(tools, bundle_name, files).await
+            }
         };
         self.entries.insert(key, r.clone());
         r

@@ -337,6 +337,56 @@ mod tests {
         assert_eq!(web.manifests[0].file, "cm.yaml");
     }
 
+    /// A repository of 200 bundle directories renders each once; a commit that
+    /// touches one directory renders exactly that one again.
+    #[tokio::test]
+    async fn two_hundred_bundles_render_incrementally() {
+        let spec = GitSourceSpec {
+            repo: "x".into(),
+            ..Default::default()
+        };
+        let cm = |i: usize, v: &str| {
+            format!("apiVersion: v1\nkind: ConfigMap\nmetadata: {{name: cm{i}}}\ndata: {{v: \"{v}\"}}\n")
+        };
+        let mut files = BTreeMap::new();
+        for i in 0..200 {
+            files.insert(format!("apps/b{i}/fleet.yaml"), b"defaultNamespace: x\n".to_vec());
+            files.insert(format!("apps/b{i}/cm.yaml"), cm(i, "1").into_bytes());
+        }
+        let tools = Tools::default();
+        let mut first = RenderCache::default();
+        let start = std::time::Instant::now();
+        let out = render_snapshot(&tools, &RenderCache::default(), &mut first, "s", &spec, &files)
+            .await
+            .unwrap();
+        let full = start.elapsed();
+        assert_eq!(out.len(), 200);
+        assert!(out.iter().all(|b| b.result.is_ok()));
+        assert_eq!(first.fresh_renders(), 200);
+
+        files.insert("apps/b42/cm.yaml".into(), cm(42, "2").into_bytes());
+        // A file outside every bundle changes nothing.
+        files.insert("README.md".into(), b"hi\n".to_vec());
+        let mut second = RenderCache::default();
+        let start = std::time::Instant::now();
+        let out2 = render_snapshot(&tools, &first, &mut second, "s", &spec, &files)
+            .await
+            .unwrap();
+        let incremental = start.elapsed();
+        assert_eq!(second.fresh_renders(), 1, "exactly one bundle rendered again");
+        let changed: Vec<&str> = out
+            .iter()
+            .zip(&out2)
+            .filter(|(a, b)| {
+                a.result.as_ref().map(|r| r.content_hash()).ok()
+                    != b.result.as_ref().map(|r| r.content_hash()).ok()
+            })
+            .map(|(_, b)| b.name.as_str())
+            .collect();
+        assert_eq!(changed, ["s-apps-b42"]);
+        eprintln!("200 bundles: full render {full:?}, one changed {incremental:?}");
+    }
+
     #[test]
     fn backoff_doubles_up_to_a_cap() {
         assert_eq!(backoff(1), Duration::from_secs(5));
