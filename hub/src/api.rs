@@ -102,7 +102,11 @@ async fn git_hook(
             "webhook body too large".into(),
         ));
     }
-    let secrets = hub.fleet.store().list_secrets().map_err(ApiError::internal)?;
+    let secrets = hub
+        .fleet
+        .store()
+        .list_secrets()
+        .map_err(ApiError::internal)?;
     let mut keys: Vec<&[u8]> = secrets
         .iter()
         .filter_map(|s| s.webhook_secret.as_deref())
@@ -170,7 +174,11 @@ fn secret_view(s: &crate::store::SecretRecord) -> serde_json::Value {
 }
 
 async fn list_secrets(State(hub): State<Hub>) -> ApiResult<serde_json::Value> {
-    let list = hub.fleet.store().list_secrets().map_err(ApiError::internal)?;
+    let list = hub
+        .fleet
+        .store()
+        .list_secrets()
+        .map_err(ApiError::internal)?;
     Ok(Json(serde_json::Value::Array(
         list.iter().map(secret_view).collect(),
     )))
@@ -184,8 +192,7 @@ async fn put_secret(
     flotilla_shared::objects::validate_name(&name)
         .map_err(|e| ApiError::bad_request(e.to_string()))?;
     let b: SecretBody = json_body(&body)?;
-    if b.ssh_private_key.is_some() && b.known_hosts.as_deref().is_none_or(|h| h.trim().is_empty())
-    {
+    if b.ssh_private_key.is_some() && b.known_hosts.as_deref().is_none_or(|h| h.trim().is_empty()) {
         return Err(ApiError::bad_request(
             "an SSH key needs knownHosts (host keys are always checked)",
         ));

@@ -202,7 +202,12 @@ pub struct SecretCreate {
     #[arg(long, env = "FLOTILLA_SECRET_PASSWORD_FILE", value_name = "FILE")]
     pub password_file: Option<String>,
     /// File holding the SSH private key (unencrypted, OpenSSH or PEM).
-    #[arg(long, env = "FLOTILLA_SECRET_SSH_KEY_FILE", value_name = "FILE", requires = "known_hosts_file")]
+    #[arg(
+        long,
+        env = "FLOTILLA_SECRET_SSH_KEY_FILE",
+        value_name = "FILE",
+        requires = "known_hosts_file"
+    )]
     pub ssh_key_file: Option<String>,
     /// known_hosts lines for the SSH server (host keys are always checked).
     #[arg(long, env = "FLOTILLA_SECRET_KNOWN_HOSTS_FILE", value_name = "FILE")]
@@ -706,7 +711,11 @@ pub fn secrets_table(v: &Value) -> String {
                 .map(|s| {
                     let fields: Vec<String> = s["fields"]
                         .as_array()
-                        .map(|f| f.iter().filter_map(|x| x.as_str().map(String::from)).collect())
+                        .map(|f| {
+                            f.iter()
+                                .filter_map(|x| x.as_str().map(String::from))
+                                .collect()
+                        })
                         .unwrap_or_default();
                     vec![field(s, "name"), fields.join(",")]
                 })

@@ -146,9 +146,7 @@ impl State {
     fn assignments(&self, cluster: &ClusterRecord) -> Vec<Assignment> {
         let bundles = self.bundles_info();
         let mut out = assign::assignments(&cluster_info(cluster), &self.groups_info(), &bundles);
-        flotilla_shared::depends::gate(&mut out, &bundles, |b| {
-            self.reported(&cluster.name, b)
-        });
+        flotilla_shared::depends::gate(&mut out, &bundles, |b| self.reported(&cluster.name, b));
         out
     }
 
@@ -682,7 +680,8 @@ impl Fleet {
             return Ok(false);
         }
         self.store.put_status(&status)?;
-        let ready = |s: &StatusRecord| (s.state == BundleState::Ready).then(|| s.content_hash.clone());
+        let ready =
+            |s: &StatusRecord| (s.state == BundleState::Ready).then(|| s.content_hash.clone());
         let key = (status.cluster.clone(), status.bundle.clone());
         let readiness_changed = st.statuses.get(&key).map(ready) != Some(ready(&status));
         st.statuses.insert(key, status);

@@ -146,6 +146,8 @@ pub fn fetch_snapshot_with(
 
 /// Credentials prepared for one fetch.
 struct Auth {
+    /// The URL as messages show it.
+    shown: String,
     basic: Option<(String, String)>,
     /// `core.sshCommand` for this fetch, and the directory holding the key (removed
     /// on drop).
@@ -161,10 +163,12 @@ impl Auth {
         };
         Ok(match credentials {
             None => Auth {
+                shown: shown.to_string(),
                 basic: None,
                 ssh: None,
             },
             Some(Credentials::Basic { username, password }) => Auth {
+                shown: shown.to_string(),
                 basic: Some((username.clone(), password.clone())),
                 ssh: None,
             },
@@ -200,6 +204,7 @@ impl Auth {
                     hosts.display()
                 );
                 Auth {
+                    shown: shown.to_string(),
                     basic: None,
                     ssh: Some((command, dir)),
                 }
@@ -207,17 +212,26 @@ impl Auth {
         })
     }
 
-    /// No secret in a message, whatever a transport put there.
+    /// No secret in a message, whatever a transport put there; SSH failures say
+    /// what to check (gix does not pass on ssh's own complaint).
     fn scrub_error(&self, e: GitError) -> GitError {
+        if let (Some(_), GitError::Unreachable { url, reason }) = (&self.ssh, &e) {
+            return GitError::Unreachable {
+                url: url.clone(),
+                reason: format!(
+                    "{reason} (ssh: check the secret's key, its known_hosts line for this host and port, and the user in the URL)"
+                ),
+            };
+        }
         let Some((_, password)) = &self.basic else {
             return e;
         };
         if password.is_empty() || !e.to_string().contains(password.as_str()) {
             return e;
         }
-        GitError::Fetch {
-            url: String::new(),
-            what: "repository".into(),
+        GitError::Read {
+            url: self.shown.clone(),
+            what: "credentials".into(),
             reason: e.to_string().replace(password.as_str(), "<redacted>"),
         }
     }
@@ -235,7 +249,7 @@ fn attempt(
     if let Some((command, _)) = &auth.ssh {
         let mut config = repo.config_snapshot_mut();
         config
-            .set_raw_value(&gix::config::tree::Core::SSH_COMMAND, command.as_str())
+            .set_raw_value(gix::config::tree::Core::SSH_COMMAND, command.as_str())
             .map_err(|e| GitError::Cache {
                 path: cache_dir.display().to_string(),
                 reason: format!("cannot set the SSH command: {e}"),
@@ -807,9 +821,12 @@ mod tests {
         let origin = Origin::new();
         origin.write("apps/a.yaml", "a: 1\n");
         let c1 = origin.commit("one");
-        let server =
-            flotilla_tests::githttp::GitHttp::start(origin.dir.parent().unwrap(), "alice", "pw-s3cret")
-                .unwrap();
+        let server = flotilla_tests::githttp::GitHttp::start(
+            origin.dir.parent().unwrap(),
+            "alice",
+            "pw-s3cret",
+        )
+        .unwrap();
         let url = server.url("repo");
         // The hub trusts the system roots, or those SSL_CERT_FILE names; no other
         // test in this process speaks HTTPS.
@@ -827,7 +844,10 @@ mod tests {
         let c2 = origin.commit("two");
         let s = fetch_snapshot_with(&url, &branch("main"), &cache.path().join("a"), Some(&good))
             .unwrap();
-        assert_eq!((s.commit.as_str(), text(&s, "apps/a.yaml").as_str()), (c2.as_str(), "a: 2\n"));
+        assert_eq!(
+            (s.commit.as_str(), text(&s, "apps/a.yaml").as_str()),
+            (c2.as_str(), "a: 2\n")
+        );
         assert!(server.served() > 0);
 
         let refused = server.refused();
@@ -839,14 +859,141 @@ mod tests {
             .unwrap_err();
         eprintln!("wrong password: {err}");
         let msg = err.to_string();
-        assert!(!msg.contains("wrong-pw-s3cret") && !msg.contains("pw-s3cret"), "{msg}");
+        assert!(
+            !msg.contains("wrong-pw-s3cret") && !msg.contains("pw-s3cret"),
+            "{msg}"
+        );
         assert!(msg.contains("127.0.0.1"), "names the repository: {msg}");
-        assert!(server.refused() > refused, "the server saw the wrong password");
+        assert!(
+            server.refused() > refused,
+            "the server saw the wrong password"
+        );
         assert!(format!("{bad:?}").find("s3cret").is_none());
 
         let err = fetch_snapshot(&url, &branch("main"), &cache.path().join("c")).unwrap_err();
         eprintln!("no credentials: {err}");
         assert!(!err.to_string().contains("tty"), "never prompts: {err}");
+    }
+
+    /// Debian's sshd on a loopback port (as root, with a test config and keys made
+    /// by ssh-keygen); `None` where it cannot run (not installed, not root).
+    struct Sshd {
+        child: Child,
+        port: u16,
+        client_key: String,
+        known_hosts: String,
+        _dir: tempfile::TempDir,
+    }
+
+    impl Sshd {
+        fn start() -> Option<Sshd> {
+            let sshd = Path::new("/usr/sbin/sshd");
+            let root = Command::new("id").arg("-u").output().ok()?.stdout == b"0\n";
+            if !sshd.exists() || !root {
+                return None;
+            }
+            std::fs::create_dir_all("/run/sshd").ok()?;
+            let dir = tempfile::tempdir().ok()?;
+            let keygen = |name: &str| {
+                let path = dir.path().join(name);
+                Command::new("ssh-keygen")
+                    .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+                    .arg(&path)
+                    .status()
+                    .ok()
+                    .filter(|s| s.success())
+                    .map(|_| path)
+            };
+            let host_key = keygen("host")?;
+            let client_key = keygen("client")?;
+            let authorized = dir.path().join("authorized_keys");
+            std::fs::copy(client_key.with_extension("pub"), &authorized).ok()?;
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .ok()?
+                .local_addr()
+                .ok()?
+                .port();
+            let config = dir.path().join("sshd_config");
+            std::fs::write(
+                &config,
+                format!(
+                    "Port {port}\nListenAddress 127.0.0.1\nHostKey {}\nAuthorizedKeysFile {}\n\
+                     PermitRootLogin prohibit-password\nPasswordAuthentication no\nStrictModes no\n\
+                     UsePAM no\nPidFile none\n",
+                    host_key.display(),
+                    authorized.display()
+                ),
+            )
+            .ok()?;
+            let child = Command::new(sshd)
+                .args(["-D", "-e", "-f"])
+                .arg(&config)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .ok()?;
+            let host_pub = std::fs::read_to_string(host_key.with_extension("pub")).ok()?;
+            let known_hosts = format!("[127.0.0.1]:{port} {}", host_pub.trim());
+            let sshd = Sshd {
+                child,
+                port,
+                client_key: std::fs::read_to_string(&client_key).ok()?,
+                known_hosts,
+                _dir: dir,
+            };
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+                if std::time::Instant::now() > deadline {
+                    return None;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            Some(sshd)
+        }
+    }
+
+    impl Drop for Sshd {
+        fn drop(&mut self) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+
+    #[test]
+    fn private_repository_over_ssh_with_key_and_known_hosts() {
+        let Some(sshd) = Sshd::start() else {
+            eprintln!("sshd cannot run here (needs /usr/sbin/sshd and root): skipped");
+            return;
+        };
+        let origin = Origin::new();
+        origin.write("apps/a.yaml", "a: 1\n");
+        let c1 = origin.commit("one");
+        let url = format!("ssh://root@127.0.0.1:{}{}", sshd.port, origin.dir.display());
+        let cache = tempfile::tempdir().unwrap();
+        let good = Credentials::Ssh {
+            private_key: sshd.client_key.clone().into_bytes(),
+            known_hosts: sshd.known_hosts.clone().into_bytes(),
+        };
+        let s = fetch_snapshot_with(&url, &branch("main"), &cache.path().join("a"), Some(&good))
+            .unwrap();
+        assert_eq!(s.commit, c1);
+        assert_eq!(text(&s, "apps/a.yaml"), "a: 1\n");
+
+        // A host key that does not match: refused, whatever the client key.
+        let other_host = "[127.0.0.1]:1 ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBZKbKJgZ3hb8Yt3AXmwRj4S3RjOHEoUmZMBLjRbuVUX";
+        let wrong_host = Credentials::Ssh {
+            private_key: sshd.client_key.clone().into_bytes(),
+            known_hosts: other_host.as_bytes().to_vec(),
+        };
+        let err = fetch_snapshot_with(
+            &url,
+            &branch("main"),
+            &cache.path().join("b"),
+            Some(&wrong_host),
+        )
+        .unwrap_err();
+        eprintln!("unknown host key: {err}");
+        assert!(!err.to_string().contains("PRIVATE KEY"), "{err}");
     }
 
     /// `git daemon` on a free loopback port, killed by PID when dropped.

@@ -350,15 +350,25 @@ mod tests {
         };
         let mut files = BTreeMap::new();
         for i in 0..200 {
-            files.insert(format!("apps/b{i}/fleet.yaml"), b"defaultNamespace: x\n".to_vec());
+            files.insert(
+                format!("apps/b{i}/fleet.yaml"),
+                b"defaultNamespace: x\n".to_vec(),
+            );
             files.insert(format!("apps/b{i}/cm.yaml"), cm(i, "1").into_bytes());
         }
         let tools = Tools::default();
         let mut first = RenderCache::default();
         let start = std::time::Instant::now();
-        let out = render_snapshot(&tools, &RenderCache::default(), &mut first, "s", &spec, &files)
-            .await
-            .unwrap();
+        let out = render_snapshot(
+            &tools,
+            &RenderCache::default(),
+            &mut first,
+            "s",
+            &spec,
+            &files,
+        )
+        .await
+        .unwrap();
         let full = start.elapsed();
         assert_eq!(out.len(), 200);
         assert!(out.iter().all(|b| b.result.is_ok()));
@@ -373,7 +383,11 @@ mod tests {
             .await
             .unwrap();
         let incremental = start.elapsed();
-        assert_eq!(second.fresh_renders(), 1, "exactly one bundle rendered again");
+        assert_eq!(
+            second.fresh_renders(),
+            1,
+            "exactly one bundle rendered again"
+        );
         let changed: Vec<&str> = out
             .iter()
             .zip(&out2)

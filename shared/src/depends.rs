@@ -187,7 +187,11 @@ mod tests {
         ];
         let run = |r: Option<Reported>| {
             let mut a = assigned(&["a", "b"]);
-            gate(&mut a, &bundles, |n| if n == "a" { r.clone() } else { None });
+            gate(
+                &mut a,
+                &bundles,
+                |n| if n == "a" { r.clone() } else { None },
+            );
             a
         };
         let a = run(None);

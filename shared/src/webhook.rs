@@ -83,7 +83,9 @@ pub fn authenticate<'a>(
         let ok = secrets
             .iter()
             .filter(|s| !s.is_empty())
-            .fold(false, |ok, s| ok | constant_time_eq(&hmac_sha256(s, body), &sig));
+            .fold(false, |ok, s| {
+                ok | constant_time_eq(&hmac_sha256(s, body), &sig)
+            });
         return if ok {
             Ok(Provider::GitHub)
         } else {
@@ -128,7 +130,13 @@ pub fn parse_push(provider: Provider, event: &str, body: &[u8]) -> Result<Push, 
         ),
         Provider::GitLab => (
             "project",
-            &["git_http_url", "git_ssh_url", "web_url", "http_url", "ssh_url"],
+            &[
+                "git_http_url",
+                "git_ssh_url",
+                "web_url",
+                "http_url",
+                "ssh_url",
+            ],
         ),
     };
     let mut repos: Vec<String> = keys
@@ -171,7 +179,10 @@ pub fn normalize_repo_url(url: &str) -> String {
         .map(str::to_string)
         .unwrap_or(host);
     let path = path.trim_matches('/');
-    let path = path.strip_suffix(".git").unwrap_or(path).trim_end_matches('/');
+    let path = path
+        .strip_suffix(".git")
+        .unwrap_or(path)
+        .trim_end_matches('/');
     if host.is_empty() {
         path.to_string()
     } else {
@@ -208,10 +219,7 @@ mod tests {
         );
         // GitHub's documented example ("Validating webhook deliveries").
         assert_eq!(
-            hex::encode(hmac_sha256(
-                b"It's a Secret to Everybody",
-                b"Hello, World!"
-            )),
+            hex::encode(hmac_sha256(b"It's a Secret to Everybody", b"Hello, World!")),
             "757107ea0eb2509fc211221cce984b8a37570b6d7586c22c46f4379c8b043e17"
         );
         // A key longer than a block is hashed first (RFC 4231 test case 6).
@@ -332,10 +340,22 @@ mod tests {
             ..Default::default()
         };
         assert!(concerns(&push, &spec("https://github.com/o/r", None, None)));
-        assert!(concerns(&push, &spec("git@github.com:o/r.git", Some("main"), None)));
-        assert!(!concerns(&push, &spec("https://github.com/o/r", Some("dev"), None)));
-        assert!(!concerns(&push, &spec("https://github.com/o/other", None, None)));
-        assert!(!concerns(&push, &spec("https://github.com/o/r", None, Some("v1"))));
+        assert!(concerns(
+            &push,
+            &spec("git@github.com:o/r.git", Some("main"), None)
+        ));
+        assert!(!concerns(
+            &push,
+            &spec("https://github.com/o/r", Some("dev"), None)
+        ));
+        assert!(!concerns(
+            &push,
+            &spec("https://github.com/o/other", None, None)
+        ));
+        assert!(!concerns(
+            &push,
+            &spec("https://github.com/o/r", None, Some("v1"))
+        ));
         let fixed = GitSourceSpec {
             revision: Some("abcd".into()),
             ..spec("https://github.com/o/r", None, None)

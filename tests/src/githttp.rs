@@ -228,7 +228,10 @@ fn tls_config() -> Result<(String, rustls::ServerConfig)> {
     let ca_key = KeyPair::generate()?;
     let mut ca = CertificateParams::default();
     ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::DigitalSignature];
+    ca.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
     ca.distinguished_name
         .push(rcgen::DnType::CommonName, "flotilla test git CA");
     let ca_cert = ca.self_signed(&ca_key)?;

@@ -487,7 +487,12 @@ impl Hub {
 
 /// Sends one HTTP/1.1 POST to `127.0.0.1:port` and returns the status code and
 /// body (no client library: the tests speak plain HTTP to the hub).
-pub fn http_post(port: u16, path: &str, headers: &[(&str, &str)], body: &[u8]) -> Result<(u16, String)> {
+pub fn http_post(
+    port: u16,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> Result<(u16, String)> {
     use std::io::Read;
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
     s.set_read_timeout(Some(Duration::from_secs(30)))?;
@@ -509,7 +514,10 @@ pub fn http_post(port: u16, path: &str, headers: &[(&str, &str)], body: &[u8]) -
         .nth(1)
         .and_then(|c| c.parse().ok())
         .ok_or_else(|| anyhow!("no HTTP status in {text:?}"))?;
-    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
     Ok((status, body))
 }
 

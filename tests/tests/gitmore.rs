@@ -27,9 +27,11 @@ fn cm_value(cluster: &TestCluster, ns: &str, name: &str) -> Result<Option<String
 }
 
 fn wait_cm(cluster: &TestCluster, ns: &str, name: &str, value: &str) -> Result<()> {
-    wait_until(&format!("configmap {ns}/{name} = {value}"), DEADLINE, || {
-        Ok((cm_value(cluster, ns, name)?.as_deref() == Some(value)).then_some(()))
-    })
+    wait_until(
+        &format!("configmap {ns}/{name} = {value}"),
+        DEADLINE,
+        || Ok((cm_value(cluster, ns, name)?.as_deref() == Some(value)).then_some(())),
+    )
 }
 
 fn github_push(secret: &str, repo_url: &str, git_ref: &str) -> (Vec<u8>, String) {
@@ -88,7 +90,9 @@ fn webhook_push_is_applied_without_waiting_for_the_poll() -> Result<()> {
         east,
         &dir.path().join("agent"),
     )?;
-    hub.cli(&["source", "add", "hooked", "--repo", &repo.url, "--poll", "1h"])?;
+    hub.cli(&[
+        "source", "add", "hooked", "--repo", &repo.url, "--poll", "1h",
+    ])?;
     wait_cm(east, ns, "hooked", "one")?;
 
     repo.commit(
@@ -101,7 +105,10 @@ fn webhook_push_is_applied_without_waiting_for_the_poll() -> Result<()> {
     let (status, text) = http_post(
         hub.api_port(),
         "/hooks/git",
-        &[("X-GitHub-Event", "push"), ("X-Hub-Signature-256", &bad_sig)],
+        &[
+            ("X-GitHub-Event", "push"),
+            ("X-Hub-Signature-256", &bad_sig),
+        ],
         &body,
     )?;
     assert_eq!(status, 401, "{text}");
@@ -110,7 +117,10 @@ fn webhook_push_is_applied_without_waiting_for_the_poll() -> Result<()> {
     let (status, text) = http_post(
         hub.api_port(),
         "/hooks/git",
-        &[("X-GitHub-Event", "push"), ("X-Hub-Signature-256", &other_sig)],
+        &[
+            ("X-GitHub-Event", "push"),
+            ("X-Hub-Signature-256", &other_sig),
+        ],
         &other_body,
     )?;
     assert_eq!(status, 200, "{text}");
@@ -151,7 +161,10 @@ fn webhook_push_is_applied_without_waiting_for_the_poll() -> Result<()> {
     let (status, text) = http_post(
         hub.api_port(),
         "/hooks/git",
-        &[("X-Gitlab-Event", "Push Hook"), ("X-Gitlab-Token", "hook-s3cret")],
+        &[
+            ("X-Gitlab-Event", "Push Hook"),
+            ("X-Gitlab-Token", "hook-s3cret"),
+        ],
         gl.as_bytes(),
     )?;
     assert_eq!(status, 200, "{text}");
@@ -201,26 +214,48 @@ fn private_repository_over_https_with_basic_auth() -> Result<()> {
     std::fs::write(&pw, "pa55-wrong\n")?;
     let pw_arg = pw.to_string_lossy().to_string();
     hub.cli(&[
-        "secret", "create", "git-creds", "--username", "deploy", "--password-file", &pw_arg,
+        "secret",
+        "create",
+        "git-creds",
+        "--username",
+        "deploy",
+        "--password-file",
+        &pw_arg,
     ])?;
     let listed = hub.cli_json(&["secret", "list"])?;
     assert!(!listed.to_string().contains("pa55"), "{listed}");
     hub.cli(&[
-        "source", "add", "private", "--repo", &server.url("private"), "--secret", "git-creds",
-        "--poll", "1s",
+        "source",
+        "add",
+        "private",
+        "--repo",
+        &server.url("private"),
+        "--secret",
+        "git-creds",
+        "--poll",
+        "1s",
     ])?;
     let error = wait_until("the refusal on the source", DEADLINE, || {
         let v = hub.cli_json(&["source", "get", "private"])?;
         Ok(v["lastError"].as_str().map(String::from))
     })?;
     eprintln!("wrong password: {error}");
-    assert!(error.contains("401") || error.contains("not accepted"), "{error}");
+    assert!(
+        error.contains("401") || error.contains("not accepted"),
+        "{error}"
+    );
     assert!(!error.contains("pa55"), "no password in the error: {error}");
     assert!(server.refused() > 0);
 
     std::fs::write(&pw, "pa55-right\n")?;
     hub.cli(&[
-        "secret", "create", "git-creds", "--username", "deploy", "--password-file", &pw_arg,
+        "secret",
+        "create",
+        "git-creds",
+        "--username",
+        "deploy",
+        "--password-file",
+        &pw_arg,
     ])?;
     wait_cm(east, ns, "private", "one")?;
     let v = hub.cli_json(&["source", "get", "private"])?;
@@ -280,7 +315,8 @@ fn depends_on_holds_a_bundle_until_its_dependency_is_ready() -> Result<()> {
             }
             (a, b) => Err(anyhow!(
                 "a: {a:?}, b: {b:?}; bundles: {}",
-                hub.cli(&["bundle", "list"]).unwrap_or_else(|e| e.to_string())
+                hub.cli(&["bundle", "list"])
+                    .unwrap_or_else(|e| e.to_string())
             )),
         }
     })?;
@@ -293,7 +329,10 @@ fn depends_on_holds_a_bundle_until_its_dependency_is_ready() -> Result<()> {
     eprintln!("b: {msg}");
 
     let fixed = deployment(ns_a, "db", "{}");
-    repo.commit(&BTreeMap::from([("a/db.yaml", Some(fixed.as_str()))]), "a fixed")?;
+    repo.commit(
+        &BTreeMap::from([("a/db.yaml", Some(fixed.as_str()))]),
+        "a fixed",
+    )?;
     let fixed_at = Instant::now();
     hub.wait_bundle_state("dep-a", "dep-east", "Ready")?;
     wait_cm(east, ns_b, "app", "b")?;
