@@ -1535,6 +1535,9 @@ mod http_tests {
                 "kubernetesVersion": "v1.34.1", "bundleCounts": {"Ready": 1}}])),
             ("PATCH", "/api/v1/clusters/east/labels") => ok(json!({"name": "east"})),
             ("DELETE", "/api/v1/sources/apps") => StatusCode::NO_CONTENT.into_response(),
+            ("PUT", "/api/v1/secrets/git-creds") => {
+                ok(json!({"name": "git-creds", "fields": ["username", "password"]}))
+            }
             _ => (
                 StatusCode::NOT_FOUND,
                 axum::Json(json!({"error": format!("{} not found", uri.path())})),
@@ -1667,6 +1670,57 @@ mod http_tests {
         let (code, out, _) = cli(&hub, &["source", "delete", "apps"]).await;
         assert_eq!((code, out.as_str()), (0, "gitsource/apps deleted\n"));
         assert_eq!(last(&log).method, "DELETE");
+
+        let pw = dir.path().join("pw");
+        std::fs::write(&pw, "tok-s3cret\n").unwrap();
+        let (code, out, err) = cli(
+            &hub,
+            &[
+                "secret",
+                "create",
+                "git-creds",
+                "--username",
+                "bot",
+                "--password-file",
+                pw.to_str().unwrap(),
+            ],
+        )
+        .await;
+        assert_eq!(
+            (code, out.as_str()),
+            (0, "secret/git-creds configured\n"),
+            "{err}"
+        );
+        assert!(!err.contains("tok-s3cret"));
+        let seen = last(&log);
+        assert_eq!(
+            (seen.method.as_str(), seen.uri.as_str()),
+            ("PUT", "/api/v1/secrets/git-creds")
+        );
+        let body: Value = serde_json::from_str(&seen.body).unwrap();
+        assert_eq!(
+            (&body["username"], &body["password"]),
+            (&json!("bot"), &json!("tok-s3cret")),
+            "one trailing newline dropped"
+        );
+        let (code, _, err) = cli(&hub, &["secret", "create", "empty"]).await;
+        assert_eq!(code, 1);
+        assert!(err.contains("--password-file"), "{err}");
+        let (code, _, err) = cli(
+            &hub,
+            &[
+                "source",
+                "add",
+                "priv",
+                "--repo",
+                "https://g/p.git",
+                "--secret",
+                "git-creds",
+            ],
+        )
+        .await;
+        assert_eq!(code, 0, "{err}");
+        assert!(last(&log).body.contains("secretRef: git-creds"));
     }
 
     #[tokio::test]

@@ -685,8 +685,14 @@ impl Fleet {
         let key = (status.cluster.clone(), status.bundle.clone());
         let readiness_changed = st.statuses.get(&key).map(ready) != Some(ready(&status));
         st.statuses.insert(key, status);
-        // Bundles that depend on this one may now be sent (or held back).
-        if readiness_changed {
+        // Bundles that depend on this one may now be sent (or held back). Only
+        // then: a bump makes every session recompute its desired set.
+        let any_depends = || {
+            st.sources
+                .values()
+                .any(|s| s.bundles.values().any(|b| !b.depends_on.is_empty()))
+        };
+        if readiness_changed && any_depends() {
             st.bump(&self.changed);
         }
         Ok(true)

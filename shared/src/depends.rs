@@ -207,6 +207,27 @@ mod tests {
     }
 
     #[test]
+    fn a_waiting_bundle_is_not_sent_or_keeps_what_the_agent_holds() {
+        use crate::assign::{assignment_state, sendable};
+        let bundles = vec![
+            bundle("a", &[], vec![]),
+            bundle("b", &[], vec![Dependency::Name("a".into())]),
+        ];
+        let mut a = assigned(&["a", "b"]);
+        gate(&mut a, &bundles, |_| None);
+        let names = |s: Vec<(String, String, String)>| -> Vec<String> {
+            s.into_iter().map(|(n, h, _)| format!("{n}:{h}")).collect()
+        };
+        assert_eq!(names(sendable(&a, |_| None)), ["a:h-a"]);
+        // The agent runs an older b: it stays at that content, not removed.
+        let held = |n: &str| (n == "b").then(|| ("h-b-old".to_string(), "c0".to_string()));
+        assert_eq!(names(sendable(&a, held)), ["a:h-a", "b:h-b-old"]);
+        let (state, message) = assignment_state(&a[1], Some("h-b-old"), None);
+        assert_eq!(state, BundleState::Pending);
+        assert_eq!(message, "waiting for bundle a (not applied yet)");
+    }
+
+    #[test]
     fn missing_dependency_and_selectors() {
         let bundles = vec![
             bundle("db1", &[("tier", "db")], vec![]),
