@@ -98,6 +98,10 @@ pub struct RenderArgs {
         default_value = "local"
     )]
     pub cluster_name: String,
+    /// The cluster's Kubernetes version (Helm's `.Capabilities.KubeVersion`, e.g.
+    /// v1.30.2); default: helm's own.
+    #[arg(long, value_name = "VERSION", env = "FLOTILLA_RENDER_KUBE_VERSION")]
+    pub kube_version: Option<String>,
     /// The bundle's name (Helm's default release name); default: DIR's name.
     #[arg(long, value_name = "NAME", env = "FLOTILLA_RENDER_BUNDLE_NAME")]
     pub bundle_name: Option<String>,
@@ -477,7 +481,16 @@ async fn render(
         name: args.cluster_name.clone(),
         labels,
     };
-    match crate::render::render_for_cluster(&tools, &bundle_name, &files, &cluster, &[]).await {
+    match crate::render::render_for_cluster(
+        &tools,
+        &bundle_name,
+        &files,
+        &cluster,
+        &[],
+        args.kube_version.as_deref(),
+    )
+    .await
+    {
         Ok(Some(r)) => out.write_all(crate::render::to_yaml_stream(&r).as_bytes())?,
         Ok(None) => writeln!(err, "this cluster does not get the bundle (doNotDeploy)")?,
         Err(e) => return Err(CliError::Render(e.to_string())),

@@ -223,10 +223,19 @@ impl State {
     }
 }
 
+/// A cluster as matching sees it: its labels, plus its Kubernetes version (for
+/// the version-pinned Helm renders, see `shared::capabilities`).
 fn cluster_info(c: &ClusterRecord) -> ClusterInfo {
+    let mut labels = c.labels.clone();
+    if let Some(v) = flotilla_shared::capabilities::label_value(&c.kubernetes_version) {
+        labels.insert(
+            flotilla_shared::capabilities::KUBE_VERSION_LABEL.to_string(),
+            v,
+        );
+    }
     ClusterInfo {
         name: c.name.clone(),
-        labels: c.labels.clone(),
+        labels,
     }
 }
 
@@ -368,6 +377,16 @@ impl Fleet {
     }
 
     // ---- sources and groups -------------------------------------------------
+
+    /// The Kubernetes versions the fleet's agents reported, distinct and sorted.
+    pub fn kube_versions(&self) -> Vec<String> {
+        let st = self.lock();
+        flotilla_shared::capabilities::versions(
+            st.clusters
+                .values()
+                .map(|c| c.record.kubernetes_version.as_str()),
+        )
+    }
 
     pub fn source_specs(&self) -> Vec<(String, GitSourceSpec)> {
         self.lock()

@@ -151,6 +151,7 @@ impl Hub {
             source,
             &spec,
             &snapshot.files,
+            &self.fleet.kube_versions(),
         )
         .await
         .map_err(|e| anyhow::anyhow!(e))?;

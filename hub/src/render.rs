@@ -13,7 +13,9 @@ use std::time::Duration;
 
 use flotilla_shared::assign::CustomizationInfo;
 use flotilla_shared::bundle::{parse_manifests, RenderError, Rendered};
+use flotilla_shared::capabilities;
 use flotilla_shared::fleetyaml::{self, RenderPlan, Renderer, Variant};
+use flotilla_shared::objects::Target;
 use sha2::{Digest, Sha256};
 use tokio::io::AsyncReadExt;
 
@@ -87,6 +89,7 @@ pub async fn render_bundle(
     tools: &Tools,
     bundle_name: &str,
     files: &BTreeMap<String, Vec<u8>>,
+    kube_versions: &[String],
 ) -> BundleRender {
     let spec = match fleetyaml::parse_spec(files) {
         Ok(s) => s,
@@ -98,53 +101,110 @@ pub async fn render_bundle(
         }
     };
     let mut done: HashMap<String, Result<Rendered, RenderError>> = HashMap::new();
-    let mut results = Vec::new();
+    // Per variant: its render, and for Helm its render per Kubernetes version.
+    type Twins = Vec<(String, Result<Rendered, RenderError>)>;
+    let mut results: Vec<(Variant, Result<Rendered, RenderError>, Twins)> = Vec::new();
     for variant in fleetyaml::variants(&spec) {
-        let result = if !variant.deploys() {
-            Ok(Rendered {
+        if !variant.deploys() {
+            let empty = Ok(Rendered {
                 manifests: vec![],
                 options: Default::default(),
-            })
-        } else {
-            match fleetyaml::plan(&spec, &variant, files, bundle_name) {
-                Err(e) => Err(e),
-                Ok(plan) => {
-                    let key = plan.key();
-                    match done.get(&key) {
-                        Some(r) => r.clone(),
-                        None => {
-                            let r = render_plan(tools, &plan, files).await;
-                            done.insert(key, r.clone());
-                            r
-                        }
-                    }
-                }
+            });
+            results.push((variant, empty, vec![]));
+            continue;
+        }
+        let plan = match fleetyaml::plan(&spec, &variant, files, bundle_name) {
+            Ok(p) => p,
+            Err(e) => {
+                results.push((variant, Err(e), vec![]));
+                continue;
             }
         };
-        results.push((variant, result));
+        let mut plans = vec![(None, plan.clone())];
+        if let Renderer::Helm(h) = &plan.renderer {
+            for v in kube_versions {
+                let mut h = h.clone();
+                h.kube_version = Some(v.clone());
+                plans.push((
+                    Some(v.clone()),
+                    RenderPlan {
+                        renderer: Renderer::Helm(h),
+                        ..plan.clone()
+                    },
+                ));
+            }
+        }
+        let mut base = None;
+        let mut twins = Vec::new();
+        for (version, plan) in plans {
+            let key = plan.key();
+            let r = match done.get(&key) {
+                Some(r) => r.clone(),
+                None => {
+                    let r = render_plan(tools, &plan, files).await;
+                    done.insert(key, r.clone());
+                    r
+                }
+            };
+            match version {
+                None => base = Some(r),
+                Some(v) => twins.push((v, r)),
+            }
+        }
+        let base = base.unwrap_or_else(|| Err(tool_error(".", "no render".into())));
+        results.push((variant, base, twins));
     }
     let mut it = results.into_iter();
-    let default = it
+    let (default, default_twins) = it
         .next()
-        .map(|(_, r)| r)
-        .unwrap_or_else(|| Err(tool_error(".", "no variant to render".into())));
+        .map(|(_, r, t)| (r, t))
+        .unwrap_or_else(|| (Err(tool_error(".", "no variant to render".into())), vec![]));
+    let mut customizations = Vec::new();
+    for (v, r, twins) in it {
+        let c = v.customization.unwrap_or_default();
+        let info = CustomizationInfo {
+            name: v.name,
+            target: c.target(),
+            do_not_deploy: c.do_not_deploy,
+            good: None,
+            render_error: None,
+        };
+        let t = &info.target;
+        // A customisation that names no cluster matches none; so do its twins.
+        let matches_some = t.cluster_name.is_some()
+            || t.cluster_selector.is_some()
+            || t.cluster_group.is_some()
+            || t.cluster_group_selector.is_some();
+        // The version-pinned twins come first: a cluster of that version gets them.
+        for (version, tr) in twins.into_iter().filter(|_| matches_some) {
+            if let Some(target) = capabilities::versioned_target(&info.target, &version) {
+                let twin = CustomizationInfo {
+                    name: format!("{}@{version}", info.name),
+                    target,
+                    ..info.clone()
+                };
+                customizations.push((twin, tr));
+            }
+        }
+        customizations.push((info, r));
+    }
+    // Clusters that match no customisation: the default for their version, else the
+    // version-less default.
+    for (version, tr) in default_twins {
+        if let Some(target) = capabilities::versioned_target(&Target::default(), &version) {
+            let twin = CustomizationInfo {
+                name: format!("@{version}"),
+                target,
+                do_not_deploy: false,
+                good: None,
+                render_error: None,
+            };
+            customizations.push((twin, tr));
+        }
+    }
     BundleRender {
         default,
-        customizations: it
-            .map(|(v, r): (Variant, _)| {
-                let c = v.customization.unwrap_or_default();
-                (
-                    CustomizationInfo {
-                        name: v.name,
-                        target: c.target(),
-                        do_not_deploy: c.do_not_deploy,
-                        good: None,
-                        render_error: None,
-                    },
-                    r,
-                )
-            })
-            .collect(),
+        customizations,
     }
 }
 
@@ -195,6 +255,9 @@ pub async fn render_plan(
             }
             if let Some(v) = &h.version {
                 args.extend(["--version".into(), v.into()]);
+            }
+            if let Some(v) = &h.kube_version {
+                args.extend(["--kube-version".into(), v.into()]);
             }
             for f in &h.values_files {
                 args.extend(["-f".into(), root.join(f).into_os_string()]);
@@ -354,9 +417,13 @@ pub struct RenderCache {
 }
 
 impl RenderCache {
-    fn key(bundle_name: &str, files: &BTreeMap<String, Vec<u8>>) -> String {
+    fn key(bundle_name: &str, files: &BTreeMap<String, Vec<u8>>, versions: &[String]) -> String {
         let mut h = Sha256::new();
         h.update(bundle_name.as_bytes());
+        for v in versions {
+            h.update(b"\0v");
+            h.update(v.as_bytes());
+        }
         for (p, b) in files {
             h.update(b"\0");
             h.update(p.as_bytes());
@@ -380,14 +447,15 @@ impl RenderCache {
         tools: &Tools,
         bundle_name: &str,
         files: &BTreeMap<String, Vec<u8>>,
+        kube_versions: &[String],
     ) -> BundleRender {
-        let key = Self::key(bundle_name, files);
+        let key = Self::key(bundle_name, files, kube_versions);
         // Failures are not reused: a chart repository may be back next time.
         let r = match previous.entries.get(&key) {
             Some(r) if r.all_ok() => r.clone(),
             _ => {
                 self.fresh += 1;
-                render_bundle(tools, bundle_name, files).await
+                render_bundle(tools, bundle_name, files, kube_versions).await
             }
         };
         self.entries.insert(key, r.clone());
@@ -396,16 +464,27 @@ impl RenderCache {
 }
 
 /// Renders a bundle for one cluster: the variant of its first matching target
-/// customisation, else the default. `Ok(None)` when that customisation says
-/// `doNotDeploy`. Used by `flotilla render` and the render tests.
+/// customisation, else the default, for a cluster of Kubernetes `kube_version`
+/// (Helm's `.Capabilities.KubeVersion`; `None`: helm's default). `Ok(None)` when
+/// that customisation says `doNotDeploy`. Used by `flotilla render` and the render tests.
 pub async fn render_for_cluster(
     tools: &Tools,
     bundle_name: &str,
     files: &BTreeMap<String, Vec<u8>>,
     cluster: &flotilla_shared::targeting::ClusterInfo,
     groups: &[flotilla_shared::targeting::GroupInfo],
+    kube_version: Option<&str>,
 ) -> Result<Option<Rendered>, RenderError> {
-    let r = render_bundle(tools, bundle_name, files).await;
+    // As the hub does: the cluster's version is a render input and a label.
+    let versions = capabilities::versions(kube_version);
+    let mut cluster = cluster.clone();
+    if let Some(v) = kube_version.and_then(capabilities::label_value) {
+        cluster
+            .labels
+            .insert(capabilities::KUBE_VERSION_LABEL.to_string(), v);
+    }
+    let cluster = &cluster;
+    let r = render_bundle(tools, bundle_name, files, &versions).await;
     let info = flotilla_shared::assign::BundleInfo {
         name: bundle_name.to_string(),
         source: String::new(),

@@ -41,6 +41,7 @@ pub async fn render_snapshot(
     source: &str,
     spec: &GitSourceSpec,
     files: &BTreeMap<String, Vec<u8>>,
+    kube_versions: &[String],
 ) -> Result<Vec<RenderedBundle>, String> {
     let paths: Vec<String> = files.keys().cloned().collect();
     let dirs = bundle_dirs(&paths, &spec.paths).map_err(|e| format!("paths: {e}"))?;
@@ -53,7 +54,7 @@ pub async fn render_snapshot(
         let name = bundle_name(source, dir);
         let span = tracing::info_span!("render", bundle = %name);
         let r = next
-            .render(previous, tools, &name, &bundle)
+            .render(previous, tools, &name, &bundle, kube_versions)
             .instrument(span)
             .await;
         // A fleet.yaml that does not parse fails the render itself; its dependsOn
@@ -232,6 +233,9 @@ async fn poll_loop(
     wake: Arc<Notify>,
 ) {
     let mut last_commit: Option<String> = None;
+    // The fleet's Kubernetes versions at the last render: Helm bundles render per
+    // version, so a new version re-renders (at the next fetch).
+    let mut last_versions: Vec<String> = Vec::new();
     let mut renders = RenderCache::default();
     let mut failures = 0u32;
     loop {
@@ -247,8 +251,12 @@ async fn poll_loop(
             .unwrap_or_else(|e| Err(format!("fetch task failed: {e}"))),
             Err(e) => Err(e),
         };
+        let versions = fleet.kube_versions();
         let delay = match fetched {
-            Ok(snapshot) if last_commit.as_deref() == Some(snapshot.commit.as_str()) => {
+            Ok(snapshot)
+                if last_commit.as_deref() == Some(snapshot.commit.as_str())
+                    && versions == last_versions =>
+            {
                 failures = 0;
                 fleet.set_fetched(&name, crate::now_ms());
                 spec.poll_interval()
@@ -256,9 +264,17 @@ async fn poll_loop(
             Ok(snapshot) => {
                 failures = 0;
                 let mut next = RenderCache::default();
-                let rendered =
-                    render_snapshot(&tools, &renders, &mut next, &name, &spec, &snapshot.files)
-                        .await;
+                let rendered = render_snapshot(
+                    &tools,
+                    &renders,
+                    &mut next,
+                    &name,
+                    &spec,
+                    &snapshot.files,
+                    &versions,
+                )
+                .await;
+                last_versions = versions;
                 renders = next;
                 match rendered {
                     Ok(bundles) => {
@@ -326,6 +342,7 @@ mod tests {
             "src",
             &spec,
             &files,
+            &[],
         )
         .await
         .unwrap();
@@ -366,6 +383,7 @@ mod tests {
             "s",
             &spec,
             &files,
+            &[],
         )
         .await
         .unwrap();
@@ -379,7 +397,7 @@ mod tests {
         files.insert("README.md".into(), b"hi\n".to_vec());
         let mut second = RenderCache::default();
         let start = std::time::Instant::now();
-        let out2 = render_snapshot(&tools, &first, &mut second, "s", &spec, &files)
+        let out2 = render_snapshot(&tools, &first, &mut second, "s", &spec, &files, &[])
             .await
             .unwrap();
         let incremental = start.elapsed();

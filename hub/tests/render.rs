@@ -1,6 +1,7 @@
 //! Data-driven render tests: each `tests/render/<case>/bundle/` is rendered for
 //! every `tests/render/<case>/expected/<cluster>@<labels>.yaml` (labels as
-//! `k=v,k2=v2`, possibly empty) and compared with that file. Cases that need helm
+//! `k=v,k2=v2`, possibly empty; `<cluster>~<version>` for a cluster of that
+//! Kubernetes version) and compared with that file. Cases that need helm
 //! or kustomize take them from `FLOTILLA_TESTENV_BIN` (`make testenv`); without it
 //! they are skipped with a note (failed under `FLOTILLA_REQUIRE_E2E=1`).
 //! `FLOTILLA_BLESS=1` rewrites the expected files from the current output.
@@ -69,11 +70,18 @@ async fn render_cases() {
         for path in expected {
             let stem = path.file_stem().unwrap().to_string_lossy().to_string();
             let (cluster, labels) = stem.split_once('@').expect("<cluster>@<labels>.yaml");
+            // `<cluster>~<kubernetes version>`: a cluster of that version.
+            let (cluster, kube_version) = match cluster.split_once('~') {
+                Some((c, v)) => (c, Some(v)),
+                None => (cluster, None),
+            };
             let cluster = ClusterInfo {
                 name: cluster.to_string(),
                 labels: parse_labels(labels).unwrap(),
             };
-            let got = match render_for_cluster(&tools, &name, &files, &cluster, &[]).await {
+            let got = match render_for_cluster(&tools, &name, &files, &cluster, &[], kube_version)
+                .await
+            {
                 Ok(Some(r)) => to_yaml_stream(&r),
                 Ok(None) => "# not deployed (doNotDeploy)\n".to_string(),
                 Err(e) => format!("# error: {e}\n"),

@@ -230,6 +230,10 @@ pub struct HelmPlan {
     /// The bundle's `helm.values` with the customisation's merged over them.
     pub values: Value,
     pub kustomize_dir: Option<String>,
+    /// `--kube-version`: the target clusters' Kubernetes version (set by the hub
+    /// per version in the fleet; `None` leaves helm's default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kube_version: Option<String>,
 }
 
 /// How one variant of a bundle is rendered. Equal plans give equal output, so the
@@ -435,6 +439,7 @@ pub fn plan(
             values_files,
             values,
             kustomize_dir,
+            kube_version: None,
         }))
     } else if kustomize_dir.is_some() || uses_kustomize(spec, files) {
         let dir = kustomize_dir.unwrap_or_else(|| ".".into());

@@ -6,6 +6,7 @@
 
 pub mod assign;
 pub mod bundle;
+pub mod capabilities;
 pub mod depends;
 pub mod error;
 pub mod fleetyaml;
