@@ -343,3 +343,49 @@ fn depends_on_holds_a_bundle_until_its_dependency_is_ready() -> Result<()> {
     );
     Ok(())
 }
+
+/// Helm sees the target cluster's Kubernetes version (reported by its agent) as
+/// `.Capabilities.KubeVersion`, not helm's built-in default.
+#[test]
+fn helm_sees_the_clusters_kubernetes_version() -> Result<()> {
+    if !e2e_available() {
+        return Ok(());
+    }
+    let [east, _] = shared_clusters();
+    let dir = test_dir("kubeversion")?;
+    let ns = "e2e-kubeversion";
+    let hub = Hub::start(&dir.path().join("hub"))?;
+    let repo = GitRepo::new(dir.path(), "kv")?;
+    let template = "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: versioned\ndata:\n  v: {{ .Capabilities.KubeVersion.Version | quote }}\n";
+    let fleet_yaml = format!("defaultNamespace: {ns}\n");
+    repo.commit(
+        &BTreeMap::from([
+            (
+                "chart/Chart.yaml",
+                Some("apiVersion: v2\nname: versioned\nversion: 0.1.0\n"),
+            ),
+            ("chart/fleet.yaml", Some(fleet_yaml.as_str())),
+            ("chart/templates/cm.yaml", Some(template)),
+        ]),
+        "chart",
+    )?;
+    let _agent = Agent::start(
+        &hub,
+        &hub.token()?,
+        "kv-east",
+        "",
+        east,
+        &dir.path().join("agent"),
+    )?;
+    let reported = wait_until("the agent's Kubernetes version", DEADLINE, || {
+        let v = hub.cli_json(&["cluster", "get", "kv-east"])?;
+        Ok(v["kubernetesVersion"]
+            .as_str()
+            .filter(|s| !s.is_empty())
+            .map(String::from))
+    })?;
+    hub.cli(&["source", "add", "kv", "--repo", &repo.url, "--poll", "1s"])?;
+    wait_cm(east, ns, "versioned", &reported)?;
+    eprintln!("helm rendered with the cluster's version {reported}");
+    Ok(())
+}
