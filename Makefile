@@ -14,6 +14,7 @@ build:
 
 ## testenv: the Kubernetes test control plane, kubectl, helm and kustomize, built from Go modules (cached)
 testenv:
+	bash scripts/install-deps.sh
 	bash tests/testenv/build.sh
 	bash tests/testenv/build-tools.sh
 

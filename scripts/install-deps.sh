@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Installs the Debian packages the test suite uses that a fresh machine may lack:
+# git (git daemon, git http-backend) and openssh-server (the SSH private-repository
+# test). Needs root for apt-get; without it, prints what is missing and goes on
+# (the SSH test then skips itself with a note).
+set -euo pipefail
+need=()
+command -v git >/dev/null || need+=(git)
+[[ -x /usr/lib/git-core/git-http-backend ]] || need+=(git)
+[[ -x /usr/sbin/sshd ]] || need+=(openssh-server)
+command -v ssh-keygen >/dev/null || need+=(openssh-client)
+if (( ${#need[@]} == 0 )); then exit 0; fi
+if [[ $(id -u) -ne 0 ]]; then
+  echo "install-deps: missing ${need[*]} (not root: not installing)" >&2
+  exit 0
+fi
+echo "install-deps: installing ${need[*]}" >&2
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -qq >/dev/null
+apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
