@@ -6,6 +6,7 @@
 
 pub mod assign;
 pub mod bundle;
+pub mod drift;
 pub mod error;
 pub mod fleetyaml;
 pub mod health;
