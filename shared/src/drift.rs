@@ -181,6 +181,22 @@ pub struct FieldDiff {
     pub manager: String,
 }
 
+/// One drift of one object, as the agent records it and the hub keeps it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DriftEvent {
+    /// Unique per agent and increasing.
+    pub id: u64,
+    pub bundle: String,
+    pub object: ObjectRef,
+    /// Empty when the object was deleted.
+    pub fields: Vec<FieldDiff>,
+    pub manager: String,
+    pub detected_at_unix_ms: i64,
+    pub corrected: bool,
+    pub deleted: bool,
+}
+
 /// A manager's view of one node of the object: it owns the whole subtree, some
 /// fields below (a `fieldsV1` set), or nothing here.
 #[derive(Clone, Copy)]
