@@ -113,11 +113,14 @@ pub struct Desire {
 
 impl Desire {
     /// The desire for an object applied as `body`, returned by the server as `live`.
-    pub fn new(object: &ObjectRef, body: Value, live: Option<&Value>, policy: &DriftPolicy) -> Desire {
+    pub fn new(
+        object: &ObjectRef,
+        body: Value,
+        live: Option<&Value>,
+        policy: &DriftPolicy,
+    ) -> Desire {
         Desire {
-            baseline: live
-                .map(|l| drift::baseline(&body, l))
-                .unwrap_or_default(),
+            baseline: live.map(|l| drift::baseline(&body, l)).unwrap_or_default(),
             body: Arc::new(body),
             ignore: policy.ignored_for(object),
         }
@@ -283,7 +286,9 @@ impl Book {
                 continue;
             };
             let fields = match (deleted, live) {
-                (false, Some(l)) => drift::detect(&desire.body, l, &desire.ignore, &desire.baseline),
+                (false, Some(l)) => {
+                    drift::detect(&desire.body, l, &desire.ignore, &desire.baseline)
+                }
                 (false, None) => continue,
                 (true, _) => vec![],
             };
@@ -503,7 +508,11 @@ impl Inner {
             let client = self.client.clone();
             let me = me.clone();
             tokio::spawn(async move {
-                let corrected = match crate::apply::apply_object(&client, &resource, &f.object, &f.body).await {
+                let corrected = match crate::apply::apply_object(
+                    &client, &resource, &f.object, &f.body,
+                )
+                .await
+                {
                     Ok(()) => {
                         info!(bundle = %f.bundle, object = %f.object, "drift corrected");
                         true
@@ -684,7 +693,8 @@ async fn run_watch(tracker: Weak<Mutex<Inner>>, key: WatchKey, api: Api<DynamicO
                     g.book
                         .observe_live(key.object(&name), Sighting::of(&v), Some(&v))
                 } else {
-                    g.book.observe_live(key.object(&name), Sighting::gone(&v), None)
+                    g.book
+                        .observe_live(key.object(&name), Sighting::gone(&v), None)
                 }
             }
             Ok(Event::Init) => {

@@ -302,7 +302,10 @@ impl Store {
         self.drift.insert(id.to_be_bytes(), encode(&event))?;
         while self.drift.len() > MAX_PENDING_DRIFT {
             if let Some((k, _)) = self.drift.pop_min()? {
-                warn!(id = u64_of(Some(k)), "dropping the oldest unsent drift event");
+                warn!(
+                    id = u64_of(Some(k)),
+                    "dropping the oldest unsent drift event"
+                );
             }
         }
         self.flush()?;

@@ -520,7 +520,10 @@ pub fn quantity(s: &str) -> Option<f64> {
         || !num
             .chars()
             .all(|c| c.is_ascii_digit() || matches!(c, '.' | '+' | '-' | 'e' | 'E'))
-        || !num.chars().next().is_some_and(|c| c.is_ascii_digit() || matches!(c, '+' | '-' | '.'))
+        || !num
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_digit() || matches!(c, '+' | '-' | '.'))
     {
         return None;
     }
@@ -575,7 +578,11 @@ mod tests {
         };
         assert!(p.ignored_for(&other).is_empty());
         assert!(policy(None, None).unwrap().is_default());
-        assert!(policy(None, Some(&json!({"comparePatches": [{"jsonPointers": ["spec"]}]}))).is_err());
+        assert!(policy(
+            None,
+            Some(&json!({"comparePatches": [{"jsonPointers": ["spec"]}]}))
+        )
+        .is_err());
     }
 
     #[test]
@@ -583,6 +590,9 @@ mod tests {
         assert!(covers("/spec/replicas", "/spec/replicas"));
         assert!(covers("/spec", "/spec/replicas"));
         assert!(!covers("/spec/rep", "/spec/replicas"));
-        assert!(covers("/spec/template/spec/containers/0/", "/spec/template/spec/containers/0/image"));
+        assert!(covers(
+            "/spec/template/spec/containers/0/",
+            "/spec/template/spec/containers/0/image"
+        ));
     }
 }

@@ -782,8 +782,14 @@ mod tests {
         assert_eq!(p.options.drift.mode, crate::drift::DriftMode::Report);
         assert_eq!(p.options.drift.ignore.len(), 2);
         assert_eq!(p.options.drift.ignore[1].json_pointers, ["/spec/ports"]);
-        let bad = files(&[("fleet.yaml", "diff: {comparePatches: [{jsonPointers: [spec]}]}\n")]);
-        assert!(plan_for(&bad, 0).unwrap_err().reason.contains("JSON pointer"));
+        let bad = files(&[(
+            "fleet.yaml",
+            "diff: {comparePatches: [{jsonPointers: [spec]}]}\n",
+        )]);
+        assert!(plan_for(&bad, 0)
+            .unwrap_err()
+            .reason
+            .contains("JSON pointer"));
         assert!(plan_for(&files(&[]), 0).unwrap().options.drift.is_default());
     }
 

@@ -26,7 +26,8 @@ fn corpus() {
         for case in docs {
             cases += 1;
             let name = case["name"].as_str().unwrap_or_default();
-            let ignore: Vec<String> = serde_json::from_value(case["ignore"].clone()).unwrap_or_default();
+            let ignore: Vec<String> =
+                serde_json::from_value(case["ignore"].clone()).unwrap_or_default();
             let want: Vec<FieldDiff> = serde_json::from_value(case["expect"].clone())
                 .unwrap_or_else(|e| panic!("{name}: expect: {e}"));
             let got = diff(&case["desired"], &case["live"], &ignore);
