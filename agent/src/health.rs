@@ -820,4 +820,112 @@ mod tests {
             "forgotten objects are dropped"
         );
     }
+
+    fn cm(data: &str, rv: u64, manager: &str) -> Value {
+        json!({
+            "apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": {"name": "c", "namespace": "demo", "uid": "u1",
+                "resourceVersion": rv.to_string(),
+                "managedFields": [{"manager": manager, "operation": "Update",
+                    "time": "2026-01-01T00:00:00Z", "fieldsV1": {"f:data": {"f:mode": {}}}}]},
+            "data": {"mode": data}
+        })
+    }
+
+    fn cm_ref() -> ObjectRef {
+        ObjectRef {
+            api_version: "v1".into(),
+            kind: "ConfigMap".into(),
+            namespace: Some("demo".into()),
+            name: "c".into(),
+        }
+    }
+
+    fn with_policy(book: &mut Book, mode: DriftMode) {
+        let policy = DriftPolicy {
+            mode,
+            ignore: vec![],
+        };
+        let body = json!({"apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": {"name": "c", "namespace": "demo"}, "data": {"mode": "blue"}});
+        let applied = cm("blue", 1, "flotilla");
+        let desires = HashMap::from([(
+            cm_ref(),
+            Desire::new(&cm_ref(), body, Some(&applied), &policy),
+        )]);
+        book.applied_with(
+            &bundle("b"),
+            vec![(cm_ref(), Some(Sighting::of(&applied)))],
+            policy,
+            desires,
+        );
+    }
+
+    #[test]
+    fn report_mode_marks_the_bundle_modified_until_it_changes_back() {
+        let mut book = Book::default();
+        with_policy(&mut book, DriftMode::Report);
+        let live = cm("green", 2, "kubectl-edit");
+        let o = book.observe_live(cm_ref(), Sighting::of(&live), Some(&live));
+        assert_eq!(o.findings.len(), 1);
+        assert_eq!(o.findings[0].fields[0].path, "/data/mode");
+        let e = o.findings[0].event(false, 7);
+        assert_eq!(e.manager, "kubectl-edit");
+        assert_eq!(o.reports[0].state, BundleState::Modified);
+        assert_eq!(
+            o.reports[0].message,
+            "modified: ConfigMap demo/c: /data/mode"
+        );
+        // The same drift seen again (a later version): no second event.
+        let again = cm("green", 3, "kubectl-edit");
+        let o = book.observe_live(cm_ref(), Sighting::of(&again), Some(&again));
+        assert!(o.findings.is_empty() && o.reports.is_empty());
+        // Changed back: Ready, no event.
+        let back = cm("blue", 4, "kubectl-edit");
+        let o = book.observe_live(cm_ref(), Sighting::of(&back), Some(&back));
+        assert!(o.findings.is_empty());
+        assert_eq!(o.reports[0].state, BundleState::Ready);
+        // Deleted: an event, Modified.
+        let o = book.observe_live(cm_ref(), Sighting::gone(&back), None);
+        assert!(o.findings[0].deleted);
+        assert_eq!(o.reports[0].state, BundleState::Modified);
+    }
+
+    #[test]
+    fn correct_mode_finds_each_change_once_and_never_while_applying() {
+        let mut book = Book::default();
+        with_policy(&mut book, DriftMode::Correct);
+        let live = cm("green", 2, "kubectl-patch");
+        let o = book.observe_live(cm_ref(), Sighting::of(&live), Some(&live));
+        assert_eq!(o.findings[0].mode, DriftMode::Correct);
+        assert!(
+            o.reports.is_empty(),
+            "correct mode does not mark the bundle"
+        );
+        // Corrected (clean again), then the same edit once more: a new event.
+        let fixed = cm("blue", 3, "flotilla");
+        assert!(book
+            .observe_live(cm_ref(), Sighting::of(&fixed), Some(&fixed))
+            .findings
+            .is_empty());
+        let live = cm("green", 4, "kubectl-patch");
+        assert_eq!(
+            book.observe_live(cm_ref(), Sighting::of(&live), Some(&live))
+                .findings
+                .len(),
+            1
+        );
+        // Older news is not drift; nor is anything seen while the bundle is reapplied.
+        let old = cm("red", 1, "kubectl-patch");
+        assert!(book
+            .observe_live(cm_ref(), Sighting::of(&old), Some(&old))
+            .findings
+            .is_empty());
+        book.suspend("b");
+        let live = cm("red", 9, "kubectl-patch");
+        assert!(book
+            .observe_live(cm_ref(), Sighting::of(&live), Some(&live))
+            .findings
+            .is_empty());
+    }
 }

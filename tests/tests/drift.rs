@@ -432,6 +432,28 @@ spec: {{size: 2, ratio: 1}}
             )
         })?;
 
+    // Another tool annotates every object: each gets a new version, which the
+    // agent compares with what it applied (an unchanged object is never looked at
+    // again, so this is what makes the comparison run on all of them).
+    for obj in [
+        "serviceaccount/app",
+        "secret/creds",
+        "service/web",
+        "ingress/web",
+        "role/reader",
+        "rolebinding/reader",
+        "widget/w",
+        "deployment/web",
+        "deployment/bare",
+    ] {
+        east.kubectl(&["annotate", "-n", ns, obj, "example.com/touched=yes"])?;
+    }
+    east.kubectl(&[
+        "annotate",
+        "customresourcedefinition/widgets.drift.example.com",
+        "example.com/touched=yes",
+    ])?;
+
     // A sentinel change: once its event is at the hub, everything the agent saw
     // before it has been compared too.
     east.kubectl(&[
