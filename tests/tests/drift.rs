@@ -6,7 +6,7 @@
 
 use std::collections::BTreeMap;
 use std::process::Command;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Result};
 use flotilla_tests::*;
@@ -177,6 +177,20 @@ fn correct_mode_reports_and_undoes_changes() -> Result<()> {
             .unwrap_or_default())
     };
     assert_eq!(replicas("free")?, 3);
+    // kubectl scale writes through the scale subresource; name its manager.
+    let free = east
+        .get("deployment", Some(ns), "free")?
+        .unwrap_or_default();
+    let scalers: Vec<&str> = free["metadata"]["managedFields"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default()
+        .iter()
+        .filter(|m| m["subresource"] == "scale")
+        .filter_map(|m| m["manager"].as_str())
+        .collect();
+    eprintln!("kubectl scale's field manager: {scalers:?}");
+    assert!(!scalers.is_empty(), "{free:#}");
     assert_eq!(replicas("pinned")?, 2);
 
     // The views count them; `drift show` gives the diff.
@@ -479,5 +493,148 @@ spec: {{size: 2, ratio: 1}}
     ])?;
     let e = wait_event(&hub, bundle, 2)?;
     assert_eq!(e["object"]["name"], "sentinel", "the only drift: {e:#}");
+    Ok(())
+}
+
+/// GET on the hub's API over a plain TCP connection (fast enough to poll every
+/// few milliseconds, unlike spawning the CLI).
+fn api_get(hub: &Hub, path: &str) -> Result<Value> {
+    use std::io::{Read, Write};
+    let addr = hub.api.trim_start_matches("http://").trim_end_matches('/');
+    let mut s = std::net::TcpStream::connect(addr)?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {}\r\nConnection: close\r\n\r\n",
+        hub.admin_token
+    )?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf)?;
+    let body = buf
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b)
+        .ok_or_else(|| anyhow!("no body"))?;
+    Ok(serde_json::from_str(body)?)
+}
+
+/// Log lines' timestamps for a message, in order (ANSI colours stripped).
+fn log_times(log: &str, message: &str) -> Vec<std::time::SystemTime> {
+    log.lines()
+        .filter(|l| l.contains(message))
+        .filter_map(|l| {
+            let mut plain = String::new();
+            let mut esc = false;
+            for c in l.chars() {
+                match (esc, c) {
+                    (false, '\u{1b}') => esc = true,
+                    (true, 'm') => esc = false,
+                    (true, _) => {}
+                    (false, c) => plain.push(c),
+                }
+            }
+            let ts = plain.split_whitespace().next()?.to_string();
+            humantime::parse_rfc3339_weak(ts.trim_end_matches('Z')).ok()
+        })
+        .collect()
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+/// Benchmark (run by hand: `cargo test -p flotilla-tests --test drift -- --ignored`):
+/// 100 `kubectl patch`es of a managed field in `correct` mode; edit → event at the
+/// hub (polled every 5 ms), and detection → correction applied (agent log).
+#[test]
+#[ignore]
+fn drift_latency_benchmark() -> Result<()> {
+    if !e2e_available() {
+        return Ok(());
+    }
+    let [east, _] = shared_clusters();
+    let dir = test_dir("drift-bench")?;
+    let ns = "e2e-drift-bench";
+    let hub = Hub::start(&dir.path().join("hub"))?;
+    let repo = GitRepo::new(dir.path(), "dbench")?;
+    let cm = configmap(ns, "settings", "blue");
+    repo.commit(
+        &BTreeMap::from([
+            ("app/fleet.yaml", Some("{}\n")),
+            ("app/ns.yaml", Some(namespace(ns).as_str())),
+            ("app/cm.yaml", Some(cm.as_str())),
+        ]),
+        "app",
+    )?;
+    let agent = Agent::start(
+        &hub,
+        &hub.token()?,
+        "drift-bench",
+        "",
+        east,
+        &dir.path().join("agent"),
+    )?;
+    hub.cli(&[
+        "source", "add", "dbench", "--repo", &repo.url, "--poll", "1s",
+    ])?;
+    hub.wait_bundle_state("dbench-app", "drift-bench", "Ready")?;
+    const EDITS: usize = 100;
+    let (mut from_start, mut from_exit) = (Vec::new(), Vec::new());
+    for i in 1..=EDITS {
+        let patch = format!(r#"{{"data":{{"mode":"edit-{i}"}}}}"#);
+        let t0 = Instant::now();
+        east.kubectl(&[
+            "patch",
+            "-n",
+            ns,
+            "configmap/settings",
+            "--type=merge",
+            "-p",
+            &patch,
+        ])?;
+        let t1 = Instant::now();
+        wait_until(&format!("event {i}"), DEADLINE, || {
+            let v = api_get(&hub, "/api/v1/drift?bundle=dbench-app")?;
+            let n = v.as_array().map_or(0, Vec::len);
+            if n >= i {
+                return Ok(Some(()));
+            }
+            std::thread::sleep(Duration::from_millis(5));
+            Ok(None)
+        })?;
+        from_start.push(t0.elapsed());
+        from_exit.push(t1.elapsed());
+        // Wait for the correction before the next edit, so each edit is one drift.
+        wait_until("corrected", DEADLINE, || {
+            Ok((data_mode(east, ns, "settings")?.as_deref() == Some("blue")).then_some(()))
+        })?;
+    }
+    let log = agent.proc.log_text();
+    let detected = log_times(&log, "drift detected");
+    let corrected = log_times(&log, "drift corrected");
+    let mut correction: Vec<Duration> = detected
+        .iter()
+        .zip(&corrected)
+        .filter_map(|(d, c)| c.duration_since(*d).ok())
+        .collect();
+    for v in [&mut from_start, &mut from_exit, &mut correction] {
+        v.sort();
+    }
+    anyhow::ensure!(
+        correction.len() == EDITS,
+        "{} corrections logged",
+        correction.len()
+    );
+    eprintln!(
+        "BENCH drift edits={EDITS}\n\
+         edit (kubectl start) -> event at hub: median {:?} p99 {:?}\n\
+         edit (kubectl exit)  -> event at hub: median {:?} p99 {:?}\n\
+         detected -> corrected (agent):       median {:?} p99 {:?}",
+        percentile(&from_start, 0.5),
+        percentile(&from_start, 0.99),
+        percentile(&from_exit, 0.5),
+        percentile(&from_exit, 0.99),
+        percentile(&correction, 0.5),
+        percentile(&correction, 0.99),
+    );
     Ok(())
 }
