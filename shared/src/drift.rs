@@ -6,11 +6,12 @@
 //! applied), so defaulted fields and fields only other managers set (an HPA's
 //! `replicas`, an injected sidecar) never count. A path counts as drifted when its
 //! live value differs from the desired one (with Kubernetes normalisation:
-//! quantities, numbers written as strings, int vs float) *and* Flotilla is no
-//! longer its only owner: a value the API server normalised in a way we did not
-//! foresee is still owned by `flotilla` alone, while every write by someone else
-//! moves (or shares) the ownership of the fields it changed, and a removed field
-//! is owned by no one.
+//! quantities, numbers written as strings, int vs float) and did not already
+//! differ in the object the apply returned (the *baseline*: what the API server or
+//! a mutating webhook decided then is not drift). Ownership in `managedFields`
+//! names the manager that made the change; it does not decide whether there is
+//! one: writes through the `scale` subresource (`kubectl scale`) change
+//! `spec.replicas` without leaving a manager entry, so `flotilla` still owns it.
 
 use std::collections::BTreeSet;
 
@@ -311,20 +312,12 @@ impl<'a> Walk<'a> {
         if self.ignore.iter().any(|p| covers(p, path)) {
             return;
         }
-        let flotilla_owns = owners
-            .iter()
-            .zip(&self.managers)
-            .any(|(o, m)| m.is_flotilla_apply && o.owns());
         let others: Vec<&Manager> = owners
             .iter()
             .zip(&self.managers)
             .filter(|(o, m)| o.owns() && !m.is_flotilla_apply)
             .map(|(_, m)| m)
             .collect();
-        if flotilla_owns && others.is_empty() && !self.managers.is_empty() {
-            // Normalised by the API server, not changed by anyone.
-            return;
-        }
         // A removed field is owned by no one: name whoever wrote the object last.
         let manager = others
             .iter()

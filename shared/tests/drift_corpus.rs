@@ -1,11 +1,12 @@
 //! The drift comparison against a corpus: every document of `tests/drift/*.yaml`
 //! is a case with the object applied (`desired`), the object as the API server
-//! returns it (`live`, with managedFields), optional `ignore` pointers, and the
-//! drifted fields expected (`expect`, in order).
+//! returns it (`live`, with managedFields), optional `ignore` pointers, optional
+//! `applied` (the object the apply returned, for the baseline), and the drifted
+//! fields expected (`expect`, in order).
 
 use std::path::Path;
 
-use flotilla_shared::drift::{diff, FieldDiff};
+use flotilla_shared::drift::{baseline, detect, FieldDiff};
 use serde_json::Value;
 
 #[test]
@@ -30,7 +31,11 @@ fn corpus() {
                 serde_json::from_value(case["ignore"].clone()).unwrap_or_default();
             let want: Vec<FieldDiff> = serde_json::from_value(case["expect"].clone())
                 .unwrap_or_else(|e| panic!("{name}: expect: {e}"));
-            let got = diff(&case["desired"], &case["live"], &ignore);
+            let base = case
+                .get("applied")
+                .map(|a| baseline(&case["desired"], a))
+                .unwrap_or_default();
+            let got = detect(&case["desired"], &case["live"], &ignore, &base);
             if got != want {
                 failures.push(format!("{name}:\n  want {want:?}\n  got  {got:?}"));
             }

@@ -75,7 +75,7 @@ fn data_mode(cluster: &TestCluster, ns: &str, name: &str) -> Result<Option<Strin
 /// `correct` (the default): a patch and an edit of a managed field are reported
 /// with the diff and the manager and undone; a deleted object is recreated;
 /// `kubectl scale` of replicas the manifest leaves out, or that an ignore rule
-/// covers, is not drift.
+/// covers, is not drift; of replicas the manifest sets, it is.
 #[test]
 fn correct_mode_reports_and_undoes_changes() -> Result<()> {
     if !e2e_available() {
@@ -90,6 +90,7 @@ fn correct_mode_reports_and_undoes_changes() -> Result<()> {
     let cm = configmap(ns, "settings", "blue");
     let free = deployment(ns, "free", None);
     let pinned = deployment(ns, "pinned", Some(1));
+    let fixed = deployment(ns, "fixed", Some(1));
     repo.commit(
         &BTreeMap::from([
             ("app/fleet.yaml", Some(flotilla_yaml)),
@@ -97,6 +98,7 @@ fn correct_mode_reports_and_undoes_changes() -> Result<()> {
             ("app/cm.yaml", Some(cm.as_str())),
             ("app/free.yaml", Some(free.as_str())),
             ("app/pinned.yaml", Some(pinned.as_str())),
+            ("app/fixed.yaml", Some(fixed.as_str())),
         ]),
         "app",
     )?;
@@ -170,6 +172,17 @@ fn correct_mode_reports_and_undoes_changes() -> Result<()> {
     // The scales of earlier stayed: no drift was found in them, nothing undone.
     let all = events(&hub, bundle)?;
     assert_eq!(all.len(), 3, "only the three changes: {all:#?}");
+
+    // kubectl scale of replicas the manifest sets is drift (through the scale
+    // subresource, which leaves no manager entry: the manager is unknown).
+    east.kubectl(&["scale", "-n", ns, "deployment/fixed", "--replicas=3"])?;
+    let e = wait_event(&hub, bundle, 4)?;
+    assert_eq!(
+        e["fields"],
+        serde_json::json!([{"path": "/spec/replicas", "desired": 1, "live": 3}]),
+        "{e:#}"
+    );
+    assert_eq!(e["corrected"], true);
     let replicas = |n: &str| -> Result<Value> {
         Ok(east
             .get("deployment", Some(ns), n)?
@@ -177,27 +190,16 @@ fn correct_mode_reports_and_undoes_changes() -> Result<()> {
             .unwrap_or_default())
     };
     assert_eq!(replicas("free")?, 3);
-    // kubectl scale writes through the scale subresource; name its manager.
-    let free = east
-        .get("deployment", Some(ns), "free")?
-        .unwrap_or_default();
-    let scalers: Vec<&str> = free["metadata"]["managedFields"]
-        .as_array()
-        .map(Vec::as_slice)
-        .unwrap_or_default()
-        .iter()
-        .filter(|m| m["subresource"] == "scale")
-        .filter_map(|m| m["manager"].as_str())
-        .collect();
-    eprintln!("kubectl scale's field manager: {scalers:?}");
-    assert!(!scalers.is_empty(), "{free:#}");
     assert_eq!(replicas("pinned")?, 2);
+    wait_until("fixed scaled back", DEADLINE, || {
+        Ok((replicas("fixed")? == 1).then_some(()))
+    })?;
 
     // The views count them; `drift show` gives the diff.
     let clusters = hub.cli_json(&["cluster", "list"])?;
-    assert_eq!(clusters[0]["driftEvents"], 3, "{clusters:#}");
+    assert_eq!(clusters[0]["driftEvents"], 4, "{clusters:#}");
     let b = hub.cli_json(&["bundle", "get", bundle])?;
-    assert_eq!(b["clusters"][0]["driftEvents"], 3, "{b:#}");
+    assert_eq!(b["clusters"][0]["driftEvents"], 4, "{b:#}");
     let id = all[0]["id"].to_string();
     let shown = hub.cli(&["drift", "show", &id])?;
     assert!(shown.contains("kubectl-patch"), "{shown}");
