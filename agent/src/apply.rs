@@ -54,6 +54,25 @@ fn gvk_of(api_version: &str, kind: &str) -> GroupVersionKind {
     GroupVersionKind::gvk(group, version, kind)
 }
 
+/// Server-side applies one object outside a reconcile pass (a drift correction):
+/// same field manager, forced, as [`Cluster::apply`].
+pub async fn apply_object(
+    client: &Client,
+    resource: &ApiResource,
+    object: &ObjectRef,
+    body: &serde_json::Value,
+) -> Result<(), String> {
+    let api: Api<DynamicObject> = match &object.namespace {
+        Some(ns) => Api::namespaced_with(client.clone(), ns, resource),
+        None => Api::all_with(client.clone(), resource),
+    };
+    let params = PatchParams::apply(FIELD_MANAGER).force();
+    api.patch(&object.name, &params, &Patch::Apply(body))
+        .await
+        .map(|_| ())
+        .map_err(|e| reason(&e))
+}
+
 /// A resolved kind: how to reach it and whether it is namespaced.
 #[derive(Clone)]
 pub struct Kind {

@@ -4,13 +4,20 @@
 //! applied bundle's state derived from it (`Ready` or `NotReady`). It is also the
 //! one writer of bundle statuses, so apply outcomes and health changes never race.
 //!
+//! The same watches detect drift: every sighting of an applied object is compared
+//! with what was applied (`flotilla_shared::drift`); a drift becomes an event in the
+//! store (for the hub) and, in `correct` mode, a re-apply of the object; in `report`
+//! mode the bundle is `Modified` until the object holds what was applied again.
+//!
 //! [`Book`] decides (pure, no I/O); [`Tracker`] does: it locks the book, records the
-//! statuses the book asks for, and starts or stops the watches it needs.
+//! statuses and drift events the book asks for, re-applies drifted objects, and
+//! starts or stops the watches it needs.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex, Weak};
 
 use flotilla_shared::bundle::ObjectRef;
+use flotilla_shared::drift::{self, DriftEvent, DriftMode, DriftPolicy, FieldDiff};
 use flotilla_shared::health::{bundle_health, health, Health, HealthStatus};
 use flotilla_shared::state::BundleState;
 use flotilla_shared::BUNDLE_LABEL;
@@ -93,12 +100,88 @@ impl Sighting {
     }
 }
 
+/// What the agent applied for one object, to compare sightings with.
+#[derive(Debug, Clone)]
+pub struct Desire {
+    /// The object as applied (namespace and label placed).
+    pub body: Arc<Value>,
+    /// Paths that differed right after the apply (server or webhook decisions).
+    pub baseline: BTreeSet<String>,
+    /// JSON pointers the bundle's policy ignores for this object.
+    pub ignore: Vec<String>,
+}
+
+impl Desire {
+    /// The desire for an object applied as `body`, returned by the server as `live`.
+    pub fn new(
+        object: &ObjectRef,
+        body: Value,
+        live: Option<&Value>,
+        policy: &DriftPolicy,
+    ) -> Desire {
+        Desire {
+            baseline: live.map(|l| drift::baseline(&body, l)).unwrap_or_default(),
+            body: Arc::new(body),
+            ignore: policy.ignored_for(object),
+        }
+    }
+}
+
+/// A drift the book found: what to record, and in `correct` mode what to re-apply.
+#[derive(Debug, Clone)]
+pub struct Finding {
+    pub bundle: String,
+    pub object: ObjectRef,
+    pub fields: Vec<FieldDiff>,
+    pub deleted: bool,
+    pub mode: DriftMode,
+    pub body: Arc<Value>,
+}
+
+impl Finding {
+    /// The event to record (the store gives it its id).
+    pub fn event(&self, corrected: bool, now_unix_ms: i64) -> DriftEvent {
+        DriftEvent {
+            id: 0,
+            bundle: self.bundle.clone(),
+            object: self.object.clone(),
+            manager: drift::manager_of(&self.fields),
+            fields: self.fields.clone(),
+            detected_at_unix_ms: now_unix_ms,
+            corrected,
+            deleted: self.deleted,
+        }
+    }
+
+    /// A short account for states and logs: `Deployment demo/web: /spec/replicas`.
+    fn summary(&self) -> String {
+        if self.deleted {
+            return format!("{}: deleted", self.object);
+        }
+        let paths: Vec<&str> = self.fields.iter().map(|f| f.path.as_str()).collect();
+        format!("{}: {}", self.object, paths.join(", "))
+    }
+}
+
+/// What a sighting changed: bundle states to report, drifts to act on.
+#[derive(Debug, Default)]
+pub struct Outcome {
+    pub reports: Vec<Report>,
+    pub findings: Vec<Finding>,
+}
+
 /// A bundle whose health is tracked.
 #[derive(Debug)]
 struct Tracked {
     desired: DesiredBundle,
     /// In apply order, for messages.
     objects: Vec<ObjectRef>,
+    policy: DriftPolicy,
+    desires: HashMap<ObjectRef, Desire>,
+    /// The drift last found per object (its summary), so one drift is one event
+    /// however many sightings show it; cleared when the object is clean again. In
+    /// `report` mode a non-empty map makes the bundle `Modified`.
+    drifted: BTreeMap<ObjectRef, String>,
     /// False while its content is being (re)applied: the reconciler speaks for it.
     reporting: bool,
     /// The (state, message) last derived, to report only changes.
@@ -141,12 +224,26 @@ impl Book {
         bundle: &DesiredBundle,
         objects: Vec<(ObjectRef, Option<Sighting>)>,
     ) -> Option<Report> {
+        self.applied_with(bundle, objects, DriftPolicy::default(), HashMap::new())
+    }
+
+    /// [`Book::applied`], with the drift policy and what was applied per object.
+    pub fn applied_with(
+        &mut self,
+        bundle: &DesiredBundle,
+        objects: Vec<(ObjectRef, Option<Sighting>)>,
+        policy: DriftPolicy,
+        desires: HashMap<ObjectRef, Desire>,
+    ) -> Option<Report> {
         let refs: Vec<ObjectRef> = objects.iter().map(|(r, _)| r.clone()).collect();
         self.bundles.insert(
             bundle.name.clone(),
             Tracked {
                 desired: bundle.clone(),
                 objects: refs,
+                policy,
+                desires,
+                drifted: BTreeMap::new(),
                 reporting: true,
                 last: None,
             },
@@ -162,11 +259,56 @@ impl Book {
 
     /// A watch saw an object (or its deletion). Returns the bundle states that changed.
     pub fn observe(&mut self, object: ObjectRef, sighting: Sighting) -> Vec<Report> {
+        self.observe_live(object, sighting, None).reports
+    }
+
+    /// A watch saw an object as `live` (`None`: deleted): its health, and its
+    /// drift from what each holding bundle applied.
+    pub fn observe_live(
+        &mut self,
+        object: ObjectRef,
+        sighting: Sighting,
+        live: Option<&Value>,
+    ) -> Outcome {
         if !self.is_tracked(&object) {
-            return vec![];
+            return Outcome::default();
         }
+        let deleted = sighting.health.status == HealthStatus::NotFound;
         if !self.sight(object.clone(), sighting) {
-            return vec![];
+            return Outcome::default();
+        }
+        let mut findings = Vec::new();
+        for (name, t) in self.bundles.iter_mut() {
+            if !t.reporting || !t.objects.contains(&object) {
+                continue;
+            }
+            let Some(desire) = t.desires.get(&object) else {
+                continue;
+            };
+            let fields = match (deleted, live) {
+                (false, Some(l)) => {
+                    drift::detect(&desire.body, l, &desire.ignore, &desire.baseline)
+                }
+                (false, None) => continue,
+                (true, _) => vec![],
+            };
+            if !deleted && fields.is_empty() {
+                t.drifted.remove(&object);
+                continue;
+            }
+            let f = Finding {
+                bundle: name.clone(),
+                object: object.clone(),
+                fields,
+                deleted,
+                mode: t.policy.mode,
+                body: desire.body.clone(),
+            };
+            let summary = f.summary();
+            if t.drifted.get(&object) != Some(&summary) {
+                t.drifted.insert(object.clone(), summary);
+                findings.push(f);
+            }
         }
         let holders: BTreeSet<String> = self
             .bundles
@@ -174,12 +316,15 @@ impl Book {
             .filter(|(_, t)| t.objects.contains(&object))
             .map(|(n, _)| n.clone())
             .collect();
-        self.derive(|name| holders.contains(name))
+        Outcome {
+            reports: self.derive(|name| holders.contains(name)),
+            findings,
+        }
     }
 
     /// A watch (re)listed its objects: the tracked objects under `key` it had
     /// seen before but not in this list are gone. Returns the bundle states that changed.
-    pub fn relisted(&mut self, key: &WatchKey, names: &HashSet<String>) -> Vec<Report> {
+    pub fn relisted(&mut self, key: &WatchKey, names: &HashSet<String>) -> Outcome {
         let gone: Vec<ObjectRef> = self
             .seen
             .iter()
@@ -190,17 +335,20 @@ impl Book {
             })
             .map(|(r, _)| r.clone())
             .collect();
-        let mut out = Vec::new();
+        let mut out = Outcome::default();
         for r in gone {
             let uid = self.seen.get(&r).map(|s| s.uid.clone()).unwrap_or_default();
-            out.extend(self.observe(
+            let o = self.observe_live(
                 r,
                 Sighting {
                     uid,
                     version: None,
                     health: Health::not_found(),
                 },
-            ));
+                None,
+            );
+            out.reports.extend(o.reports);
+            out.findings.extend(o.findings);
         }
         out
     }
@@ -262,11 +410,20 @@ impl Book {
             if !t.reporting || !which(name) {
                 continue;
             }
-            let (state, message) = bundle_health(
-                t.objects
-                    .iter()
-                    .map(|r| (r, self.seen.get(r).map_or(&waiting, |s| &s.health))),
-            );
+            let (state, message) = if t.policy.mode == DriftMode::Report && !t.drifted.is_empty() {
+                // Left as it is on purpose: the bundle says so until it changes back.
+                let shown: Vec<&str> = t.drifted.values().take(3).map(String::as_str).collect();
+                (
+                    BundleState::Modified,
+                    format!("modified: {}", shown.join("; ")),
+                )
+            } else {
+                bundle_health(
+                    t.objects
+                        .iter()
+                        .map(|r| (r, self.seen.get(r).map_or(&waiting, |s| &s.health))),
+                )
+            };
             let now = Some((state, message.clone()));
             if t.last != now {
                 t.last = now;
@@ -287,6 +444,8 @@ pub struct AppliedObject {
     pub object: ObjectRef,
     pub resource: ApiResource,
     pub live: Option<Value>,
+    /// The object as applied.
+    pub desired: Value,
 }
 
 struct Inner {
@@ -327,6 +486,57 @@ impl Inner {
                 self.statuses.send_replace(s.seq);
             }
             Err(e) => error!(bundle = %b.name, error = %e, "cannot record a status"),
+        }
+    }
+
+    /// Acts on drifts: `report` mode records the event; `correct` mode re-applies
+    /// the object first (off the lock) and records whether that worked.
+    fn drifted(&self, findings: Vec<Finding>, me: &Weak<Mutex<Inner>>) {
+        for f in findings {
+            info!(bundle = %f.bundle, object = %f.object, deleted = f.deleted,
+                fields = f.fields.len(), manager = %drift::manager_of(&f.fields),
+                mode = ?f.mode, "drift detected");
+            if f.mode == DriftMode::Report {
+                self.record_drift(f.event(false, crate::reconcile::now_unix_ms()));
+                continue;
+            }
+            let Some(resource) = self.resources.get(&WatchKey::of(&f.object)).cloned() else {
+                self.record_drift(f.event(false, crate::reconcile::now_unix_ms()));
+                continue;
+            };
+            let detected = crate::reconcile::now_unix_ms();
+            let client = self.client.clone();
+            let me = me.clone();
+            tokio::spawn(async move {
+                let corrected = match crate::apply::apply_object(
+                    &client, &resource, &f.object, &f.body,
+                )
+                .await
+                {
+                    Ok(()) => {
+                        info!(bundle = %f.bundle, object = %f.object, "drift corrected");
+                        true
+                    }
+                    Err(e) => {
+                        warn!(bundle = %f.bundle, object = %f.object, error = %e, "cannot correct drift");
+                        false
+                    }
+                };
+                if let Some(inner) = me.upgrade() {
+                    let g = inner.lock().unwrap_or_else(|e| e.into_inner());
+                    g.record_drift(f.event(corrected, detected));
+                }
+            });
+        }
+    }
+
+    fn record_drift(&self, event: DriftEvent) {
+        match self.store.record_drift(event) {
+            Ok(_) => {
+                let seq = *self.statuses.borrow();
+                self.statuses.send_replace(seq);
+            }
+            Err(e) => error!(error = %e, "cannot record a drift event"),
         }
     }
 
@@ -410,15 +620,20 @@ impl Tracker {
         inner.adjust_watches(&Arc::downgrade(&self.inner));
     }
 
-    /// Applied: follow its objects' health and report its state.
-    pub fn applied(&self, b: &DesiredBundle, objects: Vec<AppliedObject>) {
+    /// Applied: follow its objects' health and drift, and report its state.
+    pub fn applied(&self, b: &DesiredBundle, objects: Vec<AppliedObject>, policy: DriftPolicy) {
         let mut inner = self.lock();
         let mut seen = Vec::with_capacity(objects.len());
+        let mut desires = HashMap::with_capacity(objects.len());
         for o in objects {
             inner.resources.insert(WatchKey::of(&o.object), o.resource);
+            desires.insert(
+                o.object.clone(),
+                Desire::new(&o.object, o.desired, o.live.as_ref(), &policy),
+            );
             seen.push((o.object, o.live.as_ref().map(Sighting::of)));
         }
-        let report = inner.book.applied(b, seen);
+        let report = inner.book.applied_with(b, seen, policy, desires);
         inner.report(report.into_iter().collect());
         inner.adjust_watches(&Arc::downgrade(&self.inner));
     }
@@ -460,21 +675,27 @@ async fn run_watch(tracker: Weak<Mutex<Inner>>, key: WatchKey, api: Api<DynamicO
             }
             (name, v)
         };
-        let reports = match event {
+        let outcome = match event {
             Ok(Event::Apply(o)) | Ok(Event::InitApply(o)) => {
                 let (name, v) = with_kind(o);
                 if let Some(l) = listing.as_mut() {
                     l.insert(name.clone());
                 }
                 let mut g = inner.lock().unwrap_or_else(|e| e.into_inner());
-                let r = g.book.observe(key.object(&name), Sighting::of(&v));
-                g.report(r);
-                continue;
+                g.book
+                    .observe_live(key.object(&name), Sighting::of(&v), Some(&v))
             }
             Ok(Event::Delete(o)) => {
                 let (name, v) = with_kind(o);
                 let mut g = inner.lock().unwrap_or_else(|e| e.into_inner());
-                g.book.observe(key.object(&name), Sighting::gone(&v))
+                if v["metadata"]["labels"][BUNDLE_LABEL].is_null() {
+                    // Not deleted: someone removed our label, so it left the watch.
+                    g.book
+                        .observe_live(key.object(&name), Sighting::of(&v), Some(&v))
+                } else {
+                    g.book
+                        .observe_live(key.object(&name), Sighting::gone(&v), None)
+                }
             }
             Ok(Event::Init) => {
                 listing = Some(HashSet::new());
@@ -494,10 +715,9 @@ async fn run_watch(tracker: Weak<Mutex<Inner>>, key: WatchKey, api: Api<DynamicO
                 continue;
             }
         };
-        inner
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .report(reports);
+        let g = inner.lock().unwrap_or_else(|e| e.into_inner());
+        g.report(outcome.reports);
+        g.drifted(outcome.findings, &tracker);
     }
 }
 
@@ -572,9 +792,9 @@ mod tests {
         assert_eq!(r[0].message, "Deployment demo/web: not found");
         book.observe(deploy("web"), seen("u3", 40, 2));
         let key = WatchKey::of(&deploy("web"));
-        let r = book.relisted(&key, &HashSet::new());
+        let r = book.relisted(&key, &HashSet::new()).reports;
         assert_eq!(r[0].state, BundleState::NotReady);
-        assert!(book.relisted(&key, &HashSet::new()).is_empty());
+        assert!(book.relisted(&key, &HashSet::new()).reports.is_empty());
     }
 
     #[test]
@@ -599,5 +819,113 @@ mod tests {
             None,
             "forgotten objects are dropped"
         );
+    }
+
+    fn cm(data: &str, rv: u64, manager: &str) -> Value {
+        json!({
+            "apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": {"name": "c", "namespace": "demo", "uid": "u1",
+                "resourceVersion": rv.to_string(),
+                "managedFields": [{"manager": manager, "operation": "Update",
+                    "time": "2026-01-01T00:00:00Z", "fieldsV1": {"f:data": {"f:mode": {}}}}]},
+            "data": {"mode": data}
+        })
+    }
+
+    fn cm_ref() -> ObjectRef {
+        ObjectRef {
+            api_version: "v1".into(),
+            kind: "ConfigMap".into(),
+            namespace: Some("demo".into()),
+            name: "c".into(),
+        }
+    }
+
+    fn with_policy(book: &mut Book, mode: DriftMode) {
+        let policy = DriftPolicy {
+            mode,
+            ignore: vec![],
+        };
+        let body = json!({"apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": {"name": "c", "namespace": "demo"}, "data": {"mode": "blue"}});
+        let applied = cm("blue", 1, "flotilla");
+        let desires = HashMap::from([(
+            cm_ref(),
+            Desire::new(&cm_ref(), body, Some(&applied), &policy),
+        )]);
+        book.applied_with(
+            &bundle("b"),
+            vec![(cm_ref(), Some(Sighting::of(&applied)))],
+            policy,
+            desires,
+        );
+    }
+
+    #[test]
+    fn report_mode_marks_the_bundle_modified_until_it_changes_back() {
+        let mut book = Book::default();
+        with_policy(&mut book, DriftMode::Report);
+        let live = cm("green", 2, "kubectl-edit");
+        let o = book.observe_live(cm_ref(), Sighting::of(&live), Some(&live));
+        assert_eq!(o.findings.len(), 1);
+        assert_eq!(o.findings[0].fields[0].path, "/data/mode");
+        let e = o.findings[0].event(false, 7);
+        assert_eq!(e.manager, "kubectl-edit");
+        assert_eq!(o.reports[0].state, BundleState::Modified);
+        assert_eq!(
+            o.reports[0].message,
+            "modified: ConfigMap demo/c: /data/mode"
+        );
+        // The same drift seen again (a later version): no second event.
+        let again = cm("green", 3, "kubectl-edit");
+        let o = book.observe_live(cm_ref(), Sighting::of(&again), Some(&again));
+        assert!(o.findings.is_empty() && o.reports.is_empty());
+        // Changed back: Ready, no event.
+        let back = cm("blue", 4, "kubectl-edit");
+        let o = book.observe_live(cm_ref(), Sighting::of(&back), Some(&back));
+        assert!(o.findings.is_empty());
+        assert_eq!(o.reports[0].state, BundleState::Ready);
+        // Deleted: an event, Modified.
+        let o = book.observe_live(cm_ref(), Sighting::gone(&back), None);
+        assert!(o.findings[0].deleted);
+        assert_eq!(o.reports[0].state, BundleState::Modified);
+    }
+
+    #[test]
+    fn correct_mode_finds_each_change_once_and_never_while_applying() {
+        let mut book = Book::default();
+        with_policy(&mut book, DriftMode::Correct);
+        let live = cm("green", 2, "kubectl-patch");
+        let o = book.observe_live(cm_ref(), Sighting::of(&live), Some(&live));
+        assert_eq!(o.findings[0].mode, DriftMode::Correct);
+        assert!(
+            o.reports.is_empty(),
+            "correct mode does not mark the bundle"
+        );
+        // Corrected (clean again), then the same edit once more: a new event.
+        let fixed = cm("blue", 3, "flotilla");
+        assert!(book
+            .observe_live(cm_ref(), Sighting::of(&fixed), Some(&fixed))
+            .findings
+            .is_empty());
+        let live = cm("green", 4, "kubectl-patch");
+        assert_eq!(
+            book.observe_live(cm_ref(), Sighting::of(&live), Some(&live))
+                .findings
+                .len(),
+            1
+        );
+        // Older news is not drift; nor is anything seen while the bundle is reapplied.
+        let old = cm("red", 1, "kubectl-patch");
+        assert!(book
+            .observe_live(cm_ref(), Sighting::of(&old), Some(&old))
+            .findings
+            .is_empty());
+        book.suspend("b");
+        let live = cm("red", 9, "kubectl-patch");
+        assert!(book
+            .observe_live(cm_ref(), Sighting::of(&live), Some(&live))
+            .findings
+            .is_empty());
     }
 }

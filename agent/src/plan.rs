@@ -166,6 +166,7 @@ mod tests {
         let opts = BundleOptions {
             default_namespace: Some("demo".into()),
             target_namespace: None,
+            ..Default::default()
         };
         let (r, obj) = prepare("apps-web", &m, &opts, true);
         assert_eq!(r.namespace.as_deref(), Some("demo"));
@@ -182,6 +183,7 @@ mod tests {
         let opts = BundleOptions {
             default_namespace: None,
             target_namespace: Some("forced".into()),
+            ..Default::default()
         };
         let (r, obj) = prepare("b", &m, &opts, false);
         assert_eq!(r.namespace, None);

@@ -35,6 +35,7 @@ pub fn now_unix_ms() -> i64 {
 struct Applied {
     objects: Vec<AppliedObject>,
     pruned: usize,
+    drift: flotilla_shared::drift::DriftPolicy,
 }
 
 pub struct Reconciler {
@@ -123,7 +124,7 @@ impl Reconciler {
                 );
                 self.applied_ok
                     .insert(b.name.clone(), (b.content_hash.clone(), b.revision.clone()));
-                self.health.applied(b, done.objects);
+                self.health.applied(b, done.objects, done.drift);
             }
             Err(message) => {
                 warn!(error = %message, "bundle not applied");
@@ -194,6 +195,7 @@ impl Reconciler {
                 object: r,
                 resource: kind.resource.clone(),
                 live: Some(live),
+                desired: body,
             });
         }
 
@@ -207,7 +209,11 @@ impl Reconciler {
         self.store
             .set_inventory(name, &applied)
             .map_err(|e| e.to_string())?;
-        Ok(Applied { objects, pruned })
+        Ok(Applied {
+            objects,
+            pruned,
+            drift: rendered.options.drift,
+        })
     }
 
     /// Rebuilds a lost inventory from the objects labelled with the bundle, among

@@ -158,9 +158,13 @@ impl Sessions {
         info!(%kubernetes_version, held, "session connected");
 
         // Statuses the hub has not acknowledged are sent again.
+        // Marked first: a status recorded while these are sent wakes the loop.
+        self.statuses.mark_unchanged();
         let mut sent_upto = self.store.acked_seq()?;
         self.send_statuses(&tx, &mut sent_upto).await?;
-        self.statuses.mark_unchanged();
+        // Drift events the hub has not acknowledged, likewise.
+        let mut drift_upto = 0;
+        self.send_drift(&tx, &mut drift_upto).await?;
         let mut heartbeat =
             tokio::time::interval_at(tokio::time::Instant::now() + HEARTBEAT, HEARTBEAT);
         loop {
@@ -169,6 +173,7 @@ impl Sessions {
                     Ok(Some(m)) => match m.msg {
                         Some(HubMsg::Desired(d)) => self.on_desired(&tx, &d).await?,
                         Some(HubMsg::StatusAck(a)) => self.store.ack(a.seq)?,
+                        Some(HubMsg::DriftAck(a)) => self.store.ack_drift(a.id)?,
                         None => warn!("empty message from the hub"),
                     },
                     Ok(None) => return Ok(Ended::Closed),
@@ -180,6 +185,7 @@ impl Sessions {
                         return Ok(Ended::Shutdown);
                     }
                     self.send_statuses(&tx, &mut sent_upto).await?;
+                    self.send_drift(&tx, &mut drift_upto).await?;
                 }
                 _ = heartbeat.tick() => send(&tx, AgentMsg::Heartbeat(Heartbeat {})).await?,
                 _ = crate::stopped(shutdown) => return Ok(Ended::Shutdown),
@@ -214,6 +220,17 @@ impl Sessions {
             "desired state received"
         );
         self.reconcile.notify_one();
+        Ok(())
+    }
+
+    async fn send_drift(&self, tx: &mpsc::Sender<AgentMessage>, sent_upto: &mut u64) -> Result<()> {
+        for e in self.store.pending_drift()? {
+            if e.id <= *sent_upto {
+                continue;
+            }
+            send(tx, AgentMsg::Drift((&e).into())).await?;
+            *sent_upto = e.id;
+        }
         Ok(())
     }
 

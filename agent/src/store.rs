@@ -6,7 +6,10 @@
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
+use std::sync::{Arc, Mutex};
+
 use flotilla_shared::bundle::ObjectRef;
+use flotilla_shared::drift::DriftEvent;
 use flotilla_shared::state::BundleState;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -21,6 +24,11 @@ const DESIRED_KEY: &[u8] = b"desired";
 const SEQ_KEY: &[u8] = b"seq";
 const ACKED_KEY: &[u8] = b"acked_seq";
 const KINDS_KEY: &[u8] = b"kinds";
+const DRIFT_ID_KEY: &[u8] = b"drift_id";
+
+/// Drift events kept while the hub is unreachable; beyond this the oldest go (a
+/// cluster fighting a controller must not fill the disk).
+pub const MAX_PENDING_DRIFT: usize = 10_000;
 
 /// One bundle of the Desired set, as the hub named it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -57,6 +65,10 @@ pub struct Store {
     contents: sled::Tree,
     inventory: sled::Tree,
     statuses: sled::Tree,
+    /// Drift events not yet acknowledged by the hub, by id (big-endian).
+    drift: sled::Tree,
+    /// Orders id allocation with insertion, so events enter the tree in id order.
+    drift_lock: Arc<Mutex<()>>,
 }
 
 fn decode<T: DeserializeOwned>(key: &[u8], bytes: &[u8]) -> Result<T> {
@@ -102,12 +114,20 @@ impl Store {
             contents: db.open_tree("contents")?,
             inventory: db.open_tree("inventory")?,
             statuses: db.open_tree("statuses")?,
+            drift: db.open_tree("drift")?,
+            drift_lock: Arc::new(Mutex::new(())),
             db,
         };
+        let seed = u64::try_from(now_unix_ms).unwrap_or(0).saturating_mul(1000);
         if store.meta.get(SEQ_KEY)?.is_none() {
-            let seed = u64::try_from(now_unix_ms).unwrap_or(0).saturating_mul(1000);
             store.meta.insert(SEQ_KEY, &seed.to_be_bytes())?;
             store.meta.insert(ACKED_KEY, &seed.to_be_bytes())?;
+            store.flush()?;
+        }
+        // Seeded from the clock like seq: the hub drops ids it has seen from this
+        // cluster, so a lost store must not start again from 1.
+        if store.meta.get(DRIFT_ID_KEY)?.is_none() {
+            store.meta.insert(DRIFT_ID_KEY, &seed.to_be_bytes())?;
             store.flush()?;
         }
         Ok(store)
@@ -272,6 +292,48 @@ impl Store {
         Ok(out)
     }
 
+    /// Records a drift event under the next id, durably, before anyone may send it.
+    /// Drops the oldest pending events beyond [`MAX_PENDING_DRIFT`].
+    pub fn record_drift(&self, mut event: DriftEvent) -> Result<DriftEvent> {
+        let _order = self.drift_lock.lock().unwrap_or_else(|e| e.into_inner());
+        let id = u64_of(self.meta.get(DRIFT_ID_KEY)?) + 1;
+        self.meta.insert(DRIFT_ID_KEY, &id.to_be_bytes())?;
+        event.id = id;
+        self.drift.insert(id.to_be_bytes(), encode(&event))?;
+        while self.drift.len() > MAX_PENDING_DRIFT {
+            if let Some((k, _)) = self.drift.pop_min()? {
+                warn!(
+                    id = u64_of(Some(k)),
+                    "dropping the oldest unsent drift event"
+                );
+            }
+        }
+        self.flush()?;
+        Ok(event)
+    }
+
+    /// Drift events not acknowledged by the hub, oldest first.
+    pub fn pending_drift(&self) -> Result<Vec<DriftEvent>> {
+        let mut out = Vec::new();
+        for item in self.drift.iter() {
+            let (k, v) = item?;
+            match decode(&k, &v) {
+                Ok(e) => out.push(e),
+                Err(e) => {
+                    warn!(error = %e, "dropping an unreadable drift event");
+                    self.drift.remove(k)?;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// The hub stored drift event `id`: forget it.
+    pub fn ack_drift(&self, id: u64) -> Result<()> {
+        self.drift.remove(id.to_be_bytes())?;
+        Ok(())
+    }
+
     /// The highest seq the hub acknowledged.
     pub fn acked_seq(&self) -> Result<u64> {
         Ok(u64_of(self.meta.get(ACKED_KEY)?))
@@ -398,6 +460,40 @@ mod tests {
         assert_eq!(next.seq, first.seq + 3, "seq continues after reopen");
         s.ack(1).unwrap();
         assert_eq!(s.acked_seq().unwrap(), first.seq + 1, "acks never go back");
+    }
+
+    fn event(name: &str) -> DriftEvent {
+        DriftEvent {
+            id: 0,
+            bundle: "b".into(),
+            object: obj("ConfigMap", name),
+            fields: vec![],
+            manager: "kubectl-edit".into(),
+            detected_at_unix_ms: 1,
+            corrected: true,
+            deleted: false,
+        }
+    }
+
+    #[test]
+    fn drift_events_wait_for_acks_across_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b);
+        {
+            let s = Store::open(dir.path(), 4).unwrap();
+            a = s.record_drift(event("x")).unwrap();
+            b = s.record_drift(event("y")).unwrap();
+            assert_eq!(a.id, 4001);
+            assert_eq!(b.id, 4002);
+            s.ack_drift(a.id).unwrap();
+        }
+        let s = Store::open(dir.path(), 9).unwrap();
+        assert_eq!(s.pending_drift().unwrap(), std::slice::from_ref(&b));
+        let c = s.record_drift(event("z")).unwrap();
+        assert_eq!(c.id, b.id + 1, "ids continue after reopen");
+        s.ack_drift(b.id).unwrap();
+        s.ack_drift(c.id).unwrap();
+        assert!(s.pending_drift().unwrap().is_empty());
     }
 
     #[test]

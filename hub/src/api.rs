@@ -81,6 +81,8 @@ fn admin_router(hub: Hub) -> Router {
         .route("/api/v1/clusters/{name}/labels", patch(patch_labels))
         .route("/api/v1/bundles", get(list_bundles))
         .route("/api/v1/bundles/{name}", get(get_bundle))
+        .route("/api/v1/drift", get(list_drift))
+        .route("/api/v1/drift/{id}", get(get_drift))
         .fallback(|| async { ApiError::not_found("no such route") })
         .layer(middleware::from_fn_with_state(hub.clone(), require_admin))
         .with_state(hub)
@@ -432,4 +434,108 @@ async fn get_bundle(
         .bundle(&name)
         .map(Json)
         .ok_or_else(|| ApiError::not_found(format!("bundle {name} not found")))
+}
+
+/// A drift event as the API shows it (PRODUCT.md's shape, plus `deleted`).
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DriftView {
+    pub id: u64,
+    pub cluster: String,
+    pub bundle: String,
+    pub object: DriftObject,
+    pub fields: Vec<DriftField>,
+    pub manager: String,
+    pub detected_at: String,
+    pub corrected: bool,
+    pub deleted: bool,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DriftObject {
+    pub api_version: String,
+    pub kind: String,
+    pub namespace: Option<String>,
+    pub name: String,
+}
+
+#[derive(Debug, Serialize)]
+pub struct DriftField {
+    pub path: String,
+    pub desired: serde_json::Value,
+    pub live: serde_json::Value,
+}
+
+impl From<crate::store::DriftRecord> for DriftView {
+    fn from(r: crate::store::DriftRecord) -> Self {
+        let e = r.event;
+        DriftView {
+            id: r.id,
+            cluster: r.cluster,
+            bundle: e.bundle,
+            object: DriftObject {
+                api_version: e.object.api_version,
+                kind: e.object.kind,
+                namespace: e.object.namespace,
+                name: e.object.name,
+            },
+            fields: e
+                .fields
+                .into_iter()
+                .map(|f| DriftField {
+                    path: f.path,
+                    desired: f.desired,
+                    live: f.live,
+                })
+                .collect(),
+            manager: e.manager,
+            detected_at: crate::rfc3339(u64::try_from(e.detected_at_unix_ms).unwrap_or(0)),
+            corrected: e.corrected,
+            deleted: e.deleted,
+        }
+    }
+}
+
+/// Header telling how many events were dropped from the bounded history.
+pub const DRIFT_DROPPED_HEADER: &str = "x-flotilla-drift-dropped";
+
+#[derive(Debug, Deserialize)]
+struct DriftQuery {
+    cluster: Option<String>,
+    bundle: Option<String>,
+}
+
+async fn list_drift(
+    State(hub): State<Hub>,
+    Query(q): Query<DriftQuery>,
+) -> Result<Response, ApiError> {
+    let store = hub.fleet.store().clone();
+    let (records, dropped) = tokio::task::spawn_blocking(move || {
+        Ok::<_, crate::store::StoreError>((store.list_drift()?, store.drift_dropped()?))
+    })
+    .await
+    .map_err(ApiError::internal)?
+    .map_err(ApiError::internal)?;
+    let want =
+        |want: &Option<String>, got: &str| want.as_deref().is_none_or(|w| w.is_empty() || w == got);
+    let views: Vec<DriftView> = records
+        .into_iter()
+        .filter(|r| want(&q.cluster, &r.cluster) && want(&q.bundle, &r.event.bundle))
+        .map(DriftView::from)
+        .collect();
+    Ok(([(DRIFT_DROPPED_HEADER, dropped.to_string())], Json(views)).into_response())
+}
+
+async fn get_drift(State(hub): State<Hub>, Path(id): Path<String>) -> ApiResult<DriftView> {
+    let n: u64 = id
+        .parse()
+        .map_err(|_| ApiError::bad_request(format!("drift event id {id:?} is not a number")))?;
+    let store = hub.fleet.store().clone();
+    tokio::task::spawn_blocking(move || store.get_drift(n))
+        .await
+        .map_err(ApiError::internal)?
+        .map_err(ApiError::internal)?
+        .map(|r| Json(r.into()))
+        .ok_or_else(|| ApiError::not_found(format!("drift event {id} not found")))
 }

@@ -58,6 +58,9 @@ pub enum Command {
     /// Bundles and their state on each cluster.
     #[command(subcommand)]
     Bundle(BundleCommand),
+    /// Drift events: managed objects changed or deleted behind Flotilla's back.
+    #[command(subcommand)]
+    Drift(DriftCommand),
     /// Offline: each object's health (Current, InProgress, Failed, Terminating,
     /// NotFound, Unknown) and reason, from manifests or `kubectl get -o yaml`.
     Health {
@@ -255,6 +258,28 @@ pub enum BundleCommand {
     },
 }
 
+#[derive(Debug, Subcommand)]
+pub enum DriftCommand {
+    /// List drift events, oldest first.
+    List {
+        /// Only this cluster's events.
+        #[arg(long, env = "FLOTILLA_DRIFT_CLUSTER")]
+        cluster: Option<String>,
+        /// Only this bundle's events.
+        #[arg(long, env = "FLOTILLA_DRIFT_BUNDLE")]
+        bundle: Option<String>,
+        #[command(flatten)]
+        output: Output,
+    },
+    /// Show one drift event with its field-level diff.
+    Show {
+        /// Event id (from `drift list`).
+        id: String,
+        #[command(flatten)]
+        output: Output,
+    },
+}
+
 /// Output format of read commands.
 #[derive(Debug, Args, Clone, Copy)]
 pub struct Output {
@@ -446,6 +471,32 @@ async fn execute(cli: Cli, out: &mut dyn Write, err: &mut dyn Write) -> Result<(
                 .send("GET", &format!("/api/v1/bundles/{}", segment(&name)), None)
                 .await?;
             print(out, output.output, &v, bundle_details)?;
+        }
+        Command::Drift(DriftCommand::List {
+            cluster,
+            bundle,
+            output,
+        }) => {
+            let mut query = Vec::new();
+            if let Some(c) = cluster {
+                query.push(format!("cluster={}", segment(&c)));
+            }
+            if let Some(b) = bundle {
+                query.push(format!("bundle={}", segment(&b)));
+            }
+            let path = if query.is_empty() {
+                "/api/v1/drift".to_string()
+            } else {
+                format!("/api/v1/drift?{}", query.join("&"))
+            };
+            let v = api.send("GET", &path, None).await?;
+            print(out, output.output, &v, |v| drift_table(v, now))?;
+        }
+        Command::Drift(DriftCommand::Show { id, output }) => {
+            let v = api
+                .send("GET", &format!("/api/v1/drift/{}", segment(&id)), None)
+                .await?;
+            print(out, output.output, &v, drift_details)?;
         }
         Command::Health { .. } => {}
     }
@@ -1034,6 +1085,7 @@ pub fn clusters_table(v: &Value, now: SystemTime) -> String {
                 field(c, "agentVersion"),
                 field(c, "kubernetesVersion"),
                 counts(c.get("bundleCounts").unwrap_or(&Value::Null)),
+                field(c, "driftEvents"),
             ]
         })
         .collect();
@@ -1046,6 +1098,7 @@ pub fn clusters_table(v: &Value, now: SystemTime) -> String {
             "AGENT",
             "KUBERNETES",
             "BUNDLES",
+            "DRIFT",
         ],
         &rows,
     )
@@ -1082,6 +1135,7 @@ pub fn cluster_details(c: &Value, now: SystemTime) -> String {
             "Bundles",
             counts(c.get("bundleCounts").unwrap_or(&Value::Null)),
         ),
+        ("Drift events", field(c, "driftEvents")),
     ]);
     out.push('\n');
     out.push_str(&states_table(
@@ -1113,16 +1167,118 @@ pub fn bundle_details(b: &Value) -> String {
         ("Source", field(b, "source")),
         ("Path", field(b, "path")),
         ("Revision", field(b, "revision")),
+        ("Drift events", field(b, "driftEvents")),
     ];
     if b.get("error").is_some_and(|e| !e.is_null()) {
         pairs.push(("Error", field(b, "error")));
     }
     let mut out = describe(&pairs);
     out.push('\n');
-    out.push_str(&states_table(
-        b.get("clusters").unwrap_or(&Value::Null),
-        "cluster",
+    let rows: Vec<Vec<String>> = rows_of(b.get("clusters").unwrap_or(&Value::Null))
+        .iter()
+        .map(|c| {
+            vec![
+                field(c, "cluster"),
+                field(c, "state"),
+                short_field(c, "appliedRevision"),
+                field(c, "driftEvents"),
+                field(c, "message"),
+            ]
+        })
+        .collect();
+    out.push_str(&table(
+        &["CLUSTER", "STATE", "REVISION", "DRIFT", "MESSAGE"],
+        &rows,
     ));
+    out
+}
+
+/// `Deployment demo/web` (or `Namespace demo`).
+fn object_of(o: &Value) -> String {
+    let kind = field(o, "kind");
+    let name = field(o, "name");
+    match o.get("namespace").and_then(Value::as_str) {
+        Some(ns) if !ns.is_empty() => format!("{kind} {ns}/{name}"),
+        _ => format!("{kind} {name}"),
+    }
+}
+
+/// What changed, in a few words: the paths, or `deleted`.
+fn drift_summary(e: &Value) -> String {
+    if e["deleted"] == true {
+        return "(deleted)".into();
+    }
+    let paths: Vec<String> = rows_of(&e["fields"])
+        .iter()
+        .map(|f| field(f, "path"))
+        .collect();
+    if paths.len() > 3 {
+        format!("{} (+{})", paths[..3].join(","), paths.len() - 3)
+    } else {
+        paths.join(",")
+    }
+}
+
+pub fn drift_table(v: &Value, now: SystemTime) -> String {
+    let rows: Vec<Vec<String>> = rows_of(v)
+        .iter()
+        .map(|e| {
+            vec![
+                field(e, "id"),
+                field(e, "cluster"),
+                field(e, "bundle"),
+                object_of(&e["object"]),
+                drift_summary(e),
+                field(e, "manager"),
+                age_field(e, "detectedAt", now),
+                field(e, "corrected"),
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "ID",
+            "CLUSTER",
+            "BUNDLE",
+            "OBJECT",
+            "FIELDS",
+            "MANAGER",
+            "AGE",
+            "CORRECTED",
+        ],
+        &rows,
+    )
+}
+
+pub fn drift_details(e: &Value) -> String {
+    let mut out = describe(&[
+        ("Id", field(e, "id")),
+        ("Cluster", field(e, "cluster")),
+        ("Bundle", field(e, "bundle")),
+        ("Object", object_of(&e["object"])),
+        ("API version", field(&e["object"], "apiVersion")),
+        ("Manager", field(e, "manager")),
+        ("Detected at", field(e, "detectedAt")),
+        ("Corrected", field(e, "corrected")),
+        ("Deleted", field(e, "deleted")),
+    ]);
+    out.push('\n');
+    let rows: Vec<Vec<String>> = rows_of(&e["fields"])
+        .iter()
+        .map(|f| {
+            let compact = |v: &Value| match v {
+                Value::Null => "(absent)".to_string(),
+                Value::String(s) => s.clone(),
+                other => other.to_string(),
+            };
+            vec![
+                field(f, "path"),
+                compact(&f["desired"]),
+                compact(&f["live"]),
+            ]
+        })
+        .collect();
+    out.push_str(&table(&["PATH", "DESIRED", "LIVE"], &rows));
     out
 }
 
@@ -1322,15 +1478,17 @@ mod tests {
         let v = json!([
             {"name": "east", "labels": {"env": "prod", "tier": "edge"}, "connected": true,
              "lastSeen": "1970-01-01T00:16:40Z", "agentVersion": "0.1.0",
-             "kubernetesVersion": "v1.34.1", "bundleCounts": {"Ready": 2, "ErrApplied": 1}},
+             "kubernetesVersion": "v1.34.1", "bundleCounts": {"Ready": 2, "ErrApplied": 1},
+             "driftEvents": 3},
             {"name": "west", "labels": {}, "connected": false, "lastSeen": null,
-             "agentVersion": null, "kubernetesVersion": null, "bundleCounts": {}},
+             "agentVersion": null, "kubernetesVersion": null, "bundleCounts": {},
+             "driftEvents": 0},
         ]);
         let t = clusters_table(&v, at(1000 + 7200));
         let want = "\
-NAME   LABELS               CONNECTED   LAST SEEN   AGENT    KUBERNETES   BUNDLES
-east   env=prod,tier=edge   true        2h          0.1.0    v1.34.1      Ready=2,ErrApplied=1
-west   <none>               false       <none>      <none>   <none>       <none>
+NAME   LABELS               CONNECTED   LAST SEEN   AGENT    KUBERNETES   BUNDLES                DRIFT
+east   env=prod,tier=edge   true        2h          0.1.0    v1.34.1      Ready=2,ErrApplied=1   3
+west   <none>               false       <none>      <none>   <none>       <none>                 0
 ";
         assert_eq!(t, want);
     }
@@ -1362,23 +1520,51 @@ west   <none>               false       <none>      <none>   <none>       <none>
             "NAME       SOURCE   PATH   REVISION   READY\napps-web   apps     web    0123456    2/3\n"
         );
         let one = json!({"name": "apps-web", "source": "apps", "path": "web",
-        "revision": "0123456789abcdef0123456789abcdef01234567",
+        "revision": "0123456789abcdef0123456789abcdef01234567", "driftEvents": 2,
         "clusters": [
             {"cluster": "east", "state": "ErrApplied", "appliedRevision": "abcdef0123456789",
-             "message": "web/d.yaml: Deployment default/web:\n field is immutable"},
-            {"cluster": "west", "state": "Ready", "appliedRevision": null, "message": ""}
+             "message": "web/d.yaml: Deployment default/web:\n field is immutable", "driftEvents": 0},
+            {"cluster": "west", "state": "Modified", "appliedRevision": null, "message": "", "driftEvents": 2}
         ]});
         let want = "\
-Name:     apps-web
-Source:   apps
-Path:     web
-Revision: 0123456789abcdef0123456789abcdef01234567
+Name:         apps-web
+Source:       apps
+Path:         web
+Revision:     0123456789abcdef0123456789abcdef01234567
+Drift events: 2
 
-CLUSTER   STATE        REVISION   MESSAGE
-east      ErrApplied   abcdef0    web/d.yaml: Deployment default/web: field is immutable
-west      Ready        <none>     <none>
+CLUSTER   STATE        REVISION   DRIFT   MESSAGE
+east      ErrApplied   abcdef0    0       web/d.yaml: Deployment default/web: field is immutable
+west      Modified     <none>     2       <none>
 ";
         assert_eq!(bundle_details(&one), want);
+    }
+
+    #[test]
+    fn drift_tables() {
+        let e = json!({"id": 4, "cluster": "east", "bundle": "apps-web",
+            "object": {"apiVersion": "apps/v1", "kind": "Deployment", "namespace": "demo", "name": "web"},
+            "fields": [{"path": "/spec/replicas", "desired": 2, "live": 5},
+                       {"path": "/metadata/labels/tier", "desired": "front", "live": null}],
+            "manager": "kubectl-edit", "detectedAt": "1970-01-01T00:16:40Z",
+            "corrected": true, "deleted": false});
+        let gone = json!({"id": 5, "cluster": "east", "bundle": "apps-web",
+            "object": {"apiVersion": "v1", "kind": "Namespace", "name": "demo"},
+            "fields": [], "manager": "", "detectedAt": "1970-01-01T00:16:40Z",
+            "corrected": false, "deleted": true});
+        let want = "\
+ID   CLUSTER   BUNDLE     OBJECT                FIELDS                                 MANAGER        AGE   CORRECTED
+4    east      apps-web   Deployment demo/web   /spec/replicas,/metadata/labels/tier   kubectl-edit   60s   true
+5    east      apps-web   Namespace demo        (deleted)                              <none>         60s   false
+";
+        assert_eq!(drift_table(&json!([e.clone(), gone]), at(1060)), want);
+        let d = drift_details(&e);
+        assert!(d.contains("Manager:     kubectl-edit\n"), "{d}");
+        assert!(d.contains("/spec/replicas          2         5\n"), "{d}");
+        assert!(
+            d.contains("/metadata/labels/tier   front     (absent)\n"),
+            "{d}"
+        );
     }
 
     #[test]

@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use flotilla_shared::assign::{self, Assignment, BundleInfo, CustomizationInfo};
 use flotilla_shared::bundle::{RenderError, Rendered};
 use flotilla_shared::depends::Dependency;
+use flotilla_shared::drift::DriftEvent;
 use flotilla_shared::labels::Labels;
 use flotilla_shared::objects::{ClusterGroupSpec, GitSourceSpec};
 use flotilla_shared::state::{BundleState, Reported};
@@ -69,6 +70,8 @@ struct State {
     groups: BTreeMap<String, GroupRecord>,
     clusters: BTreeMap<String, ClusterState>,
     statuses: BTreeMap<(String, String), StatusRecord>,
+    /// Drift events in the history per (cluster, bundle), for the views.
+    drift_counts: BTreeMap<(String, String), usize>,
     /// Rendered content by hash, shared by every bundle and cluster that uses it.
     contents: HashMap<String, Arc<Rendered>>,
     next_session: u64,
@@ -204,6 +207,12 @@ impl State {
             agent_version: c.record.agent_version.clone(),
             kubernetes_version: c.record.kubernetes_version.clone(),
             bundle_counts: counts,
+            drift_events: self
+                .drift_counts
+                .iter()
+                .filter(|((cl, _), _)| *cl == c.record.name)
+                .map(|(_, n)| n)
+                .sum(),
             bundles: with_bundles.then_some(bundles),
         }
     }
@@ -286,6 +295,8 @@ pub struct ClusterView {
     pub agent_version: String,
     pub kubernetes_version: String,
     pub bundle_counts: BTreeMap<String, usize>,
+    /// Drift events of this cluster in the hub's history.
+    pub drift_events: usize,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub bundles: Option<Vec<ClusterBundleView>>,
 }
@@ -297,6 +308,8 @@ pub struct BundleClusterView {
     pub state: BundleState,
     pub applied_revision: Option<String>,
     pub message: String,
+    /// Drift events of this bundle on this cluster in the hub's history.
+    pub drift_events: usize,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -309,6 +322,8 @@ pub struct BundleView {
     pub content_hash: Option<String>,
     pub error: Option<String>,
     pub cluster_counts: BTreeMap<String, usize>,
+    /// Drift events of this bundle, all clusters, in the hub's history.
+    pub drift_events: usize,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub clusters: Option<Vec<BundleClusterView>>,
 }
@@ -353,6 +368,12 @@ impl Fleet {
             state
                 .statuses
                 .insert((s.cluster.clone(), s.bundle.clone()), s);
+        }
+        for d in store.list_drift()? {
+            *state
+                .drift_counts
+                .entry((d.cluster, d.event.bundle))
+                .or_default() += 1;
         }
         let (changed, _) = watch::channel(0);
         Ok(Arc::new(Fleet {
@@ -717,6 +738,33 @@ impl Fleet {
         Ok(true)
     }
 
+    /// Stores a drift event from a cluster's agent (flushed before returning, so
+    /// it may be acknowledged). Returns the hub's id, `None` for a resend.
+    pub fn record_drift(
+        &self,
+        cluster: &str,
+        event: &DriftEvent,
+    ) -> Result<Option<u64>, FleetError> {
+        let added = self.store.add_drift(cluster, event)?;
+        self.store.flush()?;
+        let mut st = self.lock();
+        if added.id.is_some() {
+            *st.drift_counts
+                .entry((cluster.to_string(), event.bundle.clone()))
+                .or_default() += 1;
+        }
+        for d in added.dropped {
+            let key = (d.cluster, d.event.bundle);
+            if let Some(n) = st.drift_counts.get_mut(&key) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    st.drift_counts.remove(&key);
+                }
+            }
+        }
+        Ok(added.id)
+    }
+
     // ---- views for the API --------------------------------------------------
 
     pub fn sources(&self) -> Vec<SourceView> {
@@ -798,6 +846,11 @@ impl Fleet {
                     state,
                     applied_revision: reported.map(|r| r.revision),
                     message,
+                    drift_events: st
+                        .drift_counts
+                        .get(&(c.record.name.clone(), info.name.clone()))
+                        .copied()
+                        .unwrap_or(0),
                 });
             }
             let latest = st
@@ -813,6 +866,12 @@ impl Fleet {
                 content_hash: info.good.as_ref().map(|(h, _)| h.clone()),
                 error: info.render_error.clone(),
                 cluster_counts: assign::count_states(clusters.iter().map(|c| c.state)),
+                drift_events: st
+                    .drift_counts
+                    .iter()
+                    .filter(|((_, b), _)| *b == info.name)
+                    .map(|(_, n)| n)
+                    .sum(),
                 clusters: only.is_some().then_some(clusters),
             });
         }

@@ -579,8 +579,46 @@ impl Session {
                 self.send(v1::hub_message::Msg::StatusAck(v1::StatusAck { seq }))
                     .await
             }
+            Some(Msg::Drift(d)) => {
+                let agent_id = d.id;
+                match drift_event(&d) {
+                    Ok(event) => {
+                        let fleet = self.fleet.clone();
+                        let cluster = self.cluster.clone();
+                        // Stored and flushed before the ack: an acked event is never lost.
+                        let id = tokio::task::spawn_blocking(move || {
+                            fleet.record_drift(&cluster, &event)
+                        })
+                        .await
+                        .map_err(|e| End::Error(internal(e)))?
+                        .map_err(|e| End::Error(internal(e)))?;
+                        match id {
+                            Some(id) => tracing::info!(id, agent_id, bundle = %d.bundle,
+                                object = %format!("{} {}/{}", d.kind, d.namespace, d.name),
+                                manager = %d.manager, corrected = d.corrected, deleted = d.deleted,
+                                "drift"),
+                            None => tracing::debug!(agent_id, "drift event already stored"),
+                        }
+                    }
+                    // Acknowledged anyway: resending it would not make it valid.
+                    Err(reason) => tracing::warn!(agent_id, %reason, "invalid drift event dropped"),
+                }
+                self.send(v1::hub_message::Msg::DriftAck(v1::DriftAck {
+                    id: agent_id,
+                }))
+                .await
+            }
         }
     }
+}
+
+/// Checks an agent's drift event and turns it into the domain's.
+fn drift_event(d: &v1::DriftEvent) -> Result<flotilla_shared::drift::DriftEvent, String> {
+    validate_name(&d.bundle).map_err(|e| e.to_string())?;
+    if d.kind.is_empty() || d.name.is_empty() || d.api_version.is_empty() {
+        return Err("a drift event must name its object".into());
+    }
+    flotilla_shared::drift::DriftEvent::try_from(d).map_err(|e| e.to_string())
 }
 
 /// Checks an agent's status report and turns it into a record for its cluster.

@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
+use flotilla_shared::drift::DriftEvent;
 use flotilla_shared::labels::Labels;
 use flotilla_shared::objects::{ClusterGroupSpec, GitSourceSpec};
 use flotilla_shared::state::BundleState;
@@ -109,6 +110,28 @@ pub struct StatusRecord {
     pub observed_at_ms: i64,
 }
 
+/// The fleet's drift history is bounded: beyond this many events the oldest are
+/// dropped (and counted), so a cluster fighting a controller cannot fill the disk.
+pub const MAX_DRIFT_EVENTS: usize = 10_000;
+
+/// A drift event as the hub keeps it: the agent's event, its cluster, and the
+/// hub's own id (the API's), in arrival order.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DriftRecord {
+    pub id: u64,
+    pub cluster: String,
+    pub event: DriftEvent,
+}
+
+/// What storing a drift event did.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct DriftAdded {
+    /// The hub's id; `None` when this (cluster, agent event id) was stored before.
+    pub id: Option<u64>,
+    /// Events dropped to keep the history bounded.
+    pub dropped: Vec<DriftRecord>,
+}
+
 /// Everything the hub persists. Methods are small and typed; each is atomic.
 pub trait Store: Send + Sync + 'static {
     fn put_token(&self, token: &TokenRecord) -> Result<(), StoreError>;
@@ -142,6 +165,14 @@ pub trait Store: Send + Sync + 'static {
     /// Creates or replaces a secret; durable when it returns.
     fn put_secret(&self, secret: &SecretRecord) -> Result<(), StoreError>;
     fn delete_secret(&self, name: &str) -> Result<bool, StoreError>;
+    /// Stores a drift event from `cluster` once: an agent's ids increase, so an id
+    /// not above the highest stored for that cluster is a resend and is skipped.
+    fn add_drift(&self, cluster: &str, event: &DriftEvent) -> Result<DriftAdded, StoreError>;
+    /// The drift history, oldest first.
+    fn list_drift(&self) -> Result<Vec<DriftRecord>, StoreError>;
+    fn get_drift(&self, id: u64) -> Result<Option<DriftRecord>, StoreError>;
+    /// How many events were dropped from the history so far.
+    fn drift_dropped(&self) -> Result<u64, StoreError>;
 
     /// Makes every write so far durable.
     fn flush(&self) -> Result<(), StoreError>;
@@ -156,10 +187,34 @@ pub struct SledStore {
     clusters: sled::Tree,
     statuses: sled::Tree,
     secrets: sled::Tree,
+    /// Drift records by hub id (big-endian).
+    drift: sled::Tree,
+    /// Per cluster, the highest agent event id stored; plus the id counter and
+    /// the dropped count under reserved keys.
+    drift_meta: sled::Tree,
+    drift_cap: usize,
+    /// Serialises add_drift (dedupe check, id allocation, trimming).
+    drift_lock: std::sync::Mutex<()>,
+}
+
+const DRIFT_NEXT_ID: &[u8] = b"\0next-id";
+const DRIFT_DROPPED: &[u8] = b"\0dropped";
+
+fn u64_at(tree: &sled::Tree, key: &[u8]) -> Result<u64, StoreError> {
+    Ok(tree
+        .get(key)?
+        .and_then(|b| <[u8; 8]>::try_from(b.as_ref()).ok())
+        .map(u64::from_be_bytes)
+        .unwrap_or(0))
 }
 
 impl SledStore {
     pub fn open(path: &Path) -> Result<SledStore, StoreError> {
+        Self::open_with_drift_cap(path, MAX_DRIFT_EVENTS)
+    }
+
+    /// Opens with another bound on the drift history (tests).
+    pub fn open_with_drift_cap(path: &Path, drift_cap: usize) -> Result<SledStore, StoreError> {
         let db = sled::open(path)?;
         Ok(SledStore {
             tokens: db.open_tree("tokens")?,
@@ -168,6 +223,10 @@ impl SledStore {
             clusters: db.open_tree("clusters")?,
             statuses: db.open_tree("statuses")?,
             secrets: db.open_tree("secrets")?,
+            drift: db.open_tree("drift")?,
+            drift_meta: db.open_tree("drift_meta")?,
+            drift_cap: drift_cap.max(1),
+            drift_lock: std::sync::Mutex::new(()),
             db,
         })
     }
@@ -316,6 +375,51 @@ impl Store for SledStore {
         Ok(())
     }
 
+    fn add_drift(&self, cluster: &str, event: &DriftEvent) -> Result<DriftAdded, StoreError> {
+        let _one = self.drift_lock.lock().unwrap_or_else(|e| e.into_inner());
+        if u64_at(&self.drift_meta, cluster.as_bytes())? >= event.id {
+            return Ok(DriftAdded::default());
+        }
+        let id = u64_at(&self.drift_meta, DRIFT_NEXT_ID)? + 1;
+        let rec = DriftRecord {
+            id,
+            cluster: cluster.to_string(),
+            event: event.clone(),
+        };
+        self.drift.insert(id.to_be_bytes(), encode(&rec)?)?;
+        self.drift_meta.insert(DRIFT_NEXT_ID, &id.to_be_bytes())?;
+        self.drift_meta
+            .insert(cluster.as_bytes(), &event.id.to_be_bytes())?;
+        let mut dropped = Vec::new();
+        while self.drift.len() > self.drift_cap {
+            let Some((k, v)) = self.drift.pop_min()? else {
+                break;
+            };
+            dropped.push(decode(&k, &v)?);
+        }
+        if !dropped.is_empty() {
+            let n = u64_at(&self.drift_meta, DRIFT_DROPPED)? + dropped.len() as u64;
+            self.drift_meta.insert(DRIFT_DROPPED, &n.to_be_bytes())?;
+        }
+        Ok(DriftAdded {
+            id: Some(id),
+            dropped,
+        })
+    }
+
+    fn list_drift(&self) -> Result<Vec<DriftRecord>, StoreError> {
+        list(&self.drift)
+    }
+
+    fn get_drift(&self, id: u64) -> Result<Option<DriftRecord>, StoreError> {
+        let key = id.to_be_bytes();
+        self.drift.get(key)?.map(|v| decode(&key, &v)).transpose()
+    }
+
+    fn drift_dropped(&self) -> Result<u64, StoreError> {
+        u64_at(&self.drift_meta, DRIFT_DROPPED)
+    }
+
     fn flush(&self) -> Result<(), StoreError> {
         self.db.flush()?;
         Ok(())
@@ -353,6 +457,60 @@ mod tests {
         assert_eq!(
             store.consume_token("nope", "h", 10).unwrap(),
             Err(TokenRefusal::Unknown)
+        );
+    }
+
+    fn event(id: u64) -> DriftEvent {
+        DriftEvent {
+            id,
+            bundle: "b".into(),
+            object: flotilla_shared::bundle::ObjectRef {
+                api_version: "v1".into(),
+                kind: "ConfigMap".into(),
+                namespace: Some("demo".into()),
+                name: "c".into(),
+            },
+            fields: vec![],
+            manager: "kubectl-edit".into(),
+            detected_at_unix_ms: 1,
+            corrected: false,
+            deleted: false,
+        }
+    }
+
+    #[test]
+    fn drift_is_deduplicated_and_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store");
+        {
+            let store = SledStore::open_with_drift_cap(&path, 3).unwrap();
+            assert_eq!(store.add_drift("a", &event(10)).unwrap().id, Some(1));
+            assert_eq!(
+                store.add_drift("a", &event(10)).unwrap().id,
+                None,
+                "a resend"
+            );
+            assert_eq!(
+                store.add_drift("b", &event(10)).unwrap().id,
+                Some(2),
+                "per cluster"
+            );
+            assert_eq!(store.add_drift("a", &event(11)).unwrap().id, Some(3));
+            let added = store.add_drift("a", &event(12)).unwrap();
+            assert_eq!(added.id, Some(4));
+            assert_eq!(added.dropped.len(), 1);
+            assert_eq!(added.dropped[0].id, 1, "oldest first");
+        }
+        let store = SledStore::open_with_drift_cap(&path, 3).unwrap();
+        assert_eq!(store.drift_dropped().unwrap(), 1);
+        let ids: Vec<u64> = store.list_drift().unwrap().iter().map(|r| r.id).collect();
+        assert_eq!(ids, [2, 3, 4]);
+        assert_eq!(store.get_drift(3).unwrap().unwrap().event.id, 11);
+        assert_eq!(store.get_drift(1).unwrap(), None);
+        assert_eq!(
+            store.add_drift("a", &event(11)).unwrap().id,
+            None,
+            "survives reopen"
         );
     }
 

@@ -9,7 +9,8 @@ pub mod v1 {
     tonic::include_proto!("flotilla.v1");
 }
 
-use flotilla_shared::bundle::{BundleOptions, Manifest, Rendered};
+use flotilla_shared::bundle::{BundleOptions, Manifest, ObjectRef, Rendered};
+use flotilla_shared::drift::{DriftEvent, DriftMode, DriftPolicy, FieldDiff, IgnoreRule};
 use flotilla_shared::state::BundleState;
 
 /// A wire value that does not make a valid domain value.
@@ -21,6 +22,130 @@ pub enum ConversionError {
     UnknownState(i32),
     #[error("manifest from {file} is not valid JSON: {reason}")]
     Manifest { file: String, reason: String },
+    #[error("unknown drift mode {0}")]
+    UnknownDriftMode(i32),
+    #[error("drift event {id}: field {path}: not valid JSON: {reason}")]
+    DriftField {
+        id: u64,
+        path: String,
+        reason: String,
+    },
+}
+
+impl From<&DriftPolicy> for v1::DriftPolicy {
+    fn from(p: &DriftPolicy) -> Self {
+        let mode = match p.mode {
+            DriftMode::Correct => v1::drift_policy::Mode::Correct,
+            DriftMode::Report => v1::drift_policy::Mode::Report,
+        };
+        v1::DriftPolicy {
+            mode: mode as i32,
+            ignore: p
+                .ignore
+                .iter()
+                .map(|r| v1::IgnoreRule {
+                    api_version: r.api_version.clone(),
+                    kind: r.kind.clone(),
+                    name: r.name.clone(),
+                    namespace: r.namespace.clone(),
+                    json_pointers: r.json_pointers.clone(),
+                })
+                .collect(),
+        }
+    }
+}
+
+impl TryFrom<&v1::DriftPolicy> for DriftPolicy {
+    type Error = ConversionError;
+
+    fn try_from(p: &v1::DriftPolicy) -> Result<Self, ConversionError> {
+        let mode = match v1::drift_policy::Mode::try_from(p.mode) {
+            Ok(v1::drift_policy::Mode::Correct) => DriftMode::Correct,
+            Ok(v1::drift_policy::Mode::Report) => DriftMode::Report,
+            Err(_) => return Err(ConversionError::UnknownDriftMode(p.mode)),
+        };
+        Ok(DriftPolicy {
+            mode,
+            ignore: p
+                .ignore
+                .iter()
+                .map(|r| IgnoreRule {
+                    api_version: r.api_version.clone(),
+                    kind: r.kind.clone(),
+                    name: r.name.clone(),
+                    namespace: r.namespace.clone(),
+                    json_pointers: r.json_pointers.clone(),
+                })
+                .collect(),
+        })
+    }
+}
+
+impl From<&DriftEvent> for v1::DriftEvent {
+    fn from(e: &DriftEvent) -> Self {
+        v1::DriftEvent {
+            id: e.id,
+            bundle: e.bundle.clone(),
+            api_version: e.object.api_version.clone(),
+            kind: e.object.kind.clone(),
+            namespace: e.object.namespace.clone().unwrap_or_default(),
+            name: e.object.name.clone(),
+            fields: e
+                .fields
+                .iter()
+                .map(|f| v1::FieldDiff {
+                    path: f.path.clone(),
+                    desired_json: f.desired.to_string(),
+                    live_json: f.live.to_string(),
+                })
+                .collect(),
+            manager: e.manager.clone(),
+            detected_at_unix_ms: e.detected_at_unix_ms,
+            corrected: e.corrected,
+            deleted: e.deleted,
+        }
+    }
+}
+
+impl TryFrom<&v1::DriftEvent> for DriftEvent {
+    type Error = ConversionError;
+
+    fn try_from(e: &v1::DriftEvent) -> Result<Self, ConversionError> {
+        let json = |path: &str, s: &str| {
+            serde_json::from_str(s).map_err(|err| ConversionError::DriftField {
+                id: e.id,
+                path: path.to_string(),
+                reason: err.to_string(),
+            })
+        };
+        let fields = e
+            .fields
+            .iter()
+            .map(|f| {
+                Ok(FieldDiff {
+                    path: f.path.clone(),
+                    desired: json(&f.path, &f.desired_json)?,
+                    live: json(&f.path, &f.live_json)?,
+                    manager: String::new(),
+                })
+            })
+            .collect::<Result<_, ConversionError>>()?;
+        Ok(DriftEvent {
+            id: e.id,
+            bundle: e.bundle.clone(),
+            object: ObjectRef {
+                api_version: e.api_version.clone(),
+                kind: e.kind.clone(),
+                namespace: (!e.namespace.is_empty()).then(|| e.namespace.clone()),
+                name: e.name.clone(),
+            },
+            fields,
+            manager: e.manager.clone(),
+            detected_at_unix_ms: e.detected_at_unix_ms,
+            corrected: e.corrected,
+            deleted: e.deleted,
+        })
+    }
 }
 
 impl From<BundleState> for v1::BundleState {
@@ -83,6 +208,7 @@ pub fn bundle_content(content_hash: &str, rendered: &Rendered) -> v1::BundleCont
             .target_namespace
             .clone()
             .unwrap_or_default(),
+        drift: (!rendered.options.drift.is_default()).then(|| (&rendered.options.drift).into()),
     }
 }
 
@@ -111,6 +237,12 @@ impl TryFrom<&v1::BundleContent> for Rendered {
             options: BundleOptions {
                 default_namespace: opt(&c.default_namespace),
                 target_namespace: opt(&c.target_namespace),
+                drift: c
+                    .drift
+                    .as_ref()
+                    .map(DriftPolicy::try_from)
+                    .transpose()?
+                    .unwrap_or_default(),
             },
         })
     }
@@ -139,6 +271,7 @@ mod tests {
             options: BundleOptions {
                 default_namespace: Some("d".into()),
                 target_namespace: None,
+                ..Default::default()
             },
         };
         let hash = rendered.content_hash();
@@ -146,5 +279,50 @@ mod tests {
         let back = Rendered::try_from(&wire).unwrap();
         assert_eq!(back, rendered);
         assert_eq!(back.content_hash(), hash);
+        assert!(wire.drift.is_none(), "the default policy is not sent");
+
+        // A drift policy travels and changes the hash.
+        let mut with_policy = rendered.clone();
+        with_policy.options.drift = DriftPolicy {
+            mode: DriftMode::Report,
+            ignore: vec![IgnoreRule {
+                kind: "Deployment".into(),
+                json_pointers: vec!["/spec/replicas".into()],
+                ..Default::default()
+            }],
+        };
+        let h2 = with_policy.content_hash();
+        assert_ne!(h2, hash);
+        let back = Rendered::try_from(&bundle_content(&h2, &with_policy)).unwrap();
+        assert_eq!(back, with_policy);
+    }
+
+    #[test]
+    fn drift_events_round_trip() {
+        let e = DriftEvent {
+            id: 7,
+            bundle: "b".into(),
+            object: ObjectRef {
+                api_version: "v1".into(),
+                kind: "ConfigMap".into(),
+                namespace: Some("demo".into()),
+                name: "c".into(),
+            },
+            fields: vec![FieldDiff {
+                path: "/data/mode".into(),
+                desired: serde_json::json!("blue"),
+                live: serde_json::Value::Null,
+                manager: String::new(),
+            }],
+            manager: "kubectl-patch".into(),
+            detected_at_unix_ms: 5,
+            corrected: true,
+            deleted: false,
+        };
+        let w = v1::DriftEvent::from(&e);
+        assert_eq!(DriftEvent::try_from(&w).unwrap(), e);
+        let mut bad = w.clone();
+        bad.fields[0].live_json = "{".into();
+        assert!(DriftEvent::try_from(&bad).is_err());
     }
 }

@@ -70,6 +70,9 @@ pub struct BundleOptions {
     pub default_namespace: Option<String>,
     /// Forces every namespaced object into this namespace.
     pub target_namespace: Option<String>,
+    /// What the agent does when objects drift (left out of the hash when default).
+    #[serde(default, skip_serializing_if = "crate::drift::DriftPolicy::is_default")]
+    pub drift: crate::drift::DriftPolicy,
 }
 
 impl BundleOptions {
@@ -109,6 +112,7 @@ impl BundleConfig {
         BundleOptions {
             default_namespace: self.default_namespace.clone().filter(|s| !s.is_empty()),
             target_namespace: self.namespace.clone().filter(|s| !s.is_empty()),
+            ..Default::default()
         }
     }
 }
@@ -658,12 +662,14 @@ mod tests {
         let o = BundleOptions {
             default_namespace: Some("d".into()),
             target_namespace: None,
+            ..Default::default()
         };
         assert_eq!(o.namespace_for(None), "d");
         assert_eq!(o.namespace_for(Some("x")), "x");
         let o = BundleOptions {
             default_namespace: None,
             target_namespace: Some("t".into()),
+            ..Default::default()
         };
         assert_eq!(o.namespace_for(Some("x")), "t");
         assert_eq!(BundleOptions::default().namespace_for(None), "default");

@@ -102,8 +102,8 @@ impl TargetCustomization {
 }
 
 /// A whole `flotilla.yaml` / `fleet.yaml`. Unknown fields are ignored so a Fleet
-/// repository loads whatever else it says; `dependsOn`, `diff` and
-/// `rolloutStrategy` are kept for later features and not yet acted on.
+/// repository loads whatever else it says; `dependsOn` and `rolloutStrategy` are
+/// kept for later features and not yet acted on.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct BundleSpec {
@@ -126,6 +126,10 @@ pub struct BundleSpec {
     pub depends_on: Vec<Value>,
     #[serde(default)]
     pub diff: Option<Value>,
+    /// Flotilla's drift policy (`mode`, `ignore`); Fleet's `diff.comparePatches`
+    /// add ignore rules.
+    #[serde(default)]
+    pub drift: Option<crate::drift::DriftConfig>,
     #[serde(default)]
     pub rollout_strategy: Option<Value>,
 }
@@ -361,6 +365,7 @@ pub fn plan(
         target_namespace: custom
             .and_then(|c| non_empty(&c.namespace))
             .or_else(|| non_empty(&spec.namespace)),
+        drift: crate::drift::policy(spec.drift.as_ref(), spec.diff.as_ref()).map_err(&err)?,
     };
 
     let kustomize_dir = custom
@@ -769,6 +774,28 @@ mod tests {
     fn plan_for(f: &BTreeMap<String, Vec<u8>>, variant: usize) -> Result<RenderPlan, RenderError> {
         let spec = parse_spec(f)?;
         plan(&spec, &variants(&spec)[variant], f, "b")
+    }
+
+    #[test]
+    fn drift_policy_reaches_the_options() {
+        let f = files(&[(
+            "flotilla.yaml",
+            "drift: {mode: report, ignore: [{kind: Deployment, jsonPointers: [/spec/replicas]}]}\n\
+             diff: {comparePatches: [{kind: Service, name: s, operations: [{op: remove, path: /spec/ports}]}]}\n",
+        )]);
+        let p = plan_for(&f, 0).unwrap();
+        assert_eq!(p.options.drift.mode, crate::drift::DriftMode::Report);
+        assert_eq!(p.options.drift.ignore.len(), 2);
+        assert_eq!(p.options.drift.ignore[1].json_pointers, ["/spec/ports"]);
+        let bad = files(&[(
+            "fleet.yaml",
+            "diff: {comparePatches: [{jsonPointers: [spec]}]}\n",
+        )]);
+        assert!(plan_for(&bad, 0)
+            .unwrap_err()
+            .reason
+            .contains("JSON pointer"));
+        assert!(plan_for(&files(&[]), 0).unwrap().options.drift.is_default());
     }
 
     #[test]

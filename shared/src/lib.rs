@@ -8,6 +8,7 @@ pub mod assign;
 pub mod bundle;
 pub mod capabilities;
 pub mod depends;
+pub mod drift;
 pub mod error;
 pub mod fleetyaml;
 pub mod health;

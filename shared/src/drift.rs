@@ -1,0 +1,591 @@
+//! Drift: whether a live object still holds what Flotilla applied, field by field,
+//! and who changed it (from `metadata.managedFields`); the per-bundle drift policy
+//! (`drift:` in `flotilla.yaml`, Fleet's `diff.comparePatches`) and its ignore rules.
+//!
+//! The comparison walks only the paths of the desired object (what the agent
+//! applied), so defaulted fields and fields only other managers set (an HPA's
+//! `replicas`, an injected sidecar) never count. A path counts as drifted when its
+//! live value differs from the desired one (with Kubernetes normalisation:
+//! quantities, numbers written as strings, int vs float) and did not already
+//! differ in the object the apply returned (the *baseline*: what the API server or
+//! a mutating webhook decided then is not drift). Ownership in `managedFields`
+//! names the manager that made the change; it does not decide whether there is
+//! one: writes through the `scale` subresource (`kubectl scale`) change
+//! `spec.replicas` without leaving a manager entry, so `flotilla` still owns it.
+
+use std::collections::BTreeSet;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use crate::bundle::ObjectRef;
+use crate::FIELD_MANAGER;
+
+/// What the agent does about drift.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DriftMode {
+    /// Re-apply at once and record the correction (the default).
+    #[default]
+    Correct,
+    /// Leave the change and mark the bundle `Modified` until it goes away.
+    Report,
+}
+
+/// Fields of some objects that never count as drift.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct IgnoreRule {
+    /// Empty matches any.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub api_version: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub kind: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub name: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub namespace: String,
+    /// JSON pointers (RFC 6901) into the object; a pointer covers everything below it.
+    #[serde(default)]
+    pub json_pointers: Vec<String>,
+}
+
+impl IgnoreRule {
+    fn matches(&self, o: &ObjectRef) -> bool {
+        let m = |want: &str, got: &str| want.is_empty() || want == got;
+        m(&self.api_version, &o.api_version)
+            && m(&self.kind, &o.kind)
+            && m(&self.name, &o.name)
+            && m(&self.namespace, o.namespace.as_deref().unwrap_or_default())
+    }
+}
+
+/// A bundle's drift policy, as the agent receives it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DriftPolicy {
+    #[serde(default)]
+    pub mode: DriftMode,
+    #[serde(default)]
+    pub ignore: Vec<IgnoreRule>,
+}
+
+impl DriftPolicy {
+    /// The default policy (correct, ignore nothing); left out of content hashes so
+    /// bundles without a policy keep the hashes they had.
+    pub fn is_default(&self) -> bool {
+        *self == DriftPolicy::default()
+    }
+
+    /// The pointers ignored for one object.
+    pub fn ignored_for(&self, o: &ObjectRef) -> Vec<String> {
+        self.ignore
+            .iter()
+            .filter(|r| r.matches(o))
+            .flat_map(|r| r.json_pointers.iter().cloned())
+            .collect()
+    }
+}
+
+/// `drift:` as written in `flotilla.yaml`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DriftConfig {
+    #[serde(default)]
+    pub mode: Option<DriftMode>,
+    #[serde(default)]
+    pub ignore: Vec<IgnoreRule>,
+}
+
+/// One of Fleet's `diff.comparePatches`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ComparePatch {
+    #[serde(default)]
+    api_version: String,
+    #[serde(default)]
+    kind: String,
+    #[serde(default)]
+    name: String,
+    #[serde(default)]
+    namespace: String,
+    #[serde(default)]
+    operations: Vec<PatchOp>,
+    #[serde(default)]
+    json_pointers: Vec<String>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+struct PatchOp {
+    #[serde(default)]
+    op: String,
+    #[serde(default)]
+    path: String,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct DiffSection {
+    #[serde(default)]
+    compare_patches: Vec<ComparePatch>,
+}
+
+/// The policy of a bundle from its `drift:` section and Fleet's `diff:` section:
+/// `comparePatches` become ignore rules (their `jsonPointers`, and the paths of
+/// their `remove` operations, which Fleet uses the same way).
+pub fn policy(drift: Option<&DriftConfig>, diff: Option<&Value>) -> Result<DriftPolicy, String> {
+    let mut p = DriftPolicy {
+        mode: drift.and_then(|d| d.mode).unwrap_or_default(),
+        ignore: drift.map(|d| d.ignore.clone()).unwrap_or_default(),
+    };
+    if let Some(diff) = diff.filter(|d| !d.is_null()) {
+        let section: DiffSection =
+            serde_json::from_value(diff.clone()).map_err(|e| format!("diff: {e}"))?;
+        for c in section.compare_patches {
+            let mut pointers = c.json_pointers;
+            for op in c.operations {
+                if op.op == "remove" && !op.path.is_empty() {
+                    pointers.push(op.path);
+                }
+            }
+            p.ignore.push(IgnoreRule {
+                api_version: c.api_version,
+                kind: c.kind,
+                name: c.name,
+                namespace: c.namespace,
+                json_pointers: pointers,
+            });
+        }
+    }
+    for r in &p.ignore {
+        for ptr in &r.json_pointers {
+            if !ptr.starts_with('/') {
+                return Err(format!(
+                    "ignore rule for {} {}: {ptr:?} is not a JSON pointer (it must start with /)",
+                    r.kind, r.name
+                ));
+            }
+        }
+    }
+    Ok(p)
+}
+
+/// One drifted field: where (a JSON pointer into the desired object), what
+/// Flotilla applied, what the cluster holds (`null` when absent), and the field
+/// manager that owns it now ("" when no one does: it was removed).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FieldDiff {
+    pub path: String,
+    pub desired: Value,
+    pub live: Value,
+    #[serde(default)]
+    pub manager: String,
+}
+
+/// One drift of one object, as the agent records it and the hub keeps it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DriftEvent {
+    /// Unique per agent and increasing.
+    pub id: u64,
+    pub bundle: String,
+    pub object: ObjectRef,
+    /// Empty when the object was deleted.
+    pub fields: Vec<FieldDiff>,
+    pub manager: String,
+    pub detected_at_unix_ms: i64,
+    pub corrected: bool,
+    pub deleted: bool,
+}
+
+/// A manager's view of one node of the object: it owns the whole subtree, some
+/// fields below (a `fieldsV1` set), or nothing here.
+#[derive(Clone, Copy)]
+enum Owned<'a> {
+    All,
+    Set(&'a Map<String, Value>),
+    Nothing,
+}
+
+impl<'a> Owned<'a> {
+    fn owns(&self) -> bool {
+        !matches!(self, Owned::Nothing)
+    }
+
+    fn from_node(v: Option<&'a Value>) -> Owned<'a> {
+        match v.and_then(Value::as_object) {
+            None => Owned::Nothing,
+            Some(m) if m.is_empty() => Owned::All,
+            Some(m) => Owned::Set(m),
+        }
+    }
+
+    fn field(&self, key: &str) -> Owned<'a> {
+        match self {
+            Owned::All => Owned::All,
+            Owned::Nothing => Owned::Nothing,
+            Owned::Set(m) => Owned::from_node(m.get(&format!("f:{key}"))),
+        }
+    }
+
+    /// The node of a list item: by key fields (`k:{...}`), by value (`v:...`) or
+    /// by index (`i:N`).
+    fn item(&self, live_item: &Value, index: usize) -> Owned<'a> {
+        let m = match self {
+            Owned::Set(m) => *m,
+            other => return *other,
+        };
+        for (k, node) in m.iter() {
+            if let Some(key) = k.strip_prefix("k:") {
+                let Ok(Value::Object(fields)) = serde_json::from_str::<Value>(key) else {
+                    continue;
+                };
+                if fields
+                    .iter()
+                    .all(|(f, v)| live_item.get(f).is_some_and(|l| same(v, l)))
+                {
+                    return Owned::from_node(Some(node));
+                }
+            } else if let Some(v) = k.strip_prefix("v:") {
+                if serde_json::from_str::<Value>(v).is_ok_and(|v| same(&v, live_item)) {
+                    return Owned::from_node(Some(node));
+                }
+            }
+        }
+        Owned::from_node(m.get(&format!("i:{index}")))
+    }
+}
+
+/// A manager entry of `metadata.managedFields`.
+struct Manager<'a> {
+    name: &'a str,
+    time: &'a str,
+    is_flotilla_apply: bool,
+}
+
+fn managers(live: &Value) -> (Vec<Manager<'_>>, Vec<Owned<'_>>) {
+    let mut ms = Vec::new();
+    let mut nodes = Vec::new();
+    for e in live["metadata"]["managedFields"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default()
+    {
+        if e["subresource"].as_str().is_some_and(|s| !s.is_empty()) {
+            // Status and scale subresource writes (controllers) never touch what we apply
+            // through the main resource, except scale, which shows as its own manager.
+            if e["subresource"] != "scale" {
+                continue;
+            }
+        }
+        let name = e["manager"].as_str().unwrap_or_default();
+        ms.push(Manager {
+            name,
+            time: e["time"].as_str().unwrap_or_default(),
+            is_flotilla_apply: name == FIELD_MANAGER && e["operation"] == "Apply",
+        });
+        nodes.push(Owned::from_node(e.get("fieldsV1")));
+    }
+    (ms, nodes)
+}
+
+/// Escapes a key for a JSON pointer segment.
+fn escape(key: &str) -> String {
+    key.replace('~', "~0").replace('/', "~1")
+}
+
+/// Whether `pointer` is `path` or above it.
+fn covers(pointer: &str, path: &str) -> bool {
+    let pointer = pointer.trim_end_matches('/');
+    path == pointer || (path.starts_with(pointer) && path[pointer.len()..].starts_with('/'))
+}
+
+struct Walk<'a> {
+    managers: Vec<Manager<'a>>,
+    ignore: &'a [String],
+    out: Vec<FieldDiff>,
+}
+
+impl<'a> Walk<'a> {
+    /// Records a difference at `path` unless it is ignored or Flotilla alone owns it.
+    fn differ(&mut self, path: &str, desired: &Value, live: Option<&Value>, owners: &[Owned<'a>]) {
+        if self.ignore.iter().any(|p| covers(p, path)) {
+            return;
+        }
+        let others: Vec<&Manager> = owners
+            .iter()
+            .zip(&self.managers)
+            .filter(|(o, m)| o.owns() && !m.is_flotilla_apply)
+            .map(|(_, m)| m)
+            .collect();
+        // A removed field is owned by no one: name whoever wrote the object last.
+        let manager = others
+            .iter()
+            .copied()
+            .max_by_key(|m| m.time)
+            .or_else(|| {
+                self.managers
+                    .iter()
+                    .filter(|m| m.name != FIELD_MANAGER)
+                    .max_by_key(|m| m.time)
+            })
+            .map(|m| m.name.to_string())
+            .unwrap_or_default();
+        self.out.push(FieldDiff {
+            path: path.to_string(),
+            desired: desired.clone(),
+            live: live.cloned().unwrap_or(Value::Null),
+            manager,
+        });
+    }
+
+    fn walk(&mut self, path: &str, desired: &Value, live: Option<&Value>, owners: &[Owned<'a>]) {
+        match (desired, live) {
+            (Value::Null, _) => {}
+            (Value::Object(d), _) if d.is_empty() => {}
+            (Value::Array(d), _) if d.is_empty() => {}
+            (Value::Object(d), Some(Value::Object(l))) => {
+                for (k, dv) in d {
+                    let sub: Vec<Owned> = owners.iter().map(|o| o.field(k)).collect();
+                    self.walk(&format!("{path}/{}", escape(k)), dv, l.get(k), &sub);
+                }
+            }
+            (Value::Array(d), Some(Value::Array(l))) if d.iter().all(Value::is_object) => {
+                let named = d.iter().all(|i| i["name"].is_string());
+                for (i, dv) in d.iter().enumerate() {
+                    let found = if named {
+                        l.iter()
+                            .enumerate()
+                            .find(|(_, lv)| lv["name"] == dv["name"])
+                    } else {
+                        l.get(i).map(|lv| (i, lv))
+                    };
+                    let p = format!("{path}/{i}");
+                    match found {
+                        Some((li, lv)) => {
+                            let sub: Vec<Owned> = owners.iter().map(|o| o.item(lv, li)).collect();
+                            self.walk(&p, dv, Some(lv), &sub);
+                        }
+                        None => {
+                            let sub: Vec<Owned> = owners.iter().map(|_| Owned::Nothing).collect();
+                            self.differ(&p, dv, None, &sub);
+                        }
+                    }
+                }
+            }
+            (d, Some(l)) if same(d, l) => {}
+            (d, l) => self.differ(path, d, l, owners),
+        }
+    }
+}
+
+/// The drifted fields of one object: `desired` is what the agent applied (after
+/// namespace and label placement), `live` the object as the API server returns it
+/// (with `metadata.managedFields`), `ignore` JSON pointers that never count.
+/// Only `metadata.labels`, `metadata.annotations` and everything outside
+/// `metadata` and `status` are compared.
+pub fn diff(desired: &Value, live: &Value, ignore: &[String]) -> Vec<FieldDiff> {
+    let (managers, roots) = managers(live);
+    let mut w = Walk {
+        managers,
+        ignore,
+        out: Vec::new(),
+    };
+    let Some(d) = desired.as_object() else {
+        return vec![];
+    };
+    for (k, dv) in d {
+        if matches!(k.as_str(), "apiVersion" | "kind" | "status") {
+            continue;
+        }
+        let owners: Vec<Owned> = roots.iter().map(|o| o.field(k)).collect();
+        if k == "metadata" {
+            for m in ["labels", "annotations"] {
+                let sub: Vec<Owned> = owners.iter().map(|o| o.field(m)).collect();
+                let lm = live["metadata"].get(m);
+                // An absent map is an empty one.
+                let empty = Value::Object(Map::new());
+                let lm = lm.filter(|v| !v.is_null()).or(Some(&empty));
+                w.walk(&format!("/metadata/{m}"), &dv[m], lm, &sub);
+            }
+            continue;
+        }
+        w.walk(&format!("/{}", escape(k)), dv, live.get(k), &owners);
+    }
+    w.out
+}
+
+/// The paths that differ right after an apply, as the API server returned the
+/// object: what the server (or a mutating webhook) decided there is not drift,
+/// then or later. Ownership is not consulted: any difference counts.
+pub fn baseline(desired: &Value, applied: &Value) -> BTreeSet<String> {
+    let mut stripped = applied.clone();
+    if let Some(m) = stripped["metadata"].as_object_mut() {
+        m.remove("managedFields");
+    }
+    diff(desired, &stripped, &[])
+        .into_iter()
+        .map(|f| f.path)
+        .collect()
+}
+
+/// The drift of an object: its differences outside `ignore` and the `baseline`.
+/// Empty when the object holds what was applied.
+pub fn detect(
+    desired: &Value,
+    live: &Value,
+    ignore: &[String],
+    baseline: &BTreeSet<String>,
+) -> Vec<FieldDiff> {
+    diff(desired, live, ignore)
+        .into_iter()
+        .filter(|f| !baseline.iter().any(|b| covers(b, &f.path)))
+        .collect()
+}
+
+/// The manager to name for a set of drifted fields: the one most fields name.
+pub fn manager_of(fields: &[FieldDiff]) -> String {
+    let mut counts: Vec<(&str, usize)> = Vec::new();
+    for f in fields.iter().filter(|f| !f.manager.is_empty()) {
+        match counts.iter_mut().find(|(m, _)| *m == f.manager) {
+            Some((_, n)) => *n += 1,
+            None => counts.push((&f.manager, 1)),
+        }
+    }
+    counts
+        .into_iter()
+        .max_by_key(|(_, n)| *n)
+        .map(|(m, _)| m.to_string())
+        .unwrap_or_default()
+}
+
+/// Scalars equal as Kubernetes compares them after decoding: numbers by value
+/// (`1` == `1.0`, `"80"` == `80`), quantities by value (`1000m` == `1`,
+/// `1Gi` == `1073741824`).
+pub fn same(a: &Value, b: &Value) -> bool {
+    if a == b {
+        return true;
+    }
+    match (a, b) {
+        (Value::Number(x), Value::Number(y)) => x.as_f64() == y.as_f64(),
+        (Value::String(s), Value::Number(n)) | (Value::Number(n), Value::String(s)) => {
+            quantity(s).is_some_and(|q| Some(q) == n.as_f64())
+        }
+        (Value::String(x), Value::String(y)) => match (quantity(x), quantity(y)) {
+            (Some(p), Some(q)) => (p - q).abs() <= f64::EPSILON * p.abs().max(q.abs()) * 4.0,
+            _ => false,
+        },
+        (Value::Array(x), Value::Array(y)) => {
+            x.len() == y.len() && x.iter().zip(y).all(|(a, b)| same(a, b))
+        }
+        (Value::Object(x), Value::Object(y)) => {
+            x.len() == y.len() && x.iter().all(|(k, v)| y.get(k).is_some_and(|w| same(v, w)))
+        }
+        _ => false,
+    }
+}
+
+/// A Kubernetes quantity's value (`500m`, `1.5Gi`, `2e3`, `42`).
+pub fn quantity(s: &str) -> Option<f64> {
+    let s = s.trim();
+    const SUFFIXES: [(&str, f64); 14] = [
+        ("Ki", 1024.0),
+        ("Mi", 1_048_576.0),
+        ("Gi", 1_073_741_824.0),
+        ("Ti", 1_099_511_627_776.0),
+        ("Pi", 1_125_899_906_842_624.0),
+        ("Ei", 1_152_921_504_606_846_976.0),
+        ("n", 1e-9),
+        ("u", 1e-6),
+        ("m", 1e-3),
+        ("k", 1e3),
+        ("M", 1e6),
+        ("G", 1e9),
+        ("T", 1e12),
+        ("P", 1e15),
+    ];
+    let (num, mult) = SUFFIXES
+        .iter()
+        .find_map(|(suf, m)| s.strip_suffix(suf).map(|n| (n, *m)))
+        .or_else(|| s.strip_suffix('E').map(|n| (n, 1e18)))
+        .unwrap_or((s, 1.0));
+    if num.is_empty()
+        || !num
+            .chars()
+            .all(|c| c.is_ascii_digit() || matches!(c, '.' | '+' | '-' | 'e' | 'E'))
+        || !num
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_digit() || matches!(c, '+' | '-' | '.'))
+    {
+        return None;
+    }
+    num.parse::<f64>().ok().map(|n| n * mult)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn quantities() {
+        assert_eq!(quantity("1000m"), Some(1.0));
+        assert_eq!(quantity("1"), Some(1.0));
+        assert_eq!(quantity("1Gi"), Some(1_073_741_824.0));
+        assert_eq!(quantity("web"), None);
+        assert_eq!(quantity("e5"), None);
+        assert!(same(&json!("1000m"), &json!("1")));
+        assert!(same(&json!("0.5"), &json!("500m")));
+        assert!(same(&json!("80"), &json!(80)));
+        assert!(same(&json!(1), &json!(1.0)));
+        assert!(!same(&json!("web"), &json!("db")));
+        assert!(!same(&json!(true), &json!("true")));
+    }
+
+    #[test]
+    fn policy_from_flotilla_and_fleet_yaml() {
+        let drift: DriftConfig = serde_json::from_value(json!({
+            "mode": "report",
+            "ignore": [{"kind": "Deployment", "name": "web", "jsonPointers": ["/spec/replicas"]}]
+        }))
+        .unwrap();
+        let diff = json!({"comparePatches": [{
+            "apiVersion": "v1", "kind": "Service", "name": "svc", "namespace": "demo",
+            "operations": [{"op": "remove", "path": "/spec/clusterIP"}, {"op": "add", "path": "/x"}],
+            "jsonPointers": ["/spec/ports"]
+        }]});
+        let p = policy(Some(&drift), Some(&diff)).unwrap();
+        assert_eq!(p.mode, DriftMode::Report);
+        assert_eq!(p.ignore.len(), 2);
+        let svc = ObjectRef {
+            api_version: "v1".into(),
+            kind: "Service".into(),
+            namespace: Some("demo".into()),
+            name: "svc".into(),
+        };
+        assert_eq!(p.ignored_for(&svc), ["/spec/ports", "/spec/clusterIP"]);
+        let other = ObjectRef {
+            namespace: Some("prod".into()),
+            ..svc
+        };
+        assert!(p.ignored_for(&other).is_empty());
+        assert!(policy(None, None).unwrap().is_default());
+        assert!(policy(
+            None,
+            Some(&json!({"comparePatches": [{"jsonPointers": ["spec"]}]}))
+        )
+        .is_err());
+    }
+
+    #[test]
+    fn pointers_cover_paths_below_them() {
+        assert!(covers("/spec/replicas", "/spec/replicas"));
+        assert!(covers("/spec", "/spec/replicas"));
+        assert!(!covers("/spec/rep", "/spec/replicas"));
+        assert!(covers(
+            "/spec/template/spec/containers/0/",
+            "/spec/template/spec/containers/0/image"
+        ));
+    }
+}
