@@ -242,6 +242,9 @@ impl Reconciler {
     }
 
     async fn remove(&mut self, name: &str) {
+        // Stop following the bundle first: its watches would otherwise see the
+        // deletions below as drift and put the objects back.
+        self.health.removed(name);
         let inventory = match self.store.inventory(name) {
             Ok(Some(inv)) => inv,
             Ok(None) => BTreeSet::new(),
@@ -266,7 +269,6 @@ impl Reconciler {
             return;
         }
         self.applied_ok.remove(name);
-        self.health.removed(name);
         info!(deleted, "bundle removed");
     }
 }
