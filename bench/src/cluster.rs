@@ -95,7 +95,13 @@ mod tests {
     fn mixes_kinds_and_reads_log_times() {
         let files = bundle_files("ns", 10);
         assert_eq!(files.len(), 10);
-        assert_eq!(files.iter().filter(|(_, t)| t.contains("kind: ConfigMap")).count(), 6);
+        assert_eq!(
+            files
+                .iter()
+                .filter(|(_, t)| t.contains("kind: ConfigMap"))
+                .count(),
+            6
+        );
         let log = "2026-01-02T03:04:05.250000Z  INFO x: bundle applied objects=3\nnoise\n";
         let t = log_times(log, "bundle applied");
         assert_eq!(t.len(), 1);

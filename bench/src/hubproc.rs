@@ -37,10 +37,21 @@ impl BenchHub {
     pub async fn start(dir: &Path) -> Result<BenchHub> {
         std::fs::create_dir_all(dir)?;
         let (agent_port, api_port) = (free_port(), free_port());
+        // A profiler may wrap the hub (`FLOTILLA_BENCH_HUB_WRAPPER="heaptrack -o
+        // FILE"`); the readings of such a run are the wrapper's, not the hub's.
+        let wrapper = std::env::var("FLOTILLA_BENCH_HUB_WRAPPER").unwrap_or_default();
+        let mut words = wrapper.split_whitespace();
+        let mut cmd = match words.next() {
+            Some(program) => {
+                let mut c = Command::new(program);
+                c.args(words).arg(bin_dir().join("flotilla-hub"));
+                c
+            }
+            None => Command::new(bin_dir().join("flotilla-hub")),
+        };
         let proc = Proc::spawn(
             "flotilla-hub",
-            Command::new(bin_dir().join("flotilla-hub"))
-                .arg("--data-dir")
+            cmd.arg("--data-dir")
                 .arg(dir)
                 .arg("--agent-listen")
                 .arg(format!("127.0.0.1:{agent_port}"))
@@ -81,7 +92,12 @@ impl BenchHub {
         self.proc.pid()
     }
 
-    async fn call(&self, method: reqwest::Method, path: &str, body: Option<String>) -> Result<Value> {
+    async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<String>,
+    ) -> Result<Value> {
         let mut req = self
             .http
             .request(method, format!("{}{path}", self.api))
@@ -89,7 +105,10 @@ impl BenchHub {
         if let Some(b) = body {
             req = req.body(b);
         }
-        let resp = req.send().await.with_context(|| format!("calling {path}"))?;
+        let resp = req
+            .send()
+            .await
+            .with_context(|| format!("calling {path}"))?;
         let status = resp.status();
         let text = resp.text().await?;
         if !status.is_success() {
@@ -136,7 +155,13 @@ impl BenchHub {
     }
 
     /// Adds a Git source for `paths`, polled every `poll`, targeting every cluster.
-    pub async fn add_source(&self, name: &str, repo: &str, paths: &[&str], poll: &str) -> Result<()> {
+    pub async fn add_source(
+        &self,
+        name: &str,
+        repo: &str,
+        paths: &[&str],
+        poll: &str,
+    ) -> Result<()> {
         let paths = paths
             .iter()
             .map(|p| format!("\"{p}\""))
@@ -153,12 +178,19 @@ impl BenchHub {
 
     /// The bundles as `GET /api/v1/bundles` lists them.
     pub async fn bundles(&self) -> Result<Vec<Value>> {
-        let v = self.call(reqwest::Method::GET, "/api/v1/bundles", None).await?;
+        let v = self
+            .call(reqwest::Method::GET, "/api/v1/bundles", None)
+            .await?;
         Ok(v.as_array().cloned().unwrap_or_default())
     }
 
     /// Waits until `count` bundles are at `revision` (any revision when `None`).
-    pub async fn wait_bundles(&self, count: usize, revision: Option<&str>, deadline: Duration) -> Result<()> {
+    pub async fn wait_bundles(
+        &self,
+        count: usize,
+        revision: Option<&str>,
+        deadline: Duration,
+    ) -> Result<()> {
         let start = Instant::now();
         loop {
             let bundles = self.bundles().await?;

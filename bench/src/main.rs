@@ -10,9 +10,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
 use clap::{Parser, Subcommand};
+use flotilla_bench::cluster;
 use flotilla_bench::hubproc::BenchHub;
 use flotilla_bench::proxy::CountingProxy;
-use flotilla_bench::cluster;
 use flotilla_bench::report::{AgentRun, CommitLatency, GitRun, HubRun, WireRun};
 use flotilla_bench::sim::{self, Event};
 use flotilla_bench::{procstat, report, stats};
@@ -37,7 +37,12 @@ enum Part {
     /// latency, with N simulated agents.
     Hub {
         /// Agent counts, comma-separated.
-        #[arg(long, env = "FLOTILLA_BENCH_AGENTS", value_delimiter = ',', default_value = "100,1000,5000,10000")]
+        #[arg(
+            long,
+            env = "FLOTILLA_BENCH_AGENTS",
+            value_delimiter = ',',
+            default_value = "100,1000,5000,10000"
+        )]
         agents: Vec<usize>,
         /// Repetitions per count.
         #[arg(long, env = "FLOTILLA_BENCH_RUNS", default_value_t = 3)]
@@ -87,7 +92,11 @@ enum Part {
         #[arg(long, env = "FLOTILLA_BENCH_REPORT", default_value = "BENCHMARKS.md")]
         out: PathBuf,
         /// The SVG of hub memory against agents.
-        #[arg(long, env = "FLOTILLA_BENCH_FIGURE", default_value = "docs/bench/hub-memory.svg")]
+        #[arg(
+            long,
+            env = "FLOTILLA_BENCH_FIGURE",
+            default_value = "docs/bench/hub-memory.svg"
+        )]
         figure: PathBuf,
     },
 }
@@ -112,7 +121,8 @@ fn main() -> Result<()> {
                 all.retain(|r| r.agents != n);
                 for run in 1..=runs {
                     eprintln!("hub: {n} agents, run {run}/{runs}");
-                    let r = rt.block_on(hub_run(n, concurrency, Duration::from_secs(cpu_window)))?;
+                    let r =
+                        rt.block_on(hub_run(n, concurrency, Duration::from_secs(cpu_window)))?;
                     eprintln!("  {r:?}");
                     all.push(r);
                     report::save(&path, &all)?;
@@ -138,12 +148,19 @@ fn main() -> Result<()> {
             runs,
         } => {
             let path = args.results.join("agent.json");
-            let root = tempfile::Builder::new().prefix("flotilla-bench-agent-").tempdir()?;
-            let cluster = flotilla_tests::TestCluster::start("bench", &root.path().join("cluster"))?;
-            let mut all = Vec::new();
+            let mut all: Vec<AgentRun> = report::load(&path).unwrap_or_default();
+            all.retain(|r| r.objects != bundles * (per_bundle + 1));
             for run in 1..=runs {
                 eprintln!("agent: {bundles} bundles x {per_bundle} objects, run {run}/{runs}");
+                // A fresh cluster per run: objects and pods of earlier runs would
+                // slow the API server down run after run.
+                let root = tempfile::Builder::new()
+                    .prefix("flotilla-bench-agent-")
+                    .tempdir()?;
+                let cluster =
+                    flotilla_tests::TestCluster::start("bench", &root.path().join("cluster"))?;
                 let r = rt.block_on(agent_run(&cluster, run, bundles, per_bundle))?;
+                drop(cluster);
                 eprintln!("  {r:?}");
                 all.push(r);
                 report::save(&path, &all)?;
@@ -170,7 +187,9 @@ fn config_map(name: &str, value: &str, pad: usize) -> String {
         "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: {name}\n  labels:\n    app: bench\ndata:\n  value: \"{value}\"\n"
     );
     for i in 0..pad {
-        s.push_str(&format!("  key{i}: \"some configuration value number {i} of {name}\"\n"));
+        s.push_str(&format!(
+            "  key{i}: \"some configuration value number {i} of {name}\"\n"
+        ));
     }
     s
 }
@@ -211,7 +230,9 @@ async fn wait_acks(
 }
 
 async fn hub_run(n: usize, concurrency: usize, cpu_window: Duration) -> Result<HubRun> {
-    let dir = tempfile::Builder::new().prefix("flotilla-bench-hub-").tempdir()?;
+    let dir = tempfile::Builder::new()
+        .prefix("flotilla-bench-hub-")
+        .tempdir()?;
     let repo = GitRepo::new(dir.path(), "fleet")?;
     let r1 = repo.commit(
         &[("app/cm.yaml", Some(config_map("bench", "v1", 4).as_str()))].into(),
@@ -219,7 +240,8 @@ async fn hub_run(n: usize, concurrency: usize, cpu_window: Duration) -> Result<H
     )?;
     let hub = BenchHub::start(&dir.path().join("hub")).await?;
     hub.add_source("fleet", &repo.url, &["app"], "1s").await?;
-    hub.wait_bundles(1, Some(&r1), Duration::from_secs(60)).await?;
+    hub.wait_bundles(1, Some(&r1), Duration::from_secs(60))
+        .await?;
     let pid = hub.pid();
     tokio::time::sleep(Duration::from_secs(1)).await;
     let baseline_rss_kib = procstat::rss_kib(pid)?;
@@ -297,7 +319,12 @@ async fn hub_run(n: usize, concurrency: usize, cpu_window: Duration) -> Result<H
     let rss_after_commit_kib = procstat::rss_kib(pid)?;
 
     let mut hub = hub;
-    hub.proc.kill9();
+    if std::env::var_os("FLOTILLA_BENCH_HUB_WRAPPER").is_some() {
+        // A profiler wants the process to end on its own.
+        hub.proc.stop();
+    } else {
+        hub.proc.kill9();
+    }
     let _ = stop_tx.send(true);
     drop(ev_rx);
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -315,7 +342,9 @@ async fn hub_run(n: usize, concurrency: usize, cpu_window: Duration) -> Result<H
 }
 
 async fn wire_run(objects: usize, gzip: bool) -> Result<WireRun> {
-    let dir = tempfile::Builder::new().prefix("flotilla-bench-wire-").tempdir()?;
+    let dir = tempfile::Builder::new()
+        .prefix("flotilla-bench-wire-")
+        .tempdir()?;
     let repo = GitRepo::new(dir.path(), "big")?;
     let files: Vec<(String, String)> = (0..objects)
         .map(|i| {
@@ -335,7 +364,8 @@ async fn wire_run(objects: usize, gzip: bool) -> Result<WireRun> {
     let object_yaml_bytes = files[objects / 2].1.len();
     let hub = BenchHub::start(&dir.path().join("hub")).await?;
     hub.add_source("wire", &repo.url, &["big"], "1s").await?;
-    hub.wait_bundles(1, Some(&r1), Duration::from_secs(60)).await?;
+    hub.wait_bundles(1, Some(&r1), Duration::from_secs(60))
+        .await?;
     let tokens = hub.tokens(1, 1).await?;
     let proxy = CountingProxy::start(hub.agent_port).await?;
     let uri: Uri = format!("https://127.0.0.1:{}", proxy.port).parse()?;
@@ -352,15 +382,18 @@ async fn wire_run(objects: usize, gzip: bool) -> Result<WireRun> {
     let (stop_tx, stop_rx) = watch::channel(false);
     let (d_before_session, _) = proxy.counts();
     tokio::spawn(sim::session(0, uri, tls, gzip, ev_tx, stop_rx));
-    let (_, initial_desired_bytes) =
-        wait_acks(&mut ev_rx, 1, &r1, Duration::from_secs(60)).await?;
+    let (_, initial_desired_bytes) = wait_acks(&mut ev_rx, 1, &r1, Duration::from_secs(60)).await?;
     // Let the status and its ack pass before counting.
     tokio::time::sleep(Duration::from_secs(1)).await;
     let (d0, _) = proxy.counts();
-    let changed = files[objects / 2].1.replace("value: \"v1\"", "value: \"v2\"");
-    let r2 = repo.commit(&[(files[objects / 2].0.as_str(), Some(changed.as_str()))].into(), "one line")?;
-    let (_, change_desired_bytes) =
-        wait_acks(&mut ev_rx, 1, &r2, Duration::from_secs(60)).await?;
+    let changed = files[objects / 2]
+        .1
+        .replace("value: \"v1\"", "value: \"v2\"");
+    let r2 = repo.commit(
+        &[(files[objects / 2].0.as_str(), Some(changed.as_str()))].into(),
+        "one line",
+    )?;
+    let (_, change_desired_bytes) = wait_acks(&mut ev_rx, 1, &r2, Duration::from_secs(60)).await?;
     tokio::time::sleep(Duration::from_secs(1)).await;
     let (d1, _) = proxy.counts();
     let _ = stop_tx.send(true);
@@ -383,7 +416,9 @@ async fn agent_run(
     bundles: usize,
     per_bundle: usize,
 ) -> Result<AgentRun> {
-    let dir = tempfile::Builder::new().prefix("flotilla-bench-agent-").tempdir()?;
+    let dir = tempfile::Builder::new()
+        .prefix("flotilla-bench-agent-")
+        .tempdir()?;
     let repo = GitRepo::new(dir.path(), "apps")?;
     // The same objects for the agent and for kubectl, in namespaces of their own.
     let tree = |prefix: &str| -> Vec<(String, String)> {
@@ -415,14 +450,27 @@ async fn agent_run(
     let paths: Vec<String> = (0..bundles).map(|b| format!("b{b}")).collect();
     let paths: Vec<&str> = paths.iter().map(String::as_str).collect();
     hub.add_source("apps", &repo.url, &paths, "1s").await?;
-    hub.wait_bundles(bundles, Some(&r1), Duration::from_secs(60)).await?;
+    hub.wait_bundles(bundles, Some(&r1), Duration::from_secs(60))
+        .await?;
     let token = hub.tokens(1, 1).await?.remove(0);
     let state = dir.path().join("agent");
     std::fs::create_dir_all(&state)?;
+    // A tracer may wrap the agent (`FLOTILLA_BENCH_AGENT_WRAPPER="strace -f -c -o FILE"`);
+    // the readings of such a run are the wrapper's.
+    let wrapper = std::env::var("FLOTILLA_BENCH_AGENT_WRAPPER").unwrap_or_default();
+    let mut words = wrapper.split_whitespace();
+    let agent_bin = flotilla_bench::hubproc::bin_dir().join("flotilla-agent");
+    let mut cmd = match words.next() {
+        Some(program) => {
+            let mut c = std::process::Command::new(program);
+            c.args(words).arg(&agent_bin);
+            c
+        }
+        None => std::process::Command::new(&agent_bin),
+    };
     let mut agent = flotilla_tests::Proc::spawn(
         "flotilla-agent",
-        std::process::Command::new(flotilla_bench::hubproc::bin_dir().join("flotilla-agent"))
-            .arg("--hub")
+        cmd.arg("--hub")
             .arg(&hub.agent_url)
             .arg("--token")
             .arg(&token)
@@ -451,7 +499,10 @@ async fn agent_run(
     let (Some(first), Some(last)) = (received.first(), applied.iter().max()) else {
         bail!("no timestamps in the agent log: {log}");
     };
-    let agent_apply_s = last.duration_since(*first).unwrap_or_default().as_secs_f64();
+    let agent_apply_s = last
+        .duration_since(*first)
+        .unwrap_or_default()
+        .as_secs_f64();
 
     // Idle: everything applied, watches open.
     tokio::time::sleep(Duration::from_secs(10)).await;
@@ -486,11 +537,16 @@ async fn agent_run(
 }
 
 async fn git_run(bundles: usize) -> Result<GitRun> {
-    let dir = tempfile::Builder::new().prefix("flotilla-bench-git-").tempdir()?;
+    let dir = tempfile::Builder::new()
+        .prefix("flotilla-bench-git-")
+        .tempdir()?;
     let repo = GitRepo::new(dir.path(), "many")?;
     let files = cluster::many_bundles(bundles, 5, "v1");
     let r1 = repo.commit(
-        &files.iter().map(|(p, t)| (p.as_str(), Some(t.as_str()))).collect(),
+        &files
+            .iter()
+            .map(|(p, t)| (p.as_str(), Some(t.as_str())))
+            .collect(),
         "many bundles",
     )?;
     let clone_s = cluster::timed(
@@ -502,13 +558,18 @@ async fn git_run(bundles: usize) -> Result<GitRun> {
     let hub = BenchHub::start(&dir.path().join("hub")).await?;
     let t = Instant::now();
     hub.add_source("many", &repo.url, &["apps/*"], "1s").await?;
-    hub.wait_bundles(bundles, Some(&r1), Duration::from_secs(120)).await?;
+    hub.wait_bundles(bundles, Some(&r1), Duration::from_secs(120))
+        .await?;
     let cold_s = t.elapsed().as_secs_f64();
 
     let changed = files["apps/b000/cm-0.yaml"].replace("v1", "v2");
-    let r2 = repo.commit(&[("apps/b000/cm-0.yaml", Some(changed.as_str()))].into(), "one bundle")?;
+    let r2 = repo.commit(
+        &[("apps/b000/cm-0.yaml", Some(changed.as_str()))].into(),
+        "one bundle",
+    )?;
     let t = Instant::now();
-    hub.wait_bundles(1, Some(&r2), Duration::from_secs(120)).await?;
+    hub.wait_bundles(1, Some(&r2), Duration::from_secs(120))
+        .await?;
     let incremental_s = t.elapsed().as_secs_f64();
     let fetch_s = cluster::timed(
         std::process::Command::new("git")

@@ -85,20 +85,24 @@ pub struct GitRun {
 
 /// The agent table.
 pub fn agent_table(runs: &[AgentRun]) -> String {
-    let rs: Vec<&AgentRun> = runs.iter().collect();
+    let mut groups: BTreeMap<usize, Vec<&AgentRun>> = BTreeMap::new();
+    for r in runs {
+        groups.entry(r.objects).or_default().push(r);
+    }
     let mut s = String::from("| objects (bundles) | runs | agent first apply, s | kubectl apply --server-side, s | agent ÷ kubectl | idle agent RSS, MiB | idle agent CPU, % of a core |\n|---:|---:|---:|---:|---:|---:|---:|\n");
-    if let Some(r) = rs.first() {
+    for rs in groups.values() {
+        let r = rs[0];
         let _ = writeln!(
             s,
             "| {} ({}) | {} | {} | {} | {} | {} | {} |",
             r.objects,
             r.bundles,
             rs.len(),
-            of(&rs, |r| r.agent_apply_s).show(2),
-            of(&rs, |r| r.kubectl_apply_s).show(2),
-            of(&rs, |r| r.agent_apply_s / r.kubectl_apply_s).show(2),
-            of(&rs, |r| r.agent_rss_kib as f64 / 1024.0).show(1),
-            of(&rs, |r| r.agent_cpu_pct).show(2),
+            of(rs, |r| r.agent_apply_s).show(2),
+            of(rs, |r| r.kubectl_apply_s).show(2),
+            of(rs, |r| r.agent_apply_s / r.kubectl_apply_s).show(2),
+            of(rs, |r| r.agent_rss_kib as f64 / 1024.0).show(1),
+            of(rs, |r| r.agent_cpu_pct).show(2),
         );
     }
     s
@@ -125,7 +129,8 @@ pub fn git_table(runs: &[GitRun]) -> String {
 }
 
 pub fn load<T: DeserializeOwned>(path: &Path) -> Result<Vec<T>> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))
 }
 
@@ -201,7 +206,11 @@ pub fn wire_table(runs: &[WireRun]) -> String {
         let _ = writeln!(
             s,
             "| {objects} | {} | {} | {} | {} | {} | {} | {} |",
-            if gzip { "yes" } else { "no (as the agent today)" },
+            if gzip {
+                "yes (the agent from this change on)"
+            } else {
+                "no (the agent before this change)"
+            },
             rs.len(),
             of(&rs, |r| r.object_yaml_bytes as f64).show(0),
             of(&rs, |r| r.change_desired_bytes as f64).show(0),
@@ -277,8 +286,16 @@ pub fn memory_svg(runs: &[HubRun]) -> String {
         );
     }
     for (f, colour, label) in [
-        (&goal as &dyn Fn(f64) -> f64, "#2a7", "goal: 70 KiB per agent"),
-        (&floor, "#999", "bare mTLS connection floor: 33 KiB per agent"),
+        (
+            &goal as &dyn Fn(f64) -> f64,
+            "#2a7",
+            "goal: 70 KiB per agent",
+        ),
+        (
+            &floor,
+            "#999",
+            "bare mTLS connection floor: 33 KiB per agent",
+        ),
     ] {
         let _ = writeln!(
             s,
@@ -318,14 +335,12 @@ const TEMPLATE: &str = "# Benchmarks\n\n<!-- bench:machine -->\n<!-- /bench:mach
 
 /// Replaces the block `name` in `doc` (appending it when missing).
 fn replace_block(doc: &str, name: &str, body: &str) -> String {
-    let (open, close) = (format!("<!-- bench:{name} -->"), format!("<!-- /bench:{name} -->"));
+    let (open, close) = (
+        format!("<!-- bench:{name} -->"),
+        format!("<!-- /bench:{name} -->"),
+    );
     match (doc.find(&open), doc.find(&close)) {
-        (Some(a), Some(b)) if b > a => format!(
-            "{}{open}\n{}{}",
-            &doc[..a],
-            body,
-            &doc[b..]
-        ),
+        (Some(a), Some(b)) if b > a => format!("{}{open}\n{}{}", &doc[..a], body, &doc[b..]),
         _ => format!("{doc}\n{open}\n{body}{close}\n"),
     }
 }
@@ -370,7 +385,9 @@ mod tests {
             replace_block(doc, "x", "new\n"),
             "a\n<!-- bench:x -->\nnew\n<!-- /bench:x -->\nb\n"
         );
-        assert!(replace_block("a\n", "y", "z\n").ends_with("<!-- bench:y -->\nz\n<!-- /bench:y -->\n"));
+        assert!(
+            replace_block("a\n", "y", "z\n").ends_with("<!-- bench:y -->\nz\n<!-- /bench:y -->\n")
+        );
     }
 
     #[test]
