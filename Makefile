@@ -4,7 +4,7 @@ export CARGO_TARGET_DIR ?= $(HOME)/.cache/flotilla/cargo-target
 CARGO ?= cargo
 TESTENV_BIN := $(CURDIR)/target/testenv/bin
 
-.PHONY: all build testenv tools test unit e2e lint demo demo-stop bench clean
+.PHONY: all build testenv tools test unit e2e lint demo demo-stop bench bench-build bench-hub bench-wire bench-agent bench-git bench-report clean
 
 all: build
 
@@ -36,6 +36,39 @@ demo: testenv build
 
 demo-stop:
 	bash deploy/demo/demo.sh stop
+
+## bench: every benchmark part (release builds), then BENCHMARKS.md; each part also runs alone
+BENCH := $(CARGO_TARGET_DIR)/release/flotilla-bench
+# Simulated agents each hold a connection: raise the open-file limit to the hard limit.
+BENCH_RUN := ulimit -n $$(ulimit -Hn) && FLOTILLA_BENCH_BIN_DIR=$(CARGO_TARGET_DIR)/release FLOTILLA_TESTENV_BIN=$(TESTENV_BIN) $(BENCH)
+
+bench: bench-hub bench-wire bench-agent bench-git bench-report
+
+bench-build:
+	$(CARGO) build --release -p flotilla-hub -p flotilla-agent -p flotilla-bench --bins
+
+## bench-hub: hub capacity and commit-to-fleet latency with 100 to 10,000 simulated agents (FLOTILLA_BENCH_AGENTS=100,1000)
+bench-hub: bench-build
+	$(BENCH_RUN) hub
+	$(BENCH_RUN) report
+
+## bench-wire: bytes the hub sends an agent for a one-line change in a bundle of 500 objects
+bench-wire: bench-build
+	$(BENCH_RUN) wire
+	$(BENCH_RUN) report
+
+## bench-agent: a release agent on a test cluster: first apply of 1,000 objects vs kubectl, idle RSS and CPU
+bench-agent: bench-build testenv
+	$(BENCH_RUN) agent
+	$(BENCH_RUN) report
+
+## bench-git: fetch + render of 200 bundle directories, cold and incremental, vs git clone / fetch
+bench-git: bench-build
+	$(BENCH_RUN) git
+	$(BENCH_RUN) report
+
+bench-report: bench-build
+	$(BENCH_RUN) report
 
 clean:
 	rm -rf target

@@ -124,7 +124,10 @@ impl Sessions {
         connected: &mut bool,
     ) -> Result<Ended> {
         let channel = transport::channel(&self.hub, self.tls.clone()).await?;
-        let mut client = FleetClient::new(channel);
+        // The hub gzips what it sends when the agent accepts it: a bundle's content
+        // is sent whole on every change, and manifests compress well.
+        let mut client =
+            FleetClient::new(channel).accept_compressed(tonic::codec::CompressionEncoding::Gzip);
         let kubernetes_version =
             match tokio::time::timeout(VERSION_TIMEOUT, self.kube.apiserver_version()).await {
                 Ok(Ok(v)) => v.git_version,

@@ -1,0 +1,414 @@
+//! Results of each benchmark part (JSON files) and BENCHMARKS.md: generated
+//! blocks between `<!-- bench:NAME -->` and `<!-- /bench:NAME -->` markers are
+//! replaced on every report, so the hand-written analysis around them stays.
+//! The figure of hub memory against agents is an SVG drawn here.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+
+use crate::procstat;
+use crate::stats::{summary, Summary};
+
+/// Per-agent latency from a commit to the agents' acknowledgement of it, one run.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CommitLatency {
+    pub median_ms: f64,
+    pub p99_ms: f64,
+    pub max_ms: f64,
+}
+
+/// One run of the hub-capacity part.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct HubRun {
+    pub agents: usize,
+    /// Issuing the join tokens through the API.
+    pub tokens_s: f64,
+    /// From cold until every agent has enrolled, connected and acked its first Desired.
+    pub connect_s: f64,
+    /// The hub's RSS with its source rendered and no agent.
+    pub baseline_rss_kib: u64,
+    /// At steady state with every agent connected.
+    pub rss_kib: u64,
+    pub rss_after_commit_kib: u64,
+    pub fds: usize,
+    /// Steady-state CPU, percent of one core.
+    pub cpu_pct: f64,
+    pub commit: CommitLatency,
+}
+
+/// One run of the bytes-on-the-wire part.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WireRun {
+    pub objects: usize,
+    pub gzip: bool,
+    /// Size of the changed object's YAML file.
+    pub object_yaml_bytes: usize,
+    /// Protobuf size of the first Desired (whole bundle) and of the one after the change.
+    pub initial_desired_bytes: usize,
+    pub initial_wire_bytes: u64,
+    pub change_desired_bytes: usize,
+    /// What the hub sent the agent on the wire for the change (TLS, HTTP/2 and all).
+    pub change_wire_bytes: u64,
+}
+
+/// One run of the agent part.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AgentRun {
+    /// Objects applied, namespaces included.
+    pub objects: usize,
+    pub bundles: usize,
+    /// From the agent receiving its Desired set to its last bundle applied.
+    pub agent_apply_s: f64,
+    /// `kubectl apply --server-side -R -f` of the same files, in other namespaces.
+    pub kubectl_apply_s: f64,
+    pub agent_rss_kib: u64,
+    pub agent_cpu_pct: f64,
+}
+
+/// One run of the Git part.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct GitRun {
+    pub bundles: usize,
+    pub files: usize,
+    /// From adding the source to every bundle rendered.
+    pub cold_s: f64,
+    /// From a commit touching one bundle to that bundle at the new revision
+    /// (includes waiting for the next 1 s poll).
+    pub incremental_s: f64,
+    pub clone_s: f64,
+    pub fetch_s: f64,
+}
+
+/// The agent table.
+pub fn agent_table(runs: &[AgentRun]) -> String {
+    let mut groups: BTreeMap<usize, Vec<&AgentRun>> = BTreeMap::new();
+    for r in runs {
+        groups.entry(r.objects).or_default().push(r);
+    }
+    let mut s = String::from("| objects (bundles) | runs | agent first apply, s | kubectl apply --server-side, s | agent ÷ kubectl | idle agent RSS, MiB | idle agent CPU, % of a core |\n|---:|---:|---:|---:|---:|---:|---:|\n");
+    for rs in groups.values() {
+        let r = rs[0];
+        let _ = writeln!(
+            s,
+            "| {} ({}) | {} | {} | {} | {} | {} | {} |",
+            r.objects,
+            r.bundles,
+            rs.len(),
+            of(rs, |r| r.agent_apply_s).show(2),
+            of(rs, |r| r.kubectl_apply_s).show(2),
+            of(rs, |r| r.agent_apply_s / r.kubectl_apply_s).show(2),
+            of(rs, |r| r.agent_rss_kib as f64 / 1024.0).show(1),
+            of(rs, |r| r.agent_cpu_pct).show(2),
+        );
+    }
+    s
+}
+
+/// The Git table.
+pub fn git_table(runs: &[GitRun]) -> String {
+    let rs: Vec<&GitRun> = runs.iter().collect();
+    let mut s = String::from("| bundle directories (files) | runs | hub cold: fetch + render all, s | hub after a one-bundle commit, s (incl. 0–1 s poll wait) | git clone, s | git fetch of that commit, s |\n|---:|---:|---:|---:|---:|---:|\n");
+    if let Some(r) = rs.first() {
+        let _ = writeln!(
+            s,
+            "| {} ({}) | {} | {} | {} | {} | {} |",
+            r.bundles,
+            r.files,
+            rs.len(),
+            of(&rs, |r| r.cold_s).show(2),
+            of(&rs, |r| r.incremental_s).show(2),
+            of(&rs, |r| r.clone_s).show(2),
+            of(&rs, |r| r.fetch_s).show(2),
+        );
+    }
+    s
+}
+
+pub fn load<T: DeserializeOwned>(path: &Path) -> Result<Vec<T>> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))
+}
+
+pub fn save<T: Serialize>(path: &Path, runs: &[T]) -> Result<()> {
+    std::fs::write(path, serde_json::to_string_pretty(runs)? + "\n")
+        .with_context(|| format!("writing {}", path.display()))
+}
+
+fn by_agents(runs: &[HubRun]) -> BTreeMap<usize, Vec<&HubRun>> {
+    let mut m: BTreeMap<usize, Vec<&HubRun>> = BTreeMap::new();
+    for r in runs {
+        m.entry(r.agents).or_default().push(r);
+    }
+    m
+}
+
+fn of<T>(runs: &[&T], f: impl Fn(&T) -> f64) -> Summary {
+    summary(&runs.iter().map(|r| f(r)).collect::<Vec<_>>())
+}
+
+/// The hub-capacity table.
+pub fn hub_table(runs: &[HubRun]) -> String {
+    let mut s = String::from(
+        "| agents | runs | hub RSS, MiB | per agent, KiB (RSS − RSS with no agent) ÷ N | CPU at steady state, % of a core | open fds | enrol + connect from cold, s | agents/s | issuing N tokens (API), s |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+    );
+    for (n, rs) in by_agents(runs) {
+        let nf = n as f64;
+        let _ = writeln!(
+            s,
+            "| {n} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            rs.len(),
+            of(&rs, |r| r.rss_kib as f64 / 1024.0).show(1),
+            of(&rs, |r| (r.rss_kib as f64 - r.baseline_rss_kib as f64) / nf).show(1),
+            of(&rs, |r| r.cpu_pct).show(1),
+            of(&rs, |r| r.fds as f64).show(0),
+            of(&rs, |r| r.connect_s).show(2),
+            of(&rs, |r| nf / r.connect_s).show(0),
+            of(&rs, |r| r.tokens_s).show(2),
+        );
+    }
+    s
+}
+
+/// The commit-to-fleet table.
+pub fn commit_table(runs: &[HubRun]) -> String {
+    let mut s = String::from(
+        "| agents | runs | median per agent, ms | p99 per agent, ms | last agent, ms | hub RSS after the commit, MiB |\n|---:|---:|---:|---:|---:|---:|\n",
+    );
+    for (n, rs) in by_agents(runs) {
+        let _ = writeln!(
+            s,
+            "| {n} | {} | {} | {} | {} | {} |",
+            rs.len(),
+            of(&rs, |r| r.commit.median_ms).show(0),
+            of(&rs, |r| r.commit.p99_ms).show(0),
+            of(&rs, |r| r.commit.max_ms).show(0),
+            of(&rs, |r| r.rss_after_commit_kib as f64 / 1024.0).show(1),
+        );
+    }
+    s
+}
+
+/// The bytes-on-the-wire table.
+pub fn wire_table(runs: &[WireRun]) -> String {
+    let mut s = String::from(
+        "| objects | gzip accepted by the agent | runs | changed object (YAML), bytes | Desired for the change (protobuf), bytes | on the wire for the change, bytes | first Desired (protobuf), bytes | on the wire for the first Desired, bytes |\n|---:|---|---:|---:|---:|---:|---:|---:|\n",
+    );
+    let mut groups: BTreeMap<(usize, bool), Vec<&WireRun>> = BTreeMap::new();
+    for r in runs {
+        groups.entry((r.objects, r.gzip)).or_default().push(r);
+    }
+    for ((objects, gzip), rs) in groups {
+        let _ = writeln!(
+            s,
+            "| {objects} | {} | {} | {} | {} | {} | {} | {} |",
+            if gzip {
+                "yes (the agent from this change on)"
+            } else {
+                "no (the agent before this change)"
+            },
+            rs.len(),
+            of(&rs, |r| r.object_yaml_bytes as f64).show(0),
+            of(&rs, |r| r.change_desired_bytes as f64).show(0),
+            of(&rs, |r| r.change_wire_bytes as f64).show(0),
+            of(&rs, |r| r.initial_desired_bytes as f64).show(0),
+            of(&rs, |r| r.initial_wire_bytes as f64).show(0),
+        );
+    }
+    s
+}
+
+/// An SVG plot of hub RSS against agents: medians with min–max bars, and the
+/// lines of the goal (70 KiB per agent) and of the bare-connection floor (33 KiB),
+/// both over the hub's RSS with no agent.
+pub fn memory_svg(runs: &[HubRun]) -> String {
+    let groups = by_agents(runs);
+    let (w, h, left, right, top, bottom) = (640.0, 400.0, 70.0, 20.0, 30.0, 50.0);
+    let max_n = groups.keys().copied().max().unwrap_or(1).max(1) as f64;
+    let base = groups
+        .values()
+        .flat_map(|rs| rs.iter().map(|r| r.baseline_rss_kib as f64 / 1024.0))
+        .fold(f64::NAN, f64::min);
+    let base = if base.is_nan() { 0.0 } else { base };
+    let goal = |n: f64| base + n * 70.0 / 1024.0;
+    let floor = |n: f64| base + n * 33.0 / 1024.0;
+    let max_y = groups
+        .values()
+        .flat_map(|rs| rs.iter().map(|r| r.rss_kib as f64 / 1024.0))
+        .fold(goal(max_n), f64::max)
+        * 1.1;
+    let x = |n: f64| left + (w - left - right) * n / max_n;
+    let y = |mib: f64| h - bottom - (h - top - bottom) * mib / max_y;
+    let mut s = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"12\">\n\
+         <rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n\
+         <text x=\"{}\" y=\"18\" text-anchor=\"middle\" font-size=\"14\">Hub memory (RSS) against connected agents</text>\n\
+         <line x1=\"{left}\" y1=\"{}\" x2=\"{}\" y2=\"{}\" stroke=\"black\"/>\n\
+         <line x1=\"{left}\" y1=\"{top}\" x2=\"{left}\" y2=\"{}\" stroke=\"black\"/>\n\
+         <text x=\"{}\" y=\"{}\" text-anchor=\"middle\">agents (N)</text>\n\
+         <text x=\"16\" y=\"{}\" transform=\"rotate(-90 16 {})\" text-anchor=\"middle\">hub RSS, MiB</text>\n",
+        w / 2.0,
+        h - bottom,
+        w - right,
+        h - bottom,
+        h - bottom,
+        (left + w - right) / 2.0,
+        h - 12.0,
+        (top + h - bottom) / 2.0,
+        (top + h - bottom) / 2.0,
+    );
+    for i in 0..=5 {
+        let v = max_y * f64::from(i) / 5.0;
+        let _ = writeln!(
+            s,
+            "<line x1=\"{}\" y1=\"{:.1}\" x2=\"{left}\" y2=\"{:.1}\" stroke=\"black\"/><text x=\"{}\" y=\"{:.1}\" text-anchor=\"end\">{v:.0}</text>",
+            left - 4.0,
+            y(v),
+            y(v),
+            left - 6.0,
+            y(v) + 4.0
+        );
+    }
+    for &n in groups.keys() {
+        let _ = writeln!(
+            s,
+            "<line x1=\"{:.1}\" y1=\"{}\" x2=\"{:.1}\" y2=\"{}\" stroke=\"black\"/><text x=\"{:.1}\" y=\"{}\" text-anchor=\"middle\">{n}</text>",
+            x(n as f64),
+            h - bottom,
+            x(n as f64),
+            h - bottom + 4.0,
+            x(n as f64),
+            h - bottom + 18.0
+        );
+    }
+    for (f, colour, label) in [
+        (
+            &goal as &dyn Fn(f64) -> f64,
+            "#2a7",
+            "goal: 70 KiB per agent",
+        ),
+        (
+            &floor,
+            "#999",
+            "bare mTLS connection floor: 33 KiB per agent",
+        ),
+    ] {
+        let _ = writeln!(
+            s,
+            "<line x1=\"{:.1}\" y1=\"{:.1}\" x2=\"{:.1}\" y2=\"{:.1}\" stroke=\"{colour}\" stroke-dasharray=\"6 4\"/><text x=\"{:.1}\" y=\"{:.1}\" fill=\"{colour}\" text-anchor=\"end\">{label}</text>",
+            x(0.0),
+            y(f(0.0)),
+            x(max_n),
+            y(f(max_n)),
+            x(max_n) - 4.0,
+            y(f(max_n)) - 6.0,
+        );
+    }
+    let mut points = Vec::new();
+    for (&n, rs) in &groups {
+        let m = of(rs, |r| r.rss_kib as f64 / 1024.0);
+        let px = x(n as f64);
+        let _ = writeln!(
+            s,
+            "<line x1=\"{px:.1}\" y1=\"{:.1}\" x2=\"{px:.1}\" y2=\"{:.1}\" stroke=\"#c33\"/><circle cx=\"{px:.1}\" cy=\"{:.1}\" r=\"4\" fill=\"#c33\"/>",
+            y(m.min),
+            y(m.max),
+            y(m.median)
+        );
+        points.push(format!("{px:.1},{:.1}", y(m.median)));
+    }
+    let _ = writeln!(
+        s,
+        "<polyline points=\"{}\" fill=\"none\" stroke=\"#c33\"/>\n<text x=\"{}\" y=\"{}\" fill=\"#c33\">measured: median of runs, bar = min–max</text>\n</svg>",
+        points.join(" "),
+        left + 10.0,
+        top + 14.0
+    );
+    s
+}
+
+const TEMPLATE: &str = "# Benchmarks\n\n<!-- bench:machine -->\n<!-- /bench:machine -->\n\n## Hub capacity\n\n<!-- bench:hub -->\n<!-- /bench:hub -->\n\n## Commit to fleet\n\n<!-- bench:commit -->\n<!-- /bench:commit -->\n\n## Bytes on the wire\n\n<!-- bench:wire -->\n<!-- /bench:wire -->\n";
+
+/// Replaces the block `name` in `doc` (appending it when missing).
+fn replace_block(doc: &str, name: &str, body: &str) -> String {
+    let (open, close) = (
+        format!("<!-- bench:{name} -->"),
+        format!("<!-- /bench:{name} -->"),
+    );
+    match (doc.find(&open), doc.find(&close)) {
+        (Some(a), Some(b)) if b > a => format!("{}{open}\n{}{}", &doc[..a], body, &doc[b..]),
+        _ => format!("{doc}\n{open}\n{body}{close}\n"),
+    }
+}
+
+/// Writes the report from the results in `results`.
+pub fn write(results: &Path, out: &Path, figure: &Path) -> Result<()> {
+    let mut doc = std::fs::read_to_string(out).unwrap_or_else(|_| TEMPLATE.to_string());
+    let date = humantime::format_rfc3339_seconds(std::time::SystemTime::now());
+    doc = replace_block(
+        &doc,
+        "machine",
+        &format!("Generated {date} on: {}.\n", procstat::machine()),
+    );
+    if let Ok(runs) = load::<HubRun>(&results.join("hub.json")) {
+        doc = replace_block(&doc, "hub", &hub_table(&runs));
+        doc = replace_block(&doc, "commit", &commit_table(&runs));
+        if let Some(dir) = figure.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        std::fs::write(figure, memory_svg(&runs))?;
+    }
+    if let Ok(runs) = load::<WireRun>(&results.join("wire.json")) {
+        doc = replace_block(&doc, "wire", &wire_table(&runs));
+    }
+    if let Ok(runs) = load::<AgentRun>(&results.join("agent.json")) {
+        doc = replace_block(&doc, "agent", &agent_table(&runs));
+    }
+    if let Ok(runs) = load::<GitRun>(&results.join("git.json")) {
+        doc = replace_block(&doc, "git", &git_table(&runs));
+    }
+    std::fs::write(out, doc).with_context(|| format!("writing {}", out.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn blocks_are_replaced_in_place() {
+        let doc = "a\n<!-- bench:x -->\nold\n<!-- /bench:x -->\nb\n";
+        assert_eq!(
+            replace_block(doc, "x", "new\n"),
+            "a\n<!-- bench:x -->\nnew\n<!-- /bench:x -->\nb\n"
+        );
+        assert!(
+            replace_block("a\n", "y", "z\n").ends_with("<!-- bench:y -->\nz\n<!-- /bench:y -->\n")
+        );
+    }
+
+    #[test]
+    fn figure_has_a_point_per_count() {
+        let run = |agents, rss_kib| HubRun {
+            agents,
+            tokens_s: 1.0,
+            connect_s: 1.0,
+            baseline_rss_kib: 10_000,
+            rss_kib,
+            rss_after_commit_kib: rss_kib,
+            fds: 10,
+            cpu_pct: 1.0,
+            commit: CommitLatency {
+                median_ms: 1.0,
+                p99_ms: 1.0,
+                max_ms: 1.0,
+            },
+        };
+        let svg = memory_svg(&[run(100, 20_000), run(1000, 80_000), run(1000, 90_000)]);
+        assert_eq!(svg.matches("<circle").count(), 2);
+        assert!(hub_table(&[run(100, 20_000)]).contains("| 100 | 1 |"));
+    }
+}
