@@ -28,51 +28,11 @@ client_version="$(awk '$1 == "k8s.io/client-go" && $2 ~ /^v/ { print $2; exit }'
 kube_minor="${BASH_REMATCH[1]}"
 
 # Cache key: everything that affects the binaries.
-key="$(
-  cd "$mod"
-  {
-    printf '%s\n' "build-tools-script"; cat "$here/build-tools.sh"
-    for f in go.mod go.sum; do
-      printf '\n==> %s\n' "$f"; cat "$f"
-    done
-  } | sha256sum | cut -c1-32
-)"
-cache_root="${XDG_CACHE_HOME:-$HOME/.cache}/flotilla/testenv"
-cache="$cache_root/$key"
-
-install_bins() {
-  mkdir -p "$out"
-  for b in "${bins[@]}"; do
-    if [[ "$cache/$b" -ef "$out/$b" ]]; then continue; fi
-    rm -f "$out/$b.tmp"
-    ln "$cache/$b" "$out/$b.tmp" 2>/dev/null || cp "$cache/$b" "$out/$b.tmp"
-    mv -f "$out/$b.tmp" "$out/$b"
-  done
-  say "helm $helm_version and kustomize $kustomize_version in $out (cache key $key)"
-}
-
-have_cache() {
-  for b in "${bins[@]}"; do [[ -x "$cache/$b" ]] || return 1; done
-}
-
-if have_cache; then
-  install_bins
-  exit 0
-fi
-
-mkdir -p "$cache_root"
-# One build at a time per machine (shared with build.sh): wait, then reuse.
-if command -v flock >/dev/null 2>&1; then
-  exec 9>"$cache_root/.lock"
-  if ! flock -n 9; then
-    say "another build is running; waiting for it"
-    flock 9
-  fi
-  if have_cache; then
-    install_bins
-    exit 0
-  fi
-fi
+# shellcheck source=cache.sh
+source "$here/cache.sh"
+key="$(cd "$mod" && cache_key "$here/build-tools.sh" "$here/cache.sh" go.mod go.sum)"
+cache_init "$key" "helm $helm_version and kustomize $kustomize_version in $out"
+cache_reuse_or_lock
 
 say "building helm $helm_version and kustomize $kustomize_version (cold builds take several minutes on 2 cores)"
 start=$SECONDS
