@@ -70,16 +70,27 @@ async fn render_cases() {
         for path in expected {
             let stem = path.file_stem().unwrap().to_string_lossy().to_string();
             let (cluster, labels) = stem.split_once('@').expect("<cluster>@<labels>.yaml");
-            // `<cluster>~<kubernetes version>`: a cluster of that version.
-            let (cluster, kube_version) = match cluster.split_once('~') {
-                Some((c, v)) => (c, Some(v)),
-                None => (cluster, None),
+            // `<cluster>~<kubernetes version>`: a cluster of that version;
+            // `<cluster>~<version>~<set>`: one that also serves the API versions
+            // listed in the case's `api-versions/<set>` (one a line).
+            let mut parts = cluster.split('~');
+            let cluster = parts.next().unwrap();
+            let kube_version = parts.next();
+            let api_versions: Vec<String> = match parts.next() {
+                Some(set) => std::fs::read_to_string(case.join("api-versions").join(set))
+                    .unwrap()
+                    .lines()
+                    .map(str::trim)
+                    .filter(|l| !l.is_empty())
+                    .map(String::from)
+                    .collect(),
+                None => vec![],
             };
             let cluster = ClusterInfo {
                 name: cluster.to_string(),
                 labels: parse_labels(labels).unwrap(),
             };
-            let got = match render_for_cluster(&tools, &name, &files, &cluster, &[], kube_version)
+            let got = match render_for_cluster(&tools, &name, &files, &cluster, &[], kube_version, &api_versions)
                 .await
             {
                 Ok(Some(r)) => to_yaml_stream(&r),
