@@ -492,9 +492,8 @@ pub async fn render_for_cluster(
     api_versions: &[String],
 ) -> Result<Option<Rendered>, RenderError> {
     // As the hub does: the cluster's profile is a render input and labels.
-    let profile = kube_version.map(|v| {
-        capabilities::Profile::new(v, api_versions.iter().map(String::as_str))
-    });
+    let profile = kube_version
+        .map(|v| capabilities::Profile::new(v, api_versions.iter().map(String::as_str)));
     let profiles = capabilities::profiles(profile.as_ref());
     let mut cluster = cluster.clone();
     if let Some(p) = &profile {

@@ -90,8 +90,16 @@ async fn render_cases() {
                 name: cluster.to_string(),
                 labels: parse_labels(labels).unwrap(),
             };
-            let got = match render_for_cluster(&tools, &name, &files, &cluster, &[], kube_version, &api_versions)
-                .await
+            let got = match render_for_cluster(
+                &tools,
+                &name,
+                &files,
+                &cluster,
+                &[],
+                kube_version,
+                &api_versions,
+            )
+            .await
             {
                 Ok(Some(r)) => to_yaml_stream(&r),
                 Ok(None) => "# not deployed (doNotDeploy)\n".to_string(),

@@ -65,11 +65,7 @@ impl Profile {
 
     /// A short name for the twin renders: `v1.34.4/<api hash>`.
     pub fn name(&self) -> String {
-        format!(
-            "{}/{}",
-            self.kube_version,
-            api_set_hash(&self.api_versions)
-        )
+        format!("{}/{}", self.kube_version, api_set_hash(&self.api_versions))
     }
 }
 
@@ -213,7 +209,13 @@ mod tests {
                 ("apps", "v1", "StatefulSet"),
                 ("x.io", "", "Bad"),
             ]),
-            ["apps/v1", "apps/v1/Deployment", "apps/v1/StatefulSet", "v1", "v1/Pod"]
+            [
+                "apps/v1",
+                "apps/v1/Deployment",
+                "apps/v1/StatefulSet",
+                "v1",
+                "v1/Pod"
+            ]
         );
         let h = api_set_hash(&["apps/v1".to_string()]);
         assert_eq!(h.len(), 16);
