@@ -73,6 +73,39 @@ pub async fn apply_object(
         .map_err(|e| reason(&e))
 }
 
+/// The API versions the cluster serves, as Helm's `.Capabilities.APIVersions`
+/// checks them (`apps/v1`, `apps/v1/Deployment`, `v1`, `v1/Pod`; sorted, distinct):
+/// one discovery run, aggregated (two requests) where the server offers it, else
+/// the classic walk of every group.
+pub async fn api_versions(client: &Client) -> Result<Vec<String>, String> {
+    let found = match discovery::Discovery::new(client.clone())
+        .run_aggregated()
+        .await
+    {
+        Ok(d) => d,
+        Err(e) => {
+            debug!(error = %reason(&e), "no aggregated discovery; walking the groups");
+            discovery::Discovery::new(client.clone())
+                .run()
+                .await
+                .map_err(|e| reason(&e))?
+        }
+    };
+    let mut gvks: Vec<(String, String, String)> = Vec::new();
+    for g in found.groups() {
+        for v in g.versions() {
+            gvks.push((g.name().to_string(), v.to_string(), String::new()));
+            for (r, _) in g.versioned_resources(v) {
+                gvks.push((r.group, r.version, r.kind));
+            }
+        }
+    }
+    Ok(flotilla_shared::capabilities::api_version_strings(
+        gvks.iter()
+            .map(|(g, v, k)| (g.as_str(), v.as_str(), k.as_str())),
+    ))
+}
+
 /// A resolved kind: how to reach it and whether it is namespaced.
 #[derive(Clone)]
 pub struct Kind {

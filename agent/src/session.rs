@@ -30,6 +30,8 @@ pub const BACKOFF_MIN: Duration = Duration::from_secs(1);
 pub const BACKOFF_MAX: Duration = Duration::from_secs(30);
 /// How long asking the API server for its version may delay Hello.
 const VERSION_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long the API discovery at session start may take.
+const DISCOVERY_TIMEOUT: Duration = Duration::from_secs(15);
 /// Outgoing messages queued before the sender waits for the stream.
 const OUTBOX: usize = 64;
 
@@ -140,6 +142,23 @@ impl Sessions {
                     String::new()
                 }
             };
+        // What Helm sees as `.Capabilities.APIVersions` for this cluster: one
+        // discovery run per session (a CRD installed since shows up on reconnect).
+        let api_versions =
+            match tokio::time::timeout(DISCOVERY_TIMEOUT, crate::apply::api_versions(&self.kube))
+                .await
+            {
+                Ok(Ok(v)) => v,
+                Ok(Err(e)) => {
+                    warn!(error = %e, "cannot discover the served API versions");
+                    Vec::new()
+                }
+                Err(_) => {
+                    warn!("API discovery did not finish in time");
+                    Vec::new()
+                }
+            };
+        let served = api_versions.len();
         let (tx, rx) = mpsc::channel::<AgentMessage>(OUTBOX);
         let held_hashes = self.store.held_hashes()?;
         let held = held_hashes.len();
@@ -149,6 +168,7 @@ impl Sessions {
                 agent_version: env!("CARGO_PKG_VERSION").to_string(),
                 kubernetes_version: kubernetes_version.clone(),
                 held_hashes,
+                api_versions,
             }),
         )
         .await?;
@@ -158,7 +178,7 @@ impl Sessions {
             .map_err(|s| hub_error(&s))?
             .into_inner();
         *connected = true;
-        info!(%kubernetes_version, held, "session connected");
+        info!(%kubernetes_version, api_versions = served, held, "session connected");
 
         // Statuses the hub has not acknowledged are sent again.
         // Marked first: a status recorded while these are sent wakes the loop.

@@ -131,6 +131,7 @@ async fn run(
         agent_version: format!("bench-{}", env!("CARGO_PKG_VERSION")),
         kubernetes_version: "v1.34.0-sim".into(),
         held_hashes: vec![],
+        api_versions: vec![],
     }))
     .await?;
     let mut inbound = client

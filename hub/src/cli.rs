@@ -105,6 +105,18 @@ pub struct RenderArgs {
     /// v1.30.2); default: helm's own.
     #[arg(long, value_name = "VERSION", env = "FLOTILLA_RENDER_KUBE_VERSION")]
     pub kube_version: Option<String>,
+    /// An API version the cluster serves (Helm's `.Capabilities.APIVersions`, e.g.
+    /// `monitoring.coreos.com/v1` or `apps/v1/Deployment`); repeatable, or
+    /// comma-separated in the environment. Used with --kube-version; default:
+    /// helm's own set.
+    #[arg(
+        long = "api-versions",
+        value_name = "API_VERSION",
+        env = "FLOTILLA_RENDER_API_VERSIONS",
+        value_delimiter = ',',
+        requires = "kube_version"
+    )]
+    pub api_versions: Vec<String>,
     /// The bundle's name (Helm's default release name); default: DIR's name.
     #[arg(long, value_name = "NAME", env = "FLOTILLA_RENDER_BUNDLE_NAME")]
     pub bundle_name: Option<String>,
@@ -539,6 +551,7 @@ async fn render(
         &cluster,
         &[],
         args.kube_version.as_deref(),
+        &args.api_versions,
     )
     .await
     {

@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use flotilla_shared::assign::{self, Assignment, BundleInfo, CustomizationInfo};
 use flotilla_shared::bundle::{RenderError, Rendered};
+use flotilla_shared::capabilities::Profile;
 use flotilla_shared::depends::Dependency;
 use flotilla_shared::drift::DriftEvent;
 use flotilla_shared::labels::Labels;
@@ -232,16 +233,25 @@ impl State {
     }
 }
 
-/// A cluster as matching sees it: its labels, plus its Kubernetes version (for
-/// the version-pinned Helm renders, see `shared::capabilities`).
+/// An agent's reported API versions as stored: sorted, distinct.
+fn profile_api_versions(api_versions: &[String]) -> Vec<String> {
+    Profile::new("", api_versions.iter().map(String::as_str)).api_versions
+}
+
+/// What a cluster's agent reported of its capabilities.
+fn profile(c: &ClusterRecord) -> Profile {
+    Profile::new(
+        &c.kubernetes_version,
+        c.api_versions.iter().map(String::as_str),
+    )
+}
+
+/// A cluster as matching sees it: its labels, plus its Kubernetes version and
+/// API-version set (for the profile-pinned Helm renders, see
+/// `shared::capabilities`).
 fn cluster_info(c: &ClusterRecord) -> ClusterInfo {
     let mut labels = c.labels.clone();
-    if let Some(v) = flotilla_shared::capabilities::label_value(&c.kubernetes_version) {
-        labels.insert(
-            flotilla_shared::capabilities::KUBE_VERSION_LABEL.to_string(),
-            v,
-        );
-    }
+    labels.extend(profile(c).labels());
     ClusterInfo {
         name: c.name.clone(),
         labels,
@@ -399,14 +409,12 @@ impl Fleet {
 
     // ---- sources and groups -------------------------------------------------
 
-    /// The Kubernetes versions the fleet's agents reported, distinct and sorted.
-    pub fn kube_versions(&self) -> Vec<String> {
+    /// The capability profiles (Kubernetes version, API-version set) the fleet's
+    /// agents reported, distinct and sorted: Helm bundles render once per profile.
+    pub fn render_profiles(&self) -> Vec<Profile> {
         let st = self.lock();
-        flotilla_shared::capabilities::versions(
-            st.clusters
-                .values()
-                .map(|c| c.record.kubernetes_version.as_str()),
-        )
+        let all: Vec<Profile> = st.clusters.values().map(|c| profile(&c.record)).collect();
+        flotilla_shared::capabilities::profiles(&all)
     }
 
     pub fn source_specs(&self) -> Vec<(String, GitSourceSpec)> {
@@ -629,6 +637,7 @@ impl Fleet {
         name: &str,
         agent_version: &str,
         kubernetes_version: &str,
+        api_versions: &[String],
         now_ms: u64,
     ) -> Result<Option<u64>, FleetError> {
         let mut st = self.lock();
@@ -640,6 +649,7 @@ impl Fleet {
         c.session = Some(id);
         c.record.agent_version = agent_version.to_string();
         c.record.kubernetes_version = kubernetes_version.to_string();
+        c.record.api_versions = profile_api_versions(api_versions);
         c.record.last_seen_ms = Some(now_ms);
         self.store.put_cluster(&c.record)?;
         // Wakes the superseded session so it ends.

@@ -381,6 +381,7 @@ impl Session {
             &self.cluster,
             &hello.agent_version,
             &hello.kubernetes_version,
+            &hello.api_versions,
             crate::now_ms(),
         ) {
             Ok(Some(id)) => id,
@@ -399,6 +400,7 @@ impl Session {
         tracing::info!(
             agent_version = %hello.agent_version,
             kubernetes_version = %hello.kubernetes_version,
+            api_versions = hello.api_versions.len(),
             held = hello.held_hashes.len(),
             "agent connected"
         );

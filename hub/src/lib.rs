@@ -151,7 +151,7 @@ impl Hub {
             source,
             &spec,
             &snapshot.files,
-            &self.fleet.kube_versions(),
+            &self.fleet.render_profiles(),
         )
         .await
         .map_err(|e| anyhow::anyhow!(e))?;

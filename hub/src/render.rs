@@ -89,7 +89,7 @@ pub async fn render_bundle(
     tools: &Tools,
     bundle_name: &str,
     files: &BTreeMap<String, Vec<u8>>,
-    kube_versions: &[String],
+    profiles: &[capabilities::Profile],
 ) -> BundleRender {
     let spec = match fleetyaml::parse_spec(files) {
         Ok(s) => s,
@@ -101,8 +101,9 @@ pub async fn render_bundle(
         }
     };
     let mut done: HashMap<String, Result<Rendered, RenderError>> = HashMap::new();
-    // Per variant: its render, and for Helm its render per Kubernetes version.
-    type Twins = Vec<(String, Result<Rendered, RenderError>)>;
+    // Per variant: its render, and for Helm its render per capability profile
+    // (Kubernetes version and API-version set).
+    type Twins = Vec<(capabilities::Profile, Result<Rendered, RenderError>)>;
     let mut results: Vec<(Variant, Result<Rendered, RenderError>, Twins)> = Vec::new();
     for variant in fleetyaml::variants(&spec) {
         if !variant.deploys() {
@@ -122,11 +123,12 @@ pub async fn render_bundle(
         };
         let mut plans = vec![(None, plan.clone())];
         if let Renderer::Helm(h) = &plan.renderer {
-            for v in kube_versions {
+            for p in profiles {
                 let mut h = h.clone();
-                h.kube_version = Some(v.clone());
+                h.kube_version = Some(p.kube_version.clone());
+                h.api_versions = p.api_versions.clone();
                 plans.push((
-                    Some(v.clone()),
+                    Some(p.clone()),
                     RenderPlan {
                         renderer: Renderer::Helm(h),
                         ..plan.clone()
@@ -175,11 +177,11 @@ pub async fn render_bundle(
             || t.cluster_selector.is_some()
             || t.cluster_group.is_some()
             || t.cluster_group_selector.is_some();
-        // The version-pinned twins come first: a cluster of that version gets them.
-        for (version, tr) in twins.into_iter().filter(|_| matches_some) {
-            if let Some(target) = capabilities::versioned_target(&info.target, &version) {
+        // The profile-pinned twins come first: a cluster of that profile gets them.
+        for (profile, tr) in twins.into_iter().filter(|_| matches_some) {
+            if let Some(target) = capabilities::versioned_target(&info.target, &profile) {
                 let twin = CustomizationInfo {
-                    name: format!("{}@{version}", info.name),
+                    name: format!("{}@{}", info.name, profile.name()),
                     target,
                     ..info.clone()
                 };
@@ -188,12 +190,12 @@ pub async fn render_bundle(
         }
         customizations.push((info, r));
     }
-    // Clusters that match no customisation: the default for their version, else the
-    // version-less default.
-    for (version, tr) in default_twins {
-        if let Some(target) = capabilities::versioned_target(&Target::default(), &version) {
+    // Clusters that match no customisation: the default for their profile, else the
+    // profile-less default (helm's defaults).
+    for (profile, tr) in default_twins {
+        if let Some(target) = capabilities::versioned_target(&Target::default(), &profile) {
             let twin = CustomizationInfo {
-                name: format!("@{version}"),
+                name: format!("@{}", profile.name()),
                 target,
                 do_not_deploy: false,
                 good: None,
@@ -258,6 +260,9 @@ pub async fn render_plan(
             }
             if let Some(v) = &h.kube_version {
                 args.extend(["--kube-version".into(), v.into()]);
+            }
+            for a in &h.api_versions {
+                args.extend(["--api-versions".into(), a.into()]);
             }
             for f in &h.values_files {
                 args.extend(["-f".into(), root.join(f).into_os_string()]);
@@ -417,12 +422,20 @@ pub struct RenderCache {
 }
 
 impl RenderCache {
-    fn key(bundle_name: &str, files: &BTreeMap<String, Vec<u8>>, versions: &[String]) -> String {
+    fn key(
+        bundle_name: &str,
+        files: &BTreeMap<String, Vec<u8>>,
+        profiles: &[capabilities::Profile],
+    ) -> String {
         let mut h = Sha256::new();
         h.update(bundle_name.as_bytes());
-        for v in versions {
+        for p in profiles {
             h.update(b"\0v");
-            h.update(v.as_bytes());
+            h.update(p.kube_version.as_bytes());
+            for a in &p.api_versions {
+                h.update(b"\0a");
+                h.update(a.as_bytes());
+            }
         }
         for (p, b) in files {
             h.update(b"\0");
@@ -447,15 +460,15 @@ impl RenderCache {
         tools: &Tools,
         bundle_name: &str,
         files: &BTreeMap<String, Vec<u8>>,
-        kube_versions: &[String],
+        profiles: &[capabilities::Profile],
     ) -> BundleRender {
-        let key = Self::key(bundle_name, files, kube_versions);
+        let key = Self::key(bundle_name, files, profiles);
         // Failures are not reused: a chart repository may be back next time.
         let r = match previous.entries.get(&key) {
             Some(r) if r.all_ok() => r.clone(),
             _ => {
                 self.fresh += 1;
-                render_bundle(tools, bundle_name, files, kube_versions).await
+                render_bundle(tools, bundle_name, files, profiles).await
             }
         };
         self.entries.insert(key, r.clone());
@@ -465,8 +478,10 @@ impl RenderCache {
 
 /// Renders a bundle for one cluster: the variant of its first matching target
 /// customisation, else the default, for a cluster of Kubernetes `kube_version`
-/// (Helm's `.Capabilities.KubeVersion`; `None`: helm's default). `Ok(None)` when
-/// that customisation says `doNotDeploy`. Used by `flotilla render` and the render tests.
+/// serving `api_versions` (Helm's `.Capabilities.KubeVersion` and
+/// `.Capabilities.APIVersions`; no version: helm's defaults for both). `Ok(None)`
+/// when that customisation says `doNotDeploy`. Used by `flotilla render` and the
+/// render tests.
 pub async fn render_for_cluster(
     tools: &Tools,
     bundle_name: &str,
@@ -474,17 +489,18 @@ pub async fn render_for_cluster(
     cluster: &flotilla_shared::targeting::ClusterInfo,
     groups: &[flotilla_shared::targeting::GroupInfo],
     kube_version: Option<&str>,
+    api_versions: &[String],
 ) -> Result<Option<Rendered>, RenderError> {
-    // As the hub does: the cluster's version is a render input and a label.
-    let versions = capabilities::versions(kube_version);
+    // As the hub does: the cluster's profile is a render input and labels.
+    let profile = kube_version
+        .map(|v| capabilities::Profile::new(v, api_versions.iter().map(String::as_str)));
+    let profiles = capabilities::profiles(profile.as_ref());
     let mut cluster = cluster.clone();
-    if let Some(v) = kube_version.and_then(capabilities::label_value) {
-        cluster
-            .labels
-            .insert(capabilities::KUBE_VERSION_LABEL.to_string(), v);
+    if let Some(p) = &profile {
+        cluster.labels.extend(p.labels());
     }
     let cluster = &cluster;
-    let r = render_bundle(tools, bundle_name, files, &versions).await;
+    let r = render_bundle(tools, bundle_name, files, &profiles).await;
     let info = flotilla_shared::assign::BundleInfo {
         name: bundle_name.to_string(),
         source: String::new(),

@@ -41,7 +41,7 @@ pub async fn render_snapshot(
     source: &str,
     spec: &GitSourceSpec,
     files: &BTreeMap<String, Vec<u8>>,
-    kube_versions: &[String],
+    profiles: &[flotilla_shared::capabilities::Profile],
 ) -> Result<Vec<RenderedBundle>, String> {
     let paths: Vec<String> = files.keys().cloned().collect();
     let dirs = bundle_dirs(&paths, &spec.paths).map_err(|e| format!("paths: {e}"))?;
@@ -54,7 +54,7 @@ pub async fn render_snapshot(
         let name = bundle_name(source, dir);
         let span = tracing::info_span!("render", bundle = %name);
         let r = next
-            .render(previous, tools, &name, &bundle, kube_versions)
+            .render(previous, tools, &name, &bundle, profiles)
             .instrument(span)
             .await;
         // A fleet.yaml that does not parse fails the render itself; its dependsOn
@@ -235,7 +235,7 @@ async fn poll_loop(
     let mut last_commit: Option<String> = None;
     // The fleet's Kubernetes versions at the last render: Helm bundles render per
     // version, so a new version re-renders (at the next fetch).
-    let mut last_versions: Vec<String> = Vec::new();
+    let mut last_versions: Vec<flotilla_shared::capabilities::Profile> = Vec::new();
     let mut renders = RenderCache::default();
     let mut failures = 0u32;
     loop {
@@ -251,7 +251,7 @@ async fn poll_loop(
             .unwrap_or_else(|e| Err(format!("fetch task failed: {e}"))),
             Err(e) => Err(e),
         };
-        let versions = fleet.kube_versions();
+        let versions = fleet.render_profiles();
         let delay = match fetched {
             Ok(snapshot)
                 if last_commit.as_deref() == Some(snapshot.commit.as_str())

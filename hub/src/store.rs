@@ -90,6 +90,9 @@ pub struct ClusterRecord {
     pub agent_version: String,
     #[serde(default)]
     pub kubernetes_version: String,
+    /// The API versions its agent last reported (Helm's `.Capabilities.APIVersions`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub api_versions: Vec<String>,
     #[serde(default)]
     pub enrolled_at_ms: u64,
     #[serde(default)]

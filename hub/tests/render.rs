@@ -1,7 +1,8 @@
 //! Data-driven render tests: each `tests/render/<case>/bundle/` is rendered for
 //! every `tests/render/<case>/expected/<cluster>@<labels>.yaml` (labels as
 //! `k=v,k2=v2`, possibly empty; `<cluster>~<version>` for a cluster of that
-//! Kubernetes version) and compared with that file. Cases that need helm
+//! Kubernetes version, `<cluster>~<version>~<set>` for one that also serves the API
+//! versions listed in `tests/render/<case>/api-versions/<set>`) and compared with that file. Cases that need helm
 //! or kustomize take them from `FLOTILLA_TESTENV_BIN` (`make testenv`); without it
 //! they are skipped with a note (failed under `FLOTILLA_REQUIRE_E2E=1`).
 //! `FLOTILLA_BLESS=1` rewrites the expected files from the current output.
@@ -70,17 +71,36 @@ async fn render_cases() {
         for path in expected {
             let stem = path.file_stem().unwrap().to_string_lossy().to_string();
             let (cluster, labels) = stem.split_once('@').expect("<cluster>@<labels>.yaml");
-            // `<cluster>~<kubernetes version>`: a cluster of that version.
-            let (cluster, kube_version) = match cluster.split_once('~') {
-                Some((c, v)) => (c, Some(v)),
-                None => (cluster, None),
+            // `<cluster>~<kubernetes version>`: a cluster of that version;
+            // `<cluster>~<version>~<set>`: one that also serves the API versions
+            // listed in the case's `api-versions/<set>` (one a line).
+            let mut parts = cluster.split('~');
+            let cluster = parts.next().unwrap();
+            let kube_version = parts.next();
+            let api_versions: Vec<String> = match parts.next() {
+                Some(set) => std::fs::read_to_string(case.join("api-versions").join(set))
+                    .unwrap()
+                    .lines()
+                    .map(str::trim)
+                    .filter(|l| !l.is_empty())
+                    .map(String::from)
+                    .collect(),
+                None => vec![],
             };
             let cluster = ClusterInfo {
                 name: cluster.to_string(),
                 labels: parse_labels(labels).unwrap(),
             };
-            let got = match render_for_cluster(&tools, &name, &files, &cluster, &[], kube_version)
-                .await
+            let got = match render_for_cluster(
+                &tools,
+                &name,
+                &files,
+                &cluster,
+                &[],
+                kube_version,
+                &api_versions,
+            )
+            .await
             {
                 Ok(Some(r)) => to_yaml_stream(&r),
                 Ok(None) => "# not deployed (doNotDeploy)\n".to_string(),
@@ -102,4 +122,59 @@ async fn render_cases() {
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
     eprintln!("{checked} render expectations checked");
+}
+
+/// Two clusters of the same Kubernetes version but different API-version sets each
+/// get the render for their own set (the hub's profile-pinned twins).
+#[tokio::test]
+async fn each_cluster_gets_the_render_for_its_own_api_set() {
+    use flotilla_shared::capabilities::Profile;
+    let Some(tools) = tools() else {
+        assert!(
+            std::env::var("FLOTILLA_REQUIRE_E2E").as_deref() != Ok("1"),
+            "FLOTILLA_REQUIRE_E2E=1 but FLOTILLA_TESTENV_BIN is not set"
+        );
+        eprintln!("skipping: needs helm (set FLOTILLA_TESTENV_BIN)");
+        return;
+    };
+    let files = read_bundle_dir(&cases_dir().join("helm-api-versions/bundle")).unwrap();
+    let plain = Profile::new("v1.34.4", ["apps/v1"]);
+    let prom = Profile::new("v1.34.4", ["apps/v1", "monitoring.coreos.com/v1"]);
+    let r =
+        flotilla_hub::render::render_bundle(&tools, "mon", &files, &[plain.clone(), prom.clone()])
+            .await;
+    let info = flotilla_shared::assign::BundleInfo {
+        name: "mon".into(),
+        source: String::new(),
+        path: String::new(),
+        good: None,
+        render_error: None,
+        targets: vec![],
+        customizations: r.customizations.iter().map(|(c, _)| c.clone()).collect(),
+        depends_on: vec![],
+        labels: Default::default(),
+    };
+    for (profile, monitored) in [(plain, false), (prom, true), (Profile::default(), false)] {
+        let cluster = ClusterInfo {
+            name: "c".into(),
+            labels: profile.labels(),
+        };
+        let pick = info.pick(&cluster, &[]).unwrap();
+        let rendered = match pick.customization {
+            Some(name) => r
+                .customizations
+                .iter()
+                .find(|(c, _)| c.name == name)
+                .unwrap()
+                .1
+                .clone(),
+            None => r.default.clone(),
+        }
+        .unwrap();
+        let has_monitor = rendered
+            .manifests
+            .iter()
+            .any(|m| m.object["kind"] == "ServiceMonitor");
+        assert_eq!(has_monitor, monitored, "{profile:?}");
+    }
 }

@@ -238,6 +238,10 @@ pub struct HelmPlan {
     /// per version in the fleet; `None` leaves helm's default).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kube_version: Option<String>,
+    /// `--api-versions`, one per entry: the target clusters' API versions (set by
+    /// the hub with `kube_version`; empty leaves helm's defaults).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub api_versions: Vec<String>,
 }
 
 /// How one variant of a bundle is rendered. Equal plans give equal output, so the
@@ -445,6 +449,7 @@ pub fn plan(
             values,
             kustomize_dir,
             kube_version: None,
+            api_versions: vec![],
         }))
     } else if kustomize_dir.is_some() || uses_kustomize(spec, files) {
         let dir = kustomize_dir.unwrap_or_else(|| ".".into());

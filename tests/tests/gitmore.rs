@@ -344,8 +344,10 @@ fn depends_on_holds_a_bundle_until_its_dependency_is_ready() -> Result<()> {
     Ok(())
 }
 
-/// Helm sees the target cluster's Kubernetes version (reported by its agent) as
-/// `.Capabilities.KubeVersion`, not helm's built-in default.
+/// Helm sees the target cluster's Kubernetes version and API versions (reported
+/// by its agent) as `.Capabilities.KubeVersion` and `.Capabilities.APIVersions`,
+/// not helm's built-in defaults (which lack `group/version/Kind` forms such as
+/// `apps/v1/Deployment`).
 #[test]
 fn helm_sees_the_clusters_kubernetes_version() -> Result<()> {
     if !e2e_available() {
@@ -356,7 +358,7 @@ fn helm_sees_the_clusters_kubernetes_version() -> Result<()> {
     let ns = "e2e-kubeversion";
     let hub = Hub::start(&dir.path().join("hub"))?;
     let repo = GitRepo::new(dir.path(), "kv")?;
-    let template = "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: versioned\ndata:\n  v: {{ .Capabilities.KubeVersion.Version | quote }}\n";
+    let template = "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: versioned\ndata:\n  v: {{ printf \"%s deployment=%t servicemonitor=%t\" .Capabilities.KubeVersion.Version (.Capabilities.APIVersions.Has \"apps/v1/Deployment\") (.Capabilities.APIVersions.Has \"monitoring.coreos.com/v1\") | quote }}\n";
     let fleet_yaml = format!("defaultNamespace: {ns}\n");
     repo.commit(
         &BTreeMap::from([
@@ -385,7 +387,13 @@ fn helm_sees_the_clusters_kubernetes_version() -> Result<()> {
             .map(String::from))
     })?;
     hub.cli(&["source", "add", "kv", "--repo", &repo.url, "--poll", "1s"])?;
-    wait_cm(east, ns, "versioned", &reported)?;
-    eprintln!("helm rendered with the cluster's version {reported}");
+    // The test cluster serves Deployments and has no Prometheus operator.
+    wait_cm(
+        east,
+        ns,
+        "versioned",
+        &format!("{reported} deployment=true servicemonitor=false"),
+    )?;
+    eprintln!("helm rendered with the cluster's version {reported} and API versions");
     Ok(())
 }
