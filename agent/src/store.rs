@@ -90,6 +90,28 @@ fn u64_of(bytes: Option<sled::IVec>) -> u64 {
         .unwrap_or(0)
 }
 
+/// How long to wait for sled's file lock: a store dropped in this process releases
+/// it when its background flusher stops, within a few hundred milliseconds.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// sled 0.34 reports a held lock only as an `Other` I/O error with this text.
+fn is_locked(e: &sled::Error) -> bool {
+    matches!(e, sled::Error::Io(io) if io.to_string().contains("could not acquire lock"))
+}
+
+/// Opens sled, waiting up to [`LOCK_WAIT`] while its lock is held.
+fn open_unlocked(path: &Path) -> std::result::Result<sled::Db, sled::Error> {
+    let deadline = std::time::Instant::now() + LOCK_WAIT;
+    loop {
+        match sled::open(path) {
+            Err(e) if is_locked(&e) && std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            other => return other,
+        }
+    }
+}
+
 impl Store {
     /// Opens (or creates) the store in `state_dir`. A database that fails to open is
     /// moved aside and replaced by an empty one: everything in it can be rebuilt
@@ -99,8 +121,13 @@ impl Store {
     /// keep increasing even when an old store was lost.
     pub fn open(state_dir: &Path, now_unix_ms: i64) -> Result<Store> {
         let path = state_dir.join(DB_DIR);
-        let db = match sled::open(&path) {
+        let db = match open_unlocked(&path) {
             Ok(db) => db,
+            Err(e) if is_locked(&e) => {
+                // Another process (or a store dropped a moment ago, whose background
+                // flusher still holds the lock) uses this directory: not corruption.
+                return Err(e.into());
+            }
             Err(e) => {
                 let aside = PathBuf::from(format!("{}.corrupt-{now_unix_ms}", path.display()));
                 error!(error = %e, path = %path.display(), moved_to = %aside.display(),
@@ -425,6 +452,23 @@ mod tests {
         s.remove_bundle("a").unwrap();
         assert_eq!(s.inventory("a").unwrap(), None);
         assert_eq!(s.known_kinds().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn a_store_in_use_is_refused_not_moved_aside() {
+        let dir = tempfile::tempdir().unwrap();
+        let held = Store::open(dir.path(), 1).unwrap();
+        held.record_status("a", "h", "r", BundleState::Ready, "", 1)
+            .unwrap();
+        assert!(Store::open(dir.path(), 2).is_err(), "the lock is held");
+        let entries: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(entries, [DB_DIR], "nothing moved aside");
+        drop(held);
+        let again = Store::open(dir.path(), 3).unwrap();
+        assert!(again.last_status("a").unwrap().is_some(), "state kept");
     }
 
     #[test]
