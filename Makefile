@@ -4,7 +4,7 @@ export CARGO_TARGET_DIR ?= $(HOME)/.cache/flotilla/cargo-target
 CARGO ?= cargo
 TESTENV_BIN := $(CURDIR)/target/testenv/bin
 
-.PHONY: all build testenv tools test unit e2e lint demo demo-stop bench bench-build bench-hub bench-wire bench-agent bench-git bench-report clean
+.PHONY: all build testenv tools test unit e2e lint demo demo-stop bench bench-build bench-hub bench-fleet bench-wire bench-agent bench-git bench-report clean
 
 all: build
 
@@ -42,7 +42,7 @@ BENCH := $(CARGO_TARGET_DIR)/release/flotilla-bench
 # Simulated agents each hold a connection: raise the open-file limit to the hard limit.
 BENCH_RUN := ulimit -n $$(ulimit -Hn) && FLOTILLA_BENCH_BIN_DIR=$(CARGO_TARGET_DIR)/release FLOTILLA_TESTENV_BIN=$(TESTENV_BIN) $(BENCH)
 
-bench: bench-hub bench-wire bench-agent bench-git bench-report
+bench: bench-hub bench-fleet bench-wire bench-agent bench-git bench-report
 
 bench-build:
 	$(CARGO) build --release -p flotilla-hub -p flotilla-agent -p flotilla-bench --bins
@@ -50,6 +50,11 @@ bench-build:
 ## bench-hub: hub capacity and commit-to-fleet latency with 100 to 10,000 simulated agents (FLOTILLA_BENCH_AGENTS=100,1000)
 bench-hub: bench-build
 	$(BENCH_RUN) hub
+	$(BENCH_RUN) report
+
+## bench-fleet: commit to fleet by push webhook (source polled hourly) with 1,000 and 10,000 simulated agents (FLOTILLA_BENCH_AGENTS=1000)
+bench-fleet: bench-build
+	$(BENCH_RUN) fleet
 	$(BENCH_RUN) report
 
 ## bench-wire: bytes the hub sends an agent for a one-line change in a bundle of 500 objects

@@ -35,6 +35,11 @@ impl BenchHub {
     /// Starts a hub on fresh ports with its data in `dir`; logs at `warn` so that
     /// logging does not weigh on what is measured.
     pub async fn start(dir: &Path) -> Result<BenchHub> {
+        Self::start_with(dir, &[]).await
+    }
+
+    /// [`BenchHub::start`] with extra command-line arguments for the hub.
+    pub async fn start_with(dir: &Path, extra: &[&str]) -> Result<BenchHub> {
         std::fs::create_dir_all(dir)?;
         let (agent_port, api_port) = (free_port(), free_port());
         // A profiler may wrap the hub (`FLOTILLA_BENCH_HUB_WRAPPER="heaptrack -o
@@ -57,6 +62,7 @@ impl BenchHub {
                 .arg(format!("127.0.0.1:{agent_port}"))
                 .arg("--api-listen")
                 .arg(format!("127.0.0.1:{api_port}"))
+                .args(extra)
                 .env("RUST_LOG", "warn"),
             &dir.join("hub.log"),
         )?;
@@ -174,6 +180,48 @@ impl BenchHub {
         self.call(reqwest::Method::POST, "/api/v1/apply", Some(yaml))
             .await
             .map(|_| ())
+    }
+
+    /// Posts a GitHub push event for `repo_url` and `git_ref`, signed with
+    /// `secret` (`X-Hub-Signature-256`), to `POST /hooks/git`; returns the source
+    /// names the hub says it woke.
+    pub async fn github_push(
+        &self,
+        secret: &str,
+        repo_url: &str,
+        git_ref: &str,
+    ) -> Result<Vec<String>> {
+        let body = serde_json::json!({
+            "ref": git_ref,
+            "repository": {"clone_url": repo_url},
+        })
+        .to_string();
+        let mac = flotilla_shared::webhook::hmac_sha256(secret.as_bytes(), body.as_bytes());
+        let sig: String = mac.iter().map(|b| format!("{b:02x}")).collect();
+        let resp = self
+            .http
+            .post(format!("{}/hooks/git", self.api))
+            .header("X-GitHub-Event", "push")
+            .header("X-Hub-Signature-256", format!("sha256={sig}"))
+            .header("Content-Type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .context("posting the push hook")?;
+        let status = resp.status();
+        let text = resp.text().await?;
+        if !status.is_success() {
+            bail!("/hooks/git: {status}: {text}");
+        }
+        let v: Value = serde_json::from_str(&text)?;
+        Ok(v["triggered"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|x| x.as_str().map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default())
     }
 
     /// The bundles as `GET /api/v1/bundles` lists them.

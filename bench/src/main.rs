@@ -1,7 +1,8 @@
 //! `flotilla-bench`: runs one benchmark part and writes its results as JSON, or
 //! turns the results into BENCHMARKS.md. Parts: `hub` (capacity and
-//! commit-to-fleet latency with simulated agents), `wire` (bytes the hub sends for
-//! a one-line change), `report`.
+//! commit-to-fleet latency with simulated agents, polling), `fleet` (commit to
+//! fleet by push webhook), `wire` (bytes the hub sends for a one-line change),
+//! `agent`, `git`, `report`.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -13,7 +14,7 @@ use clap::{Parser, Subcommand};
 use flotilla_bench::cluster;
 use flotilla_bench::hubproc::BenchHub;
 use flotilla_bench::proxy::CountingProxy;
-use flotilla_bench::report::{AgentRun, CommitLatency, GitRun, HubRun, WireRun};
+use flotilla_bench::report::{AgentRun, CommitLatency, FleetRun, GitRun, HubRun, WireRun};
 use flotilla_bench::sim::{self, Event};
 use flotilla_bench::{procstat, report, stats};
 use flotilla_tests::GitRepo;
@@ -53,6 +54,24 @@ enum Part {
         /// Seconds over which steady-state CPU is measured.
         #[arg(long, env = "FLOTILLA_BENCH_CPU_WINDOW", default_value_t = 15)]
         cpu_window: u64,
+    },
+    /// Commit to fleet by webhook: a source polled hourly, a commit, a signed GitHub
+    /// push hook right after it; time until every simulated agent acked the commit.
+    Fleet {
+        /// Agent counts, comma-separated.
+        #[arg(
+            long,
+            env = "FLOTILLA_BENCH_AGENTS",
+            value_delimiter = ',',
+            default_value = "1000,10000"
+        )]
+        agents: Vec<usize>,
+        /// Repetitions per count (a fresh hub and fleet each).
+        #[arg(long, env = "FLOTILLA_BENCH_RUNS", default_value_t = 3)]
+        runs: usize,
+        /// Enrolments in flight at once.
+        #[arg(long, env = "FLOTILLA_BENCH_CONCURRENCY", default_value_t = 64)]
+        concurrency: usize,
     },
     /// Bytes the hub sends one agent for a one-line change in a bundle of many objects.
     Wire {
@@ -103,6 +122,8 @@ enum Part {
 
 fn main() -> Result<()> {
     let args = Args::parse();
+    // reqwest (for the hub API) and the agents' TLS use ring; never aws-lc-rs.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     std::fs::create_dir_all(&args.results)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -123,6 +144,24 @@ fn main() -> Result<()> {
                     eprintln!("hub: {n} agents, run {run}/{runs}");
                     let r =
                         rt.block_on(hub_run(n, concurrency, Duration::from_secs(cpu_window)))?;
+                    eprintln!("  {r:?}");
+                    all.push(r);
+                    report::save(&path, &all)?;
+                }
+            }
+        }
+        Part::Fleet {
+            agents,
+            runs,
+            concurrency,
+        } => {
+            let path = args.results.join("fleet.json");
+            let mut all: Vec<FleetRun> = report::load(&path).unwrap_or_default();
+            for &n in &agents {
+                all.retain(|r| r.agents != n);
+                for run in 1..=runs {
+                    eprintln!("fleet: {n} agents by webhook, run {run}/{runs}");
+                    let r = rt.block_on(fleet_run(n, concurrency))?;
                     eprintln!("  {r:?}");
                     all.push(r);
                     report::save(&path, &all)?;
@@ -229,27 +268,16 @@ async fn wait_acks(
     Ok((acked, bytes))
 }
 
-async fn hub_run(n: usize, concurrency: usize, cpu_window: Duration) -> Result<HubRun> {
-    let dir = tempfile::Builder::new()
-        .prefix("flotilla-bench-hub-")
-        .tempdir()?;
-    let repo = GitRepo::new(dir.path(), "fleet")?;
-    let r1 = repo.commit(
-        &[("app/cm.yaml", Some(config_map("bench", "v1", 4).as_str()))].into(),
-        "first",
-    )?;
-    let hub = BenchHub::start(&dir.path().join("hub")).await?;
-    hub.add_source("fleet", &repo.url, &["app"], "1s").await?;
-    hub.wait_bundles(1, Some(&r1), Duration::from_secs(60))
-        .await?;
-    let pid = hub.pid();
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    let baseline_rss_kib = procstat::rss_kib(pid)?;
-
-    let t = Instant::now();
-    let tokens = hub.tokens(n, 8).await?;
-    let tokens_s = t.elapsed().as_secs_f64();
-
+/// Starts one simulated agent per token against `hub` (`concurrency` enrolments in
+/// flight) and waits until every one has acked `revision`. Returns the agents'
+/// events, the switch that stops them, and the seconds from cold to all acked.
+async fn connect_fleet(
+    hub: &BenchHub,
+    tokens: Vec<String>,
+    concurrency: usize,
+    revision: &str,
+) -> Result<(mpsc::UnboundedReceiver<Event>, watch::Sender<bool>, f64)> {
+    let n = tokens.len();
     let uri: Uri = hub.agent_url.parse()?;
     let ca_pem = sim::fetch_ca(&uri, &tokens[0]).await?;
     let anonymous = flotilla_agent::transport::anonymous_config(&ca_pem)?;
@@ -287,8 +315,104 @@ async fn hub_run(n: usize, concurrency: usize, cpu_window: Duration) -> Result<H
         });
     }
     let deadline = Duration::from_secs(60 + n as u64 / 20);
-    wait_acks(&mut ev_rx, n, &r1, deadline).await?;
-    let connect_s = t.elapsed().as_secs_f64();
+    wait_acks(&mut ev_rx, n, revision, deadline).await?;
+    Ok((ev_rx, stop_tx, t.elapsed().as_secs_f64()))
+}
+
+/// Per-agent latency from `t` to each agent's ack.
+fn latency(acks: &BTreeMap<usize, Instant>, t: Instant) -> CommitLatency {
+    let mut lat: Vec<f64> = acks
+        .values()
+        .map(|at| at.saturating_duration_since(t).as_secs_f64() * 1000.0)
+        .collect();
+    lat.sort_by(f64::total_cmp);
+    CommitLatency {
+        median_ms: stats::percentile(&lat, 50.0),
+        p99_ms: stats::percentile(&lat, 99.0),
+        max_ms: lat.last().copied().unwrap_or(0.0),
+    }
+}
+
+/// Commit to fleet by webhook: a source polled hourly, N agents connected, a
+/// commit, then a signed GitHub push hook posted right after it.
+async fn fleet_run(n: usize, concurrency: usize) -> Result<FleetRun> {
+    const SECRET: &str = "bench-hook-secret";
+    let dir = tempfile::Builder::new()
+        .prefix("flotilla-bench-fleet-")
+        .tempdir()?;
+    let repo = GitRepo::new(dir.path(), "fleet")?;
+    let r1 = repo.commit(
+        &[("app/cm.yaml", Some(config_map("bench", "v1", 4).as_str()))].into(),
+        "first",
+    )?;
+    let secret_file = dir.path().join("webhook-secret");
+    std::fs::write(&secret_file, format!("{SECRET}\n"))?;
+    let secret_arg = secret_file.to_string_lossy().into_owned();
+    let hub = BenchHub::start_with(
+        &dir.path().join("hub"),
+        &["--webhook-secret-file", &secret_arg],
+    )
+    .await?;
+    // Added sources are fetched at once; after that only every hour, or on a hook.
+    hub.add_source("fleet", &repo.url, &["app"], "1h").await?;
+    hub.wait_bundles(1, Some(&r1), Duration::from_secs(60))
+        .await?;
+    let tokens = hub.tokens(n, 8).await?;
+    let (mut ev_rx, stop_tx, connect_s) = connect_fleet(&hub, tokens, concurrency, &r1).await?;
+    // Let the statuses of the first delivery settle.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    let r2 = repo.commit(
+        &[("app/cm.yaml", Some(config_map("bench", "v2", 4).as_str()))].into(),
+        "second",
+    )?;
+    let t = Instant::now();
+    let triggered = hub
+        .github_push(SECRET, &repo.url, "refs/heads/main")
+        .await?;
+    let hook_ms = t.elapsed().as_secs_f64() * 1000.0;
+    if triggered != ["fleet"] {
+        bail!("the hook woke {triggered:?}, not the source");
+    }
+    let (acks, _) = wait_acks(&mut ev_rx, n, &r2, Duration::from_secs(300)).await?;
+    let commit = latency(&acks, t);
+
+    let mut hub = hub;
+    hub.proc.kill9();
+    let _ = stop_tx.send(true);
+    drop(ev_rx);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    Ok(FleetRun {
+        agents: n,
+        trigger: "webhook".into(),
+        connect_s,
+        hook_ms,
+        commit,
+    })
+}
+
+async fn hub_run(n: usize, concurrency: usize, cpu_window: Duration) -> Result<HubRun> {
+    let dir = tempfile::Builder::new()
+        .prefix("flotilla-bench-hub-")
+        .tempdir()?;
+    let repo = GitRepo::new(dir.path(), "fleet")?;
+    let r1 = repo.commit(
+        &[("app/cm.yaml", Some(config_map("bench", "v1", 4).as_str()))].into(),
+        "first",
+    )?;
+    let hub = BenchHub::start(&dir.path().join("hub")).await?;
+    hub.add_source("fleet", &repo.url, &["app"], "1s").await?;
+    hub.wait_bundles(1, Some(&r1), Duration::from_secs(60))
+        .await?;
+    let pid = hub.pid();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let baseline_rss_kib = procstat::rss_kib(pid)?;
+
+    let t = Instant::now();
+    let tokens = hub.tokens(n, 8).await?;
+    let tokens_s = t.elapsed().as_secs_f64();
+
+    let (mut ev_rx, stop_tx, connect_s) = connect_fleet(&hub, tokens, concurrency, &r1).await?;
 
     // Steady state: all connected, heartbeats flowing.
     tokio::time::sleep(Duration::from_secs(5)).await;
@@ -306,16 +430,7 @@ async fn hub_run(n: usize, concurrency: usize, cpu_window: Duration) -> Result<H
     )?;
     let t = Instant::now();
     let (acks, _) = wait_acks(&mut ev_rx, n, &r2, Duration::from_secs(300)).await?;
-    let mut lat: Vec<f64> = acks
-        .values()
-        .map(|at| at.saturating_duration_since(t).as_secs_f64() * 1000.0)
-        .collect();
-    lat.sort_by(f64::total_cmp);
-    let commit = CommitLatency {
-        median_ms: stats::percentile(&lat, 50.0),
-        p99_ms: stats::percentile(&lat, 99.0),
-        max_ms: lat.last().copied().unwrap_or(0.0),
-    };
+    let commit = latency(&acks, t);
     let rss_after_commit_kib = procstat::rss_kib(pid)?;
 
     let mut hub = hub;

@@ -40,6 +40,20 @@ pub struct HubRun {
     pub commit: CommitLatency,
 }
 
+/// One run of the commit-to-fleet-by-webhook part.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FleetRun {
+    pub agents: usize,
+    /// What told the hub about the commit (`webhook`).
+    pub trigger: String,
+    /// From cold until every agent acked its first Desired.
+    pub connect_s: f64,
+    /// From the commit until `POST /hooks/git` answered.
+    pub hook_ms: f64,
+    /// From the commit (the hook posted right after it) to each agent's ack.
+    pub commit: CommitLatency,
+}
+
 /// One run of the bytes-on-the-wire part.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct WireRun {
@@ -188,6 +202,30 @@ pub fn commit_table(runs: &[HubRun]) -> String {
             of(&rs, |r| r.commit.p99_ms).show(0),
             of(&rs, |r| r.commit.max_ms).show(0),
             of(&rs, |r| r.rss_after_commit_kib as f64 / 1024.0).show(1),
+        );
+    }
+    s
+}
+
+/// The commit-to-fleet-by-webhook table.
+pub fn fleet_table(runs: &[FleetRun]) -> String {
+    let mut s = String::from(
+        "| agents | trigger | runs | median per agent, ms | p99 per agent, ms | last agent, ms | hook answered, ms |\n|---:|---|---:|---:|---:|---:|---:|\n",
+    );
+    let mut counts: BTreeMap<usize, Vec<&FleetRun>> = BTreeMap::new();
+    for r in runs {
+        counts.entry(r.agents).or_default().push(r);
+    }
+    for (n, rs) in counts {
+        let _ = writeln!(
+            s,
+            "| {n} | {} | {} | {} | {} | {} | {} |",
+            rs[0].trigger,
+            rs.len(),
+            of(&rs, |r| r.commit.median_ms).show(0),
+            of(&rs, |r| r.commit.p99_ms).show(0),
+            of(&rs, |r| r.commit.max_ms).show(0),
+            of(&rs, |r| r.hook_ms).show(0),
         );
     }
     s
@@ -361,6 +399,9 @@ pub fn write(results: &Path, out: &Path, figure: &Path) -> Result<()> {
             std::fs::create_dir_all(dir)?;
         }
         std::fs::write(figure, memory_svg(&runs))?;
+    }
+    if let Ok(runs) = load::<FleetRun>(&results.join("fleet.json")) {
+        doc = replace_block(&doc, "commit-webhook", &fleet_table(&runs));
     }
     if let Ok(runs) = load::<WireRun>(&results.join("wire.json")) {
         doc = replace_block(&doc, "wire", &wire_table(&runs));
