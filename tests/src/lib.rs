@@ -306,8 +306,9 @@ impl TestCluster {
 pub fn shared_clusters() -> &'static [TestCluster; 2] {
     static CLUSTERS: OnceLock<[TestCluster; 2]> = OnceLock::new();
     CLUSTERS.get_or_init(|| {
+        remove_stale_cluster_dirs();
         let root = tempfile::Builder::new()
-            .prefix("flotilla-e2e-")
+            .prefix(&format!("{SHARED_PREFIX}{}-", std::process::id()))
             .tempdir()
             .expect("tempdir")
             .keep();
@@ -319,6 +320,30 @@ pub fn shared_clusters() -> &'static [TestCluster; 2] {
         let a = a.join().expect("thread").expect("start cluster east");
         [a, b]
     })
+}
+
+/// Shared clusters live in `<tmp>/flotilla-e2e-<pid>-*`: a static is never dropped,
+/// so their data dirs outlive the test binary and are removed by the next one.
+const SHARED_PREFIX: &str = "flotilla-e2e-";
+
+/// Removes the shared-cluster dirs of test binaries that are no longer running.
+fn remove_stale_cluster_dirs() {
+    let Ok(entries) = fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name
+            .strip_prefix(SHARED_PREFIX)
+            .and_then(|rest| rest.split('-').next())
+            .and_then(|pid| pid.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if !Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = fs::remove_dir_all(entry.path());
+        }
+    }
 }
 
 /// A running hub.
