@@ -95,28 +95,6 @@ impl BundleOptions {
     }
 }
 
-/// The deployment options of `flotilla.yaml` / `fleet.yaml` read so far. Unknown
-/// fields are kept for later features rather than refused, so a Fleet repository
-/// loads whatever else it says.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct BundleConfig {
-    #[serde(default)]
-    pub namespace: Option<String>,
-    #[serde(default)]
-    pub default_namespace: Option<String>,
-}
-
-impl BundleConfig {
-    pub fn options(&self) -> BundleOptions {
-        BundleOptions {
-            default_namespace: self.default_namespace.clone().filter(|s| !s.is_empty()),
-            target_namespace: self.namespace.clone().filter(|s| !s.is_empty()),
-            ..Default::default()
-        }
-    }
-}
-
 /// The files that configure a bundle directory instead of being deployed.
 pub const CONFIG_FILES: [&str; 2] = ["flotilla.yaml", "fleet.yaml"];
 
@@ -290,30 +268,6 @@ pub fn is_manifest_file(rel: &str) -> bool {
         .any(|ext| name.ends_with(ext))
 }
 
-/// Parses the bundle's config file, if any (flotilla.yaml wins over fleet.yaml).
-pub fn parse_config(files: &BTreeMap<String, Vec<u8>>) -> Result<BundleConfig, RenderError> {
-    for name in CONFIG_FILES {
-        if let Some(bytes) = files.get(name) {
-            let text = std::str::from_utf8(bytes).map_err(|_| RenderError {
-                file: name.to_string(),
-                line: None,
-                object: None,
-                reason: "not UTF-8".into(),
-            })?;
-            if text.trim().is_empty() {
-                return Ok(BundleConfig::default());
-            }
-            return serde_saphyr::from_str::<BundleConfig>(text).map_err(|e| RenderError {
-                file: name.to_string(),
-                line: e.location().map(|l| l.line()),
-                object: None,
-                reason: first_line(&e.to_string()),
-            });
-        }
-    }
-    Ok(BundleConfig::default())
-}
-
 fn first_line(s: &str) -> String {
     s.lines().next().unwrap_or_default().to_string()
 }
@@ -322,8 +276,14 @@ fn first_line(s: &str) -> String {
 /// path → bytes), in path order, each document an object. Objects come out in
 /// apply order. `kind: List` documents are expanded.
 pub fn render_plain(files: &BTreeMap<String, Vec<u8>>) -> Result<Rendered, RenderError> {
-    let config = parse_config(files)?;
-    finish(parse_manifests(files)?, config.options())
+    let spec = crate::fleetyaml::parse_spec(files)?;
+    let non_empty = |s: Option<String>| s.filter(|s| !s.is_empty());
+    let options = BundleOptions {
+        default_namespace: non_empty(spec.default_namespace),
+        target_namespace: non_empty(spec.namespace),
+        ..Default::default()
+    };
+    finish(parse_manifests(files)?, options)
 }
 
 /// The objects of every manifest file of a plain bundle, in path order.
