@@ -17,6 +17,8 @@ pub enum Error {
     Store(#[from] sled::Error),
     #[error("state store holds an unreadable record under {key}: {reason}")]
     Corrupt { key: String, reason: String },
+    #[error("state store: {0}")]
+    Writer(String),
     #[error("TLS: {0}")]
     Tls(String),
     #[error("cannot reach the hub at {hub}: {reason}")]

@@ -1,17 +1,19 @@
 //! Health tracking: the latest health of every object the agent applied, kept
 //! fresh by watches (one per kind and namespace in use, or per kind for
 //! cluster-scoped kinds, restricted to objects with the bundle label), and each
-//! applied bundle's state derived from it (`Ready` or `NotReady`). It is also the
-//! one writer of bundle statuses, so apply outcomes and health changes never race.
+//! applied bundle's state derived from it (`Ready` or `NotReady`). Every bundle
+//! state is decided here, under one lock, and queued for the store's one writer
+//! from under that lock, so apply outcomes and health changes are recorded in the
+//! order they were decided, never raced.
 //!
 //! The same watches detect drift: every sighting of an applied object is compared
 //! with what was applied (`flotilla_shared::drift`); a drift becomes an event in the
 //! store (for the hub) and, in `correct` mode, a re-apply of the object; in `report`
 //! mode the bundle is `Modified` until the object holds what was applied again.
 //!
-//! [`Book`] decides (pure, no I/O); [`Tracker`] does: it locks the book, records the
-//! statuses and drift events the book asks for, re-applies drifted objects, and
-//! starts or stops the watches it needs.
+//! [`Book`] decides (pure, no I/O); [`Tracker`] does: it locks the book, queues the
+//! statuses and drift events the book asks for ([`crate::writer`]), re-applies
+//! drifted objects, and starts or stops the watches it needs.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex, Weak};
@@ -27,12 +29,13 @@ use kube::discovery::ApiResource;
 use kube::runtime::watcher::{self, watcher, Event};
 use kube::runtime::WatchStreamExt;
 use serde_json::Value;
-use tokio::sync::watch as signal;
 use tokio::task::JoinHandle;
-use tracing::{debug, error, info, warn};
+use tracing::{debug, info, warn};
 
-use crate::plan;
-use crate::store::{DesiredBundle, Store};
+use crate::apply::apply_object;
+use crate::clock::SharedClock;
+use crate::store::DesiredBundle;
+use crate::writer::{Entry, Slot, Writer};
 
 /// What one watch covers: a kind as the bundles wrote it, in one namespace (or the
 /// whole cluster for cluster-scoped kinds).
@@ -448,11 +451,47 @@ pub struct AppliedObject {
     pub desired: Value,
 }
 
+/// What a watch saw, as the book takes it.
+#[derive(Debug, Clone)]
+pub enum Seen {
+    /// An object as it is now.
+    Object { name: String, live: Value },
+    /// An object deleted; `last` is how it was.
+    Deleted { name: String, last: Value },
+    /// A re-list finished with these names: the others tracked under the key are gone.
+    Listed(HashSet<String>),
+}
+
+/// A drift to correct by re-applying the object, off the book's lock.
+struct Correction {
+    finding: Finding,
+    resource: ApiResource,
+    detected_at_unix_ms: i64,
+}
+
+impl Correction {
+    /// Re-applies the object; returns the event saying whether that worked.
+    async fn make(self, client: &kube::Client) -> DriftEvent {
+        let f = &self.finding;
+        let corrected = match apply_object(client, &self.resource, &f.object, &f.body).await {
+            Ok(()) => {
+                info!(bundle = %f.bundle, object = %f.object, "drift corrected");
+                true
+            }
+            Err(e) => {
+                warn!(bundle = %f.bundle, object = %f.object, error = %e, "cannot correct drift");
+                false
+            }
+        };
+        f.event(corrected, self.detected_at_unix_ms)
+    }
+}
+
 struct Inner {
     book: Book,
-    store: Store,
     client: kube::Client,
-    statuses: signal::Sender<u64>,
+    writer: Writer,
+    clock: SharedClock,
     resources: HashMap<WatchKey, ApiResource>,
     watches: HashMap<WatchKey, JoinHandle<()>>,
 }
@@ -465,86 +504,42 @@ impl Drop for Inner {
     }
 }
 
-impl Inner {
-    fn record(&self, b: &DesiredBundle, state: BundleState, message: &str) {
-        let last = self.store.last_status(&b.name).unwrap_or_else(|e| {
-            warn!(bundle = %b.name, error = %e, "unreadable last status");
-            None
-        });
-        if !plan::worth_reporting(last.as_ref(), &b.content_hash, &b.revision, state, message) {
-            return;
-        }
-        match self.store.record_status(
-            &b.name,
-            &b.content_hash,
-            &b.revision,
-            state,
-            message,
-            crate::reconcile::now_unix_ms(),
-        ) {
-            Ok(s) => {
-                self.statuses.send_replace(s.seq);
+/// The statuses to record for the book's reports.
+fn status_entries(reports: Vec<Report>, at_unix_ms: i64) -> Vec<Entry> {
+    reports
+        .into_iter()
+        .map(|r| {
+            info!(bundle = %r.bundle.name, state = %r.state, message = %r.message, "bundle health");
+            Entry::Status {
+                bundle: r.bundle,
+                state: r.state,
+                message: r.message,
+                at_unix_ms,
             }
-            Err(e) => error!(bundle = %b.name, error = %e, "cannot record a status"),
-        }
-    }
+        })
+        .collect()
+}
 
-    /// Acts on drifts: `report` mode records the event; `correct` mode re-applies
-    /// the object first (off the lock) and records whether that worked.
-    fn drifted(&self, findings: Vec<Finding>, me: &Weak<Mutex<Inner>>) {
-        for f in findings {
+impl Inner {
+    /// What an outcome of the book asks for: records to queue now (statuses, and the
+    /// events of drifts only reported), and the corrections to make.
+    fn act(&self, outcome: Outcome, now: i64) -> (Vec<Entry>, Vec<Correction>) {
+        let mut entries = status_entries(outcome.reports, now);
+        let mut corrections = Vec::new();
+        for f in outcome.findings {
             info!(bundle = %f.bundle, object = %f.object, deleted = f.deleted,
                 fields = f.fields.len(), manager = %drift::manager_of(&f.fields),
                 mode = ?f.mode, "drift detected");
-            if f.mode == DriftMode::Report {
-                self.record_drift(f.event(false, crate::reconcile::now_unix_ms()));
-                continue;
+            match (f.mode, self.resources.get(&WatchKey::of(&f.object))) {
+                (DriftMode::Correct, Some(resource)) => corrections.push(Correction {
+                    resource: resource.clone(),
+                    finding: f,
+                    detected_at_unix_ms: now,
+                }),
+                _ => entries.push(Entry::Drift(f.event(false, now))),
             }
-            let Some(resource) = self.resources.get(&WatchKey::of(&f.object)).cloned() else {
-                self.record_drift(f.event(false, crate::reconcile::now_unix_ms()));
-                continue;
-            };
-            let detected = crate::reconcile::now_unix_ms();
-            let client = self.client.clone();
-            let me = me.clone();
-            tokio::spawn(async move {
-                let corrected = match crate::apply::apply_object(
-                    &client, &resource, &f.object, &f.body,
-                )
-                .await
-                {
-                    Ok(()) => {
-                        info!(bundle = %f.bundle, object = %f.object, "drift corrected");
-                        true
-                    }
-                    Err(e) => {
-                        warn!(bundle = %f.bundle, object = %f.object, error = %e, "cannot correct drift");
-                        false
-                    }
-                };
-                if let Some(inner) = me.upgrade() {
-                    let g = inner.lock().unwrap_or_else(|e| e.into_inner());
-                    g.record_drift(f.event(corrected, detected));
-                }
-            });
         }
-    }
-
-    fn record_drift(&self, event: DriftEvent) {
-        match self.store.record_drift(event) {
-            Ok(_) => {
-                let seq = *self.statuses.borrow();
-                self.statuses.send_replace(seq);
-            }
-            Err(e) => error!(error = %e, "cannot record a drift event"),
-        }
-    }
-
-    fn report(&self, reports: Vec<Report>) {
-        for r in reports {
-            info!(bundle = %r.bundle.name, state = %r.state, message = %r.message, "bundle health");
-            self.record(&r.bundle, r.state, &r.message);
-        }
+        (entries, corrections)
     }
 
     /// Starts the watches the book needs and stops the others.
@@ -571,58 +566,97 @@ impl Inner {
                 None => Api::all_with(self.client.clone(), resource),
             };
             debug!(kind = %key.kind, namespace = ?key.namespace, "starting a health watch");
-            let task = tokio::spawn(run_watch(me.clone(), key.clone(), api));
+            let task = tokio::spawn(run_watch(
+                me.clone(),
+                self.writer.clone(),
+                key.clone(),
+                api,
+            ));
             self.watches.insert(key, task);
         }
     }
 }
 
-/// The I/O side: shared by the reconciler and the watch tasks.
+fn lock(inner: &Mutex<Inner>) -> std::sync::MutexGuard<'_, Inner> {
+    inner.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The I/O side: shared by the reconciler and the watch tasks. Every decision is
+/// made under the book's lock and queued for the writer from under it, in a place
+/// reserved before the lock was taken: what is recorded follows what was decided.
 #[derive(Clone)]
 pub struct Tracker {
     inner: Arc<Mutex<Inner>>,
+    writer: Writer,
 }
 
 impl Tracker {
-    pub fn new(store: Store, client: kube::Client, statuses: signal::Sender<u64>) -> Tracker {
+    pub fn new(writer: Writer, client: kube::Client, clock: SharedClock) -> Tracker {
         Tracker {
             inner: Arc::new(Mutex::new(Inner {
                 book: Book::default(),
-                store,
                 client,
-                statuses,
+                writer: writer.clone(),
+                clock,
                 resources: HashMap::new(),
                 watches: HashMap::new(),
             })),
+            writer,
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
-        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    /// A place in the writer's queue, or why not (only when shutting down).
+    async fn slot(&self) -> Option<Slot<'_>> {
+        match self.writer.reserve().await {
+            Ok(s) => Some(s),
+            Err(e) => {
+                warn!(error = %e, "cannot record");
+                None
+            }
+        }
     }
 
     /// A bundle's content is about to be applied: `WaitApplied` for content the hub
     /// has not heard about from us, and no health reports until it is applied.
-    pub fn applying(&self, b: &DesiredBundle) {
-        let mut inner = self.lock();
+    pub async fn applying(&self, b: &DesiredBundle) {
+        let Some(slot) = self.slot().await else {
+            return;
+        };
+        let mut inner = lock(&self.inner);
         inner.book.suspend(&b.name);
-        let last = inner.store.last_status(&b.name).ok().flatten();
-        if plan::announce_wait(last.as_ref(), &b.content_hash, &b.revision) {
-            inner.record(b, BundleState::WaitApplied, "");
-        }
+        slot.record(vec![Entry::Applying {
+            bundle: b.clone(),
+            at_unix_ms: inner.clock.now_unix_ms(),
+        }]);
     }
 
     /// Applying failed: `ErrApplied`, and its health is no longer followed.
-    pub fn failed(&self, b: &DesiredBundle, message: &str) {
-        let mut inner = self.lock();
+    pub async fn failed(&self, b: &DesiredBundle, message: &str) {
+        let Some(slot) = self.slot().await else {
+            return;
+        };
+        let mut inner = lock(&self.inner);
         inner.book.forget(&b.name);
-        inner.record(b, BundleState::ErrApplied, message);
+        slot.record(vec![Entry::Status {
+            bundle: b.clone(),
+            state: BundleState::ErrApplied,
+            message: message.to_string(),
+            at_unix_ms: inner.clock.now_unix_ms(),
+        }]);
         inner.adjust_watches(&Arc::downgrade(&self.inner));
     }
 
     /// Applied: follow its objects' health and drift, and report its state.
-    pub fn applied(&self, b: &DesiredBundle, objects: Vec<AppliedObject>, policy: DriftPolicy) {
-        let mut inner = self.lock();
+    pub async fn applied(
+        &self,
+        b: &DesiredBundle,
+        objects: Vec<AppliedObject>,
+        policy: DriftPolicy,
+    ) {
+        let Some(slot) = self.slot().await else {
+            return;
+        };
+        let mut inner = lock(&self.inner);
         let mut seen = Vec::with_capacity(objects.len());
         let mut desires = HashMap::with_capacity(objects.len());
         for o in objects {
@@ -634,27 +668,78 @@ impl Tracker {
             seen.push((o.object, o.live.as_ref().map(Sighting::of)));
         }
         let report = inner.book.applied_with(b, seen, policy, desires);
-        inner.report(report.into_iter().collect());
+        let now = inner.clock.now_unix_ms();
+        slot.record(status_entries(report.into_iter().collect(), now));
         inner.adjust_watches(&Arc::downgrade(&self.inner));
     }
 
     /// The bundle was removed from the cluster.
     pub fn removed(&self, bundle: &str) {
-        let mut inner = self.lock();
+        let mut inner = lock(&self.inner);
         inner.book.forget(bundle);
         inner.adjust_watches(&Arc::downgrade(&self.inner));
     }
 
+    /// What a watch of `key` saw: as the watch tasks feed it (and tests do).
+    pub async fn seen(&self, key: &WatchKey, seen: Seen) {
+        sighted(&Arc::downgrade(&self.inner), &self.writer, key, seen).await;
+    }
+
     /// The number of running watches.
     pub fn watch_count(&self) -> usize {
-        self.lock().watches.len()
+        lock(&self.inner).watches.len()
     }
+}
+
+/// Decides what a sighting changes under the book's lock and queues the records from
+/// under it; then makes the corrections it asked for and records their events.
+/// Returns false once the tracker or the writer is gone.
+async fn sighted(tracker: &Weak<Mutex<Inner>>, writer: &Writer, key: &WatchKey, seen: Seen) -> bool {
+    let Ok(slot) = writer.reserve().await else {
+        return false;
+    };
+    let Some(inner) = tracker.upgrade() else {
+        return false;
+    };
+    let (corrections, client) = {
+        let mut g = lock(&inner);
+        let outcome = match seen {
+            Seen::Object { name, live } => {
+                g.book
+                    .observe_live(key.object(&name), Sighting::of(&live), Some(&live))
+            }
+            Seen::Deleted { name, last } => {
+                g.book
+                    .observe_live(key.object(&name), Sighting::gone(&last), None)
+            }
+            Seen::Listed(names) => g.book.relisted(key, &names),
+        };
+        let now = g.clock.now_unix_ms();
+        let (entries, corrections) = g.act(outcome, now);
+        slot.record(entries);
+        (corrections, g.client.clone())
+    };
+    drop(inner);
+    // A correction's event says whether it worked: it is decided when the re-apply
+    // returns, and recorded then.
+    for c in corrections {
+        let event = c.make(&client).await;
+        if writer.record(vec![Entry::Drift(event)]).await.is_err() {
+            return false;
+        }
+    }
+    true
 }
 
 /// Follows one kind in one namespace until aborted (or the tracker is gone),
 /// feeding what it sees to the book. Only objects with the bundle label are
 /// listed; the watcher re-lists and backs off by itself after errors.
-async fn run_watch(tracker: Weak<Mutex<Inner>>, key: WatchKey, api: Api<DynamicObject>) {
+async fn run_watch(
+    tracker: Weak<Mutex<Inner>>,
+    writer: Writer,
+    key: WatchKey,
+    api: Api<DynamicObject>,
+) {
     let config = watcher::Config::default().labels(BUNDLE_LABEL);
     let mut events = watcher(api, config).default_backoff().boxed();
     let mut listing: Option<HashSet<String>> = None;
@@ -662,9 +747,6 @@ async fn run_watch(tracker: Weak<Mutex<Inner>>, key: WatchKey, api: Api<DynamicO
     // events), so only later re-lists, after a lost watch, can tell deletions.
     let mut first_list = true;
     while let Some(event) = events.next().await {
-        let Some(inner) = tracker.upgrade() else {
-            return;
-        };
         let with_kind = |o: DynamicObject| -> (String, Value) {
             let name = o.metadata.name.clone().unwrap_or_default();
             let mut v = serde_json::to_value(o).unwrap_or(Value::Null);
@@ -675,26 +757,21 @@ async fn run_watch(tracker: Weak<Mutex<Inner>>, key: WatchKey, api: Api<DynamicO
             }
             (name, v)
         };
-        let outcome = match event {
+        let seen = match event {
             Ok(Event::Apply(o)) | Ok(Event::InitApply(o)) => {
-                let (name, v) = with_kind(o);
+                let (name, live) = with_kind(o);
                 if let Some(l) = listing.as_mut() {
                     l.insert(name.clone());
                 }
-                let mut g = inner.lock().unwrap_or_else(|e| e.into_inner());
-                g.book
-                    .observe_live(key.object(&name), Sighting::of(&v), Some(&v))
+                Seen::Object { name, live }
             }
             Ok(Event::Delete(o)) => {
                 let (name, v) = with_kind(o);
-                let mut g = inner.lock().unwrap_or_else(|e| e.into_inner());
                 if v["metadata"]["labels"][BUNDLE_LABEL].is_null() {
                     // Not deleted: someone removed our label, so it left the watch.
-                    g.book
-                        .observe_live(key.object(&name), Sighting::of(&v), Some(&v))
+                    Seen::Object { name, live: v }
                 } else {
-                    g.book
-                        .observe_live(key.object(&name), Sighting::gone(&v), None)
+                    Seen::Deleted { name, last: v }
                 }
             }
             Ok(Event::Init) => {
@@ -706,8 +783,7 @@ async fn run_watch(tracker: Weak<Mutex<Inner>>, key: WatchKey, api: Api<DynamicO
                 if std::mem::replace(&mut first_list, false) {
                     continue;
                 }
-                let mut g = inner.lock().unwrap_or_else(|e| e.into_inner());
-                g.book.relisted(&key, &names)
+                Seen::Listed(names)
             }
             Err(e) => {
                 warn!(kind = %key.kind, namespace = ?key.namespace, error = %e,
@@ -715,9 +791,9 @@ async fn run_watch(tracker: Weak<Mutex<Inner>>, key: WatchKey, api: Api<DynamicO
                 continue;
             }
         };
-        let g = inner.lock().unwrap_or_else(|e| e.into_inner());
-        g.report(outcome.reports);
-        g.drifted(outcome.findings, &tracker);
+        if !sighted(&tracker, &writer, &key, seen).await {
+            return;
+        }
     }
 }
 
@@ -927,5 +1003,86 @@ mod tests {
             .observe_live(cm_ref(), Sighting::of(&live), Some(&live))
             .findings
             .is_empty());
+    }
+
+    fn deploy_in(ns: &str) -> ObjectRef {
+        ObjectRef {
+            namespace: Some(ns.into()),
+            ..deploy("web")
+        }
+    }
+
+    fn deploy_json(ns: &str, rv: u64, available: i64) -> Value {
+        json!({
+            "apiVersion": "apps/v1", "kind": "Deployment",
+            "metadata": {"name": "web", "namespace": ns, "uid": format!("u-{ns}"),
+                "resourceVersion": rv.to_string(), "generation": 1},
+            "spec": {"replicas": 2},
+            "status": {"observedGeneration": 1, "replicas": 2, "updatedReplicas": 2,
+                "availableReplicas": available}
+        })
+    }
+
+    /// Two watches of one bundle (one kind, two namespaces) report at the same time,
+    /// round after round, through a queue small enough to make them wait for each
+    /// other. Each round ends with both objects available: the last record must say
+    /// `Ready`. Recorded out of decision order, a stale `NotReady` would be last.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn two_watches_of_one_bundle_record_in_decision_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::store::Store::open(dir.path(), 1).unwrap();
+        let (writer, _recorded) = Writer::with_capacity(store.clone(), 1).unwrap();
+        // Nothing listens there: the watches the tracker starts only retry.
+        let client =
+            kube::Client::try_from(kube::Config::new("http://127.0.0.1:9".parse().unwrap()))
+                .unwrap();
+        let clock = crate::clock::FixedClock::new(1_000);
+        let tracker = Tracker::new(writer.clone(), client, clock);
+        let resource = ApiResource::from_gvk(&kube::core::GroupVersionKind::gvk(
+            "apps", "v1", "Deployment",
+        ));
+        let b = bundle("pair");
+        let applied = ["one", "two"]
+            .into_iter()
+            .map(|ns| AppliedObject {
+                object: deploy_in(ns),
+                resource: resource.clone(),
+                live: Some(deploy_json(ns, 1, 2)),
+                desired: json!({"apiVersion": "apps/v1", "kind": "Deployment",
+                    "metadata": {"name": "web", "namespace": ns}}),
+            })
+            .collect();
+        tracker.applied(&b, applied, DriftPolicy::default()).await;
+        writer.sync().await.unwrap();
+        assert_eq!(
+            store.last_status("pair").unwrap().unwrap().state,
+            BundleState::Ready
+        );
+        for round in 0..200u64 {
+            let watches = ["one", "two"].map(|ns| {
+                let tracker = tracker.clone();
+                tokio::spawn(async move {
+                    let key = WatchKey::of(&deploy_in(ns));
+                    for (rv, available) in [(2 * round + 2, 0), (2 * round + 3, 2)] {
+                        let live = deploy_json(ns, rv, available);
+                        let seen = Seen::Object {
+                            name: "web".into(),
+                            live,
+                        };
+                        tracker.seen(&key, seen).await;
+                    }
+                })
+            });
+            for w in watches {
+                w.await.unwrap();
+            }
+            writer.sync().await.unwrap();
+            let last = store.last_status("pair").unwrap().unwrap();
+            assert_eq!(
+                (last.state, last.message.as_str()),
+                (BundleState::Ready, ""),
+                "round {round}: both objects are available"
+            );
+        }
     }
 }

@@ -4,6 +4,7 @@
 //! when the hub is unreachable.
 
 pub mod apply;
+pub mod clock;
 pub mod enroll;
 pub mod error;
 pub mod health;
@@ -12,6 +13,7 @@ pub mod reconcile;
 pub mod session;
 pub mod store;
 pub mod transport;
+pub mod writer;
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -129,17 +131,23 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send) -> R
     };
     let tls = transport::mutual_config(&id.ca_pem, &id.cert_pem, &id.key_pem)?;
     let kube = kube_client(config.kubeconfig.as_deref()).await?;
-    let store = store::Store::open(&config.state_dir, reconcile::now_unix_ms())?;
+    let clock = clock::system();
+    // Opening waits for sled's lock and reads its log: off the async threads.
+    let state_dir = config.state_dir.clone();
+    let now = clock.now_unix_ms();
+    let store = tokio::task::spawn_blocking(move || store::Store::open(&state_dir, now))
+        .await
+        .map_err(|e| Error::Writer(format!("opening the store: {e}")))??;
+    let (writer, status_rx) = writer::Writer::spawn(store)?;
 
-    let (status_tx, status_rx) = watch::channel(0u64);
     let wake = Arc::new(Notify::new());
     let reconciler =
-        reconcile::Reconciler::new(store.clone(), apply::Cluster::new(kube.clone()), status_tx);
+        reconcile::Reconciler::new(writer.clone(), apply::Cluster::new(kube.clone()), clock);
     let sessions = session::Sessions {
         hub,
         tls,
         cluster_name: config.cluster_name.clone(),
-        store,
+        writer: writer.clone(),
         kube,
         reconcile: wake.clone(),
         statuses: status_rx,
@@ -154,6 +162,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send) -> R
     let _ = tokio::time::timeout(SHUTDOWN_GRACE, async {
         let _ = r.await;
         let _ = s.await;
+        // Whatever was queued is durable before the process ends.
+        let _ = writer.sync().await;
     })
     .await;
     Ok(())

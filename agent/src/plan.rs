@@ -78,6 +78,22 @@ pub fn prepare(
     (r, obj)
 }
 
+/// What to add to a bundle's inventory before applying `objects`: those it does not
+/// hold (`None` when it holds them all); when the store holds no inventory for the
+/// bundle yet (`recorded` is false, `inventory` was rebuilt from the cluster), all of
+/// it with them.
+pub fn intent(
+    inventory: &BTreeSet<ObjectRef>,
+    recorded: bool,
+    objects: &BTreeSet<ObjectRef>,
+) -> Option<BTreeSet<ObjectRef>> {
+    if !recorded {
+        return Some(inventory.union(objects).cloned().collect());
+    }
+    let new: BTreeSet<ObjectRef> = objects.difference(inventory).cloned().collect();
+    (!new.is_empty()).then_some(new)
+}
+
 /// An apply error as users read it: `file: Kind ns/name: reason`.
 pub fn object_error(file: &str, object: &ObjectRef, reason: &str) -> String {
     format!("{file}: {object}: {reason}")
@@ -202,6 +218,31 @@ mod tests {
         assert_eq!(
             object_error("deploy.yaml", &r, "spec.replicas: Invalid value"),
             "deploy.yaml: Deployment demo/web: spec.replicas: Invalid value"
+        );
+    }
+
+    #[test]
+    fn intents_name_only_what_the_inventory_lacks() {
+        let r = |name: &str| ObjectRef {
+            api_version: "v1".into(),
+            kind: "ConfigMap".into(),
+            namespace: Some("demo".into()),
+            name: name.into(),
+        };
+        let held = BTreeSet::from([r("a"), r("b")]);
+        assert_eq!(intent(&held, true, &BTreeSet::from([r("a")])), None);
+        assert_eq!(
+            intent(&held, true, &BTreeSet::from([r("a"), r("c")])),
+            Some(BTreeSet::from([r("c")]))
+        );
+        // Rebuilt from the cluster, not stored yet: everything is written.
+        assert_eq!(
+            intent(&held, false, &BTreeSet::from([r("c")])),
+            Some(BTreeSet::from([r("a"), r("b"), r("c")]))
+        );
+        assert_eq!(
+            intent(&BTreeSet::new(), false, &BTreeSet::new()),
+            Some(BTreeSet::new())
         );
     }
 

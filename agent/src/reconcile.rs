@@ -1,35 +1,38 @@
 //! The reconcile loop: independent of the hub connection, it applies the Desired set
 //! held in the store (at start-up, everything, so an agent restarted while the hub
 //! is down still converges), prunes what left it, retries failures periodically,
-//! and hands the outcome to the health tracker, which records statuses for the
-//! session to send.
+//! and hands the outcome to the health tracker, which decides the statuses the
+//! store's writer records for the session to send.
+//!
+//! The crash guarantee of an apply: the inventory on disk is always a superset of the
+//! bundle's objects that exist in the cluster with its label, so an object created
+//! before a crash is pruned or re-owned after it, never orphaned. Objects are added
+//! to the inventory before they are applied, in one flushed batch per group of
+//! objects whose kinds are served (one group, or two when the bundle brings CRDs and
+//! their custom resources); the inventory shrinks only after the objects that left
+//! were deleted, to exactly what was applied. A lost inventory is rebuilt from the
+//! cluster's bundle labels.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
 use flotilla_proto::v1::BundleContent;
-use flotilla_shared::bundle::{to_prune, Rendered};
+use flotilla_shared::bundle::{to_prune, ObjectRef, Rendered};
 use prost::Message;
 use tokio::sync::{watch, Notify};
 use tracing::{error, info, info_span, warn, Instrument};
 
 use crate::apply::Cluster;
+use crate::clock::SharedClock;
 use crate::health::{AppliedObject, Tracker};
 use crate::plan::{self, Action};
-use crate::store::{DesiredBundle, Store};
+use crate::store::DesiredBundle;
+use crate::writer::Writer;
 
 /// How often failed bundles are retried when nothing else wakes the loop, so
 /// transient errors (API server restarting, webhook down) heal on their own.
 pub const RETRY_INTERVAL: Duration = Duration::from_secs(30);
-
-/// Milliseconds since the Unix epoch, for status timestamps.
-pub fn now_unix_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
-}
 
 /// The result of applying one bundle.
 struct Applied {
@@ -39,21 +42,21 @@ struct Applied {
 }
 
 pub struct Reconciler {
-    store: Store,
+    writer: Writer,
     cluster: Cluster,
     /// (content hash, revision) last applied successfully, per bundle. Empty at
     /// start-up: everything is re-applied once.
     applied_ok: BTreeMap<String, (String, String)>,
-    /// Follows the applied objects' health and records every bundle status.
+    /// Follows the applied objects' health and decides every bundle status.
     health: Tracker,
 }
 
 impl Reconciler {
-    /// `statuses` carries the seq of the newest recorded status to the session.
-    pub fn new(store: Store, cluster: Cluster, statuses: watch::Sender<u64>) -> Self {
-        let health = Tracker::new(store.clone(), cluster.client(), statuses);
+    /// Reads and writes the store through `writer`, stamps statuses with `clock`.
+    pub fn new(writer: Writer, cluster: Cluster, clock: SharedClock) -> Self {
+        let health = Tracker::new(writer.clone(), cluster.client(), clock);
         Reconciler {
-            store,
+            writer,
             cluster,
             applied_ok: BTreeMap::new(),
             health,
@@ -83,17 +86,14 @@ impl Reconciler {
 
     /// One reconcile pass over the whole Desired set.
     pub async fn pass(&mut self) {
-        let desired = match self.store.desired() {
-            Ok(d) => d.unwrap_or_default(),
+        let read = self
+            .writer
+            .read(|s| Ok((s.desired()?.unwrap_or_default(), s.inventory_bundles()?)))
+            .await;
+        let (desired, with_inventory) = match read {
+            Ok((d, inv)) => (d, inv.into_iter().collect::<BTreeSet<String>>()),
             Err(e) => {
                 error!(error = %e, "cannot read the desired state from the store");
-                return;
-            }
-        };
-        let with_inventory: BTreeSet<String> = match self.store.inventory_bundles() {
-            Ok(b) => b.into_iter().collect(),
-            Err(e) => {
-                error!(error = %e, "cannot read inventories from the store");
                 return;
             }
         };
@@ -114,7 +114,7 @@ impl Reconciler {
     }
 
     async fn reconcile(&mut self, b: &DesiredBundle) {
-        self.health.applying(b);
+        self.health.applying(b).await;
         match self.apply(b).await {
             Ok(done) => {
                 info!(
@@ -124,21 +124,24 @@ impl Reconciler {
                 );
                 self.applied_ok
                     .insert(b.name.clone(), (b.content_hash.clone(), b.revision.clone()));
-                self.health.applied(b, done.objects, done.drift);
+                self.health.applied(b, done.objects, done.drift).await;
             }
             Err(message) => {
                 warn!(error = %message, "bundle not applied");
-                self.health.failed(b, &message);
+                self.health.failed(b, &message).await;
             }
         }
     }
 
     async fn apply(&mut self, b: &DesiredBundle) -> Result<Applied, String> {
         let name = b.name.as_str();
-        let bytes = self
-            .store
-            .content(&b.content_hash)
-            .map_err(|e| e.to_string())?
+        let (hash, bundle) = (b.content_hash.clone(), b.name.clone());
+        let (bytes, held) = self
+            .writer
+            .read(move |s| Ok((s.content(&hash)?, s.inventory(&bundle)?)))
+            .await
+            .map_err(|e| e.to_string())?;
+        let bytes = bytes
             .ok_or_else(|| format!("content {} not received from the hub yet", b.content_hash))?;
         let content = BundleContent::decode(bytes.as_slice())
             .map_err(|e| format!("stored content {} is unreadable: {e}", b.content_hash))?;
@@ -151,7 +154,10 @@ impl Reconciler {
             );
         }
 
-        let mut inventory = match self.store.inventory(name).map_err(|e| e.to_string())? {
+        // Whether the store holds an inventory for the bundle (a rebuilt one is
+        // written with the first intent).
+        let mut recorded = held.is_some();
+        let mut inventory = match held {
             Some(inv) => inv,
             None => self.rebuild_inventory(name, &rendered).await?,
         };
@@ -163,40 +169,63 @@ impl Reconciler {
         let mut applied = BTreeSet::new();
         let mut objects = Vec::with_capacity(rendered.manifests.len());
         let mut crd_applied = false;
-        for m in &rendered.manifests {
-            let written = m.object_ref();
-            let kind = self
-                .cluster
-                .kind(&written.api_version, &written.kind, crd_applied)
-                .await
-                .map_err(|e| plan::object_error(&m.file, &written, &e))?;
-            let (r, body) = plan::prepare(name, m, &rendered.options, kind.namespaced);
-            // Recorded before it exists, so a crash right after still lets us prune it.
-            if inventory.insert(r.clone()) {
-                self.store
-                    .set_inventory(name, &inventory)
-                    .map_err(|e| e.to_string())?;
-            }
-            let mut live = self
-                .cluster
-                .apply(&kind, &r, &body)
-                .await
-                .map_err(|e| plan::object_error(&m.file, &r, &e))?;
-            if r.kind == "CustomResourceDefinition" && r.group() == "apiextensions.k8s.io" {
-                live = self
+        let mut next = 0;
+        while next < rendered.manifests.len() {
+            // A group: the objects from `next` on whose kinds are served now. A kind
+            // not served yet may be one a CRD of this group brings.
+            let mut group = Vec::new();
+            for m in &rendered.manifests[next..] {
+                let written = m.object_ref();
+                let grace = group.is_empty() && crd_applied;
+                match self
                     .cluster
-                    .wait_crd(&r.name)
+                    .kind(&written.api_version, &written.kind, grace)
+                    .await
+                {
+                    Ok(kind) => {
+                        let (r, body) = plan::prepare(name, m, &rendered.options, kind.namespaced);
+                        group.push((m, kind, r, body));
+                    }
+                    Err(e) if group.is_empty() => {
+                        return Err(plan::object_error(&m.file, &written, &e))
+                    }
+                    Err(_) => break,
+                }
+            }
+            next += group.len();
+            // Recorded before they exist, in one flush for the group, so a crash
+            // during the apply still lets them be pruned.
+            let refs: BTreeSet<ObjectRef> = group.iter().map(|(_, _, r, _)| r.clone()).collect();
+            if let Some(intent) = plan::intent(&inventory, recorded, &refs) {
+                self.writer
+                    .intend(name, intent)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                inventory.extend(refs);
+                recorded = true;
+            }
+            for (m, kind, r, body) in group {
+                let mut live = self
+                    .cluster
+                    .apply(&kind, &r, &body)
                     .await
                     .map_err(|e| plan::object_error(&m.file, &r, &e))?;
-                crd_applied = true;
+                if r.kind == "CustomResourceDefinition" && r.group() == "apiextensions.k8s.io" {
+                    live = self
+                        .cluster
+                        .wait_crd(&r.name)
+                        .await
+                        .map_err(|e| plan::object_error(&m.file, &r, &e))?;
+                    crd_applied = true;
+                }
+                applied.insert(r.clone());
+                objects.push(AppliedObject {
+                    object: r,
+                    resource: kind.resource.clone(),
+                    live: Some(live),
+                    desired: body,
+                });
             }
-            applied.insert(r.clone());
-            objects.push(AppliedObject {
-                object: r,
-                resource: kind.resource.clone(),
-                live: Some(live),
-                desired: body,
-            });
         }
 
         let mut pruned = 0;
@@ -206,9 +235,13 @@ impl Reconciler {
                 pruned += 1;
             }
         }
-        self.store
-            .set_inventory(name, &applied)
-            .map_err(|e| e.to_string())?;
+        // Only now, with what left the bundle deleted, may the inventory shrink.
+        if inventory != applied || !recorded {
+            self.writer
+                .set_inventory(name, applied)
+                .await
+                .map_err(|e| e.to_string())?;
+        }
         Ok(Applied {
             objects,
             pruned,
@@ -218,12 +251,17 @@ impl Reconciler {
 
     /// Rebuilds a lost inventory from the objects labelled with the bundle, among
     /// the kinds of its content and every kind the agent ever applied.
+    /// It is written to the store with the first intent of the apply.
     async fn rebuild_inventory(
         &mut self,
         name: &str,
         rendered: &Rendered,
-    ) -> Result<BTreeSet<flotilla_shared::bundle::ObjectRef>, String> {
-        let mut kinds = self.store.known_kinds().map_err(|e| e.to_string())?;
+    ) -> Result<BTreeSet<ObjectRef>, String> {
+        let mut kinds = self
+            .writer
+            .read(|s| s.known_kinds())
+            .await
+            .map_err(|e| e.to_string())?;
         kinds.extend(rendered.manifests.iter().map(|m| {
             let r = m.object_ref();
             (r.api_version, r.kind)
@@ -235,9 +273,6 @@ impl Reconciler {
                 "rebuilt the inventory from the cluster"
             );
         }
-        self.store
-            .set_inventory(name, &found)
-            .map_err(|e| e.to_string())?;
         Ok(found)
     }
 
@@ -245,7 +280,8 @@ impl Reconciler {
         // Stop following the bundle first: its watches would otherwise see the
         // deletions below as drift and put the objects back.
         self.health.removed(name);
-        let inventory = match self.store.inventory(name) {
+        let bundle = name.to_string();
+        let inventory = match self.writer.read(move |s| s.inventory(&bundle)).await {
             Ok(Some(inv)) => inv,
             Ok(None) => BTreeSet::new(),
             Err(e) => {
@@ -264,7 +300,7 @@ impl Reconciler {
                 }
             }
         }
-        if let Err(e) = self.store.remove_bundle(name) {
+        if let Err(e) = self.writer.remove_bundle(name).await {
             error!(error = %e, "cannot forget the removed bundle");
             return;
         }

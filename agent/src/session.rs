@@ -1,7 +1,8 @@
 //! The session with the hub: one long-lived `Fleet.Session` stream at a time,
 //! re-dialled with exponential backoff. It stores each Desired set durably before
-//! acknowledging it, wakes the reconciler, and sends the statuses the reconciler
-//! recorded (re-sending those the hub has not acknowledged after a reconnect).
+//! acknowledging it, wakes the reconciler, and sends the statuses and drift events
+//! the store's writer recorded (re-sending those the hub has not acknowledged after a
+//! reconnect). Every store call goes through the writer: none blocks this task.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,8 +19,9 @@ use tonic::transport::Uri;
 use tracing::{info, info_span, warn, Instrument};
 
 use crate::error::{Error, Result};
-use crate::store::{DesiredBundle, DesiredSet, Store};
+use crate::store::{DesiredBundle, DesiredSet};
 use crate::transport;
+use crate::writer::Writer;
 
 /// Heartbeats keep the hub's last-seen fresh; 30 s is the protocol's interval.
 pub const HEARTBEAT: Duration = Duration::from_secs(30);
@@ -73,11 +75,13 @@ pub struct Sessions {
     pub hub: Uri,
     pub tls: Arc<ClientConfig>,
     pub cluster_name: String,
-    pub store: Store,
+    /// The store, through its one writer.
+    pub writer: Writer,
     pub kube: kube::Client,
     /// Woken after a Desired set is stored.
     pub reconcile: Arc<Notify>,
-    /// The seq of the newest recorded status.
+    /// The seq of the newest durable status, from the writer (it also changes when
+    /// a drift event became durable).
     pub statuses: watch::Receiver<u64>,
 }
 
@@ -160,7 +164,7 @@ impl Sessions {
             };
         let served = api_versions.len();
         let (tx, rx) = mpsc::channel::<AgentMessage>(OUTBOX);
-        let held_hashes = self.store.held_hashes()?;
+        let held_hashes = self.writer.read(|s| s.held_hashes()).await?;
         let held = held_hashes.len();
         send(
             &tx,
@@ -183,7 +187,7 @@ impl Sessions {
         // Statuses the hub has not acknowledged are sent again.
         // Marked first: a status recorded while these are sent wakes the loop.
         self.statuses.mark_unchanged();
-        let mut sent_upto = self.store.acked_seq()?;
+        let mut sent_upto = self.writer.read(|s| s.acked_seq()).await?;
         self.send_statuses(&tx, &mut sent_upto).await?;
         // Drift events the hub has not acknowledged, likewise.
         let mut drift_upto = 0;
@@ -195,8 +199,8 @@ impl Sessions {
                 msg = inbound.message() => match msg {
                     Ok(Some(m)) => match m.msg {
                         Some(HubMsg::Desired(d)) => self.on_desired(&tx, &d).await?,
-                        Some(HubMsg::StatusAck(a)) => self.store.ack(a.seq)?,
-                        Some(HubMsg::DriftAck(a)) => self.store.ack_drift(a.id)?,
+                        Some(HubMsg::StatusAck(a)) => self.writer.ack(a.seq).await?,
+                        Some(HubMsg::DriftAck(a)) => self.writer.ack_drift(a.id).await?,
                         None => warn!("empty message from the hub"),
                     },
                     Ok(None) => return Ok(Ended::Closed),
@@ -218,13 +222,20 @@ impl Sessions {
 
     async fn on_desired(&self, tx: &mpsc::Sender<AgentMessage>, d: &Desired) -> Result<()> {
         let (set, contents) = desired_set(d);
-        self.store.save_desired(&set, &contents)?;
-        let missing: Vec<&str> = set
-            .bundles
-            .iter()
-            .filter(|b| matches!(self.store.content(&b.content_hash), Ok(None)))
-            .map(|b| b.name.as_str())
-            .collect();
+        self.writer.save_desired(set.clone(), contents).await?;
+        let wanted = set.bundles.clone();
+        let missing: Vec<String> = self
+            .writer
+            .read(move |s| {
+                let mut missing = Vec::new();
+                for b in wanted {
+                    if s.content(&b.content_hash)?.is_none() {
+                        missing.push(b.name);
+                    }
+                }
+                Ok(missing)
+            })
+            .await?;
         if !missing.is_empty() {
             warn!(bundles = ?missing, "the hub sent no content for some bundles");
         }
@@ -247,7 +258,7 @@ impl Sessions {
     }
 
     async fn send_drift(&self, tx: &mpsc::Sender<AgentMessage>, sent_upto: &mut u64) -> Result<()> {
-        for e in self.store.pending_drift()? {
+        for e in self.writer.read(|s| s.pending_drift()).await? {
             if e.id <= *sent_upto {
                 continue;
             }
@@ -262,7 +273,8 @@ impl Sessions {
         tx: &mpsc::Sender<AgentMessage>,
         sent_upto: &mut u64,
     ) -> Result<()> {
-        for s in self.store.statuses_after(*sent_upto)? {
+        let after = *sent_upto;
+        for s in self.writer.read(move |s| s.statuses_after(after)).await? {
             let state: flotilla_proto::v1::BundleState = s.state.into();
             send(
                 tx,

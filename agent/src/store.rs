@@ -1,12 +1,15 @@
 //! The agent's durable state in sled (`DIR/state.sled`): the last Desired set, bundle
 //! contents by hash, the inventory of objects applied per bundle (for pruning), and
-//! statuses with their sequence numbers. Every write that something else relies on
-//! (an ack to the hub, a status about to be sent) is flushed first.
+//! statuses with their sequence numbers. Writes here are not durable until
+//! [`Store::flush`]: the agent's one writer ([`crate::writer`]) runs them in batches and
+//! flushes each batch once before anything relies on it (an ack to the hub, a status
+//! about to be sent, an object about to be applied). Every call here blocks on disk:
+//! the agent makes them only on the writer's thread.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use flotilla_shared::bundle::ObjectRef;
 use flotilla_shared::drift::DriftEvent;
@@ -67,8 +70,9 @@ pub struct Store {
     statuses: sled::Tree,
     /// Drift events not yet acknowledged by the hub, by id (big-endian).
     drift: sled::Tree,
-    /// Orders id allocation with insertion, so events enter the tree in id order.
-    drift_lock: Arc<Mutex<()>>,
+    /// Flushes made through this store (each one is sled's fsync of its log), for tests
+    /// and diagnostics: a bundle's apply must cost a few, not one per object.
+    flushes: Arc<AtomicU64>,
 }
 
 fn decode<T: DeserializeOwned>(key: &[u8], bytes: &[u8]) -> Result<T> {
@@ -142,19 +146,23 @@ impl Store {
             inventory: db.open_tree("inventory")?,
             statuses: db.open_tree("statuses")?,
             drift: db.open_tree("drift")?,
-            drift_lock: Arc::new(Mutex::new(())),
+            flushes: Arc::new(AtomicU64::new(0)),
             db,
         };
         let seed = u64::try_from(now_unix_ms).unwrap_or(0).saturating_mul(1000);
+        let mut seeded = false;
         if store.meta.get(SEQ_KEY)?.is_none() {
             store.meta.insert(SEQ_KEY, &seed.to_be_bytes())?;
             store.meta.insert(ACKED_KEY, &seed.to_be_bytes())?;
-            store.flush()?;
+            seeded = true;
         }
         // Seeded from the clock like seq: the hub drops ids it has seen from this
         // cluster, so a lost store must not start again from 1.
         if store.meta.get(DRIFT_ID_KEY)?.is_none() {
             store.meta.insert(DRIFT_ID_KEY, &seed.to_be_bytes())?;
+            seeded = true;
+        }
+        if seeded {
             store.flush()?;
         }
         Ok(store)
@@ -162,8 +170,14 @@ impl Store {
 
     /// Makes every write so far durable.
     pub fn flush(&self) -> Result<()> {
+        self.flushes.fetch_add(1, Ordering::Relaxed);
         self.db.flush()?;
         Ok(())
+    }
+
+    /// How many flushes this store (and its clones) made since it was opened.
+    pub fn flushes(&self) -> u64 {
+        self.flushes.load(Ordering::Relaxed)
     }
 
     /// The last Desired set, if any was ever received.
@@ -174,9 +188,9 @@ impl Store {
             .transpose()
     }
 
-    /// Stores a Desired set and the new contents (hash, encoded BundleContent), drops
-    /// contents no bundle refers to any more, and flushes: after this returns the
-    /// Desired set may be acknowledged.
+    /// Stores a Desired set and the new contents (hash, encoded BundleContent) and
+    /// drops contents no bundle refers to any more. Once flushed, the Desired set may
+    /// be acknowledged.
     pub fn save_desired(&self, set: &DesiredSet, contents: &[(String, Vec<u8>)]) -> Result<()> {
         let wanted: BTreeSet<&str> = set
             .bundles
@@ -195,7 +209,7 @@ impl Store {
                 self.contents.remove(key)?;
             }
         }
-        self.flush()
+        Ok(())
     }
 
     /// The encoded BundleContent for a hash.
@@ -221,8 +235,35 @@ impl Store {
     }
 
     /// Records the objects of a bundle (and their kinds, for rebuilding inventories
-    /// from the cluster later), durably.
-    pub fn set_inventory(&self, bundle: &str, objects: &BTreeSet<ObjectRef>) -> Result<()> {
+    /// from the cluster later). Returns whether anything changed (nothing to flush).
+    pub fn set_inventory(&self, bundle: &str, objects: &BTreeSet<ObjectRef>) -> Result<bool> {
+        let kinds_changed = self.add_kinds(objects)?;
+        let held = self.inventory(bundle)?;
+        if held.as_ref() == Some(objects) {
+            return Ok(kinds_changed);
+        }
+        self.inventory.insert(bundle.as_bytes(), encode(objects))?;
+        Ok(true)
+    }
+
+    /// Adds objects to a bundle's inventory before they are applied (the inventory
+    /// stays a superset of what exists; see [`crate::reconcile`]). Returns whether
+    /// anything was new.
+    pub fn intend(&self, bundle: &str, objects: &BTreeSet<ObjectRef>) -> Result<bool> {
+        let mut held = self.inventory(bundle)?;
+        let recorded = held.is_some();
+        let inventory = held.get_or_insert_with(BTreeSet::new);
+        let before = inventory.len();
+        inventory.extend(objects.iter().cloned());
+        let grew = inventory.len() != before || !recorded;
+        if grew {
+            self.inventory.insert(bundle.as_bytes(), encode(inventory))?;
+        }
+        Ok(self.add_kinds(objects)? || grew)
+    }
+
+    /// Remembers the kinds of `objects` among every kind ever applied.
+    fn add_kinds(&self, objects: &BTreeSet<ObjectRef>) -> Result<bool> {
         let mut kinds = self.known_kinds()?;
         let before = kinds.len();
         kinds.extend(
@@ -230,11 +271,11 @@ impl Store {
                 .iter()
                 .map(|o| (o.api_version.clone(), o.kind.clone())),
         );
-        if kinds.len() != before {
-            self.meta.insert(KINDS_KEY, encode(&kinds))?;
+        if kinds.len() == before {
+            return Ok(false);
         }
-        self.inventory.insert(bundle.as_bytes(), encode(objects))?;
-        self.flush()
+        self.meta.insert(KINDS_KEY, encode(&kinds))?;
+        Ok(true)
     }
 
     /// Bundles with an inventory: those that may have objects in the cluster.
@@ -260,11 +301,10 @@ impl Store {
     pub fn remove_bundle(&self, bundle: &str) -> Result<()> {
         self.inventory.remove(bundle.as_bytes())?;
         self.statuses.remove(bundle.as_bytes())?;
-        self.flush()
+        Ok(())
     }
 
-    /// Records a new status with the next sequence number, durably, before anyone
-    /// may send it.
+    /// Records a new status with the next sequence number; it may be sent once flushed.
     pub fn record_status(
         &self,
         bundle: &str,
@@ -286,7 +326,6 @@ impl Store {
             observed_at_unix_ms,
         };
         self.statuses.insert(bundle.as_bytes(), encode(&status))?;
-        self.flush()?;
         Ok(status)
     }
 
@@ -319,10 +358,10 @@ impl Store {
         Ok(out)
     }
 
-    /// Records a drift event under the next id, durably, before anyone may send it.
-    /// Drops the oldest pending events beyond [`MAX_PENDING_DRIFT`].
+    /// Records a drift event under the next id; it may be sent once flushed. Drops the
+    /// oldest pending events beyond [`MAX_PENDING_DRIFT`]. Ids follow the order of
+    /// calls, which only the writer makes.
     pub fn record_drift(&self, mut event: DriftEvent) -> Result<DriftEvent> {
-        let _order = self.drift_lock.lock().unwrap_or_else(|e| e.into_inner());
         let id = u64_of(self.meta.get(DRIFT_ID_KEY)?) + 1;
         self.meta.insert(DRIFT_ID_KEY, &id.to_be_bytes())?;
         event.id = id;
@@ -335,7 +374,6 @@ impl Store {
                 );
             }
         }
-        self.flush()?;
         Ok(event)
     }
 
@@ -417,6 +455,7 @@ mod tests {
                 ],
             )
             .unwrap();
+            s.flush().unwrap();
         }
         let s = Store::open(dir.path(), 2).unwrap();
         assert_eq!(s.desired().unwrap().unwrap().generation, 1);
@@ -440,8 +479,15 @@ mod tests {
         {
             let s = Store::open(dir.path(), 1).unwrap();
             assert_eq!(s.inventory("a").unwrap(), None);
-            s.set_inventory("a", &BTreeSet::from([obj("ConfigMap", "x")]))
-                .unwrap();
+            assert!(s
+                .set_inventory("a", &BTreeSet::from([obj("ConfigMap", "x")]))
+                .unwrap());
+            assert!(
+                !s.set_inventory("a", &BTreeSet::from([obj("ConfigMap", "x")]))
+                    .unwrap(),
+                "the same inventory again changes nothing"
+            );
+            s.flush().unwrap();
         }
         let s = Store::open(dir.path(), 1).unwrap();
         assert_eq!(s.inventory_bundles().unwrap(), ["a"]);
@@ -455,11 +501,36 @@ mod tests {
     }
 
     #[test]
+    fn intents_only_grow_the_inventory() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path(), 1).unwrap();
+        assert!(s.intend("a", &BTreeSet::new()).unwrap(), "a first record");
+        assert_eq!(s.inventory("a").unwrap(), Some(BTreeSet::new()));
+        let x = obj("ConfigMap", "x");
+        let y = obj("Secret", "y");
+        assert!(s.intend("a", &BTreeSet::from([x.clone()])).unwrap());
+        assert!(!s.intend("a", &BTreeSet::from([x.clone()])).unwrap());
+        assert!(s.intend("a", &BTreeSet::from([y.clone()])).unwrap());
+        assert_eq!(
+            s.inventory("a").unwrap(),
+            Some(BTreeSet::from([x.clone(), y]))
+        );
+        assert_eq!(s.known_kinds().unwrap().len(), 2);
+        // Confirming what was applied shrinks it.
+        assert!(s.set_inventory("a", &BTreeSet::from([x.clone()])).unwrap());
+        assert_eq!(s.inventory("a").unwrap(), Some(BTreeSet::from([x])));
+        let before = s.flushes();
+        s.flush().unwrap();
+        assert_eq!(s.flushes(), before + 1, "flushes are counted");
+    }
+
+    #[test]
     fn a_store_in_use_is_refused_not_moved_aside() {
         let dir = tempfile::tempdir().unwrap();
         let held = Store::open(dir.path(), 1).unwrap();
         held.record_status("a", "h", "r", BundleState::Ready, "", 1)
             .unwrap();
+        held.flush().unwrap();
         assert!(Store::open(dir.path(), 2).is_err(), "the lock is held");
         let entries: Vec<String> = std::fs::read_dir(dir.path())
             .unwrap()
@@ -530,6 +601,7 @@ mod tests {
             assert_eq!(a.id, 4001);
             assert_eq!(b.id, 4002);
             s.ack_drift(a.id).unwrap();
+            s.flush().unwrap();
         }
         let s = Store::open(dir.path(), 9).unwrap();
         assert_eq!(s.pending_drift().unwrap(), std::slice::from_ref(&b));

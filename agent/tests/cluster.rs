@@ -1,136 +1,25 @@
 //! The reconciler against a real API server (kube-testcluster): apply with the
 //! bundle label, update, prune, removal, CRD + custom resource in one bundle, error
-//! messages, and rebuilding a lost inventory from labels.
+//! messages, rebuilding a lost inventory from labels, the flushes of a large apply,
+//! and statuses recorded in decision order while two watches of a bundle race.
 //!
 //! Runs when `FLOTILLA_TESTENV_BIN` names the directory holding kube-testcluster
 //! (or `FLOTILLA_TEST_KUBECONFIG` names a running cluster); skipped with a note
 //! otherwise.
 
-use std::collections::BTreeMap;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+mod common;
+
 use std::time::Duration;
 
-use flotilla_agent::apply::Cluster;
-use flotilla_agent::reconcile::Reconciler;
-use flotilla_agent::store::{DesiredBundle, DesiredSet, Store};
-use flotilla_shared::bundle::{render_plain, Rendered};
+use common::{cluster, config_maps, ns, rendered, TestAgent, NOW_MS};
+use flotilla_agent::clock::Clock;
 use flotilla_shared::state::BundleState;
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace};
-use kube::api::{Api, DynamicObject};
+use kube::api::{Api, DynamicObject, ListParams, Patch, PatchParams};
 use kube::core::{ApiResource, GroupVersionKind};
-use prost::Message;
-use tokio::sync::watch;
 
 /// Port for the control plane this test starts (the agent's range is 16500-16599).
 const PORT: u16 = 16531;
-
-struct TestCluster {
-    kubeconfig: PathBuf,
-    child: Option<Child>,
-    _dir: Option<tempfile::TempDir>,
-}
-
-impl Drop for TestCluster {
-    fn drop(&mut self) {
-        if let Some(c) = &mut self.child {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-async fn cluster() -> Option<(TestCluster, kube::Client)> {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let tc = if let Ok(kc) = std::env::var("FLOTILLA_TEST_KUBECONFIG") {
-        TestCluster {
-            kubeconfig: kc.into(),
-            child: None,
-            _dir: None,
-        }
-    } else if let Ok(bin) = std::env::var("FLOTILLA_TESTENV_BIN") {
-        let dir = tempfile::tempdir().unwrap();
-        let child = Command::new(PathBuf::from(bin).join("kube-testcluster"))
-            .arg("--data-dir")
-            .arg(dir.path())
-            .arg("--port")
-            .arg(PORT.to_string())
-            .arg("--log-file")
-            .arg(dir.path().join("log"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start kube-testcluster");
-        TestCluster {
-            kubeconfig: dir.path().join("kubeconfig"),
-            child: Some(child),
-            _dir: Some(dir),
-        }
-    } else {
-        eprintln!("note: FLOTILLA_TESTENV_BIN unset; skipping the cluster test");
-        return None;
-    };
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
-    loop {
-        if tc.kubeconfig.exists() {
-            if let Ok(client) = flotilla_agent::kube_client(Some(&tc.kubeconfig)).await {
-                if client.apiserver_version().await.is_ok() {
-                    let ns: Api<Namespace> = Api::all(client.clone());
-                    if ns.get_opt("default").await.ok().flatten().is_some() {
-                        return Some((tc, client));
-                    }
-                }
-            }
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "test cluster not ready"
-        );
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
-}
-
-/// Namespaces get a per-run suffix so the test can run again on the same cluster.
-fn ns(base: &str) -> String {
-    static SUFFIX: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-    let sfx = SUFFIX.get_or_init(|| format!("{:06x}", rand::random::<u32>() & 0xff_ffff));
-    base.replacen("agt-", &format!("agt{sfx}-"), 1)
-}
-
-fn rendered(files: &[(&str, &str)]) -> Rendered {
-    let files: BTreeMap<String, Vec<u8>> = files
-        .iter()
-        .map(|(p, c)| (p.to_string(), c.replace("agt-", &ns("agt-")).into_bytes()))
-        .collect();
-    render_plain(&files).unwrap()
-}
-
-/// Stores a Desired set made of (bundle name, rendered) pairs.
-fn set_desired(store: &Store, generation: u64, bundles: &[(&str, &Rendered)]) {
-    let mut set = DesiredSet {
-        generation,
-        bundles: vec![],
-    };
-    let mut contents = vec![];
-    for (name, r) in bundles {
-        let hash = r.content_hash();
-        set.bundles.push(DesiredBundle {
-            name: name.to_string(),
-            content_hash: hash.clone(),
-            revision: format!("rev{generation}"),
-        });
-        contents.push((
-            hash.clone(),
-            flotilla_proto::bundle_content(&hash, r).encode_to_vec(),
-        ));
-    }
-    store.save_desired(&set, &contents).unwrap();
-}
-
-fn state_of(store: &Store, bundle: &str) -> (BundleState, String) {
-    let s = store.last_status(bundle).unwrap().expect("a status");
-    (s.state, s.message)
-}
 
 async fn cm(client: &kube::Client, ns: &str, name: &str) -> Option<ConfigMap> {
     Api::<ConfigMap>::namespaced(client.clone(), ns)
@@ -142,19 +31,18 @@ async fn cm(client: &kube::Client, ns: &str, name: &str) -> Option<ConfigMap> {
 /// One control plane for every scenario: starting one costs seconds and memory.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn against_a_real_cluster() {
-    let Some((_tc, client)) = cluster().await else {
+    let Some((_tc, client)) = cluster(PORT).await else {
         return;
     };
     applies_updates_prunes_and_removes(&client).await;
     crd_and_custom_resource_in_one_bundle(&client).await;
     lost_inventory_is_rebuilt_from_labels(&client).await;
+    a_thousand_objects_flush_a_few_times(&client).await;
+    two_watches_of_one_bundle_record_in_decision_order(&client).await;
 }
 
 async fn applies_updates_prunes_and_removes(client: &kube::Client) {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path(), 1).unwrap();
-    let (tx, _rx) = watch::channel(0);
-    let mut rec = Reconciler::new(store.clone(), Cluster::new(client.clone()), tx);
+    let mut agent = TestAgent::new(client);
 
     // Apply: a namespace and two config maps, one placed by defaultNamespace.
     let v1 = rendered(&[
@@ -162,9 +50,9 @@ async fn applies_updates_prunes_and_removes(client: &kube::Client) {
         ("cm.yaml", "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: one, namespace: agt-a}\ndata: {k: v1}\n---\napiVersion: v1\nkind: ConfigMap\nmetadata: {name: two}\ndata: {k: x}\n"),
         ("fleet.yaml", "defaultNamespace: agt-a-default\n"),
     ]);
-    set_desired(&store, 1, &[("web", &v1)]);
-    rec.pass().await;
-    assert_eq!(state_of(&store, "web"), (BundleState::Ready, String::new()));
+    agent.set_desired(1, &[("web", &v1)]).await;
+    agent.rec.pass().await;
+    assert_eq!(agent.state_of("web").await, (BundleState::Ready, String::new()));
     let one = cm(client, &ns("agt-a"), "one").await.expect("one applied");
     assert_eq!(
         one.metadata.labels.unwrap()["flotilla.io/bundle"],
@@ -188,9 +76,9 @@ async fn applies_updates_prunes_and_removes(client: &kube::Client) {
         ("cm.yaml", "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: one, namespace: agt-a}\ndata: {k: v2}\n"),
         ("fleet.yaml", "defaultNamespace: agt-a-default\n"),
     ]);
-    set_desired(&store, 2, &[("web", &v2)]);
-    rec.pass().await;
-    assert_eq!(state_of(&store, "web").0, BundleState::Ready);
+    agent.set_desired(2, &[("web", &v2)]).await;
+    agent.rec.pass().await;
+    assert_eq!(agent.state_of("web").await.0, BundleState::Ready);
     let one = cm(client, &ns("agt-a"), "one").await.unwrap();
     assert_eq!(one.data.unwrap()["k"], "v2");
     assert!(
@@ -204,19 +92,19 @@ async fn applies_updates_prunes_and_removes(client: &kube::Client) {
         "bad.yaml",
         "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: Bad_Name, namespace: agt-a}\n",
     )]);
-    set_desired(&store, 3, &[("web", &v2), ("bad", &bad)]);
-    rec.pass().await;
-    let (st, msg) = state_of(&store, "bad");
+    agent.set_desired(3, &[("web", &v2), ("bad", &bad)]).await;
+    agent.rec.pass().await;
+    let (st, msg) = agent.state_of("bad").await;
     assert_eq!(st, BundleState::ErrApplied);
     assert!(
         msg.starts_with(&format!("bad.yaml: ConfigMap {}/Bad_Name: ", ns("agt-a"))),
         "{msg}"
     );
-    assert_eq!(state_of(&store, "web").0, BundleState::Ready);
+    assert_eq!(agent.state_of("web").await.0, BundleState::Ready);
 
     // Removal: everything the bundle owns is deleted and its state dropped.
-    set_desired(&store, 4, &[]);
-    rec.pass().await;
+    agent.set_desired(4, &[]).await;
+    agent.rec.pass().await;
     assert!(
         cm(client, &ns("agt-a"), "one").await.is_none(),
         "one deleted"
@@ -228,15 +116,13 @@ async fn applies_updates_prunes_and_removes(client: &kube::Client) {
         .unwrap()
         .is_none_or(|n| n.metadata.deletion_timestamp.is_some());
     assert!(gone_or_going, "the bundle's Namespace object is deleted");
-    assert!(store.last_status("web").unwrap().is_none());
-    assert!(store.inventory("web").unwrap().is_none());
+    agent.writer.sync().await.unwrap();
+    assert!(agent.store.last_status("web").unwrap().is_none());
+    assert!(agent.store.inventory("web").unwrap().is_none());
 }
 
 async fn crd_and_custom_resource_in_one_bundle(client: &kube::Client) {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path(), 1).unwrap();
-    let (tx, _rx) = watch::channel(0);
-    let mut rec = Reconciler::new(store.clone(), Cluster::new(client.clone()), tx);
+    let mut agent = TestAgent::new(client);
     let crd = r#"apiVersion: apiextensions.k8s.io/v1
 kind: CustomResourceDefinition
 metadata: {name: widgets.agent.flotilla.io}
@@ -259,10 +145,10 @@ spec:
         ("b-crd.yaml", crd),
         ("c-ns.yaml", "apiVersion: v1\nkind: Namespace\nmetadata: {name: agt-crd}\n"),
     ]);
-    set_desired(&store, 1, &[("widgets", &r)]);
-    rec.pass().await;
+    agent.set_desired(1, &[("widgets", &r)]).await;
+    agent.rec.pass().await;
     assert_eq!(
-        state_of(&store, "widgets"),
+        agent.state_of("widgets").await,
         (BundleState::Ready, String::new())
     );
     let ar = ApiResource::from_gvk(&GroupVersionKind::gvk("agent.flotilla.io", "v1", "Widget"));
@@ -278,21 +164,15 @@ async fn lost_inventory_is_rebuilt_from_labels(client: &kube::Client) {
         ("cm.yaml", "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: keep, namespace: agt-inv}\n---\napiVersion: v1\nkind: ConfigMap\nmetadata: {name: drop, namespace: agt-inv}\n"),
     ]);
     {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path(), 1).unwrap();
-        let (tx, _rx) = watch::channel(0);
-        let mut rec = Reconciler::new(store.clone(), Cluster::new(client.clone()), tx);
-        set_desired(&store, 1, &[("inv", &both)]);
-        rec.pass().await;
-        assert_eq!(state_of(&store, "inv").0, BundleState::Ready);
+        let mut agent = TestAgent::new(client);
+        agent.set_desired(1, &[("inv", &both)]).await;
+        agent.rec.pass().await;
+        assert_eq!(agent.state_of("inv").await.0, BundleState::Ready);
     }
     assert!(cm(client, &ns("agt-inv"), "drop").await.is_some());
     // A fresh store (sled lost): the new content lacks `drop`, which is found by
     // its label and pruned.
-    let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path(), 1).unwrap();
-    let (tx, _rx) = watch::channel(0);
-    let mut rec = Reconciler::new(store.clone(), Cluster::new(client.clone()), tx);
+    let mut agent = TestAgent::new(client);
     let keep = rendered(&[
         (
             "ns.yaml",
@@ -303,12 +183,156 @@ async fn lost_inventory_is_rebuilt_from_labels(client: &kube::Client) {
             "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: keep, namespace: agt-inv}\n",
         ),
     ]);
-    set_desired(&store, 1, &[("inv", &keep)]);
-    rec.pass().await;
-    assert_eq!(state_of(&store, "inv").0, BundleState::Ready);
+    agent.set_desired(1, &[("inv", &keep)]).await;
+    agent.rec.pass().await;
+    assert_eq!(agent.state_of("inv").await.0, BundleState::Ready);
     assert!(cm(client, &ns("agt-inv"), "keep").await.is_some());
     assert!(
         cm(client, &ns("agt-inv"), "drop").await.is_none(),
         "drop pruned via rebuilt inventory"
     );
+}
+
+/// Most flushes one bundle's apply may cost, whatever its size: the `WaitApplied`
+/// status, the intent (objects recorded before they exist), the inventory confirmed
+/// after pruning, and the outcome. Per bundle, never per object.
+const FLUSHES_PER_APPLY: u64 = 4;
+
+/// A 1,000-object apply, a change that prunes half of it, and its removal each flush
+/// the store a bounded number of times; statuses carry the injected clock's time.
+async fn a_thousand_objects_flush_a_few_times(client: &kube::Client) {
+    let mut agent = TestAgent::new(client);
+    let ns_yaml = "apiVersion: v1\nkind: Namespace\nmetadata: {name: agt-many}\n";
+    let count = |client: kube::Client| async move {
+        Api::<ConfigMap>::namespaced(client, &ns("agt-many"))
+            .list_metadata(&ListParams::default().labels("flotilla.io/bundle=many"))
+            .await
+            .unwrap()
+            .items
+            .len()
+    };
+    let flushes_of = |agent: &TestAgent, before: u64| agent.store.flushes() - before;
+
+    let many = rendered(&[
+        ("ns.yaml", ns_yaml),
+        ("cms.yaml", &config_maps("agt-many", "cm", 0, 999)),
+    ]);
+    assert_eq!(many.manifests.len(), 1_000);
+    agent.set_desired(1, &[("many", &many)]).await;
+    agent.writer.sync().await.unwrap();
+    let before = agent.store.flushes();
+    agent.rec.pass().await;
+    agent.writer.sync().await.unwrap();
+    let first = flushes_of(&agent, before);
+    let st = agent.store.last_status("many").unwrap().expect("a status");
+    assert_eq!(st.state, BundleState::Ready, "{}", st.message);
+    assert_eq!(st.observed_at_unix_ms, NOW_MS, "stamped by the injected clock");
+    assert_eq!(count(client.clone()).await, 999);
+    eprintln!("flushes for the first apply of 1,000 objects: {first}");
+    assert!(
+        first <= FLUSHES_PER_APPLY,
+        "a 1,000-object apply flushed {first} times"
+    );
+
+    // 500 leave, 11 arrive, 499 stay.
+    agent.clock.advance(1_000);
+    let changed = rendered(&[
+        ("ns.yaml", ns_yaml),
+        ("cms.yaml", &config_maps("agt-many", "cm", 500, 510)),
+    ]);
+    agent.set_desired(2, &[("many", &changed)]).await;
+    agent.writer.sync().await.unwrap();
+    let before = agent.store.flushes();
+    agent.rec.pass().await;
+    agent.writer.sync().await.unwrap();
+    let second = flushes_of(&agent, before);
+    let st = agent.store.last_status("many").unwrap().expect("a status");
+    assert_eq!(st.state, BundleState::Ready, "{}", st.message);
+    assert_eq!(st.observed_at_unix_ms, agent.clock.now_unix_ms());
+    assert_eq!(count(client.clone()).await, 510, "500 pruned");
+    eprintln!("flushes for a change pruning 500 of them: {second}");
+    assert!(second <= FLUSHES_PER_APPLY, "the change flushed {second} times");
+
+    agent.set_desired(3, &[]).await;
+    agent.writer.sync().await.unwrap();
+    let before = agent.store.flushes();
+    agent.rec.pass().await;
+    agent.writer.sync().await.unwrap();
+    let removal = flushes_of(&agent, before);
+    assert_eq!(count(client.clone()).await, 0, "removed");
+    assert!(removal <= 1, "the removal flushed {removal} times");
+}
+
+/// Rounds of the stress test below.
+const ROUNDS: usize = 15;
+
+/// One bundle, one kind in two namespaces (two watches): both objects turn not ready
+/// and ready again at the same moment, round after round. The recorded state must end
+/// each round at `Ready`: were two decisions recorded out of order, a stale
+/// `NotReady` would be the last word (nothing later changes the book's mind).
+async fn two_watches_of_one_bundle_record_in_decision_order(client: &kube::Client) {
+    let mut agent = TestAgent::new(client);
+    let crd = r#"apiVersion: apiextensions.k8s.io/v1
+kind: CustomResourceDefinition
+metadata: {name: gadgets.agent.flotilla.io}
+spec:
+  group: agent.flotilla.io
+  scope: Namespaced
+  names: {plural: gadgets, singular: gadget, kind: Gadget, listKind: GadgetList}
+  versions:
+  - name: v1
+    served: true
+    storage: true
+    subresources: {status: {}}
+    schema:
+      openAPIV3Schema:
+        type: object
+        x-kubernetes-preserve-unknown-fields: true
+"#;
+    let pair = rendered(&[
+        ("crd.yaml", crd),
+        ("ns.yaml", "apiVersion: v1\nkind: Namespace\nmetadata: {name: agt-o1}\n---\napiVersion: v1\nkind: Namespace\nmetadata: {name: agt-o2}\n"),
+        ("gadgets.yaml", "apiVersion: agent.flotilla.io/v1\nkind: Gadget\nmetadata: {name: g, namespace: agt-o1}\nspec: {}\n---\napiVersion: agent.flotilla.io/v1\nkind: Gadget\nmetadata: {name: g, namespace: agt-o2}\nspec: {}\n"),
+    ]);
+    agent.set_desired(1, &[("pair", &pair)]).await;
+    agent.rec.pass().await;
+    agent.wait_state("pair", (BundleState::Ready, "")).await;
+    assert!(agent.rec.health().watch_count() >= 4, "a watch per namespace");
+
+    let ar = ApiResource::from_gvk(&GroupVersionKind::gvk("agent.flotilla.io", "v1", "Gadget"));
+    let apis: Vec<Api<DynamicObject>> = ["agt-o1", "agt-o2"]
+        .iter()
+        .map(|n| Api::namespaced_with(client.clone(), &ns(n), &ar))
+        .collect();
+    let set = |api: &Api<DynamicObject>, ready: bool, round: usize| {
+        let api = api.clone();
+        async move {
+            let status = if ready { "True" } else { "False" };
+            let body = serde_json::json!({"status": {"conditions": [{"type": "Ready",
+                "status": status, "reason": "Test", "message": format!("round {round}")}]}});
+            api.patch_status("g", &PatchParams::default(), &Patch::Merge(&body))
+                .await
+                .unwrap();
+        }
+    };
+    let mut seq = agent.store.last_status("pair").unwrap().unwrap().seq;
+    for round in 0..ROUNDS {
+        tokio::join!(set(&apis[0], false, round), set(&apis[1], false, round));
+        tokio::join!(set(&apis[0], true, round), set(&apis[1], true, round));
+        let deadline = tokio::time::Instant::now() + common::DEADLINE;
+        loop {
+            agent.writer.sync().await.unwrap();
+            let last = agent.store.last_status("pair").unwrap().unwrap();
+            assert!(last.seq >= seq, "seq never goes back");
+            if last.seq > seq && last.state == BundleState::Ready {
+                seq = last.seq;
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "round {round}: the last record is {last:?}, though both gadgets are ready"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
 }

@@ -8,8 +8,9 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use flotilla_agent::session::Sessions;
-use flotilla_agent::store::Store;
+use flotilla_agent::store::{DesiredBundle, Store};
 use flotilla_agent::transport;
+use flotilla_agent::writer::{Entry, Writer};
 use flotilla_proto::v1::agent_message::Msg as AgentMsg;
 use flotilla_proto::v1::fleet_server::{Fleet, FleetServer};
 use flotilla_proto::v1::hub_message::Msg as HubMsg;
@@ -207,13 +208,13 @@ async fn session_stores_before_ack_and_sends_statuses() {
     // The Kubernetes version is best effort; an unreachable API server is fine here.
     let kube =
         kube::Client::try_from(kube::Config::new("http://127.0.0.1:9".parse().unwrap())).unwrap();
-    let (status_tx, status_rx) = watch::channel(0u64);
+    let (writer, status_rx) = Writer::spawn(store.clone()).unwrap();
     let wake = Arc::new(Notify::new());
     let sessions = Sessions {
         hub: transport::parse_hub(&format!("https://localhost:{port}")).unwrap(),
         tls: transport::mutual_config(&pki.ca_pem, &pki.client.0, &pki.client.1).unwrap(),
         cluster_name: "c1".into(),
-        store: store.clone(),
+        writer: writer.clone(),
         kube,
         reconcile: wake.clone(),
         statuses: status_rx,
@@ -237,11 +238,23 @@ async fn session_stores_before_ack_and_sends_statuses() {
         .await
         .expect("the reconciler is woken");
 
-    // A status recorded by the reconciler is sent and its ack recorded.
-    let st = store
-        .record_status("web", "h1", "c1", BundleState::Ready, "", 42)
+    // A status recorded through the writer is sent once durable, and its ack recorded.
+    writer
+        .record(vec![Entry::Status {
+            bundle: DesiredBundle {
+                name: "web".into(),
+                content_hash: "h1".into(),
+                revision: "c1".into(),
+            },
+            state: BundleState::Ready,
+            message: String::new(),
+            at_unix_ms: 42,
+        }])
+        .await
         .unwrap();
-    status_tx.send_replace(st.seq);
+    writer.sync().await.unwrap();
+    let st = store.last_status("web").unwrap().expect("recorded");
+    assert_eq!(st.observed_at_unix_ms, 42);
     let AgentMsg::Status(s) = next(&mut events).await else {
         panic!("a status")
     };
