@@ -95,7 +95,7 @@ fn u64_of(bytes: Option<sled::IVec>) -> u64 {
 }
 
 /// How long to wait for sled's file lock: a store dropped in this process releases
-/// it when its background flusher stops, within a few hundred milliseconds.
+/// it once its last handle is gone, which can take a moment.
 const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// sled 0.34 reports a held lock only as an `Other` I/O error with this text.
@@ -103,11 +103,18 @@ fn is_locked(e: &sled::Error) -> bool {
     matches!(e, sled::Error::Io(io) if io.to_string().contains("could not acquire lock"))
 }
 
+/// Opens sled without its timer-driven background flush (an fsync every half second,
+/// busy or idle): durability comes from [`Store::flush`], which the writer calls once
+/// per batch that needs it, so the only fsyncs are those counted by [`Store::flushes`].
+fn open_db(path: &Path) -> std::result::Result<sled::Db, sled::Error> {
+    sled::Config::new().path(path).flush_every_ms(None).open()
+}
+
 /// Opens sled, waiting up to [`LOCK_WAIT`] while its lock is held.
 fn open_unlocked(path: &Path) -> std::result::Result<sled::Db, sled::Error> {
     let deadline = std::time::Instant::now() + LOCK_WAIT;
     loop {
-        match sled::open(path) {
+        match open_db(path) {
             Err(e) if is_locked(&e) && std::time::Instant::now() < deadline => {
                 std::thread::sleep(std::time::Duration::from_millis(50));
             }
@@ -137,7 +144,7 @@ impl Store {
                 error!(error = %e, path = %path.display(), moved_to = %aside.display(),
                     "state store cannot be opened; moving it aside and starting empty");
                 std::fs::rename(&path, &aside).map_err(|e| Error::io(&path, e))?;
-                sled::open(&path)?
+                open_db(&path)?
             }
         };
         let store = Store {
