@@ -566,12 +566,7 @@ impl Inner {
                 None => Api::all_with(self.client.clone(), resource),
             };
             debug!(kind = %key.kind, namespace = ?key.namespace, "starting a health watch");
-            let task = tokio::spawn(run_watch(
-                me.clone(),
-                self.writer.clone(),
-                key.clone(),
-                api,
-            ));
+            let task = tokio::spawn(run_watch(me.clone(), self.writer.clone(), key.clone(), api));
             self.watches.insert(key, task);
         }
     }
@@ -694,7 +689,12 @@ impl Tracker {
 /// Decides what a sighting changes under the book's lock and queues the records from
 /// under it; then makes the corrections it asked for and records their events.
 /// Returns false once the tracker or the writer is gone.
-async fn sighted(tracker: &Weak<Mutex<Inner>>, writer: &Writer, key: &WatchKey, seen: Seen) -> bool {
+async fn sighted(
+    tracker: &Weak<Mutex<Inner>>,
+    writer: &Writer,
+    key: &WatchKey,
+    seen: Seen,
+) -> bool {
     let Ok(slot) = writer.reserve().await else {
         return false;
     };
@@ -1039,7 +1039,9 @@ mod tests {
         let clock = crate::clock::FixedClock::new(1_000);
         let tracker = Tracker::new(writer.clone(), client, clock);
         let resource = ApiResource::from_gvk(&kube::core::GroupVersionKind::gvk(
-            "apps", "v1", "Deployment",
+            "apps",
+            "v1",
+            "Deployment",
         ));
         let b = bundle("pair");
         let applied = ["one", "two"]

@@ -264,7 +264,8 @@ impl Store {
         inventory.extend(objects.iter().cloned());
         let grew = inventory.len() != before || !recorded;
         if grew {
-            self.inventory.insert(bundle.as_bytes(), encode(inventory))?;
+            self.inventory
+                .insert(bundle.as_bytes(), encode(inventory))?;
         }
         Ok(self.add_kinds(objects)? || grew)
     }

@@ -188,10 +188,7 @@ impl Writer {
     /// The hub acknowledged statuses up to `seq`. Not flushed on its own: a lost ack
     /// only makes the session send those statuses again, and the hub drops repeats.
     pub async fn ack(&self, seq: u64) -> Result<()> {
-        self.tx
-            .send(Command::Ack(seq))
-            .await
-            .map_err(|_| gone())
+        self.tx.send(Command::Ack(seq)).await.map_err(|_| gone())
     }
 
     /// The hub stored drift event `id`; not flushed on its own, like [`Writer::ack`].
@@ -527,8 +524,9 @@ mod tests {
         let events = store.pending_drift().unwrap();
         assert_eq!(events.len(), 400);
         assert!(
-            events.windows(2).all(|w| w[0].id < w[1].id
-                && w[0].detected_at_unix_ms < w[1].detected_at_unix_ms),
+            events
+                .windows(2)
+                .all(|w| w[0].id < w[1].id && w[0].detected_at_unix_ms < w[1].detected_at_unix_ms),
             "drift ids in decision order"
         );
     }
@@ -603,7 +601,10 @@ mod tests {
         .await
         .expect("the batch runs");
         assert_eq!(store.flushes(), flushes, "not flushed yet");
-        assert!(!recorded.has_changed().unwrap(), "not announced before the flush");
+        assert!(
+            !recorded.has_changed().unwrap(),
+            "not announced before the flush"
+        );
         assert!(!save.is_finished(), "not answered before the flush");
         second.send(()).unwrap();
         tokio::time::timeout(DEADLINE, recorded.changed())

@@ -52,7 +52,10 @@ async fn applies_updates_prunes_and_removes(client: &kube::Client) {
     ]);
     agent.set_desired(1, &[("web", &v1)]).await;
     agent.rec.pass().await;
-    assert_eq!(agent.state_of("web").await, (BundleState::Ready, String::new()));
+    assert_eq!(
+        agent.state_of("web").await,
+        (BundleState::Ready, String::new())
+    );
     let one = cm(client, &ns("agt-a"), "one").await.expect("one applied");
     assert_eq!(
         one.metadata.labels.unwrap()["flotilla.io/bundle"],
@@ -226,7 +229,10 @@ async fn a_thousand_objects_flush_a_few_times(client: &kube::Client) {
     let first = flushes_of(&agent, before);
     let st = agent.store.last_status("many").unwrap().expect("a status");
     assert_eq!(st.state, BundleState::Ready, "{}", st.message);
-    assert_eq!(st.observed_at_unix_ms, NOW_MS, "stamped by the injected clock");
+    assert_eq!(
+        st.observed_at_unix_ms, NOW_MS,
+        "stamped by the injected clock"
+    );
     assert_eq!(count(client.clone()).await, 999);
     eprintln!("flushes for the first apply of 1,000 objects: {first}");
     assert!(
@@ -251,7 +257,10 @@ async fn a_thousand_objects_flush_a_few_times(client: &kube::Client) {
     assert_eq!(st.observed_at_unix_ms, agent.clock.now_unix_ms());
     assert_eq!(count(client.clone()).await, 510, "500 pruned");
     eprintln!("flushes for a change pruning 500 of them: {second}");
-    assert!(second <= FLUSHES_PER_APPLY, "the change flushed {second} times");
+    assert!(
+        second <= FLUSHES_PER_APPLY,
+        "the change flushed {second} times"
+    );
 
     agent.set_desired(3, &[]).await;
     agent.writer.sync().await.unwrap();
@@ -297,7 +306,10 @@ spec:
     agent.set_desired(1, &[("pair", &pair)]).await;
     agent.rec.pass().await;
     agent.wait_state("pair", (BundleState::Ready, "")).await;
-    assert!(agent.rec.health().watch_count() >= 4, "a watch per namespace");
+    assert!(
+        agent.rec.health().watch_count() >= 4,
+        "a watch per namespace"
+    );
 
     let ar = ApiResource::from_gvk(&GroupVersionKind::gvk("agent.flotilla.io", "v1", "Gadget"));
     let apis: Vec<Api<DynamicObject>> = ["agt-o1", "agt-o2"]

@@ -39,7 +39,8 @@ const POLL: Duration = Duration::from_millis(10);
 fn identity(dir: &Path) {
     let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
     ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca.distinguished_name.push(DnType::CommonName, "crash test CA");
+    ca.distinguished_name
+        .push(DnType::CommonName, "crash test CA");
     let ca = CertifiedIssuer::self_signed(ca, KeyPair::generate().unwrap()).unwrap();
     let key = KeyPair::generate().unwrap();
     let mut leaf = CertificateParams::new(Vec::<String>::new()).unwrap();
@@ -214,8 +215,14 @@ async fn kill_9_during_apply_and_prune_orphans_nothing() {
         let deadline = tokio::time::Instant::now() + DEADLINE;
         loop {
             let now = labelled(&client).await;
-            let done = target.difference(&start).filter(|o| now.contains(*o)).count()
-                + start.difference(&target).filter(|o| !now.contains(*o)).count();
+            let done = target
+                .difference(&start)
+                .filter(|o| now.contains(*o))
+                .count()
+                + start
+                    .difference(&target)
+                    .filter(|o| !now.contains(*o))
+                    .count();
             if done >= threshold {
                 break;
             }
@@ -273,9 +280,10 @@ async fn kill_9_during_apply_and_prune_orphans_nothing() {
         assert_no_orphans(&store, &live, &log, "converged");
         let desired = store.desired().unwrap().unwrap();
         let crash = desired.bundles.iter().find(|b| b.name == "crash").unwrap();
-        let ready = store.last_status("crash").unwrap().is_some_and(|s| {
-            s.state == BundleState::Ready && s.content_hash == crash.content_hash
-        });
+        let ready = store
+            .last_status("crash")
+            .unwrap()
+            .is_some_and(|s| s.state == BundleState::Ready && s.content_hash == crash.content_hash);
         if ready {
             break;
         }
