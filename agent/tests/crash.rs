@@ -107,7 +107,7 @@ fn variant(v: usize) -> Vec<(&'static str, Rendered)> {
     let cms = |prefix: &str, first, count| {
         rendered(&[("cms.yaml", &config_maps("agt-crash", prefix, first, count))])
     };
-    if v % 2 == 0 {
+    if v.is_multiple_of(2) {
         vec![("crash", cms("a", 0, 200)), ("extra", cms("x", 0, 20))]
     } else {
         vec![("crash", cms("a", 100, 200))]
