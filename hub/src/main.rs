@@ -140,3 +140,54 @@ async fn shutdown_signal() {
         let _ = ctrl_c.await;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn git_limits_flags() {
+        let a = Args::try_parse_from(["flotilla-hub", "--data-dir", "d"]).unwrap();
+        assert_eq!(a.git_timeout, flotilla_hub::git::DEFAULT_FETCH_TIMEOUT);
+        assert_eq!(
+            (
+                a.git_max_snapshot_size,
+                a.git_max_file_size,
+                a.git_max_files
+            ),
+            (
+                flotilla_hub::git::DEFAULT_MAX_SNAPSHOT_BYTES,
+                flotilla_hub::git::DEFAULT_MAX_FILE_BYTES,
+                flotilla_hub::git::DEFAULT_MAX_FILES
+            )
+        );
+        let a = Args::try_parse_from([
+            "flotilla-hub",
+            "--data-dir",
+            "d",
+            "--git-timeout",
+            "90s",
+            "--git-max-snapshot-size",
+            "1GiB",
+            "--git-max-file-size",
+            "512KiB",
+            "--git-max-files",
+            "20",
+        ])
+        .unwrap();
+        assert_eq!(a.git_timeout, std::time::Duration::from_secs(90));
+        assert_eq!(
+            (
+                a.git_max_snapshot_size,
+                a.git_max_file_size,
+                a.git_max_files
+            ),
+            (1 << 30, 512 << 10, 20)
+        );
+        for bad in [["--git-timeout", "soon"], ["--git-max-file-size", "3TB"]] {
+            assert!(
+                Args::try_parse_from(["flotilla-hub", "--data-dir", "d", bad[0], bad[1]]).is_err()
+            );
+        }
+    }
+}

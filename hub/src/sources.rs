@@ -315,7 +315,9 @@ async fn poll_loop(p: Poll, wake: Arc<Notify>, mut cancel: watch::Receiver<bool>
             Ok(Fetched::Unchanged { commit }) => {
                 failures = 0;
                 match &refused {
-                    Some((c, error)) if *c == commit => fleet.set_source_error(&name, error.clone()),
+                    Some((c, error)) if *c == commit => {
+                        fleet.set_source_error(&name, error.clone())
+                    }
                     _ => fleet.set_fetched(&name, crate::now_ms()),
                 }
                 tracing::debug!(%commit, "commit unchanged, tree not read");

@@ -22,7 +22,9 @@ fn source(hub: &Hub, name: &str) -> Result<Value> {
 }
 
 fn config_map(name: &str, value: &str) -> String {
-    format!("apiVersion: v1\nkind: ConfigMap\nmetadata: {{name: {name}}}\ndata: {{v: \"{value}\"}}\n")
+    format!(
+        "apiVersion: v1\nkind: ConfigMap\nmetadata: {{name: {name}}}\ndata: {{v: \"{value}\"}}\n"
+    )
 }
 
 /// Threads of a process, as the kernel lists them.
@@ -85,10 +87,21 @@ fn hung_remotes_hit_the_deadline_while_other_sources_keep_fetching() -> Result<(
     )?;
     let hub = hub(
         dir.path(),
-        &["--git-timeout", "2s"],
-        &[("SSL_CERT_FILE", ca.to_str().unwrap_or_default())],
+        &[],
+        &[
+            ("FLOTILLA_GIT_TIMEOUT", "2s"),
+            ("SSL_CERT_FILE", ca.to_str().unwrap_or_default()),
+        ],
     )?;
-    hub.cli(&["source", "add", "healthy", "--repo", &healthy.url, "--poll", "1s"])?;
+    hub.cli(&[
+        "source",
+        "add",
+        "healthy",
+        "--repo",
+        &healthy.url,
+        "--poll",
+        "1s",
+    ])?;
     let hung = [
         ("hung-git", format!("git://127.0.0.1:{}/x.git", tcp.port)),
         ("hung-tls", format!("https://127.0.0.1:{}/x.git", tcp.port)),
@@ -105,7 +118,9 @@ fn hung_remotes_hit_the_deadline_while_other_sources_keep_fetching() -> Result<(
         assert!(last_error(&s).contains("--git-timeout"), "{s}");
     }
     let baseline = threads(hub.proc.pid())?;
-    wait_source(&hub, "healthy", "first commit", |s| s["commit"] == c1.as_str())?;
+    wait_source(&hub, "healthy", "first commit", |s| {
+        s["commit"] == c1.as_str()
+    })?;
     let c2 = healthy.commit(
         &BTreeMap::from([("cm.yaml", Some(config_map("a", "2").as_str()))]),
         "two",
@@ -119,7 +134,10 @@ fn hung_remotes_hit_the_deadline_while_other_sources_keep_fetching() -> Result<(
             s["consecutiveFailures"].as_u64() >= Some(3)
         })?;
     }
-    assert!(tcp.accepted() >= 6 && tls.accepted() >= 3, "attempts reached the servers");
+    assert!(
+        tcp.accepted() >= 6 && tls.accepted() >= 3,
+        "attempts reached the servers"
+    );
     let after = threads(hub.proc.pid())?;
     eprintln!(
         "hub threads: {baseline} after the first attempts, {after} after {} more",
@@ -128,10 +146,14 @@ fn hung_remotes_hit_the_deadline_while_other_sources_keep_fetching() -> Result<(
     // A thread kept per hung attempt would add six; tokio's blocking pool may add
     // a couple for the store.
     assert!(after <= baseline + 3, "threads grew: {baseline} -> {after}");
-    wait_until("every stopped attempt's connection closed", DEADLINE, || {
-        // At most one attempt per source in flight.
-        Ok((tcp.open() <= 2 && tls.open() <= 1).then_some(()))
-    })?;
+    wait_until(
+        "every stopped attempt's connection closed",
+        DEADLINE,
+        || {
+            // At most one attempt per source in flight.
+            Ok((tcp.open() <= 2 && tls.open() <= 1).then_some(()))
+        },
+    )?;
     Ok(())
 }
 
@@ -143,23 +165,25 @@ fn hung_remotes_hit_the_deadline_while_other_sources_keep_fetching() -> Result<(
 fn hung_fetches_stop_when_the_source_changes_or_goes_or_the_hub_stops() -> Result<()> {
     let dir = test_dir("git-cancel")?;
     let tcp = HungServer::tcp()?;
-    let mut hub = hub(dir.path(), &["--git-timeout", "10m"], &[])?;
+    let mut hub = hub(dir.path(), &[], &[("FLOTILLA_GIT_TIMEOUT", "10m")])?;
     let url = format!("git://127.0.0.1:{}/x.git", tcp.port);
     hub.cli(&["source", "add", "hung", "--repo", &url])?;
     wait_until("a fetch connected", DEADLINE, || {
         Ok((tcp.accepted() == 1 && tcp.open() == 1).then_some(()))
     })?;
     let pid = hub.proc.pid();
+
+    hub.cli(&["source", "add", "hung", "--repo", &url, "--poll", "2m"])?;
+    wait_until(
+        "the changed source's old fetch stopped, a new one started",
+        DEADLINE,
+        || Ok((tcp.closed() == 1 && tcp.accepted() == 2 && tcp.open() == 1).then_some(())),
+    )?;
     assert!(
         children(pid).iter().any(|c| c.contains("__git-fetch")),
         "the fetch runs in a helper: {:?}",
         children(pid)
     );
-
-    hub.cli(&["source", "add", "hung", "--repo", &url, "--poll", "2m"])?;
-    wait_until("the changed source's old fetch stopped, a new one started", DEADLINE, || {
-        Ok((tcp.closed() == 1 && tcp.accepted() == 2 && tcp.open() == 1).then_some(()))
-    })?;
 
     hub.cli(&["source", "delete", "hung"])?;
     wait_until("the deleted source's fetch stopped", DEADLINE, || {
@@ -167,7 +191,9 @@ fn hung_fetches_stop_when_the_source_changes_or_goes_or_the_hub_stops() -> Resul
     })?;
 
     hub.cli(&["source", "add", "hung2", "--repo", &url])?;
-    wait_until("a fetch connected", DEADLINE, || Ok((tcp.open() == 1).then_some(())))?;
+    wait_until("a fetch connected", DEADLINE, || {
+        Ok((tcp.open() == 1).then_some(()))
+    })?;
     let helpers: Vec<u32> = helper_pids(pid);
     hub.stop();
     wait_until("the stopped hub's fetch ended", DEADLINE, || {
@@ -196,7 +222,10 @@ fn helper_pids(parent: u32) -> Vec<u32> {
 fn alive(pid: u32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .ok()
-        .and_then(|s| s.rsplit_once(')').map(|(_, r)| r.trim_start().starts_with('Z')))
+        .and_then(|s| {
+            s.rsplit_once(')')
+                .map(|(_, r)| r.trim_start().starts_with('Z'))
+        })
         .is_some_and(|zombie| !zombie)
 }
 
@@ -223,28 +252,35 @@ fn oversized_commits_are_refused_and_only_bundle_directories_are_read() -> Resul
     let good = repo.commit(&files, "good")?;
     let hub = hub(
         dir.path(),
-        &[
-            "--git-max-files",
-            "4",
-            "--git-max-file-size",
-            "2KiB",
-            "--git-max-snapshot-size",
-            "3KiB",
-        ],
         &[],
+        &[
+            ("FLOTILLA_GIT_MAX_FILES", "4"),
+            ("FLOTILLA_GIT_MAX_FILE_SIZE", "2KiB"),
+            ("FLOTILLA_GIT_MAX_SNAPSHOT_SIZE", "3KiB"),
+        ],
     )?;
     // The default discovery: apps/web has a fleet.yaml; vendor/ is not read.
-    hub.cli(&["source", "add", "found", "--repo", &repo.url, "--poll", "1s"])?;
+    hub.cli(&[
+        "source", "add", "found", "--repo", &repo.url, "--poll", "1s",
+    ])?;
     hub.cli(&[
         "source", "add", "globbed", "--repo", &repo.url, "--path", "apps/*", "--poll", "1s",
     ])?;
     for name in ["found", "globbed"] {
-        let s = wait_source(&hub, name, "the good commit", |s| s["commit"] == good.as_str())?;
+        let s = wait_source(&hub, name, "the good commit", |s| {
+            s["commit"] == good.as_str()
+        })?;
         assert!(s["lastError"].is_null(), "{s}");
-        assert_eq!(s["bundles"], serde_json::json!([format!("{name}-apps-web")]), "{s}");
+        assert_eq!(
+            s["bundles"],
+            serde_json::json!([format!("{name}-apps-web")]),
+            "{s}"
+        );
     }
 
-    let cases: [(&str, &[(&str, Option<&str>)], &str, &str); 3] = [
+    // What is wrong, the change that makes it so, the cap named, the path named.
+    type Case<'a> = (&'a str, &'a [(&'a str, Option<&'a str>)], &'a str, &'a str);
+    let cases: [Case; 3] = [
         (
             "too many files",
             &[
@@ -285,17 +321,18 @@ fn oversized_commits_are_refused_and_only_bundle_directories_are_read() -> Resul
             eprintln!("{name}, {what}: {e}");
             assert!(e.contains(cap) && e.contains(path), "{e}");
             assert!(e.contains("last good snapshot is kept"), "{e}");
-            assert_eq!(s["commit"], good.as_str(), "the last good snapshot stays: {s}");
+            assert_eq!(
+                s["commit"],
+                good.as_str(),
+                "the last good snapshot stays: {s}"
+            );
             let b = hub.cli_json(&["bundle", "get", &format!("{name}-apps-web")])?;
             assert_eq!(b["revision"], good.as_str(), "{b}");
         }
     }
     // Fixed: the next commit is read again.
     let fixed = repo.commit(
-        &BTreeMap::from([
-            ("apps/web/m1.txt", None),
-            ("apps/web/m2.txt", None),
-        ]),
+        &BTreeMap::from([("apps/web/m1.txt", None), ("apps/web/m2.txt", None)]),
         "fixed",
     )?;
     for name in ["found", "globbed"] {
@@ -371,8 +408,14 @@ fn urls_carrying_credentials_are_refused() -> Result<()> {
         );
         eprintln!("source add {}: {stderr}", url.replace(secret, "***"));
         assert!(!out.status.success(), "accepted: {stdout}");
-        assert!(stderr.contains("flotilla secret create") && stderr.contains("--secret"), "{stderr}");
-        assert!(!stdout.contains(secret) && !stderr.contains(secret), "{stderr}");
+        assert!(
+            stderr.contains("flotilla secret create") && stderr.contains("--secret"),
+            "{stderr}"
+        );
+        assert!(
+            !stdout.contains(secret) && !stderr.contains(secret),
+            "{stderr}"
+        );
 
         let file = dir.path().join("leaky.yaml");
         std::fs::write(
@@ -388,10 +431,22 @@ fn urls_carrying_credentials_are_refused() -> Result<()> {
         );
         eprintln!("apply -f: {stderr}");
         assert!(!out.status.success(), "accepted: {stdout}");
-        assert!(stderr.contains("leaky.yaml") && stderr.contains("flotilla secret create"), "{stderr}");
-        assert!(!stdout.contains(secret) && !stderr.contains(secret), "{stderr}");
+        assert!(
+            stderr.contains("leaky.yaml") && stderr.contains("flotilla secret create"),
+            "{stderr}"
+        );
+        assert!(
+            !stdout.contains(secret) && !stderr.contains(secret),
+            "{stderr}"
+        );
     }
-    hub.cli(&["source", "add", "ssh-user", "--repo", "ssh://git@git.example.com/x.git"])?;
+    hub.cli(&[
+        "source",
+        "add",
+        "ssh-user",
+        "--repo",
+        "ssh://git@git.example.com/x.git",
+    ])?;
     let list = hub.cli(&["source", "list", "-o", "json"])?;
     if list.contains(secret) || list.contains("leaky") {
         bail!("{list}");
@@ -409,9 +464,7 @@ fn grep_dir(dir: &Path, needle: &[u8], found: &mut Vec<String>) {
         let p = e.path();
         if p.is_dir() {
             grep_dir(&p, needle, found);
-        } else if std::fs::read(&p)
-            .is_ok_and(|b| b.windows(needle.len()).any(|w| w == needle))
-        {
+        } else if std::fs::read(&p).is_ok_and(|b| b.windows(needle.len()).any(|w| w == needle)) {
             found.push(p.display().to_string());
         }
     }
@@ -447,7 +500,10 @@ async fn one_fetch_per_cache_at_a_time() -> Result<()> {
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
     let good = fetcher
-        .fetch(FetchRequest::new(&repo.url, &main, &cache), &mut cancel.clone())
+        .fetch(
+            FetchRequest::new(&repo.url, &main, &cache),
+            &mut cancel.clone(),
+        )
         .await;
     assert!(hung.is_finished(), "the second fetch ran beside the first");
     assert!(matches!(hung.await?, Err(GitError::Timeout { .. })));

@@ -478,24 +478,60 @@ spec:
     #[test]
     fn credentials_in_repo_urls_are_refused_and_never_shown() {
         let refused = [
-            ("https://alice:zq9Tk@git.example.com/x.git", "https://alice:<redacted>@git.example.com/x.git"),
-            ("https://zq9Tk@git.example.com/x.git", "https://<redacted>@git.example.com/x.git"),
-            ("HTTP://zq9Tk@git.example.com/x.git", "HTTP://<redacted>@git.example.com/x.git"),
-            ("https://:zq9Tk@git.example.com/x.git", "https://<redacted>@git.example.com/x.git"),
-            ("https://alice:zq@9Tk@git.example.com/x", "https://alice:<redacted>@git.example.com/x"),
-            ("https://alice:zq/9Tk@git.example.com/x", "https://alice:<redacted>@git.example.com/x"),
-            ("https://alice:zq%409Tk@host:8443/x", "https://alice:<redacted>@host:8443/x"),
-            ("ssh://git:zq9Tk@git.example.com/x.git", "ssh://git:<redacted>@git.example.com/x.git"),
-            ("git://u:zq9Tk@127.0.0.1/x", "git://u:<redacted>@127.0.0.1/x"),
-            ("git:zq9Tk@git.example.com:org/x.git", "git:<redacted>@git.example.com:org/x.git"),
+            (
+                "https://alice:zq9Tk@git.example.com/x.git",
+                "https://alice:<redacted>@git.example.com/x.git",
+            ),
+            (
+                "https://zq9Tk@git.example.com/x.git",
+                "https://<redacted>@git.example.com/x.git",
+            ),
+            (
+                "HTTP://zq9Tk@git.example.com/x.git",
+                "HTTP://<redacted>@git.example.com/x.git",
+            ),
+            (
+                "https://:zq9Tk@git.example.com/x.git",
+                "https://<redacted>@git.example.com/x.git",
+            ),
+            (
+                "https://alice:zq@9Tk@git.example.com/x",
+                "https://alice:<redacted>@git.example.com/x",
+            ),
+            (
+                "https://alice:zq/9Tk@git.example.com/x",
+                "https://alice:<redacted>@git.example.com/x",
+            ),
+            (
+                "https://alice:zq%409Tk@host:8443/x",
+                "https://alice:<redacted>@host:8443/x",
+            ),
+            (
+                "ssh://git:zq9Tk@git.example.com/x.git",
+                "ssh://git:<redacted>@git.example.com/x.git",
+            ),
+            (
+                "git://u:zq9Tk@127.0.0.1/x",
+                "git://u:<redacted>@127.0.0.1/x",
+            ),
+            (
+                "git:zq9Tk@git.example.com:org/x.git",
+                "git:<redacted>@git.example.com:org/x.git",
+            ),
         ];
         for (url, shown) in refused {
             let err = validate_repo_url(url).unwrap_err().to_string();
             assert!(!err.contains("zq") && !err.contains("9Tk"), "{url}: {err}");
             assert!(err.contains(shown), "{url}: {err}");
-            assert!(err.contains("flotilla secret create") && err.contains("--secret"), "{err}");
+            assert!(
+                err.contains("flotilla secret create") && err.contains("--secret"),
+                "{err}"
+            );
             assert_eq!(redact_repo_url(url), shown);
-            let spec = GitSourceSpec { repo: url.into(), ..Default::default() };
+            let spec = GitSourceSpec {
+                repo: url.into(),
+                ..Default::default()
+            };
             assert!(spec.validate("apps").is_err(), "{url}");
         }
         let fine = [

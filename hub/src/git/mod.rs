@@ -543,7 +543,7 @@ fn attempt(
             GitRef::Revision(_) => None,
         };
     if let (Some(id), Some(known)) = (remote_id, req.known_commit.as_deref()) {
-        if id.to_string() == known {
+        if gix::ObjectId::from_hex(known.as_bytes()).is_ok_and(|k| k == id) {
             // Still the commit the caller holds: no pack, no tree.
             return Ok(Fetched::Unchanged {
                 commit: known.to_string(),
@@ -604,7 +604,11 @@ fn attempt(
 /// For HTTP(S) URLs: gix's options from the (isolated) configuration, with
 /// reqwest's whole-request timeout raised from its 30 s default to the fetch's
 /// deadline, so that a long first clone is cut by the deadline only.
-fn http_options(repo: &gix::Repository, url: &str, timeout: Duration) -> Option<Box<dyn std::any::Any>> {
+fn http_options(
+    repo: &gix::Repository,
+    url: &str,
+    timeout: Duration,
+) -> Option<Box<dyn std::any::Any>> {
     use gix::protocol::transport::client::blocking_io::http;
     let mut options = repo.transport_options(url, None).ok()??;
     let http_options = options.downcast_mut::<http::Options>()?;
@@ -621,9 +625,9 @@ fn http_options(repo: &gix::Repository, url: &str, timeout: Duration) -> Option<
 pub fn parse_size(s: &str) -> Result<u64, String> {
     let t = s.trim();
     let digits = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    let n: u64 = t[..digits]
-        .parse()
-        .map_err(|_| format!("invalid size {s:?}: expected a number of bytes, or with KiB, MiB or GiB"))?;
+    let n: u64 = t[..digits].parse().map_err(|_| {
+        format!("invalid size {s:?}: expected a number of bytes, or with KiB, MiB or GiB")
+    })?;
     let shift = match t[digits..].trim() {
         "" | "B" => 0,
         "K" | "KiB" => 10,
@@ -644,7 +648,8 @@ pub fn format_size(n: u64) -> String {
     const UNITS: [(u64, &str); 3] = [(1 << 30, "GiB"), (1 << 20, "MiB"), (1 << 10, "KiB")];
     for (unit, name) in UNITS {
         if n >= unit {
-            return if n % unit == 0 {
+            // Units are powers of two.
+            return if n & (unit - 1) == 0 {
                 format!("{} {name}", n / unit)
             } else {
                 format!("{:.1} {name}", n as f64 / unit as f64)
@@ -905,7 +910,11 @@ mod tests {
         assert_eq!(s.commit, c1);
         assert_eq!(
             s.files.keys().collect::<Vec<_>>(),
-            ["apps/web/cm.yaml", "apps/web/fleet.yaml", "apps/web/sub/x.yaml"]
+            [
+                "apps/web/cm.yaml",
+                "apps/web/fleet.yaml",
+                "apps/web/sub/x.yaml"
+            ]
         );
         // Globs.
         req.paths = vec!["apps/*".into()];
@@ -943,21 +952,36 @@ mod tests {
         let err = fetch(&req).unwrap_err();
         eprintln!("{err}");
         let msg = err.to_string();
-        assert!(msg.contains("--git-max-files") && msg.contains("f4.yaml"), "{msg}");
-        assert!(msg.contains(&c1) && msg.contains("last good snapshot"), "{msg}");
+        assert!(
+            msg.contains("--git-max-files") && msg.contains("f4.yaml"),
+            "{msg}"
+        );
+        assert!(
+            msg.contains(&c1) && msg.contains("last good snapshot"),
+            "{msg}"
+        );
 
         req.limits.max_files = 5;
         req.limits.max_file_bytes = 99;
         let msg = fetch(&req).unwrap_err().to_string();
         eprintln!("{msg}");
-        assert!(msg.contains("--git-max-file-size") && msg.contains("f0.yaml"), "{msg}");
-        assert!(msg.contains("100 bytes") && msg.contains("99 bytes"), "{msg}");
+        assert!(
+            msg.contains("--git-max-file-size") && msg.contains("f0.yaml"),
+            "{msg}"
+        );
+        assert!(
+            msg.contains("100 bytes") && msg.contains("99 bytes"),
+            "{msg}"
+        );
 
         req.limits.max_file_bytes = 100;
         req.limits.max_snapshot_bytes = 250;
         let msg = fetch(&req).unwrap_err().to_string();
         eprintln!("{msg}");
-        assert!(msg.contains("--git-max-snapshot-size") && msg.contains("f2.yaml"), "{msg}");
+        assert!(
+            msg.contains("--git-max-snapshot-size") && msg.contains("f2.yaml"),
+            "{msg}"
+        );
 
         req.limits.max_snapshot_bytes = 500;
         assert_eq!(changed(fetch(&req).unwrap()).files.len(), 5);

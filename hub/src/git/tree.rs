@@ -99,7 +99,11 @@ fn list(
     let mut entries = 0usize;
     let mut pending: Vec<(String, gix::ObjectId)> = vec![(String::new(), root.id)];
     while let Some((dir, id)) = pending.pop() {
-        let what = if dir.is_empty() { "the root tree" } else { &dir };
+        let what = if dir.is_empty() {
+            "the root tree"
+        } else {
+            &dir
+        };
         let tree = repo.find_tree(id).map_err(|e| read_err(what, &e))?;
         let decoded = tree.decode().map_err(|e| read_err(what, &e))?;
         for entry in decoded.entries {
@@ -110,7 +114,11 @@ fn list(
                 )));
             }
             let name = entry.filename.to_str_lossy();
-            if name.is_empty() || name == "." || name == ".." || name == ".git" || name.contains('/')
+            if name.is_empty()
+                || name == "."
+                || name == ".."
+                || name == ".git"
+                || name.contains('/')
             {
                 continue;
             }
