@@ -63,6 +63,15 @@ pub struct Config {
     /// The operator's certificate chain and key (PEM files) for the API and
     /// webhook listeners; default: the hub's serving certificate.
     pub api_tls: Option<ApiTls>,
+    /// Deadline of one Git fetch (`--git-timeout`).
+    pub git_timeout: Duration,
+    /// What one Git fetch may read (`--git-max-snapshot-size`, `--git-max-file-size`,
+    /// `--git-max-files`).
+    pub git_limits: git::Limits,
+    /// Where Git fetches run: the hub binary runs them in a child process it can
+    /// kill (`FetcherMode::Child` with its own path); the default, `InProcess`, is
+    /// for tests that run the hub as a library (see `git::child`).
+    pub git_fetcher: git::FetcherMode,
 }
 
 /// An operator's certificate for the HTTP listeners.
@@ -89,6 +98,9 @@ impl Config {
             tools: render::Tools::default(),
             webhook_secret: None,
             api_tls: None,
+            git_timeout: git::DEFAULT_FETCH_TIMEOUT,
+            git_limits: git::Limits::default(),
+            git_fetcher: git::FetcherMode::InProcess,
         }
     }
 }
@@ -142,9 +154,15 @@ impl Hub {
         };
         let fleet = Fleet::load(store).context("loading the fleet from the store")?;
         let tools = Arc::new(config.tools.clone());
+        let fetcher = Arc::new(git::Fetcher::new(
+            config.git_fetcher.clone(),
+            config.git_timeout,
+            config.git_limits,
+        ));
         let pollers = Arc::new(Pollers::new(
             fleet.clone(),
             tools.clone(),
+            fetcher,
             config.data_dir.join("git"),
             config.poll_git,
         ));

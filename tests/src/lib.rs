@@ -6,6 +6,7 @@
 //! them once ([`shared_clusters`]) and every test works in namespaces of its own.
 
 pub mod githttp;
+pub mod hung;
 
 use std::collections::BTreeMap;
 use std::fs;
