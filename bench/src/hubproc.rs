@@ -25,6 +25,8 @@ pub fn bin_dir() -> PathBuf {
 pub struct BenchHub {
     pub proc: Proc,
     pub api: String,
+    /// The webhook listener (`POST /hooks/git`), on loopback.
+    pub webhook: String,
     pub agent_port: u16,
     pub agent_url: String,
     admin_token: String,
@@ -41,7 +43,7 @@ impl BenchHub {
     /// [`BenchHub::start`] with extra command-line arguments for the hub.
     pub async fn start_with(dir: &Path, extra: &[&str]) -> Result<BenchHub> {
         std::fs::create_dir_all(dir)?;
-        let (agent_port, api_port) = (free_port(), free_port());
+        let (agent_port, api_port, webhook_port) = (free_port(), free_port(), free_port());
         // A profiler may wrap the hub (`FLOTILLA_BENCH_HUB_WRAPPER="heaptrack -o
         // FILE"`); the readings of such a run are the wrapper's, not the hub's.
         let wrapper = std::env::var("FLOTILLA_BENCH_HUB_WRAPPER").unwrap_or_default();
@@ -62,6 +64,8 @@ impl BenchHub {
                 .arg(format!("127.0.0.1:{agent_port}"))
                 .arg("--api-listen")
                 .arg(format!("127.0.0.1:{api_port}"))
+                .arg("--webhook-listen")
+                .arg(format!("127.0.0.1:{webhook_port}"))
                 .args(extra)
                 .env("RUST_LOG", "warn"),
             &dir.join("hub.log"),
@@ -76,6 +80,9 @@ impl BenchHub {
                 && tokio::net::TcpStream::connect(("127.0.0.1", agent_port))
                     .await
                     .is_ok()
+                && tokio::net::TcpStream::connect(("127.0.0.1", webhook_port))
+                    .await
+                    .is_ok()
             {
                 break std::fs::read_to_string(&token_file)?.trim().to_string();
             }
@@ -87,6 +94,7 @@ impl BenchHub {
         Ok(BenchHub {
             proc,
             api: format!("http://127.0.0.1:{api_port}"),
+            webhook: format!("http://127.0.0.1:{webhook_port}"),
             agent_port,
             agent_url: format!("https://127.0.0.1:{agent_port}"),
             admin_token,
@@ -183,7 +191,7 @@ impl BenchHub {
     }
 
     /// Posts a GitHub push event for `repo_url` and `git_ref`, signed with
-    /// `secret` (`X-Hub-Signature-256`), to `POST /hooks/git`; returns the source
+    /// `secret` (`X-Hub-Signature-256`), to the webhook listener's `POST /hooks/git`; returns the source
     /// names the hub says it woke.
     pub async fn github_push(
         &self,
@@ -200,7 +208,7 @@ impl BenchHub {
         let sig: String = mac.iter().map(|b| format!("{b:02x}")).collect();
         let resp = self
             .http
-            .post(format!("{}/hooks/git", self.api))
+            .post(format!("{}/hooks/git", self.webhook))
             .header("X-GitHub-Event", "push")
             .header("X-Hub-Signature-256", format!("sha256={sig}"))
             .header("Content-Type", "application/json")

@@ -1,6 +1,6 @@
-//! The operator HTTP API (plain HTTP, JSON in camelCase, every route behind the
-//! admin bearer token) and the Git push webhook (`POST /hooks/git`, authenticated
-//! by its signature instead). Errors are `{"error": "..."}` with 400/401/404/409/500.
+//! The operator HTTP API (JSON in camelCase, every route behind the admin bearer
+//! token; TLS and plain-on-loopback as `listen` decides). Errors are
+//! `{"error": "..."}` with 400/401/404/409/500. The Git push webhook is `hooks`.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -49,17 +49,20 @@ impl IntoResponse for ApiError {
 
 type ApiResult<T> = Result<Json<T>, ApiError>;
 
-/// The API's routes, all behind the admin token, and the webhook route.
+/// The API's routes, all behind the admin token. Git push webhooks are not
+/// served here but on their own listener (`hooks`, `--webhook-listen`); a hook
+/// sent here gets a 404 that says so, without the token.
 pub fn router(hub: Hub) -> Router {
-    let hooks = Router::new()
-        .route("/hooks/git", post(git_hook))
-        .with_state(hub.clone());
-    admin_router(hub).merge(hooks)
+    let hooks_elsewhere = Router::new().route(
+        "/hooks/{*rest}",
+        axum::routing::any(|| async {
+            ApiError::not_found(
+                "webhooks are served on the hub's webhook listener (flotilla-hub --webhook-listen ADDR), not on the API",
+            )
+        }),
+    );
+    admin_router(hub).merge(hooks_elsewhere)
 }
-
-/// Webhook bodies are small JSON documents; GitHub caps them at 25 MB, a push of a
-/// few commits is a few KiB. Larger bodies are refused before any hashing.
-const HOOK_BODY_LIMIT: usize = 1 << 20;
 
 fn admin_router(hub: Hub) -> Router {
     Router::new()
@@ -86,66 +89,6 @@ fn admin_router(hub: Hub) -> Router {
         .fallback(|| async { ApiError::not_found("no such route") })
         .layer(middleware::from_fn_with_state(hub.clone(), require_admin))
         .with_state(hub)
-}
-
-/// `POST /hooks/git`: a GitHub or GitLab push event. Checked against the hub's
-/// webhook secret and every source secret's `webhookSecret` (401 if none
-/// matches), then every source following the pushed repository and ref fetches at
-/// once. Polling stays the fallback for lost hooks.
-async fn git_hook(
-    State(hub): State<Hub>,
-    headers: axum::http::HeaderMap,
-    body: Bytes,
-) -> Result<Json<serde_json::Value>, ApiError> {
-    use flotilla_shared::webhook;
-    if body.len() > HOOK_BODY_LIMIT {
-        return Err(ApiError(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "webhook body too large".into(),
-        ));
-    }
-    let secrets = hub
-        .fleet
-        .store()
-        .list_secrets()
-        .map_err(ApiError::internal)?;
-    let mut keys: Vec<&[u8]> = secrets
-        .iter()
-        .filter_map(|s| s.webhook_secret.as_deref())
-        .map(str::as_bytes)
-        .collect();
-    if let Some(k) = &hub.webhook_secret {
-        keys.push(k.as_bytes());
-    }
-    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
-    let provider = webhook::authenticate(header, &body, &keys).map_err(|e| match e {
-        webhook::HookError::UnknownProvider => ApiError::bad_request(e.to_string()),
-        other => {
-            tracing::warn!(error = %other, "webhook refused");
-            ApiError(StatusCode::UNAUTHORIZED, other.to_string())
-        }
-    })?;
-    let event = header("x-github-event")
-        .or_else(|| header("x-gitlab-event"))
-        .unwrap_or_default();
-    let push = match webhook::parse_push(provider, event, &body) {
-        Ok(p) => p,
-        // Pings and other events are fine; there is nothing to do.
-        Err(webhook::HookError::NotPush(e)) => {
-            return Ok(Json(json!({ "ignored": e, "triggered": [] })))
-        }
-        Err(e) => return Err(ApiError::bad_request(e.to_string())),
-    };
-    let matching: Vec<String> = hub
-        .fleet
-        .source_specs()
-        .into_iter()
-        .filter(|(_, spec)| webhook::concerns(&push, spec))
-        .map(|(n, _)| n)
-        .collect();
-    let triggered = hub.pollers.wake(&matching);
-    tracing::info!(git_ref = %push.git_ref, repos = ?push.repos, ?triggered, "push webhook");
-    Ok(Json(json!({ "triggered": triggered })))
 }
 
 #[derive(Debug, Default, Deserialize)]

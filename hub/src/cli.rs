@@ -13,6 +13,9 @@ use serde_json::{json, Value};
 
 /// Default address of the hub's HTTP API, as `flotilla-hub` listens by default.
 pub const DEFAULT_HUB: &str = "http://127.0.0.1:7080";
+/// Where the hub keeps its data unless told otherwise (the README's example); on
+/// the hub's own host the CLI trusts the CA found there.
+pub const DEFAULT_DATA_DIR: &str = "/var/lib/flotilla";
 
 /// Long enough for a slow apply on a busy hub, short enough that a wedged hub does not
 /// hang a script forever.
@@ -30,6 +33,20 @@ pub struct Cli {
     /// API token (the hub writes an admin token to DATA_DIR/admin-token).
     #[arg(long, global = true, env = "FLOTILLA_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+    /// CA certificate (PEM) that verifies an https:// hub: the hub's `ca.pem`, or
+    /// the CA of its --api-tls-cert. Only this CA is trusted then.
+    #[arg(long, global = true, env = "FLOTILLA_CA", value_name = "FILE")]
+    pub ca_file: Option<std::path::PathBuf>,
+    /// The hub's data directory, when the hub runs on this host: without
+    /// --ca-file, its `ca.pem` (if readable) is trusted besides the system's roots.
+    #[arg(
+        long,
+        global = true,
+        env = "FLOTILLA_DATA_DIR",
+        value_name = "DIR",
+        default_value = DEFAULT_DATA_DIR
+    )]
+    pub data_dir: std::path::PathBuf,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -144,7 +161,7 @@ pub enum TokenCommand {
 #[derive(Debug, Subcommand)]
 pub enum SourceCommand {
     /// Track a Git repository.
-    Add(SourceAdd),
+    Add(Box<SourceAdd>),
     /// List sources with their last fetched commit and last error.
     List(Output),
     /// Show one source.
@@ -193,6 +210,10 @@ pub struct SourceAdd {
     /// Hub secret with the repository's credentials (`flotilla secret create`).
     #[arg(long, env = "FLOTILLA_SOURCE_SECRET", value_name = "NAME")]
     pub secret: Option<String>,
+    /// Hub secret whose webhook secret alone authenticates this source's push
+    /// hooks (`flotilla secret create NAME --webhook-secret-file F`).
+    #[arg(long, env = "FLOTILLA_SOURCE_WEBHOOK_SECRET", value_name = "NAME")]
+    pub webhook_secret: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -376,7 +397,8 @@ async fn execute(cli: Cli, out: &mut dyn Write, err: &mut dyn Write) -> Result<(
             })?;
         return print(out, output.output, &health_report(&objects), health_table);
     }
-    let api = Api::new(&cli.hub, cli.token.clone())?;
+    let trust = Trust::choose(cli.ca_file.as_deref(), &cli.data_dir);
+    let api = Api::new(&cli.hub, cli.token.clone(), &trust)?;
     let now = SystemTime::now();
     match cli.command {
         Command::Render(args) => render(&args, out, err).await?,
@@ -617,20 +639,89 @@ struct Api {
     http: reqwest::Client,
 }
 
+/// Which certificates verify an https:// hub. Verification is never skipped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Trust {
+    /// `--ca-file`: this CA only.
+    Only(std::path::PathBuf),
+    /// The hub's CA from its data directory on this host, besides the system's roots.
+    AlsoDataDirCa(std::path::PathBuf),
+    /// The system's roots (an operator's certificate from a public CA).
+    System,
+}
+
+impl Trust {
+    pub fn choose(ca_file: Option<&std::path::Path>, data_dir: &std::path::Path) -> Trust {
+        if let Some(f) = ca_file {
+            return Trust::Only(f.to_path_buf());
+        }
+        let ca = data_dir.join("ca.pem");
+        if std::fs::File::open(&ca).is_ok() {
+            Trust::AlsoDataDirCa(ca)
+        } else {
+            Trust::System
+        }
+    }
+}
+
+/// Whether a URL's host is this machine's loopback (the only place plain HTTP
+/// may carry the admin token).
+fn is_loopback_url(url: &reqwest::Url) -> bool {
+    let Some(host) = url.host_str() else {
+        return false;
+    };
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
 impl Api {
-    fn new(hub: &str, token: Option<String>) -> Result<Self, CliError> {
+    fn new(hub: &str, token: Option<String>, trust: &Trust) -> Result<Self, CliError> {
         let base = hub.trim_end_matches('/').to_string();
-        if !(base.starts_with("http://") || base.starts_with("https://")) {
-            return Err(CliError::Usage(format!(
-                "--hub must be an http:// URL, not {base:?}"
-            )));
+        let url = reqwest::Url::parse(&base)
+            .map_err(|e| CliError::Usage(format!("--hub {base:?}: {e}")))?;
+        match url.scheme() {
+            "https" => {}
+            "http" if is_loopback_url(&url) => {}
+            "http" => {
+                return Err(CliError::Usage(format!(
+                    "--hub {base}: plain HTTP reaches a hub only on a loopback address \
+                     (the admin token would cross the network in clear); use https://"
+                )))
+            }
+            _ => {
+                return Err(CliError::Usage(format!(
+                    "--hub must be an https:// URL (or http:// on loopback), not {base:?}"
+                )))
+            }
         }
         // reqwest builds a TLS config even for http:// hubs; it takes the process-wide
         // provider (ring: the tree has no other).
         let _ = rustls::crypto::ring::default_provider().install_default();
-        let http = reqwest::Client::builder()
+        let mut builder = reqwest::Client::builder()
             .timeout(REQUEST_TIMEOUT)
-            .connect_timeout(CONNECT_TIMEOUT)
+            .connect_timeout(CONNECT_TIMEOUT);
+        let read_ca = |path: &std::path::Path| -> Result<Vec<reqwest::Certificate>, CliError> {
+            let input = |reason: String| CliError::Input {
+                file: path.display().to_string(),
+                reason,
+            };
+            let pem = std::fs::read(path).map_err(|e| input(e.to_string()))?;
+            let certs = reqwest::Certificate::from_pem_bundle(&pem)
+                .map_err(|e| input(format!("not a PEM certificate: {e}")))?;
+            if certs.is_empty() {
+                return Err(input("no certificate in the file".into()));
+            }
+            Ok(certs)
+        };
+        builder = match trust {
+            Trust::Only(path) => builder.tls_certs_only(read_ca(path)?),
+            Trust::AlsoDataDirCa(path) => builder.tls_certs_merge(read_ca(path)?),
+            Trust::System => builder,
+        };
+        let http = builder
             .build()
             .map_err(|e| CliError::Usage(format!("HTTP client: {e}")))?;
         Ok(Api { base, token, http })
@@ -704,6 +795,11 @@ fn reqwest_reason(e: &reqwest::Error) -> String {
     }
     if e.is_timeout() {
         format!("timed out ({cur})")
+    } else if cur.to_string().contains("certificate") {
+        format!(
+            "{cur} (the hub's TLS certificate is not trusted: give its CA with --ca-file \
+             or FLOTILLA_CA, e.g. the hub's DATA_DIR/ca.pem)"
+        )
     } else {
         cur.to_string()
     }
@@ -733,6 +829,7 @@ pub fn source_yaml(add: &SourceAdd) -> Result<String, CliError> {
         poll_interval: add.poll.clone(),
         targets: add.targets.iter().cloned().map(Target::selector).collect(),
         secret_ref: add.secret.clone(),
+        webhook_secret_ref: add.webhook_secret.clone(),
     };
     validate_name(&add.name).map_err(|e| CliError::Usage(e.to_string()))?;
     spec.validate(&add.name)
@@ -1933,6 +2030,76 @@ mod http_tests {
         .await;
         assert_eq!(code, 0, "{err}");
         assert!(last(&log).body.contains("secretRef: git-creds"));
+    }
+
+    /// The stand-in hub behind the hub's own TLS listener, with a fleet PKI made
+    /// in `dir`; returns its https:// URL on 127.0.0.1.
+    async fn start_tls(dir: &std::path::Path) -> String {
+        let pki = crate::pki::Pki::load_or_create(dir, "localhost").unwrap();
+        let tls = crate::listen::server_config(pki.server_chain.clone(), pki.server_key()).unwrap();
+        let app = axum::Router::new().fallback(hub).with_state(Log::default());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let listener = crate::listen::HttpListener::new(listener, Arc::new(tls), "test").unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        format!("https://{addr}")
+    }
+
+    #[tokio::test]
+    async fn verifies_the_hubs_certificate_and_keeps_the_token_off_plain_http() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+        let hub_a = start_tls(&a).await;
+        let _hub_b = start_tls(&b).await;
+        let ca = |d: &std::path::Path| d.join("ca.pem").to_string_lossy().into_owned();
+        let run_with = |extra: Vec<String>| {
+            let hub_a = hub_a.clone();
+            async move {
+                let mut out = Vec::new();
+                let mut err = Vec::new();
+                let argv: Vec<String> = ["flotilla", "--hub", &hub_a, "--token", "s3cret"]
+                    .iter()
+                    .map(|s| s.to_string())
+                    .chain(extra)
+                    .chain(["cluster", "list", "-o", "json"].map(String::from))
+                    .collect();
+                let code = run(argv, &mut out, &mut err).await;
+                (code, String::from_utf8(err).unwrap())
+            }
+        };
+        let (code, err) = run_with(vec!["--ca-file".into(), ca(&a)]).await;
+        assert_eq!(code, 0, "{err}");
+        // The CA found in the hub's data directory.
+        let (code, err) = run_with(vec!["--data-dir".into(), a.to_string_lossy().into()]).await;
+        assert_eq!(code, 0, "{err}");
+        // Another fleet's CA, or only the system's roots: refused, with a hint.
+        let (code, err) = run_with(vec!["--ca-file".into(), ca(&b)]).await;
+        assert_eq!(code, 1);
+        assert!(
+            err.contains("certificate") && err.contains("--ca-file"),
+            "{err}"
+        );
+        assert!(!err.contains("s3cret"), "{err}");
+        let (code, err) = run_with(vec!["--data-dir".into(), "/nonexistent".into()]).await;
+        assert_eq!(code, 1, "{err}");
+        assert!(err.contains("certificate"), "{err}");
+        let (code, err) = run_with(vec!["--ca-file".into(), "/nonexistent/ca.pem".into()]).await;
+        assert_eq!(code, 1);
+        assert!(err.contains("/nonexistent/ca.pem"), "{err}");
+
+        // Plain HTTP to anything but loopback never leaves the CLI.
+        for hub in ["http://10.1.2.3:7080", "http://hub.example.com:7080"] {
+            let (code, _, err) = cli(hub, &["cluster", "list"]).await;
+            assert_eq!(code, 1);
+            assert!(err.contains("use https://"), "{err}");
+        }
+        let (code, _, err) = cli("ftp://127.0.0.1:1", &["cluster", "list"]).await;
+        assert_eq!(code, 1);
+        assert!(err.contains("https://"), "{err}");
+        for ok in ["http://localhost:1", "http://[::1]:1", "http://127.0.0.2:1"] {
+            let (_, _, err) = cli(ok, &["cluster", "list"]).await;
+            assert!(err.contains("cannot reach the hub"), "{ok}: {err}");
+        }
     }
 
     #[tokio::test]

@@ -3,21 +3,27 @@
 //! over an HTTP API.
 //!
 //! `run` is the whole server; it takes its listeners and a shutdown future so tests
-//! (and `main.rs`) choose the addresses.
+//! (and `main.rs`) choose the addresses. Each listener exposes only what it must:
+//! agents (gRPC, mutual TLS) on one, the admin API (TLS; plain HTTP on loopback
+//! only) on another, Git push webhooks on a third, only when asked for.
 
 #![forbid(unsafe_code)]
 
 pub mod api;
 pub mod cli;
+pub mod datadir;
 pub mod fleet;
 pub mod gateway;
 pub mod git;
+pub mod hooks;
+pub mod listen;
 pub mod pki;
 pub mod render;
+pub mod sealed;
 pub mod sources;
 pub mod store;
 
-use std::future::Future;
+use std::future::{Future, IntoFuture};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -51,9 +57,12 @@ pub struct Config {
     pub poll_git: bool,
     /// helm and kustomize, for Helm and Kustomize bundles.
     pub tools: render::Tools,
-    /// The hub-wide secret push webhooks are signed with (`POST /hooks/git`).
-    /// Sources may add their own through their secret's `webhookSecret`.
+    /// The hub-wide secret push webhooks are signed with (`POST /hooks/git`),
+    /// for the sources without one of their own (`webhookSecretRef`).
     pub webhook_secret: Option<String>,
+    /// The operator's certificate chain and key (PEM files) for the API and
+    /// webhook listeners; default: the hub's serving certificate.
+    pub api_tls: Option<ApiTls>,
     /// Deadline of one Git fetch (`--git-timeout`).
     pub git_timeout: Duration,
     /// What one Git fetch may read (`--git-max-snapshot-size`, `--git-max-file-size`,
@@ -65,6 +74,21 @@ pub struct Config {
     pub git_fetcher: git::FetcherMode,
 }
 
+/// An operator's certificate for the HTTP listeners.
+#[derive(Debug, Clone)]
+pub struct ApiTls {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// The hub's listeners. The webhook listener is optional: without it, no
+/// webhook is served anywhere.
+pub struct Listeners {
+    pub agent: TcpListener,
+    pub api: TcpListener,
+    pub webhook: Option<TcpListener>,
+}
+
 impl Config {
     pub fn new(data_dir: impl Into<PathBuf>) -> Config {
         Config {
@@ -73,6 +97,7 @@ impl Config {
             poll_git: true,
             tools: render::Tools::default(),
             webhook_secret: None,
+            api_tls: None,
             git_timeout: git::DEFAULT_FETCH_TIMEOUT,
             git_limits: git::Limits::default(),
             git_fetcher: git::FetcherMode::InProcess,
@@ -89,18 +114,44 @@ pub struct Hub {
     pub tools: Arc<render::Tools>,
     /// See [`Config::webhook_secret`].
     pub webhook_secret: Option<Arc<str>>,
+    /// Rate limits and replay memory of the webhook route.
+    pub hooks: Arc<hooks::HookGuard>,
+    /// TLS of the API and webhook listeners.
+    pub http_tls: Arc<rustls::ServerConfig>,
 }
 
 impl Hub {
-    /// Opens (or initialises) the data directory: PKI, admin token, store.
+    /// Opens (or initialises) the data directory: permissions, PKI, admin
+    /// token, secrets key, store.
     pub fn open(config: &Config) -> anyhow::Result<Hub> {
         // Git over HTTPS (gix's reqwest client) takes the process-wide provider:
         // ring, the tree's only one.
         let _ = rustls::crypto::ring::default_provider().install_default();
+        datadir::secure(&config.data_dir).context("securing the data directory")?;
         let pki = Pki::load_or_create(&config.data_dir, &config.advertise_host)
             .context("loading the hub's PKI")?;
-        let store: Arc<dyn Store> =
-            Arc::new(SledStore::open(&config.data_dir.join("store")).context("opening the store")?);
+        let keyring = sealed::Keyring::load_or_create(&sealed::key_path(&config.data_dir))
+            .context("loading the secrets key")?;
+        let store: Arc<dyn Store> = Arc::new(
+            SledStore::open(&config.data_dir.join("store"))
+                .context("opening the store")?
+                .with_keyring(Arc::new(keyring))
+                .context("opening the store's secrets")?,
+        );
+        let http_tls = match &config.api_tls {
+            Some(t) => {
+                let (chain, key) = listen::load_cert_and_key(&t.cert, &t.key)?;
+                listen::server_config(chain, key).with_context(|| {
+                    format!(
+                        "--api-tls-cert {} / --api-tls-key {}",
+                        t.cert.display(),
+                        t.key.display()
+                    )
+                })?
+            }
+            None => listen::server_config(pki.server_chain.clone(), pki.server_key())
+                .context("TLS for the API with the serving certificate")?,
+        };
         let fleet = Fleet::load(store).context("loading the fleet from the store")?;
         let tools = Arc::new(config.tools.clone());
         let fetcher = Arc::new(git::Fetcher::new(
@@ -125,6 +176,8 @@ impl Hub {
                 .as_deref()
                 .filter(|s| !s.is_empty())
                 .map(Arc::from),
+            hooks: Arc::default(),
+            http_tls: Arc::new(http_tls),
         })
     }
 
@@ -179,11 +232,28 @@ impl Hub {
     }
 
     /// Serves agents on `agent_listener` and the API on `api_listener` until
-    /// `shutdown` completes.
+    /// `shutdown` completes; no webhook listener.
     pub async fn serve(
         self,
         agent_listener: TcpListener,
         api_listener: TcpListener,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
+        self.serve_listeners(
+            Listeners {
+                agent: agent_listener,
+                api: api_listener,
+                webhook: None,
+            },
+            shutdown,
+        )
+        .await
+    }
+
+    /// Serves every listener until `shutdown` completes.
+    pub async fn serve_listeners(
+        self,
+        listeners: Listeners,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
         let (stop_tx, stop_rx) = watch::channel(false);
@@ -191,24 +261,46 @@ impl Hub {
             self.pollers.sync(&name, &spec);
         }
         tracing::info!(
-            agents = ?agent_listener.local_addr().ok(),
-            api = ?api_listener.local_addr().ok(),
+            agents = ?listeners.agent.local_addr().ok(),
+            api = ?listeners.api.local_addr().ok(),
+            webhook = ?listeners.webhook.as_ref().and_then(|l| l.local_addr().ok()),
             "hub serving"
         );
         let gateway = tokio::spawn(gateway::serve(
-            agent_listener,
+            listeners.agent,
             self.pki.clone(),
             self.fleet.clone(),
             stop_rx.clone(),
         ));
-        let mut api_stop = stop_rx.clone();
+        let api_listener = listen::HttpListener::new(listeners.api, self.http_tls.clone(), "api")
+            .context("API listener")?;
+        let hook_listener = listeners
+            .webhook
+            .map(|l| listen::HttpListener::new(l, self.http_tls.clone(), "webhook"))
+            .transpose()
+            .context("webhook listener")?;
+        let (mut api_stop, mut hook_stop) = (stop_rx.clone(), stop_rx.clone());
+        let api_app =
+            api::router(self.clone()).into_make_service_with_connect_info::<listen::Peer>();
+        let hook_app =
+            hooks::router(self.clone()).into_make_service_with_connect_info::<listen::Peer>();
         let api = tokio::spawn(async move {
-            axum::serve(api_listener, api::router(self.clone()))
-                .with_graceful_shutdown(async move {
-                    let _ = api_stop.wait_for(|s| *s).await;
-                })
-                .await
-                .map(|_| self)
+            let api = axum::serve(api_listener, api_app).with_graceful_shutdown(async move {
+                let _ = api_stop.wait_for(|s| *s).await;
+            });
+            let hooks = async move {
+                match hook_listener {
+                    Some(l) => {
+                        axum::serve(l, hook_app)
+                            .with_graceful_shutdown(async move {
+                                let _ = hook_stop.wait_for(|s| *s).await;
+                            })
+                            .await
+                    }
+                    None => Ok(()),
+                }
+            };
+            tokio::try_join!(api.into_future(), hooks).map(|_| self)
         });
         let (mut gateway, mut api) = (gateway, api);
         tokio::select! {
@@ -249,12 +341,11 @@ impl Hub {
 /// The whole hub: opens the data directory and serves until `shutdown`.
 pub async fn run(
     config: Config,
-    agent_listener: TcpListener,
-    api_listener: TcpListener,
+    listeners: Listeners,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     Hub::open(&config)?
-        .serve(agent_listener, api_listener, shutdown)
+        .serve_listeners(listeners, shutdown)
         .await
 }
 

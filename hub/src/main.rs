@@ -1,36 +1,60 @@
-//! `flotilla-hub`: parses flags, sets up tracing, binds the listeners and runs the hub.
+//! `flotilla-hub`: parses flags, sets up tracing, binds the listeners and runs the
+//! hub; `flotilla-hub rotate-secrets-key` rotates the key that seals secrets.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use anyhow::Context;
-use clap::Parser;
+use clap::{Parser, Subcommand};
 
 /// The Flotilla hub: Git sources, rendering, targeting, fleet status, agent gateway.
 #[derive(Debug, Parser)]
-#[command(version)]
+#[command(version, subcommand_negates_reqs = true)]
 struct Args {
-    /// Directory for the CA, serving certificate, admin token, store and Git caches.
-    #[arg(long, env = "FLOTILLA_DATA_DIR")]
-    data_dir: PathBuf,
+    /// Directory for the CA, serving certificate, admin token, secrets key, store
+    /// and Git caches (made 0700; its files 0600).
+    #[arg(long, env = "FLOTILLA_DATA_DIR", required = true)]
+    data_dir: Option<PathBuf>,
     /// Address agents connect to (gRPC over TLS 1.3).
     #[arg(long, env = "FLOTILLA_AGENT_LISTEN", default_value = "127.0.0.1:7443")]
     agent_listen: SocketAddr,
-    /// Address of the HTTP API.
+    /// Address of the HTTP API: TLS, and plain HTTP too when it is a loopback
+    /// address (for clients on loopback).
     #[arg(long, env = "FLOTILLA_API_LISTEN", default_value = "127.0.0.1:7080")]
     api_listen: SocketAddr,
+    /// Address of the Git push webhook listener (`POST /hooks/git` only; TLS, and
+    /// plain HTTP on loopback). Without it, no webhook is served.
+    #[arg(long, env = "FLOTILLA_WEBHOOK_LISTEN", value_name = "ADDR")]
+    webhook_listen: Option<SocketAddr>,
     /// Host name agents use to reach the hub; put in the serving certificate.
     #[arg(long, env = "FLOTILLA_ADVERTISE_HOST", default_value = "localhost")]
     advertise_host: String,
+    /// Certificate chain (PEM) the API and webhook listeners present instead of
+    /// the hub's serving certificate; with --api-tls-key.
+    #[arg(
+        long,
+        env = "FLOTILLA_API_TLS_CERT",
+        value_name = "PATH",
+        requires = "api_tls_key"
+    )]
+    api_tls_cert: Option<PathBuf>,
+    /// Private key (PEM) of --api-tls-cert.
+    #[arg(
+        long,
+        env = "FLOTILLA_API_TLS_KEY",
+        value_name = "PATH",
+        requires = "api_tls_cert"
+    )]
+    api_tls_key: Option<PathBuf>,
     /// The helm program, for Helm bundles (default: `helm` on PATH).
     #[arg(long, env = "FLOTILLA_HELM", value_name = "PATH")]
     helm: Option<PathBuf>,
     /// The kustomize program, for Kustomize bundles (default: `kustomize` on PATH).
     #[arg(long, env = "FLOTILLA_KUSTOMIZE", value_name = "PATH")]
     kustomize: Option<PathBuf>,
-    /// File holding the secret Git push webhooks (`POST /hooks/git`) are signed
-    /// with (GitHub's `X-Hub-Signature-256`, GitLab's `X-Gitlab-Token`). Without it,
-    /// only sources whose secret has a `webhookSecret` accept hooks.
+    /// File holding the secret Git push webhooks are signed with (GitHub's
+    /// `X-Hub-Signature-256`, GitLab's `X-Gitlab-Token`), for the sources without
+    /// a webhook secret of their own (`webhookSecretRef`).
     #[arg(long, env = "FLOTILLA_WEBHOOK_SECRET_FILE", value_name = "PATH")]
     webhook_secret_file: Option<PathBuf>,
     /// Deadline of one Git fetch (connect, negotiate, receive, read the tree):
@@ -48,6 +72,19 @@ struct Args {
     /// Most files read from one commit of a source.
     #[arg(long, env = "FLOTILLA_GIT_MAX_FILES", default_value_t = flotilla_hub::git::DEFAULT_MAX_FILES)]
     git_max_files: usize,
+    #[command(subcommand)]
+    command: Option<HubCommand>,
+}
+
+#[derive(Debug, Subcommand)]
+enum HubCommand {
+    /// With the hub stopped: adds a new secrets key, seals every stored secret
+    /// again with it, then drops the old keys. Safe to run again if interrupted.
+    RotateSecretsKey {
+        /// The hub's data directory.
+        #[arg(long, env = "FLOTILLA_DATA_DIR")]
+        data_dir: PathBuf,
+    },
 }
 
 /// The program fetch helpers run: this very binary. `/proc/self/exe` names the
@@ -66,6 +103,9 @@ fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
 }
 
 fn main() -> anyhow::Result<()> {
+    // Everything the hub and its fetch helpers write (keys, token, store, Git
+    // caches) is their user's alone.
+    flotilla_hub::datadir::restrict_umask();
     // `flotilla-hub __git-fetch`: the child process each Git fetch runs in.
     if let Some(code) = flotilla_hub::git::child::helper_if_requested() {
         std::process::exit(code);
@@ -87,11 +127,25 @@ async fn hub_main() -> anyhow::Result<()> {
         // Colours only on a terminal: logs go to files and journals too.
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+    if let Some(HubCommand::RotateSecretsKey { data_dir }) = &args.command {
+        let (key, n) = flotilla_hub::sealed::rotate(data_dir)?;
+        println!("secrets key rotated: {n} secrets sealed with key {key}; old keys removed");
+        return Ok(());
+    }
+    let data_dir = args.data_dir.context("--data-dir is required")?;
     let agent = flotilla_hub::bind_agent_listener(args.agent_listen)
         .with_context(|| format!("binding {}", args.agent_listen))?;
     let api = tokio::net::TcpListener::bind(args.api_listen)
         .await
         .with_context(|| format!("binding {}", args.api_listen))?;
+    let webhook = match args.webhook_listen {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding --webhook-listen {addr}"))?,
+        ),
+        None => None,
+    };
     let webhook_secret = match &args.webhook_secret_file {
         Some(p) => Some(
             std::fs::read_to_string(p)
@@ -102,11 +156,15 @@ async fn hub_main() -> anyhow::Result<()> {
         None => None,
     };
     let config = flotilla_hub::Config {
-        data_dir: std::path::absolute(&args.data_dir).context("--data-dir")?,
+        data_dir: std::path::absolute(&data_dir).context("--data-dir")?,
         advertise_host: args.advertise_host,
         poll_git: true,
         tools: flotilla_hub::render::Tools::new(args.helm, args.kustomize),
         webhook_secret,
+        api_tls: args
+            .api_tls_cert
+            .zip(args.api_tls_key)
+            .map(|(cert, key)| flotilla_hub::ApiTls { cert, key }),
         git_timeout: args.git_timeout,
         git_limits: flotilla_hub::git::Limits {
             max_snapshot_bytes: args.git_max_snapshot_size,
@@ -115,7 +173,12 @@ async fn hub_main() -> anyhow::Result<()> {
         },
         git_fetcher: flotilla_hub::git::FetcherMode::Child(own_program()?),
     };
-    flotilla_hub::run(config, agent, api, shutdown_signal()).await
+    let listeners = flotilla_hub::Listeners {
+        agent,
+        api,
+        webhook,
+    };
+    flotilla_hub::run(config, listeners, shutdown_signal()).await
 }
 
 async fn shutdown_signal() {

@@ -141,7 +141,7 @@ impl Pki {
             let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
             let cert = ca_params().self_signed(&key)?;
             write_private(&ca_key_path, key.serialize_pem().as_bytes(), 0o600)?;
-            write_private(&ca_cert_path, cert.pem().as_bytes(), 0o644)?;
+            write_private(&ca_cert_path, cert.pem().as_bytes(), 0o600)?;
             // A new CA invalidates any serving certificate left behind.
             let _ = fs::remove_file(&hub_cert_path);
         }
@@ -178,7 +178,7 @@ impl Pki {
             params.use_authority_key_identifier_extension = true;
             let cert = params.signed_by(&key, &ca_issuer)?;
             write_private(&hub_key_path, key.serialize_pem().as_bytes(), 0o600)?;
-            write_private(&hub_cert_path, cert.pem().as_bytes(), 0o644)?;
+            write_private(&hub_cert_path, cert.pem().as_bytes(), 0o600)?;
         }
         let server_cert = pem_to_der(&read(&hub_cert_path)?)?;
         let server_key = KeyPair::from_pem(&read(&hub_key_path)?)?;

@@ -18,6 +18,14 @@ pub enum StoreError {
     Corrupt { key: String, reason: String },
     #[error("store: {0}")]
     Encode(String),
+    #[error("store: secret {name}: {source}")]
+    Sealed {
+        name: String,
+        #[source]
+        source: crate::sealed::SealError,
+    },
+    #[error("store: secrets need the hub's secrets key (SledStore::with_keyring)")]
+    NoKeyring,
 }
 
 /// A join token, as the hub keeps it: never the secret, only its hash.
@@ -41,8 +49,8 @@ pub enum TokenRefusal {
 }
 
 /// Credentials kept by the hub for private repositories (and a webhook secret),
-/// referred to by name from sources. Stored as given (protect `DATA_DIR`); the API
-/// shows only which fields are set, and `Debug` shows none of them.
+/// referred to by name from sources. Sealed at rest with the hub's secrets key
+/// (`sealed`); the API shows only which fields are set, and `Debug` shows none.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "camelCase")]
 pub struct SecretRecord {
@@ -198,6 +206,17 @@ pub struct SledStore {
     drift_cap: usize,
     /// Serialises add_drift (dedupe check, id allocation, trimming).
     drift_lock: std::sync::Mutex<()>,
+    /// Seals and opens secret records; without it secrets cannot be stored.
+    keyring: Option<std::sync::Arc<crate::sealed::Keyring>>,
+}
+
+/// A secret record as sled holds it: its name in clear, the rest sealed (the
+/// name is bound into the seal). Records from before sealing hold a plain
+/// `SecretRecord`; `with_keyring` seals them.
+#[derive(Serialize, Deserialize)]
+struct StoredSecret {
+    name: String,
+    sealed: crate::sealed::Sealed,
 }
 
 const DRIFT_NEXT_ID: &[u8] = b"\0next-id";
@@ -230,9 +249,109 @@ impl SledStore {
             drift_meta: db.open_tree("drift_meta")?,
             drift_cap: drift_cap.max(1),
             drift_lock: std::sync::Mutex::new(()),
+            keyring: None,
             db,
         })
     }
+
+    /// Gives the store the hub's secrets key, and seals the secrets written in
+    /// clear by a hub from before sealing. Secrets the keyring cannot open (a
+    /// lost key file) are reported in the log and left as they are: `secret
+    /// create` replaces them, `secret delete` removes them.
+    pub fn with_keyring(
+        mut self,
+        keyring: std::sync::Arc<crate::sealed::Keyring>,
+    ) -> Result<SledStore, StoreError> {
+        self.keyring = Some(keyring);
+        let mut sealed_now = 0;
+        for kv in self.secrets.iter() {
+            let (k, v) = kv?;
+            let name = String::from_utf8_lossy(&k).into_owned();
+            if is_sealed(&v) {
+                if let Err(e) = self.open_secret(&k, &v) {
+                    tracing::error!(secret = %name, error = %e, "a stored secret cannot be read");
+                }
+                continue;
+            }
+            let plain = decode_secret(&k, &v)?;
+            self.secrets.insert(&k, self.seal_secret(&plain)?)?;
+            sealed_now += 1;
+        }
+        if sealed_now > 0 {
+            self.secrets.flush()?;
+            tracing::info!(
+                secrets = sealed_now,
+                "secrets stored in clear by an older hub are now sealed"
+            );
+        }
+        Ok(self)
+    }
+
+    /// Seals every secret again with the keyring's current key (key rotation).
+    /// Returns how many there are.
+    pub fn reseal_secrets(&self) -> Result<usize, StoreError> {
+        let mut n = 0;
+        for kv in self.secrets.iter() {
+            let (k, v) = kv?;
+            let record = self.open_secret(&k, &v)?;
+            self.secrets.insert(&k, self.seal_secret(&record)?)?;
+            n += 1;
+        }
+        self.secrets.flush()?;
+        Ok(n)
+    }
+
+    fn keyring(&self) -> Result<&crate::sealed::Keyring, StoreError> {
+        self.keyring.as_deref().ok_or(StoreError::NoKeyring)
+    }
+
+    fn seal_secret(&self, secret: &SecretRecord) -> Result<Vec<u8>, StoreError> {
+        let plain = encode(secret)?;
+        let sealed = self.keyring()?.seal(&secret.name, &plain);
+        encode(&StoredSecret {
+            name: secret.name.clone(),
+            sealed,
+        })
+    }
+
+    fn open_secret(&self, key: &[u8], value: &[u8]) -> Result<SecretRecord, StoreError> {
+        if !is_sealed(value) {
+            return decode_secret(key, value);
+        }
+        let stored: StoredSecret = decode(key, value)?;
+        let sealed_err = |source| StoreError::Sealed {
+            name: stored.name.clone(),
+            source,
+        };
+        let plain = self
+            .keyring()?
+            .open(&stored.name, &stored.sealed)
+            .map_err(sealed_err)?;
+        let record = decode_secret(key, &plain)?;
+        if record.name.as_bytes() != key {
+            return Err(StoreError::Corrupt {
+                key: String::from_utf8_lossy(key).into_owned(),
+                reason: "a secret stored under another name".into(),
+            });
+        }
+        Ok(record)
+    }
+}
+
+/// Decodes a secret record without echoing any of it: serde's messages may
+/// quote the value they stumbled on.
+fn decode_secret(key: &[u8], bytes: &[u8]) -> Result<SecretRecord, StoreError> {
+    serde_json::from_slice(bytes).map_err(|_| StoreError::Corrupt {
+        key: String::from_utf8_lossy(key).into_owned(),
+        reason: "not a secret record".into(),
+    })
+}
+
+/// Whether a stored secret is sealed (else it was written in clear by an older hub).
+fn is_sealed(value: &[u8]) -> bool {
+    serde_json::from_slice::<serde_json::Value>(value)
+        .ok()
+        .is_some_and(|v| v.get("sealed").is_some())
 }
 
 fn encode<T: Serialize>(v: &T) -> Result<Vec<u8>, StoreError> {
@@ -301,20 +420,32 @@ impl Store for SledStore {
         list(&self.sources)
     }
 
+    /// Secrets that cannot be opened (see `with_keyring`) are left out, and logged.
     fn list_secrets(&self) -> Result<Vec<SecretRecord>, StoreError> {
-        list(&self.secrets)
+        let mut out = Vec::new();
+        for kv in self.secrets.iter() {
+            let (k, v) = kv?;
+            match self.open_secret(&k, &v) {
+                Ok(r) => out.push(r),
+                Err(e @ StoreError::Sealed { .. }) => {
+                    tracing::warn!(error = %e, "secret left out: it cannot be opened");
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(out)
     }
 
     fn get_secret(&self, name: &str) -> Result<Option<SecretRecord>, StoreError> {
         match self.secrets.get(name.as_bytes())? {
-            Some(v) => Ok(Some(decode(name.as_bytes(), &v)?)),
+            Some(v) => Ok(Some(self.open_secret(name.as_bytes(), &v)?)),
             None => Ok(None),
         }
     }
 
     fn put_secret(&self, secret: &SecretRecord) -> Result<(), StoreError> {
         self.secrets
-            .insert(secret.name.as_bytes(), encode(secret)?)?;
+            .insert(secret.name.as_bytes(), self.seal_secret(secret)?)?;
         self.secrets.flush()?;
         Ok(())
     }

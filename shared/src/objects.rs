@@ -48,6 +48,10 @@ pub struct GitSourceSpec {
     /// this source's webhook secret).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub secret_ref: Option<String>,
+    /// Name of a hub secret whose `webhookSecret` alone authenticates push hooks
+    /// for this source (see `webhook::source_key`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub webhook_secret_ref: Option<String>,
 }
 
 /// What Git reference a source follows.
@@ -104,6 +108,9 @@ impl GitSourceSpec {
         }
         for t in &self.targets {
             t.validate().map_err(|e| bad(format!("target: {e}")))?;
+        }
+        if let Some(r) = &self.webhook_secret_ref {
+            validate_name(r).map_err(|e| bad(format!("webhookSecretRef: {e}")))?;
         }
         Ok(())
     }

@@ -1,6 +1,7 @@
-//! Git push webhooks (GitHub and GitLab): checking the signature or token, reading
-//! the repository URLs and branch out of the payload, and deciding which sources a
-//! push concerns. Pure: the hub's route only feeds it headers and the body.
+//! Git push webhooks (GitHub and GitLab): checking the signature or token against
+//! each secret it may carry, the delivery id, reading the repository URLs and
+//! branch out of the payload, which secret each source accepts, and deciding which
+//! sources a push wakes. Pure: the hub's route only feeds it headers and the body.
 
 use serde_json::Value;
 use sha2::{Digest, Sha256};
@@ -66,45 +67,84 @@ pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-/// Checks a hook against the secrets it may be signed with: GitHub's
+/// Checks a hook against each secret it may be signed with: GitHub's
 /// `X-Hub-Signature-256: sha256=<hex HMAC of the body>`, GitLab's
 /// `X-Gitlab-Token: <secret>`. `header` looks a header up by lower-case name.
-/// Every secret is tried (there is one per hub and one per source at most).
-pub fn authenticate<'a>(
+/// Returns the provider and, per secret, whether the hook carries it. Every secret
+/// is compared, in constant time, whatever the others gave; an empty secret never
+/// matches. A hook matching none is `BadSignature`.
+pub fn verify<'a>(
     header: impl Fn(&str) -> Option<&'a str>,
     body: &[u8],
     secrets: &[&[u8]],
-) -> Result<Provider, HookError> {
-    if header("x-github-event").is_some() {
+) -> Result<(Provider, Vec<bool>), HookError> {
+    let (provider, matched): (Provider, Vec<bool>) = if header("x-github-event").is_some() {
         let sig = header("x-hub-signature-256")
             .and_then(|s| s.trim().strip_prefix("sha256="))
             .and_then(|h| hex::decode(h).ok())
             .ok_or(HookError::BadSignature)?;
-        let ok = secrets
+        let matched = secrets
             .iter()
-            .filter(|s| !s.is_empty())
-            .fold(false, |ok, s| {
-                ok | constant_time_eq(&hmac_sha256(s, body), &sig)
-            });
-        return if ok {
-            Ok(Provider::GitHub)
-        } else {
-            Err(HookError::BadSignature)
-        };
-    }
-    if header("x-gitlab-event").is_some() {
+            .map(|s| !s.is_empty() & constant_time_eq(&hmac_sha256(s, body), &sig))
+            .collect();
+        (Provider::GitHub, matched)
+    } else if header("x-gitlab-event").is_some() {
         let token = header("x-gitlab-token").ok_or(HookError::BadSignature)?;
-        let ok = secrets
+        let matched = secrets
             .iter()
-            .filter(|s| !s.is_empty())
-            .fold(false, |ok, s| ok | constant_time_eq(s, token.as_bytes()));
-        return if ok {
-            Ok(Provider::GitLab)
-        } else {
-            Err(HookError::BadSignature)
-        };
+            .map(|s| !s.is_empty() & constant_time_eq(s, token.as_bytes()))
+            .collect();
+        (Provider::GitLab, matched)
+    } else {
+        return Err(HookError::UnknownProvider);
+    };
+    if matched.iter().any(|m| *m) {
+        Ok((provider, matched))
+    } else {
+        Err(HookError::BadSignature)
     }
-    Err(HookError::UnknownProvider)
+}
+
+/// The provider's id of a delivery, the same when the provider retries it:
+/// GitHub's (and Gitea's, Forgejo's) `X-GitHub-Delivery`, GitLab's
+/// `Idempotency-Key` (GitLab 17.4+), else its `X-Gitlab-Event-UUID`. Not covered
+/// by the signature, so only ever compared among deliveries of one secret.
+pub fn delivery_id<'a>(
+    provider: Provider,
+    header: impl Fn(&str) -> Option<&'a str>,
+) -> Option<&'a str> {
+    let names: &[&str] = match provider {
+        Provider::GitHub => &["x-github-delivery", "x-gitea-delivery"],
+        Provider::GitLab => &["idempotency-key", "x-gitlab-event-uuid"],
+    };
+    names
+        .iter()
+        .find_map(|n| header(n))
+        .map(str::trim)
+        .filter(|id| !id.is_empty())
+}
+
+/// Which secret a source's push hooks must be signed with.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum HookKey {
+    /// The hub-wide webhook secret (`--webhook-secret-file`).
+    Hub,
+    /// The `webhookSecret` of the hub secret of this name.
+    Secret(String),
+}
+
+/// A source's own secret if it has one, else the hub-wide one: its
+/// `webhookSecretRef`; else its `secretRef` when that secret holds a webhook
+/// secret (`has_webhook_secret`); else `Hub`. A source with a secret of its own
+/// never accepts the hub-wide one, nor another source's.
+pub fn source_key(spec: &GitSourceSpec, has_webhook_secret: impl Fn(&str) -> bool) -> HookKey {
+    if let Some(r) = &spec.webhook_secret_ref {
+        return HookKey::Secret(r.clone());
+    }
+    match &spec.secret_ref {
+        Some(r) if has_webhook_secret(r) => HookKey::Secret(r.clone()),
+        _ => HookKey::Hub,
+    }
 }
 
 /// Reads a push event. `event` is the value of `X-GitHub-Event` / `X-Gitlab-Event`.
@@ -190,12 +230,15 @@ pub fn normalize_repo_url(url: &str) -> String {
     }
 }
 
+/// Whether a push is for a source's repository (any ref).
+pub fn same_repo(push: &Push, spec: &GitSourceSpec) -> bool {
+    push.repos.contains(&normalize_repo_url(&spec.repo))
+}
+
 /// Whether a push concerns a source: same repository and the ref it follows. A
-/// source on a fixed revision is never triggered (nothing can move it); a push of
-/// any ref is enough for it to look again when the payload names no usable ref.
+/// source on a fixed revision is never triggered (nothing can move it).
 pub fn concerns(push: &Push, spec: &GitSourceSpec) -> bool {
-    let repo = normalize_repo_url(&spec.repo);
-    if !push.repos.contains(&repo) {
+    if !same_repo(push, spec) {
         return false;
     }
     match spec.git_ref() {
@@ -203,6 +246,21 @@ pub fn concerns(push: &Push, spec: &GitSourceSpec) -> bool {
         GitRef::Tag(t) => push.git_ref == format!("refs/tags/{t}"),
         GitRef::Revision(_) => false,
     }
+}
+
+/// The sources a verified push wakes: those it concerns whose own key (see
+/// [`source_key`]) is among the keys the hook was signed with. `sources` are
+/// (name, spec, key).
+pub fn to_wake(
+    push: &Push,
+    sources: &[(String, GitSourceSpec, HookKey)],
+    signed_with: &[HookKey],
+) -> Vec<String> {
+    sources
+        .iter()
+        .filter(|(_, spec, key)| signed_with.contains(key) && concerns(push, spec))
+        .map(|(name, _, _)| name.clone())
+        .collect()
 }
 
 #[cfg(test)]
@@ -237,24 +295,24 @@ mod tests {
     }
 
     #[test]
-    fn authenticates_github_and_gitlab() {
+    fn verifies_github_and_gitlab_per_secret() {
         let body = br#"{"ref":"refs/heads/main"}"#;
         let sig = format!("sha256={}", hex::encode(hmac_sha256(b"s3cret", body)));
         let h = headers(&[
             ("x-github-event", "push".into()),
             ("x-hub-signature-256", sig.clone()),
+            ("x-github-delivery", "d-1".into()),
         ]);
         let get = |k: &str| h.get(k).map(String::as_str);
         assert_eq!(
-            authenticate(get, body, &[b"other", b"s3cret"]),
-            Ok(Provider::GitHub)
+            verify(get, body, &[b"other", b"s3cret", b"third"]),
+            Ok((Provider::GitHub, vec![false, true, false])),
+            "says which secret signed it"
         );
+        assert_eq!(delivery_id(Provider::GitHub, get), Some("d-1"));
+        assert_eq!(verify(get, body, &[b"other"]), Err(HookError::BadSignature));
         assert_eq!(
-            authenticate(get, body, &[b"other"]),
-            Err(HookError::BadSignature)
-        );
-        assert_eq!(
-            authenticate(get, b"tampered", &[b"s3cret"]),
+            verify(get, b"tampered", &[b"s3cret"]),
             Err(HookError::BadSignature)
         );
         // An empty secret never authenticates anything.
@@ -264,24 +322,93 @@ mod tests {
             ("x-hub-signature-256", empty_sig),
         ]);
         assert_eq!(
-            authenticate(|k: &str| h2.get(k).map(String::as_str), body, &[b""]),
+            verify(|k: &str| h2.get(k).map(String::as_str), body, &[b""]),
+            Err(HookError::BadSignature)
+        );
+        let unsigned = headers(&[("x-github-event", "push".into())]);
+        assert_eq!(
+            verify(
+                |k: &str| unsigned.get(k).map(String::as_str),
+                body,
+                &[b"s3cret"]
+            ),
             Err(HookError::BadSignature)
         );
 
         let gl = headers(&[
             ("x-gitlab-event", "Push Hook".into()),
             ("x-gitlab-token", "s3cret".into()),
+            ("x-gitlab-event-uuid", "ev-1".into()),
+            ("idempotency-key", "idem-1".into()),
         ]);
         let get = |k: &str| gl.get(k).map(String::as_str);
-        assert_eq!(authenticate(get, body, &[b"s3cret"]), Ok(Provider::GitLab));
         assert_eq!(
-            authenticate(get, body, &[b"s3cre"]),
-            Err(HookError::BadSignature)
+            verify(get, body, &[b"s3cret", b"s3cret-b"]),
+            Ok((Provider::GitLab, vec![true, false]))
         );
+        assert_eq!(delivery_id(Provider::GitLab, get), Some("idem-1"));
+        assert_eq!(verify(get, body, &[b"s3cre"]), Err(HookError::BadSignature));
+        let gl_old = headers(&[("x-gitlab-event-uuid", " ev-2 ".into())]);
         assert_eq!(
-            authenticate(|_: &str| None, body, &[b"s3cret"]),
+            delivery_id(Provider::GitLab, |k: &str| gl_old
+                .get(k)
+                .map(String::as_str)),
+            Some("ev-2")
+        );
+        assert_eq!(delivery_id(Provider::GitHub, |_: &str| None), None);
+        assert_eq!(
+            verify(|_: &str| None, body, &[b"s3cret"]),
             Err(HookError::UnknownProvider)
         );
+    }
+
+    #[test]
+    fn a_source_accepts_its_own_secret_or_else_the_hubs() {
+        let spec = |secret: Option<&str>, hook: Option<&str>| GitSourceSpec {
+            repo: "https://github.com/o/r".into(),
+            secret_ref: secret.map(Into::into),
+            webhook_secret_ref: hook.map(Into::into),
+            ..Default::default()
+        };
+        let has = |n: &str| n == "creds-with-hook";
+        assert_eq!(source_key(&spec(None, None), has), HookKey::Hub);
+        assert_eq!(
+            source_key(&spec(Some("plain-creds"), None), has),
+            HookKey::Hub
+        );
+        assert_eq!(
+            source_key(&spec(Some("creds-with-hook"), None), has),
+            HookKey::Secret("creds-with-hook".into())
+        );
+        assert_eq!(
+            source_key(&spec(Some("creds-with-hook"), Some("hook-a")), has),
+            HookKey::Secret("hook-a".into()),
+            "webhookSecretRef wins"
+        );
+        // Who gets woken: only the sources whose key signed the hook.
+        let push = Push {
+            repos: vec!["github.com/o/r".into()],
+            git_ref: "refs/heads/main".into(),
+        };
+        let sources = vec![
+            (
+                "a".to_string(),
+                spec(None, Some("hook-a")),
+                HookKey::Secret("hook-a".into()),
+            ),
+            (
+                "b".to_string(),
+                spec(None, Some("hook-b")),
+                HookKey::Secret("hook-b".into()),
+            ),
+            ("hub".to_string(), spec(None, None), HookKey::Hub),
+        ];
+        assert_eq!(
+            to_wake(&push, &sources, &[HookKey::Secret("hook-b".into())]),
+            ["b"]
+        );
+        assert_eq!(to_wake(&push, &sources, &[HookKey::Hub]), ["hub"]);
+        assert!(to_wake(&push, &sources, &[]).is_empty());
     }
 
     #[test]

@@ -347,7 +347,8 @@ fn remove_stale_cluster_dirs() {
     }
 }
 
-/// A running hub.
+/// A running hub. Its API is on loopback (plain HTTP works there), and it has a
+/// webhook listener on loopback too.
 pub struct Hub {
     pub dir: PathBuf,
     pub api: String,
@@ -356,6 +357,9 @@ pub struct Hub {
     pub proc: Proc,
     agent_port: u16,
     api_port: u16,
+    webhook_port: u16,
+    args: Vec<String>,
+    envs: Vec<(String, String)>,
 }
 
 impl Hub {
@@ -368,7 +372,8 @@ impl Hub {
         Self::start_with(dir, agent_port, api_port, &[], &[])
     }
 
-    /// As [`Hub::start_on`], with extra flags and environment variables.
+    /// As [`Hub::start_on`], with extra flags and environment variables (kept
+    /// for [`Hub::restart`]).
     pub fn start_with(
         dir: &Path,
         agent_port: u16,
@@ -376,18 +381,45 @@ impl Hub {
         args: &[&str],
         envs: &[(&str, &str)],
     ) -> Result<Hub> {
+        Self::start_full(
+            dir,
+            (agent_port, api_port, free_port()),
+            &args.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
+            &envs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect::<Vec<_>>(),
+        )
+    }
+
+    fn start_full(
+        dir: &Path,
+        (agent_port, api_port, webhook_port): (u16, u16, u16),
+        args: &[String],
+        envs: &[(String, String)],
+    ) -> Result<Hub> {
         fs::create_dir_all(dir)?;
+        // An --api-listen among the extra flags replaces the loopback one (and
+        // `api` is then https:// on it).
+        let own_api = args
+            .iter()
+            .position(|a| a == "--api-listen")
+            .and_then(|i| args.get(i + 1));
+        let mut cmd = Command::new(bin_dir().join("flotilla-hub"));
+        cmd.args(args)
+            .envs(envs.iter().map(|(k, v)| (k, v)))
+            .arg("--data-dir")
+            .arg(dir)
+            .arg("--agent-listen")
+            .arg(format!("127.0.0.1:{agent_port}"))
+            .arg("--webhook-listen")
+            .arg(format!("127.0.0.1:{webhook_port}"));
+        if own_api.is_none() {
+            cmd.arg("--api-listen").arg(format!("127.0.0.1:{api_port}"));
+        }
         let proc = Proc::spawn(
             "flotilla-hub",
-            Command::new(bin_dir().join("flotilla-hub"))
-                .args(args)
-                .envs(envs.iter().copied())
-                .arg("--data-dir")
-                .arg(dir)
-                .arg("--agent-listen")
-                .arg(format!("127.0.0.1:{agent_port}"))
-                .arg("--api-listen")
-                .arg(format!("127.0.0.1:{api_port}"))
+            cmd
                 // helm and kustomize as `make testenv` builds them, for Helm and
                 // Kustomize bundles.
                 .arg("--helm")
@@ -400,7 +432,10 @@ impl Hub {
                 Instant::now().elapsed().as_nanos() % 1000
             )),
         )?;
-        let api = format!("http://127.0.0.1:{api_port}");
+        let api = match own_api {
+            Some(addr) => format!("https://{addr}"),
+            None => format!("http://127.0.0.1:{api_port}"),
+        };
         let token_file = dir.join("admin-token");
         let mut hub = Hub {
             dir: dir.to_path_buf(),
@@ -410,13 +445,23 @@ impl Hub {
             proc,
             agent_port,
             api_port,
+            webhook_port,
+            args: args.to_vec(),
+            envs: envs.to_vec(),
         };
         hub.admin_token = wait_until("hub API up", Duration::from_secs(30), || {
             if !token_file.exists() {
                 return Ok(None);
             }
             let token = fs::read_to_string(&token_file)?.trim().to_string();
-            let ok = std::net::TcpStream::connect(("127.0.0.1", api_port)).is_ok()
+            let api_up = match own_api {
+                Some(addr) => addr
+                    .parse::<std::net::SocketAddr>()
+                    .is_ok_and(|a| std::net::TcpStream::connect(a).is_ok()),
+                None => std::net::TcpStream::connect(("127.0.0.1", api_port)).is_ok(),
+            };
+            let ok = api_up
+                && std::net::TcpStream::connect(("127.0.0.1", webhook_port)).is_ok()
                 && std::net::TcpStream::connect(("127.0.0.1", agent_port)).is_ok();
             Ok(ok.then_some(token))
         })
@@ -424,15 +469,25 @@ impl Hub {
         Ok(hub)
     }
 
+    /// The hub's CA certificate (`DATA_DIR/ca.pem`), which verifies its API.
+    pub fn ca_file(&self) -> PathBuf {
+        self.dir.join("ca.pem")
+    }
+
     /// Stops the hub (SIGTERM).
     pub fn stop(&mut self) {
         self.proc.stop();
     }
 
-    /// Starts it again on the same ports and data dir.
+    /// Starts it again on the same ports, data dir, flags and environment.
     pub fn restart(&mut self) -> Result<()> {
         self.proc.stop();
-        let h = Hub::start_on(&self.dir.clone(), self.agent_port, self.api_port)?;
+        let h = Hub::start_full(
+            &self.dir.clone(),
+            (self.agent_port, self.api_port, self.webhook_port),
+            &self.args,
+            &self.envs,
+        )?;
         *self = h;
         Ok(())
     }
@@ -455,6 +510,8 @@ impl Hub {
             .args(args)
             .env("FLOTILLA_HUB", &self.api)
             .env("FLOTILLA_TOKEN", &self.admin_token)
+            // The hub's own CA verifies an https:// API.
+            .env("FLOTILLA_CA", self.ca_file())
             .stdin(Stdio::null())
             .output()?)
     }
@@ -519,11 +576,26 @@ pub fn http_post(
     headers: &[(&str, &str)],
     body: &[u8],
 ) -> Result<(u16, String)> {
+    http_post_to(
+        std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+        path,
+        headers,
+        body,
+    )
+}
+
+/// [`http_post`] to any address.
+pub fn http_post_to(
+    addr: std::net::SocketAddr,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> Result<(u16, String)> {
     use std::io::Read;
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
+    let mut s = std::net::TcpStream::connect(addr)?;
     s.set_read_timeout(Some(Duration::from_secs(30)))?;
     let mut req = format!(
-        "POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n",
+        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n",
         body.len()
     );
     for (k, v) in headers {
@@ -548,10 +620,40 @@ pub fn http_post(
 }
 
 impl Hub {
-    /// The port of the hub's HTTP API (also serves `/hooks/git`).
+    /// The port of the hub's HTTP API (on 127.0.0.1).
     pub fn api_port(&self) -> u16 {
         self.api_port
     }
+
+    /// The port of the hub's webhook listener (`POST /hooks/git`, on 127.0.0.1).
+    pub fn webhook_port(&self) -> u16 {
+        self.webhook_port
+    }
+}
+
+/// A local IPv4 address that is not loopback (to bind a listener on, as a hub
+/// reachable from the network would be): the first global one `ip -4 addr`
+/// shows. Fails, saying so, when the machine has none.
+pub fn non_loopback_ipv4() -> Result<std::net::Ipv4Addr> {
+    let out = Command::new("ip")
+        .args(["-4", "-o", "addr", "show"])
+        .output()
+        .context("running `ip -4 -o addr show`")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines()
+        .filter_map(|l| {
+            let mut words = l.split_whitespace();
+            words.find(|w| *w == "inet")?;
+            words.next()?.split('/').next()?.parse().ok()
+        })
+        .find(|ip: &std::net::Ipv4Addr| !ip.is_loopback() && !ip.is_unspecified())
+        .ok_or_else(|| {
+            anyhow!(
+                "this machine has no non-loopback IPv4 address (`ip -4 addr` shows none); \
+                 the test needs one: add one, e.g. `ip link add flt0 type dummy && \
+                 ip addr add 10.213.0.1/32 dev flt0 && ip link set flt0 up` as root"
+            )
+        })
 }
 
 /// A running agent for one cluster.

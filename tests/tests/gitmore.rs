@@ -103,7 +103,7 @@ fn webhook_push_is_applied_without_waiting_for_the_poll() -> Result<()> {
     let (body, _) = github_push("hook-s3cret", &repo.url, "refs/heads/main");
     let (_, bad_sig) = github_push("wrong", &repo.url, "refs/heads/main");
     let (status, text) = http_post(
-        hub.api_port(),
+        hub.webhook_port(),
         "/hooks/git",
         &[
             ("X-GitHub-Event", "push"),
@@ -115,7 +115,7 @@ fn webhook_push_is_applied_without_waiting_for_the_poll() -> Result<()> {
     // A push to another branch triggers nothing either.
     let (other_body, other_sig) = github_push("hook-s3cret", &repo.url, "refs/heads/dev");
     let (status, text) = http_post(
-        hub.api_port(),
+        hub.webhook_port(),
         "/hooks/git",
         &[
             ("X-GitHub-Event", "push"),
@@ -135,7 +135,7 @@ fn webhook_push_is_applied_without_waiting_for_the_poll() -> Result<()> {
     let (body, sig) = github_push("hook-s3cret", &repo.url, "refs/heads/main");
     let pushed = Instant::now();
     let (status, text) = http_post(
-        hub.api_port(),
+        hub.webhook_port(),
         "/hooks/git",
         &[("X-GitHub-Event", "push"), ("X-Hub-Signature-256", &sig)],
         &body,
@@ -159,7 +159,7 @@ fn webhook_push_is_applied_without_waiting_for_the_poll() -> Result<()> {
     })
     .to_string();
     let (status, text) = http_post(
-        hub.api_port(),
+        hub.webhook_port(),
         "/hooks/git",
         &[
             ("X-Gitlab-Event", "Push Hook"),
