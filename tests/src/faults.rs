@@ -4,7 +4,6 @@
 //! answers 429 or 500 on demand; and killing and restarting a test cluster on its
 //! data dir.
 
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -526,42 +525,42 @@ impl TestCluster {
 
     /// Starts the control plane again after a kill (same port, same data dir).
     fn respawn(&mut self, port: u16) -> Result<()> {
-        let log = self.dir.join(format!(
-            "cluster-{}.log",
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_millis())
-                .unwrap_or(0)
-        ));
-        // The lock of the killed process is released with its file descriptors; a
-        // restart racing the kernel's cleanup exits 1 at once, so it is retried.
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            self.proc = Proc::spawn(
-                &format!("kube-testcluster {}", self.name),
+        let stamp = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis())
+            .unwrap_or(0);
+        let log = self.dir.join(format!("cluster-{stamp}.log"));
+        let spawn = |name: &str, dir: &Path| {
+            Proc::spawn(
+                &format!("kube-testcluster {name}"),
                 Command::new(testenv_dir().join("kube-testcluster"))
                     .arg("--data-dir")
-                    .arg(&self.dir)
+                    .arg(dir)
                     .arg("--port")
                     .arg(port.to_string())
                     .arg("--name")
-                    .arg(&self.name)
+                    .arg(name)
                     .arg("--stop-on-stdin-eof"),
                 &log,
-            )?;
-            std::thread::sleep(Duration::from_millis(300));
-            if self.proc.alive() {
-                break;
-            }
-            if Instant::now() > deadline {
-                bail!("kube-testcluster did not restart:\n{}", self.proc.log_text());
-            }
-        }
+            )
+        };
+        self.proc = spawn(&self.name, &self.dir)?;
         let kubeconfig = self.kubeconfig.clone();
+        let mut tries = 1;
+        // The data dir's lock and the port are released with the killed process;
+        // a start racing the kernel's cleanup exits at once, and is tried again.
         wait_until(
             &format!("cluster {} ready again", self.name),
             Duration::from_secs(120),
             || {
+                if !self.proc.alive() {
+                    if tries >= 20 {
+                        bail!("kube-testcluster exits at start: {}", self.proc.log_text());
+                    }
+                    tries += 1;
+                    self.proc = spawn(&self.name, &self.dir)?;
+                    return Ok(None);
+                }
                 let out = Command::new(testenv_dir().join("kubectl"))
                     .arg("--kubeconfig")
                     .arg(&kubeconfig)
@@ -571,13 +570,8 @@ impl TestCluster {
                 Ok((out.status.success() && String::from_utf8_lossy(&out.stdout).contains("ok"))
                     .then_some(()))
             },
-        )
-        .with_context(|| self.proc.log_text())?;
+        )?;
         Ok(())
     }
 }
 
-/// The loopback address of a port, for messages.
-pub fn addr(port: u16) -> SocketAddr {
-    SocketAddr::from(([127, 0, 0, 1], port))
-}

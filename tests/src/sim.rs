@@ -275,7 +275,8 @@ pub async fn torture_agent(
     let mut seq = 0u64;
     let mut held: Vec<String> = Vec::new();
     loop {
-        if *switches.stop.borrow() {
+        let stop = *switches.stop.borrow();
+        if stop {
             return;
         }
         if let Ok(mut o) = obs.lock() {
@@ -304,9 +305,14 @@ pub async fn torture_agent(
         attempt = attempt.saturating_add(1);
         tokio::select! {
             _ = tokio::time::sleep(delay) => {}
-            _ = switches.stop.wait_for(|s| *s) => return,
+            _ = stopped(&mut switches.stop) => return,
         }
     }
+}
+
+/// Completes once the switch is on (or its sender is gone).
+async fn stopped(rx: &mut watch::Receiver<bool>) {
+    let _ = rx.wait_for(|s| *s).await;
 }
 
 fn lock(obs: &std::sync::Mutex<Observed>) -> std::sync::MutexGuard<'_, Observed> {
@@ -471,7 +477,8 @@ async fn torture_session(
             },
             _ = tokio::time::sleep_until(report_at) => {
                 report_at = next_report(behaviour.status_every);
-                if *switches.quiet.borrow() {
+                let quiet = *switches.quiet.borrow();
+                if quiet {
                     continue;
                 }
                 let made = {
@@ -503,7 +510,7 @@ async fn torture_session(
                 }
             }
             _ = heartbeat.tick() => send(AgentMsg::Heartbeat(Heartbeat {})).await?,
-            _ = switches.stop.wait_for(|s| *s) => return Ok(true),
+            _ = stopped(&mut switches.stop) => return Ok(true),
         }
     }
 }

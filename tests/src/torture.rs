@@ -296,6 +296,8 @@ pub struct HubApi {
 
 impl HubApi {
     pub fn new(hub: &Hub) -> HubApi {
+        // reqwest is built without a provider of its own: ring, as everywhere.
+        let _ = rustls::crypto::ring::default_provider().install_default();
         HubApi {
             api: hub.api.clone(),
             token: hub.admin_token.clone(),

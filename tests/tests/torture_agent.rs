@@ -109,7 +109,7 @@ fn hub_view(hub: &Hub, cluster: &str) -> Result<Option<(String, String)>> {
 /// Where a kill is aimed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum Aim {
-    /// Within ~30 ms of the hub sending the set: receiving, storing, acknowledging.
+    /// Within ~10 ms of the hub sending the set: receiving, storing, acknowledging.
     Ack,
     /// While objects are being applied.
     Apply,
@@ -302,7 +302,7 @@ fn agent_kill9_while_applying_and_pruning() -> Result<()> {
         let struck = match aim {
             Aim::Ack => hub_log
                 .wait_for("sending desired set", DEADLINE)
-                .map(|_| std::thread::sleep(random_upto(Duration::from_millis(30)))),
+                .map(|_| std::thread::sleep(random_upto(Duration::from_millis(10)))),
             Aim::Apply => agent_log
                 .wait_for("desired state received", DEADLINE)
                 .map(|_| std::thread::sleep(random_upto(apply_time))),
