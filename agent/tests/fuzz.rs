@@ -7,8 +7,8 @@
 use flotilla_agent::session::desired_set;
 use flotilla_proto::v1;
 use flotilla_shared::bundle::Rendered;
-use prost::Message;
 use proptest::prelude::*;
+use prost::Message;
 
 fn config() -> ProptestConfig {
     let cases = std::env::var("FLOTILLA_FUZZ_CASES")

@@ -5,8 +5,8 @@
 //! `FLOTILLA_FUZZ_CASES` in `make fuzz`.
 
 use flotilla_proto::v1;
-use prost::Message;
 use proptest::prelude::*;
+use prost::Message;
 
 use super::{drift_event, status_record};
 

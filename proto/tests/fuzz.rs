@@ -8,8 +8,8 @@ use flotilla_proto::v1;
 use flotilla_proto::{status_state, ConversionError};
 use flotilla_shared::bundle::Rendered;
 use flotilla_shared::drift::{DriftEvent, DriftPolicy};
-use prost::Message;
 use proptest::prelude::*;
+use prost::Message;
 
 fn config() -> ProptestConfig {
     let cases = std::env::var("FLOTILLA_FUZZ_CASES")
@@ -112,7 +112,8 @@ fn sample_hub_message() -> Vec<u8> {
                 content_hash: "h".into(),
                 manifests: vec![v1::Manifest {
                     file: "a.yaml".into(),
-                    json: r#"{"apiVersion":"v1","kind":"ConfigMap","metadata":{"name":"x"}}"#.into(),
+                    json: r#"{"apiVersion":"v1","kind":"ConfigMap","metadata":{"name":"x"}}"#
+                        .into(),
                 }],
                 default_namespace: "d".into(),
                 target_namespace: String::new(),

@@ -123,11 +123,9 @@ impl Link {
                 let mut cut = false;
                 while flapping.load(Ordering::SeqCst) {
                     cut = !cut;
-                    state.mode.send_replace(if cut {
-                        LinkMode::Reset
-                    } else {
-                        LinkMode::Pass
-                    });
+                    state
+                        .mode
+                        .send_replace(if cut { LinkMode::Reset } else { LinkMode::Pass });
                     let span = max.saturating_sub(min).as_secs_f64();
                     let d = min + Duration::from_secs_f64(span * rand::random::<f64>());
                     tokio::time::sleep(d).await;
@@ -567,11 +565,12 @@ impl TestCluster {
                     .args(["get", "--raw", "/readyz"])
                     .stdin(std::process::Stdio::null())
                     .output()?;
-                Ok((out.status.success() && String::from_utf8_lossy(&out.stdout).contains("ok"))
-                    .then_some(()))
+                Ok(
+                    (out.status.success() && String::from_utf8_lossy(&out.stdout).contains("ok"))
+                        .then_some(()),
+                )
             },
         )?;
         Ok(())
     }
 }
-

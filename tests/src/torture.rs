@@ -55,7 +55,17 @@ pub struct PartReport {
 
 impl PartReport {
     pub fn new(part: &str) -> PartReport {
+        let overrides: Vec<String> = std::env::vars()
+            .filter(|(k, _)| k.starts_with("FLOTILLA_TORTURE_") && k != "FLOTILLA_TORTURE_OUT")
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        let notes = if overrides.is_empty() {
+            Vec::new()
+        } else {
+            vec![format!("scale overridden: {}", overrides.join(" "))]
+        };
         PartReport {
+            notes,
             part: part.to_string(),
             mode: if full() { "full" } else { "short" }.to_string(),
             started_unix_s: std::time::SystemTime::now()
@@ -110,7 +120,10 @@ pub fn results_dir() -> PathBuf {
     if let Ok(d) = std::env::var("FLOTILLA_TORTURE_OUT") {
         return PathBuf::from(d);
     }
-    let target = bin_dir().parent().map(Path::to_path_buf).unwrap_or_default();
+    let target = bin_dir()
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default();
     target.join(if full() {
         "torture-full"
     } else {
@@ -153,7 +166,9 @@ pub struct LogTail {
 impl LogTail {
     /// Follows `path` from its current end.
     pub fn from_end(path: &Path) -> LogTail {
-        let len = std::fs::metadata(path).map(|m| m.len() as usize).unwrap_or(0);
+        let len = std::fs::metadata(path)
+            .map(|m| m.len() as usize)
+            .unwrap_or(0);
         LogTail {
             path: path.to_path_buf(),
             offset: len,
@@ -415,7 +430,17 @@ pub fn drift_and_wait_corrected(
     want: &str,
 ) -> Result<Duration> {
     let patch = format!(r#"{{"data":{{"value":"{marker}"}}}}"#);
-    c.kubectl(&["patch", "configmap", "app", "-n", ns, "--type", "merge", "-p", &patch])?;
+    c.kubectl(&[
+        "patch",
+        "configmap",
+        "app",
+        "-n",
+        ns,
+        "--type",
+        "merge",
+        "-p",
+        &patch,
+    ])?;
     let t = Instant::now();
     wait_until(
         &format!("drift {marker} corrected"),

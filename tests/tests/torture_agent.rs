@@ -248,9 +248,7 @@ fn agent_kill9_while_applying_and_pruning() -> Result<()> {
     let (y, mut want) = bundle(r);
     let mut commit = repo.commit(&BTreeMap::from([("app.yaml", Some(y.as_str()))]), "r1")?;
     let agent = Agent::start(&hub, &hub.token()?, name, "", &cluster, &state)?;
-    hub.cli(&[
-        "source", "add", "kill", "--repo", &repo.url, "--poll", "1s",
-    ])?;
+    hub.cli(&["source", "add", "kill", "--repo", &repo.url, "--poll", "1s"])?;
     let mut run = Run {
         hub: &hub,
         cluster: &cluster,
@@ -356,7 +354,10 @@ fn agent_kill9_while_applying_and_pruning() -> Result<()> {
         ..
     } = run;
     report.figure("bundle", format!("1 namespace + {OBJECTS} ConfigMaps; each revision applies {OBJECTS} (100 new) and prunes 100"));
-    report.figure("kills", format!("{kills} (+{double_kills} during the re-apply after a restart)"));
+    report.figure(
+        "kills",
+        format!("{kills} (+{double_kills} during the re-apply after a restart)"),
+    );
     report.figure("restarts survived", restarts);
     report.figure(
         "kills aimed at",
@@ -376,7 +377,10 @@ fn agent_kill9_while_applying_and_pruning() -> Result<()> {
     );
     report.figure("objects lost", lost);
     report.figure("objects orphaned", orphaned_total);
-    report.figure("store problems (not opened cleanly, acknowledged state lost)", store_problems);
+    report.figure(
+        "store problems (not opened cleanly, acknowledged state lost)",
+        store_problems,
+    );
     report.figure(
         "restart to converged (p50 / p99 / max)",
         format!(

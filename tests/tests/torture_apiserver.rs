@@ -26,9 +26,7 @@ fn state(hub: &Hub, cluster: &str) -> Result<Option<(String, String)>> {
 fn wait_state(hub: &Hub, cluster: &str, want: &str, deadline: Duration) -> Result<Duration> {
     let t = Instant::now();
     wait_until(&format!("{BUNDLE} {want}"), deadline, || {
-        Ok(state(hub, cluster)?
-            .filter(|(s, _)| s == want)
-            .map(|_| ()))
+        Ok(state(hub, cluster)?.filter(|(s, _)| s == want).map(|_| ()))
     })?;
     Ok(t.elapsed())
 }
@@ -76,7 +74,10 @@ fn api_server_errors_and_restarts_under_the_agent() -> Result<()> {
     hub.cli(&["source", "add", BUNDLE, "--repo", &repo.url, "--poll", "1s"])?;
     wait_state(&hub, name, "Ready", DEADLINE)?;
 
-    for (code, label) in [(500u16, "500 Internal Server Error"), (429, "429 Too Many Requests")] {
+    for (code, label) in [
+        (500u16, "500 Internal Server Error"),
+        (429, "429 Too Many Requests"),
+    ] {
         let t = Instant::now();
         proxy.set(ApiFault::Status(code));
         // Meanwhile, straight to the API server: the pod stops being Ready and a
@@ -84,19 +85,39 @@ fn api_server_errors_and_restarts_under_the_agent() -> Result<()> {
         set_pod_ready(&cluster, NS, false)?;
         let marker = format!("during-{code}");
         cluster.kubectl(&[
-            "patch", "configmap", "app", "-n", NS, "--type", "merge", "-p",
+            "patch",
+            "configmap",
+            "app",
+            "-n",
+            NS,
+            "--type",
+            "merge",
+            "-p",
             &format!(r#"{{"data":{{"value":"{marker}"}}}}"#),
         ])?;
+        // The agent cannot see the pod meanwhile: how often is the stale Ready shown?
+        let (mut samples, mut stale) = (0, 0);
         while t.elapsed() < fault_for {
-            std::thread::sleep(Duration::from_millis(200));
+            samples += 1;
+            if state(&hub, name)?.is_some_and(|(s, _)| s == "Ready") {
+                stale += 1;
+            }
+            std::thread::sleep(Duration::from_millis(500));
         }
+        report.figure(
+            &format!("{label}: bundle shown Ready during the fault, pod not Ready (stale view)"),
+            format!("{stale} of {samples} samples"),
+        );
         proxy.set(ApiFault::None);
         let healed = Instant::now();
         let (requests, faulted) = proxy.requests_between(t, healed);
         let rate = requests as f64 / healed.duration_since(t).as_secs_f64();
         report.figure(
             &format!("{label}: agent requests answered with it"),
-            format!("{faulted} in {:.0} s ({rate:.1}/s)", fault_for.as_secs_f64()),
+            format!(
+                "{faulted} in {:.0} s ({rate:.1}/s)",
+                fault_for.as_secs_f64()
+            ),
         );
         if rate > 20.0 {
             report.note(format!(
@@ -104,9 +125,11 @@ fn api_server_errors_and_restarts_under_the_agent() -> Result<()> {
             ));
         }
         // Watches resume: the change is seen and undone, the pod's state is seen.
-        match wait_until(&format!("{marker} corrected"), Duration::from_secs(120), || {
-            Ok((app_value(&cluster, NS)?.as_deref() == Some("v1")).then_some(()))
-        }) {
+        match wait_until(
+            &format!("{marker} corrected"),
+            Duration::from_secs(120),
+            || Ok((app_value(&cluster, NS)?.as_deref() == Some("v1")).then_some(())),
+        ) {
             Ok(()) => report.figure(
                 &format!("{label}: change made meanwhile corrected after"),
                 format!("{:.1} s", healed.elapsed().as_secs_f64()),
@@ -138,7 +161,10 @@ fn api_server_errors_and_restarts_under_the_agent() -> Result<()> {
 
     // The whole control plane killed and started again on its data dir.
     let down = cluster.kill9_and_restart()?;
-    report.figure("control plane kill -9 to ready again", format!("{:.1} s", down.as_secs_f64()));
+    report.figure(
+        "control plane kill -9 to ready again",
+        format!("{:.1} s", down.as_secs_f64()),
+    );
     let t = Instant::now();
     match drift_and_wait_corrected(&cluster, NS, "after-restart", "v1") {
         Ok(d) => report.figure(

@@ -66,7 +66,11 @@ async fn wait_all(
 
 /// What the API shows against what the agents were acknowledged: (statuses lost,
 /// drift events lost, drift events duplicated), with examples.
-async fn audit(api: &HubApi, fleet: &Fleet, bundles: &[String]) -> Result<(usize, usize, usize, Vec<String>)> {
+async fn audit(
+    api: &HubApi,
+    fleet: &Fleet,
+    bundles: &[String],
+) -> Result<(usize, usize, usize, Vec<String>)> {
     let mut shown = BTreeMap::new();
     for b in bundles {
         shown.insert(b.clone(), api.bundle_states(b).await?);
@@ -105,18 +109,26 @@ async fn audit(api: &HubApi, fleet: &Fleet, bundles: &[String]) -> Result<(usize
             let Some((name, _)) = o.drift.get(id) else {
                 continue;
             };
-            match counts.get(&(cluster.clone(), name.clone())).copied().unwrap_or(0) {
+            match counts
+                .get(&(cluster.clone(), name.clone()))
+                .copied()
+                .unwrap_or(0)
+            {
                 0 => {
                     drift_lost += 1;
                     if examples.len() < 5 {
-                        examples.push(format!("{cluster}: acked drift event {id} ({name}) not in the API"));
+                        examples.push(format!(
+                            "{cluster}: acked drift event {id} ({name}) not in the API"
+                        ));
                     }
                 }
                 1 => {}
                 n => {
                     drift_dup += n - 1;
                     if examples.len() < 5 {
-                        examples.push(format!("{cluster}: drift event {id} ({name}) shown {n} times"));
+                        examples.push(format!(
+                            "{cluster}: drift event {id} ({name}) shown {n} times"
+                        ));
                     }
                 }
             }
@@ -162,7 +174,9 @@ async fn hub_kill9_under_a_fleet() -> Result<()> {
         // The hub keeps the last 10,000 drift events; stay well within.
         drift_budget: (8_000 / n).clamp(1, 20),
     };
-    let fleet: Fleet = (0..n).map(|_| Arc::new(Mutex::new(Observed::default()))).collect();
+    let fleet: Fleet = (0..n)
+        .map(|_| Arc::new(Mutex::new(Observed::default())))
+        .collect();
     let permits = Arc::new(Semaphore::new(16));
     let (fail_tx, mut fail_rx) = tokio::sync::mpsc::unbounded_channel::<String>();
     for (i, token) in tokens.into_iter().enumerate() {
@@ -195,9 +209,12 @@ async fn hub_kill9_under_a_fleet() -> Result<()> {
         });
     }
     let rev_of = |o: &Observed| o.desired.last().map(|(_, rev, k)| (rev.clone(), *k));
-    let connect = wait_all(&fleet, "agents holding the first revision", Duration::from_secs(120 + n as u64 / 5), |o| {
-        rev_of(o) == Some((head.clone(), 2))
-    })
+    let connect = wait_all(
+        &fleet,
+        "agents holding the first revision",
+        Duration::from_secs(120 + n as u64 / 5),
+        |o| rev_of(o) == Some((head.clone(), 2)),
+    )
     .await;
     if let Ok(e) = fail_rx.try_recv() {
         bail!("enrolment failed: {e}");
@@ -223,7 +240,10 @@ async fn hub_kill9_under_a_fleet() -> Result<()> {
             let share = rand::random_range(1..=n.div_ceil(2));
             let t = Instant::now();
             loop {
-                let got = fleet.iter().filter(|o| rev_of(&lock(o)).is_some_and(|(rev, _)| rev == head)).count();
+                let got = fleet
+                    .iter()
+                    .filter(|o| rev_of(&lock(o)).is_some_and(|(rev, _)| rev == head))
+                    .count();
                 if got >= share || t.elapsed() > Duration::from_secs(60) {
                     fanout_partial.push(got);
                     break;
@@ -244,12 +264,17 @@ async fn hub_kill9_under_a_fleet() -> Result<()> {
             report.fail(format!("kill {k}: not every agent came back: {e:#}"));
             break;
         }
-        let conv = wait_all(&fleet, "agents at the head revision", Duration::from_secs(120), |o| {
-            rev_of(o) == Some((head.clone(), 2))
-        })
+        let conv = wait_all(
+            &fleet,
+            "agents at the head revision",
+            Duration::from_secs(120),
+            |o| rev_of(o) == Some((head.clone(), 2)),
+        )
         .await;
         if let Err(e) = conv {
-            report.fail(format!("kill {k}: the fleet did not converge on {head}: {e:#}"));
+            report.fail(format!(
+                "kill {k}: the fleet did not converge on {head}: {e:#}"
+            ));
         }
         let mut sessions = Vec::new();
         let mut attempts = Vec::new();
@@ -268,7 +293,11 @@ async fn hub_kill9_under_a_fleet() -> Result<()> {
 
         // Quiet, drained, then compare with what the API shows.
         quiet_tx.send_replace(true);
-        if let Err(e) = wait_all(&fleet, "outboxes drained", Duration::from_secs(120), |o| o.drained()).await {
+        if let Err(e) = wait_all(&fleet, "outboxes drained", Duration::from_secs(120), |o| {
+            o.drained()
+        })
+        .await
+        {
             report.fail(format!("kill {k}: {e:#}"));
         }
         let (sl, dl, dd, examples) = audit(&api, &fleet, &bundles).await?;
@@ -291,7 +320,12 @@ async fn hub_kill9_under_a_fleet() -> Result<()> {
         let example = fleet
             .iter()
             .enumerate()
-            .find_map(|(i, o)| lock(o).shrunk.first().map(|s| format!("sim-{i:05}: {} -> {} bundles", s.0, s.1)))
+            .find_map(|(i, o)| {
+                lock(o)
+                    .shrunk
+                    .first()
+                    .map(|s| format!("sim-{i:05}: {} -> {} bundles", s.0, s.1))
+            })
             .unwrap_or_default();
         report.fail(format!(
             "{shrunk} Desired sets to {shrunk_agents} agents left out bundles Git still has \
@@ -313,18 +347,36 @@ async fn hub_kill9_under_a_fleet() -> Result<()> {
         )
     };
     report.figure("simulated agents", n);
-    report.figure("kills survived", format!("{rounds} of {kills} ({fanout_kills} during a commit's fan-out)"));
+    report.figure(
+        "kills survived",
+        format!("{rounds} of {kills} ({fanout_kills} during a commit's fan-out)"),
+    );
     if !fanout_partial.is_empty() {
-        report.figure("agents holding the new commit when killed during fan-out", format!("{fanout_partial:?}"));
+        report.figure(
+            "agents holding the new commit when killed during fan-out",
+            format!("{fanout_partial:?}"),
+        );
     }
-    report.figure("first connection of the whole fleet (enrol + session)", format!("{:.1} s", connected_in.as_secs_f64()));
-    report.figure("hub kill to listening again (p50 / p99 / max)", pct(&downtime_ms));
+    report.figure(
+        "first connection of the whole fleet (enrol + session)",
+        format!("{:.1} s", connected_in.as_secs_f64()),
+    );
+    report.figure(
+        "hub kill to listening again (p50 / p99 / max)",
+        pct(&downtime_ms),
+    );
     report.figure("kill to agent back (p50 / p99 / max)", pct(&reconnect_ms));
-    report.figure("hub listening to agent back (p50 / p99 / max)", pct(&after_up_ms));
+    report.figure(
+        "hub listening to agent back (p50 / p99 / max)",
+        pct(&after_up_ms),
+    );
     report.figure("peak reconnects in any 1 s", peak_1s);
     report.figure("peak reconnects in any 100 ms", peak_100ms);
     report.figure("peak dial attempts in any 1 s", peak_attempts_1s);
-    report.figure("statuses made / drift events made", format!("{statuses} / {drift}"));
+    report.figure(
+        "statuses made / drift events made",
+        format!("{statuses} / {drift}"),
+    );
     report.figure("acknowledged statuses lost", status_lost);
     report.figure("acknowledged drift events lost", drift_lost);
     report.figure("drift events duplicated", drift_dup);

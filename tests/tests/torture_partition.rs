@@ -24,10 +24,8 @@ fn cluster() -> &'static TestCluster {
     static C: OnceLock<TestCluster> = OnceLock::new();
     C.get_or_init(|| {
         // Named like the shared clusters' dirs, so the next test binary removes it.
-        let dir = std::env::temp_dir().join(format!(
-            "flotilla-e2e-{}-partition",
-            std::process::id()
-        ));
+        let dir =
+            std::env::temp_dir().join(format!("flotilla-e2e-{}-partition", std::process::id()));
         TestCluster::start("partition", &dir).expect("start the partition cluster")
     })
 }
@@ -190,11 +188,23 @@ fn long_partition_keeps_correcting_and_delivers_exactly_once() -> Result<()> {
         report.fail(format!("Ready again: {e:#}"));
     }
     report.figure("offline for", format!("{:.0} s", offline_for.as_secs_f64()));
-    report.figure("hub noticed the cut", format!("{:.1} s", noticed.as_secs_f64()));
+    report.figure(
+        "hub noticed the cut",
+        format!("{:.1} s", noticed.as_secs_f64()),
+    );
     report.figure("drift corrected while cut off (count)", markers.len());
-    report.figure("drift correction while cut off (p50 / p99 / max)", secs(&corrections));
-    report.figure("reconnected after healing", format!("{:.1} s", back.as_secs_f64()));
-    report.figure("outbox delivered after healing", format!("{:.1} s", delivered.as_secs_f64()));
+    report.figure(
+        "drift correction while cut off (p50 / p99 / max)",
+        secs(&corrections),
+    );
+    report.figure(
+        "reconnected after healing",
+        format!("{:.1} s", back.as_secs_f64()),
+    );
+    report.figure(
+        "outbox delivered after healing",
+        format!("{:.1} s", delivered.as_secs_f64()),
+    );
     report.figure("drift events lost / duplicated", format!("{lost} / {dup}"));
     report.figure("status after healing", format!("NotReady: {msg}"));
     if !full() {
@@ -219,8 +229,7 @@ fn flapping_link_converges_and_delivers_exactly_once() -> Result<()> {
     let c = cluster();
     let sessions_before = s.hub.proc.log_text().matches("agent connected").count();
 
-    s.link
-        .flap(Duration::from_secs(1), Duration::from_secs(5));
+    s.link.flap(Duration::from_secs(1), Duration::from_secs(5));
     let t = Instant::now();
     let mut markers = Vec::new();
     let mut i = 0;
@@ -278,7 +287,12 @@ fn flapping_link_converges_and_delivers_exactly_once() -> Result<()> {
         let (lost, dup) = exactly_once(&drift_markers(&s.hub, &s.name)?, &markers);
         Ok((lost == 0).then_some((lost, dup)))
     })
-    .unwrap_or_else(|_| exactly_once(&drift_markers(&s.hub, &s.name).unwrap_or_default(), &markers));
+    .unwrap_or_else(|_| {
+        exactly_once(
+            &drift_markers(&s.hub, &s.name).unwrap_or_default(),
+            &markers,
+        )
+    });
     if lost + dup > 0 {
         report.fail(format!(
             "drift events made while flapping: {lost} lost, {dup} duplicated (of {})",
@@ -289,8 +303,14 @@ fn flapping_link_converges_and_delivers_exactly_once() -> Result<()> {
     report.figure("flapping for", format!("{:.0} s", flapping.as_secs_f64()));
     report.figure("connections reset by the link", resets);
     report.figure("sessions the hub accepted meanwhile", sessions);
-    report.figure("drift events made / lost / duplicated", format!("{} / {lost} / {dup}", markers.len()));
-    report.figure("healed to Ready at the new commit", format!("{converge_s:.1} s"));
+    report.figure(
+        "drift events made / lost / duplicated",
+        format!("{} / {lost} / {dup}", markers.len()),
+    );
+    report.figure(
+        "healed to Ready at the new commit",
+        format!("{converge_s:.1} s"),
+    );
     let _ = value;
     if !full() {
         report.note("short run: `make torture` flaps for 2 minutes");
@@ -322,9 +342,11 @@ fn half_open_link_is_detected_by_keepalive() -> Result<()> {
     drift_and_wait_corrected(c, &s.ns, "halfopen-1", "v1")?;
     let markers = vec!["halfopen-1".to_string()];
     // The agent noticed once it dials again.
-    let redial = wait_until("the agent dials again", BOUND + Duration::from_secs(30), || {
-        Ok(s.link.accepted_since(dark).first().copied())
-    });
+    let redial = wait_until(
+        "the agent dials again",
+        BOUND + Duration::from_secs(30),
+        || Ok(s.link.accepted_since(dark).first().copied()),
+    );
     let agent_detect = match redial {
         Ok(t) => {
             let d = t.duration_since(dark);
@@ -365,18 +387,34 @@ fn half_open_link_is_detected_by_keepalive() -> Result<()> {
         let (lost, dup) = exactly_once(&drift_markers(&s.hub, &s.name)?, &markers);
         Ok((lost == 0).then_some((lost, dup)))
     })
-    .unwrap_or_else(|_| exactly_once(&drift_markers(&s.hub, &s.name).unwrap_or_default(), &markers));
+    .unwrap_or_else(|_| {
+        exactly_once(
+            &drift_markers(&s.hub, &s.name).unwrap_or_default(),
+            &markers,
+        )
+    });
     if lost + dup > 0 {
-        report.fail(format!("the drift event sent into the dead link: {lost} lost, {dup} duplicated"));
+        report.fail(format!(
+            "the drift event sent into the dead link: {lost} lost, {dup} duplicated"
+        ));
     }
     let show = |d: Option<Duration>| {
         d.map(|d| format!("{:.1} s", d.as_secs_f64()))
             .unwrap_or_else(|| "never".into())
     };
-    report.figure("agent noticed the dead link (first new dial)", show(agent_detect));
+    report.figure(
+        "agent noticed the dead link (first new dial)",
+        show(agent_detect),
+    );
     report.figure("hub dropped the dead session", show(hub_detect));
-    report.figure("reconnected after the link came back", format!("{:.1} s", back.as_secs_f64()));
-    report.figure("drift event sent into the dead link: lost / duplicated", format!("{lost} / {dup}"));
+    report.figure(
+        "reconnected after the link came back",
+        format!("{:.1} s", back.as_secs_f64()),
+    );
+    report.figure(
+        "drift event sent into the dead link: lost / duplicated",
+        format!("{lost} / {dup}"),
+    );
     report.note(format!(
         "bound for noticing: {} s; the agent's channel has HTTP/2 keepalive pings every 20 s (agent/src/transport.rs), the hub's server every 30 s with a 20 s timeout (hub/src/gateway.rs)",
         BOUND.as_secs()

@@ -104,9 +104,17 @@ fn render(parts: &[(usize, String, PartReport)]) -> String {
     let _ = writeln!(
         s,
         "| commit | `{commit}`{} |",
-        if dirty { " (with uncommitted changes)" } else { "" }
+        if dirty {
+            " (with uncommitted changes)"
+        } else {
+            ""
+        }
     );
-    let _ = writeln!(s, "| date | {} |", sh("date", &["-u", "+%Y-%m-%d %H:%M UTC"]));
+    let _ = writeln!(
+        s,
+        "| date | {} |",
+        sh("date", &["-u", "+%Y-%m-%d %H:%M UTC"])
+    );
     let _ = writeln!(s, "| run | {mode} |");
     let _ = writeln!(
         s,
@@ -128,11 +136,7 @@ fn render(parts: &[(usize, String, PartReport)]) -> String {
         }
     );
     for (_, _, p) in parts {
-        let _ = writeln!(
-            s,
-            "\n## {} ({}, {:.0} s)\n",
-            p.part, p.mode, p.duration_s
-        );
+        let _ = writeln!(s, "\n## {} ({}, {:.0} s)\n", p.part, p.mode, p.duration_s);
         let _ = writeln!(s, "| figure | value |\n|---|---|");
         for (k, v) in &p.figures {
             let _ = writeln!(s, "| {k} | {v} |");
