@@ -10,7 +10,14 @@ use anyhow::{Context, Result};
 use flotilla_tests::torture::{results_dir, PartReport};
 
 /// The order parts are shown in (files not listed come after, by name).
-const ORDER: &[&str] = &["agent-kill", "hub-kill", "partitions", "apiserver", "fuzz"];
+const ORDER: &[&str] = &[
+    "agent-kill",
+    "hub-kill",
+    "partitions-offline",
+    "partitions-flapping",
+    "partitions-halfopen",
+    "apiserver",
+];
 
 fn main() -> Result<()> {
     let mut args = std::env::args().skip(1);
