@@ -900,7 +900,8 @@ impl Fleet {
 fn source_view(name: &str, s: &SourceState) -> SourceView {
     SourceView {
         name: name.to_string(),
-        repo: s.spec.repo.clone(),
+        // A source stored before credentials in URLs were refused shows none.
+        repo: flotilla_shared::objects::redact_repo_url(&s.spec.repo),
         branch: s.spec.branch.clone(),
         tag: s.spec.tag.clone(),
         revision: s.spec.revision.clone(),

@@ -54,6 +54,15 @@ pub struct Config {
     /// The hub-wide secret push webhooks are signed with (`POST /hooks/git`).
     /// Sources may add their own through their secret's `webhookSecret`.
     pub webhook_secret: Option<String>,
+    /// Deadline of one Git fetch (`--git-timeout`).
+    pub git_timeout: Duration,
+    /// What one Git fetch may read (`--git-max-snapshot-size`, `--git-max-file-size`,
+    /// `--git-max-files`).
+    pub git_limits: git::Limits,
+    /// Where Git fetches run: the hub binary runs them in a child process it can
+    /// kill (`FetcherMode::Child` with its own path); the default, `InProcess`, is
+    /// for tests that run the hub as a library (see `git::child`).
+    pub git_fetcher: git::FetcherMode,
 }
 
 impl Config {
@@ -64,6 +73,9 @@ impl Config {
             poll_git: true,
             tools: render::Tools::default(),
             webhook_secret: None,
+            git_timeout: git::DEFAULT_FETCH_TIMEOUT,
+            git_limits: git::Limits::default(),
+            git_fetcher: git::FetcherMode::InProcess,
         }
     }
 }
@@ -91,9 +103,15 @@ impl Hub {
             Arc::new(SledStore::open(&config.data_dir.join("store")).context("opening the store")?);
         let fleet = Fleet::load(store).context("loading the fleet from the store")?;
         let tools = Arc::new(config.tools.clone());
+        let fetcher = Arc::new(git::Fetcher::new(
+            config.git_fetcher.clone(),
+            config.git_timeout,
+            config.git_limits,
+        ));
         let pollers = Arc::new(Pollers::new(
             fleet.clone(),
             tools.clone(),
+            fetcher,
             config.data_dir.join("git"),
             config.poll_git,
         ));

@@ -33,11 +33,53 @@ struct Args {
     /// only sources whose secret has a `webhookSecret` accept hooks.
     #[arg(long, env = "FLOTILLA_WEBHOOK_SECRET_FILE", value_name = "PATH")]
     webhook_secret_file: Option<PathBuf>,
+    /// Deadline of one Git fetch (connect, negotiate, receive, read the tree):
+    /// `90s`, `5m`. A fetch still running then is stopped, reported in the source's
+    /// lastError, and retried with backoff.
+    #[arg(long, env = "FLOTILLA_GIT_TIMEOUT", default_value = "5m", value_parser = parse_duration)]
+    git_timeout: std::time::Duration,
+    /// Largest total size of the files read from one commit of a source (those of
+    /// its bundle directories): bytes, or with KiB, MiB, GiB.
+    #[arg(long, env = "FLOTILLA_GIT_MAX_SNAPSHOT_SIZE", default_value = "256MiB", value_parser = flotilla_hub::git::parse_size)]
+    git_max_snapshot_size: u64,
+    /// Largest file read from a source.
+    #[arg(long, env = "FLOTILLA_GIT_MAX_FILE_SIZE", default_value = "32MiB", value_parser = flotilla_hub::git::parse_size)]
+    git_max_file_size: u64,
+    /// Most files read from one commit of a source.
+    #[arg(long, env = "FLOTILLA_GIT_MAX_FILES", default_value_t = flotilla_hub::git::DEFAULT_MAX_FILES)]
+    git_max_files: usize,
+}
+
+/// The program fetch helpers run: this very binary. `/proc/self/exe` names the
+/// running image even after an upgrade replaced (or deleted) the file, so hub and
+/// helper always speak the same protocol.
+fn own_program() -> anyhow::Result<PathBuf> {
+    let proc_exe = PathBuf::from("/proc/self/exe");
+    if proc_exe.exists() {
+        return Ok(proc_exe);
+    }
+    std::env::current_exe().context("locating the hub's own program")
+}
+
+fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    flotilla_shared::objects::parse_duration(s).map_err(|e| e.to_string())
+}
+
+fn main() -> anyhow::Result<()> {
+    // `flotilla-hub __git-fetch`: the child process each Git fetch runs in.
+    if let Some(code) = flotilla_hub::git::child::helper_if_requested() {
+        std::process::exit(code);
+    }
+    hub_main()
 }
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn hub_main() -> anyhow::Result<()> {
     let args = Args::parse();
+    anyhow::ensure!(
+        !args.git_timeout.is_zero(),
+        "--git-timeout must be longer than zero"
+    );
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
@@ -65,6 +107,13 @@ async fn main() -> anyhow::Result<()> {
         poll_git: true,
         tools: flotilla_hub::render::Tools::new(args.helm, args.kustomize),
         webhook_secret,
+        git_timeout: args.git_timeout,
+        git_limits: flotilla_hub::git::Limits {
+            max_snapshot_bytes: args.git_max_snapshot_size,
+            max_file_bytes: args.git_max_file_size,
+            max_files: args.git_max_files,
+        },
+        git_fetcher: flotilla_hub::git::FetcherMode::Child(own_program()?),
     };
     flotilla_hub::run(config, agent, api, shutdown_signal()).await
 }
@@ -89,5 +138,56 @@ async fn shutdown_signal() {
     #[cfg(not(unix))]
     {
         let _ = ctrl_c.await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn git_limits_flags() {
+        let a = Args::try_parse_from(["flotilla-hub", "--data-dir", "d"]).unwrap();
+        assert_eq!(a.git_timeout, flotilla_hub::git::DEFAULT_FETCH_TIMEOUT);
+        assert_eq!(
+            (
+                a.git_max_snapshot_size,
+                a.git_max_file_size,
+                a.git_max_files
+            ),
+            (
+                flotilla_hub::git::DEFAULT_MAX_SNAPSHOT_BYTES,
+                flotilla_hub::git::DEFAULT_MAX_FILE_BYTES,
+                flotilla_hub::git::DEFAULT_MAX_FILES
+            )
+        );
+        let a = Args::try_parse_from([
+            "flotilla-hub",
+            "--data-dir",
+            "d",
+            "--git-timeout",
+            "90s",
+            "--git-max-snapshot-size",
+            "1GiB",
+            "--git-max-file-size",
+            "512KiB",
+            "--git-max-files",
+            "20",
+        ])
+        .unwrap();
+        assert_eq!(a.git_timeout, std::time::Duration::from_secs(90));
+        assert_eq!(
+            (
+                a.git_max_snapshot_size,
+                a.git_max_file_size,
+                a.git_max_files
+            ),
+            (1 << 30, 512 << 10, 20)
+        );
+        for bad in [["--git-timeout", "soon"], ["--git-max-file-size", "3TB"]] {
+            assert!(
+                Args::try_parse_from(["flotilla-hub", "--data-dir", "d", bad[0], bad[1]]).is_err()
+            );
+        }
     }
 }

@@ -1,6 +1,7 @@
 //! Git sources: a poller task per source fetches its repository (one fetch per
-//! repository, however many bundles), renders every bundle of a new commit and
-//! hands the snapshot to the fleet; failures back off and keep the last good one.
+//! repository, however many bundles, and one at a time per cache), renders every
+//! bundle of a new commit and hands the snapshot to the fleet; failures back off
+//! and keep the last good one.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
@@ -9,11 +10,13 @@ use std::time::Duration;
 
 use flotilla_shared::bundle::{bundle_dirs, bundle_files, bundle_name};
 use flotilla_shared::objects::GitSourceSpec;
-use tokio::sync::Notify;
+use tokio::sync::{watch, Notify};
 use tokio::task::JoinHandle;
 use tracing::Instrument;
 
 use crate::fleet::{Fleet, RenderedBundle};
+use crate::git::child::cancelled;
+use crate::git::{FetchRequest, Fetched, Fetcher, GitError};
 use crate::render::{RenderCache, Tools};
 use crate::store::SecretRecord;
 
@@ -75,6 +78,9 @@ pub async fn render_snapshot(
 struct Poller {
     spec: GitSourceSpec,
     wake: Arc<Notify>,
+    /// Set to stop the poller: its fetch (helper process and all) is stopped at
+    /// once, and the next poller of the same cache waits for that.
+    cancel: watch::Sender<bool>,
     task: JoinHandle<()>,
 }
 
@@ -82,6 +88,7 @@ struct Poller {
 pub struct Pollers {
     fleet: Arc<Fleet>,
     tools: Arc<Tools>,
+    fetcher: Arc<Fetcher>,
     cache_root: PathBuf,
     enabled: bool,
     tasks: Mutex<HashMap<String, Poller>>,
@@ -92,12 +99,14 @@ impl Pollers {
     pub fn new(
         fleet: Arc<Fleet>,
         tools: Arc<Tools>,
+        fetcher: Arc<Fetcher>,
         cache_root: PathBuf,
         enabled: bool,
     ) -> Pollers {
         Pollers {
             fleet,
             tools,
+            fetcher,
             cache_root,
             enabled,
             tasks: Mutex::new(HashMap::new()),
@@ -109,7 +118,8 @@ impl Pollers {
     }
 
     /// Makes the poller of `name` match its current spec and fetch now: a new or
-    /// changed source gets a fresh poller, an unchanged one is woken.
+    /// changed source gets a fresh poller (the old one's fetch is cancelled), an
+    /// unchanged one is woken.
     pub fn sync(&self, name: &str, spec: &GitSourceSpec) {
         if !self.enabled {
             return;
@@ -120,18 +130,23 @@ impl Pollers {
                 p.wake.notify_one();
                 return;
             }
-            p.task.abort();
+            p.cancel.send_replace(true);
         }
         let wake = Arc::new(Notify::new());
+        let (cancel, cancelled) = watch::channel(false);
         let span = tracing::info_span!("source", source = %name);
         let task = tokio::spawn(
             poll_loop(
-                self.fleet.clone(),
-                self.tools.clone(),
-                name.to_string(),
-                spec.clone(),
-                self.cache_root.join(name),
+                Poll {
+                    fleet: self.fleet.clone(),
+                    tools: self.tools.clone(),
+                    fetcher: self.fetcher.clone(),
+                    name: name.to_string(),
+                    spec: spec.clone(),
+                    cache_dir: self.cache_root.join(name),
+                },
                 wake.clone(),
+                cancelled,
             )
             .instrument(span),
         );
@@ -140,13 +155,15 @@ impl Pollers {
             Poller {
                 spec: spec.clone(),
                 wake,
+                cancel,
                 task,
             },
         );
     }
 
     /// Makes the named sources fetch now (a webhook said they changed). Returns
-    /// those that have a poller.
+    /// those that have a poller. A poller in the middle of a fetch fetches again
+    /// right after it: never two fetches of one source at once.
     pub fn wake(&self, names: &[String]) -> Vec<String> {
         let tasks = self.tasks();
         names
@@ -173,15 +190,17 @@ impl Pollers {
         self.wake(&using);
     }
 
+    /// Stops the poller of a deleted source, and its fetch in flight.
     pub fn stop(&self, name: &str) {
         if let Some(p) = self.tasks().remove(name) {
-            p.task.abort();
+            p.cancel.send_replace(true);
         }
     }
 
+    /// Stops every poller (hub shutdown), and their fetches in flight.
     pub fn stop_all(&self) {
         for (_, p) in self.tasks().drain() {
-            p.task.abort();
+            p.cancel.send_replace(true);
         }
     }
 }
@@ -224,56 +243,107 @@ pub fn credentials_of(s: &SecretRecord) -> Result<Option<crate::git::Credentials
     }))
 }
 
-async fn poll_loop(
+/// What one poller works with.
+struct Poll {
     fleet: Arc<Fleet>,
     tools: Arc<Tools>,
+    fetcher: Arc<Fetcher>,
     name: String,
     spec: GitSourceSpec,
     cache_dir: PathBuf,
-    wake: Arc<Notify>,
-) {
+}
+
+/// Fetches the source on its interval (or when woken), renders new commits, backs
+/// off on failures, until cancelled. A commit the fetch says is still the one held
+/// is neither read nor rendered again; nor is a commit already refused for its size.
+async fn poll_loop(p: Poll, wake: Arc<Notify>, mut cancel: watch::Receiver<bool>) {
+    let Poll {
+        fleet,
+        tools,
+        fetcher,
+        name,
+        spec,
+        cache_dir,
+    } = p;
+    // A source stored before such URLs were refused is not fetched: the URL would
+    // hand its credentials to the transport and the cache.
+    if let Err(e) = flotilla_shared::objects::validate_repo_url(&spec.repo) {
+        fleet.set_source_error(&name, e.to_string());
+        cancelled(&mut cancel).await;
+        return;
+    }
     let mut last_commit: Option<String> = None;
+    // The commit last refused by a limit, with the error: kept until the ref moves.
+    let mut refused: Option<(String, String)> = None;
     // The fleet's Kubernetes versions at the last render: Helm bundles render per
-    // version, so a new version re-renders (at the next fetch).
+    // version, so a new version re-reads and re-renders (at the next fetch).
     let mut last_versions: Vec<flotilla_shared::capabilities::Profile> = Vec::new();
     let mut renders = RenderCache::default();
     let mut failures = 0u32;
     loop {
-        let (url, git_ref, dir) = (spec.repo.clone(), spec.git_ref(), cache_dir.clone());
+        let versions = fleet.render_profiles();
         // Read at every fetch: a secret changed with `flotilla secret create` applies
         // at once.
         let fetched = match credentials(&fleet, spec.secret_ref.as_deref()) {
-            Ok(creds) => tokio::task::spawn_blocking(move || {
-                crate::git::fetch_snapshot_with(&url, &git_ref, &dir, creds.as_ref())
-                    .map_err(|e| e.to_string())
-            })
-            .await
-            .unwrap_or_else(|e| Err(format!("fetch task failed: {e}"))),
-            Err(e) => Err(e),
+            Ok(credentials) => {
+                let known = if versions == last_versions {
+                    refused
+                        .as_ref()
+                        .map(|(c, _)| c.clone())
+                        .or_else(|| last_commit.clone())
+                } else {
+                    None
+                };
+                let mut req = FetchRequest::new(&spec.repo, &spec.git_ref(), &cache_dir);
+                req.credentials = credentials;
+                req.paths = spec.paths.clone();
+                req.known_commit = known;
+                fetcher.fetch(req, &mut cancel).await
+            }
+            Err(reason) => {
+                failures += 1;
+                tracing::warn!(error = %reason, failures, "fetch failed");
+                fleet.set_source_error(&name, reason);
+                if !pause(backoff(failures), &wake, &mut cancel).await {
+                    return;
+                }
+                continue;
+            }
         };
-        let versions = fleet.render_profiles();
         let delay = match fetched {
-            Ok(snapshot)
-                if last_commit.as_deref() == Some(snapshot.commit.as_str())
-                    && versions == last_versions =>
-            {
+            Err(GitError::Cancelled { .. }) => return,
+            Ok(Fetched::Unchanged { commit }) => {
                 failures = 0;
-                fleet.set_fetched(&name, crate::now_ms());
+                match &refused {
+                    Some((c, error)) if *c == commit => {
+                        fleet.set_source_error(&name, error.clone())
+                    }
+                    _ => fleet.set_fetched(&name, crate::now_ms()),
+                }
+                tracing::debug!(%commit, "commit unchanged, tree not read");
                 spec.poll_interval()
             }
-            Ok(snapshot) => {
+            Ok(Fetched::Changed(snapshot)) => {
                 failures = 0;
+                refused = None;
+                tracing::info!(
+                    commit = %snapshot.commit,
+                    files = snapshot.files.len(),
+                    "read the tree of a new commit"
+                );
                 let mut next = RenderCache::default();
-                let rendered = render_snapshot(
-                    &tools,
-                    &renders,
-                    &mut next,
-                    &name,
-                    &spec,
-                    &snapshot.files,
-                    &versions,
-                )
-                .await;
+                let rendered = tokio::select! {
+                    r = render_snapshot(
+                        &tools,
+                        &renders,
+                        &mut next,
+                        &name,
+                        &spec,
+                        &snapshot.files,
+                        &versions,
+                    ) => r,
+                    _ = cancelled(&mut cancel) => return,
+                };
                 last_versions = versions;
                 renders = next;
                 match rendered {
@@ -295,17 +365,36 @@ async fn poll_loop(
                 last_commit = Some(snapshot.commit);
                 spec.poll_interval()
             }
-            Err(error) => {
-                failures += 1;
-                tracing::warn!(%error, failures, "fetch failed");
-                fleet.set_source_error(&name, error);
-                backoff(failures)
-            }
+            Err(error) => match error.refused_commit() {
+                // The repository's content is at fault, not the network: retrying
+                // sooner than the interval cannot help (a push wakes us anyway).
+                Some(commit) => {
+                    failures = 0;
+                    tracing::warn!(%error, "commit refused");
+                    refused = Some((commit.to_string(), error.to_string()));
+                    fleet.set_source_error(&name, error.to_string());
+                    spec.poll_interval()
+                }
+                None => {
+                    failures += 1;
+                    tracing::warn!(%error, failures, "fetch failed");
+                    fleet.set_source_error(&name, error.to_string());
+                    backoff(failures)
+                }
+            },
         };
-        tokio::select! {
-            _ = tokio::time::sleep(delay) => {}
-            _ = wake.notified() => {}
+        if !pause(delay, &wake, &mut cancel).await {
+            return;
         }
+    }
+}
+
+/// Waits `delay` or until woken; false when cancelled.
+async fn pause(delay: Duration, wake: &Notify, cancel: &mut watch::Receiver<bool>) -> bool {
+    tokio::select! {
+        _ = tokio::time::sleep(delay) => true,
+        _ = wake.notified() => true,
+        _ = cancelled(cancel) => false,
     }
 }
 

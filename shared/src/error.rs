@@ -19,4 +19,7 @@ pub enum Error {
     Name { name: String, reason: String },
     #[error("invalid duration {value:?}: {reason}")]
     Duration { value: String, reason: String },
+    /// `url` has any credentials removed.
+    #[error("invalid repository URL {url:?}: {reason}")]
+    RepoUrl { url: String, reason: String },
 }

@@ -51,7 +51,8 @@ pub struct GitSourceSpec {
 }
 
 /// What Git reference a source follows.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub enum GitRef {
     Branch(String),
     Tag(String),
@@ -87,6 +88,7 @@ impl GitSourceSpec {
         if self.repo.trim().is_empty() {
             return Err(bad("spec.repo is required".into()));
         }
+        validate_repo_url(&self.repo)?;
         let refs = [&self.branch, &self.tag, &self.revision]
             .iter()
             .filter(|r| r.is_some())
@@ -249,6 +251,108 @@ pub fn parse_objects(file: &str, text: &str) -> Result<Vec<Object>, Error> {
     Ok(out)
 }
 
+/// What an operator is told to do instead of writing credentials into a URL.
+pub const CREDENTIALS_HINT: &str = "keep them in a hub secret instead \
+     (flotilla secret create NAME --username USER --password-file FILE) and name it \
+     with --secret NAME (spec.secretRef)";
+
+/// Where the credentials of a repository URL would be: the user-info part of
+/// `scheme://userinfo@host/...` or of scp-like `userinfo@host:path`.
+struct UserInfo<'a> {
+    /// `None` for scp-like URLs.
+    scheme: Option<&'a str>,
+    /// Byte range of the user info in the URL (without the `@`).
+    start: usize,
+    end: usize,
+    text: &'a str,
+}
+
+/// Finds the user info of a repository URL, if it has one. Pure string work, so
+/// that what is refused here is exactly what is redacted for display.
+fn user_info(url: &str) -> Option<UserInfo<'_>> {
+    if let Some((scheme, rest)) = url.split_once("://") {
+        let start = scheme.len() + 3;
+        let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+        let end = match rest[..authority_end].rfind('@') {
+            Some(at) => at,
+            // `user:pa/ss@host/x`: a raw `/` in a password ends the authority early;
+            // what precedes the last `@` is then user info too, whenever the
+            // "authority" is not a plain `host[:port]`.
+            None => {
+                let at = rest.rfind('@')?;
+                let authority = &rest[..authority_end];
+                let port_ok = match authority.rsplit_once(':') {
+                    Some((_, port)) => port.chars().all(|c| c.is_ascii_digit()),
+                    None => true,
+                };
+                if port_ok || authority.ends_with(']') {
+                    return None;
+                }
+                at
+            }
+        };
+        return Some(UserInfo {
+            scheme: Some(scheme),
+            start,
+            end: start + end,
+            text: &rest[..end],
+        });
+    }
+    // scp-like `[user@]host:path`; a local path has a `/` before any `:`.
+    let colon = url.find(':')?;
+    if url[..colon].contains('/') || url.starts_with('.') {
+        return None;
+    }
+    let host_part = &url[..url.find('/').unwrap_or(url.len())];
+    let end = host_part.rfind('@')?;
+    Some(UserInfo {
+        scheme: None,
+        start: 0,
+        end,
+        text: &url[..end],
+    })
+}
+
+/// Whether the user info is a secret: a password (`user:password`), or for HTTP(S)
+/// anything at all (`https://TOKEN@host` authenticates with the token as user name).
+fn is_secret(info: &UserInfo<'_>) -> bool {
+    let http = info
+        .scheme
+        .is_some_and(|s| s.eq_ignore_ascii_case("http") || s.eq_ignore_ascii_case("https"));
+    info.text.contains(':') || (http && !info.text.is_empty())
+}
+
+/// The repository URL as the API, logs and messages may show it: any password or
+/// token replaced by `<redacted>` (an SSH user name stays).
+pub fn redact_repo_url(url: &str) -> String {
+    match user_info(url) {
+        Some(info) if is_secret(&info) => {
+            let shown = match info.text.split_once(':') {
+                Some((user, _)) if !user.is_empty() => format!("{user}:<redacted>"),
+                _ => "<redacted>".to_string(),
+            };
+            format!("{}{shown}{}", &url[..info.start], &url[info.end..])
+        }
+        _ => url.to_string(),
+    }
+}
+
+/// Refuses a repository URL that carries credentials (`https://user:pass@host`,
+/// `https://token@host`, `ssh://user:pass@host`): the URL is shown by the API and
+/// kept in the store, credentials belong in a secret. An SSH user name alone
+/// (`ssh://git@host/x`, `git@host:x`) is fine.
+pub fn validate_repo_url(url: &str) -> Result<(), Error> {
+    match user_info(url) {
+        Some(info) if is_secret(&info) => Err(Error::RepoUrl {
+            url: redact_repo_url(url),
+            reason: format!(
+                "it carries credentials, and the URL is stored and shown as written; {CREDENTIALS_HINT}"
+            ),
+        }),
+        _ => Ok(()),
+    }
+}
+
 /// Names of sources, groups, clusters and bundles: DNS labels (lowercase
 /// alphanumerics and `-`, at most 63), so they fit in a Kubernetes label value.
 pub fn validate_name(name: &str) -> Result<(), Error> {
@@ -378,6 +482,89 @@ spec:
         for bad in ["", "15", "s", "1x", "1.5s"] {
             assert!(parse_duration(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn credentials_in_repo_urls_are_refused_and_never_shown() {
+        let refused = [
+            (
+                "https://alice:zq9Tk@git.example.com/x.git",
+                "https://alice:<redacted>@git.example.com/x.git",
+            ),
+            (
+                "https://zq9Tk@git.example.com/x.git",
+                "https://<redacted>@git.example.com/x.git",
+            ),
+            (
+                "HTTP://zq9Tk@git.example.com/x.git",
+                "HTTP://<redacted>@git.example.com/x.git",
+            ),
+            (
+                "https://:zq9Tk@git.example.com/x.git",
+                "https://<redacted>@git.example.com/x.git",
+            ),
+            (
+                "https://alice:zq@9Tk@git.example.com/x",
+                "https://alice:<redacted>@git.example.com/x",
+            ),
+            (
+                "https://alice:zq/9Tk@git.example.com/x",
+                "https://alice:<redacted>@git.example.com/x",
+            ),
+            (
+                "https://alice:zq%409Tk@host:8443/x",
+                "https://alice:<redacted>@host:8443/x",
+            ),
+            (
+                "ssh://git:zq9Tk@git.example.com/x.git",
+                "ssh://git:<redacted>@git.example.com/x.git",
+            ),
+            (
+                "git://u:zq9Tk@127.0.0.1/x",
+                "git://u:<redacted>@127.0.0.1/x",
+            ),
+            (
+                "git:zq9Tk@git.example.com:org/x.git",
+                "git:<redacted>@git.example.com:org/x.git",
+            ),
+        ];
+        for (url, shown) in refused {
+            let err = validate_repo_url(url).unwrap_err().to_string();
+            assert!(!err.contains("zq") && !err.contains("9Tk"), "{url}: {err}");
+            assert!(err.contains(shown), "{url}: {err}");
+            assert!(
+                err.contains("flotilla secret create") && err.contains("--secret"),
+                "{err}"
+            );
+            assert_eq!(redact_repo_url(url), shown);
+            let spec = GitSourceSpec {
+                repo: url.into(),
+                ..Default::default()
+            };
+            assert!(spec.validate("apps").is_err(), "{url}");
+        }
+        let fine = [
+            "https://git.example.com/x.git",
+            "https://git.example.com:8443/org/x.git",
+            "https://[::1]:8443/x.git",
+            "https://git.example.com/team@x/y.git",
+            "ssh://git@git.example.com/x.git",
+            "ssh://git@git.example.com:2222/x.git",
+            "git@github.com:org/x.git",
+            "git://127.0.0.1:9418/x",
+            "file:///srv/git/x",
+            "/srv/git/x",
+            "./repo",
+            "/tmp/a:b@c",
+        ];
+        for url in fine {
+            assert!(validate_repo_url(url).is_ok(), "{url}");
+            assert_eq!(redact_repo_url(url), url);
+        }
+        let text = "apiVersion: flotilla.io/v1alpha1\nkind: GitSource\nmetadata: {name: apps}\nspec: {repo: \"https://tok3n@g.example/x\"}\n";
+        let err = parse_objects("f.yaml", text).unwrap_err().to_string();
+        assert!(err.contains("f.yaml") && err.contains("apps"), "{err}");
+        assert!(!err.contains("tok3n"), "{err}");
     }
 
     #[test]

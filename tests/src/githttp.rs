@@ -220,7 +220,7 @@ fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
 }
 
 /// A throwaway CA and a certificate for 127.0.0.1/localhost signed by it.
-fn tls_config() -> Result<(String, rustls::ServerConfig)> {
+pub(crate) fn tls_config() -> Result<(String, rustls::ServerConfig)> {
     use rcgen::{
         BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
         KeyUsagePurpose,

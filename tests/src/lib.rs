@@ -7,6 +7,7 @@
 
 pub mod faults;
 pub mod githttp;
+pub mod hung;
 pub mod sim;
 pub mod torture;
 

@@ -1,30 +1,151 @@
-//! Fetching Git sources with gix into a per-source bare cache, and reading the tree of
-//! the followed commit as a snapshot of files.
+//! Fetching Git sources with gix into a per-source bare cache, and reading, within
+//! limits, the files of the followed commit that the source's bundles are made of.
 //!
-//! Blocking: the hub calls [`fetch_snapshot`] inside `spawn_blocking`, at most once at a
-//! time per cache directory (two concurrent fetches into one cache would race on refs).
+//! A remote is hostile ground: it may accept a connection and never answer, drip
+//! bytes forever, or serve a tree of a million files. So the hub never runs a fetch
+//! on one of its own threads: [`child::Fetcher`] runs the blocking [`fetch`] below in
+//! a child process (`flotilla-hub __git-fetch`) that it kills at the deadline or
+//! when the fetch is cancelled, one fetch per cache at a time.
+
+pub mod child;
+mod tree;
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
+use std::time::Duration;
 
 use flotilla_shared::objects::GitRef;
 use gix::bstr::ByteSlice;
-use gix::objs::tree::EntryKind;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+pub use child::{Fetcher, FetcherMode};
+
+/// How long one fetch (connect, negotiate, receive the pack, read the tree) may take:
+/// long enough for a first clone of a large repository over a slow link, short
+/// enough that a remote that hangs is reported, and retried, within minutes.
+pub const DEFAULT_FETCH_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// Default cap on the bytes of one snapshot (the files of the source's bundle
+/// directories). The snapshot is held in memory by the fetch helper and the hub and
+/// rendered; deployment repositories hold a few MiB, Helm charts with vendored
+/// dependencies tens of MiB, so 256 MiB leaves room without letting one push take
+/// the hub's memory.
+pub const DEFAULT_MAX_SNAPSHOT_BYTES: u64 = 256 << 20;
+
+/// Default cap on one file: a Kubernetes object cannot exceed ~1.5 MiB (etcd's
+/// request limit) and the largest manifest files (CRD collections) are a few MiB;
+/// 32 MiB still fits a vendored chart archive.
+pub const DEFAULT_MAX_FILE_BYTES: u64 = 32 << 20;
+
+/// Default cap on the number of files read: every file is hashed and handed to a
+/// renderer; 10,000 is far beyond the manifests a fleet deploys from one source.
+pub const DEFAULT_MAX_FILES: usize = 10_000;
+
+/// Entries of the whole tree (files and directories) listed to choose the bundle
+/// directories, read or not. Names only, ~100 bytes each in the helper: 250,000 is
+/// almost three times the Linux kernel's tree; a deployment repository beyond it is
+/// not one.
+pub const MAX_TREE_ENTRIES: usize = 250_000;
+
+/// What a fetch may read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Limits {
+    /// Sum of the sizes of the files read.
+    pub max_snapshot_bytes: u64,
+    /// Size of any one file read.
+    pub max_file_bytes: u64,
+    /// Number of files read.
+    pub max_files: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_snapshot_bytes: DEFAULT_MAX_SNAPSHOT_BYTES,
+            max_file_bytes: DEFAULT_MAX_FILE_BYTES,
+            max_files: DEFAULT_MAX_FILES,
+        }
+    }
+}
 
 /// The files of one commit.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Snapshot {
     /// Full hex id of the commit the snapshot was read from.
     pub commit: String,
-    /// Every regular and executable file, by '/'-separated path relative to the root.
-    /// Submodules and symlinks are skipped.
+    /// The regular and executable files of the source's bundle directories (all of
+    /// them when the bundle is the root), by '/'-separated path relative to the
+    /// root. Submodules and symlinks are skipped.
     pub files: BTreeMap<String, Vec<u8>>,
+}
+
+/// What a fetch found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Fetched {
+    /// The ref still points at the commit the caller already holds: nothing read.
+    Unchanged { commit: String },
+    /// A commit the caller does not hold, read.
+    Changed(Snapshot),
+}
+
+/// One fetch, as the hub hands it to the fetch helper.
+#[derive(Clone, Serialize, Deserialize)]
+pub struct FetchRequest {
+    pub url: String,
+    pub git_ref: GitRef,
+    /// The source's bare cache.
+    pub cache_dir: PathBuf,
+    pub credentials: Option<Credentials>,
+    /// The source's `paths` globs: only the files of the bundle directories they
+    /// choose (or, without globs, of the directories with a flotilla.yaml or
+    /// fleet.yaml, else the root) are read.
+    pub paths: Vec<String>,
+    /// The commit the caller holds: if the ref still points at it, the tree is not read.
+    pub known_commit: Option<String>,
+    pub limits: Limits,
+    /// The attempt's deadline (see [`child::Fetcher`]); also the longest an HTTP
+    /// request may take (reqwest's own default, 30 s, would cut a long clone short).
+    pub timeout: Duration,
+}
+
+impl std::fmt::Debug for FetchRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FetchRequest")
+            .field("url", &redact_url(&self.url))
+            .field("git_ref", &self.git_ref)
+            .field("cache_dir", &self.cache_dir)
+            .field("credentials", &self.credentials)
+            .field("paths", &self.paths)
+            .field("known_commit", &self.known_commit)
+            .field("limits", &self.limits)
+            .field("timeout", &self.timeout)
+            .finish()
+    }
+}
+
+impl FetchRequest {
+    /// A request for `git_ref` of `url` with no credentials, no paths (default
+    /// bundle discovery), nothing known and the default limits.
+    pub fn new(url: &str, git_ref: &GitRef, cache_dir: &Path) -> FetchRequest {
+        FetchRequest {
+            url: url.to_string(),
+            git_ref: git_ref.clone(),
+            cache_dir: cache_dir.to_path_buf(),
+            credentials: None,
+            paths: Vec::new(),
+            known_commit: None,
+            limits: Limits::default(),
+            timeout: DEFAULT_FETCH_TIMEOUT,
+        }
+    }
 }
 
 /// What went wrong fetching or reading a source. URLs in messages have any password
 /// removed.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "camelCase")]
 pub enum GitError {
     #[error("invalid repository URL {url}: {reason}")]
     BadUrl { url: String, reason: String },
@@ -52,26 +173,48 @@ pub enum GitError {
     },
     #[error("git cache {path}: {reason}")]
     Cache { path: String, reason: String },
+    /// The commit is refused whole: the last good snapshot stays.
+    #[error("repository {url} at commit {commit}: {reason}; the last good snapshot is kept")]
+    Limit {
+        url: String,
+        commit: String,
+        reason: String,
+    },
+    #[error("repository {url}: the source's paths: {reason}")]
+    BadPaths { url: String, reason: String },
+    #[error(
+        "fetching from {url}: no result within the {after} deadline (flotilla-hub --git-timeout); \
+         the attempt was stopped and will be retried"
+    )]
+    Timeout { url: String, after: String },
+    #[error("fetching from {url}: cancelled")]
+    Cancelled { url: String },
+    #[error("git fetch helper: {reason}")]
+    Helper { reason: String },
 }
 
 impl GitError {
-    /// Errors a fresh cache cannot fix: the URL, the network or the ref is at fault.
+    /// Errors a fresh cache cannot fix: the URL, the network, the ref or the
+    /// repository's content is at fault.
     fn is_final(&self) -> bool {
-        matches!(
+        !matches!(
             self,
-            GitError::BadUrl { .. }
-                | GitError::Unreachable { .. }
-                | GitError::MissingBranch { .. }
-                | GitError::MissingTag { .. }
-                | GitError::BadRevision { .. }
-                | GitError::MissingRevision { .. }
+            GitError::Fetch { .. } | GitError::Read { .. } | GitError::Cache { .. }
         )
+    }
+
+    /// The commit a [`GitError::Limit`] refused.
+    pub fn refused_commit(&self) -> Option<&str> {
+        match self {
+            GitError::Limit { commit, .. } => Some(commit),
+            _ => None,
+        }
     }
 }
 
 /// How to authenticate to a private repository, from a secret stored in the hub.
 /// `Debug` shows no secret.
-#[derive(Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Credentials {
     /// HTTP(S) basic auth; a token goes in `password` (GitHub, GitLab and Gitea take
     /// any user name with a token).
@@ -96,30 +239,50 @@ impl std::fmt::Debug for Credentials {
     }
 }
 
-/// File inside the bare cache recording which URL it mirrors; a cache for another URL
-/// is discarded rather than mixed.
+/// File inside the bare cache holding the SHA-256 of the URL it mirrors (never the
+/// URL: it could carry a password); a cache for another URL is discarded rather
+/// than mixed.
 const URL_MARKER: &str = "flotilla-url";
 
 /// Fetches `git_ref` from `url` into the bare repository cached in `cache_dir` (created
-/// on first use, fetched incrementally later) and returns the files of its commit.
-///
-/// A cache that cannot be opened, belongs to another URL, or fails in a way the network
-/// does not explain is deleted and rebuilt once.
+/// on first use, fetched incrementally later) and returns every file of its commit
+/// that the default bundle discovery chooses, within the default limits. In the
+/// calling thread, with no deadline: for tests and tools; the hub uses
+/// [`child::Fetcher`].
 pub fn fetch_snapshot(url: &str, git_ref: &GitRef, cache_dir: &Path) -> Result<Snapshot, GitError> {
     fetch_snapshot_with(url, git_ref, cache_dir, None)
 }
 
-/// [`fetch_snapshot`] with credentials for a private repository: basic auth is
-/// handed to gix through its credential hook (never put in the URL), an SSH key
-/// is written to a private temporary file for the `ssh` program while it runs.
+/// [`fetch_snapshot`] with credentials for a private repository.
 pub fn fetch_snapshot_with(
     url: &str,
     git_ref: &GitRef,
     cache_dir: &Path,
     credentials: Option<&Credentials>,
 ) -> Result<Snapshot, GitError> {
+    let mut req = FetchRequest::new(url, git_ref, cache_dir);
+    req.credentials = credentials.cloned();
+    match fetch(&req)? {
+        Fetched::Changed(s) => Ok(s),
+        Fetched::Unchanged { .. } => unreachable!("nothing was known"),
+    }
+}
+
+/// Runs one fetch in the calling thread (blocking, no deadline of its own: the fetch
+/// helper process runs this, and is killed at the deadline). Basic auth is handed
+/// to gix through its credential hook (never put in the URL); an SSH key is written
+/// to a private temporary file for the `ssh` program while it runs.
+///
+/// Holds an exclusive lock on the cache (a `flock` on a file beside it) for the
+/// whole fetch, so that no two processes ever write one cache: a helper left over
+/// from a hub that died finishes, or dies at its own deadline, first.
+///
+/// A cache that cannot be opened, belongs to another URL, or fails in a way the
+/// network does not explain is deleted and rebuilt once.
+pub fn fetch(req: &FetchRequest) -> Result<Fetched, GitError> {
+    let url = req.url.as_str();
     let shown = redact_url(url);
-    if let GitRef::Revision(r) = git_ref {
+    if let GitRef::Revision(r) = &req.git_ref {
         if !is_hex_revision(r) {
             return Err(GitError::BadRevision {
                 revision: r.clone(),
@@ -131,17 +294,45 @@ pub fn fetch_snapshot_with(
             url: shown.clone(),
             reason: scrub(&e.to_string(), url, &shown),
         })?;
-    let auth = Auth::new(credentials, &shown)?;
-    let result = match attempt(url, &parsed, &shown, git_ref, cache_dir, &auth) {
+    let auth = Auth::new(req.credentials.as_ref(), &shown)?;
+    let _lock = lock_cache(&req.cache_dir)?;
+    let result = match attempt(req, &parsed, &shown, &auth) {
         Ok(s) => Ok(s),
         Err(e) if e.is_final() => Err(e),
         Err(e) => {
-            tracing::warn!(cache = %cache_dir.display(), error = %e, "git cache unusable, rebuilding it");
-            wipe(cache_dir)?;
-            attempt(url, &parsed, &shown, git_ref, cache_dir, &auth)
+            tracing::warn!(cache = %req.cache_dir.display(), error = %e, "git cache unusable, rebuilding it");
+            wipe(&req.cache_dir)?;
+            attempt(req, &parsed, &shown, &auth)
         }
     };
     result.map_err(|e| auth.scrub_error(e))
+}
+
+/// Takes the cache's lock file (`<cache>.lock`, beside the cache so that wiping the
+/// cache keeps it), waiting for whoever holds it. Released when the file closes,
+/// also when the process dies.
+fn lock_cache(cache_dir: &Path) -> Result<std::fs::File, GitError> {
+    let err = |e: &dyn std::fmt::Display| GitError::Cache {
+        path: cache_dir.display().to_string(),
+        reason: format!("cannot lock: {e}"),
+    };
+    let mut name = cache_dir
+        .file_name()
+        .map(|n| n.to_os_string())
+        .unwrap_or_else(|| "cache".into());
+    name.push(".lock");
+    let path = cache_dir.with_file_name(name);
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent).map_err(|e| err(&e))?;
+    }
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| err(&e))?;
+    rustix::fs::flock(&file, rustix::fs::FlockOperation::LockExclusive).map_err(|e| err(&e))?;
+    Ok(file)
 }
 
 /// Credentials prepared for one fetch.
@@ -196,10 +387,14 @@ impl Auth {
                 )
                 .map_err(cache_err)?;
                 std::fs::write(&hosts, known_hosts).map_err(cache_err)?;
+                // The deadline is enforced by killing the helper's process group
+                // (ssh included); ConnectTimeout and the keep-alives only make a
+                // dead server fail sooner, with ssh's own reason.
                 let command = format!(
                     "ssh -i '{}' -o IdentitiesOnly=yes -o UserKnownHostsFile='{}' \
                      -o GlobalKnownHostsFile=/dev/null -o StrictHostKeyChecking=yes \
-                     -o BatchMode=yes -F /dev/null",
+                     -o BatchMode=yes -o ConnectTimeout=30 -o ServerAliveInterval=15 \
+                     -o ServerAliveCountMax=4 -F /dev/null",
                     key.display(),
                     hosts.display()
                 );
@@ -238,15 +433,15 @@ impl Auth {
 }
 
 fn attempt(
-    url: &str,
+    req: &FetchRequest,
     parsed: &gix::Url,
     shown: &str,
-    git_ref: &GitRef,
-    cache_dir: &Path,
     auth: &Auth,
-) -> Result<Snapshot, GitError> {
+) -> Result<Fetched, GitError> {
+    let (url, cache_dir, git_ref) = (req.url.as_str(), req.cache_dir.as_path(), &req.git_ref);
     let mut repo = open_cache(url, cache_dir)?;
     if let Some((command, _)) = &auth.ssh {
+        // In memory only: nothing of the credentials reaches the cache's config file.
         let mut config = repo.config_snapshot_mut();
         config
             .set_raw_value(gix::config::tree::Core::SSH_COMMAND, command.as_str())
@@ -306,6 +501,9 @@ fn attempt(
     let mut connection = remote
         .connect(gix::remote::Direction::Fetch)
         .map_err(|e| unreachable(&e))?;
+    if let Some(options) = http_options(&repo, url, req.timeout) {
+        connection = connection.with_transport_options(options);
+    }
     // gix asks this hook when the server wants credentials; nothing else sees them.
     // Without credentials the answer is "none" (never a terminal prompt).
     let basic = auth.basic.clone();
@@ -344,6 +542,16 @@ fn attempt(
             }
             GitRef::Revision(_) => None,
         };
+    if let (Some(id), Some(known)) = (remote_id, req.known_commit.as_deref()) {
+        if gix::ObjectId::from_hex(known.as_bytes()).is_ok_and(|k| k == id) {
+            // Still the commit the caller holds: no pack, no tree.
+            return Ok(Fetched::Unchanged {
+                commit: known.to_string(),
+            });
+        }
+    }
+    // The helper is killed at the deadline; nothing needs to interrupt it from
+    // inside.
     let interrupt = AtomicBool::new(false);
     prepare
         .receive(gix::progress::Discard, &interrupt)
@@ -371,31 +579,89 @@ fn attempt(
         .find_object(start)
         .and_then(|o| o.peel_to_commit())
         .map_err(|e| read_err(&format!("commit {start}"), &e))?;
-    let commit_id = commit.id;
+    let commit_id = commit.id.to_string();
+    if req.known_commit.as_deref() == Some(commit_id.as_str()) {
+        return Ok(Fetched::Unchanged { commit: commit_id });
+    }
     let tree = commit
         .tree()
         .map_err(|e| read_err(&format!("tree of {commit_id}"), &e))?;
-    let mut recorder = gix::traverse::tree::Recorder::default();
-    tree.traverse()
-        .breadthfirst(&mut recorder)
-        .map_err(|e| read_err(&format!("tree of {commit_id}"), &e))?;
-    let mut files = BTreeMap::new();
-    for entry in recorder.records {
-        match entry.mode.kind() {
-            EntryKind::Blob | EntryKind::BlobExecutable => {}
-            // Directories are walked; submodules and symlinks are not content we deploy.
-            EntryKind::Tree | EntryKind::Commit | EntryKind::Link => continue,
-        }
-        let path = entry.filepath.to_str_lossy().into_owned();
-        let blob = repo
-            .find_blob(entry.oid)
-            .map_err(|e| read_err(&format!("{path} at {commit_id}"), &e))?;
-        files.insert(path, blob.detach().data);
-    }
-    Ok(Snapshot {
-        commit: commit_id.to_string(),
+    let files = tree::read(
+        &repo,
+        &tree,
+        &commit_id,
+        &req.paths,
+        &req.limits,
+        url,
+        shown,
+    )?;
+    Ok(Fetched::Changed(Snapshot {
+        commit: commit_id,
         files,
-    })
+    }))
+}
+
+/// For HTTP(S) URLs: gix's options from the (isolated) configuration, with
+/// reqwest's whole-request timeout raised from its 30 s default to the fetch's
+/// deadline, so that a long first clone is cut by the deadline only.
+fn http_options(
+    repo: &gix::Repository,
+    url: &str,
+    timeout: Duration,
+) -> Option<Box<dyn std::any::Any>> {
+    use gix::protocol::transport::client::blocking_io::http;
+    let mut options = repo.transport_options(url, None).ok()??;
+    let http_options = options.downcast_mut::<http::Options>()?;
+    let backend = http::reqwest::Options {
+        configure_client: Some(Box::new(move |builder| Ok(builder.timeout(timeout)))),
+        configure_request: None,
+    };
+    http_options.backend = Some(std::sync::Arc::new(std::sync::Mutex::new(backend)));
+    Some(options)
+}
+
+/// Parses a size: bytes, or with a binary unit (`512KiB`, `256MiB`, `1GiB`; `K`,
+/// `M`, `G` mean the same).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let digits = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let n: u64 = t[..digits].parse().map_err(|_| {
+        format!("invalid size {s:?}: expected a number of bytes, or with KiB, MiB or GiB")
+    })?;
+    let shift = match t[digits..].trim() {
+        "" | "B" => 0,
+        "K" | "KiB" => 10,
+        "M" | "MiB" => 20,
+        "G" | "GiB" => 30,
+        _ => {
+            return Err(format!(
+                "invalid size {s:?}: unknown unit (use KiB, MiB or GiB)"
+            ))
+        }
+    };
+    n.checked_mul(1 << shift)
+        .ok_or_else(|| format!("invalid size {s:?}: too large"))
+}
+
+/// A size for messages: `32 MiB`, `1.5 KiB`, `17 bytes`.
+pub fn format_size(n: u64) -> String {
+    const UNITS: [(u64, &str); 3] = [(1 << 30, "GiB"), (1 << 20, "MiB"), (1 << 10, "KiB")];
+    for (unit, name) in UNITS {
+        if n >= unit {
+            // Units are powers of two.
+            return if n & (unit - 1) == 0 {
+                format!("{} {name}", n / unit)
+            } else {
+                format!("{:.1} {name}", n as f64 / unit as f64)
+            };
+        }
+    }
+    format!("{n} bytes")
+}
+
+/// The marker a cache for `url` holds.
+fn url_marker(url: &str) -> String {
+    hex::encode(Sha256::digest(url.as_bytes()))
 }
 
 /// The commit a branch or tag refspec resolved to on the remote, peeled through
@@ -419,7 +685,7 @@ fn open_cache(url: &str, cache_dir: &Path) -> Result<gix::Repository, GitError> 
     };
     let marker = cache_dir.join(URL_MARKER);
     if cache_dir.exists() {
-        let same_url = std::fs::read_to_string(&marker).is_ok_and(|u| u == url);
+        let same_url = std::fs::read_to_string(&marker).is_ok_and(|u| u == url_marker(url));
         if same_url {
             match gix::open_opts(cache_dir, gix::open::Options::isolated()) {
                 Ok(repo) if repo.is_bare() => return Ok(repo),
@@ -435,7 +701,7 @@ fn open_cache(url: &str, cache_dir: &Path) -> Result<gix::Repository, GitError> 
     }
     std::fs::create_dir_all(cache_dir).map_err(|e| cache_err(&e))?;
     gix::init_bare(cache_dir).map_err(|e| cache_err(&e))?;
-    std::fs::write(&marker, url).map_err(|e| cache_err(&e))?;
+    std::fs::write(&marker, url_marker(url)).map_err(|e| cache_err(&e))?;
     gix::open_opts(cache_dir, gix::open::Options::isolated()).map_err(|e| cache_err(&e))
 }
 
@@ -454,24 +720,9 @@ fn is_hex_revision(r: &str) -> bool {
     (4..=40).contains(&r.len()) && r.chars().all(|c| c.is_ascii_hexdigit())
 }
 
-/// The URL with any password removed, for messages and logs.
+/// The URL with any password or token removed, for messages and logs.
 pub fn redact_url(url: &str) -> String {
-    match gix::url::parse(url.as_bytes().as_bstr()) {
-        Ok(mut u) if u.password().is_some() => {
-            u.set_password(None);
-            u.to_bstring().to_string()
-        }
-        Ok(_) => url.to_string(),
-        // Unparseable: show no more than the scheme and host-ish part, which holds no
-        // secret, rather than risk echoing one.
-        Err(_) => match url.split_once("://") {
-            Some((scheme, rest)) => {
-                let host = rest.rsplit_once('@').map_or(rest, |(_, h)| h);
-                format!("{scheme}://{host}")
-            }
-            None => url.to_string(),
-        },
-    }
+    flotilla_shared::objects::redact_repo_url(url)
 }
 
 /// An error and its causes, `outer: inner: innermost`, skipping causes that repeat
@@ -625,6 +876,191 @@ mod tests {
             }
         }
         out
+    }
+
+    fn request(origin: &Origin, dir: &Path) -> FetchRequest {
+        FetchRequest::new(&origin.url(), &branch("main"), dir)
+    }
+
+    fn changed(f: Fetched) -> Snapshot {
+        match f {
+            Fetched::Changed(s) => s,
+            other => panic!("expected a new snapshot: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn only_the_bundle_directories_are_read() {
+        let origin = Origin::new();
+        origin
+            .write("apps/web/fleet.yaml", "defaultNamespace: web\n")
+            .write("apps/web/cm.yaml", "a: 1\n")
+            .write("apps/web/sub/x.yaml", "x: 1\n")
+            .write("apps/db/cm.yaml", "b: 1\n")
+            .write("vendor/huge.bin", &"x".repeat(4096))
+            .write("README.md", "hi\n");
+        let c1 = origin.commit("one");
+        let cache = tempfile::tempdir().unwrap();
+        let mut req = request(&origin, &cache.path().join("c"));
+        // Over the file cap, but outside every bundle directory: never read.
+        req.limits.max_file_bytes = 1024;
+
+        // Default discovery: the directories with a fleet.yaml.
+        let s = changed(fetch(&req).unwrap());
+        assert_eq!(s.commit, c1);
+        assert_eq!(
+            s.files.keys().collect::<Vec<_>>(),
+            [
+                "apps/web/cm.yaml",
+                "apps/web/fleet.yaml",
+                "apps/web/sub/x.yaml"
+            ]
+        );
+        // Globs.
+        req.paths = vec!["apps/*".into()];
+        let s = changed(fetch(&req).unwrap());
+        assert_eq!(
+            s.files.keys().collect::<Vec<_>>(),
+            [
+                "apps/db/cm.yaml",
+                "apps/web/cm.yaml",
+                "apps/web/fleet.yaml",
+                "apps/web/sub/x.yaml"
+            ]
+        );
+        // The root: everything, so the cap trips, naming the file.
+        req.paths = vec![".".into()];
+        let err = fetch(&req).unwrap_err();
+        assert_eq!(err.refused_commit(), Some(c1.as_str()), "{err}");
+        assert!(err.to_string().contains("vendor/huge.bin"), "{err}");
+    }
+
+    #[test]
+    fn limits_refuse_a_commit_naming_the_cap_and_the_path() {
+        let origin = Origin::new();
+        for i in 0..5 {
+            origin.write(&format!("f{i}.yaml"), &"a".repeat(100));
+        }
+        let c1 = origin.commit("one");
+        let cache = tempfile::tempdir().unwrap();
+        let mut req = request(&origin, &cache.path().join("c"));
+        req.limits = Limits {
+            max_snapshot_bytes: 10_000,
+            max_file_bytes: 1000,
+            max_files: 4,
+        };
+        let err = fetch(&req).unwrap_err();
+        eprintln!("{err}");
+        let msg = err.to_string();
+        assert!(
+            msg.contains("--git-max-files") && msg.contains("f4.yaml"),
+            "{msg}"
+        );
+        assert!(
+            msg.contains(&c1) && msg.contains("last good snapshot"),
+            "{msg}"
+        );
+
+        req.limits.max_files = 5;
+        req.limits.max_file_bytes = 99;
+        let msg = fetch(&req).unwrap_err().to_string();
+        eprintln!("{msg}");
+        assert!(
+            msg.contains("--git-max-file-size") && msg.contains("f0.yaml"),
+            "{msg}"
+        );
+        assert!(
+            msg.contains("100 bytes") && msg.contains("99 bytes"),
+            "{msg}"
+        );
+
+        req.limits.max_file_bytes = 100;
+        req.limits.max_snapshot_bytes = 250;
+        let msg = fetch(&req).unwrap_err().to_string();
+        eprintln!("{msg}");
+        assert!(
+            msg.contains("--git-max-snapshot-size") && msg.contains("f2.yaml"),
+            "{msg}"
+        );
+
+        req.limits.max_snapshot_bytes = 500;
+        assert_eq!(changed(fetch(&req).unwrap()).files.len(), 5);
+    }
+
+    #[test]
+    fn an_unchanged_commit_is_not_read() {
+        let origin = Origin::new();
+        origin.write("a.yaml", "a: 1\n");
+        let c1 = origin.commit("one");
+        let cache = tempfile::tempdir().unwrap();
+        let mut req = request(&origin, &cache.path().join("c"));
+        assert_eq!(changed(fetch(&req).unwrap()).commit, c1);
+        req.known_commit = Some(c1.clone());
+        assert_eq!(
+            fetch(&req).unwrap(),
+            Fetched::Unchanged { commit: c1.clone() }
+        );
+        // A pinned revision and an annotated tag too.
+        git(&origin.dir, &["tag", "-a", "v1", "-m", "v1"]);
+        for r in [GitRef::Revision(c1.clone()), GitRef::Tag("v1".into())] {
+            req.git_ref = r;
+            assert_eq!(
+                fetch(&req).unwrap(),
+                Fetched::Unchanged { commit: c1.clone() }
+            );
+        }
+        origin.write("a.yaml", "a: 2\n");
+        let c2 = origin.commit("two");
+        req.git_ref = branch("main");
+        assert_eq!(changed(fetch(&req).unwrap()).commit, c2);
+    }
+
+    #[test]
+    fn no_password_reaches_the_cache() {
+        let origin = Origin::new();
+        origin.write("a.yaml", "a: 1\n");
+        let c1 = origin.commit("one");
+        let daemon = Daemon::start(origin.dir.parent().unwrap()).expect("git daemon starts");
+        // Refused by the API; here straight to the fetch, which must still not keep it.
+        let url = format!("git://u:pw-Zq9Tk@127.0.0.1:{}/repo", daemon.port);
+        let cache = tempfile::tempdir().unwrap();
+        let dir = cache.path().join("c");
+        match fetch(&FetchRequest::new(&url, &branch("main"), &dir)) {
+            Ok(f) => assert_eq!(changed(f).commit, c1),
+            Err(e) => assert!(!e.to_string().contains("Zq9Tk"), "{e}"),
+        }
+        let mut stack = vec![cache.path().to_path_buf()];
+        while let Some(d) = stack.pop() {
+            for e in std::fs::read_dir(&d).unwrap().flatten() {
+                let p = e.path();
+                if p.is_dir() {
+                    stack.push(p);
+                } else {
+                    let bytes = std::fs::read(&p).unwrap();
+                    assert!(
+                        !bytes.windows(5).any(|w| w == b"Zq9Tk"),
+                        "{} holds the password",
+                        p.display()
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("512").unwrap(), 512);
+        assert_eq!(parse_size("2KiB").unwrap(), 2048);
+        assert_eq!(parse_size("256MiB").unwrap(), DEFAULT_MAX_SNAPSHOT_BYTES);
+        assert_eq!(parse_size(" 1 GiB ").unwrap(), 1 << 30);
+        assert_eq!(parse_size("32M").unwrap(), DEFAULT_MAX_FILE_BYTES);
+        for bad in ["", "MiB", "1.5MiB", "3TB", "-1", "99999999999999999999G"] {
+            assert!(parse_size(bad).is_err(), "{bad}");
+        }
+        assert_eq!(format_size(17), "17 bytes");
+        assert_eq!(format_size(2048), "2 KiB");
+        assert_eq!(format_size(3000), "2.9 KiB");
+        assert_eq!(format_size(DEFAULT_MAX_SNAPSHOT_BYTES), "256 MiB");
     }
 
     #[test]
