@@ -4,7 +4,7 @@ export CARGO_TARGET_DIR ?= $(HOME)/.cache/flotilla/cargo-target
 CARGO ?= cargo
 TESTENV_BIN := $(CURDIR)/target/testenv/bin
 
-.PHONY: all build testenv tools test unit e2e lint demo demo-stop bench bench-build bench-hub bench-fleet bench-wire bench-agent bench-git bench-report clean
+.PHONY: all build testenv tools test unit e2e lint torture fuzz demo demo-stop bench bench-build bench-hub bench-fleet bench-wire bench-agent bench-git bench-report clean
 
 all: build
 
@@ -22,6 +22,16 @@ testenv:
 test: testenv build lint
 	FLOTILLA_TESTENV_BIN=$(TESTENV_BIN) FLOTILLA_BIN_DIR=$(CARGO_TARGET_DIR)/debug FLOTILLA_REQUIRE_E2E=1 \
 		$(CARGO) test --workspace -- --test-threads=2
+
+## torture: kill -9, partitions and a failing API server at full scale (~30-45 min on 2 cores), then RELIABILITY.md
+torture: testenv build
+	FLOTILLA_TESTENV_BIN=$(TESTENV_BIN) FLOTILLA_BIN_DIR=$(CARGO_TARGET_DIR)/debug CARGO="$(CARGO)" bash scripts/torture.sh
+
+## fuzz: the property-based fuzz targets with many cases (FLOTILLA_FUZZ_CASES, default 20000)
+FLOTILLA_FUZZ_CASES ?= 20000
+fuzz:
+	FLOTILLA_FUZZ_CASES=$(FLOTILLA_FUZZ_CASES) $(CARGO) test -p flotilla-shared -p flotilla-proto -p flotilla-agent --test fuzz
+	FLOTILLA_FUZZ_CASES=$(FLOTILLA_FUZZ_CASES) $(CARGO) test -p flotilla-hub --lib gateway::fuzz
 
 unit:
 	$(CARGO) test --workspace --lib --bins

@@ -10,5 +10,6 @@ pub mod hubproc;
 pub mod procstat;
 pub mod proxy;
 pub mod report;
-pub mod sim;
+/// Simulated agents live in `flotilla-tests`, shared with the torture tests.
+pub use flotilla_tests::sim;
 pub mod stats;

@@ -637,3 +637,7 @@ fn status_record(cluster: &str, s: v1::BundleStatus) -> Result<StatusRecord, Str
         observed_at_ms: s.observed_at_unix_ms,
     })
 }
+
+#[cfg(test)]
+#[path = "gateway_fuzz.rs"]
+mod fuzz;

@@ -408,15 +408,24 @@ pub fn parse_duration(s: &str) -> Result<Duration, Error> {
         let unit_len = rest
             .find(|c: char| c.is_ascii_digit())
             .unwrap_or(rest.len());
+        // Checked: a huge number must fail as too large, not overflow (a panic in
+        // debug builds, a wrapped duration in release).
+        let secs = |per: u64| {
+            n.checked_mul(per)
+                .map(Duration::from_secs)
+                .ok_or_else(|| bad("number too large"))
+        };
         let unit = match &rest[..unit_len] {
             "ms" => Duration::from_millis(n),
             "s" => Duration::from_secs(n),
-            "m" => Duration::from_secs(n * 60),
-            "h" => Duration::from_secs(n * 3600),
-            "d" => Duration::from_secs(n * 86400),
+            "m" => secs(60)?,
+            "h" => secs(3600)?,
+            "d" => secs(86400)?,
             _ => return Err(bad("unknown unit (use ms, s, m, h, d)")),
         };
-        total += unit;
+        total = total
+            .checked_add(unit)
+            .ok_or_else(|| bad("number too large"))?;
         rest = &rest[unit_len..];
     }
     Ok(total)

@@ -5,8 +5,11 @@
 //! Control planes are costly (seconds and ~0.5 GiB each), so a test binary starts
 //! them once ([`shared_clusters`]) and every test works in namespaces of its own.
 
+pub mod faults;
 pub mod githttp;
 pub mod hung;
+pub mod sim;
+pub mod torture;
 
 use std::collections::BTreeMap;
 use std::fs;
