@@ -37,15 +37,24 @@ const DISCOVERY_TIMEOUT: Duration = Duration::from_secs(15);
 /// Outgoing messages queued before the sender waits for the stream.
 const OUTBOX: usize = 64;
 
-/// The delay before reconnect attempt `attempt` (0-based): doubling from
-/// [`BACKOFF_MIN`] up to [`BACKOFF_MAX`], scaled by `jitter` in [0, 1) to between
-/// 50 % and 100 % so agents cut off together do not return together.
+/// No reconnect comes sooner than this, so a hub that refuses at once is not
+/// hammered by its whole fleet in a tight loop.
+pub const BACKOFF_FLOOR: Duration = Duration::from_millis(100);
+
+/// The delay before reconnect attempt `attempt` (0-based): a window doubling from
+/// [`BACKOFF_MIN`] up to [`BACKOFF_MAX`], and a point drawn uniformly inside it
+/// by `jitter` in [0, 1) ("full jitter"). Agents cut off together (a hub
+/// restart) spread their returns over the whole window instead of all arriving
+/// at its end: with a window's lower half only, every first retry was clamped
+/// back to exactly one second (1,000 agents redialled within one second).
 pub fn backoff(attempt: u32, jitter: f64) -> Duration {
-    let base = BACKOFF_MIN
+    let window = BACKOFF_MIN
         .saturating_mul(2u32.saturating_pow(attempt.min(16)))
         .min(BACKOFF_MAX);
-    base.mul_f64(0.5 + 0.5 * jitter.clamp(0.0, 1.0))
-        .max(BACKOFF_MIN)
+    BACKOFF_FLOOR
+        + window
+            .saturating_sub(BACKOFF_FLOOR)
+            .mul_f64(jitter.clamp(0.0, 1.0))
 }
 
 /// Converts a Desired message into what the store keeps.
@@ -312,12 +321,29 @@ mod tests {
 
     #[test]
     fn backoff_grows_and_caps() {
-        assert_eq!(backoff(0, 0.999), BACKOFF_MIN, "never below the minimum");
-        assert_eq!(backoff(0, 0.0), BACKOFF_MIN);
-        assert_eq!(backoff(2, 0.5), Duration::from_secs(3));
+        assert_eq!(backoff(0, 0.0), BACKOFF_FLOOR, "never below the floor");
+        assert_eq!(backoff(0, 1.0), BACKOFF_MIN);
+        assert_eq!(backoff(2, 1.0), Duration::from_secs(4));
         assert_eq!(backoff(3, 1.0), Duration::from_secs(8));
         assert_eq!(backoff(10, 1.0), BACKOFF_MAX);
-        assert_eq!(backoff(u32::MAX, 0.0), BACKOFF_MAX / 2);
+        assert_eq!(backoff(u32::MAX, 0.0), BACKOFF_FLOOR);
+        assert!(backoff(u32::MAX, 0.999) <= BACKOFF_MAX);
+    }
+
+    /// A fleet cut off at once returns spread over the window, not in one instant:
+    /// 1,000 evenly drawn jitters put about a tenth of the agents in each tenth of
+    /// the first window.
+    #[test]
+    fn backoff_spreads_a_fleet_over_the_window() {
+        let mut buckets = [0usize; 10];
+        for i in 0..1000 {
+            let d = backoff(0, i as f64 / 1000.0);
+            assert!(d >= BACKOFF_FLOOR && d <= BACKOFF_MIN);
+            let span = (BACKOFF_MIN - BACKOFF_FLOOR).as_secs_f64();
+            let b = ((d - BACKOFF_FLOOR).as_secs_f64() / span * 10.0) as usize;
+            buckets[b.min(9)] += 1;
+        }
+        assert!(buckets.iter().all(|n| *n <= 110), "{buckets:?}");
     }
 
     #[test]

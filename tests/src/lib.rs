@@ -395,7 +395,7 @@ impl Hub {
         )
     }
 
-    fn start_full(
+    pub(crate) fn start_full(
         dir: &Path,
         (agent_port, api_port, webhook_port): (u16, u16, u16),
         args: &[String],
@@ -429,7 +429,12 @@ impl Hub {
                 .arg(testenv_dir().join("helm"))
                 .arg("--kustomize")
                 .arg(testenv_dir().join("kustomize"))
-                .env("RUST_LOG", "info,flotilla_hub=debug"),
+                .env(
+                    "RUST_LOG",
+                    envs.iter()
+                        .find(|(k, _)| k == "RUST_LOG")
+                        .map_or("info,flotilla_hub=debug", |(_, v)| v.as_str()),
+                ),
             &dir.join(format!(
                 "hub-{}.log",
                 Instant::now().elapsed().as_nanos() % 1000

@@ -5,14 +5,13 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, bail, Result};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::{bin_dir, testenv_dir, wait_until, Hub, Proc};
+use crate::{bin_dir, free_port, wait_until, Hub};
 
 /// True for `make torture` (`FLOTILLA_TORTURE=full`): the full counts and
 /// durations. Otherwise the short version that `make test` runs.
@@ -245,45 +244,12 @@ impl Hub {
         api_port: u16,
         rust_log: &str,
     ) -> Result<Hub> {
-        std::fs::create_dir_all(dir)?;
-        let n = std::fs::read_dir(dir).map(|d| d.count()).unwrap_or(0);
-        let proc = Proc::spawn(
-            "flotilla-hub",
-            Command::new(bin_dir().join("flotilla-hub"))
-                .arg("--data-dir")
-                .arg(dir)
-                .arg("--agent-listen")
-                .arg(format!("127.0.0.1:{agent_port}"))
-                .arg("--api-listen")
-                .arg(format!("127.0.0.1:{api_port}"))
-                .arg("--helm")
-                .arg(testenv_dir().join("helm"))
-                .arg("--kustomize")
-                .arg(testenv_dir().join("kustomize"))
-                .env("RUST_LOG", rust_log),
-            &dir.join(format!("hub-{n:03}.log")),
-        )?;
-        let token_file = dir.join("admin-token");
-        let mut hub = Hub {
-            dir: dir.to_path_buf(),
-            api: format!("http://127.0.0.1:{api_port}"),
-            agent_url: format!("https://127.0.0.1:{agent_port}"),
-            admin_token: String::new(),
-            proc,
-            agent_port,
-            api_port,
-        };
-        hub.admin_token = wait_until("hub up", Duration::from_secs(60), || {
-            if !token_file.exists() {
-                return Ok(None);
-            }
-            let token = std::fs::read_to_string(&token_file)?.trim().to_string();
-            let ok = std::net::TcpStream::connect(("127.0.0.1", api_port)).is_ok()
-                && std::net::TcpStream::connect(("127.0.0.1", agent_port)).is_ok();
-            Ok(ok.then_some(token))
-        })
-        .with_context(|| hub.proc.log_text())?;
-        Ok(hub)
+        Hub::start_full(
+            dir,
+            (agent_port, api_port, free_port()),
+            &[],
+            &[("RUST_LOG".to_string(), rust_log.to_string())],
+        )
     }
 
     /// kill -9, then the same hub again (same ports, same data dir, same log
