@@ -27,6 +27,9 @@ pub enum Error {
     Enrolment(String),
     #[error("hub: {0}")]
     Hub(String),
+    /// The hub refused this cluster's certificate (deleted, revoked, replaced).
+    #[error("the hub refused this cluster's certificate: {0}")]
+    Refused(String),
     #[error("Kubernetes: {0}")]
     Kube(String),
 }

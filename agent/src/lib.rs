@@ -76,11 +76,29 @@ pub async fn kube_client(kubeconfig: Option<&std::path::Path>) -> Result<kube::C
 }
 
 /// Enrols on first start (retrying while the hub is unreachable), or reads the
-/// identity from the state directory.
-async fn identity(config: &Config, hub: &tonic::transport::Uri) -> Result<enroll::Identity> {
+/// identity from the state directory. A stored certificate that expired (the
+/// hub was away past its renewal) is replaced by enrolling again when a token
+/// is given; the store, and so what the agent applied, stays.
+async fn identity(
+    config: &Config,
+    hub: &tonic::transport::Uri,
+    clock: &clock::SharedClock,
+) -> Result<enroll::Identity> {
     if let Some(id) = enroll::load_identity(&config.state_dir)? {
-        info!(state_dir = %config.state_dir.display(), "using the stored certificate");
-        return Ok(id);
+        let expired = enroll::validity(&id.cert_pem)
+            .map(|(_, not_after)| not_after <= clock.now_unix_ms())
+            .unwrap_or(false);
+        if !expired || config.token.is_none() {
+            if expired {
+                warn!(
+                    "the stored certificate has expired: the hub will refuse it; \
+                    enrol again with --token (after `flotilla cluster delete` of this cluster)"
+                );
+            }
+            info!(state_dir = %config.state_dir.display(), "using the stored certificate");
+            return Ok(id);
+        }
+        warn!("the stored certificate has expired: enrolling again with the given token");
     }
     let token = config.token.as_deref().ok_or_else(|| {
         Error::Config(format!(
@@ -125,13 +143,13 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send) -> R
     let (stop_tx, stop_rx) = watch::channel(false);
     tokio::pin!(shutdown);
 
+    let clock = clock::system();
     let id = tokio::select! {
-        id = identity(&config, &hub) => id?,
+        id = identity(&config, &hub, &clock) => id?,
         _ = &mut shutdown => return Ok(()),
     };
     let tls = transport::mutual_config(&id.ca_pem, &id.cert_pem, &id.key_pem)?;
     let kube = kube_client(config.kubeconfig.as_deref()).await?;
-    let clock = clock::system();
     // Opening waits for sled's lock and reads its log: off the async threads.
     let state_dir = config.state_dir.clone();
     let now = clock.now_unix_ms();
@@ -141,8 +159,11 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send) -> R
     let (writer, status_rx) = writer::Writer::spawn(store)?;
 
     let wake = Arc::new(Notify::new());
-    let reconciler =
-        reconcile::Reconciler::new(writer.clone(), apply::Cluster::new(kube.clone()), clock);
+    let reconciler = reconcile::Reconciler::new(
+        writer.clone(),
+        apply::Cluster::new(kube.clone()),
+        clock.clone(),
+    );
     let sessions = session::Sessions {
         hub,
         tls,
@@ -151,6 +172,11 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send) -> R
         kube,
         reconcile: wake.clone(),
         statuses: status_rx,
+        renewal: Some(session::Renewal::new(
+            id.clone(),
+            config.state_dir.clone(),
+            clock.clone(),
+        )),
     };
     info!(cluster = %config.cluster_name, hub = %config.hub, "agent started");
     let r = tokio::spawn(reconciler.run(wake, stop_rx.clone()));

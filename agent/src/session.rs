@@ -18,6 +18,8 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Uri;
 use tracing::{info, info_span, warn, Instrument};
 
+use crate::clock::SharedClock;
+use crate::enroll::Identity;
 use crate::error::{Error, Result};
 use crate::store::{DesiredBundle, DesiredSet};
 use crate::transport;
@@ -57,6 +59,14 @@ pub fn backoff(attempt: u32, jitter: f64) -> Duration {
             .mul_f64(jitter.clamp(0.0, 1.0))
 }
 
+/// The delay before redialling a hub that refused this cluster's certificate
+/// (the cluster was deleted or its certificate revoked): the longest backoff,
+/// jittered over its upper half. Dialling faster changes nothing until an
+/// operator acts; meanwhile the agent keeps applying what its store holds.
+pub fn refused_backoff(jitter: f64) -> Duration {
+    BACKOFF_MAX / 2 + (BACKOFF_MAX / 2).mul_f64(jitter.clamp(0.0, 1.0))
+}
+
 /// Converts a Desired message into what the store keeps.
 pub fn desired_set(d: &Desired) -> (DesiredSet, Vec<(String, Vec<u8>)>) {
     let set = DesiredSet {
@@ -92,11 +102,60 @@ pub struct Sessions {
     /// The seq of the newest durable status, from the writer (it also changes when
     /// a drift event became durable).
     pub statuses: watch::Receiver<u64>,
+    /// Renews the certificate before it expires; `None`: never.
+    pub renewal: Option<Renewal>,
+}
+
+/// What renewing the agent's certificate needs.
+pub struct Renewal {
+    /// The identity in use (`tls` is made from it).
+    pub identity: Identity,
+    /// Where the renewed key and certificate are saved.
+    pub state_dir: std::path::PathBuf,
+    pub clock: SharedClock,
+    /// No renewal is tried before this (ms since the epoch), after a failed one.
+    retry_at_ms: i64,
+}
+
+impl Renewal {
+    pub fn new(identity: Identity, state_dir: std::path::PathBuf, clock: SharedClock) -> Renewal {
+        Renewal {
+            identity,
+            state_dir,
+            clock,
+            retry_at_ms: 0,
+        }
+    }
+
+    /// How long until the certificate is due for renewal (zero: now).
+    fn due_in(&self) -> Duration {
+        let now = self.clock.now_unix_ms();
+        let at = match crate::enroll::validity(&self.identity.cert_pem) {
+            Ok((not_before, not_after)) => {
+                flotilla_shared::identity::renew_at(not_before, not_after)
+            }
+            // An unreadable certificate is replaced as soon as the hub allows.
+            Err(_) => now,
+        };
+        Duration::from_millis(u64::try_from(at.max(self.retry_at_ms) - now).unwrap_or(0))
+    }
+
+    /// After a failed renewal: wait a twentieth of the certificate's life
+    /// (between 1 s and 5 min) before the next try.
+    fn failed(&mut self) {
+        let life = crate::enroll::validity(&self.identity.cert_pem)
+            .map(|(nb, na)| na - nb)
+            .unwrap_or(0);
+        let wait = (life / 20).clamp(1_000, 300_000);
+        self.retry_at_ms = self.clock.now_unix_ms() + wait;
+    }
 }
 
 enum Ended {
     Shutdown,
     Closed,
+    /// The certificate was renewed: dial again at once with the new one.
+    Renewed,
 }
 
 impl Sessions {
@@ -111,15 +170,31 @@ impl Sessions {
                 .instrument(span.clone())
                 .await;
             let _enter = span.enter();
+            let mut refused = false;
             match ended {
                 Ok(Ended::Shutdown) => return,
+                Ok(Ended::Renewed) => {
+                    info!("certificate renewed: reconnecting with it");
+                    attempt = 0;
+                    continue;
+                }
                 Ok(Ended::Closed) => info!("session closed by the hub"),
+                Err(e @ Error::Refused(_)) => {
+                    refused = true;
+                    warn!(error = %e, "the hub refused this cluster: nothing is removed from the \
+                        cluster, the agent keeps applying what its store holds; enrol it again \
+                        (new join token, a state directory without client.pem) to resume");
+                }
                 Err(e) => warn!(error = %e, "session disconnected"),
             }
             if connected {
                 attempt = 0;
             }
-            let delay = backoff(attempt, rand::random::<f64>());
+            let delay = if refused {
+                refused_backoff(rand::random::<f64>())
+            } else {
+                backoff(attempt, rand::random::<f64>())
+            };
             attempt = attempt.saturating_add(1);
             info!(
                 retry_in_ms = delay.as_millis() as u64,
@@ -133,11 +208,51 @@ impl Sessions {
         }
     }
 
+    /// Renews the certificate if it is due; on success the next dial uses the
+    /// new one. A failure is logged and retried later: the current certificate
+    /// still works until it expires.
+    async fn renew_if_due(&mut self) -> bool {
+        let Some(r) = self.renewal.as_mut() else {
+            return false;
+        };
+        if !r.due_in().is_zero() {
+            return false;
+        }
+        match crate::enroll::renew(&self.hub, &r.identity, &self.cluster_name, &r.state_dir).await {
+            Ok(id) => match transport::mutual_config(&id.ca_pem, &id.cert_pem, &id.key_pem) {
+                Ok(tls) => {
+                    self.tls = tls;
+                    r.identity = id;
+                    true
+                }
+                Err(e) => {
+                    warn!(error = %e, "the renewed certificate is unusable");
+                    r.failed();
+                    false
+                }
+            },
+            Err(e) => {
+                warn!(error = %e, "certificate renewal failed; the current one is kept");
+                r.failed();
+                false
+            }
+        }
+    }
+
+    /// When the certificate is next due for renewal (never without renewal).
+    fn renewal_due(&self) -> Duration {
+        self.renewal
+            .as_ref()
+            .map_or(Duration::from_secs(86400 * 365), Renewal::due_in)
+    }
+
     async fn session(
         &mut self,
         shutdown: &mut watch::Receiver<bool>,
         connected: &mut bool,
     ) -> Result<Ended> {
+        // A certificate due (or overdue) is renewed before dialling with it.
+        self.renew_if_due().await;
         let channel = transport::channel(&self.hub, self.tls.clone()).await?;
         // The hub gzips what it sends when the agent accepts it: a bundle's content
         // is sent whole on every change, and manifests compress well.
@@ -203,8 +318,16 @@ impl Sessions {
         self.send_drift(&tx, &mut drift_upto).await?;
         let mut heartbeat =
             tokio::time::interval_at(tokio::time::Instant::now() + HEARTBEAT, HEARTBEAT);
+        let renewal = tokio::time::sleep(self.renewal_due());
+        tokio::pin!(renewal);
         loop {
             tokio::select! {
+                _ = &mut renewal => {
+                    if self.renew_if_due().await {
+                        return Ok(Ended::Renewed);
+                    }
+                    renewal.as_mut().reset(tokio::time::Instant::now() + self.renewal_due());
+                }
                 msg = inbound.message() => match msg {
                     Ok(Some(m)) => match m.msg {
                         Some(HubMsg::Desired(d)) => self.on_desired(&tx, &d).await?,
@@ -311,7 +434,11 @@ async fn send(tx: &mpsc::Sender<AgentMessage>, msg: AgentMsg) -> Result<()> {
 }
 
 fn hub_error(s: &tonic::Status) -> Error {
-    Error::Hub(format!("{:?}: {}", s.code(), s.message()))
+    let text = format!("{:?}: {}", s.code(), s.message());
+    match s.code() {
+        tonic::Code::PermissionDenied | tonic::Code::Unauthenticated => Error::Refused(text),
+        _ => Error::Hub(text),
+    }
 }
 
 #[cfg(test)]
@@ -328,6 +455,19 @@ mod tests {
         assert_eq!(backoff(10, 1.0), BACKOFF_MAX);
         assert_eq!(backoff(u32::MAX, 0.0), BACKOFF_FLOOR);
         assert!(backoff(u32::MAX, 0.999) <= BACKOFF_MAX);
+    }
+
+    #[test]
+    fn a_refused_agent_waits_long() {
+        assert_eq!(refused_backoff(0.0), BACKOFF_MAX / 2);
+        assert_eq!(refused_backoff(1.0), BACKOFF_MAX);
+        assert_eq!(refused_backoff(7.0), BACKOFF_MAX);
+        let refused = hub_error(&tonic::Status::permission_denied("cluster was deleted"));
+        assert!(matches!(refused, Error::Refused(ref m) if m.contains("PermissionDenied")));
+        assert!(matches!(
+            hub_error(&tonic::Status::unavailable("x")),
+            Error::Hub(_)
+        ));
     }
 
     /// A fleet cut off at once returns spread over the window, not in one instant:

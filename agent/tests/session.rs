@@ -95,6 +95,13 @@ impl Fleet for FakeHub {
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
+
+    async fn renew(
+        &self,
+        _req: Request<flotilla_proto::v1::RenewRequest>,
+    ) -> Result<Response<flotilla_proto::v1::RenewResponse>, Status> {
+        Err(Status::unimplemented("the fake hub renews nothing"))
+    }
 }
 
 struct Pki {
@@ -218,6 +225,7 @@ async fn session_stores_before_ack_and_sends_statuses() {
         kube,
         reconcile: wake.clone(),
         statuses: status_rx,
+        renewal: None,
     };
     let (shut_tx, shut_rx) = watch::channel(false);
     let agent = tokio::spawn(sessions.run(shut_rx));

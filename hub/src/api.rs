@@ -80,7 +80,10 @@ fn admin_router(hub: Hub) -> Router {
         )
         .route("/api/v1/groups", get(list_groups))
         .route("/api/v1/clusters", get(list_clusters))
-        .route("/api/v1/clusters/{name}", get(get_cluster))
+        .route(
+            "/api/v1/clusters/{name}",
+            get(get_cluster).delete(delete_cluster),
+        )
         .route("/api/v1/clusters/{name}/labels", patch(patch_labels))
         .route("/api/v1/bundles", get(list_bundles))
         .route("/api/v1/bundles/{name}", get(get_bundle))
@@ -202,9 +205,13 @@ fn json_body<T: for<'de> Deserialize<'de> + Default>(body: &Bytes) -> Result<T, 
 }
 
 #[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 struct TokenRequest {
     ttl: Option<String>,
+    /// Binds the token to this cluster name.
+    cluster_name: Option<String>,
+    /// Binds the token to these labels (the agent's claims are ignored).
+    labels: Option<BTreeMap<String, String>>,
 }
 
 #[derive(Debug, Serialize)]
@@ -219,10 +226,26 @@ async fn create_token(State(hub): State<Hub>, body: Bytes) -> ApiResult<TokenRes
     let req: TokenRequest = json_body(&body)?;
     let ttl = match req.ttl.as_deref() {
         Some(t) => parse_duration(t).map_err(|e| ApiError::bad_request(e.to_string()))?,
-        None => DEFAULT_TOKEN_TTL,
+        None => DEFAULT_TOKEN_TTL.min(hub.max_token_ttl),
     };
-    let (token, expires_ms) = hub.create_token(ttl).map_err(ApiError::internal)?;
-    tracing::info!(token_id = %token.id, "join token created");
+    flotilla_shared::identity::check_token_ttl(ttl, hub.max_token_ttl)
+        .map_err(|e| ApiError::bad_request(e.to_string()))?;
+    if let Some(name) = &req.cluster_name {
+        flotilla_shared::objects::validate_name(name)
+            .map_err(|e| ApiError::bad_request(format!("clusterName: {e}")))?;
+    }
+    for (k, v) in req.labels.iter().flatten() {
+        flotilla_shared::labels::validate_key(k)
+            .and_then(|_| flotilla_shared::labels::validate_value(v))
+            .map_err(|e| ApiError::bad_request(format!("labels: {e}")))?;
+    }
+    let binding = flotilla_shared::identity::Binding {
+        cluster_name: req.cluster_name,
+        labels: req.labels,
+    };
+    let bound = binding.is_bound();
+    let (token, expires_ms) = hub.create_token(ttl, binding).map_err(ApiError::internal)?;
+    tracing::info!(token_id = %token.id, bound, "join token created");
     Ok(Json(TokenResponse {
         id: token.id.clone(),
         token: token.to_string(),
@@ -318,6 +341,26 @@ async fn get_cluster(
         .cluster(&name)
         .map(Json)
         .ok_or_else(|| ApiError::not_found(format!("cluster {name} not found")))
+}
+
+/// Deletes a cluster: its certificate is refused from now on, its live session
+/// closes, its statuses and drift history go. What its agent applied stays in
+/// that cluster (the agent, cut off, keeps it and stops nothing).
+async fn delete_cluster(
+    State(hub): State<Hub>,
+    Path(name): Path<String>,
+) -> ApiResult<serde_json::Value> {
+    let fleet = hub.fleet.clone();
+    let n = name.clone();
+    let deleted = tokio::task::spawn_blocking(move || fleet.delete_cluster(&n))
+        .await
+        .map_err(ApiError::internal)?
+        .map_err(ApiError::internal)?;
+    if !deleted {
+        return Err(ApiError::not_found(format!("cluster {name} not found")));
+    }
+    tracing::info!(cluster = %name, "cluster deleted; its certificate is refused from now on");
+    Ok(Json(json!({ "deleted": name })))
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -152,6 +152,15 @@ pub enum TokenCommand {
         /// How long the token stays valid (e.g. 30m, 1h, 1d).
         #[arg(long, env = "FLOTILLA_TOKEN_TTL", default_value = "1h", value_parser = duration_arg)]
         ttl: String,
+        /// Binds the token to this cluster name: an agent asking for another
+        /// name is refused.
+        #[arg(long, value_parser = name_arg)]
+        cluster_name: Option<String>,
+        /// Binds the token to these labels, k=v,k2=v2: the cluster gets them,
+        /// whatever its agent claims. A token bound to a name only gives no
+        /// labels (`flotilla cluster label` adds them later).
+        #[arg(long, value_parser = labels_arg)]
+        labels: Option<flotilla_shared::labels::Labels>,
         /// `table` prints the token alone; `json`/`yaml` add its id and expiry.
         #[command(flatten)]
         output: Output,
@@ -276,6 +285,13 @@ pub enum ClusterCommand {
         #[arg(required = true, value_parser = clap::value_parser!(LabelEdit))]
         edits: Vec<LabelEdit>,
     },
+    /// Delete a cluster: its certificate is refused from now on and its agent
+    /// cut off; its statuses and drift history go. The objects the agent
+    /// applied stay in that cluster.
+    Delete {
+        /// Cluster name.
+        name: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -332,6 +348,16 @@ fn duration_arg(s: &str) -> Result<String, String> {
     parse_duration(s)
         .map(|_| s.to_string())
         .map_err(|e| e.to_string())
+}
+
+fn name_arg(s: &str) -> Result<String, String> {
+    validate_name(s)
+        .map(|_| s.to_string())
+        .map_err(|e| e.to_string())
+}
+
+fn labels_arg(s: &str) -> Result<flotilla_shared::labels::Labels, String> {
+    flotilla_shared::labels::parse_labels(s).map_err(|e| e.to_string())
 }
 
 fn selector_arg(s: &str) -> Result<LabelSelector, String> {
@@ -402,13 +428,21 @@ async fn execute(cli: Cli, out: &mut dyn Write, err: &mut dyn Write) -> Result<(
     let now = SystemTime::now();
     match cli.command {
         Command::Render(args) => render(&args, out, err).await?,
-        Command::Token(TokenCommand::Create { ttl, output }) => {
+        Command::Token(TokenCommand::Create {
+            ttl,
+            cluster_name,
+            labels,
+            output,
+        }) => {
+            let mut body = json!({ "ttl": ttl });
+            if let Some(n) = &cluster_name {
+                body["clusterName"] = json!(n);
+            }
+            if let Some(l) = &labels {
+                body["labels"] = json!(l);
+            }
             let v = api
-                .send(
-                    "POST",
-                    "/api/v1/tokens",
-                    Some(Body::Json(json!({ "ttl": ttl }))),
-                )
+                .send("POST", "/api/v1/tokens", Some(Body::Json(body)))
                 .await?;
             let token = v
                 .get("token")
@@ -419,9 +453,22 @@ async fn execute(cli: Cli, out: &mut dyn Write, err: &mut dyn Write) -> Result<(
             }
             writeln!(out, "{token}")?;
             let expires = v.get("expiresAt").map(plain).unwrap_or_default();
+            let name = cluster_name.as_deref().unwrap_or("NAME");
+            let bound = match (&cluster_name, &labels) {
+                (None, None) => String::new(),
+                (_, Some(l)) => format!(
+                    ", bound to {} with labels {{{}}}",
+                    cluster_name.as_deref().unwrap_or("any name"),
+                    l.iter()
+                        .map(|(k, v)| format!("{k}={v}"))
+                        .collect::<Vec<_>>()
+                        .join(",")
+                ),
+                (Some(n), None) => format!(", bound to {n} (no labels)"),
+            };
             writeln!(
                 err,
-                "single-use join token, expires {expires}; enrol with: flotilla-agent --token <token> --cluster-name NAME ..."
+                "single-use join token{bound}, expires {expires}; enrol with: flotilla-agent --token <token> --cluster-name {name} ..."
             )?;
         }
         Command::Source(SourceCommand::Add(add)) => {
@@ -495,6 +542,19 @@ async fn execute(cli: Cli, out: &mut dyn Write, err: &mut dyn Write) -> Result<(
             )
             .await?;
             writeln!(out, "cluster/{name} labeled")?;
+        }
+        Command::Cluster(ClusterCommand::Delete { name }) => {
+            api.send(
+                "DELETE",
+                &format!("/api/v1/clusters/{}", segment(&name)),
+                None,
+            )
+            .await?;
+            writeln!(
+                out,
+                "cluster/{name} deleted (its certificate is refused from now on; \
+                 what its agent applied stays in the cluster)"
+            )?;
         }
         Command::Bundle(BundleCommand::List(o)) => {
             let v = api.send("GET", "/api/v1/bundles", None).await?;
@@ -1512,6 +1572,9 @@ mod tests {
             &["source", "add", "a", "--repo", "r", "--target", "a b"],
             &["source", "add", "a", "--repo", "r", "--poll", "soon"],
             &["token", "create", "--ttl", "1x"],
+            &["token", "create", "--cluster-name", "Bad_Name"],
+            &["token", "create", "--labels", "nonsense"],
+            &["cluster", "delete"],
             &["cluster", "label", "c1"],
             &["cluster", "label", "c1", "nonsense"],
             &["cluster", "list", "-o", "xml"],
@@ -1843,6 +1906,7 @@ mod http_tests {
                 "connected": true, "lastSeen": null, "agentVersion": "0.1.0",
                 "kubernetesVersion": "v1.34.1", "bundleCounts": {"Ready": 1}}])),
             ("PATCH", "/api/v1/clusters/east/labels") => ok(json!({"name": "east"})),
+            ("DELETE", "/api/v1/clusters/east") => ok(json!({"deleted": "east"})),
             ("DELETE", "/api/v1/sources/apps") => StatusCode::NO_CONTENT.into_response(),
             ("PUT", "/api/v1/secrets/git-creds") => {
                 ok(json!({"name": "git-creds", "fields": ["username", "password"]}))
@@ -1898,6 +1962,33 @@ mod http_tests {
         assert_eq!(
             serde_json::from_str::<Value>(&seen.body).unwrap(),
             json!({"ttl": "2h"})
+        );
+        let (code, _, err) = cli(
+            &hub,
+            &[
+                "token",
+                "create",
+                "--cluster-name",
+                "edge-1",
+                "--labels",
+                "env=dev,tier=web",
+            ],
+        )
+        .await;
+        assert_eq!(code, 0, "{err}");
+        assert!(err.contains("bound to edge-1"), "{err}");
+        assert_eq!(
+            serde_json::from_str::<Value>(&last(&log).body).unwrap(),
+            json!({"ttl": "1h", "clusterName": "edge-1",
+                   "labels": {"env": "dev", "tier": "web"}})
+        );
+        let (code, out, err) = cli(&hub, &["cluster", "delete", "east"]).await;
+        assert_eq!(code, 0, "{err}");
+        assert!(out.starts_with("cluster/east deleted"), "{out}");
+        let seen = last(&log);
+        assert_eq!(
+            (seen.method.as_str(), seen.uri.as_str()),
+            ("DELETE", "/api/v1/clusters/east")
         );
 
         let (code, out, err) = cli(

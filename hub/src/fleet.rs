@@ -97,6 +97,31 @@ pub enum FleetError {
     NotFound(String),
 }
 
+/// Why the hub refuses a cluster's client certificate.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refused {
+    #[error(
+        "cluster {0} is not enrolled (deleted at the hub?); enrol it again with a new join token"
+    )]
+    NotEnrolled(String),
+    #[error(
+        "this certificate of cluster {0} is no longer accepted (revoked, or replaced by a \
+         newer one); enrol it again with a new join token"
+    )]
+    OtherCertificate(String),
+}
+
+/// Where a session stands after a change of the fleet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SessionState {
+    Current,
+    /// A newer session of the same cluster took over.
+    Superseded,
+    /// The cluster was deleted (perhaps enrolled again since, with another
+    /// certificate).
+    Gone,
+}
+
 /// The fleet: shared by the gateway, the API and the source pollers.
 pub struct Fleet {
     state: Mutex<State>,
@@ -338,6 +363,14 @@ pub struct BundleView {
     pub clusters: Option<Vec<BundleClusterView>>,
 }
 
+/// What an agent says of itself when its session starts.
+#[derive(Debug, Clone, Copy)]
+pub struct Hello<'a> {
+    pub agent_version: &'a str,
+    pub kubernetes_version: &'a str,
+    pub api_versions: &'a [String],
+}
+
 /// What a session sends: the complete set and the contents by hash.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DesiredSet {
@@ -374,16 +407,31 @@ impl Fleet {
                 },
             );
         }
+        // What is kept of a cluster no longer enrolled is what a `cluster delete`
+        // interrupted by a stop left behind: finish it.
+        let mut leftovers = BTreeSet::new();
         for s in store.list_statuses()? {
+            if !state.clusters.contains_key(&s.cluster) {
+                leftovers.insert(s.cluster);
+                continue;
+            }
             state
                 .statuses
                 .insert((s.cluster.clone(), s.bundle.clone()), s);
         }
         for d in store.list_drift()? {
+            if !state.clusters.contains_key(&d.cluster) {
+                leftovers.insert(d.cluster);
+                continue;
+            }
             *state
                 .drift_counts
                 .entry((d.cluster, d.event.bundle))
                 .or_default() += 1;
+        }
+        for name in leftovers {
+            tracing::info!(cluster = %name, "forgetting what a deleted cluster left behind");
+            store.forget_cluster(&name)?;
         }
         let (changed, _) = watch::channel(0);
         Ok(Arc::new(Fleet {
@@ -608,12 +656,91 @@ impl Fleet {
         Ok(true)
     }
 
-    /// Forgets a cluster (used to undo an enrolment that failed after registering).
-    pub fn remove_cluster(&self, name: &str) -> Result<(), FleetError> {
+    /// Deletes a cluster: its record goes first (so its certificate is refused
+    /// from now on, also after a later enrolment under the same name, which
+    /// pins another certificate), then its statuses and drift history; its live
+    /// session is woken and ends. Returns false if there was no such cluster.
+    pub fn delete_cluster(&self, name: &str) -> Result<bool, FleetError> {
         let mut st = self.lock();
-        st.clusters.remove(name);
-        self.store.delete_cluster(name)?;
+        if st.clusters.remove(name).is_none() {
+            return Ok(false);
+        }
+        st.statuses.retain(|(c, _), _| c != name);
+        st.drift_counts.retain(|(c, _), _| c != name);
+        // Under the lock: a drift event or status of this cluster is either
+        // stored before (and removed here) or refused after.
+        self.store.forget_cluster(name)?;
+        st.bump(&self.changed);
+        Ok(true)
+    }
+
+    /// Judges the certificate (its fingerprint) a call of cluster `name`
+    /// presents, pinning a renewed one on its first use.
+    pub fn authorize(
+        &self,
+        name: &str,
+        cert_sha256: &str,
+    ) -> Result<Result<(), Refused>, FleetError> {
+        let mut st = self.lock();
+        Ok(self.authorize_locked(&mut st, name, cert_sha256))
+    }
+
+    fn authorize_locked(
+        &self,
+        st: &mut State,
+        name: &str,
+        cert_sha256: &str,
+    ) -> Result<(), Refused> {
+        use flotilla_shared::identity::{pin, standing, Standing};
+        let Some(c) = st.clusters.get_mut(name) else {
+            return Err(Refused::NotEnrolled(name.to_string()));
+        };
+        let pins = c.record.pins();
+        let judged = standing(&pins, cert_sha256);
+        match judged {
+            Standing::Refused => return Err(Refused::OtherCertificate(name.to_string())),
+            Standing::Current => return Ok(()),
+            Standing::Renewed => {
+                tracing::info!(cluster = %name, "renewed certificate in use; the old one is refused from now on")
+            }
+            Standing::Unpinned => {
+                tracing::info!(cluster = %name, "certificate pinned (cluster enrolled before pinning)")
+            }
+        }
+        let pinned = pin(&pins, cert_sha256, judged);
+        c.record.cert_sha256 = pinned.current;
+        c.record.next_cert_sha256 = pinned.next;
+        if let Err(error) = self
+            .store
+            .put_cluster(&c.record)
+            .and_then(|()| self.store.flush())
+        {
+            // Accepted anyway: the pin is re-made on the next call.
+            tracing::warn!(cluster = %name, %error, "cannot persist the certificate pin");
+        }
         Ok(())
+    }
+
+    /// Records a certificate issued by a renewal (the call presented
+    /// `presented`, already authorised): accepted next to the current one until
+    /// first used. A renewal whose answer was lost is simply renewed again.
+    pub fn record_renewal(
+        &self,
+        name: &str,
+        presented: &str,
+        issued: &str,
+    ) -> Result<Result<(), Refused>, FleetError> {
+        let mut st = self.lock();
+        if let Err(refused) = self.authorize_locked(&mut st, name, presented) {
+            return Ok(Err(refused));
+        }
+        let Some(c) = st.clusters.get_mut(name) else {
+            return Ok(Err(Refused::NotEnrolled(name.to_string())));
+        };
+        c.record.next_cert_sha256 = Some(issued.to_string());
+        self.store.put_cluster(&c.record)?;
+        self.store.flush()?;
+        Ok(Ok(()))
     }
 
     /// Replaces a cluster's labels; targeting is re-evaluated at once.
@@ -630,22 +757,30 @@ impl Fleet {
         Ok(st.cluster_view(c, true))
     }
 
-    /// Starts a session for a cluster, superseding any previous one. Returns the
-    /// session id, or None if the cluster is unknown.
+    /// Starts a session for a cluster, superseding any previous one, if the
+    /// certificate it presents (checked again: the cluster may have been deleted
+    /// and enrolled anew since the call began) still stands. Returns the session id.
     pub fn connect(
         &self,
         name: &str,
-        agent_version: &str,
-        kubernetes_version: &str,
-        api_versions: &[String],
+        cert_sha256: &str,
+        hello: &Hello<'_>,
         now_ms: u64,
-    ) -> Result<Option<u64>, FleetError> {
+    ) -> Result<Result<u64, Refused>, FleetError> {
         let mut st = self.lock();
+        if let Err(refused) = self.authorize_locked(&mut st, name, cert_sha256) {
+            return Ok(Err(refused));
+        }
         st.next_session += 1;
         let id = st.next_session;
         let Some(c) = st.clusters.get_mut(name) else {
-            return Ok(None);
+            return Ok(Err(Refused::NotEnrolled(name.to_string())));
         };
+        let Hello {
+            agent_version,
+            kubernetes_version,
+            api_versions,
+        } = *hello;
         c.session = Some(id);
         c.record.agent_version = agent_version.to_string();
         c.record.kubernetes_version = kubernetes_version.to_string();
@@ -654,14 +789,25 @@ impl Fleet {
         self.store.put_cluster(&c.record)?;
         // Wakes the superseded session so it ends.
         st.bump(&self.changed);
-        Ok(Some(id))
+        Ok(Ok(id))
     }
 
-    pub fn is_current(&self, name: &str, session: u64) -> bool {
-        self.lock()
-            .clusters
-            .get(name)
-            .is_some_and(|c| c.session == Some(session))
+    /// Whether session `session` of cluster `name`, opened with the certificate
+    /// `cert_sha256`, is still the one to serve. A session outlives neither its
+    /// cluster nor its certificate (a cluster enrolled again under the name pins
+    /// another one).
+    pub fn session_state(&self, name: &str, session: u64, cert_sha256: &str) -> SessionState {
+        match self.lock().clusters.get(name) {
+            None => SessionState::Gone,
+            Some(c)
+                if !flotilla_shared::identity::standing(&c.record.pins(), cert_sha256)
+                    .accepted() =>
+            {
+                SessionState::Gone
+            }
+            Some(c) if c.session == Some(session) => SessionState::Current,
+            Some(_) => SessionState::Superseded,
+        }
     }
 
     /// Updates last-seen; persists it when `persist`.
@@ -750,15 +896,24 @@ impl Fleet {
 
     /// Stores a drift event from a cluster's agent (flushed before returning, so
     /// it may be acknowledged). Returns the hub's id, `None` for a resend.
+    /// An event of a cluster no longer enrolled is dropped (`None`).
     pub fn record_drift(
         &self,
         cluster: &str,
         event: &DriftEvent,
     ) -> Result<Option<u64>, FleetError> {
-        let added = self.store.add_drift(cluster, event)?;
+        // Stored under the lock, so that `delete_cluster` (which holds it) either
+        // removes the event or comes before it and the event is dropped here.
+        let added = {
+            let st = self.lock();
+            if !st.clusters.contains_key(cluster) {
+                return Ok(None);
+            }
+            self.store.add_drift(cluster, event)?
+        };
         self.store.flush()?;
         let mut st = self.lock();
-        if added.id.is_some() {
+        if added.id.is_some() && st.clusters.contains_key(cluster) {
             *st.drift_counts
                 .entry((cluster.to_string(), event.bundle.clone()))
                 .or_default() += 1;

@@ -26,7 +26,7 @@ use tonic::transport::server::Connected;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
 
-use crate::fleet::{DesiredSet, Fleet};
+use crate::fleet::{DesiredSet, Fleet, SessionState};
 use crate::pki::{cluster_from_cert, Pki};
 use crate::store::{ClusterRecord, StatusRecord, TokenRefusal};
 
@@ -48,6 +48,19 @@ pub struct PeerInfo {
     pub remote_addr: Option<SocketAddr>,
     /// The cluster named by a verified client certificate.
     pub cluster: Option<String>,
+    /// That certificate's fingerprint (SHA-256 of its DER, hex).
+    pub cert_sha256: Option<String>,
+}
+
+impl PeerInfo {
+    /// The cluster and certificate fingerprint of a call, or Unauthenticated.
+    fn identity<T>(request: &Request<T>) -> Result<(String, String), Status> {
+        request
+            .extensions()
+            .get::<PeerInfo>()
+            .and_then(|p| p.cluster.clone().zip(p.cert_sha256.clone()))
+            .ok_or_else(|| Status::unauthenticated("a fleet client certificate is required"))
+    }
 }
 
 /// A TLS connection that carries its verified peer identity.
@@ -149,14 +162,14 @@ pub fn accept_loop(
             tokio::spawn(async move {
                 match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                     Ok(Ok(io)) => {
-                        let cluster = io
-                            .get_ref()
-                            .1
-                            .peer_certificates()
-                            .and_then(|c| c.first())
-                            .and_then(|c| cluster_from_cert(c));
+                        let leaf = io.get_ref().1.peer_certificates().and_then(|c| c.first());
+                        let cluster = leaf.and_then(|c| cluster_from_cert(c));
                         let info = PeerInfo {
                             remote_addr: Some(remote),
+                            cert_sha256: cluster
+                                .as_ref()
+                                .and(leaf)
+                                .map(|c| flotilla_shared::identity::fingerprint(c)),
                             cluster,
                         };
                         let _ = tx.send(Ok(TlsConn { io, info })).await;
@@ -170,11 +183,19 @@ pub fn accept_loop(
     ReceiverStream::new(rx)
 }
 
+/// What the gateway is configured with.
+#[derive(Debug, Clone, Copy)]
+pub struct Settings {
+    /// How long the agent certificates it issues live (`--agent-cert-ttl`).
+    pub agent_cert_ttl: Duration,
+}
+
 /// Serves Enrolment and Fleet on `listener` until `shutdown` turns true.
 pub async fn serve(
     listener: TcpListener,
     pki: Arc<Pki>,
     fleet: Arc<Fleet>,
+    settings: Settings,
     shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
     let acceptor = TlsAcceptor::from(Arc::new(server_config(&pki)?));
@@ -182,9 +203,12 @@ pub async fn serve(
     let enrolment = EnrolmentService {
         pki: pki.clone(),
         fleet: fleet.clone(),
+        settings,
     };
     let sessions = FleetService {
         fleet,
+        pki,
+        settings,
         shutdown: shutdown.clone(),
     };
     let mut stop = shutdown;
@@ -210,6 +234,13 @@ pub async fn serve(
 pub struct EnrolmentService {
     pki: Arc<Pki>,
     fleet: Arc<Fleet>,
+    settings: Settings,
+}
+
+/// Refuses a call whose certificate no longer stands.
+fn refused(cluster: &str, refusal: &crate::fleet::Refused) -> Status {
+    tracing::info!(%cluster, reason = %refusal, "client certificate refused");
+    Status::permission_denied(refusal.to_string())
 }
 
 fn internal(e: impl std::fmt::Display) -> Status {
@@ -233,21 +264,53 @@ impl Enrolment for EnrolmentService {
         request: Request<v1::EnrollRequest>,
     ) -> Result<Response<v1::EnrollResponse>, Status> {
         let r = request.into_inner();
+        // The token first, before any work on what the caller sent: a caller
+        // without a valid token costs a hash and a lookup, never a CSR parse.
         let (id, secret) = JoinToken::split_credential(&r.token)
             .map_err(|_| Status::unauthenticated("malformed join token"))?;
-        let name = r.cluster_name.clone();
+        let store = self.fleet.store().clone();
+        let (id, secret_hash) = (id.to_string(), hash_secret(secret));
+        let (lookup_id, lookup_hash) = (id.clone(), secret_hash.clone());
+        let checked = tokio::task::spawn_blocking(move || {
+            store.check_token(&lookup_id, &lookup_hash, crate::now_ms())
+        })
+        .await
+        .map_err(internal)?
+        .map_err(internal)?;
+        let token = match checked {
+            Ok(token) => token,
+            Err(refusal) => {
+                tracing::info!(token_id = %id, reason = %refusal, "enrolment refused");
+                return Err(Status::unauthenticated(refusal.to_string()));
+            }
+        };
+        // What the token binds wins over what the agent claims.
+        let asked: flotilla_shared::labels::Labels = r.labels.into_iter().collect();
+        let admitted = flotilla_shared::identity::admit(&token.binding(), &r.cluster_name, &asked)
+            .map_err(|refusal| {
+                tracing::info!(token_id = %id, asked = %r.cluster_name, reason = %refusal, "enrolment refused");
+                Status::permission_denied(refusal.to_string())
+            })?;
+        let name = admitted.name.clone();
         validate_name(&name).map_err(|e| Status::invalid_argument(e.to_string()))?;
-        for (k, v) in &r.labels {
+        for (k, v) in &admitted.labels {
             validate_key(k)
                 .and_then(|_| validate_value(v))
                 .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        }
+        if admitted.labels_replaced {
+            tracing::info!(cluster = %name, "labels claimed by the agent replaced by the join token's");
+        }
+        if self.fleet.cluster_exists(&name) {
+            return Err(Status::already_exists(format!(
+                "cluster {name} is already enrolled"
+            )));
         }
         Pki::check_csr(&r.csr_pem).map_err(|e| Status::invalid_argument(e.to_string()))?;
 
         // The token is spent before anything is signed, atomically: of two
         // enrolments racing with one token, exactly one proceeds.
         let store = self.fleet.store().clone();
-        let (id, secret_hash) = (id.to_string(), hash_secret(secret));
         let consumed = tokio::task::spawn_blocking(move || {
             store.consume_token(&id, &secret_hash, crate::now_ms())
         })
@@ -262,10 +325,16 @@ impl Enrolment for EnrolmentService {
             }
         }
 
+        let signed = self
+            .pki
+            .sign_csr(&r.csr_pem, &name, self.settings.agent_cert_ttl)
+            .map_err(internal)?;
         let record = ClusterRecord {
             name: name.clone(),
-            labels: r.labels.into_iter().collect(),
+            labels: admitted.labels,
             enrolled_at_ms: crate::now_ms(),
+            // Only this certificate speaks for the cluster from now on.
+            cert_sha256: Some(signed.sha256),
             ..Default::default()
         };
         if !self.fleet.create_cluster(record).map_err(internal)? {
@@ -273,24 +342,19 @@ impl Enrolment for EnrolmentService {
                 "cluster {name} is already enrolled"
             )));
         }
-        let certificate_pem = match self.pki.sign_csr(&r.csr_pem, &name) {
-            Ok(pem) => pem,
-            Err(e) => {
-                let _ = self.fleet.remove_cluster(&name);
-                return Err(internal(e));
-            }
-        };
-        tracing::info!(cluster = %name, "cluster enrolled");
+        tracing::info!(cluster = %name, bound = token.binding().is_bound(), "cluster enrolled");
         Ok(Response::new(v1::EnrollResponse {
-            certificate_pem,
+            certificate_pem: signed.pem,
             ca_pem: self.pki.ca_pem.clone(),
         }))
     }
 }
 
-/// Serves one long-lived session per cluster.
+/// Serves one long-lived session per cluster, and certificate renewals.
 pub struct FleetService {
     fleet: Arc<Fleet>,
+    pki: Arc<Pki>,
+    settings: Settings,
     shutdown: watch::Receiver<bool>,
 }
 
@@ -302,20 +366,19 @@ impl FleetRpc for FleetService {
         &self,
         request: Request<Streaming<v1::AgentMessage>>,
     ) -> Result<Response<Self::SessionStream>, Status> {
-        let cluster = request
-            .extensions()
-            .get::<PeerInfo>()
-            .and_then(|p| p.cluster.clone())
-            .ok_or_else(|| Status::unauthenticated("a fleet client certificate is required"))?;
-        if !self.fleet.cluster_exists(&cluster) {
-            return Err(Status::permission_denied(format!(
-                "cluster {cluster} is not enrolled"
-            )));
+        let (cluster, cert_sha256) = PeerInfo::identity(&request)?;
+        if let Err(refusal) = self
+            .fleet
+            .authorize(&cluster, &cert_sha256)
+            .map_err(internal)?
+        {
+            return Err(refused(&cluster, &refusal));
         }
         let (tx, rx) = mpsc::channel(SESSION_BUFFER);
         let session = Session {
             fleet: self.fleet.clone(),
             cluster: cluster.clone(),
+            cert_sha256,
             inbound: request.into_inner(),
             tx,
             shutdown: self.shutdown.clone(),
@@ -324,11 +387,45 @@ impl FleetRpc for FleetService {
         tokio::spawn(session.run().instrument(span));
         Ok(Response::new(ReceiverStream::new(rx)))
     }
+
+    async fn renew(
+        &self,
+        request: Request<v1::RenewRequest>,
+    ) -> Result<Response<v1::RenewResponse>, Status> {
+        let (cluster, presented) = PeerInfo::identity(&request)?;
+        // Authorised before the CSR is looked at.
+        if let Err(refusal) = self
+            .fleet
+            .authorize(&cluster, &presented)
+            .map_err(internal)?
+        {
+            return Err(refused(&cluster, &refusal));
+        }
+        let csr_pem = request.into_inner().csr_pem;
+        Pki::check_csr(&csr_pem).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let signed = self
+            .pki
+            .sign_csr(&csr_pem, &cluster, self.settings.agent_cert_ttl)
+            .map_err(internal)?;
+        if let Err(refusal) = self
+            .fleet
+            .record_renewal(&cluster, &presented, &signed.sha256)
+            .map_err(internal)?
+        {
+            return Err(refused(&cluster, &refusal));
+        }
+        tracing::info!(%cluster, "certificate renewed");
+        Ok(Response::new(v1::RenewResponse {
+            certificate_pem: signed.pem,
+        }))
+    }
 }
 
 struct Session {
     fleet: Arc<Fleet>,
     cluster: String,
+    /// The certificate the session was opened with.
+    cert_sha256: String,
     inbound: Streaming<v1::AgentMessage>,
     tx: mpsc::Sender<Result<v1::HubMessage, Status>>,
     shutdown: watch::Receiver<bool>,
@@ -377,19 +474,18 @@ impl Session {
                 return;
             }
         };
-        let id = match self.fleet.connect(
-            &self.cluster,
-            &hello.agent_version,
-            &hello.kubernetes_version,
-            &hello.api_versions,
-            crate::now_ms(),
-        ) {
-            Ok(Some(id)) => id,
-            Ok(None) => {
-                let _ = self
-                    .tx
-                    .send(Err(Status::permission_denied("cluster is not enrolled")))
-                    .await;
+        let said = crate::fleet::Hello {
+            agent_version: &hello.agent_version,
+            kubernetes_version: &hello.kubernetes_version,
+            api_versions: &hello.api_versions,
+        };
+        let id = match self
+            .fleet
+            .connect(&self.cluster, &self.cert_sha256, &said, crate::now_ms())
+        {
+            Ok(Ok(id)) => id,
+            Ok(Err(refusal)) => {
+                let _ = self.tx.send(Err(refused(&self.cluster, &refusal))).await;
                 return;
             }
             Err(e) => {
@@ -450,9 +546,19 @@ impl Session {
                     if changed.is_err() {
                         return End::Error(Status::unavailable("hub shutting down"));
                     }
-                    if !self.fleet.is_current(&self.cluster, id) {
-                        tracing::info!("superseded by a newer session");
-                        return End::Error(Status::aborted("superseded by a newer session of this cluster"));
+                    match self.fleet.session_state(&self.cluster, id, &self.cert_sha256) {
+                        SessionState::Current => {}
+                        SessionState::Superseded => {
+                            tracing::info!("superseded by a newer session");
+                            return End::Error(Status::aborted("superseded by a newer session of this cluster"));
+                        }
+                        SessionState::Gone => {
+                            tracing::info!("cluster deleted or its certificate revoked: session closed");
+                            return End::Error(Status::permission_denied(format!(
+                                "cluster {} was deleted at the hub or its certificate revoked",
+                                self.cluster
+                            )));
+                        }
                     }
                     if let Err(end) = self.send_desired(sent).await {
                         return end;

@@ -72,6 +72,11 @@ pub struct Config {
     /// kill (`FetcherMode::Child` with its own path); the default, `InProcess`, is
     /// for tests that run the hub as a library (see `git::child`).
     pub git_fetcher: git::FetcherMode,
+    /// The longest a join token may be asked to live (`--max-token-ttl`).
+    pub max_token_ttl: Duration,
+    /// How long agent certificates live (`--agent-cert-ttl`); agents renew
+    /// theirs after two thirds of it.
+    pub agent_cert_ttl: Duration,
 }
 
 /// An operator's certificate for the HTTP listeners.
@@ -101,6 +106,8 @@ impl Config {
             git_timeout: git::DEFAULT_FETCH_TIMEOUT,
             git_limits: git::Limits::default(),
             git_fetcher: git::FetcherMode::InProcess,
+            max_token_ttl: flotilla_shared::identity::DEFAULT_MAX_TOKEN_TTL,
+            agent_cert_ttl: flotilla_shared::identity::DEFAULT_AGENT_CERT_TTL,
         }
     }
 }
@@ -118,6 +125,10 @@ pub struct Hub {
     pub hooks: Arc<hooks::HookGuard>,
     /// TLS of the API and webhook listeners.
     pub http_tls: Arc<rustls::ServerConfig>,
+    /// See [`Config::max_token_ttl`].
+    pub max_token_ttl: Duration,
+    /// See [`Config::agent_cert_ttl`].
+    pub agent_cert_ttl: Duration,
 }
 
 impl Hub {
@@ -178,12 +189,19 @@ impl Hub {
                 .map(Arc::from),
             hooks: Arc::default(),
             http_tls: Arc::new(http_tls),
+            max_token_ttl: config.max_token_ttl,
+            agent_cert_ttl: config.agent_cert_ttl,
         })
     }
 
-    /// Creates a join token valid for `ttl`; only the secret's hash is stored.
-    /// Returns the token and its expiry (ms since the epoch).
-    pub fn create_token(&self, ttl: Duration) -> anyhow::Result<(JoinToken, u64)> {
+    /// Creates a join token valid for `ttl` that enrols what `binding` says;
+    /// only the secret's hash is stored. Returns the token and its expiry (ms
+    /// since the epoch). The caller checks `ttl` against the hub's cap.
+    pub fn create_token(
+        &self,
+        ttl: Duration,
+        binding: flotilla_shared::identity::Binding,
+    ) -> anyhow::Result<(JoinToken, u64)> {
         let token = JoinToken {
             id: random_lower_alnum(ID_LEN),
             secret: random_lower_alnum(SECRET_LEN),
@@ -195,6 +213,8 @@ impl Hub {
             secret_hash: hash_secret(&token.secret),
             expires_at_ms,
             used: false,
+            cluster_name: binding.cluster_name,
+            labels: binding.labels,
         })?;
         self.fleet.store().flush()?;
         Ok((token, expires_at_ms))
@@ -270,6 +290,9 @@ impl Hub {
             listeners.agent,
             self.pki.clone(),
             self.fleet.clone(),
+            gateway::Settings {
+                agent_cert_ttl: self.agent_cert_ttl,
+            },
             stop_rx.clone(),
         ));
         let api_listener = listen::HttpListener::new(listeners.api, self.http_tls.clone(), "api")

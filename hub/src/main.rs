@@ -72,6 +72,14 @@ struct Args {
     /// Most files read from one commit of a source.
     #[arg(long, env = "FLOTILLA_GIT_MAX_FILES", default_value_t = flotilla_hub::git::DEFAULT_MAX_FILES)]
     git_max_files: usize,
+    /// The longest a join token may live (`flotilla token create --ttl`); a
+    /// longer request is refused.
+    #[arg(long, env = "FLOTILLA_MAX_TOKEN_TTL", default_value = "7d", value_parser = parse_duration)]
+    max_token_ttl: std::time::Duration,
+    /// How long the client certificates issued to agents live; agents renew
+    /// theirs after two thirds of it.
+    #[arg(long, env = "FLOTILLA_AGENT_CERT_TTL", default_value = "30d", value_parser = parse_duration)]
+    agent_cert_ttl: std::time::Duration,
     #[command(subcommand)]
     command: Option<HubCommand>,
 }
@@ -119,6 +127,14 @@ async fn hub_main() -> anyhow::Result<()> {
     anyhow::ensure!(
         !args.git_timeout.is_zero(),
         "--git-timeout must be longer than zero"
+    );
+    anyhow::ensure!(
+        !args.max_token_ttl.is_zero(),
+        "--max-token-ttl must be longer than zero"
+    );
+    anyhow::ensure!(
+        args.agent_cert_ttl >= std::time::Duration::from_secs(10),
+        "--agent-cert-ttl must be at least 10s (agents renew after two thirds of it)"
     );
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -172,6 +188,8 @@ async fn hub_main() -> anyhow::Result<()> {
             max_files: args.git_max_files,
         },
         git_fetcher: flotilla_hub::git::FetcherMode::Child(own_program()?),
+        max_token_ttl: args.max_token_ttl,
+        agent_cert_ttl: args.agent_cert_ttl,
     };
     let listeners = flotilla_hub::Listeners {
         agent,

@@ -15,9 +15,8 @@ use rcgen::{
 };
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 
-/// Agent certificates live a year: long enough that nobody rotates by hand in a
-/// demo, short enough that a lost cluster's certificate dies on its own.
-pub const AGENT_CERT_VALIDITY: Duration = Duration::from_secs(365 * 24 * 3600);
+/// How long agent certificates live unless `--agent-cert-ttl` says otherwise.
+pub use flotilla_shared::identity::DEFAULT_AGENT_CERT_TTL;
 /// The CA and serving certificate live ten years; rotating them is a re-install.
 const CA_VALIDITY: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 /// Backdating absorbs clock skew between hub and agents.
@@ -218,17 +217,26 @@ impl Pki {
         flotilla_shared::token::ca_hash(&self.ca_der)
     }
 
-    /// Signs an agent's CSR for `cluster`. Only the CSR's public key is used:
-    /// subject, SANs, usages and validity are the hub's choice. Returns PEM.
-    pub fn sign_csr(&self, csr_pem: &str, cluster: &str) -> Result<String, PkiError> {
+    /// Signs an agent's CSR for `cluster`, valid for `validity`. Only the CSR's
+    /// public key is used: subject, SANs, usages and validity are the hub's
+    /// choice.
+    pub fn sign_csr(
+        &self,
+        csr_pem: &str,
+        cluster: &str,
+        validity: Duration,
+    ) -> Result<Signed, PkiError> {
         let csr = CertificateSigningRequestParams::from_pem(csr_pem).map_err(PkiError::Csr)?;
-        let params = agent_params(cluster)?;
+        let params = agent_params(cluster, validity)?;
         let signed = CertificateSigningRequestParams {
             params,
             public_key: csr.public_key,
         }
         .signed_by(&self.ca_issuer)?;
-        Ok(signed.pem())
+        Ok(Signed {
+            pem: signed.pem(),
+            sha256: flotilla_shared::identity::fingerprint(signed.der()),
+        })
     }
 
     /// Checks a CSR parses and its signature holds, without signing it.
@@ -239,7 +247,15 @@ impl Pki {
     }
 }
 
-fn agent_params(cluster: &str) -> Result<CertificateParams, PkiError> {
+/// An agent certificate just issued.
+#[derive(Debug, Clone)]
+pub struct Signed {
+    pub pem: String,
+    /// Its fingerprint, as the cluster's record pins it.
+    pub sha256: String,
+}
+
+fn agent_params(cluster: &str, validity: Duration) -> Result<CertificateParams, PkiError> {
     let mut params = CertificateParams::default();
     let mut dn = DistinguishedName::new();
     dn.push(DnType::CommonName, cluster);
@@ -252,8 +268,10 @@ fn agent_params(cluster: &str) -> Result<CertificateParams, PkiError> {
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
     let now = SystemTime::now();
     let epoch = rcgen::date_time_ymd(1970, 1, 1);
-    params.not_before = epoch + since_epoch(now - BACKDATE);
-    params.not_after = epoch + since_epoch(now + AGENT_CERT_VALIDITY);
+    // Backdated by at most a tenth of the life: a certificate of seconds (tests)
+    // must not be two thirds through it, and due for renewal, when issued.
+    params.not_before = epoch + since_epoch(now - BACKDATE.min(validity / 10));
+    params.not_after = epoch + since_epoch(now + validity);
     params.serial_number = Some(random_serial());
     params.use_authority_key_identifier_extension = true;
     Ok(params)
@@ -335,8 +353,11 @@ mod tests {
         );
 
         let key = KeyPair::generate().unwrap();
-        let pem = a.sign_csr(&csr(&key, "someone-else"), "edge-1").unwrap();
-        let der = pem_to_der(&pem).unwrap();
+        let signed = a
+            .sign_csr(&csr(&key, "someone-else"), "edge-1", DEFAULT_AGENT_CERT_TTL)
+            .unwrap();
+        let der = pem_to_der(&signed.pem).unwrap();
+        assert_eq!(signed.sha256, flotilla_shared::identity::fingerprint(&der));
         // The hub's choice of name wins over the CSR's subject.
         assert_eq!(cluster_from_cert(&der).as_deref(), Some("edge-1"));
         let (_, cert) = x509_parser::parse_x509_certificate(&der).unwrap();
@@ -344,6 +365,8 @@ mod tests {
         assert!(eku.client_auth && !eku.server_auth);
         // The serving certificate is no cluster identity.
         assert_eq!(cluster_from_cert(&a.server_chain[0]), None);
-        assert!(a.sign_csr("not a csr", "x").is_err());
+        assert!(a
+            .sign_csr("not a csr", "x", DEFAULT_AGENT_CERT_TTL)
+            .is_err());
     }
 }

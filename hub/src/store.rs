@@ -35,6 +35,36 @@ pub struct TokenRecord {
     pub secret_hash: String,
     pub expires_at_ms: u64,
     pub used: bool,
+    /// The only cluster name this token enrols (`token create --cluster-name`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster_name: Option<String>,
+    /// The labels its cluster gets, whatever the agent claims (`--labels`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub labels: Option<Labels>,
+}
+
+impl TokenRecord {
+    /// What the token binds of the identity it enrols.
+    pub fn binding(&self) -> flotilla_shared::identity::Binding {
+        flotilla_shared::identity::Binding {
+            cluster_name: self.cluster_name.clone(),
+            labels: self.labels.clone(),
+        }
+    }
+
+    /// Whether `secret_hash` opens this token now.
+    fn judge(&self, secret_hash: &str, now_ms: u64) -> Result<(), TokenRefusal> {
+        if !crate::constant_time_eq(self.secret_hash.as_bytes(), secret_hash.as_bytes()) {
+            return Err(TokenRefusal::Unknown);
+        }
+        if self.used {
+            return Err(TokenRefusal::Used);
+        }
+        if self.expires_at_ms <= now_ms {
+            return Err(TokenRefusal::Expired);
+        }
+        Ok(())
+    }
 }
 
 /// Why a join token was refused.
@@ -108,6 +138,25 @@ pub struct ClusterRecord {
     /// Per bundle, the content hash the agent last acknowledged holding.
     #[serde(default)]
     pub acked: BTreeMap<String, String>,
+    /// SHA-256 (hex) of the one client certificate the hub accepts for this
+    /// cluster; `None` for a cluster enrolled before certificates were pinned
+    /// (its next certificate seen is pinned).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cert_sha256: Option<String>,
+    /// The certificate issued by a renewal, accepted too until the agent first
+    /// uses it (then it replaces `cert_sha256`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_cert_sha256: Option<String>,
+}
+
+impl ClusterRecord {
+    /// The certificates the hub accepts for this cluster.
+    pub fn pins(&self) -> flotilla_shared::identity::CertPins {
+        flotilla_shared::identity::CertPins {
+            current: self.cert_sha256.clone(),
+            next: self.next_cert_sha256.clone(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -146,6 +195,14 @@ pub struct DriftAdded {
 /// Everything the hub persists. Methods are small and typed; each is atomic.
 pub trait Store: Send + Sync + 'static {
     fn put_token(&self, token: &TokenRecord) -> Result<(), StoreError>;
+    /// The token if it exists, `secret_hash` opens it, and it is unused and
+    /// unexpired; spends nothing (see `consume_token`).
+    fn check_token(
+        &self,
+        id: &str,
+        secret_hash: &str,
+        now_ms: u64,
+    ) -> Result<Result<TokenRecord, TokenRefusal>, StoreError>;
     /// Marks a token used if it exists, matches, is unused and unexpired, atomically
     /// (two concurrent enrolments with one token: exactly one wins).
     fn consume_token(
@@ -167,6 +224,10 @@ pub trait Store: Send + Sync + 'static {
     fn create_cluster(&self, cluster: &ClusterRecord) -> Result<bool, StoreError>;
     fn put_cluster(&self, cluster: &ClusterRecord) -> Result<(), StoreError>;
     fn delete_cluster(&self, name: &str) -> Result<(), StoreError>;
+    /// Removes a cluster and everything kept about it: its record (so its
+    /// certificate is refused), its statuses and its drift history. Durable
+    /// when it returns.
+    fn forget_cluster(&self, name: &str) -> Result<(), StoreError>;
 
     fn list_statuses(&self) -> Result<Vec<StatusRecord>, StoreError>;
     fn put_status(&self, status: &StatusRecord) -> Result<(), StoreError>;
@@ -384,6 +445,19 @@ impl Store for SledStore {
         Ok(())
     }
 
+    fn check_token(
+        &self,
+        id: &str,
+        secret_hash: &str,
+        now_ms: u64,
+    ) -> Result<Result<TokenRecord, TokenRefusal>, StoreError> {
+        let Some(v) = self.tokens.get(id.as_bytes())? else {
+            return Ok(Err(TokenRefusal::Unknown));
+        };
+        let rec: TokenRecord = decode(id.as_bytes(), &v)?;
+        Ok(rec.judge(secret_hash, now_ms).map(|()| rec))
+    }
+
     fn consume_token(
         &self,
         id: &str,
@@ -395,14 +469,8 @@ impl Store for SledStore {
                 return Ok(Err(TokenRefusal::Unknown));
             };
             let mut rec: TokenRecord = decode(id.as_bytes(), &old)?;
-            if !crate::constant_time_eq(rec.secret_hash.as_bytes(), secret_hash.as_bytes()) {
-                return Ok(Err(TokenRefusal::Unknown));
-            }
-            if rec.used {
-                return Ok(Err(TokenRefusal::Used));
-            }
-            if rec.expires_at_ms <= now_ms {
-                return Ok(Err(TokenRefusal::Expired));
+            if let Err(refusal) = rec.judge(secret_hash, now_ms) {
+                return Ok(Err(refusal));
             }
             rec.used = true;
             let swapped =
@@ -499,6 +567,31 @@ impl Store for SledStore {
         Ok(())
     }
 
+    fn forget_cluster(&self, name: &str) -> Result<(), StoreError> {
+        // The record first: from then on the certificate is refused, whatever
+        // happens to the rest (a hub stopped midway finishes at start, see
+        // `Fleet::load`).
+        self.clusters.remove(name.as_bytes())?;
+        self.clusters.flush()?;
+        for k in self.statuses.scan_prefix(status_key(name, "")) {
+            self.statuses.remove(k?.0)?;
+        }
+        {
+            let _one = self.drift_lock.lock().unwrap_or_else(|e| e.into_inner());
+            for kv in self.drift.iter() {
+                let (k, v) = kv?;
+                let rec: DriftRecord = decode(&k, &v)?;
+                if rec.cluster == name {
+                    self.drift.remove(k)?;
+                }
+            }
+            // A cluster enrolled again under this name starts its ids afresh.
+            self.drift_meta.remove(name.as_bytes())?;
+        }
+        self.db.flush()?;
+        Ok(())
+    }
+
     fn list_statuses(&self) -> Result<Vec<StatusRecord>, StoreError> {
         list(&self.statuses)
     }
@@ -573,6 +666,8 @@ mod tests {
             secret_hash: "h".into(),
             expires_at_ms: 1000,
             used: false,
+            cluster_name: Some("edge-1".into()),
+            labels: None,
         };
         store.put_token(&rec).unwrap();
         assert_eq!(
@@ -583,7 +678,20 @@ mod tests {
             store.consume_token("abcd1234", "h", 1000).unwrap(),
             Err(TokenRefusal::Expired)
         );
+        // Checking spends nothing.
+        assert_eq!(
+            store.check_token("abcd1234", "h", 10).unwrap(),
+            Ok(rec.clone())
+        );
+        assert_eq!(
+            store.check_token("abcd1234", "wrong", 10).unwrap(),
+            Err(TokenRefusal::Unknown)
+        );
         assert_eq!(store.consume_token("abcd1234", "h", 10).unwrap(), Ok(()));
+        assert_eq!(
+            store.check_token("abcd1234", "h", 10).unwrap(),
+            Err(TokenRefusal::Used)
+        );
         assert_eq!(
             store.consume_token("abcd1234", "h", 10).unwrap(),
             Err(TokenRefusal::Used)

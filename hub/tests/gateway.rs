@@ -29,9 +29,14 @@ struct TestHub {
 }
 
 async fn start_hub() -> TestHub {
+    start_hub_with(|_| {}).await
+}
+
+async fn start_hub_with(configure: impl FnOnce(&mut Config)) -> TestHub {
     let dir = tempfile::tempdir().unwrap();
     let mut config = Config::new(dir.path());
     config.poll_git = false;
+    configure(&mut config);
     let hub = Hub::open(&config).unwrap();
     let agent = flotilla_hub::bind_agent_listener("127.0.0.1:0".parse().unwrap()).unwrap();
     let api = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -169,6 +174,191 @@ async fn enroll(
         .map(|r| r.into_inner())
 }
 
+async fn enroll_with_csr(
+    th: &TestHub,
+    token: &JoinToken,
+    name: &str,
+    csr_pem: &str,
+) -> Result<v1::EnrollResponse, tonic::Status> {
+    let mut client = EnrolmentClient::new(th.channel(None).await.unwrap());
+    client
+        .enroll(v1::EnrollRequest {
+            token: token.credential(),
+            cluster_name: name.into(),
+            labels: Default::default(),
+            csr_pem: csr_pem.into(),
+        })
+        .await
+        .map(|r| r.into_inner())
+}
+
+/// A caller without a valid token learns nothing of the rest of its request
+/// and costs no CSR work: a wrong, spent or expired token with a bad name and a
+/// large garbage CSR is refused as a token (the old hub parsed the CSR first
+/// and answered InvalidArgument).
+#[tokio::test]
+async fn a_bad_token_is_refused_before_anything_else() {
+    let th = start_hub().await;
+    let real = th.token("1h").await;
+    let forged = JoinToken {
+        secret: "0".repeat(flotilla_shared::token::SECRET_LEN),
+        ..real.clone()
+    };
+    let garbage = format!(
+        "-----BEGIN CERTIFICATE REQUEST-----\n{}\n-----END CERTIFICATE REQUEST-----\n",
+        "A".repeat(2 << 20)
+    );
+    for name in ["edge-1", "Bad_Name"] {
+        let err = enroll_with_csr(&th, &forged, name, &garbage)
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::Unauthenticated, "{err}");
+        assert!(err.message().contains("unknown join token"), "{err}");
+    }
+    let key = KeyPair::generate().unwrap();
+    enroll(&th, &real, "edge-1", &[], &key).await.unwrap();
+    let err = enroll_with_csr(&th, &real, "Bad_Name", &garbage)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated, "{err}");
+    assert!(err.message().contains("already used"), "{err}");
+}
+
+async fn token_bound(th: &TestHub, body: Value) -> (u16, Value) {
+    th.call(
+        reqwest::Method::POST,
+        "/api/v1/tokens",
+        Some(body.to_string()),
+    )
+    .await
+}
+
+/// The holder of a token minted for one cluster can neither enrol another name
+/// nor choose its labels (and so its bundles): the token's binding wins.
+#[tokio::test]
+async fn a_bound_token_decides_the_name_and_the_labels() {
+    let th = start_hub().await;
+    let (status, body) = token_bound(
+        &th,
+        json!({"ttl": "1h", "clusterName": "edge-1", "labels": {"env": "dev"}}),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let token: JoinToken = body["token"].as_str().unwrap().parse().unwrap();
+    let key = KeyPair::generate().unwrap();
+
+    // Another name: refused, naming the bound one, and the token is not spent.
+    let err = enroll(&th, &token, "prod-eu-1", &[("env", "prod")], &key)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err}");
+    assert!(err.message().contains("\"edge-1\""), "{err}");
+    // The bound name, claiming prod: enrolled, with the token's labels only.
+    let cert = enroll(
+        &th,
+        &token,
+        "edge-1",
+        &[("env", "prod"), ("tier", "db")],
+        &key,
+    )
+    .await
+    .unwrap()
+    .certificate_pem;
+    let der = flotilla_hub::pki::pem_to_der(&cert).unwrap();
+    assert_eq!(
+        flotilla_hub::pki::cluster_from_cert(&der).as_deref(),
+        Some("edge-1")
+    );
+    let (_, c) = th
+        .call(reqwest::Method::GET, "/api/v1/clusters/edge-1", None)
+        .await;
+    assert_eq!(c["labels"], json!({"env": "dev"}), "{c}");
+
+    // So a bundle for prod does not reach it.
+    let source = "apiVersion: flotilla.io/v1alpha1\nkind: GitSource\nmetadata: {name: prod}\nspec:\n  repo: https://git.example.com/apps.git\n  targets:\n  - clusterSelector: {matchLabels: {env: prod}}\n";
+    let (status, body) = th
+        .call(
+            reqwest::Method::POST,
+            "/api/v1/apply?file=s.yaml",
+            Some(source.into()),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let files: BTreeMap<String, Vec<u8>> = [(
+        "cm.yaml".to_string(),
+        b"apiVersion: v1\nkind: ConfigMap\nmetadata: {name: prod-only}\n".to_vec(),
+    )]
+    .into_iter()
+    .collect();
+    assert!(th
+        .hub
+        .inject_snapshot(
+            "prod",
+            flotilla_hub::git::Snapshot {
+                commit: "p1".into(),
+                files,
+            },
+        )
+        .await
+        .unwrap());
+    let channel = th.channel(Some((&cert, &key))).await.unwrap();
+    let (_tx, rx) = session_request(hello(vec![]));
+    let mut inbound = FleetClient::new(channel)
+        .session(rx)
+        .await
+        .unwrap()
+        .into_inner();
+    let v1::hub_message::Msg::Desired(desired) = next_msg(&mut inbound).await else {
+        panic!("expected Desired")
+    };
+    assert!(desired.bundles.is_empty(), "{desired:?}");
+
+    // A token bound to labels only: any name, the token's labels.
+    let (_, body) = token_bound(&th, json!({"labels": {"env": "qa"}})).await;
+    let token: JoinToken = body["token"].as_str().unwrap().parse().unwrap();
+    enroll(&th, &token, "qa-1", &[("env", "prod")], &key)
+        .await
+        .unwrap();
+    let (_, c) = th
+        .call(reqwest::Method::GET, "/api/v1/clusters/qa-1", None)
+        .await;
+    assert_eq!(c["labels"], json!({"env": "qa"}), "{c}");
+
+    // Bad bindings are refused when the token is made.
+    for bad in [
+        json!({"clusterName": "Bad_Name"}),
+        json!({"labels": {"env": "a b"}}),
+    ] {
+        let (status, body) = token_bound(&th, bad).await;
+        assert_eq!(status, 400, "{body}");
+    }
+}
+
+/// A token's life is capped by the hub (7 days unless --max-token-ttl says
+/// otherwise); a longer request is refused naming the cap.
+#[tokio::test]
+async fn token_lifetimes_are_capped() {
+    let th = start_hub().await;
+    for (ttl, ok) in [
+        ("7d", true),
+        ("8d", false),
+        ("100000d", false),
+        ("0s", false),
+    ] {
+        let (status, body) = token_bound(&th, json!({ "ttl": ttl })).await;
+        assert_eq!(status == 200, ok, "{ttl}: {body}");
+        if ttl == "8d" {
+            assert!(body["error"].as_str().unwrap().contains("(7d;"), "{body}");
+        }
+    }
+    let th = start_hub_with(|c| c.max_token_ttl = Duration::from_secs(3600)).await;
+    let (status, body) = token_bound(&th, json!({ "ttl": "2h" })).await;
+    assert_eq!(status, 400, "{body}");
+    assert!(body["error"].as_str().unwrap().contains("(1h;"), "{body}");
+    let (status, body) = token_bound(&th, json!({})).await;
+    assert_eq!(status, 200, "the default ttl (1h) fits: {body}");
+}
+
 #[tokio::test]
 async fn enrolment_checks_tokens_and_names() {
     let th = start_hub().await;
@@ -225,6 +415,10 @@ async fn enrolment_checks_tokens_and_names() {
     // Bad input is refused before a token is spent.
     let fresh = th.token("1h").await;
     let err = enroll(&th, &fresh, "Bad_Name", &[], &key)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err}");
+    let err = enroll_with_csr(&th, &fresh, "edge-4", "not a CSR")
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument, "{err}");
@@ -659,4 +853,330 @@ async fn a_cluster_sees_and_reports_only_its_own_bundles() {
         .find(|c| c["cluster"] == "site-a")
         .map(|c| c["state"].clone());
     assert_eq!(a_state, Some(json!("Pending")), "{b}");
+}
+
+/// Applies a one-ConfigMap source for `env=prod` and returns its bundle name.
+async fn prod_bundle(th: &TestHub) -> String {
+    let source = "apiVersion: flotilla.io/v1alpha1\nkind: GitSource\nmetadata: {name: apps}\nspec:\n  repo: https://git.example.com/apps.git\n  targets:\n  - clusterSelector: {matchLabels: {env: prod}}\n";
+    let (status, body) = th
+        .call(
+            reqwest::Method::POST,
+            "/api/v1/apply?file=s.yaml",
+            Some(source.into()),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let files: BTreeMap<String, Vec<u8>> = [(
+        "cm.yaml".to_string(),
+        b"apiVersion: v1\nkind: ConfigMap\nmetadata: {name: web, namespace: demo}\n".to_vec(),
+    )]
+    .into_iter()
+    .collect();
+    assert!(th
+        .hub
+        .inject_snapshot(
+            "apps",
+            flotilla_hub::git::Snapshot {
+                commit: "c1".into(),
+                files,
+            },
+        )
+        .await
+        .unwrap());
+    "apps".into()
+}
+
+/// Opens a session with `cert`; returns its sender and inbound stream, or the
+/// refusal.
+async fn open_session(
+    th: &TestHub,
+    cert: &str,
+    key: &KeyPair,
+) -> Result<
+    (
+        mpsc::Sender<v1::AgentMessage>,
+        tonic::Streaming<v1::HubMessage>,
+    ),
+    tonic::Status,
+> {
+    let channel = th.channel(Some((cert, key))).await.unwrap();
+    let (tx, rx) = session_request(hello(vec![]));
+    let inbound = FleetClient::new(channel).session(rx).await?.into_inner();
+    Ok((tx, inbound))
+}
+
+/// Waits for the end of a stream the hub closes; returns its status.
+async fn closed_with(
+    stream: &mut tonic::Streaming<v1::HubMessage>,
+    within: Duration,
+) -> tonic::Status {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        match tokio::time::timeout_at(deadline, stream.message()).await {
+            Err(_) => panic!("the stream was not closed within {within:?}"),
+            Ok(Ok(Some(_))) => continue,
+            Ok(Ok(None)) => panic!("the stream ended without a status"),
+            Ok(Err(status)) => return status,
+        }
+    }
+}
+
+/// `DELETE /api/v1/clusters/NAME` revokes the cluster: its live stream closes
+/// within a second with PermissionDenied, it leaves every view with its statuses
+/// and drift history, and its certificate is refused on every call, also after
+/// the name is enrolled again (with a new certificate, which works).
+#[tokio::test]
+async fn a_deleted_cluster_is_cut_off_and_its_certificate_refused() {
+    let th = start_hub().await;
+    let bundle = prod_bundle(&th).await;
+    let key = KeyPair::generate().unwrap();
+    let cert = enroll(
+        &th,
+        &th.token("1h").await,
+        "edge-1",
+        &[("env", "prod")],
+        &key,
+    )
+    .await
+    .unwrap()
+    .certificate_pem;
+    let other_key = KeyPair::generate().unwrap();
+    enroll(
+        &th,
+        &th.token("1h").await,
+        "edge-2",
+        &[("env", "prod")],
+        &other_key,
+    )
+    .await
+    .unwrap();
+
+    let (tx, mut inbound) = open_session(&th, &cert, &key).await.unwrap();
+    let v1::hub_message::Msg::Desired(desired) = next_msg(&mut inbound).await else {
+        panic!("expected Desired")
+    };
+    let b = &desired.bundles[0];
+    tx.send(v1::AgentMessage {
+        msg: Some(v1::agent_message::Msg::Ack(v1::DesiredAck {
+            generation: desired.generation,
+        })),
+    })
+    .await
+    .unwrap();
+    tx.send(v1::AgentMessage {
+        msg: Some(v1::agent_message::Msg::Status(v1::BundleStatus {
+            bundle: b.name.clone(),
+            content_hash: b.content_hash.clone(),
+            revision: b.revision.clone(),
+            state: v1::BundleState::Ready as i32,
+            message: String::new(),
+            seq: 1,
+            observed_at_unix_ms: 1,
+        })),
+    })
+    .await
+    .unwrap();
+    assert!(matches!(
+        next_msg(&mut inbound).await,
+        v1::hub_message::Msg::StatusAck(_)
+    ));
+    tx.send(v1::AgentMessage {
+        msg: Some(v1::agent_message::Msg::Drift(v1::DriftEvent {
+            id: 5,
+            bundle: b.name.clone(),
+            api_version: "v1".into(),
+            kind: "ConfigMap".into(),
+            namespace: "demo".into(),
+            name: "web".into(),
+            manager: "kubectl-edit".into(),
+            detected_at_unix_ms: 1,
+            ..Default::default()
+        })),
+    })
+    .await
+    .unwrap();
+    assert!(matches!(
+        next_msg(&mut inbound).await,
+        v1::hub_message::Msg::DriftAck(_)
+    ));
+    let (_, drift) = th.call(reqwest::Method::GET, "/api/v1/drift", None).await;
+    assert_eq!(drift.as_array().unwrap().len(), 1, "{drift}");
+
+    let (status, body) = th
+        .call(reqwest::Method::DELETE, "/api/v1/clusters/edge-1", None)
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let started = std::time::Instant::now();
+    let status = closed_with(&mut inbound, Duration::from_secs(1)).await;
+    assert_eq!(status.code(), Code::PermissionDenied, "{status}");
+    assert!(started.elapsed() < Duration::from_secs(1));
+
+    // Gone from every view, with its statuses and drift history.
+    let (status, _) = th
+        .call(reqwest::Method::GET, "/api/v1/clusters/edge-1", None)
+        .await;
+    assert_eq!(status, 404);
+    let (_, clusters) = th
+        .call(reqwest::Method::GET, "/api/v1/clusters", None)
+        .await;
+    assert_eq!(clusters.as_array().unwrap().len(), 1, "{clusters}");
+    let (_, bv) = th
+        .call(
+            reqwest::Method::GET,
+            &format!("/api/v1/bundles/{bundle}"),
+            None,
+        )
+        .await;
+    let on: Vec<&str> = bv["clusters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["cluster"].as_str().unwrap())
+        .collect();
+    assert_eq!(on, ["edge-2"], "{bv}");
+    assert_eq!(bv["driftEvents"], 0, "{bv}");
+    let (_, drift) = th.call(reqwest::Method::GET, "/api/v1/drift", None).await;
+    assert_eq!(drift, json!([]));
+    let (status, _) = th
+        .call(reqwest::Method::DELETE, "/api/v1/clusters/edge-1", None)
+        .await;
+    assert_eq!(status, 404, "deleted once");
+
+    // The old certificate: refused on a new call.
+    let err = open_session(&th, &cert, &key).await.unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err}");
+    let fresh_key = KeyPair::generate().unwrap();
+    let err = renew(&th, &cert, &key, &fresh_key).await.unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err}");
+
+    // Enrolled again under the same name: the new certificate works, the old
+    // one stays refused.
+    let new_key = KeyPair::generate().unwrap();
+    let new_cert = enroll(
+        &th,
+        &th.token("1h").await,
+        "edge-1",
+        &[("env", "prod")],
+        &new_key,
+    )
+    .await
+    .unwrap()
+    .certificate_pem;
+    let err = open_session(&th, &cert, &key).await.unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err}");
+    let err = renew(&th, &cert, &key, &fresh_key).await.unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err}");
+    let (_tx, mut fresh) = open_session(&th, &new_cert, &new_key).await.unwrap();
+    assert!(matches!(
+        next_msg(&mut fresh).await,
+        v1::hub_message::Msg::Desired(_)
+    ));
+    let (_, c) = th
+        .call(reqwest::Method::GET, "/api/v1/clusters/edge-1", None)
+        .await;
+    assert_eq!(
+        c["bundles"][0]["state"], "Pending",
+        "no status survives: {c}"
+    );
+}
+
+/// Calls Renew with `cert`, for a CSR of `new_key`; returns the new certificate.
+async fn renew(
+    th: &TestHub,
+    cert: &str,
+    key: &KeyPair,
+    new_key: &KeyPair,
+) -> Result<String, tonic::Status> {
+    let channel = th.channel(Some((cert, key))).await.unwrap();
+    FleetClient::new(channel)
+        .renew(v1::RenewRequest {
+            csr_pem: csr(new_key),
+        })
+        .await
+        .map(|r| r.into_inner().certificate_pem)
+}
+
+/// A certificate signed by the fleet CA for a cluster's name but not the one
+/// the hub issued to it (a copy made with the CA key, a leftover) is refused.
+#[tokio::test]
+async fn only_the_issued_certificate_speaks_for_a_cluster() {
+    let th = start_hub().await;
+    let key = KeyPair::generate().unwrap();
+    let cert = enroll(&th, &th.token("1h").await, "edge-1", &[], &key)
+        .await
+        .unwrap()
+        .certificate_pem;
+    let twin_key = KeyPair::generate().unwrap();
+    let twin = th
+        .hub
+        .pki
+        .sign_csr(&csr(&twin_key), "edge-1", Duration::from_secs(3600))
+        .unwrap()
+        .pem;
+    let err = open_session(&th, &twin, &twin_key).await.unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err}");
+    assert!(open_session(&th, &cert, &key).await.is_ok());
+}
+
+/// Renew trades a CSR for a new certificate over the current one; both stand
+/// until the new one is used, then only the new one. Certificates live as long
+/// as the hub says (--agent-cert-ttl).
+#[tokio::test]
+async fn renewal_replaces_the_certificate_on_first_use() {
+    let ttl = Duration::from_secs(20);
+    let th = start_hub_with(|c| c.agent_cert_ttl = ttl).await;
+    let key = KeyPair::generate().unwrap();
+    let cert = enroll(&th, &th.token("1h").await, "edge-1", &[], &key)
+        .await
+        .unwrap()
+        .certificate_pem;
+    let life = |pem: &str| {
+        let der = flotilla_hub::pki::pem_to_der(pem).unwrap();
+        let (_, c) = x509_parser::parse_x509_certificate(&der).unwrap();
+        let v = c.validity();
+        (v.not_after.timestamp() - v.not_before.timestamp()) as u64
+    };
+    assert!((20..=23).contains(&life(&cert)), "{}", life(&cert));
+
+    // Without a certificate: refused.
+    let err = FleetClient::new(th.channel(None).await.unwrap())
+        .renew(v1::RenewRequest { csr_pem: csr(&key) })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated, "{err}");
+
+    let new_key = KeyPair::generate().unwrap();
+    // An answer lost: renewing again is fine, the last one issued counts.
+    let lost = renew(&th, &cert, &key, &new_key).await.unwrap();
+    let renewed = renew(&th, &cert, &key, &new_key).await.unwrap();
+    assert_ne!(lost, renewed);
+    let der = flotilla_hub::pki::pem_to_der(&renewed).unwrap();
+    assert_eq!(
+        flotilla_hub::pki::cluster_from_cert(&der).as_deref(),
+        Some("edge-1")
+    );
+    assert!(
+        open_session(&th, &lost, &new_key).await.is_err(),
+        "superseded before use"
+    );
+    // The old one still works until the new one is used...
+    assert!(open_session(&th, &cert, &key).await.is_ok());
+    let (_tx, mut s) = open_session(&th, &renewed, &new_key).await.unwrap();
+    assert!(matches!(
+        next_msg(&mut s).await,
+        v1::hub_message::Msg::Desired(_)
+    ));
+    // ...and not after.
+    let err = open_session(&th, &cert, &key).await.unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err}");
+    assert!(renew(&th, &cert, &key, &new_key).await.is_err());
+    // A bad CSR over a good certificate is refused as such.
+    let channel = th.channel(Some((&renewed, &new_key))).await.unwrap();
+    let err = FleetClient::new(channel)
+        .renew(v1::RenewRequest {
+            csr_pem: "nonsense".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err}");
 }

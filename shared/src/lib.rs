@@ -12,6 +12,7 @@ pub mod drift;
 pub mod error;
 pub mod fleetyaml;
 pub mod health;
+pub mod identity;
 pub mod labels;
 pub mod objects;
 pub mod selector;
