@@ -116,7 +116,7 @@ pub fn human(d: Duration) -> String {
         return format!("{}ms", d.as_millis());
     }
     for (unit, per) in [("d", 86400), ("h", 3600), ("m", 60)] {
-        if s % per == 0 {
+        if s.is_multiple_of(per) {
             return format!("{}{unit}", s / per);
         }
     }
