@@ -83,7 +83,7 @@ async fn identity(
     config: &Config,
     hub: &tonic::transport::Uri,
     clock: &clock::SharedClock,
-) -> Result<enroll::Identity> {
+) -> Result<(enroll::Identity, bool)> {
     if let Some(id) = enroll::load_identity(&config.state_dir)? {
         let expired = enroll::validity(&id.cert_pem)
             .map(|(_, not_after)| not_after <= clock.now_unix_ms())
@@ -96,7 +96,7 @@ async fn identity(
                 );
             }
             info!(state_dir = %config.state_dir.display(), "using the stored certificate");
-            return Ok(id);
+            return Ok((id, false));
         }
         warn!("the stored certificate has expired: enrolling again with the given token");
     }
@@ -124,7 +124,7 @@ async fn identity(
                     "cannot reach the hub to enrol; retrying");
                 tokio::time::sleep(delay).await;
             }
-            other => return other,
+            other => return other.map(|id| (id, true)),
         }
     }
 }
@@ -144,7 +144,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send) -> R
     tokio::pin!(shutdown);
 
     let clock = clock::system();
-    let id = tokio::select! {
+    let (id, enrolled) = tokio::select! {
         id = identity(&config, &hub, &clock) => id?,
         _ = &mut shutdown => return Ok(()),
     };
@@ -177,6 +177,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send) -> R
             config.state_dir.clone(),
             clock.clone(),
         )),
+        resend_statuses: enrolled,
     };
     info!(cluster = %config.cluster_name, hub = %config.hub, "agent started");
     let r = tokio::spawn(reconciler.run(wake, stop_rx.clone()));

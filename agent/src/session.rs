@@ -104,6 +104,10 @@ pub struct Sessions {
     pub statuses: watch::Receiver<u64>,
     /// Renews the certificate before it expires; `None`: never.
     pub renewal: Option<Renewal>,
+    /// The agent has just enrolled (again): the hub knows none of the statuses
+    /// in the store, even those an earlier enrolment acknowledged, so the
+    /// latest of every bundle is sent again, until the hub acknowledges them.
+    pub resend_statuses: bool,
 }
 
 /// What renewing the agent's certificate needs.
@@ -311,8 +315,14 @@ impl Sessions {
         // Statuses the hub has not acknowledged are sent again.
         // Marked first: a status recorded while these are sent wakes the loop.
         self.statuses.mark_unchanged();
-        let mut sent_upto = self.writer.read(|s| s.acked_seq()).await?;
+        let mut sent_upto = if self.resend_statuses {
+            0
+        } else {
+            self.writer.read(|s| s.acked_seq()).await?
+        };
         self.send_statuses(&tx, &mut sent_upto).await?;
+        // Once the hub acknowledges the last of them, all were stored (in order).
+        let resent_upto = self.resend_statuses.then_some(sent_upto);
         // Drift events the hub has not acknowledged, likewise.
         let mut drift_upto = 0;
         self.send_drift(&tx, &mut drift_upto).await?;
@@ -331,7 +341,12 @@ impl Sessions {
                 msg = inbound.message() => match msg {
                     Ok(Some(m)) => match m.msg {
                         Some(HubMsg::Desired(d)) => self.on_desired(&tx, &d).await?,
-                        Some(HubMsg::StatusAck(a)) => self.writer.ack(a.seq).await?,
+                        Some(HubMsg::StatusAck(a)) => {
+                            self.writer.ack(a.seq).await?;
+                            if resent_upto.is_some_and(|upto| a.seq >= upto) {
+                                self.resend_statuses = false;
+                            }
+                        }
                         Some(HubMsg::DriftAck(a)) => self.writer.ack_drift(a.id).await?,
                         None => warn!("empty message from the hub"),
                     },

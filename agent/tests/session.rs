@@ -226,6 +226,7 @@ async fn session_stores_before_ack_and_sends_statuses() {
         reconcile: wake.clone(),
         statuses: status_rx,
         renewal: None,
+        resend_statuses: false,
     };
     let (shut_tx, shut_rx) = watch::channel(false);
     let agent = tokio::spawn(sessions.run(shut_rx));

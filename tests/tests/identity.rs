@@ -299,3 +299,99 @@ fn agents_renew_short_lived_certificates_and_keep_working() -> Result<()> {
     west.kubectl(&["delete", "namespace", ns, "--wait=false"])?;
     Ok(())
 }
+
+/// A certificate that expired while the hub was away is refused (no grace):
+/// the agent keeps its objects, and comes back by enrolling again with a new
+/// token after `cluster delete`, keeping its store.
+#[test]
+fn an_expired_certificate_is_replaced_by_enrolling_again() -> Result<()> {
+    if !e2e_available() {
+        return Ok(());
+    }
+    let [east, _west] = shared_clusters();
+    let dir = test_dir("identity-expired")?;
+    let ns = "e2e-identity-expired";
+    let mut hub = Hub::start_with(
+        &dir.path().join("hub"),
+        free_port(),
+        free_port(),
+        &["--agent-cert-ttl", "10s"],
+        &[],
+    )?;
+    let repo = GitRepo::new(dir.path(), "apps")?;
+    repo.commit(
+        &files(&[
+            ("web/ns.yaml", Some(&namespace(ns))),
+            ("web/config.yaml", Some(&config_map(ns, "web", "v1"))),
+        ]),
+        "first",
+    )?;
+    hub.cli(&[
+        "source", "add", "apps", "--repo", &repo.url, "--path", "web", "--target", "env=qa",
+        "--poll", "1s",
+    ])?;
+    let state = dir.path().join("east");
+    let token = hub.cli(&[
+        "token",
+        "create",
+        "--cluster-name",
+        "id-exp",
+        "--labels",
+        "env=qa",
+    ])?;
+    let mut agent = Agent::start(&hub, token.trim(), "id-exp", "", east, &state)?;
+    hub.wait_bundle_state("apps-web", "id-exp", "Ready")?;
+
+    // The hub goes away for longer than the certificate lives.
+    hub.stop();
+    let (_, not_after) = flotilla_agent::enroll::validity(&stored_identity(&state)?.1)?;
+    wait_until("the certificate expired", Duration::from_secs(30), || {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_millis() as i64;
+        Ok((now > not_after + 1_000).then_some(()))
+    })?;
+    hub.restart()?;
+    let expired = stored_identity(&state)?;
+    assert_ne!(
+        dial_with(&hub, &expired)?,
+        tonic::Code::Ok,
+        "an expired certificate"
+    );
+    // Cut off, the agent keeps its objects.
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(cm_value(east, ns, "web")?.as_deref(), Some("v1"));
+    assert!(agent.proc.alive(), "{}", agent.proc.log_text());
+
+    // Back: delete the cluster, a new token, start the agent with it.
+    hub.cli(&["cluster", "delete", "id-exp"])?;
+    let token = hub.cli(&[
+        "token",
+        "create",
+        "--cluster-name",
+        "id-exp",
+        "--labels",
+        "env=qa",
+    ])?;
+    agent.proc.stop();
+    let again = Agent::spawn(
+        &hub.agent_url,
+        Some(token.trim()),
+        "id-exp",
+        "",
+        &east.kubeconfig,
+        &state,
+    )?;
+    hub.wait_bundle_state("apps-web", "id-exp", "Ready")?;
+    assert!(
+        again
+            .proc
+            .log_text()
+            .contains("the stored certificate has expired: enrolling again"),
+        "{}",
+        again.proc.log_text()
+    );
+    assert_ne!(stored_identity(&state)?.1, expired.1);
+    east.kubectl(&["delete", "namespace", ns, "--wait=false"])?;
+    Ok(())
+}
