@@ -1070,3 +1070,128 @@ fn source_view(name: &str, s: &SourceState) -> SourceView {
         bundles: s.bundles.keys().cloned().collect(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::SledStore;
+
+    fn status(cluster: &str, bundle: &str) -> StatusRecord {
+        StatusRecord {
+            cluster: cluster.into(),
+            bundle: bundle.into(),
+            content_hash: "h".into(),
+            revision: "r".into(),
+            state: BundleState::Ready,
+            message: String::new(),
+            observed_at_ms: 1,
+        }
+    }
+
+    fn drift(id: u64) -> DriftEvent {
+        DriftEvent {
+            id,
+            bundle: "b".into(),
+            object: flotilla_shared::bundle::ObjectRef {
+                api_version: "v1".into(),
+                kind: "ConfigMap".into(),
+                namespace: None,
+                name: "c".into(),
+            },
+            fields: vec![],
+            manager: String::new(),
+            detected_at_unix_ms: 1,
+            corrected: false,
+            deleted: false,
+        }
+    }
+
+    fn cluster(name: &str, pin: Option<&str>) -> ClusterRecord {
+        ClusterRecord {
+            name: name.into(),
+            cert_sha256: pin.map(str::to_string),
+            ..Default::default()
+        }
+    }
+
+    /// Deleting a cluster removes what is kept of it and nothing of the others;
+    /// a delete cut short (record gone, statuses and drift left) is finished at
+    /// the next load.
+    #[test]
+    fn a_deleted_cluster_leaves_nothing_behind() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store");
+        {
+            let store: Arc<dyn Store> = Arc::new(SledStore::open(&path).unwrap());
+            for c in ["a", "b", "ab"] {
+                store.create_cluster(&cluster(c, Some("fp"))).unwrap();
+                store.put_status(&status(c, "b")).unwrap();
+                store.add_drift(c, &drift(1)).unwrap();
+            }
+            let fleet = Fleet::load(store.clone()).unwrap();
+            assert!(fleet.delete_cluster("a").unwrap());
+            assert!(!fleet.delete_cluster("a").unwrap());
+            assert_eq!(
+                fleet.authorize("a", "fp").unwrap(),
+                Err(Refused::NotEnrolled("a".into()))
+            );
+            assert_eq!(fleet.record_drift("a", &drift(2)).unwrap(), None, "dropped");
+            let left: Vec<String> = store
+                .list_statuses()
+                .unwrap()
+                .into_iter()
+                .map(|s| s.cluster)
+                .collect();
+            assert_eq!(left, ["ab", "b"]);
+            let left: Vec<String> = store
+                .list_drift()
+                .unwrap()
+                .into_iter()
+                .map(|d| d.cluster)
+                .collect();
+            assert_eq!(left, ["b", "ab"]);
+            // A stop between removing the record and the rest.
+            store.delete_cluster("b").unwrap();
+            store.flush().unwrap();
+        }
+        let store: Arc<dyn Store> = Arc::new(SledStore::open(&path).unwrap());
+        let fleet = Fleet::load(store.clone()).unwrap();
+        assert_eq!(fleet.clusters().len(), 1);
+        let left: Vec<String> = store
+            .list_statuses()
+            .unwrap()
+            .into_iter()
+            .map(|s| s.cluster)
+            .collect();
+        assert_eq!(left, ["ab"]);
+        assert_eq!(store.list_drift().unwrap().len(), 1);
+        // Enrolled again, the name starts its drift ids afresh.
+        assert!(fleet.create_cluster(cluster("b", Some("fp2"))).unwrap());
+        assert!(fleet.record_drift("b", &drift(1)).unwrap().is_some());
+    }
+
+    /// A cluster enrolled before pinning pins the first certificate it presents.
+    #[test]
+    fn an_unpinned_cluster_pins_its_first_certificate() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store");
+        {
+            let store: Arc<dyn Store> = Arc::new(SledStore::open(&path).unwrap());
+            store.create_cluster(&cluster("old", None)).unwrap();
+            let fleet = Fleet::load(store).unwrap();
+            assert_eq!(fleet.authorize("old", "first").unwrap(), Ok(()));
+            assert_eq!(
+                fleet.authorize("old", "second").unwrap(),
+                Err(Refused::OtherCertificate("old".into()))
+            );
+        }
+        let store: Arc<dyn Store> = Arc::new(SledStore::open(&path).unwrap());
+        let fleet = Fleet::load(store).unwrap();
+        assert_eq!(
+            fleet.authorize("old", "first").unwrap(),
+            Ok(()),
+            "persisted"
+        );
+        assert!(fleet.authorize("old", "second").unwrap().is_err());
+    }
+}
