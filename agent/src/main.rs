@@ -19,7 +19,8 @@ struct Args {
     /// This cluster's name in the fleet (a DNS label).
     #[arg(long, env = "FLOTILLA_AGENT_CLUSTER_NAME")]
     cluster_name: String,
-    /// Labels to seed at enrolment, k=v,k2=v2 (later changes: `flotilla cluster label`).
+    /// Labels to seed at enrolment, k=v,k2=v2 (later changes: `flotilla cluster label`);
+    /// a join token bound to labels (`token create --labels`) replaces them.
     #[arg(long, env = "FLOTILLA_AGENT_LABELS", default_value = "")]
     labels: String,
     /// Kubeconfig of the cluster to manage; without it, the in-cluster service account.

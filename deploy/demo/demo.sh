@@ -148,9 +148,10 @@ flotilla source add prod --repo "git://127.0.0.1:$GIT_PORT/fleet-demo" --path pr
 say "Starting two agents: east (env=prod, region=eu) and west (env=dev, region=us)"
 for c in east west; do
   labels=env=prod,region=eu; [[ $c == west ]] && labels=env=dev,region=us
-  token=$(flotilla token create --ttl 10m)
+  # Bound to the name and labels: the token's holder cannot choose others.
+  token=$(flotilla token create --ttl 10m --cluster-name "$c" --labels "$labels")
   start "agent-$c" "$DEMO/agent-$c.log" flotilla-agent --hub "https://127.0.0.1:$HUB_AGENT_PORT" \
-    --token "$token" --cluster-name "$c" --labels "$labels" \
+    --token "$token" --cluster-name "$c" \
     --kubeconfig "$DEMO/$c/kubeconfig" --state-dir "$DEMO/agent-$c"
 done
 

@@ -231,6 +231,30 @@ mod tests {
         let a = Args::try_parse_from(["flotilla-hub", "--data-dir", "d"]).unwrap();
         assert_eq!(a.git_timeout, flotilla_hub::git::DEFAULT_FETCH_TIMEOUT);
         assert_eq!(
+            (a.max_token_ttl, a.agent_cert_ttl),
+            (
+                flotilla_shared::identity::DEFAULT_MAX_TOKEN_TTL,
+                flotilla_shared::identity::DEFAULT_AGENT_CERT_TTL
+            )
+        );
+        let b = Args::try_parse_from([
+            "flotilla-hub",
+            "--data-dir",
+            "d",
+            "--max-token-ttl",
+            "1h",
+            "--agent-cert-ttl",
+            "20s",
+        ])
+        .unwrap();
+        assert_eq!(
+            (b.max_token_ttl, b.agent_cert_ttl),
+            (
+                std::time::Duration::from_secs(3600),
+                std::time::Duration::from_secs(20)
+            )
+        );
+        assert_eq!(
             (
                 a.git_max_snapshot_size,
                 a.git_max_file_size,
