@@ -263,6 +263,28 @@ impl State {
         }
     }
 
+    /// Statuses of bundles no source has any more (a removed source or bundle
+    /// directory) or of clusters no longer enrolled; removed from memory, the keys
+    /// returned for the store.
+    fn prune_statuses(&mut self) -> Vec<(String, String)> {
+        let bundles: BTreeSet<&String> = self
+            .sources
+            .values()
+            .flat_map(|s| s.bundles.keys())
+            .collect();
+        let loading = self.sources.values().any(|s| !s.loaded);
+        let gone: Vec<(String, String)> = self
+            .statuses
+            .keys()
+            .filter(|(c, b)| !self.clusters.contains_key(c) || (!loading && !bundles.contains(b)))
+            .cloned()
+            .collect();
+        for k in &gone {
+            self.statuses.remove(k);
+        }
+        gone
+    }
+
     /// Drops contents no bundle refers to; returns their hashes.
     fn gc_contents(&mut self) -> Vec<String> {
         let live: BTreeSet<String> = self
@@ -566,6 +588,9 @@ impl Fleet {
         for hash in st.gc_contents() {
             self.store.delete_content(&hash)?;
         }
+        for (cluster, bundle) in st.prune_statuses() {
+            self.store.delete_status(&cluster, &bundle)?;
+        }
         st.bump(&self.changed);
         Ok(true)
     }
@@ -704,13 +729,18 @@ impl Fleet {
                 st.contents.entry(hash).or_insert(content);
             }
             let dead = st.gc_contents();
+            let statuses = st.prune_statuses();
             if changed {
                 st.bump(&self.changed);
             }
-            dead
+            (dead, statuses)
         };
+        let (dead, statuses) = dead;
         for hash in dead {
             self.store.delete_content(&hash)?;
+        }
+        for (cluster, bundle) in statuses {
+            self.store.delete_status(&cluster, &bundle)?;
         }
         Ok(true)
     }
@@ -769,6 +799,9 @@ impl Fleet {
         let mut st = self.lock();
         st.clusters.remove(name);
         self.store.delete_cluster(name)?;
+        for (cluster, bundle) in st.prune_statuses() {
+            self.store.delete_status(&cluster, &bundle)?;
+        }
         Ok(())
     }
 
@@ -1263,6 +1296,55 @@ mod tests {
         let fleet = open(dir.path());
         assert!(fleet.content(&hash).is_none());
         assert!(!fleet.desired("c1").unwrap().complete);
+    }
+
+    /// Statuses of a bundle that left Git, or of a removed source, go (in memory
+    /// and in the store); others stay.
+    #[test]
+    fn statuses_of_removed_bundles_and_sources_are_pruned() {
+        let dir = tempfile::tempdir().unwrap();
+        let fleet = open(dir.path());
+        fleet.apply_source("s", spec()).unwrap();
+        fleet.apply_source("t", spec()).unwrap();
+        enrol(&fleet, "c1");
+        let two = vec![
+            bundle("s-a", Ok(rendered("1"))),
+            bundle("s-b", Ok(rendered("2"))),
+        ];
+        fleet.set_snapshot("s", "c1", two, 1).unwrap();
+        fleet
+            .set_snapshot("t", "c1", vec![bundle("t-a", Ok(rendered("3")))], 1)
+            .unwrap();
+        for b in ["s-a", "s-b", "t-a"] {
+            let status = StatusRecord {
+                cluster: "c1".into(),
+                bundle: b.into(),
+                content_hash: "h".into(),
+                revision: "c1".into(),
+                state: BundleState::Ready,
+                message: String::new(),
+                observed_at_ms: 1,
+            };
+            assert!(fleet.record_status(status).unwrap());
+        }
+        let stored = |f: &Fleet| -> Vec<String> {
+            f.store()
+                .list_statuses()
+                .unwrap()
+                .into_iter()
+                .map(|s| s.bundle)
+                .collect()
+        };
+        assert_eq!(stored(&fleet), ["s-a", "s-b", "t-a"]);
+        fleet
+            .set_snapshot("s", "c2", vec![bundle("s-a", Ok(rendered("1")))], 2)
+            .unwrap();
+        assert_eq!(stored(&fleet), ["s-a", "t-a"]);
+        fleet.delete_source("t").unwrap();
+        assert_eq!(stored(&fleet), ["s-a"]);
+        drop(fleet);
+        let fleet = open(dir.path());
+        assert_eq!(stored(&fleet), ["s-a"]);
     }
 
     /// Contents are deduplicated by hash and collected with the last snapshot

@@ -260,6 +260,7 @@ impl Hub {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
         let (stop_tx, stop_rx) = watch::channel(false);
+        let self_fleet = self.fleet.clone();
         for (name, spec) in self.fleet.source_specs() {
             self.pollers.sync(&name, &spec);
         }
@@ -335,7 +336,11 @@ impl Hub {
                 hub.pollers.stop_all();
                 hub.fleet.store().flush()?;
             }
-            Err(_) => tracing::warn!("connections did not drain in time"),
+            Err(_) => {
+                // What agents were told is acknowledged must be on disk anyway.
+                tracing::warn!("connections did not drain in time");
+                self_fleet.store().flush()?;
+            }
         }
         Ok(())
     }

@@ -212,6 +212,7 @@ pub trait Store: Send + Sync + 'static {
 
     fn list_statuses(&self) -> Result<Vec<StatusRecord>, StoreError>;
     fn put_status(&self, status: &StatusRecord) -> Result<(), StoreError>;
+    fn delete_status(&self, cluster: &str, bundle: &str) -> Result<(), StoreError>;
 
     fn list_secrets(&self) -> Result<Vec<SecretRecord>, StoreError>;
     fn get_secret(&self, name: &str) -> Result<Option<SecretRecord>, StoreError>;
@@ -614,6 +615,11 @@ impl Store for SledStore {
     fn put_status(&self, status: &StatusRecord) -> Result<(), StoreError> {
         self.statuses
             .insert(status_key(&status.cluster, &status.bundle), encode(status)?)?;
+        Ok(())
+    }
+
+    fn delete_status(&self, cluster: &str, bundle: &str) -> Result<(), StoreError> {
+        self.statuses.remove(status_key(cluster, bundle))?;
         Ok(())
     }
 
