@@ -32,6 +32,10 @@ use crate::store::{ClusterRecord, StatusRecord, TokenRefusal};
 
 /// A TLS handshake that takes longer is a stuck or hostile peer.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// TLS handshakes in progress at most: beyond, the accept loop waits (new
+/// connections queue in the kernel's backlog), so a flood of slow or idle
+/// connections costs bounded memory and CPU.
+pub const MAX_HANDSHAKES: usize = 256;
 /// Large fleets send large Desired sets; 64 MiB leaves headroom over the default 4.
 const MAX_MESSAGE: usize = 64 * 1024 * 1024;
 /// Last-seen is persisted at least this often while a session lives.
@@ -134,8 +138,16 @@ pub fn accept_loop(
     mut shutdown: watch::Receiver<bool>,
 ) -> ReceiverStream<Result<TlsConn, std::io::Error>> {
     let (tx, rx) = mpsc::channel(128);
+    let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
     tokio::spawn(async move {
         loop {
+            let permit = tokio::select! {
+                _ = async { let _ = shutdown.wait_for(|s| *s).await; } => break,
+                p = handshakes.clone().acquire_owned() => match p {
+                    Ok(p) => p,
+                    Err(_) => break,
+                },
+            };
             let accepted = tokio::select! {
                 _ = async { let _ = shutdown.wait_for(|s| *s).await; } => break,
                 r = listener.accept() => r,
@@ -152,7 +164,9 @@ pub fn accept_loop(
             let _ = tcp.set_nodelay(true);
             let (tx, acceptor) = (tx.clone(), acceptor.clone());
             tokio::spawn(async move {
-                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await;
+                drop(permit);
+                match handshake {
                     Ok(Ok(io)) => {
                         let cluster = io
                             .get_ref()
