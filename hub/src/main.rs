@@ -56,7 +56,12 @@ struct Args {
     /// charts from (`https://charts.example.com/`, `oci://registry.example.com/team/`);
     /// repeat for several, or separate with commas. Charts from anywhere else are
     /// refused: repository content does not choose where the hub connects.
-    #[arg(long, env = "FLOTILLA_HELM_REPO_ALLOW", value_name = "URL-PREFIX", value_delimiter = ',')]
+    #[arg(
+        long,
+        env = "FLOTILLA_HELM_REPO_ALLOW",
+        value_name = "URL-PREFIX",
+        value_delimiter = ','
+    )]
     helm_repo_allow: Vec<String>,
     /// File holding the secret Git push webhooks are signed with (GitHub's
     /// `X-Hub-Signature-256`, GitLab's `X-Gitlab-Token`), for the sources without

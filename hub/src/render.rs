@@ -275,9 +275,9 @@ pub async fn render_plan(
             std::fs::write(&values, serde_json::to_vec(&h.values).unwrap_or_default())
                 .map_err(|e| tool_error(&h.chart, format!("writing values: {e}")))?;
             let utf8 = |p: &Path| {
-                p.to_str().map(str::to_string).ok_or_else(|| {
-                    tool_error(&h.chart, format!("{} is not UTF-8", p.display()))
-                })
+                p.to_str()
+                    .map(str::to_string)
+                    .ok_or_else(|| tool_error(&h.chart, format!("{} is not UTF-8", p.display())))
             };
             let args: Vec<OsString> = h
                 .template_args(&utf8(&root)?, &utf8(&values)?, &tools.helm_repo_allow)?
@@ -289,9 +289,17 @@ pub async fn render_plan(
                 Some(_) => Network::Hosts(&tools.helm_repo_allow),
                 None => Network::None,
             };
-            let out = run(tools, &tools.helm, "helm", &args, &root, tmp.path(), network)
-                .await
-                .map_err(|e| tool_error(&h.chart, e))?;
+            let out = run(
+                tools,
+                &tools.helm,
+                "helm",
+                &args,
+                &root,
+                tmp.path(),
+                network,
+            )
+            .await
+            .map_err(|e| tool_error(&h.chart, e))?;
             match (&h.kustomize_dir, checked) {
                 (Some(dir), Some(checked)) => {
                     write_files(&root, &checked, dir)?;
@@ -334,9 +342,17 @@ async fn kustomize(tools: &Tools, tmp: &Path, dir: &str) -> Result<String, Rende
         "--load-restrictor=LoadRestrictionsRootOnly".into(),
         root.join(dir).into_os_string(),
     ];
-    run(tools, &tools.kustomize, "kustomize", &args, &root, tmp, Network::None)
-        .await
-        .map_err(|e| tool_error(dir, e))
+    run(
+        tools,
+        &tools.kustomize,
+        "kustomize",
+        &args,
+        &root,
+        tmp,
+        Network::None,
+    )
+    .await
+    .map_err(|e| tool_error(dir, e))
 }
 
 /// Writes checked files over the copy at `root`.

@@ -46,7 +46,8 @@ static PROTECTIONS: OnceLock<Protections> = OnceLock::new();
 fn dead_port() -> u16 {
     let socket = DEAD_PORT.get_or_init(|| {
         let s = tokio::net::TcpSocket::new_v4().ok()?;
-        s.bind(std::net::SocketAddr::from(([127, 0, 0, 1], 0))).ok()?;
+        s.bind(std::net::SocketAddr::from(([127, 0, 0, 1], 0)))
+            .ok()?;
         Some(s)
     });
     socket
@@ -175,16 +176,29 @@ pub fn environment(tmp: &Path, network: Network) -> std::io::Result<Vec<(String,
         ("HELM_DATA_HOME".into(), p(helm.join("data"))),
         ("HELM_PLUGINS".into(), p(helm.join("plugins"))),
         ("HELM_REGISTRY_CONFIG".into(), p(helm.join("registry.json"))),
-        ("HELM_REPOSITORY_CONFIG".into(), p(helm.join("repositories.yaml"))),
+        (
+            "HELM_REPOSITORY_CONFIG".into(),
+            p(helm.join("repositories.yaml")),
+        ),
         ("HELM_REPOSITORY_CACHE".into(), p(helm.join("repository"))),
         ("HELM_NO_PLUGINS".into(), "1".into()),
         ("KUBECONFIG".into(), p(home.join("no-kubeconfig"))),
-        ("KUSTOMIZE_PLUGIN_HOME".into(), p(home.join("kustomize-plugins"))),
+        (
+            "KUSTOMIZE_PLUGIN_HOME".into(),
+            p(home.join("kustomize-plugins")),
+        ),
         ("GIT_CONFIG_NOSYSTEM".into(), "1".into()),
         ("GIT_CONFIG_GLOBAL".into(), "/dev/null".into()),
         ("GIT_TERMINAL_PROMPT".into(), "0".into()),
     ];
-    for k in ["HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"] {
+    for k in [
+        "HTTP_PROXY",
+        "HTTPS_PROXY",
+        "ALL_PROXY",
+        "http_proxy",
+        "https_proxy",
+        "all_proxy",
+    ] {
         env.push((k.into(), proxy.clone().into()));
     }
     for k in ["NO_PROXY", "no_proxy"] {
@@ -233,6 +247,32 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn the_tools_get_none_of_the_hubs_environment() {
+        let env = Path::new("/usr/bin/env");
+        if !env.exists() {
+            eprintln!("skipping: no /usr/bin/env");
+            return;
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let mut cmd = tokio::process::Command::new(env);
+        confine(&mut cmd, tmp.path(), Network::None).unwrap();
+        let out = cmd.output().await.unwrap();
+        assert!(out.status.success());
+        let text = String::from_utf8(out.stdout).unwrap();
+        let mine = environment(tmp.path(), Network::None).unwrap();
+        for line in text.lines() {
+            let name = line.split('=').next().unwrap();
+            assert!(
+                mine.iter().any(|(n, _)| n == name),
+                "{name} reached the tool from the hub's environment"
+            );
+        }
+        // The hub's own variables (cargo sets these for tests) are not there.
+        assert!(std::env::var_os("CARGO_PKG_NAME").is_some());
+        assert!(!text.contains("CARGO_PKG_NAME"));
+    }
+
+    #[tokio::test]
     async fn without_the_network_nothing_connects() {
         // bash's /dev/tcp makes a plain connect(2), as a tool would.
         let bash = Path::new("/bin/bash");
@@ -255,7 +295,10 @@ mod tests {
         let accepted = || listener.accept().is_ok();
         if protections().network_namespace {
             assert!(!connect(Network::None).await.unwrap().success());
-            assert!(!accepted(), "a sandboxed render reached the host's loopback");
+            assert!(
+                !accepted(),
+                "a sandboxed render reached the host's loopback"
+            );
         } else {
             eprintln!("no network namespace here: only the control half runs");
         }
@@ -263,7 +306,10 @@ mod tests {
         assert!(connect(Network::Hosts(&[])).await.unwrap().success());
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
         while !accepted() {
-            assert!(std::time::Instant::now() < deadline, "the control never connected");
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the control never connected"
+            );
             tokio::task::yield_now().await;
         }
     }

@@ -63,7 +63,13 @@ pub async fn render_snapshot(
             result: Err(flotilla_shared::bundle::RenderError {
                 file: holders
                     .iter()
-                    .map(|h| if h.dir.is_empty() { ".".to_string() } else { h.dir.clone() })
+                    .map(|h| {
+                        if h.dir.is_empty() {
+                            ".".to_string()
+                        } else {
+                            h.dir.clone()
+                        }
+                    })
                     .collect::<Vec<_>>()
                     .join(", "),
                 line: None,

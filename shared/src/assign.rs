@@ -114,9 +114,7 @@ pub struct Assignment {
 /// within one source are refused when the source renders.
 pub fn refuse_colliding_names(bundles: &mut [BundleInfo]) {
     let collisions = crate::bundle::name_collisions(
-        bundles
-            .iter()
-            .map(|b| (b.source.as_str(), b.path.as_str())),
+        bundles.iter().map(|b| (b.source.as_str(), b.path.as_str())),
     );
     // Only names held by more than one source matter here.
     for b in bundles.iter_mut() {
@@ -300,7 +298,10 @@ mod tests {
         for x in &all[..2] {
             assert_eq!(x.good, None);
             let e = x.render_error.as_deref().unwrap();
-            assert!(e.contains("c of source a-b") && e.contains("b/c of source a"), "{e}");
+            assert!(
+                e.contains("c of source a-b") && e.contains("b/c of source a"),
+                "{e}"
+            );
         }
         assert!(all[2].good.is_some() && all[2].render_error.is_none());
         let got = assignments(&cluster("x", ""), &[], &all);

@@ -539,7 +539,10 @@ mod tests {
             ("a-b", "c"),
             ("apps", ""),
         ]);
-        assert_eq!(c.keys().collect::<Vec<_>>(), ["apps-a-b-c", "apps-web-front"]);
+        assert_eq!(
+            c.keys().collect::<Vec<_>>(),
+            ["apps-a-b-c", "apps-web-front"]
+        );
         let web = &c["apps-web-front"];
         assert_eq!(web.len(), 2);
         let reason = collision_reason("apps-web-front", web);

@@ -280,7 +280,11 @@ impl HelmPlan {
         ];
         let chart = match self.remote() {
             Some(url) => {
-                let field = if self.repo.is_some() { "helm.repo" } else { "helm.chart" };
+                let field = if self.repo.is_some() {
+                    "helm.repo"
+                } else {
+                    "helm.chart"
+                };
                 sandbox::check_allowed(url, allow).map_err(|e| fail(format!("{field}: {e}")))?;
                 if let Some(repo) = &self.repo {
                     sandbox::check_chart_name(&self.chart)
@@ -290,7 +294,8 @@ impl HelmPlan {
                 self.chart.clone()
             }
             None => {
-                let chart = local_path(&self.chart).map_err(|e| fail(format!("helm.chart: {e}")))?;
+                let chart =
+                    local_path(&self.chart).map_err(|e| fail(format!("helm.chart: {e}")))?;
                 if chart == "." {
                     root.to_string()
                 } else {

@@ -84,7 +84,11 @@ fn canonical<'a>(key: &str, known: &[&'a str]) -> Option<&'a str> {
 
 /// `map` with each key replaced by its known spelling; unknown or repeated keys
 /// are refused.
-fn canonical_map(map: &Map<String, Value>, known: &[&str], what: &str) -> Result<Map<String, Value>, String> {
+fn canonical_map(
+    map: &Map<String, Value>,
+    known: &[&str],
+    what: &str,
+) -> Result<Map<String, Value>, String> {
     let mut out = Map::new();
     for (k, v) in map {
         let Some(c) = canonical(k, known) else {
@@ -164,7 +168,11 @@ fn patch_item(b: &Bundle, dir: &str, item: &Value, field: &str) -> Result<Value,
     let Value::Object(m) = item else {
         return Err(format!("{field} must be a mapping"));
     };
-    let m = canonical_map(m, &["path", "patch", "target", "options"], &format!("{field}."))?;
+    let m = canonical_map(
+        m,
+        &["path", "patch", "target", "options"],
+        &format!("{field}."),
+    )?;
     if let Some(p) = m.get("path") {
         b.local(dir, p, &format!("{field}.path"))?;
     }
@@ -178,7 +186,15 @@ fn generator_item(b: &Bundle, dir: &str, item: &Value, field: &str) -> Result<Va
         return Err(format!("{field} must be a mapping"));
     };
     let known = [
-        "name", "namespace", "behavior", "literals", "files", "envs", "env", "options", "type",
+        "name",
+        "namespace",
+        "behavior",
+        "literals",
+        "files",
+        "envs",
+        "env",
+        "options",
+        "type",
     ];
     let m = canonical_map(m, &known, &format!("{field}."))?;
     if let Some(files) = m.get("files") {
@@ -188,7 +204,11 @@ fn generator_item(b: &Bundle, dir: &str, item: &Value, field: &str) -> Result<Va
                 .ok_or_else(|| format!("{field}.files[{i}] is not a path"))?;
             // `key=path` or `path`, as kustomize splits it.
             let path = f.split_once('=').map(|(_, p)| p).unwrap_or(f);
-            b.local(dir, &Value::String(path.into()), &format!("{field}.files[{i}]"))?;
+            b.local(
+                dir,
+                &Value::String(path.into()),
+                &format!("{field}.files[{i}]"),
+            )?;
         }
     }
     if let Some(envs) = m.get("envs") {
@@ -227,7 +247,9 @@ fn config_paths(b: &Bundle, dir: &str, m: &Map<String, Value>) -> Result<(), Str
         };
         for (i, p) in paths.iter().enumerate() {
             let p = match (c, p.as_str()) {
-                ("files", Some(s)) => Value::String(s.split_once('=').map(|(_, p)| p).unwrap_or(s).into()),
+                ("files", Some(s)) => {
+                    Value::String(s.split_once('=').map(|(_, p)| p).unwrap_or(s).into())
+                }
                 // An inline patch (a line break) reads no file.
                 ("paths", Some(s)) if s.contains('\n') => continue,
                 _ => p.clone(),
@@ -298,10 +320,7 @@ fn plugin_config(b: &Bundle, path: &str, dir: &str) -> Result<Vec<u8>, RenderErr
 
 /// Checks one kustomization file; returns its JSON and the plugin
 /// configurations it names.
-fn kustomization(
-    b: &Bundle,
-    path: &str,
-) -> Result<(Vec<u8>, Vec<(String, String)>), RenderError> {
+fn kustomization(b: &Bundle, path: &str) -> Result<(Vec<u8>, Vec<(String, String)>), RenderError> {
     let dir = parent(path);
     let docs = parse_docs(path, &b.files[path])?;
     let doc = match docs.as_slice() {
@@ -487,19 +506,37 @@ mod tests {
     fn remote_and_outside_paths_are_refused() {
         for (what, needle) in [
             ("resources: [http://127.0.0.1:9/x.yaml]", "is a URL"),
-            ("resources: ['https://github.com/org/repo//base?ref=v1']", "is a URL"),
+            (
+                "resources: ['https://github.com/org/repo//base?ref=v1']",
+                "is a URL",
+            ),
             ("resources: [github.com/org/repo/base]", "not in the bundle"),
-            ("resources: ['git@github.com:org/repo.git']", "remote repository"),
+            (
+                "resources: ['git@github.com:org/repo.git']",
+                "remote repository",
+            ),
             ("bases: ['file:///var/lib/flotilla/git/other']", "is a URL"),
             ("resources: [/etc/passwd]", "absolute path"),
             ("resources: [../secret]", "leaves the bundle"),
             ("components: [../../x]", "leaves the bundle"),
             ("crds: [http://h/crd.yaml]", "is a URL"),
-            ("configMapGenerator: [{name: g, files: ['k=http://127.0.0.1:9/x']}]", "is a URL"),
-            ("secretGenerator: [{name: g, envs: [/etc/shadow]}]", "absolute path"),
-            ("configMapGenerator: [{name: g, env: ../x.env}]", "leaves the bundle"),
+            (
+                "configMapGenerator: [{name: g, files: ['k=http://127.0.0.1:9/x']}]",
+                "is a URL",
+            ),
+            (
+                "secretGenerator: [{name: g, envs: [/etc/shadow]}]",
+                "absolute path",
+            ),
+            (
+                "configMapGenerator: [{name: g, env: ../x.env}]",
+                "leaves the bundle",
+            ),
             ("patches: [{path: 'https://h/p.yaml'}]", "is a URL"),
-            ("patchesJson6902: [{path: /p.yaml, target: {kind: X}}]", "absolute path"),
+            (
+                "patchesJson6902: [{path: /p.yaml, target: {kind: X}}]",
+                "absolute path",
+            ),
             ("patchesStrategicMerge: ['http://h/p.yaml']", "is a URL"),
             ("replacements: [{path: ../r.yaml}]", "leaves the bundle"),
             ("openapi: {path: 'http://h/schema.json'}", "is a URL"),
@@ -513,27 +550,58 @@ mod tests {
     #[test]
     fn helm_plugins_functions_and_unknown_fields_are_refused() {
         refused(
-            &[("kustomization.yaml", "helmCharts: [{name: x, repo: 'https://h'}]")],
+            &[(
+                "kustomization.yaml",
+                "helmCharts: [{name: x, repo: 'https://h'}]",
+            )],
             "helmCharts",
         );
-        refused(&[("kustomization.yaml", "HelmGlobals: {chartHome: x}")], "helmGlobals");
-        refused(&[("kustomization.yaml", "reſources: [http://h/x]")], "not a field");
         refused(
-            &[("kustomization.yaml", "resources: [a.yaml]\nRESOURCES: [b.yaml]"), ("a.yaml", CM), ("b.yaml", CM)],
+            &[("kustomization.yaml", "HelmGlobals: {chartHome: x}")],
+            "helmGlobals",
+        );
+        refused(
+            &[("kustomization.yaml", "reſources: [http://h/x]")],
+            "not a field",
+        );
+        refused(
+            &[
+                (
+                    "kustomization.yaml",
+                    "resources: [a.yaml]\nRESOURCES: [b.yaml]",
+                ),
+                ("a.yaml", CM),
+                ("b.yaml", CM),
+            ],
             "twice",
         );
         refused(&[("Kustomization", "surprise: 1")], "not a field");
         let exec = "apiVersion: example.com/v1\nkind: Exec\nmetadata:\n  name: x\n  annotations:\n    config.kubernetes.io/function: |\n      exec: {path: /bin/sh}\n";
         refused(
-            &[("kustomization.yaml", "generators: [gen.yaml]"), ("gen.yaml", exec)],
+            &[
+                ("kustomization.yaml", "generators: [gen.yaml]"),
+                ("gen.yaml", exec),
+            ],
             "KRM functions",
         );
         refused(
-            &[("kustomization.yaml", "transformers: [t.yaml]"), ("t.yaml", "apiVersion: someteam.example.com/v1\nkind: Plugin\n")],
+            &[
+                ("kustomization.yaml", "transformers: [t.yaml]"),
+                (
+                    "t.yaml",
+                    "apiVersion: someteam.example.com/v1\nkind: Plugin\n",
+                ),
+            ],
             "plugins do not",
         );
         refused(
-            &[("kustomization.yaml", "generators: [h.yaml]"), ("h.yaml", "apiVersion: builtin\nkind: HelmChartInflationGenerator\nchartName: x\n")],
+            &[
+                ("kustomization.yaml", "generators: [h.yaml]"),
+                (
+                    "h.yaml",
+                    "apiVersion: builtin\nkind: HelmChartInflationGenerator\nchartName: x\n",
+                ),
+            ],
             "HelmChartInflationGenerator",
         );
         refused(
@@ -544,8 +612,23 @@ mod tests {
             &[("kustomization.yaml", "transformers: [p.yaml]"), ("p.yaml", "apiVersion: builtin\nkind: PatchTransformer\nmetadata: {name: p}\npath: ../../../etc/x\n")],
             "leaves the bundle",
         );
-        refused(&[("kustomization.yaml", "generators: [dir]"), ("dir/x.yaml", CM)], "configuration file");
-        refused(&[("kustomization.yaml", "resources: [a]\n---\nresources: [b]\n")], "one mapping");
-        refused(&[("sub/kustomization.yml", "resources: 3")], "must be a list");
+        refused(
+            &[
+                ("kustomization.yaml", "generators: [dir]"),
+                ("dir/x.yaml", CM),
+            ],
+            "configuration file",
+        );
+        refused(
+            &[(
+                "kustomization.yaml",
+                "resources: [a]\n---\nresources: [b]\n",
+            )],
+            "one mapping",
+        );
+        refused(
+            &[("sub/kustomization.yml", "resources: 3")],
+            "must be a list",
+        );
     }
 }

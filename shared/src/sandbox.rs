@@ -68,9 +68,7 @@ pub fn check_version(s: &str) -> Result<(), String> {
     if s.is_empty() || s.len() > MAX_VERSION {
         return Err(format!("{s:?} must be 1 to {MAX_VERSION} characters"));
     }
-    let allowed = |c: char| {
-        c.is_ascii_alphanumeric() || ".-+*^~<>=!|, ".contains(c)
-    };
+    let allowed = |c: char| c.is_ascii_alphanumeric() || ".-+*^~<>=!|, ".contains(c);
     if let Some(c) = s.chars().find(|c| !allowed(*c)) {
         return Err(format!(
             "{s:?} is not a version constraint ({c:?} is not allowed)"
@@ -241,7 +239,9 @@ pub fn bundle_path(dir: &str, path: &str) -> Result<String, String> {
     let mut parts: Vec<&str> = if dir == "." || dir.is_empty() {
         Vec::new()
     } else {
-        dir.split('/').filter(|p| !p.is_empty() && *p != ".").collect()
+        dir.split('/')
+            .filter(|p| !p.is_empty() && *p != ".")
+            .collect()
     };
     for p in path.split('/') {
         match p {
