@@ -318,9 +318,13 @@ fn plugin_config(b: &Bundle, path: &str, dir: &str) -> Result<Vec<u8>, RenderErr
     Ok(out.into_bytes())
 }
 
+/// A kustomization checked: its JSON, and the plugin configurations it names as
+/// (file, the kustomization's directory).
+type Checked = (Vec<u8>, Vec<(String, String)>);
+
 /// Checks one kustomization file; returns its JSON and the plugin
 /// configurations it names.
-fn kustomization(b: &Bundle, path: &str) -> Result<(Vec<u8>, Vec<(String, String)>), RenderError> {
+fn kustomization(b: &Bundle, path: &str) -> Result<Checked, RenderError> {
     let dir = parent(path);
     let docs = parse_docs(path, &b.files[path])?;
     let doc = match docs.as_slice() {
