@@ -1143,6 +1143,84 @@ targetCustomizations:
     }
 
     #[test]
+    fn helm_arguments_are_data() {
+        let chart = ("Chart.yaml", "name: c\nversion: 0.1.0\n");
+        for (fleet, field) in [
+            (
+                "helm: {releaseName: '--post-renderer=/bin/sh'}",
+                "helm.releaseName",
+            ),
+            ("namespace: '--kubeconfig=/x'", "namespace"),
+            ("helm: {version: '--post-renderer=x'}", "helm.version"),
+            ("helm: {chart: '-x'}", "helm.chart"),
+            ("helm: {chart: /etc}", "helm.chart"),
+            ("helm: {chart: 'file:///etc'}", "helm.chart"),
+            ("helm: {repo: 'https://h', chart: '--x=y'}", "helm.chart"),
+            ("helm: {repo: 'file:///x', chart: web}", "helm.repo"),
+            (
+                "helm: {valuesFiles: ['http://h/v.yaml']}",
+                "helm.valuesFiles",
+            ),
+        ] {
+            let f = files(&[chart, ("fleet.yaml", fleet)]);
+            let e = plan_for(&f, 0).unwrap_err();
+            assert_eq!(e.file, "fleet.yaml");
+            assert!(e.reason.starts_with(field), "{fleet}: {e}");
+        }
+        let f = files(&[
+            chart,
+            ("v.yaml", "a: 1\n"),
+            (
+                "fleet.yaml",
+                "namespace: apps\nhelm: {releaseName: web, version: '^1.2', valuesFiles: [v.yaml]}",
+            ),
+        ]);
+        let Renderer::Helm(mut h) = plan_for(&f, 0).unwrap().renderer else {
+            panic!()
+        };
+        h.kube_version = Some("v1.34.1".into());
+        h.api_versions = vec!["apps/v1".into()];
+        let args = h.template_args("/t/bundle", "/t/values.json", &[]).unwrap();
+        assert_eq!(
+            args,
+            [
+                "template",
+                "--namespace=apps",
+                "--include-crds",
+                "--version=^1.2",
+                "--kube-version=v1.34.1",
+                "--api-versions=apps/v1",
+                "--values=/t/bundle/v.yaml",
+                "--values=/t/values.json",
+                "--",
+                "web",
+                "/t/bundle",
+            ]
+        );
+        // An agent's reported version is checked too.
+        h.kube_version = Some("--post-renderer=x".into());
+        assert!(h.template_args("/t/bundle", "/t/v.json", &[]).is_err());
+        // A remote chart needs an allowed prefix.
+        let f = files(&[(
+            "fleet.yaml",
+            "helm: {repo: 'https://charts.example.com/stable', chart: web}",
+        )]);
+        let Renderer::Helm(h) = plan_for(&f, 0).unwrap().renderer else {
+            panic!()
+        };
+        let e = h.template_args("/t/b", "/t/v", &[]).unwrap_err();
+        assert!(
+            e.reason.starts_with("helm.repo") && e.reason.contains("--helm-repo-allow"),
+            "{e}"
+        );
+        let args = h
+            .template_args("/t/b", "/t/v", &["https://charts.example.com/".into()])
+            .unwrap();
+        assert!(args.contains(&"--repo=https://charts.example.com/stable".to_string()));
+        assert_eq!(&args[args.len() - 3..], ["--", "b", "web"]);
+    }
+
+    #[test]
     fn kustomization_gets_helm_output() {
         let f = files(&[("kustomization.yaml", "namePrefix: x-\n")]);
         let (p, b) = kustomization_with_helm_output(&f, ".").unwrap();
