@@ -19,7 +19,7 @@ use crate::fleetyaml::KUSTOMIZATION_FILES;
 use crate::sandbox::bundle_path;
 
 /// Kustomization fields that name no file.
-const PLAIN_FIELDS: [&str; 17] = [
+const PLAIN_FIELDS: [&str; 18] = [
     "apiVersion",
     "kind",
     "metadata",
@@ -30,6 +30,7 @@ const PLAIN_FIELDS: [&str; 17] = [
     "labels",
     "commonAnnotations",
     "images",
+    "imageTags",
     "replicas",
     "vars",
     "generatorOptions",
