@@ -40,6 +40,11 @@ const PERSIST_LAST_SEEN: Duration = Duration::from_secs(30);
 const HELLO_TIMEOUT: Duration = Duration::from_secs(30);
 /// Outbound messages buffered per session before the session waits for the agent.
 const SESSION_BUFFER: usize = 16;
+/// Desired sets sent and not acknowledged, at most: an agent that stops
+/// acknowledging is disconnected (it reconnects and gets the current set).
+const MAX_UNACKED: usize = 16;
+/// How long the oldest unacknowledged set may wait for its ack.
+const ACK_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// What the gateway knows about the peer of a connection; handlers read it from
 /// the request extensions.
@@ -343,6 +348,8 @@ struct Sent {
     generation: u64,
     /// Sent, not yet acknowledged, by generation.
     pending: BTreeMap<u64, DesiredSet>,
+    /// When each pending set was sent.
+    sent_at: BTreeMap<u64, tokio::time::Instant>,
 }
 
 enum End {
@@ -409,6 +416,7 @@ impl Session {
             last: None,
             generation: 0,
             pending: BTreeMap::new(),
+            sent_at: BTreeMap::new(),
         };
         let end = self.serve(id, &mut sent).await;
         if let End::Error(status) = end {
@@ -462,6 +470,12 @@ impl Session {
                     if let Err(error) = self.fleet.touch(&self.cluster, crate::now_ms(), true) {
                         tracing::warn!(%error, "cannot persist last-seen");
                     }
+                    if sent.sent_at.values().next().is_some_and(|t| t.elapsed() > ACK_TIMEOUT) {
+                        tracing::warn!("a desired set was not acknowledged in time: disconnecting");
+                        return End::Error(Status::deadline_exceeded(
+                            "desired set not acknowledged in time",
+                        ));
+                    }
                 }
                 _ = async { let _ = shutdown.wait_for(|s| *s).await; } => {
                     return End::Error(Status::unavailable("hub shutting down"));
@@ -489,6 +503,12 @@ impl Session {
         if sent.last.as_ref() == Some(&desired) {
             return Ok(());
         }
+        if !desired.complete {
+            // A source is not loaded yet: the set could leave out bundles Git
+            // has, and the agent would prune them. Hold it; a change wakes us.
+            tracing::debug!("holding the desired set until every source is loaded");
+            return Ok(());
+        }
         // Generations only grow, across sessions and hub restarts too: the agent
         // may compare them with what it persisted.
         sent.generation = (sent.generation + 1).max(crate::now_ms());
@@ -509,7 +529,11 @@ impl Session {
                     contents.push(flotilla_proto::bundle_content(hash, &rendered));
                     will_hold.insert(hash.clone());
                 }
-                None => tracing::warn!(%bundle, %hash, "content missing"),
+                None => {
+                    // Never send a set the agent cannot apply whole.
+                    tracing::warn!(%bundle, %hash, "content missing: holding the desired set");
+                    return Ok(());
+                }
             }
         }
         sent.held = will_hold;
@@ -525,6 +549,7 @@ impl Session {
                 })
                 .collect(),
             contents,
+            complete: true,
         };
         tracing::info!(
             generation = sent.generation,
@@ -532,7 +557,19 @@ impl Session {
             contents = msg.contents.len(),
             "sending desired set"
         );
+        if sent.pending.len() >= MAX_UNACKED {
+            tracing::warn!(
+                unacked = sent.pending.len(),
+                "the agent does not acknowledge: disconnecting"
+            );
+            return Err(End::Error(Status::resource_exhausted(format!(
+                "{} desired sets not acknowledged",
+                sent.pending.len()
+            ))));
+        }
         sent.pending.insert(sent.generation, desired.clone());
+        sent.sent_at
+            .insert(sent.generation, tokio::time::Instant::now());
         sent.last = Some(desired);
         self.send(v1::hub_message::Msg::Desired(msg)).await
     }
@@ -551,6 +588,7 @@ impl Session {
                 };
                 // An ack covers its generation; older ones are superseded.
                 sent.pending.retain(|g, _| *g > ack.generation);
+                sent.sent_at.retain(|g, _| *g > ack.generation);
                 tracing::debug!(generation = ack.generation, "desired set acknowledged");
                 self.fleet
                     .record_ack(&self.cluster, &set)

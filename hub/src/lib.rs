@@ -228,9 +228,12 @@ impl Hub {
         )
         .await
         .map_err(|e| anyhow::anyhow!(e))?;
-        Ok(self
-            .fleet
-            .set_snapshot(source, &snapshot.commit, bundles, now_ms()))
+        let fleet = self.fleet.clone();
+        let source = source.to_string();
+        Ok(tokio::task::spawn_blocking(move || {
+            fleet.set_snapshot(&source, &snapshot.commit, bundles, now_ms())
+        })
+        .await??)
     }
 
     /// Serves agents on `agent_listener` and the API on `api_listener` until
@@ -259,6 +262,7 @@ impl Hub {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
         let (stop_tx, stop_rx) = watch::channel(false);
+        let self_fleet = self.fleet.clone();
         for (name, spec) in self.fleet.source_specs() {
             self.pollers.sync(&name, &spec);
         }
@@ -334,7 +338,11 @@ impl Hub {
                 hub.pollers.stop_all();
                 hub.fleet.store().flush()?;
             }
-            Err(_) => tracing::warn!("connections did not drain in time"),
+            Err(_) => {
+                // What agents were told is acknowledged must be on disk anyway.
+                tracing::warn!("connections did not drain in time");
+                self_fleet.store().flush()?;
+            }
         }
         Ok(())
     }
