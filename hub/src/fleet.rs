@@ -172,8 +172,11 @@ impl State {
             .collect()
     }
 
+    /// Every bundle, those whose name another source's bundle has refused
+    /// (`assign::refuse_colliding_names`).
     fn bundles_info(&self) -> Vec<BundleInfo> {
-        self.sources
+        let mut all: Vec<BundleInfo> = self
+            .sources
             .iter()
             .flat_map(|(source, s)| {
                 s.bundles.iter().map(move |(name, b)| BundleInfo {
@@ -188,7 +191,9 @@ impl State {
                     labels: b.labels.clone(),
                 })
             })
-            .collect()
+            .collect();
+        assign::refuse_colliding_names(&mut all);
+        all
     }
 
     /// The cluster's assignments, those waiting for their dependencies marked.

@@ -7,7 +7,8 @@
 //! agents (gRPC, mutual TLS) on one, the admin API (TLS; plain HTTP on loopback
 //! only) on another, Git push webhooks on a third, only when asked for.
 
-#![forbid(unsafe_code)]
+// One reviewed exception: `sandbox::enter_empty_network`.
+#![deny(unsafe_code)]
 
 pub mod api;
 pub mod cli;
@@ -19,6 +20,7 @@ pub mod hooks;
 pub mod listen;
 pub mod pki;
 pub mod render;
+pub mod sandbox;
 pub mod sealed;
 pub mod sources;
 pub mod store;
@@ -352,9 +354,9 @@ pub async fn run(
     listeners: Listeners,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    Hub::open(&config)?
-        .serve_listeners(listeners, shutdown)
-        .await
+    let hub = Hub::open(&config)?;
+    sandbox::log_protections(&config.tools.helm_repo_allow);
+    hub.serve_listeners(listeners, shutdown).await
 }
 
 /// Binds the agent port with a deep backlog (see `AGENT_BACKLOG`).

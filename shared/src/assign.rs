@@ -108,8 +108,35 @@ pub struct Assignment {
     pub waiting_for: Vec<String>,
 }
 
-/// The bundles a cluster must run, sorted by name. Bundles that never rendered are
-/// included (the hub shows them as `ErrApplied`) but carry no content hash.
+/// Refuses every bundle whose name another source's bundle also has (see
+/// `bundle::name_collisions`): each loses its content (nothing is sent under the
+/// shared name, so nothing merges) and shows why, naming all holders. Collisions
+/// within one source are refused when the source renders.
+pub fn refuse_colliding_names(bundles: &mut [BundleInfo]) {
+    let collisions = crate::bundle::name_collisions(
+        bundles.iter().map(|b| (b.source.as_str(), b.path.as_str())),
+    );
+    // Only names held by more than one source matter here.
+    for b in bundles.iter_mut() {
+        let Some(holders) = collisions.get(&b.name) else {
+            continue;
+        };
+        if !holders.iter().any(|h| h.source != b.source) {
+            continue;
+        }
+        let reason = crate::bundle::collision_reason(&b.name, holders);
+        b.good = None;
+        b.render_error = Some(reason.clone());
+        for c in &mut b.customizations {
+            c.good = None;
+            c.render_error = Some(reason.clone());
+        }
+    }
+}
+
+/// The bundles a cluster must run, sorted by name, one assignment per name.
+/// Bundles that never rendered are included (the hub shows them as
+/// `ErrApplied`) but carry no content hash.
 pub fn assignments(
     cluster: &ClusterInfo,
     groups: &[GroupInfo],
@@ -120,6 +147,8 @@ pub fn assignments(
         .filter_map(|b| b.assignment(cluster, groups))
         .collect();
     out.sort();
+    // Colliding names were refused (no content) by `refuse_colliding_names`.
+    out.dedup_by(|a, b| a.bundle == b.bundle);
     out
 }
 
@@ -257,6 +286,34 @@ mod tests {
         let (state, msg) = assignment_state(&a[0], Some("hash-bad"), None);
         assert_eq!(state, BundleState::ErrApplied);
         assert!(msg.contains("a.yaml:3"));
+    }
+
+    #[test]
+    fn names_shared_across_sources_are_refused_for_all() {
+        let mut a = bundle("a-b-c", vec![]);
+        a.source = "a-b".into();
+        a.path = "c".into();
+        let mut b = bundle("a-b-c", vec![]);
+        b.source = "a".into();
+        b.path = "b/c".into();
+        let other = bundle("other", vec![]);
+        let mut all = vec![a, b, other];
+        refuse_colliding_names(&mut all);
+        for x in &all[..2] {
+            assert_eq!(x.good, None);
+            let e = x.render_error.as_deref().unwrap();
+            assert!(
+                e.contains("c of source a-b") && e.contains("b/c of source a"),
+                "{e}"
+            );
+        }
+        assert!(all[2].good.is_some() && all[2].render_error.is_none());
+        let got = assignments(&cluster("x", ""), &[], &all);
+        assert_eq!(got.len(), 2, "one assignment per name: {got:?}");
+        let (state, msg) = assignment_state(&got[0], None, None);
+        assert_eq!(state, BundleState::ErrApplied);
+        assert!(msg.contains("a-b-c"));
+        assert_eq!(sendable(&got, |_| None).len(), 1);
     }
 
     #[test]
