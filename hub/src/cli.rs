@@ -143,6 +143,15 @@ pub struct RenderArgs {
     /// The kustomize program (default: `kustomize` on PATH).
     #[arg(long, value_name = "PATH", env = "FLOTILLA_KUSTOMIZE")]
     pub kustomize: Option<std::path::PathBuf>,
+    /// URL prefix of a chart repository or OCI registry the bundle may fetch its
+    /// chart from, as the hub's flag of that name (repeat, or separate with commas).
+    #[arg(
+        long,
+        value_name = "URL-PREFIX",
+        env = "FLOTILLA_HELM_REPO_ALLOW",
+        value_delimiter = ','
+    )]
+    pub helm_repo_allow: Vec<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -621,7 +630,8 @@ async fn render(
             .unwrap_or_default();
         flotilla_shared::bundle::bundle_name(&base, "")
     });
-    let tools = crate::render::Tools::new(args.helm.clone(), args.kustomize.clone());
+    let tools = crate::render::Tools::new(args.helm.clone(), args.kustomize.clone())
+        .with_helm_repo_allow(args.helm_repo_allow.clone());
     let cluster = flotilla_shared::targeting::ClusterInfo {
         name: args.cluster_name.clone(),
         labels,

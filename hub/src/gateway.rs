@@ -32,6 +32,10 @@ use crate::store::{ClusterRecord, StatusRecord, TokenRefusal};
 
 /// A TLS handshake that takes longer is a stuck or hostile peer.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// TLS handshakes in progress at most: beyond, the accept loop waits (new
+/// connections queue in the kernel's backlog), so a flood of slow or idle
+/// connections costs bounded memory and CPU.
+pub const MAX_HANDSHAKES: usize = 256;
 /// Large fleets send large Desired sets; 64 MiB leaves headroom over the default 4.
 const MAX_MESSAGE: usize = 64 * 1024 * 1024;
 /// Last-seen is persisted at least this often while a session lives.
@@ -40,6 +44,11 @@ const PERSIST_LAST_SEEN: Duration = Duration::from_secs(30);
 const HELLO_TIMEOUT: Duration = Duration::from_secs(30);
 /// Outbound messages buffered per session before the session waits for the agent.
 const SESSION_BUFFER: usize = 16;
+/// Desired sets sent and not acknowledged, at most: an agent that stops
+/// acknowledging is disconnected (it reconnects and gets the current set).
+const MAX_UNACKED: usize = 16;
+/// How long the oldest unacknowledged set may wait for its ack.
+const ACK_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// What the gateway knows about the peer of a connection; handlers read it from
 /// the request extensions.
@@ -142,8 +151,16 @@ pub fn accept_loop(
     mut shutdown: watch::Receiver<bool>,
 ) -> ReceiverStream<Result<TlsConn, std::io::Error>> {
     let (tx, rx) = mpsc::channel(128);
+    let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
     tokio::spawn(async move {
         loop {
+            let permit = tokio::select! {
+                _ = async { let _ = shutdown.wait_for(|s| *s).await; } => break,
+                p = handshakes.clone().acquire_owned() => match p {
+                    Ok(p) => p,
+                    Err(_) => break,
+                },
+            };
             let accepted = tokio::select! {
                 _ = async { let _ = shutdown.wait_for(|s| *s).await; } => break,
                 r = listener.accept() => r,
@@ -160,7 +177,9 @@ pub fn accept_loop(
             let _ = tcp.set_nodelay(true);
             let (tx, acceptor) = (tx.clone(), acceptor.clone());
             tokio::spawn(async move {
-                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await;
+                drop(permit);
+                match handshake {
                     Ok(Ok(io)) => {
                         let leaf = io.get_ref().1.peer_certificates().and_then(|c| c.first());
                         let cluster = leaf.and_then(|c| cluster_from_cert(c));
@@ -440,6 +459,8 @@ struct Sent {
     generation: u64,
     /// Sent, not yet acknowledged, by generation.
     pending: BTreeMap<u64, DesiredSet>,
+    /// When each pending set was sent.
+    sent_at: BTreeMap<u64, tokio::time::Instant>,
 }
 
 enum End {
@@ -505,6 +526,7 @@ impl Session {
             last: None,
             generation: 0,
             pending: BTreeMap::new(),
+            sent_at: BTreeMap::new(),
         };
         let end = self.serve(id, &mut sent).await;
         if let End::Error(status) = end {
@@ -568,6 +590,12 @@ impl Session {
                     if let Err(error) = self.fleet.touch(&self.cluster, crate::now_ms(), true) {
                         tracing::warn!(%error, "cannot persist last-seen");
                     }
+                    if sent.sent_at.values().next().is_some_and(|t| t.elapsed() > ACK_TIMEOUT) {
+                        tracing::warn!("a desired set was not acknowledged in time: disconnecting");
+                        return End::Error(Status::deadline_exceeded(
+                            "desired set not acknowledged in time",
+                        ));
+                    }
                 }
                 _ = async { let _ = shutdown.wait_for(|s| *s).await; } => {
                     return End::Error(Status::unavailable("hub shutting down"));
@@ -595,6 +623,12 @@ impl Session {
         if sent.last.as_ref() == Some(&desired) {
             return Ok(());
         }
+        if !desired.complete {
+            // A source is not loaded yet: the set could leave out bundles Git
+            // has, and the agent would prune them. Hold it; a change wakes us.
+            tracing::debug!("holding the desired set until every source is loaded");
+            return Ok(());
+        }
         // Generations only grow, across sessions and hub restarts too: the agent
         // may compare them with what it persisted.
         sent.generation = (sent.generation + 1).max(crate::now_ms());
@@ -615,7 +649,11 @@ impl Session {
                     contents.push(flotilla_proto::bundle_content(hash, &rendered));
                     will_hold.insert(hash.clone());
                 }
-                None => tracing::warn!(%bundle, %hash, "content missing"),
+                None => {
+                    // Never send a set the agent cannot apply whole.
+                    tracing::warn!(%bundle, %hash, "content missing: holding the desired set");
+                    return Ok(());
+                }
             }
         }
         sent.held = will_hold;
@@ -631,6 +669,7 @@ impl Session {
                 })
                 .collect(),
             contents,
+            complete: true,
         };
         tracing::info!(
             generation = sent.generation,
@@ -638,7 +677,19 @@ impl Session {
             contents = msg.contents.len(),
             "sending desired set"
         );
+        if sent.pending.len() >= MAX_UNACKED {
+            tracing::warn!(
+                unacked = sent.pending.len(),
+                "the agent does not acknowledge: disconnecting"
+            );
+            return Err(End::Error(Status::resource_exhausted(format!(
+                "{} desired sets not acknowledged",
+                sent.pending.len()
+            ))));
+        }
         sent.pending.insert(sent.generation, desired.clone());
+        sent.sent_at
+            .insert(sent.generation, tokio::time::Instant::now());
         sent.last = Some(desired);
         self.send(v1::hub_message::Msg::Desired(msg)).await
     }
@@ -657,6 +708,7 @@ impl Session {
                 };
                 // An ack covers its generation; older ones are superseded.
                 sent.pending.retain(|g, _| *g > ack.generation);
+                sent.sent_at.retain(|g, _| *g > ack.generation);
                 tracing::debug!(generation = ack.generation, "desired set acknowledged");
                 self.fleet
                     .record_ack(&self.cluster, &set)

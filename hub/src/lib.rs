@@ -7,7 +7,8 @@
 //! agents (gRPC, mutual TLS) on one, the admin API (TLS; plain HTTP on loopback
 //! only) on another, Git push webhooks on a third, only when asked for.
 
-#![forbid(unsafe_code)]
+// One reviewed exception: `sandbox::enter_empty_network`.
+#![deny(unsafe_code)]
 
 pub mod api;
 pub mod cli;
@@ -19,6 +20,7 @@ pub mod hooks;
 pub mod listen;
 pub mod pki;
 pub mod render;
+pub mod sandbox;
 pub mod sealed;
 pub mod sources;
 pub mod store;
@@ -246,9 +248,12 @@ impl Hub {
         )
         .await
         .map_err(|e| anyhow::anyhow!(e))?;
-        Ok(self
-            .fleet
-            .set_snapshot(source, &snapshot.commit, bundles, now_ms()))
+        let fleet = self.fleet.clone();
+        let source = source.to_string();
+        Ok(tokio::task::spawn_blocking(move || {
+            fleet.set_snapshot(&source, &snapshot.commit, bundles, now_ms())
+        })
+        .await??)
     }
 
     /// Serves agents on `agent_listener` and the API on `api_listener` until
@@ -277,6 +282,7 @@ impl Hub {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
         let (stop_tx, stop_rx) = watch::channel(false);
+        let self_fleet = self.fleet.clone();
         for (name, spec) in self.fleet.source_specs() {
             self.pollers.sync(&name, &spec);
         }
@@ -355,7 +361,11 @@ impl Hub {
                 hub.pollers.stop_all();
                 hub.fleet.store().flush()?;
             }
-            Err(_) => tracing::warn!("connections did not drain in time"),
+            Err(_) => {
+                // What agents were told is acknowledged must be on disk anyway.
+                tracing::warn!("connections did not drain in time");
+                self_fleet.store().flush()?;
+            }
         }
         Ok(())
     }
@@ -367,9 +377,9 @@ pub async fn run(
     listeners: Listeners,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    Hub::open(&config)?
-        .serve_listeners(listeners, shutdown)
-        .await
+    let hub = Hub::open(&config)?;
+    sandbox::log_protections(&config.tools.helm_repo_allow);
+    hub.serve_listeners(listeners, shutdown).await
 }
 
 /// Binds the agent port with a deep backlog (see `AGENT_BACKLOG`).

@@ -52,6 +52,17 @@ struct Args {
     /// The kustomize program, for Kustomize bundles (default: `kustomize` on PATH).
     #[arg(long, env = "FLOTILLA_KUSTOMIZE", value_name = "PATH")]
     kustomize: Option<PathBuf>,
+    /// URL prefix of a chart repository or OCI registry Helm bundles may fetch
+    /// charts from (`https://charts.example.com/`, `oci://registry.example.com/team/`);
+    /// repeat for several, or separate with commas. Charts from anywhere else are
+    /// refused: repository content does not choose where the hub connects.
+    #[arg(
+        long,
+        env = "FLOTILLA_HELM_REPO_ALLOW",
+        value_name = "URL-PREFIX",
+        value_delimiter = ','
+    )]
+    helm_repo_allow: Vec<String>,
     /// File holding the secret Git push webhooks are signed with (GitHub's
     /// `X-Hub-Signature-256`, GitLab's `X-Gitlab-Token`), for the sources without
     /// a webhook secret of their own (`webhookSecretRef`).
@@ -175,7 +186,8 @@ async fn hub_main() -> anyhow::Result<()> {
         data_dir: std::path::absolute(&data_dir).context("--data-dir")?,
         advertise_host: args.advertise_host,
         poll_git: true,
-        tools: flotilla_hub::render::Tools::new(args.helm, args.kustomize),
+        tools: flotilla_hub::render::Tools::new(args.helm, args.kustomize)
+            .with_helm_repo_allow(args.helm_repo_allow),
         webhook_secret,
         api_tls: args
             .api_tls_cert

@@ -2,8 +2,11 @@
 //! default and one per target customisation) is planned by
 //! `flotilla_shared::fleetyaml`, then rendered here — plain YAML in process, Helm
 //! and Kustomize by running `helm template` / `kustomize build` on a temporary copy
-//! of the bundle, with a timeout and an output limit. Used by the hub's source
-//! pollers and by the offline `flotilla render`.
+//! of the bundle, with a timeout and an output limit. Repository content is data:
+//! what reaches a tool's command line or a kustomization is checked first
+//! (`flotilla_shared::sandbox`, `flotilla_shared::kustomization`), and the tools
+//! run confined (`crate::sandbox`). Used by the hub's source pollers and by the
+//! offline `flotilla render`.
 
 use std::collections::{BTreeMap, HashMap};
 use std::ffi::OsString;
@@ -15,9 +18,12 @@ use flotilla_shared::assign::CustomizationInfo;
 use flotilla_shared::bundle::{parse_manifests, RenderError, Rendered};
 use flotilla_shared::capabilities;
 use flotilla_shared::fleetyaml::{self, RenderPlan, Renderer, Variant};
+use flotilla_shared::kustomization;
 use flotilla_shared::objects::Target;
 use sha2::{Digest, Sha256};
 use tokio::io::AsyncReadExt;
+
+use crate::sandbox::{self, Network};
 
 /// A render that takes longer is stuck (a chart pulling from an unreachable repo,
 /// a runaway template); a minute is far more than any real chart needs.
@@ -35,6 +41,9 @@ pub struct Tools {
     pub kustomize: PathBuf,
     pub timeout: Duration,
     pub max_output: usize,
+    /// URL prefixes of the chart repositories and OCI registries Helm bundles may
+    /// fetch charts from (`--helm-repo-allow`); none by default.
+    pub helm_repo_allow: Vec<String>,
 }
 
 impl Default for Tools {
@@ -45,6 +54,7 @@ impl Default for Tools {
             kustomize: "kustomize".into(),
             timeout: RENDER_TIMEOUT,
             max_output: MAX_OUTPUT,
+            helm_repo_allow: Vec::new(),
         }
     }
 }
@@ -65,6 +75,14 @@ impl Tools {
             helm: helm.map(abs).unwrap_or(d.helm),
             kustomize: kustomize.map(abs).unwrap_or(d.kustomize),
             ..d
+        }
+    }
+
+    /// These tools, allowed to fetch charts from URLs under `prefixes`.
+    pub fn with_helm_repo_allow(self, prefixes: Vec<String>) -> Tools {
+        Tools {
+            helm_repo_allow: prefixes,
+            ..self
         }
     }
 }
@@ -230,81 +248,121 @@ pub async fn render_plan(
             parse_manifests(&fleetyaml::apply_overlays(files, overlays)?)?
         }
         Renderer::Kustomize { dir } => {
+            // Kustomize sees only the bundle: every kustomization checked, and
+            // written back as checked.
+            let checked = kustomization::check_bundle(files, &[])?;
             let tmp = write_bundle(files, dir)?;
+            write_files(&tmp.path().join("bundle"), &checked, dir)?;
             let out = kustomize(tools, tmp.path(), dir).await?;
             fleetyaml::parse_tool_output(&format!("kustomize build {dir}"), &out)?
         }
         Renderer::Helm(h) => {
+            // A kustomization over Helm's output is checked before helm runs.
+            let checked = match &h.kustomize_dir {
+                Some(dir) => {
+                    let output = if dir == "." {
+                        fleetyaml::HELM_OUTPUT_FILE.to_string()
+                    } else {
+                        format!("{dir}/{}", fleetyaml::HELM_OUTPUT_FILE)
+                    };
+                    Some(kustomization::check_bundle(files, &[output])?)
+                }
+                None => None,
+            };
             let tmp = write_bundle(files, &h.chart)?;
             let root = tmp.path().join("bundle");
             let values = tmp.path().join("values.json");
             std::fs::write(&values, serde_json::to_vec(&h.values).unwrap_or_default())
                 .map_err(|e| tool_error(&h.chart, format!("writing values: {e}")))?;
-            let mut args: Vec<OsString> = vec![
-                "template".into(),
-                h.release_name.clone().into(),
-                if h.repo.is_some() || h.chart.contains("://") {
-                    h.chart.clone().into()
-                } else {
-                    root.join(&h.chart).into_os_string()
-                },
-                "--namespace".into(),
-                h.namespace.clone().into(),
-                "--include-crds".into(),
-            ];
-            if let Some(repo) = &h.repo {
-                args.extend(["--repo".into(), repo.into()]);
-            }
-            if let Some(v) = &h.version {
-                args.extend(["--version".into(), v.into()]);
-            }
-            if let Some(v) = &h.kube_version {
-                args.extend(["--kube-version".into(), v.into()]);
-            }
-            for a in &h.api_versions {
-                args.extend(["--api-versions".into(), a.into()]);
-            }
-            for f in &h.values_files {
-                args.extend(["-f".into(), root.join(f).into_os_string()]);
-            }
-            args.extend(["-f".into(), values.into_os_string()]);
-            let home = tmp.path().join("helm-home");
-            let env = [
-                ("HELM_CACHE_HOME", home.join("cache")),
-                ("HELM_CONFIG_HOME", home.join("config")),
-                ("HELM_DATA_HOME", home.join("data")),
-            ];
-            let out = run(tools, &tools.helm, "helm", &args, &root, &env)
-                .await
-                .map_err(|e| tool_error(&h.chart, e))?;
-            match &h.kustomize_dir {
-                None => fleetyaml::parse_tool_output(&format!("helm template {}", h.chart), &out)?,
-                Some(dir) => {
-                    let (path, content) = fleetyaml::kustomization_with_helm_output(files, dir)?;
-                    let write = |p: PathBuf, b: &[u8]| {
-                        std::fs::write(&p, b)
-                            .map_err(|e| tool_error(dir, format!("writing {}: {e}", p.display())))
-                    };
-                    write(root.join(&path), &content)?;
-                    write(
-                        root.join(dir).join(fleetyaml::HELM_OUTPUT_FILE),
-                        out.as_bytes(),
+            let utf8 = |p: &Path| {
+                p.to_str()
+                    .map(str::to_string)
+                    .ok_or_else(|| tool_error(&h.chart, format!("{} is not UTF-8", p.display())))
+            };
+            let args: Vec<OsString> = h
+                .template_args(&utf8(&root)?, &utf8(&values)?, &tools.helm_repo_allow)?
+                .into_iter()
+                .map(OsString::from)
+                .collect();
+            // Only a chart from an allowed repository may use the network.
+            let network = match h.remote() {
+                Some(_) => Network::Hosts(&tools.helm_repo_allow),
+                None => Network::None,
+            };
+            let out = run(
+                tools,
+                &tools.helm,
+                "helm",
+                &args,
+                &root,
+                tmp.path(),
+                network,
+            )
+            .await
+            .map_err(|e| tool_error(&h.chart, e))?;
+            match (&h.kustomize_dir, checked) {
+                (Some(dir), Some(checked)) => {
+                    write_files(&root, &checked, dir)?;
+                    // Helm's output added to the kustomization as checked.
+                    let view: BTreeMap<String, Vec<u8>> = checked.into_iter().collect();
+                    let (path, content) = fleetyaml::kustomization_with_helm_output(&view, dir)?;
+                    write_files(
+                        &root,
+                        &[
+                            (path, content),
+                            (
+                                if dir == "." {
+                                    fleetyaml::HELM_OUTPUT_FILE.to_string()
+                                } else {
+                                    format!("{dir}/{}", fleetyaml::HELM_OUTPUT_FILE)
+                                },
+                                out.into_bytes(),
+                            ),
+                        ],
+                        dir,
                     )?;
                     let out = kustomize(tools, tmp.path(), dir).await?;
                     fleetyaml::parse_tool_output(&format!("kustomize build {dir}"), &out)?
                 }
+                _ => fleetyaml::parse_tool_output(&format!("helm template {}", h.chart), &out)?,
             }
         }
     };
     fleetyaml::finish(manifests, plan)
 }
 
+/// `kustomize build` of `dir` in the copy at `tmp/bundle`: files only from under
+/// the kustomization's root (`LoadRestrictionsRootOnly`; its bases were checked to
+/// be in the bundle), no Helm, no exec or container functions, no plugins, no
+/// network.
 async fn kustomize(tools: &Tools, tmp: &Path, dir: &str) -> Result<String, RenderError> {
     let root = tmp.join("bundle");
-    let args: Vec<OsString> = vec!["build".into(), root.join(dir).into_os_string()];
-    run(tools, &tools.kustomize, "kustomize", &args, &root, &[])
-        .await
-        .map_err(|e| tool_error(dir, e))
+    let args: Vec<OsString> = vec![
+        "build".into(),
+        "--load-restrictor=LoadRestrictionsRootOnly".into(),
+        root.join(dir).into_os_string(),
+    ];
+    run(
+        tools,
+        &tools.kustomize,
+        "kustomize",
+        &args,
+        &root,
+        tmp,
+        Network::None,
+    )
+    .await
+    .map_err(|e| tool_error(dir, e))
+}
+
+/// Writes checked files over the copy at `root`.
+fn write_files(root: &Path, files: &[(String, Vec<u8>)], what: &str) -> Result<(), RenderError> {
+    for (rel, bytes) in files {
+        let path = root.join(rel);
+        std::fs::write(&path, bytes)
+            .map_err(|e| tool_error(what, format!("writing {}: {e}", path.display())))?;
+    }
+    Ok(())
 }
 
 /// Copies the bundle's files into a fresh temporary directory (`<tmp>/bundle`).
@@ -335,24 +393,25 @@ fn write_bundle(
 
 /// Runs a tool and returns its standard output; on failure, a message with the
 /// end of its standard error.
+/// The tool runs confined (see `crate::sandbox`), its home and caches in `tmp`.
 async fn run(
     tools: &Tools,
     program: &Path,
     label: &str,
     args: &[OsString],
     cwd: &Path,
-    env: &[(&str, PathBuf)],
+    tmp: &Path,
+    network: Network<'_>,
 ) -> Result<String, String> {
-    let mut cmd = tokio::process::Command::new(program);
+    let mut cmd = tokio::process::Command::new(sandbox::resolve(program));
     cmd.args(args)
         .current_dir(cwd)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true);
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
+    sandbox::confine(&mut cmd, tmp, network)
+        .map_err(|e| format!("preparing {label}'s sandbox: {e}"))?;
     let mut child = cmd.spawn().map_err(|e| {
         if e.kind() == std::io::ErrorKind::NotFound {
             format!(
@@ -528,8 +587,9 @@ pub async fn render_for_cluster(
 }
 
 /// Reads a bundle directory from disk (as the hub sees it in Git): every file,
-/// relative `/`-separated paths, without dotfiles and directories (`.git`) and
-/// without nested bundles (directories with their own `flotilla.yaml`/`fleet.yaml`).
+/// relative `/`-separated paths, without dotfiles and directories (`.git`),
+/// without symlinks (as the hub's Git path skips them), and without nested
+/// bundles (directories with their own `flotilla.yaml`/`fleet.yaml`).
 pub fn read_bundle_dir(dir: &Path) -> std::io::Result<BTreeMap<String, Vec<u8>>> {
     fn walk(root: &Path, rel: &str, out: &mut BTreeMap<String, Vec<u8>>) -> std::io::Result<()> {
         let mut entries: Vec<_> = std::fs::read_dir(root.join(rel))?.collect::<Result<_, _>>()?;
@@ -544,7 +604,12 @@ pub fn read_bundle_dir(dir: &Path) -> std::io::Result<BTreeMap<String, Vec<u8>>>
             } else {
                 format!("{rel}/{name}")
             };
-            let ty = std::fs::metadata(e.path())?;
+            // As the Git path does: symlinks are skipped, never followed (one
+            // could point anywhere on the machine).
+            let ty = e.file_type()?;
+            if ty.is_symlink() {
+                continue;
+            }
             if ty.is_dir() {
                 walk(root, &path, out)?;
             } else if ty.is_file() {

@@ -8,7 +8,9 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use flotilla_shared::bundle::{bundle_dirs, bundle_files, bundle_name};
+use flotilla_shared::bundle::{
+    bundle_dirs, bundle_files, bundle_name, collision_reason, name_collisions,
+};
 use flotilla_shared::objects::GitSourceSpec;
 use tokio::sync::{watch, Notify};
 use tokio::task::JoinHandle;
@@ -49,12 +51,45 @@ pub async fn render_snapshot(
     let paths: Vec<String> = files.keys().cloned().collect();
     let dirs = bundle_dirs(&paths, &spec.paths).map_err(|e| format!("paths: {e}"))?;
     let mut out = Vec::with_capacity(dirs.len());
+    // Directories whose names fold to one bundle name are all refused: one
+    // bundle carrying the error, nothing rendered, nothing merged.
+    let collisions = name_collisions(dirs.iter().map(|d| (source, d.as_str())));
+    for (name, holders) in &collisions {
+        let reason = collision_reason(name, holders);
+        tracing::warn!(bundle = %name, %reason, "bundle name collision");
+        out.push(RenderedBundle {
+            name: name.clone(),
+            path: holders.first().map(|h| h.dir.clone()).unwrap_or_default(),
+            result: Err(flotilla_shared::bundle::RenderError {
+                file: holders
+                    .iter()
+                    .map(|h| {
+                        if h.dir.is_empty() {
+                            ".".to_string()
+                        } else {
+                            h.dir.clone()
+                        }
+                    })
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                line: None,
+                object: None,
+                reason,
+            }),
+            customizations: vec![],
+            depends_on: vec![],
+            labels: flotilla_shared::depends::bundle_labels(source, &Default::default()),
+        });
+    }
     for dir in &dirs {
+        let name = bundle_name(source, dir);
+        if collisions.contains_key(&name) {
+            continue;
+        }
         let bundle: BTreeMap<String, Vec<u8>> = bundle_files(&paths, dir, &dirs)
             .into_iter()
             .filter_map(|(full, rel)| files.get(full).map(|b| (rel, b.clone())))
             .collect();
-        let name = bundle_name(source, dir);
         let span = tracing::info_span!("render", bundle = %name);
         let r = next
             .render(previous, tools, &name, &bundle, profiles)
@@ -355,7 +390,24 @@ async fn poll_loop(p: Poll, wake: Arc<Notify>, mut cancel: watch::Receiver<bool>
                             failed,
                             "new commit"
                         );
-                        fleet.set_snapshot(&name, &snapshot.commit, bundles, crate::now_ms());
+                        let (f, n, c) = (fleet.clone(), name.clone(), snapshot.commit.clone());
+                        let stored = tokio::task::spawn_blocking(move || {
+                            f.set_snapshot(&n, &c, bundles, crate::now_ms())
+                        })
+                        .await
+                        .map_err(|e| e.to_string())
+                        .and_then(|r| r.map_err(|e| e.to_string()));
+                        if let Err(error) = stored {
+                            // Not stored, not served: the last stored snapshot stays,
+                            // and the next fetch renders this commit again.
+                            tracing::error!(%error, "cannot store the snapshot");
+                            fleet.set_source_error(&name, format!("storing the snapshot: {error}"));
+                            failures += 1;
+                            if !pause(backoff(failures), &wake, &mut cancel).await {
+                                return;
+                            }
+                            continue;
+                        }
                     }
                     Err(error) => {
                         tracing::warn!(%error, commit = %snapshot.commit, "cannot render");

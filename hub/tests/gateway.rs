@@ -1180,3 +1180,59 @@ async fn renewal_replaces_the_certificate_on_first_use() {
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument, "{err}");
 }
+
+/// An agent that takes desired sets and never acknowledges them does not make
+/// the hub keep them forever: past 16 unacknowledged sets its stream is closed
+/// with RESOURCE_EXHAUSTED (it may reconnect and get the current set).
+#[tokio::test]
+async fn an_agent_that_never_acknowledges_is_disconnected() {
+    let th = start_hub().await;
+    let token = th.token("1h").await;
+    let key = KeyPair::generate().unwrap();
+    let cert = enroll(&th, &token, "mute-1", &[], &key)
+        .await
+        .unwrap()
+        .certificate_pem;
+    let source = "apiVersion: flotilla.io/v1alpha1\nkind: GitSource\nmetadata: {name: apps}\nspec:\n  repo: https://git.example.com/apps.git\n";
+    let (status, body) = th
+        .call(
+            reqwest::Method::POST,
+            "/api/v1/apply?file=apps.yaml",
+            Some(source.into()),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let channel = th.channel(Some((&cert, &key))).await.unwrap();
+    let mut client = FleetClient::new(channel);
+    let (_tx, rx) = session_request(hello(vec![]));
+    let mut inbound = client.session(rx).await.unwrap().into_inner();
+    let mut received = 0;
+    let ended = loop {
+        received += 1;
+        assert!(
+            received < 40,
+            "the hub kept sending to an agent that never acks"
+        );
+        let cm = format!(
+            "apiVersion: v1\nkind: ConfigMap\nmetadata: {{name: web, namespace: demo}}\ndata: {{n: \"{received}\"}}\n"
+        );
+        let files = BTreeMap::from([("cm.yaml".to_string(), cm.into_bytes())]);
+        th.hub
+            .inject_snapshot(
+                "apps",
+                flotilla_hub::git::Snapshot {
+                    commit: format!("c{received}"),
+                    files,
+                },
+            )
+            .await
+            .unwrap();
+        match tokio::time::timeout(Duration::from_secs(10), inbound.message()).await {
+            Ok(Ok(Some(_))) => continue,
+            Ok(Err(status)) => break status,
+            other => panic!("unexpected: {other:?}"),
+        }
+    };
+    assert_eq!(ended.code(), tonic::Code::ResourceExhausted, "{ended:?}");
+    assert!(received > 16, "closed after {received} sets");
+}

@@ -30,7 +30,7 @@ pub struct BundleInfo {
 }
 
 /// One target customisation of a bundle and how it rendered.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct CustomizationInfo {
     pub name: String,
     pub target: Target,
@@ -108,8 +108,35 @@ pub struct Assignment {
     pub waiting_for: Vec<String>,
 }
 
-/// The bundles a cluster must run, sorted by name. Bundles that never rendered are
-/// included (the hub shows them as `ErrApplied`) but carry no content hash.
+/// Refuses every bundle whose name another source's bundle also has (see
+/// `bundle::name_collisions`): each loses its content (nothing is sent under the
+/// shared name, so nothing merges) and shows why, naming all holders. Collisions
+/// within one source are refused when the source renders.
+pub fn refuse_colliding_names(bundles: &mut [BundleInfo]) {
+    let collisions = crate::bundle::name_collisions(
+        bundles.iter().map(|b| (b.source.as_str(), b.path.as_str())),
+    );
+    // Only names held by more than one source matter here.
+    for b in bundles.iter_mut() {
+        let Some(holders) = collisions.get(&b.name) else {
+            continue;
+        };
+        if !holders.iter().any(|h| h.source != b.source) {
+            continue;
+        }
+        let reason = crate::bundle::collision_reason(&b.name, holders);
+        b.good = None;
+        b.render_error = Some(reason.clone());
+        for c in &mut b.customizations {
+            c.good = None;
+            c.render_error = Some(reason.clone());
+        }
+    }
+}
+
+/// The bundles a cluster must run, sorted by name, one assignment per name.
+/// Bundles that never rendered are included (the hub shows them as
+/// `ErrApplied`) but carry no content hash.
 pub fn assignments(
     cluster: &ClusterInfo,
     groups: &[GroupInfo],
@@ -120,6 +147,8 @@ pub fn assignments(
         .filter_map(|b| b.assignment(cluster, groups))
         .collect();
     out.sort();
+    // Colliding names were refused (no content) by `refuse_colliding_names`.
+    out.dedup_by(|a, b| a.bundle == b.bundle);
     out
 }
 
@@ -127,7 +156,9 @@ pub fn assignments(
 /// (name, content hash, revision). A bundle waiting for its dependencies is not
 /// sent, or, if the agent already holds some content of it (`held`: the hash and
 /// revision it last acknowledged), stays at that content: waiting never removes
-/// what runs.
+/// what runs. So does a bundle whose variant for this cluster has no good content
+/// (it never rendered: a new customisation or Kubernetes-version twin whose first
+/// render failed): the agent keeps what it runs until the variant renders.
 pub fn sendable(
     assignments: &[Assignment],
     held: impl Fn(&str) -> Option<(String, String)>,
@@ -135,12 +166,14 @@ pub fn sendable(
     assignments
         .iter()
         .filter_map(|a| {
+            let keep = || held(&a.bundle).map(|(h, r)| (a.bundle.clone(), h, r));
             if !a.waiting_for.is_empty() {
-                return held(&a.bundle).map(|(h, r)| (a.bundle.clone(), h, r));
+                return keep();
             }
-            a.content_hash
-                .as_ref()
-                .map(|h| (a.bundle.clone(), h.clone(), a.revision.clone()))
+            match &a.content_hash {
+                Some(h) => Some((a.bundle.clone(), h.clone(), a.revision.clone())),
+                None => keep(),
+            }
         })
         .collect()
 }
@@ -256,6 +289,34 @@ mod tests {
     }
 
     #[test]
+    fn names_shared_across_sources_are_refused_for_all() {
+        let mut a = bundle("a-b-c", vec![]);
+        a.source = "a-b".into();
+        a.path = "c".into();
+        let mut b = bundle("a-b-c", vec![]);
+        b.source = "a".into();
+        b.path = "b/c".into();
+        let other = bundle("other", vec![]);
+        let mut all = vec![a, b, other];
+        refuse_colliding_names(&mut all);
+        for x in &all[..2] {
+            assert_eq!(x.good, None);
+            let e = x.render_error.as_deref().unwrap();
+            assert!(
+                e.contains("c of source a-b") && e.contains("b/c of source a"),
+                "{e}"
+            );
+        }
+        assert!(all[2].good.is_some() && all[2].render_error.is_none());
+        let got = assignments(&cluster("x", ""), &[], &all);
+        assert_eq!(got.len(), 2, "one assignment per name: {got:?}");
+        let (state, msg) = assignment_state(&got[0], None, None);
+        assert_eq!(state, BundleState::ErrApplied);
+        assert!(msg.contains("a-b-c"));
+        assert_eq!(sendable(&got, |_| None).len(), 1);
+    }
+
+    #[test]
     fn states_follow_ack_and_reports() {
         let a = &assignments(&cluster("x", ""), &[], &[bundle("b", vec![])])[0];
         assert_eq!(assignment_state(a, None, None).0, BundleState::Pending);
@@ -316,5 +377,24 @@ mod tests {
         };
         b.customizations.insert(0, by_name);
         assert_eq!(hash(&b, "env=prod").as_deref(), Some("hash-named"));
+    }
+
+    #[test]
+    fn a_variant_that_never_rendered_keeps_what_the_agent_holds() {
+        let failed = Assignment {
+            bundle: "web".into(),
+            content_hash: None,
+            revision: String::new(),
+            render_error: Some("helm: size is required".into()),
+            waiting_for: vec![],
+        };
+        let held = |b: &str| (b == "web").then(|| ("h-old".to_string(), "c-old".to_string()));
+        assert_eq!(
+            sendable(std::slice::from_ref(&failed), held),
+            vec![("web".to_string(), "h-old".to_string(), "c-old".to_string())],
+            "a failing render must not prune what runs"
+        );
+        // Nothing held (a new bundle that fails): nothing to send.
+        assert!(sendable(&[failed], |_| None).is_empty());
     }
 }

@@ -174,6 +174,57 @@ pub fn bundle_name(source: &str, dir: &str) -> String {
     format!("{}-{suffix}", name[..54].trim_end_matches('-'))
 }
 
+/// A bundle directory of a source, as it appears in collision reports.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct BundleDir {
+    pub source: String,
+    /// "" for the source's root.
+    pub dir: String,
+}
+
+impl fmt::Display for BundleDir {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let dir = if self.dir.is_empty() { "." } else { &self.dir };
+        write!(f, "{dir} of source {}", self.source)
+    }
+}
+
+/// The bundle names that more than one bundle directory derives (`a-b/c` and
+/// `a/b-c`; `web_front` and `web-front`; source `a-b` dir `c` and source `a` dir
+/// `b/c`), each with every directory that derives it, in order. [`bundle_name`]
+/// folds case and punctuation, so distinct directories can meet: none of them
+/// may then use the name — two bundles under one name would merge or replace
+/// each other on the clusters.
+pub fn name_collisions<'a>(
+    dirs: impl IntoIterator<Item = (&'a str, &'a str)>,
+) -> BTreeMap<String, Vec<BundleDir>> {
+    let mut by_name: BTreeMap<String, Vec<BundleDir>> = BTreeMap::new();
+    for (source, dir) in dirs {
+        let d = BundleDir {
+            source: source.to_string(),
+            dir: dir.to_string(),
+        };
+        let holders = by_name.entry(bundle_name(source, dir)).or_default();
+        if !holders.contains(&d) {
+            holders.push(d);
+        }
+    }
+    by_name.retain(|_, holders| holders.len() > 1);
+    for holders in by_name.values_mut() {
+        holders.sort();
+    }
+    by_name
+}
+
+/// Why the directories in `holders` are all refused their bundle name `name`.
+pub fn collision_reason(name: &str, holders: &[BundleDir]) -> String {
+    let list: Vec<String> = holders.iter().map(|h| h.to_string()).collect();
+    format!(
+        "bundle name {name:?} is derived from {}: names fold case and punctuation, so these directories would be one bundle; none of them is rendered under it until all but one are renamed",
+        list.join(" and ")
+    )
+}
+
 fn parent(path: &str) -> &str {
     path.rsplit_once('/').map(|(d, _)| d).unwrap_or("")
 }
@@ -475,6 +526,34 @@ mod tests {
 
     fn paths(list: &[&str]) -> Vec<String> {
         list.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn colliding_names_are_found_with_every_holder() {
+        let c = name_collisions([
+            ("apps", "a-b/c"),
+            ("apps", "a/b-c"),
+            ("apps", "web_front"),
+            ("apps", "web-front"),
+            ("apps", "web"),
+            ("a-b", "c"),
+            ("apps", ""),
+        ]);
+        assert_eq!(
+            c.keys().collect::<Vec<_>>(),
+            ["apps-a-b-c", "apps-web-front"]
+        );
+        let web = &c["apps-web-front"];
+        assert_eq!(web.len(), 2);
+        let reason = collision_reason("apps-web-front", web);
+        assert!(reason.contains("web_front of source apps"), "{reason}");
+        assert!(reason.contains("web-front of source apps"), "{reason}");
+        // Across sources: source `a-b` dir `c` and source `a` dir `b/c`.
+        let c = name_collisions([("a-b", "c"), ("a", "b/c"), ("a", "b")]);
+        assert_eq!(c["a-b-c"].len(), 2);
+        assert_eq!(c.len(), 1);
+        // The same directory twice is not a collision.
+        assert!(name_collisions([("s", "x"), ("s", "x")]).is_empty());
     }
 
     #[test]

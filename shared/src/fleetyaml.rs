@@ -13,6 +13,7 @@ use serde_json::Value;
 
 use crate::bundle::{self, BundleOptions, Manifest, RenderError, CONFIG_FILES};
 use crate::objects::Target;
+use crate::sandbox;
 use crate::selector::LabelSelector;
 
 /// The directory `yaml.overlays` names live in.
@@ -242,6 +243,90 @@ pub struct HelmPlan {
     /// the hub with `kube_version`; empty leaves helm's defaults).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub api_versions: Vec<String>,
+    /// The config file the plan came from, for errors (not part of the plan's key).
+    #[serde(skip)]
+    pub config_file: String,
+}
+
+impl HelmPlan {
+    /// Where helm would fetch the chart from, if not from the bundle: the chart
+    /// repository (`helm.repo`) or the chart's URL (`oci://`, an archive URL).
+    pub fn remote(&self) -> Option<&str> {
+        self.repo
+            .as_deref()
+            .or_else(|| self.chart.contains("://").then_some(self.chart.as_str()))
+    }
+
+    /// The arguments of `helm template` for this plan, the bundle copied to
+    /// `root` and the merged values written to `values`. Every value comes as
+    /// `--flag=value` and the release name and chart after `--`, so nothing from
+    /// the repository (or an agent's reported versions) can become a flag; each is
+    /// checked again here, and a remote chart must lie under one of the `allow`ed
+    /// prefixes (`--helm-repo-allow`).
+    pub fn template_args(
+        &self,
+        root: &str,
+        values: &str,
+        allow: &[String],
+    ) -> Result<Vec<String>, RenderError> {
+        let fail = |reason: String| config_error(&self.config_file, None, reason);
+        sandbox::check_release_name(&self.release_name)
+            .map_err(|e| fail(format!("helm.releaseName: {e}")))?;
+        sandbox::check_namespace(&self.namespace).map_err(|e| fail(format!("namespace: {e}")))?;
+        let mut args = vec![
+            "template".to_string(),
+            format!("--namespace={}", self.namespace),
+            "--include-crds".to_string(),
+        ];
+        let chart = match self.remote() {
+            Some(url) => {
+                let field = if self.repo.is_some() {
+                    "helm.repo"
+                } else {
+                    "helm.chart"
+                };
+                sandbox::check_allowed(url, allow).map_err(|e| fail(format!("{field}: {e}")))?;
+                if let Some(repo) = &self.repo {
+                    sandbox::check_chart_name(&self.chart)
+                        .map_err(|e| fail(format!("helm.chart: {e}")))?;
+                    args.push(format!("--repo={repo}"));
+                }
+                self.chart.clone()
+            }
+            None => {
+                let chart =
+                    local_path(&self.chart).map_err(|e| fail(format!("helm.chart: {e}")))?;
+                if chart == "." {
+                    root.to_string()
+                } else {
+                    format!("{root}/{chart}")
+                }
+            }
+        };
+        if let Some(v) = &self.version {
+            sandbox::check_version(v).map_err(|e| fail(format!("helm.version: {e}")))?;
+            args.push(format!("--version={v}"));
+        }
+        if let Some(v) = &self.kube_version {
+            sandbox::check_kube_version(v)
+                .map_err(|e| fail(format!("the clusters' Kubernetes version: {e}")))?;
+            args.push(format!("--kube-version={v}"));
+        }
+        for a in &self.api_versions {
+            sandbox::check_api_version(a)
+                .map_err(|e| fail(format!("the clusters' API versions: {e}")))?;
+            args.push(format!("--api-versions={a}"));
+        }
+        for f in &self.values_files {
+            let f = local_path(f).map_err(|e| fail(format!("helm.valuesFiles: {e}")))?;
+            args.push(format!("--values={root}/{f}"));
+        }
+        args.push(format!("--values={values}"));
+        args.push("--".to_string());
+        args.push(self.release_name.clone());
+        args.push(chart);
+        Ok(args)
+    }
 }
 
 /// How one variant of a bundle is rendered. Equal plans give equal output, so the
@@ -285,6 +370,18 @@ pub fn clean_dir(dir: &str) -> Result<String, String> {
     } else {
         parts.join("/")
     })
+}
+
+/// A path of the bundle as `fleet.yaml` may name it (`helm.chart`,
+/// `helm.valuesFiles`): relative, inside the bundle, no part starting with `-`.
+pub fn local_path(path: &str) -> Result<String, String> {
+    if path.starts_with('/') {
+        return Err(format!("{path:?} is an absolute path"));
+    }
+    if path.split('/').any(|p| p.starts_with('-')) {
+        return Err(format!("{path:?} has a part starting with '-'"));
+    }
+    sandbox::bundle_path(".", path)
 }
 
 fn join(dir: &str, file: &str) -> String {
@@ -371,6 +468,13 @@ pub fn plan(
             .or_else(|| non_empty(&spec.namespace)),
         drift: crate::drift::policy(spec.drift.as_ref(), spec.diff.as_ref()).map_err(&err)?,
     };
+    // Namespaces reach helm's command line and the agent: DNS labels only.
+    if let Some(ns) = &options.target_namespace {
+        sandbox::check_namespace(ns).map_err(|e| err(format!("namespace: {e}")))?;
+    }
+    if let Some(ns) = &options.default_namespace {
+        sandbox::check_namespace(ns).map_err(|e| err(format!("defaultNamespace: {e}")))?;
+    }
 
     let kustomize_dir = custom
         .and_then(|c| c.kustomize.as_ref())
@@ -389,16 +493,35 @@ pub fn plan(
     let is_helm = chart.is_some() || repo.is_some() || files.contains_key("Chart.yaml");
 
     let renderer = if is_helm {
+        // Everything below reaches helm's command line: checked as data.
         let chart = match (chart, &repo) {
             (Some(c), None) if !c.contains("://") => {
-                clean_dir(&c).map_err(|e| err(format!("helm.chart: {e}")))?
+                local_path(&c).map_err(|e| err(format!("helm.chart: {e}")))?
             }
-            (Some(c), _) => c,
+            (Some(c), None) => {
+                sandbox::check_chart_url(&c).map_err(|e| err(format!("helm.chart: {e}")))?;
+                c
+            }
+            (Some(c), Some(_)) => {
+                sandbox::check_chart_name(&c).map_err(|e| err(format!("helm.chart: {e}")))?;
+                c
+            }
             (None, None) => ".".into(),
             (None, Some(_)) => {
                 return Err(err("helm.repo needs helm.chart (the chart's name)".into()))
             }
         };
+        if let Some(r) = &repo {
+            sandbox::check_chart_url(r).map_err(|e| err(format!("helm.repo: {e}")))?;
+        }
+        let release_name = pick(&over_helm.release_name, &base_helm.release_name)
+            .unwrap_or_else(|| bundle_name.to_string());
+        sandbox::check_release_name(&release_name)
+            .map_err(|e| err(format!("helm.releaseName: {e}")))?;
+        let version = pick(&over_helm.version, &base_helm.version);
+        if let Some(v) = &version {
+            sandbox::check_version(v).map_err(|e| err(format!("helm.version: {e}")))?;
+        }
         if repo.is_none()
             && !chart.contains("://")
             && !files.contains_key(&join(&chart, "Chart.yaml"))
@@ -417,7 +540,7 @@ pub fn plan(
         }
         let mut values_files = Vec::new();
         for f in base_helm.values_files.iter().chain(&over_helm.values_files) {
-            let clean = clean_dir(f).map_err(|e| err(format!("helm.valuesFiles: {e}")))?;
+            let clean = local_path(f).map_err(|e| err(format!("helm.valuesFiles: {e}")))?;
             if !files.contains_key(&clean) {
                 return Err(err(format!(
                     "helm.valuesFiles: {f} not found in the bundle"
@@ -435,11 +558,10 @@ pub fn plan(
             None => has_kustomization(files, ".").then(|| ".".to_string()),
         };
         Renderer::Helm(Box::new(HelmPlan {
-            release_name: pick(&over_helm.release_name, &base_helm.release_name)
-                .unwrap_or_else(|| bundle_name.to_string()),
+            release_name,
             chart,
             repo,
-            version: pick(&over_helm.version, &base_helm.version),
+            version,
             namespace: options
                 .target_namespace
                 .clone()
@@ -450,6 +572,7 @@ pub fn plan(
             kustomize_dir,
             kube_version: None,
             api_versions: vec![],
+            config_file: cfg.to_string(),
         }))
     } else if kustomize_dir.is_some() || uses_kustomize(spec, files) {
         let dir = kustomize_dir.unwrap_or_else(|| ".".into());
@@ -1017,6 +1140,84 @@ targetCustomizations:
         )
         .unwrap();
         assert_eq!(k[0].file, "kustomize build .");
+    }
+
+    #[test]
+    fn helm_arguments_are_data() {
+        let chart = ("Chart.yaml", "name: c\nversion: 0.1.0\n");
+        for (fleet, field) in [
+            (
+                "helm: {releaseName: '--post-renderer=/bin/sh'}",
+                "helm.releaseName",
+            ),
+            ("namespace: '--kubeconfig=/x'", "namespace"),
+            ("helm: {version: '--post-renderer=x'}", "helm.version"),
+            ("helm: {chart: '-x'}", "helm.chart"),
+            ("helm: {chart: /etc}", "helm.chart"),
+            ("helm: {chart: 'file:///etc'}", "helm.chart"),
+            ("helm: {repo: 'https://h', chart: '--x=y'}", "helm.chart"),
+            ("helm: {repo: 'file:///x', chart: web}", "helm.repo"),
+            (
+                "helm: {valuesFiles: ['http://h/v.yaml']}",
+                "helm.valuesFiles",
+            ),
+        ] {
+            let f = files(&[chart, ("fleet.yaml", fleet)]);
+            let e = plan_for(&f, 0).unwrap_err();
+            assert_eq!(e.file, "fleet.yaml");
+            assert!(e.reason.starts_with(field), "{fleet}: {e}");
+        }
+        let f = files(&[
+            chart,
+            ("v.yaml", "a: 1\n"),
+            (
+                "fleet.yaml",
+                "namespace: apps\nhelm: {releaseName: web, version: '^1.2', valuesFiles: [v.yaml]}",
+            ),
+        ]);
+        let Renderer::Helm(mut h) = plan_for(&f, 0).unwrap().renderer else {
+            panic!()
+        };
+        h.kube_version = Some("v1.34.1".into());
+        h.api_versions = vec!["apps/v1".into()];
+        let args = h.template_args("/t/bundle", "/t/values.json", &[]).unwrap();
+        assert_eq!(
+            args,
+            [
+                "template",
+                "--namespace=apps",
+                "--include-crds",
+                "--version=^1.2",
+                "--kube-version=v1.34.1",
+                "--api-versions=apps/v1",
+                "--values=/t/bundle/v.yaml",
+                "--values=/t/values.json",
+                "--",
+                "web",
+                "/t/bundle",
+            ]
+        );
+        // An agent's reported version is checked too.
+        h.kube_version = Some("--post-renderer=x".into());
+        assert!(h.template_args("/t/bundle", "/t/v.json", &[]).is_err());
+        // A remote chart needs an allowed prefix.
+        let f = files(&[(
+            "fleet.yaml",
+            "helm: {repo: 'https://charts.example.com/stable', chart: web}",
+        )]);
+        let Renderer::Helm(h) = plan_for(&f, 0).unwrap().renderer else {
+            panic!()
+        };
+        let e = h.template_args("/t/b", "/t/v", &[]).unwrap_err();
+        assert!(
+            e.reason.starts_with("helm.repo") && e.reason.contains("--helm-repo-allow"),
+            "{e}"
+        );
+        let args = h
+            .template_args("/t/b", "/t/v", &["https://charts.example.com/".into()])
+            .unwrap();
+        assert!(args.contains(&"--repo=https://charts.example.com/stable".to_string()));
+        assert_eq!(&args[args.len() - 3..], ["--", "b", "web"]);
     }
 
     #[test]

@@ -38,6 +38,8 @@ const MANIFESTS: &str = "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: a\n
 
 const FLEET_YAML: &str = "defaultNamespace: apps\nnamespace: forced\nlabels: {tier: web}\ndependsOn:\n- name: base\n- selector:\n    matchLabels: {tier: db}\nhelm:\n  chart: ./chart\n  releaseName: web\n  values:\n    replicas: 2\n  valuesFiles: [values-prod.yaml]\nkustomize:\n  dir: overlays/prod\ndiff:\n  comparePatches:\n  - apiVersion: apps/v1\n    kind: Deployment\n    name: web\n    jsonPointers: [/spec/replicas]\ndrift:\n  mode: report\ntargetCustomizations:\n- name: prod\n  clusterSelector:\n    matchLabels: {env: prod}\n    matchExpressions:\n    - {key: region, operator: In, values: [eu, us]}\n  clusterGroup: edge\n  helm:\n    values: {replicas: 5}\n  yaml:\n    overlays: [prod]\n";
 
+const KUSTOMIZATION: &str = "resources: [cm.yaml, ../base]\nnamePrefix: p-\npatches:\n- path: patch.yaml\n  target: {kind: ConfigMap}\nconfigMapGenerator:\n- name: g\n  files: [k=cm.yaml]\n  envs: [a.env]\ntransformers: [t.yaml]\n";
+
 const OBJECTS: &str = "apiVersion: flotilla.io/v1alpha1\nkind: GitSource\nmetadata: {name: apps}\nspec:\n  repo: https://git.example/apps.git\n  branch: main\n  paths: [\"apps/*\"]\n  pollInterval: 30s\n  targets:\n  - clusterSelector: {matchLabels: {env: prod}}\n---\napiVersion: flotilla.io/v1alpha1\nkind: ClusterGroup\nmetadata: {name: edge}\nspec:\n  selector:\n    matchExpressions:\n    - {key: tier, operator: NotIn, values: [core]}\n";
 
 const GITHUB_PUSH: &str = r#"{"ref":"refs/heads/main","before":"0","after":"1","repository":{"clone_url":"https://github.com/acme/apps.git","ssh_url":"git@github.com:acme/apps.git","html_url":"https://github.com/acme/apps","git_url":"git://github.com/acme/apps.git"}}"#;
@@ -167,6 +169,52 @@ proptest! {
         }
         if let Err(e) = render_plain(&files) {
             prop_assert!(names_a_file(&e.file, &files), "error names no file: {e}");
+        }
+    }
+
+    #[test]
+    fn kustomizations_never_panic_and_name_their_file(k in input(KUSTOMIZATION), t in input("apiVersion: builtin\nkind: LabelTransformer\nmetadata: {name: l}\nlabels: {a: b}\n")) {
+        let files = BTreeMap::from([
+            ("o/kustomization.yaml".to_string(), k),
+            ("o/cm.yaml".to_string(), MANIFESTS.as_bytes().to_vec()),
+            ("o/patch.yaml".to_string(), MANIFESTS.as_bytes().to_vec()),
+            ("o/a.env".to_string(), b"A=1\n".to_vec()),
+            ("o/t.yaml".to_string(), t),
+            ("base/kustomization.yaml".to_string(), b"resources: []\n".to_vec()),
+        ]);
+        if let Err(e) = flotilla_shared::kustomization::check_bundle(&files, &[]) {
+            prop_assert!(files.contains_key(&e.file), "error names no file of the bundle: {e}");
+        }
+    }
+
+    #[test]
+    fn no_fleet_yaml_makes_a_helm_flag(spec in input(FLEET_YAML)) {
+        let files = BTreeMap::from([
+            ("fleet.yaml".to_string(), spec),
+            ("Chart.yaml".to_string(), b"name: c\nversion: 0.1.0\n".to_vec()),
+            ("chart/Chart.yaml".to_string(), b"name: c\nversion: 0.1.0\n".to_vec()),
+            ("values-prod.yaml".to_string(), b"a: 1\n".to_vec()),
+            ("overlays/prod/kustomization.yaml".to_string(), b"resources: []\n".to_vec()),
+        ]);
+        let Ok(spec) = parse_spec(&files) else { return Ok(()) };
+        for v in flotilla_shared::fleetyaml::variants(&spec) {
+            let Ok(plan) = flotilla_shared::fleetyaml::plan(&spec, &v, &files, "b") else { continue };
+            let flotilla_shared::fleetyaml::Renderer::Helm(h) = plan.renderer else { continue };
+            let allow = vec!["https://".to_string(), "oci://".to_string()];
+            let Ok(args) = h.template_args("/t/b", "/t/v.json", &allow) else { continue };
+            let dash = args.iter().position(|a| a == "--").expect("a -- before the positionals");
+            prop_assert_eq!(dash, args.len() - 3);
+            for a in args[1..dash].iter().filter(|a| *a != "--include-crds") {
+                prop_assert!(a.starts_with("--") && a.contains('='), "not a --flag=value: {a:?}");
+                let flag = a.split('=').next().unwrap_or_default();
+                prop_assert!(
+                    ["--namespace", "--repo", "--version", "--kube-version", "--api-versions", "--values"].contains(&flag),
+                    "unexpected flag {a:?}"
+                );
+            }
+            for a in &args[dash + 1..] {
+                prop_assert!(!a.starts_with('-'), "a positional reads as a flag: {a:?}");
+            }
         }
     }
 

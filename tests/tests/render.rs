@@ -72,6 +72,11 @@ targetCustomizations:
 const CHART: &str = "apiVersion: v2\nname: happ\nversion: 0.1.0\n";
 const TEMPLATE: &str = "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: {{ .Release.Name }}\ndata:\n  size: {{ .Values.size | quote }}\n  release: {{ .Release.Namespace | quote }}\n";
 
+/// A release name that is a flag (helm would run the program).
+const EVIL_HELM: &str = "helm: {releaseName: '--post-renderer=/usr/bin/tac'}\n";
+/// A resource kustomize would fetch.
+const EVIL_KUSTOMIZE: &str = "resources: ['http://127.0.0.1:9/x.yaml']\n";
+
 #[test]
 fn kustomize_and_helm_render_per_cluster() -> Result<()> {
     if !e2e_available() {
@@ -103,6 +108,12 @@ fn kustomize_and_helm_render_per_cluster() -> Result<()> {
             ("happ/fleet.yaml", Some(HELM_FLEET)),
             ("happ/Chart.yaml", Some(CHART)),
             ("happ/templates/cm.yaml", Some(TEMPLATE)),
+            // Hostile bundles in the same source: refused, the others go on.
+            ("evil/fleet.yaml", Some(EVIL_HELM)),
+            ("evil/Chart.yaml", Some(CHART)),
+            ("evil/templates/cm.yaml", Some(TEMPLATE)),
+            ("kevil/fleet.yaml", Some("")),
+            ("kevil/kustomization.yaml", Some(EVIL_KUSTOMIZE)),
         ]),
         "kustomize and helm bundles",
     )?;
@@ -133,6 +144,14 @@ fn kustomize_and_helm_render_per_cluster() -> Result<()> {
         ("rendered-happ", "render-west"),
     ] {
         hub.wait_bundle_state(bundle, cluster, "Ready")?;
+    }
+    // The hostile bundles are ErrApplied with the reason, on every cluster.
+    for cluster in ["render-east", "render-west"] {
+        let msg = hub.wait_bundle_state("rendered-evil", cluster, "ErrApplied")?;
+        assert!(msg.contains("fleet.yaml: helm.releaseName"), "{msg}");
+        let msg = hub.wait_bundle_state("rendered-kevil", cluster, "ErrApplied")?;
+        assert!(msg.contains("kustomization.yaml: resources[0]"), "{msg}");
+        assert!(msg.contains("is a URL"), "{msg}");
     }
     // Kustomize: each cluster its own overlay.
     wait_data(east, "e2e-render-k", "kapp", "tier", "prod")?;
