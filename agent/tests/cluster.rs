@@ -16,8 +16,8 @@ use flotilla_agent::clock::Clock;
 use flotilla_shared::state::BundleState;
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace};
 use kube::api::{Api, DynamicObject, ListParams, Patch, PatchParams, PostParams};
-use prost::Message;
 use kube::core::{ApiResource, GroupVersionKind};
+use prost::Message;
 
 /// Port for the control plane this test starts (the agent's range is 16500-16599).
 const PORT: u16 = 16531;
@@ -359,7 +359,10 @@ spec:
 async fn content_not_matching_its_hash_applies_nothing(client: &kube::Client) {
     let mut agent = TestAgent::new(client);
     let honest = rendered(&[
-        ("cm.yaml", "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: honest}\n"),
+        (
+            "cm.yaml",
+            "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: honest}\n",
+        ),
         ("fleet.yaml", "defaultNamespace: agt-hash\n"),
     ]);
     let smuggled = rendered(&[
@@ -381,7 +384,10 @@ async fn content_not_matching_its_hash_applies_nothing(client: &kube::Client) {
         "{message}"
     );
     for name in ["honest", "smuggled"] {
-        assert!(cm(client, &ns("agt-hash"), name).await.is_none(), "{name} applied");
+        assert!(
+            cm(client, &ns("agt-hash"), name).await.is_none(),
+            "{name} applied"
+        );
     }
     let namespaces: Api<Namespace> = Api::all(client.clone());
     assert!(
@@ -413,7 +419,11 @@ async fn existing_objects_are_not_taken_over_or_pruned(client: &kube::Client) {
     );
     let mine = "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: mine, namespace: agt-own}\n";
     let ns_yaml = "apiVersion: v1\nkind: Namespace\nmetadata: {name: agt-own}\n";
-    let grab = rendered(&[("claim.yaml", &claim), ("mine.yaml", mine), ("ns.yaml", ns_yaml)]);
+    let grab = rendered(&[
+        ("claim.yaml", &claim),
+        ("mine.yaml", mine),
+        ("ns.yaml", ns_yaml),
+    ]);
     agent.set_desired(1, &[("grab", &grab)]).await;
     agent.rec.pass().await;
     let (state, message) = agent.state_of("grab").await;
@@ -424,7 +434,10 @@ async fn existing_objects_are_not_taken_over_or_pruned(client: &kube::Client) {
         )),
         "{message}"
     );
-    assert!(message.contains("kubectl-create"), "names the field manager: {message}");
+    assert!(
+        message.contains("kubectl-create"),
+        "names the field manager: {message}"
+    );
     assert!(message.contains("takeOwnership"), "{message}");
     let untouched = |now: ConfigMap| {
         assert_eq!(
@@ -432,12 +445,11 @@ async fn existing_objects_are_not_taken_over_or_pruned(client: &kube::Client) {
             "the object is untouched"
         );
         assert_eq!(now.data, before.data);
-        assert!(now
+        assert!(!now
             .metadata
             .labels
             .unwrap_or_default()
-            .get("flotilla.io/bundle")
-            .is_none());
+            .contains_key("flotilla.io/bundle"));
     };
     untouched(api.get(&victim).await.unwrap());
     agent.writer.sync().await.unwrap();
@@ -509,7 +521,12 @@ async fn secret_drift_records_paths_and_hashes_only(client: &kube::Client) {
     assert_eq!(event.fields.len(), 1, "{event:?}");
     assert_eq!(event.fields[0].path, "/data/password");
     let text = serde_json::to_string(event).unwrap();
-    for value in ["aHVudGVyMg==", "Y29ycmVjdC1ob3JzZQ==", "hunter2", "correct-horse"] {
+    for value in [
+        "aHVudGVyMg==",
+        "Y29ycmVjdC1ob3JzZQ==",
+        "hunter2",
+        "correct-horse",
+    ] {
         assert!(!text.contains(value), "{value} in the drift event: {text}");
     }
     assert!(text.contains("redacted:sha256:"), "{text}");
