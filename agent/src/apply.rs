@@ -255,7 +255,11 @@ impl Cluster {
                         }
                     }
                 }
-                let bundle = meta.labels.as_ref().and_then(|l| l.get(BUNDLE_LABEL)).cloned();
+                let bundle = meta
+                    .labels
+                    .as_ref()
+                    .and_then(|l| l.get(BUNDLE_LABEL))
+                    .cloned();
                 Some((meta.name?, Found { bundle, managers }))
             })
             .collect())

@@ -381,10 +381,7 @@ mod tests {
             e.starts_with("cm.yaml: ConfigMap kube-system/coredns: already exists"),
             "{e}"
         );
-        assert!(
-            e.contains("kubectl-create, kube-controller-manager"),
-            "{e}"
-        );
+        assert!(e.contains("kubectl-create, kube-controller-manager"), "{e}");
         assert!(e.contains("takeOwnership: true"), "{e}");
         assert!(e.ends_with("(and 1 more object like it)"), "{e}");
         // Another bundle's object is not taken either.

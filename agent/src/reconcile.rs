@@ -202,7 +202,12 @@ impl Reconciler {
             let key = |kind: &crate::apply::Kind, r: &ObjectRef| {
                 let res = &kind.resource;
                 let ns = r.namespace.clone();
-                (res.group.clone(), res.version.clone(), res.plural.clone(), ns)
+                (
+                    res.group.clone(),
+                    res.version.clone(),
+                    res.plural.clone(),
+                    ns,
+                )
             };
             let mut found = BTreeMap::new();
             for (_, kind, r, _) in &group {
@@ -301,7 +306,11 @@ impl Reconciler {
         let namespaces = rendered
             .manifests
             .iter()
-            .map(|m| rendered.options.namespace_for(m.object_ref().namespace.as_deref()))
+            .map(|m| {
+                rendered
+                    .options
+                    .namespace_for(m.object_ref().namespace.as_deref())
+            })
             .collect();
         let found = self.cluster.list_owned(name, &kinds, &namespaces).await?;
         if !found.is_empty() {

@@ -179,7 +179,11 @@ async fn a_second_certificate_beside_the_pinned_ca_is_refused() {
             err.contains("served 2 certificates") && err.contains("exactly one"),
             "the error says why: {err}"
         );
-        assert_eq!(csrs.load(Ordering::SeqCst), 0, "no CSR reaches the attacker");
+        assert_eq!(
+            csrs.load(Ordering::SeqCst),
+            0,
+            "no CSR reaches the attacker"
+        );
         assert_eq!(
             std::fs::read_dir(dir.path()).unwrap().count(),
             0,

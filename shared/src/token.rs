@@ -178,7 +178,10 @@ mod tests {
         // one of them, so neither is trusted.
         for served in [&[ca, other][..], &[other, ca][..], &[ca, ca][..]] {
             let e = pinned_ca(served, &pin).unwrap_err().to_string();
-            assert!(e.contains("served 2 certificates") && e.contains("exactly one"), "{e}");
+            assert!(
+                e.contains("served 2 certificates") && e.contains("exactly one"),
+                "{e}"
+            );
         }
         let e = pinned_ca(&[], &pin).unwrap_err().to_string();
         assert!(e.contains("served 0 certificates"), "{e}");
