@@ -322,7 +322,7 @@ impl Cluster {
     /// Finds the objects labelled as belonging to `bundle`, among the given kinds
     /// (apiVersion, kind). Kinds the cluster does not serve are skipped. A kind
     /// the agent may not list cluster-wide (RBAC limited to an allow-list of
-    /// namespaces, `deploy/agent/namespaced`) is listed in each of `namespaces`
+    /// namespaces, `deploy/agent-namespaced`) is listed in each of `namespaces`
     /// instead; where it may not list at all, it cannot have applied either.
     pub async fn list_owned(
         &mut self,
