@@ -123,15 +123,28 @@ pub struct Kind {
 /// cached, so a CRD applied later is picked up.
 pub struct Cluster {
     client: Client,
+    /// For the health watches (see `crate::watch_client`); by default `client`.
+    watch_client: Client,
     kinds: HashMap<(String, String), Kind>,
 }
 
 impl Cluster {
     pub fn new(client: Client) -> Self {
         Cluster {
+            watch_client: client.clone(),
             client,
             kinds: HashMap::new(),
         }
+    }
+
+    /// Watches use this client instead (one without the client's own retries).
+    pub fn with_watch_client(mut self, client: Client) -> Self {
+        self.watch_client = client;
+        self
+    }
+
+    pub fn watch_client(&self) -> Client {
+        self.watch_client.clone()
     }
 
     /// The API server's version, e.g. `v1.34.1`.

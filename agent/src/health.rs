@@ -204,6 +204,10 @@ pub struct Report {
 pub struct Book {
     bundles: BTreeMap<String, Tracked>,
     seen: HashMap<ObjectRef, Sighting>,
+    /// Watches that lost sight of the cluster (the API server has not answered
+    /// them for a while), with why: their objects' health is unknown until they
+    /// list again, so no bundle is shown healthy on a view that may be stale.
+    blind: HashMap<WatchKey, String>,
 }
 
 impl Book {
@@ -356,6 +360,25 @@ impl Book {
         out
     }
 
+    /// A watch lost sight of its objects (`Some(why)`), or listed them again
+    /// (`None`). Returns the bundle states that changed.
+    pub fn blinded(&mut self, key: &WatchKey, why: Option<String>) -> Vec<Report> {
+        let changed = match why {
+            Some(why) => self.blind.insert(key.clone(), why.clone()) != Some(why),
+            None => self.blind.remove(key).is_some(),
+        };
+        if !changed {
+            return Vec::new();
+        }
+        let holders: BTreeSet<String> = self
+            .bundles
+            .iter()
+            .filter(|(_, t)| t.objects.iter().any(|r| WatchKey::of(r) == *key))
+            .map(|(n, _)| n.clone())
+            .collect();
+        self.derive(|name| holders.contains(name))
+    }
+
     /// The watches the tracked bundles need.
     pub fn watch_keys(&self) -> BTreeSet<WatchKey> {
         self.bundles
@@ -399,6 +422,8 @@ impl Book {
             .flat_map(|t| t.objects.iter())
             .collect();
         self.seen.retain(|r, _| tracked.contains(r));
+        let keys: HashSet<WatchKey> = tracked.into_iter().map(WatchKey::of).collect();
+        self.blind.retain(|k, _| keys.contains(k));
     }
 
     /// Derives the state of the reporting bundles `which` selects; returns those
@@ -408,6 +433,19 @@ impl Book {
             status: HealthStatus::Unknown,
             message: "not observed yet".into(),
         };
+        let blind: HashMap<&WatchKey, Health> = self
+            .blind
+            .iter()
+            .map(|(k, why)| {
+                (
+                    k,
+                    Health {
+                        status: HealthStatus::Unknown,
+                        message: format!("health unknown: {why}"),
+                    },
+                )
+            })
+            .collect();
         let mut out = Vec::new();
         for (name, t) in self.bundles.iter_mut() {
             if !t.reporting || !which(name) {
@@ -421,11 +459,13 @@ impl Book {
                     format!("modified: {}", shown.join("; ")),
                 )
             } else {
-                bundle_health(
-                    t.objects
-                        .iter()
-                        .map(|r| (r, self.seen.get(r).map_or(&waiting, |s| &s.health))),
-                )
+                bundle_health(t.objects.iter().map(|r| {
+                    let health = blind
+                        .get(&WatchKey::of(r))
+                        .or_else(|| self.seen.get(r).map(|s| &s.health))
+                        .unwrap_or(&waiting);
+                    (r, health)
+                }))
             };
             let now = Some((state, message.clone()));
             if t.last != now {
@@ -460,6 +500,9 @@ pub enum Seen {
     Deleted { name: String, last: Value },
     /// A re-list finished with these names: the others tracked under the key are gone.
     Listed(HashSet<String>),
+    /// The watch has failed for [`WATCH_LOST_AFTER`] (why), or (`None`) it
+    /// listed its objects again.
+    Blind(Option<String>),
 }
 
 /// A drift to correct by re-applying the object, off the book's lock.
@@ -713,6 +756,10 @@ async fn sighted(
                     .observe_live(key.object(&name), Sighting::gone(&last), None)
             }
             Seen::Listed(names) => g.book.relisted(key, &names),
+            Seen::Blind(why) => Outcome {
+                reports: g.book.blinded(key, why),
+                findings: Vec::new(),
+            },
         };
         let now = g.clock.now_unix_ms();
         let (entries, corrections) = g.act(outcome, now);
@@ -731,9 +778,78 @@ async fn sighted(
     true
 }
 
+/// A watch that has failed for this long without a success has lost sight of its
+/// objects: their health becomes unknown (the bundle is not shown `Ready` on a
+/// view that may be stale). Long enough that a watch's ordinary reconnect (a
+/// timed-out watch, a 410 re-list) never counts; short next to an outage.
+pub const WATCH_LOST_AFTER: std::time::Duration = std::time::Duration::from_secs(10);
+/// Watch retries back off from this...
+const WATCH_BACKOFF_MIN: std::time::Duration = std::time::Duration::from_millis(500);
+/// ...doubling up to this (kube's default climbs to 30 s, so a watch lost in a
+/// minute-long API-server outage took up to half a minute to resume after it):
+/// one request per watch every few seconds is little for an API server that is
+/// coming back, and health is known again within seconds of it.
+const WATCH_BACKOFF_MAX: std::time::Duration = std::time::Duration::from_secs(8);
+/// Errors this far apart start the backoff from its minimum again.
+const WATCH_BACKOFF_RESET: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// The watches' retry delays: doubling from [`WATCH_BACKOFF_MIN`] to
+/// [`WATCH_BACKOFF_MAX`], each drawn between half and all of it so the watches of
+/// one agent do not retry in step.
+struct WatchBackoff {
+    next: std::time::Duration,
+}
+
+impl Iterator for WatchBackoff {
+    type Item = std::time::Duration;
+
+    fn next(&mut self) -> Option<std::time::Duration> {
+        let d = self.next;
+        self.next = (d * 2).min(WATCH_BACKOFF_MAX);
+        Some(d.mul_f64(0.5 + 0.5 * rand::random::<f64>()))
+    }
+}
+
+impl kube::runtime::utils::Backoff for WatchBackoff {
+    fn reset(&mut self) {
+        self.next = WATCH_BACKOFF_MIN;
+    }
+}
+
+fn watch_backoff() -> kube::runtime::utils::ResetTimerBackoff<WatchBackoff> {
+    kube::runtime::utils::ResetTimerBackoff::new(
+        WatchBackoff {
+            next: WATCH_BACKOFF_MIN,
+        },
+        WATCH_BACKOFF_RESET,
+    )
+}
+
+/// Why a watch lost sight, as the bundle's message shows it (bounded: an API
+/// server's error body can be long).
+fn lost_reason(kind: &str, error: &watcher::Error) -> String {
+    const MAX: usize = 200;
+    let mut e = error.to_string();
+    if e.len() > MAX {
+        let mut cut = MAX;
+        while !e.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        e.truncate(cut);
+        e.push('…');
+    }
+    format!(
+        "the watch of {kind} has failed for over {}s ({e})",
+        WATCH_LOST_AFTER.as_secs()
+    )
+}
+
 /// Follows one kind in one namespace until aborted (or the tracker is gone),
 /// feeding what it sees to the book. Only objects with the bundle label are
-/// listed; the watcher re-lists and backs off by itself after errors.
+/// listed; the watcher re-lists and backs off by itself after errors. A watch
+/// failing for [`WATCH_LOST_AFTER`] tells the book it lost sight, and starts over
+/// with a fresh list: the list's end is what proves it sees the cluster again (a
+/// resumed watch may stay silent for hours).
 async fn run_watch(
     tracker: Weak<Mutex<Inner>>,
     writer: Writer,
@@ -741,11 +857,18 @@ async fn run_watch(
     api: Api<DynamicObject>,
 ) {
     let config = watcher::Config::default().labels(BUNDLE_LABEL);
-    let mut events = watcher(api, config).default_backoff().boxed();
+    let start = || {
+        watcher(api.clone(), config.clone())
+            .backoff(watch_backoff())
+            .boxed()
+    };
+    let mut events = start();
     let mut listing: Option<HashSet<String>> = None;
     // The first list may miss objects applied while it ran (they follow as
     // events), so only later re-lists, after a lost watch, can tell deletions.
     let mut first_list = true;
+    let mut failing_since: Option<tokio::time::Instant> = None;
+    let mut blind = false;
     while let Some(event) = events.next().await {
         let with_kind = |o: DynamicObject| -> (String, Value) {
             let name = o.metadata.name.clone().unwrap_or_default();
@@ -757,6 +880,9 @@ async fn run_watch(
             }
             (name, v)
         };
+        if event.is_ok() {
+            failing_since = None;
+        }
         let seen = match event {
             Ok(Event::Apply(o)) | Ok(Event::InitApply(o)) => {
                 let (name, live) = with_kind(o);
@@ -780,15 +906,35 @@ async fn run_watch(
             }
             Ok(Event::InitDone) => {
                 let names = listing.take().unwrap_or_default();
-                if std::mem::replace(&mut first_list, false) {
+                if std::mem::replace(&mut first_list, false) && !blind {
                     continue;
                 }
-                Seen::Listed(names)
+                if !sighted(&tracker, &writer, &key, Seen::Listed(names)).await {
+                    return;
+                }
+                if std::mem::replace(&mut blind, false) {
+                    info!(kind = %key.kind, namespace = ?key.namespace,
+                        "health watch sees the cluster again");
+                    Seen::Blind(None)
+                } else {
+                    continue;
+                }
             }
             Err(e) => {
                 warn!(kind = %key.kind, namespace = ?key.namespace, error = %e,
                     "health watch failed; retrying");
-                continue;
+                let now = tokio::time::Instant::now();
+                let since = *failing_since.get_or_insert(now);
+                if blind || now.duration_since(since) < WATCH_LOST_AFTER {
+                    continue;
+                }
+                blind = true;
+                // Start over: the next list's end says the watch sees again.
+                events = start();
+                listing = None;
+                warn!(kind = %key.kind, namespace = ?key.namespace,
+                    "health watch lost sight of the cluster: health unknown until it lists again");
+                Seen::Blind(Some(lost_reason(&key.kind, &e)))
             }
         };
         if !sighted(&tracker, &writer, &key, seen).await {
@@ -853,6 +999,46 @@ mod tests {
         // It degrades later.
         let r = book.observe(deploy("web"), seen("u1", 20, 1));
         assert_eq!(r[0].state, BundleState::NotReady);
+    }
+
+    /// A watch that lost sight of the cluster makes its objects' health unknown:
+    /// a Ready bundle is not shown Ready on a view that may be stale, and is again
+    /// once the watch has listed.
+    #[test]
+    fn a_blind_watch_makes_health_unknown_until_it_sees_again() {
+        let mut book = Book::default();
+        let b = bundle("web");
+        let r = book
+            .applied(&b, vec![(deploy("web"), Some(seen("u1", 10, 2)))])
+            .unwrap();
+        assert_eq!(r.state, BundleState::Ready);
+        let key = WatchKey::of(&deploy("web"));
+        let r = book.blinded(&key, Some("the API server answers 500".into()));
+        assert_eq!(r.len(), 1);
+        assert_eq!(r[0].state, BundleState::NotReady);
+        assert!(
+            r[0].message
+                .contains("health unknown: the API server answers 500"),
+            "{}",
+            r[0].message
+        );
+        // The same news again is not a change; sightings do not lift it.
+        assert!(book
+            .blinded(&key, Some("the API server answers 500".into()))
+            .is_empty());
+        assert!(book.observe(deploy("web"), seen("u1", 11, 2)).is_empty());
+        // Another watch's loss says nothing of this bundle.
+        let other = WatchKey {
+            namespace: Some("elsewhere".into()),
+            ..key.clone()
+        };
+        assert!(book.blinded(&other, Some("x".into())).is_empty());
+        let r = book.blinded(&key, None);
+        assert_eq!(
+            (r[0].state, r[0].message.as_str()),
+            (BundleState::Ready, "")
+        );
+        assert!(book.blinded(&key, None).is_empty());
     }
 
     #[test]

@@ -60,7 +60,21 @@ impl std::fmt::Debug for Config {
 
 /// A Kubernetes client from the kubeconfig, or in-cluster configuration.
 pub async fn kube_client(kubeconfig: Option<&std::path::Path>) -> Result<kube::Client> {
-    let config = match kubeconfig {
+    kube::Client::try_from(kube_config(kubeconfig).await?).map_err(|e| Error::Kube(e.to_string()))
+}
+
+/// The client the health watches use: the same cluster, without the client's own
+/// retries of 429/503/504 (up to 15, honouring Retry-After), so that a failing API
+/// server reaches the watch at once; the watch backs off by itself and notices
+/// when it has lost sight of the cluster (`health::WATCH_LOST_AFTER`).
+pub async fn watch_client(kubeconfig: Option<&std::path::Path>) -> Result<kube::Client> {
+    let mut config = kube_config(kubeconfig).await?;
+    config.default_retry = false;
+    kube::Client::try_from(config).map_err(|e| Error::Kube(e.to_string()))
+}
+
+async fn kube_config(kubeconfig: Option<&std::path::Path>) -> Result<kube::Config> {
+    Ok(match kubeconfig {
         Some(path) => {
             let kc = kube::config::Kubeconfig::read_from(path)
                 .map_err(|e| Error::Kube(format!("{}: {e}", path.display())))?;
@@ -71,8 +85,7 @@ pub async fn kube_client(kubeconfig: Option<&std::path::Path>) -> Result<kube::C
         None => kube::Config::infer()
             .await
             .map_err(|e| Error::Kube(format!("no cluster configuration: {e}")))?,
-    };
-    kube::Client::try_from(config).map_err(|e| Error::Kube(e.to_string()))
+    })
 }
 
 /// Enrols on first start (retrying while the hub is unreachable), or reads the
@@ -131,6 +144,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send) -> R
     };
     let tls = transport::mutual_config(&id.ca_pem, &id.cert_pem, &id.key_pem)?;
     let kube = kube_client(config.kubeconfig.as_deref()).await?;
+    let watch_kube = watch_client(config.kubeconfig.as_deref()).await?;
     let clock = clock::system();
     // Opening waits for sled's lock and reads its log: off the async threads.
     let state_dir = config.state_dir.clone();
@@ -141,8 +155,11 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send) -> R
     let (writer, status_rx) = writer::Writer::spawn(store)?;
 
     let wake = Arc::new(Notify::new());
-    let reconciler =
-        reconcile::Reconciler::new(writer.clone(), apply::Cluster::new(kube.clone()), clock);
+    let reconciler = reconcile::Reconciler::new(
+        writer.clone(),
+        apply::Cluster::new(kube.clone()).with_watch_client(watch_kube),
+        clock,
+    );
     let sessions = session::Sessions {
         hub,
         tls,

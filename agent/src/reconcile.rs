@@ -54,7 +54,7 @@ pub struct Reconciler {
 impl Reconciler {
     /// Reads and writes the store through `writer`, stamps statuses with `clock`.
     pub fn new(writer: Writer, cluster: Cluster, clock: SharedClock) -> Self {
-        let health = Tracker::new(writer.clone(), cluster.client(), clock);
+        let health = Tracker::new(writer.clone(), cluster.watch_client(), clock);
         Reconciler {
             writer,
             cluster,

@@ -230,6 +230,16 @@ impl Sessions {
     }
 
     async fn on_desired(&self, tx: &mpsc::Sender<AgentMessage>, d: &Desired) -> Result<()> {
+        if !d.complete {
+            // Pruning by an incomplete set would remove what Git still has:
+            // keep the stored set, and do not acknowledge this one.
+            warn!(
+                generation = d.generation,
+                bundles = d.bundles.len(),
+                "refusing a desired set the hub did not mark complete"
+            );
+            return Ok(());
+        }
         let (set, contents) = desired_set(d);
         self.writer.save_desired(set.clone(), contents).await?;
         let wanted = set.bundles.clone();
@@ -350,6 +360,7 @@ mod tests {
     fn desired_converts() {
         let d = Desired {
             generation: 4,
+            complete: true,
             bundles: vec![BundleRef {
                 name: "a".into(),
                 content_hash: "h".into(),

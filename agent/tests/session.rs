@@ -61,7 +61,8 @@ impl AsyncWrite for Tls {
 
 struct FakeHub {
     events: mpsc::UnboundedSender<AgentMessage>,
-    desired: Desired,
+    /// Sent in order after Hello.
+    desired: Vec<Desired>,
 }
 
 type HubStream = Pin<Box<dyn Stream<Item = Result<HubMessage, Status>> + Send>>;
@@ -80,15 +81,17 @@ impl Fleet for FakeHub {
         let desired = self.desired.clone();
         tokio::spawn(async move {
             while let Ok(Some(m)) = inbound.message().await {
-                let reply = match &m.msg {
-                    Some(AgentMsg::Hello(_)) => Some(HubMsg::Desired(desired.clone())),
-                    Some(AgentMsg::Status(s)) => Some(HubMsg::StatusAck(StatusAck { seq: s.seq })),
-                    _ => None,
+                let replies = match &m.msg {
+                    Some(AgentMsg::Hello(_)) => {
+                        desired.iter().cloned().map(HubMsg::Desired).collect()
+                    }
+                    Some(AgentMsg::Status(s)) => vec![HubMsg::StatusAck(StatusAck { seq: s.seq })],
+                    _ => vec![],
                 };
                 let _ = events.send(m);
-                if let Some(r) = reply {
+                for r in replies {
                     if tx.send(Ok(HubMessage { msg: Some(r) })).await.is_err() {
-                        break;
+                        return;
                     }
                 }
             }
@@ -186,6 +189,7 @@ async fn session_stores_before_ack_and_sends_statuses() {
     };
     let desired = Desired {
         generation: 7,
+        complete: true,
         bundles: vec![BundleRef {
             name: "web".into(),
             content_hash: "h1".into(),
@@ -198,7 +202,7 @@ async fn session_stores_before_ack_and_sends_statuses() {
         &pki,
         FakeHub {
             events: events_tx.clone(),
-            desired,
+            desired: vec![desired],
         },
     )
     .await;
@@ -266,6 +270,79 @@ async fn session_stores_before_ack_and_sends_statuses() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 
+    let _ = shut_tx.send(true);
+    tokio::time::timeout(Duration::from_secs(5), agent)
+        .await
+        .expect("the session stops on shutdown")
+        .unwrap();
+    stop.send_replace(true);
+}
+
+/// A set the hub did not mark complete (an older or buggy hub, or one that has
+/// not loaded its sources) is neither stored nor acknowledged: the agent keeps
+/// what it holds and prunes nothing. Old agents stored and acked it, and pruned.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_incomplete_desired_set_is_refused() {
+    let pki = pki();
+    let bundle = |hash: &str| BundleRef {
+        name: "web".into(),
+        content_hash: hash.into(),
+        revision: "c1".into(),
+    };
+    let content = BundleContent {
+        content_hash: "h1".into(),
+        ..Default::default()
+    };
+    let empty_incomplete = Desired {
+        generation: 7,
+        complete: false,
+        bundles: vec![],
+        contents: vec![],
+    };
+    let complete = Desired {
+        generation: 8,
+        complete: true,
+        bundles: vec![bundle("h1")],
+        contents: vec![content],
+    };
+    let (events_tx, mut events) = mpsc::unbounded_channel();
+    let (port, stop) = serve(
+        &pki,
+        FakeHub {
+            events: events_tx.clone(),
+            desired: vec![empty_incomplete, complete],
+        },
+    )
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), 1).unwrap();
+    let kube =
+        kube::Client::try_from(kube::Config::new("http://127.0.0.1:9".parse().unwrap())).unwrap();
+    let (writer, status_rx) = Writer::spawn(store.clone()).unwrap();
+    let sessions = Sessions {
+        hub: transport::parse_hub(&format!("https://localhost:{port}")).unwrap(),
+        tls: transport::mutual_config(&pki.ca_pem, &pki.client.0, &pki.client.1).unwrap(),
+        cluster_name: "c1".into(),
+        writer,
+        kube,
+        reconcile: Arc::new(Notify::new()),
+        statuses: status_rx,
+    };
+    let (shut_tx, shut_rx) = watch::channel(false);
+    let agent = tokio::spawn(sessions.run(shut_rx));
+    let AgentMsg::Hello(_) = next(&mut events).await else {
+        panic!("Hello first")
+    };
+    // The stream is ordered: had the agent taken generation 7, its ack would come first.
+    let AgentMsg::Ack(ack) = next(&mut events).await else {
+        panic!("an ack")
+    };
+    assert_eq!(ack.generation, 8, "the incomplete set was acknowledged");
+    let stored = store
+        .desired()
+        .unwrap()
+        .expect("the complete set is stored");
+    assert_eq!(stored.generation, 8);
     let _ = shut_tx.send(true);
     tokio::time::timeout(Duration::from_secs(5), agent)
         .await

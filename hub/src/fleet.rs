@@ -18,7 +18,10 @@ use flotilla_shared::targeting::{ClusterInfo, GroupInfo};
 use serde::Serialize;
 use tokio::sync::watch;
 
-use crate::store::{ClusterRecord, GroupRecord, SourceRecord, StatusRecord, Store, StoreError};
+use crate::store::{
+    ClusterRecord, GroupRecord, SnapshotBundle, SnapshotRecord, SourceRecord, StatusRecord, Store,
+    StoreError,
+};
 
 /// One bundle of a snapshot, rendered (or not): the default content, and the
 /// content of each target customisation (its `good`/`render_error` are filled in
@@ -35,7 +38,7 @@ pub struct RenderedBundle {
     pub labels: Labels,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 struct BundleEntry {
     path: String,
     /// Last good content: (hash, commit).
@@ -56,6 +59,45 @@ struct SourceState {
     /// Failed fetches since the last good one (the poller backs off by it).
     consecutive_failures: u32,
     bundles: BTreeMap<String, BundleEntry>,
+    /// The hub knows what this source serves: its last snapshot was restored
+    /// from the store, fetched since, or it never had one. Until every source
+    /// is loaded no desired set is sent (it could leave out bundles Git has).
+    loaded: bool,
+}
+
+impl SourceState {
+    fn new(spec: GitSourceSpec, loaded: bool) -> SourceState {
+        SourceState {
+            spec,
+            commit: None,
+            last_fetched_ms: None,
+            last_error: None,
+            consecutive_failures: 0,
+            bundles: BTreeMap::new(),
+            loaded,
+        }
+    }
+
+    fn snapshot_record(&self, source: &str) -> SnapshotRecord {
+        SnapshotRecord {
+            source: source.to_string(),
+            commit: self.commit.clone(),
+            fetched_ms: self.last_fetched_ms,
+            bundles: self
+                .bundles
+                .iter()
+                .map(|(name, b)| SnapshotBundle {
+                    name: name.clone(),
+                    path: b.path.clone(),
+                    good: b.good.clone(),
+                    render_error: b.render_error.clone(),
+                    customizations: b.customizations.clone(),
+                    depends_on: b.depends_on.clone(),
+                    labels: b.labels.clone(),
+                })
+                .collect(),
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -102,6 +144,9 @@ pub struct Fleet {
     state: Mutex<State>,
     store: Arc<dyn Store>,
     changed: watch::Sender<u64>,
+    /// Serialises snapshot commits (store writes, flush, content collection)
+    /// without holding the state lock while the store works.
+    snapshots: Mutex<()>,
     /// Drift events refused since start: about bundles not assigned to the
     /// reporting cluster.
     drift_refused: std::sync::atomic::AtomicU64,
@@ -232,7 +277,8 @@ impl State {
         }
     }
 
-    fn gc_contents(&mut self) {
+    /// Drops contents no bundle refers to; returns their hashes.
+    fn gc_contents(&mut self) -> Vec<String> {
         let live: BTreeSet<String> = self
             .sources
             .values()
@@ -243,7 +289,16 @@ impl State {
                     .filter_map(|g| g.as_ref().map(|(h, _)| h.clone()))
             })
             .collect();
-        self.contents.retain(|h, _| live.contains(h));
+        let dead: Vec<String> = self
+            .contents
+            .keys()
+            .filter(|h| !live.contains(*h))
+            .cloned()
+            .collect();
+        for h in &dead {
+            self.contents.remove(h);
+        }
+        dead
     }
 }
 
@@ -357,24 +412,74 @@ pub struct BundleView {
 pub struct DesiredSet {
     /// (bundle, content hash, revision), sorted by bundle.
     pub bundles: Vec<(String, String, String)>,
+    /// Every source is loaded: the set leaves out nothing Git has. An
+    /// incomplete set is never sent.
+    pub complete: bool,
 }
 
 impl Fleet {
     /// Loads the fleet from the store.
     pub fn load(store: Arc<dyn Store>) -> Result<Arc<Fleet>, StoreError> {
         let mut state = State::default();
+        let mut snapshots: HashMap<String, SnapshotRecord> = store
+            .list_snapshots()?
+            .into_iter()
+            .map(|s| (s.source.clone(), s))
+            .collect();
         for s in store.list_sources()? {
-            state.sources.insert(
-                s.name.clone(),
-                SourceState {
-                    spec: s.spec,
-                    commit: None,
-                    last_fetched_ms: None,
-                    last_error: None,
-                    consecutive_failures: 0,
-                    bundles: BTreeMap::new(),
+            let mut source = SourceState::new(s.spec, false);
+            match snapshots.remove(&s.name) {
+                Some(snap) => match restore(&*store, &snap, &mut state.contents) {
+                    Ok(()) => {
+                        source.commit = snap.commit;
+                        source.last_fetched_ms = snap.fetched_ms;
+                        source.bundles = snap
+                            .bundles
+                            .into_iter()
+                            .map(|b| {
+                                (
+                                    b.name,
+                                    BundleEntry {
+                                        path: b.path,
+                                        good: b.good,
+                                        render_error: b.render_error,
+                                        customizations: b.customizations,
+                                        depends_on: b.depends_on,
+                                        labels: b.labels,
+                                    },
+                                )
+                            })
+                            .collect();
+                        source.loaded = true;
+                        tracing::info!(
+                            source = %s.name,
+                            commit = source.commit.as_deref().unwrap_or("none"),
+                            bundles = source.bundles.len(),
+                            "snapshot restored"
+                        );
+                    }
+                    Err(error) => tracing::error!(
+                        source = %s.name,
+                        %error,
+                        "stored snapshot unreadable: holding every desired set until the source is fetched"
+                    ),
                 },
-            );
+                None => tracing::warn!(
+                    source = %s.name,
+                    "no stored snapshot (a store from before snapshots were kept): \
+                     holding every desired set until the source is fetched"
+                ),
+            }
+            state.sources.insert(s.name.clone(), source);
+        }
+        // Snapshots of deleted sources, and contents nothing refers to.
+        for gone in snapshots.keys() {
+            store.delete_snapshot(gone)?;
+        }
+        for hash in store.content_hashes()? {
+            if !state.contents.contains_key(&hash) {
+                store.delete_content(&hash)?;
+            }
         }
         for g in store.list_groups()? {
             state.groups.insert(g.name.clone(), g);
@@ -405,6 +510,7 @@ impl Fleet {
             state: Mutex::new(state),
             store,
             changed,
+            snapshots: Mutex::new(()),
         }))
     }
 
@@ -454,17 +560,11 @@ impl Fleet {
         match st.sources.get_mut(name) {
             Some(s) => s.spec = spec,
             None => {
-                st.sources.insert(
-                    name.to_string(),
-                    SourceState {
-                        spec,
-                        commit: None,
-                        last_fetched_ms: None,
-                        last_error: None,
-                        consecutive_failures: 0,
-                        bundles: BTreeMap::new(),
-                    },
-                );
+                // New: nothing of it was ever served, so it is loaded (empty),
+                // and stays so across a restart before its first fetch.
+                let source = SourceState::new(spec, true);
+                self.store.put_snapshot(&source.snapshot_record(name))?;
+                st.sources.insert(name.to_string(), source);
             }
         }
         st.bump(&self.changed);
@@ -477,7 +577,10 @@ impl Fleet {
             return Ok(false);
         }
         self.store.delete_source(name)?;
-        st.gc_contents();
+        self.store.delete_snapshot(name)?;
+        for hash in st.gc_contents() {
+            self.store.delete_content(&hash)?;
+        }
         st.bump(&self.changed);
         Ok(true)
     }
@@ -507,71 +610,124 @@ impl Fleet {
 
     /// Records a new snapshot of a source. Bundles that failed to render keep their
     /// last good content; bundles no longer in the tree go away (agents prune).
-    /// Returns false if the source no longer exists.
+    /// The snapshot and its contents are stored and flushed before any session
+    /// sees them, so a restarted hub serves what it served. Returns false if
+    /// the source no longer exists. Blocking: call it off the async threads.
     pub fn set_snapshot(
         &self,
         source: &str,
         commit: &str,
         bundles: Vec<RenderedBundle>,
         now_ms: u64,
-    ) -> bool {
-        let mut st = self.lock();
-        let st = &mut *st;
-        let Some(src) = st.sources.get_mut(source) else {
-            return false;
+    ) -> Result<bool, FleetError> {
+        let _one = self.snapshots.lock().unwrap_or_else(|p| p.into_inner());
+        // Hash and store the contents first, without the state lock.
+        let mut fresh: HashMap<String, Arc<Rendered>> = HashMap::new();
+        let mut settled = Vec::with_capacity(bundles.len());
+        let mut settle = |result: Result<Rendered, RenderError>| match result {
+            Ok(rendered) => {
+                let hash = rendered.content_hash();
+                fresh
+                    .entry(hash.clone())
+                    .or_insert_with(|| Arc::new(rendered));
+                Ok(hash)
+            }
+            Err(e) => Err(e.to_string()),
         };
-        let mut next = BTreeMap::new();
         for b in bundles {
-            let previous = src.bundles.get(&b.name);
-            let contents = &mut st.contents;
-            // A failed render keeps the last good content of the same variant.
-            let mut settle =
-                |result: Result<Rendered, RenderError>, previous_good: Option<(String, String)>| {
-                    match result {
-                        Ok(rendered) => {
-                            let hash = rendered.content_hash();
-                            contents
-                                .entry(hash.clone())
-                                .or_insert_with(|| Arc::new(rendered));
-                            (Some((hash, commit.to_string())), None)
-                        }
-                        Err(e) => (previous_good, Some(e.to_string())),
-                    }
-                };
-            let (good, render_error) = settle(b.result, previous.and_then(|e| e.good.clone()));
-            let customizations = b
+            let result = settle(b.result);
+            let customizations: Vec<_> = b
                 .customizations
                 .into_iter()
-                .map(|(info, result)| {
-                    let previous_good = previous
-                        .and_then(|e| e.customizations.iter().find(|c| c.name == info.name))
-                        .and_then(|c| c.good.clone());
-                    let (good, render_error) = settle(result, previous_good);
-                    CustomizationInfo {
+                .map(|(info, r)| (info, settle(r)))
+                .collect();
+            settled.push((
+                b.name,
+                b.path,
+                result,
+                customizations,
+                b.depends_on,
+                b.labels,
+            ));
+        }
+        for (hash, content) in &fresh {
+            self.store.put_content(hash, content)?;
+        }
+        // The next state of the source, from its current one.
+        let next = {
+            let st = self.lock();
+            let Some(src) = st.sources.get(source) else {
+                return Ok(false);
+            };
+            let keep = |r: Result<String, String>, previous: Option<(String, String)>| match r {
+                Ok(hash) => (Some((hash, commit.to_string())), None),
+                Err(e) => (previous, Some(e)),
+            };
+            let mut next = src.clone();
+            next.bundles = settled
+                .into_iter()
+                .map(|(name, path, result, customizations, depends_on, labels)| {
+                    let previous = src.bundles.get(&name);
+                    let (good, render_error) = keep(result, previous.and_then(|e| e.good.clone()));
+                    let customizations = customizations
+                        .into_iter()
+                        .map(|(info, r)| {
+                            let previous_good = previous
+                                .and_then(|e| e.customizations.iter().find(|c| c.name == info.name))
+                                .and_then(|c| c.good.clone());
+                            let (good, render_error) = keep(r, previous_good);
+                            CustomizationInfo {
+                                good,
+                                render_error,
+                                ..info
+                            }
+                        })
+                        .collect();
+                    let entry = BundleEntry {
+                        path,
                         good,
                         render_error,
-                        ..info
-                    }
+                        customizations,
+                        depends_on,
+                        labels,
+                    };
+                    (name, entry)
                 })
                 .collect();
-            let entry = BundleEntry {
-                path: b.path,
-                good,
-                render_error,
-                customizations,
-                depends_on: b.depends_on,
-                labels: b.labels,
+            next.commit = Some(commit.to_string());
+            next.last_fetched_ms = Some(now_ms);
+            next.last_error = None;
+            next.consecutive_failures = 0;
+            next.loaded = true;
+            next
+        };
+        self.store.put_snapshot(&next.snapshot_record(source))?;
+        self.store.flush()?;
+        let dead = {
+            let mut st = self.lock();
+            let st = &mut *st;
+            let Some(src) = st.sources.get_mut(source) else {
+                return Ok(false);
             };
-            next.insert(b.name, entry);
+            let changed = src.bundles != next.bundles || !src.loaded;
+            // Fetch state may have moved meanwhile (set_fetched); the snapshot wins.
+            *src = SourceState {
+                spec: src.spec.clone(),
+                ..next
+            };
+            for (hash, content) in fresh {
+                st.contents.entry(hash).or_insert(content);
+            }
+            let dead = st.gc_contents();
+            if changed {
+                st.bump(&self.changed);
+            }
+            dead
+        };
+        for hash in dead {
+            self.store.delete_content(&hash)?;
         }
-        src.bundles = next;
-        src.commit = Some(commit.to_string());
-        src.last_fetched_ms = Some(now_ms);
-        src.last_error = None;
-        src.consecutive_failures = 0;
-        st.gc_contents();
-        st.bump(&self.changed);
-        true
+        Ok(true)
     }
 
     /// The commit of the source's current snapshot.
@@ -710,6 +866,7 @@ impl Fleet {
         let c = st.clusters.get(name)?;
         Some(DesiredSet {
             bundles: assign::sendable(&st.assignments(&c.record), |b| st.held(&c.record, b)),
+            complete: st.sources.values().all(|s| s.loaded),
         })
     }
 
@@ -759,11 +916,13 @@ impl Fleet {
     }
 
     /// Whether `bundle` is assigned to `cluster` now: an agent speaks only for
-    /// what it was given.
+    /// what it was given. While a source is not loaded, its bundles' assignments
+    /// are unknown: a report is kept rather than lost (it was acknowledged).
     fn assigned(st: &State, cluster: &str, bundle: &str) -> bool {
-        st.clusters
-            .get(cluster)
-            .is_some_and(|c| st.assignments(&c.record).iter().any(|a| a.bundle == bundle))
+        let loading = st.sources.values().any(|s| !s.loaded);
+        st.clusters.get(cluster).is_some_and(|c| {
+            loading || st.assignments(&c.record).iter().any(|a| a.bundle == bundle)
+        })
     }
 
     /// Drift events refused so far (bundles not assigned to their cluster).
@@ -943,5 +1102,216 @@ fn source_view(name: &str, s: &SourceState) -> SourceView {
         last_error: s.last_error.clone(),
         consecutive_failures: s.consecutive_failures,
         bundles: s.bundles.keys().cloned().collect(),
+    }
+}
+
+/// Reads a stored snapshot's contents into `contents`; an error if any is missing
+/// or does not match its hash (the source is then not loaded).
+fn restore(
+    store: &dyn Store,
+    snap: &SnapshotRecord,
+    contents: &mut HashMap<String, Arc<Rendered>>,
+) -> Result<(), StoreError> {
+    let mut got = Vec::new();
+    for hash in snap.hashes() {
+        if contents.contains_key(hash) {
+            continue;
+        }
+        match store.get_content(hash)? {
+            Some(r) => got.push((hash.to_string(), Arc::new(r))),
+            None => {
+                return Err(StoreError::Corrupt {
+                    key: hash.to_string(),
+                    reason: "content of a stored snapshot is missing".into(),
+                })
+            }
+        }
+    }
+    contents.extend(got);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::SledStore;
+    use flotilla_shared::bundle::{BundleOptions, Manifest};
+
+    fn rendered(data: &str) -> Rendered {
+        Rendered {
+            manifests: vec![Manifest {
+                file: "cm.yaml".into(),
+                object: serde_json::json!({
+                    "apiVersion": "v1", "kind": "ConfigMap",
+                    "metadata": {"name": "cm"}, "data": {"v": data}
+                }),
+            }],
+            options: BundleOptions::default(),
+        }
+    }
+
+    fn bundle(name: &str, result: Result<Rendered, RenderError>) -> RenderedBundle {
+        RenderedBundle {
+            name: name.into(),
+            path: name.into(),
+            result,
+            customizations: vec![],
+            depends_on: vec![],
+            labels: Labels::new(),
+        }
+    }
+
+    fn open(dir: &std::path::Path) -> Arc<Fleet> {
+        Fleet::load(Arc::new(SledStore::open(dir).unwrap())).unwrap()
+    }
+
+    fn enrol(fleet: &Fleet, name: &str) {
+        assert!(fleet
+            .create_cluster(ClusterRecord {
+                name: name.into(),
+                ..Default::default()
+            })
+            .unwrap());
+    }
+
+    fn spec() -> GitSourceSpec {
+        GitSourceSpec {
+            repo: "https://example.invalid/r.git".into(),
+            ..Default::default()
+        }
+    }
+
+    /// A restarted hub serves exactly what it served, before any fetch, and a
+    /// render failing after the restart keeps the last good content.
+    #[test]
+    fn a_restarted_fleet_serves_its_last_snapshot() {
+        let dir = tempfile::tempdir().unwrap();
+        let before = {
+            let fleet = open(dir.path());
+            fleet.apply_source("s", spec()).unwrap();
+            enrol(&fleet, "c1");
+            let bundles = vec![
+                bundle("s-a", Ok(rendered("1"))),
+                bundle("s-b", Ok(rendered("2"))),
+            ];
+            assert!(fleet.set_snapshot("s", "c0ffee", bundles, 5).unwrap());
+            let d = fleet.desired("c1").unwrap();
+            assert!(d.complete);
+            assert_eq!(d.bundles.len(), 2);
+            d
+        };
+        let fleet = open(dir.path());
+        let after = fleet.desired("c1").unwrap();
+        assert_eq!(after, before, "the same set, before any fetch");
+        for (_, hash, _) in &after.bundles {
+            assert_eq!(fleet.content(hash).unwrap().content_hash(), *hash);
+        }
+        assert_eq!(fleet.source_commit("s").as_deref(), Some("c0ffee"));
+        // The renderer now fails for one bundle: it keeps its last good content.
+        let failing = vec![
+            bundle(
+                "s-a",
+                Err(RenderError {
+                    file: "fleet.yaml".into(),
+                    line: None,
+                    object: None,
+                    reason: "helm: broken".into(),
+                }),
+            ),
+            bundle("s-b", Ok(rendered("2"))),
+        ];
+        assert!(fleet.set_snapshot("s", "bad", failing, 6).unwrap());
+        let hashes = |d: DesiredSet| -> Vec<(String, String)> {
+            d.bundles.into_iter().map(|(b, h, _)| (b, h)).collect()
+        };
+        let after = fleet.desired("c1").unwrap();
+        assert_eq!(
+            after.bundles[0], before.bundles[0],
+            "s-a: last good, its commit"
+        );
+        assert_eq!(hashes(after.clone()), hashes(before.clone()));
+        drop(fleet);
+        let fleet = open(dir.path());
+        assert_eq!(fleet.desired("c1").unwrap(), after);
+        let view = fleet.source("s").unwrap();
+        assert_eq!(view.commit.as_deref(), Some("bad"));
+    }
+
+    /// A source the store knows without a snapshot (a store from before
+    /// snapshots, or a lost one) holds every desired set until it is fetched.
+    #[test]
+    fn an_unloaded_source_holds_every_desired_set() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let fleet = open(dir.path());
+            fleet.apply_source("s", spec()).unwrap();
+            fleet.apply_source("t", spec()).unwrap();
+            enrol(&fleet, "c1");
+            fleet
+                .set_snapshot("s", "c1", vec![bundle("s-a", Ok(rendered("1")))], 1)
+                .unwrap();
+            fleet.store().delete_snapshot("s").unwrap();
+            fleet.store().flush().unwrap();
+        }
+        let fleet = open(dir.path());
+        assert!(!fleet.desired("c1").unwrap().complete);
+        fleet
+            .set_snapshot("s", "c2", vec![bundle("s-a", Ok(rendered("1")))], 2)
+            .unwrap();
+        let d = fleet.desired("c1").unwrap();
+        assert!(
+            d.complete,
+            "a fetched source is loaded; a new, unfetched one is too"
+        );
+        assert_eq!(d.bundles.len(), 1);
+    }
+
+    /// A stored content that does not match its hash is not served: the source
+    /// is not loaded, and nothing is sent until it is fetched again.
+    #[test]
+    fn a_corrupt_content_is_not_served() {
+        let dir = tempfile::tempdir().unwrap();
+        let hash = {
+            let fleet = open(dir.path());
+            fleet.apply_source("s", spec()).unwrap();
+            enrol(&fleet, "c1");
+            fleet
+                .set_snapshot("s", "c1", vec![bundle("s-a", Ok(rendered("1")))], 1)
+                .unwrap();
+            let hash = fleet.desired("c1").unwrap().bundles[0].1.clone();
+            fleet.store().delete_content(&hash).unwrap();
+            fleet
+                .store()
+                .put_content(&hash, &rendered("tampered"))
+                .unwrap();
+            fleet.store().flush().unwrap();
+            hash
+        };
+        let fleet = open(dir.path());
+        assert!(fleet.content(&hash).is_none());
+        assert!(!fleet.desired("c1").unwrap().complete);
+    }
+
+    /// Contents are deduplicated by hash and collected with the last snapshot
+    /// that used them, in memory and in the store.
+    #[test]
+    fn contents_are_shared_and_collected() {
+        let dir = tempfile::tempdir().unwrap();
+        let fleet = open(dir.path());
+        fleet.apply_source("s", spec()).unwrap();
+        fleet.apply_source("t", spec()).unwrap();
+        fleet
+            .set_snapshot("s", "c1", vec![bundle("s-a", Ok(rendered("same")))], 1)
+            .unwrap();
+        fleet
+            .set_snapshot("t", "c1", vec![bundle("t-a", Ok(rendered("same")))], 1)
+            .unwrap();
+        assert_eq!(fleet.store().content_hashes().unwrap().len(), 1);
+        fleet
+            .set_snapshot("s", "c2", vec![bundle("s-a", Ok(rendered("new")))], 2)
+            .unwrap();
+        assert_eq!(fleet.store().content_hashes().unwrap().len(), 2);
+        fleet.delete_source("t").unwrap();
+        assert_eq!(fleet.store().content_hashes().unwrap().len(), 1);
     }
 }

@@ -495,6 +495,12 @@ impl Session {
         if sent.last.as_ref() == Some(&desired) {
             return Ok(());
         }
+        if !desired.complete {
+            // A source is not loaded yet: the set could leave out bundles Git
+            // has, and the agent would prune them. Hold it; a change wakes us.
+            tracing::debug!("holding the desired set until every source is loaded");
+            return Ok(());
+        }
         // Generations only grow, across sessions and hub restarts too: the agent
         // may compare them with what it persisted.
         sent.generation = (sent.generation + 1).max(crate::now_ms());
@@ -515,7 +521,11 @@ impl Session {
                     contents.push(flotilla_proto::bundle_content(hash, &rendered));
                     will_hold.insert(hash.clone());
                 }
-                None => tracing::warn!(%bundle, %hash, "content missing"),
+                None => {
+                    // Never send a set the agent cannot apply whole.
+                    tracing::warn!(%bundle, %hash, "content missing: holding the desired set");
+                    return Ok(());
+                }
             }
         }
         sent.held = will_hold;
@@ -531,6 +541,7 @@ impl Session {
                 })
                 .collect(),
             contents,
+            complete: true,
         };
         tracing::info!(
             generation = sent.generation,

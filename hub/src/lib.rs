@@ -230,9 +230,12 @@ impl Hub {
         )
         .await
         .map_err(|e| anyhow::anyhow!(e))?;
-        Ok(self
-            .fleet
-            .set_snapshot(source, &snapshot.commit, bundles, now_ms()))
+        let fleet = self.fleet.clone();
+        let source = source.to_string();
+        Ok(tokio::task::spawn_blocking(move || {
+            fleet.set_snapshot(&source, &snapshot.commit, bundles, now_ms())
+        })
+        .await??)
     }
 
     /// Serves agents on `agent_listener` and the API on `api_listener` until

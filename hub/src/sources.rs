@@ -355,7 +355,24 @@ async fn poll_loop(p: Poll, wake: Arc<Notify>, mut cancel: watch::Receiver<bool>
                             failed,
                             "new commit"
                         );
-                        fleet.set_snapshot(&name, &snapshot.commit, bundles, crate::now_ms());
+                        let (f, n, c) = (fleet.clone(), name.clone(), snapshot.commit.clone());
+                        let stored = tokio::task::spawn_blocking(move || {
+                            f.set_snapshot(&n, &c, bundles, crate::now_ms())
+                        })
+                        .await
+                        .map_err(|e| e.to_string())
+                        .and_then(|r| r.map_err(|e| e.to_string()));
+                        if let Err(error) = stored {
+                            // Not stored, not served: the last stored snapshot stays,
+                            // and the next fetch renders this commit again.
+                            tracing::error!(%error, "cannot store the snapshot");
+                            fleet.set_source_error(&name, format!("storing the snapshot: {error}"));
+                            failures += 1;
+                            if !pause(backoff(failures), &wake, &mut cancel).await {
+                                return;
+                            }
+                            continue;
+                        }
                     }
                     Err(error) => {
                         tracing::warn!(%error, commit = %snapshot.commit, "cannot render");

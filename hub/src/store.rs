@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
+use flotilla_shared::bundle::Rendered;
 use flotilla_shared::drift::DriftEvent;
 use flotilla_shared::labels::Labels;
 use flotilla_shared::objects::{ClusterGroupSpec, GitSourceSpec};
@@ -121,6 +122,47 @@ pub struct StatusRecord {
     pub observed_at_ms: i64,
 }
 
+/// The last snapshot of a source the hub served: its commit and, per bundle, the
+/// hashes of its last good contents (kept in the content tree, by hash). A
+/// restarted hub serves exactly this until a new fetch succeeds.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SnapshotRecord {
+    pub source: String,
+    /// `None` for a source created since the last start and not fetched yet:
+    /// nothing of it was ever served, so it is loaded, empty.
+    pub commit: Option<String>,
+    #[serde(default)]
+    pub fetched_ms: Option<u64>,
+    #[serde(default)]
+    pub bundles: Vec<SnapshotBundle>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SnapshotBundle {
+    pub name: String,
+    pub path: String,
+    /// Last good content: (hash, commit).
+    pub good: Option<(String, String)>,
+    pub render_error: Option<String>,
+    #[serde(default)]
+    pub customizations: Vec<flotilla_shared::assign::CustomizationInfo>,
+    #[serde(default)]
+    pub depends_on: Vec<flotilla_shared::depends::Dependency>,
+    #[serde(default)]
+    pub labels: Labels,
+}
+
+impl SnapshotRecord {
+    /// Every content hash the snapshot refers to.
+    pub fn hashes(&self) -> impl Iterator<Item = &str> {
+        self.bundles.iter().flat_map(|b| {
+            std::iter::once(&b.good)
+                .chain(b.customizations.iter().map(|c| &c.good))
+                .filter_map(|g| g.as_ref().map(|(h, _)| h.as_str()))
+        })
+    }
+}
+
 /// The fleet's drift history is bounded: beyond this many events the oldest are
 /// dropped (and counted), so a cluster fighting a controller cannot fill the disk.
 pub const MAX_DRIFT_EVENTS: usize = 10_000;
@@ -207,6 +249,16 @@ pub trait Store: Send + Sync + 'static {
     /// How many events were dropped from the history so far.
     fn drift_dropped(&self) -> Result<u64, StoreError>;
 
+    fn list_snapshots(&self) -> Result<Vec<SnapshotRecord>, StoreError>;
+    fn put_snapshot(&self, snapshot: &SnapshotRecord) -> Result<(), StoreError>;
+    fn delete_snapshot(&self, source: &str) -> Result<(), StoreError>;
+
+    /// Rendered contents by hash (content-addressed: a hash is written once).
+    fn content_hashes(&self) -> Result<Vec<String>, StoreError>;
+    fn get_content(&self, hash: &str) -> Result<Option<Rendered>, StoreError>;
+    fn put_content(&self, hash: &str, content: &Rendered) -> Result<(), StoreError>;
+    fn delete_content(&self, hash: &str) -> Result<(), StoreError>;
+
     /// Makes every write so far durable.
     fn flush(&self) -> Result<(), StoreError>;
 }
@@ -220,6 +272,8 @@ pub struct SledStore {
     clusters: sled::Tree,
     statuses: sled::Tree,
     secrets: sled::Tree,
+    snapshots: sled::Tree,
+    contents: sled::Tree,
     /// Drift records by hub id (big-endian).
     drift: sled::Tree,
     /// Per cluster, the highest agent event id stored; plus the id counter and
@@ -296,6 +350,8 @@ impl SledStore {
             clusters: db.open_tree("clusters")?,
             statuses: db.open_tree("statuses")?,
             secrets: db.open_tree("secrets")?,
+            snapshots: db.open_tree("snapshots")?,
+            contents: db.open_tree("contents")?,
             drift: db.open_tree("drift")?,
             drift_meta: db.open_tree("drift_meta")?,
             drift_by_cluster: db.open_tree("drift_by_cluster")?,
@@ -545,6 +601,58 @@ impl Store for SledStore {
         let gone = self.secrets.remove(name.as_bytes())?.is_some();
         self.secrets.flush()?;
         Ok(gone)
+    }
+
+    fn list_snapshots(&self) -> Result<Vec<SnapshotRecord>, StoreError> {
+        list(&self.snapshots)
+    }
+
+    fn put_snapshot(&self, snapshot: &SnapshotRecord) -> Result<(), StoreError> {
+        self.snapshots
+            .insert(snapshot.source.as_bytes(), encode(snapshot)?)?;
+        Ok(())
+    }
+
+    fn delete_snapshot(&self, source: &str) -> Result<(), StoreError> {
+        self.snapshots.remove(source.as_bytes())?;
+        Ok(())
+    }
+
+    fn content_hashes(&self) -> Result<Vec<String>, StoreError> {
+        self.contents
+            .iter()
+            .keys()
+            .map(|k| Ok(String::from_utf8_lossy(&k?).into_owned()))
+            .collect()
+    }
+
+    fn get_content(&self, hash: &str) -> Result<Option<Rendered>, StoreError> {
+        match self.contents.get(hash.as_bytes())? {
+            None => Ok(None),
+            Some(v) => {
+                let r: Rendered = decode(hash.as_bytes(), &v)?;
+                // Content-addressed: what comes back must be what was hashed.
+                if r.content_hash() != hash {
+                    return Err(StoreError::Corrupt {
+                        key: hash.to_string(),
+                        reason: "content does not match its hash".into(),
+                    });
+                }
+                Ok(Some(r))
+            }
+        }
+    }
+
+    fn put_content(&self, hash: &str, content: &Rendered) -> Result<(), StoreError> {
+        if !self.contents.contains_key(hash.as_bytes())? {
+            self.contents.insert(hash.as_bytes(), encode(content)?)?;
+        }
+        Ok(())
+    }
+
+    fn delete_content(&self, hash: &str) -> Result<(), StoreError> {
+        self.contents.remove(hash.as_bytes())?;
+        Ok(())
     }
 
     fn put_source(&self, source: &SourceRecord) -> Result<(), StoreError> {

@@ -30,7 +30,7 @@ pub struct BundleInfo {
 }
 
 /// One target customisation of a bundle and how it rendered.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct CustomizationInfo {
     pub name: String,
     pub target: Target,
@@ -127,7 +127,9 @@ pub fn assignments(
 /// (name, content hash, revision). A bundle waiting for its dependencies is not
 /// sent, or, if the agent already holds some content of it (`held`: the hash and
 /// revision it last acknowledged), stays at that content: waiting never removes
-/// what runs.
+/// what runs. So does a bundle whose variant for this cluster has no good content
+/// (it never rendered: a new customisation or Kubernetes-version twin whose first
+/// render failed): the agent keeps what it runs until the variant renders.
 pub fn sendable(
     assignments: &[Assignment],
     held: impl Fn(&str) -> Option<(String, String)>,
@@ -135,12 +137,14 @@ pub fn sendable(
     assignments
         .iter()
         .filter_map(|a| {
+            let keep = || held(&a.bundle).map(|(h, r)| (a.bundle.clone(), h, r));
             if !a.waiting_for.is_empty() {
-                return held(&a.bundle).map(|(h, r)| (a.bundle.clone(), h, r));
+                return keep();
             }
-            a.content_hash
-                .as_ref()
-                .map(|h| (a.bundle.clone(), h.clone(), a.revision.clone()))
+            match &a.content_hash {
+                Some(h) => Some((a.bundle.clone(), h.clone(), a.revision.clone())),
+                None => keep(),
+            }
         })
         .collect()
 }
@@ -316,5 +320,24 @@ mod tests {
         };
         b.customizations.insert(0, by_name);
         assert_eq!(hash(&b, "env=prod").as_deref(), Some("hash-named"));
+    }
+
+    #[test]
+    fn a_variant_that_never_rendered_keeps_what_the_agent_holds() {
+        let failed = Assignment {
+            bundle: "web".into(),
+            content_hash: None,
+            revision: String::new(),
+            render_error: Some("helm: size is required".into()),
+            waiting_for: vec![],
+        };
+        let held = |b: &str| (b == "web").then(|| ("h-old".to_string(), "c-old".to_string()));
+        assert_eq!(
+            sendable(std::slice::from_ref(&failed), held),
+            vec![("web".to_string(), "h-old".to_string(), "c-old".to_string())],
+            "a failing render must not prune what runs"
+        );
+        // Nothing held (a new bundle that fails): nothing to send.
+        assert!(sendable(&[failed], |_| None).is_empty());
     }
 }

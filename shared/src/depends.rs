@@ -12,7 +12,7 @@ use crate::selector::LabelSelector;
 use crate::state::{BundleState, Reported};
 
 /// One `dependsOn` entry.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Dependency {
     /// `{name: BUNDLE}`: that bundle (named as Flotilla names bundles,
     /// `<source>-<directory>`, which is how Fleet names them too).

@@ -752,7 +752,7 @@ impl Agent {
 pub struct GitRepo {
     pub dir: PathBuf,
     pub url: String,
-    _daemon: Proc,
+    daemon: Proc,
 }
 
 impl GitRepo {
@@ -785,8 +785,13 @@ impl GitRepo {
         Ok(GitRepo {
             dir,
             url: format!("git://127.0.0.1:{port}/{name}"),
-            _daemon: daemon,
+            daemon,
         })
+    }
+
+    /// Stops the git daemon: the repository becomes unreachable (connection refused).
+    pub fn stop_serving(&mut self) {
+        self.daemon.stop();
     }
 
     /// Writes (or with `None`, removes) files and commits; returns the commit id.

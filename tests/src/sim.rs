@@ -151,7 +151,7 @@ async fn run(
         tokio::select! {
             msg = inbound.message() => match msg {
                 Ok(Some(m)) => {
-                    if let Some(HubMsg::Desired(d)) = m.msg {
+                    if let Some(HubMsg::Desired(d)) = m.msg.filter(|m| !matches!(m, HubMsg::Desired(d) if !d.complete)) {
                         send(AgentMsg::Ack(DesiredAck { generation: d.generation })).await?;
                         let revision = d.bundles.first().map(|b| b.revision.clone()).unwrap_or_default();
                         let desired_bytes = prost::Message::encoded_len(&d);
@@ -422,6 +422,8 @@ async fn torture_session(
         tokio::select! {
             msg = inbound.message() => match msg {
                 Ok(Some(m)) => match m.msg {
+                    // Like a real agent: an incomplete set is refused, not acked.
+                    Some(HubMsg::Desired(d)) if !d.complete => {}
                     Some(HubMsg::Desired(d)) => {
                         send(AgentMsg::Ack(DesiredAck { generation: d.generation })).await?;
                         let now = Instant::now();

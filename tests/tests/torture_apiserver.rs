@@ -51,7 +51,10 @@ fn api_server_errors_and_restarts_under_the_agent() -> Result<()> {
     }
     let started = Instant::now();
     let mut report = PartReport::new("the cluster's API server");
-    let fault_for = Duration::from_secs(scale("APISERVER_FAULT_SECS", 10, 60));
+    // Long enough for the agent to notice it lost sight (`WATCH_LOST_AFTER`, plus
+    // its watch backoff) with some seconds of samples after that.
+    let fault_for = Duration::from_secs(scale("APISERVER_FAULT_SECS", 30, 60));
+    let blind_within = flotilla_agent::health::WATCH_LOST_AFTER + Duration::from_secs(12);
     let watch_for = Duration::from_secs(if full() { 40 } else { 5 });
     let dir = test_dir("torture-api")?;
     let mut cluster = TestCluster::start("torture-api", &dir.path().join("cluster"))?;
@@ -96,18 +99,47 @@ fn api_server_errors_and_restarts_under_the_agent() -> Result<()> {
             &format!(r#"{{"data":{{"value":"{marker}"}}}}"#),
         ])?;
         // The agent cannot see the pod meanwhile: how often is the stale Ready shown?
-        let (mut samples, mut stale) = (0, 0);
+        // Once it has noticed, its health is unknown: never Ready.
+        let (mut samples, mut stale, mut late_stale) = (0, 0, 0);
+        let mut unknown_after = None;
         while t.elapsed() < fault_for {
             samples += 1;
-            if state(&hub, name)?.is_some_and(|(s, _)| s == "Ready") {
-                stale += 1;
+            match state(&hub, name)? {
+                Some((s, _)) if s == "Ready" => {
+                    stale += 1;
+                    if t.elapsed() > blind_within {
+                        late_stale += 1;
+                    }
+                }
+                Some((_, m)) if m.contains("health unknown") && unknown_after.is_none() => {
+                    unknown_after = Some(t.elapsed())
+                }
+                _ => {}
             }
             std::thread::sleep(Duration::from_millis(500));
         }
         report.figure(
             &format!("{label}: bundle shown Ready during the fault, pod not Ready (stale view)"),
-            format!("{stale} of {samples} samples"),
+            format!(
+                "{stale} of {samples} samples, {late_stale} after {} s",
+                blind_within.as_secs()
+            ),
         );
+        match unknown_after {
+            Some(d) => report.figure(
+                &format!("{label}: health shown unknown after"),
+                format!("{:.1} s", d.as_secs_f64()),
+            ),
+            None => report.fail(format!(
+                "{label}: the bundle's health was never shown unknown during the fault"
+            )),
+        }
+        if late_stale > 0 {
+            report.fail(format!(
+                "{label}: the bundle was shown Ready {late_stale} time(s) more than {} s into the fault",
+                blind_within.as_secs()
+            ));
+        }
         proxy.set(ApiFault::None);
         let healed = Instant::now();
         let (requests, faulted) = proxy.requests_between(t, healed);
