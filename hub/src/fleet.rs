@@ -147,6 +147,20 @@ pub struct Fleet {
     /// Serialises snapshot commits (store writes, flush, content collection)
     /// without holding the state lock while the store works.
     snapshots: Mutex<()>,
+    /// Drift events refused since start: about bundles not assigned to the
+    /// reporting cluster.
+    drift_refused: std::sync::atomic::AtomicU64,
+}
+
+/// What became of a drift event an agent sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DriftOutcome {
+    /// Stored under this hub id.
+    Stored(u64),
+    /// Stored before (a resend after a lost ack).
+    Resend,
+    /// About a bundle not assigned to the cluster: not stored.
+    Refused,
 }
 
 impl std::fmt::Debug for Fleet {
@@ -519,6 +533,7 @@ impl Fleet {
         }
         let (changed, _) = watch::channel(0);
         Ok(Arc::new(Fleet {
+            drift_refused: std::sync::atomic::AtomicU64::new(0),
             state: Mutex::new(state),
             store,
             changed,
@@ -916,17 +931,7 @@ impl Fleet {
     /// an agent speaks only for what it was given.
     pub fn record_status(&self, status: StatusRecord) -> Result<bool, FleetError> {
         let mut st = self.lock();
-        // While a source is not loaded, its bundles' assignments are unknown: a
-        // report is kept rather than lost (it was acknowledged).
-        let loading = st.sources.values().any(|s| !s.loaded);
-        let assigned = st.clusters.get(&status.cluster).is_some_and(|c| {
-            loading
-                || st
-                    .assignments(&c.record)
-                    .iter()
-                    .any(|a| a.bundle == status.bundle)
-        });
-        if !assigned {
+        if !Self::assigned(&st, &status.cluster, &status.bundle) {
             return Ok(false);
         }
         self.store.put_status(&status)?;
@@ -948,13 +953,35 @@ impl Fleet {
         Ok(true)
     }
 
+    /// Whether `bundle` is assigned to `cluster` now: an agent speaks only for
+    /// what it was given. While a source is not loaded, its bundles' assignments
+    /// are unknown: a report is kept rather than lost (it was acknowledged).
+    fn assigned(st: &State, cluster: &str, bundle: &str) -> bool {
+        let loading = st.sources.values().any(|s| !s.loaded);
+        st.clusters.get(cluster).is_some_and(|c| {
+            loading || st.assignments(&c.record).iter().any(|a| a.bundle == bundle)
+        })
+    }
+
+    /// Drift events refused so far (bundles not assigned to their cluster).
+    pub fn drift_refused(&self) -> u64 {
+        self.drift_refused
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// Stores a drift event from a cluster's agent (flushed before returning, so
-    /// it may be acknowledged). Returns the hub's id, `None` for a resend.
+    /// it may be acknowledged). An event about a bundle not assigned to the
+    /// cluster is refused, not stored, and counted.
     pub fn record_drift(
         &self,
         cluster: &str,
         event: &DriftEvent,
-    ) -> Result<Option<u64>, FleetError> {
+    ) -> Result<DriftOutcome, FleetError> {
+        if !Self::assigned(&self.lock(), cluster, &event.bundle) {
+            self.drift_refused
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            return Ok(DriftOutcome::Refused);
+        }
         let added = self.store.add_drift(cluster, event)?;
         self.store.flush()?;
         let mut st = self.lock();
@@ -972,7 +999,7 @@ impl Fleet {
                 }
             }
         }
-        Ok(added.id)
+        Ok(added.id.map_or(DriftOutcome::Resend, DriftOutcome::Stored))
     }
 
     // ---- views for the API --------------------------------------------------

@@ -74,6 +74,9 @@ pub struct Config {
     /// kill (`FetcherMode::Child` with its own path); the default, `InProcess`, is
     /// for tests that run the hub as a library (see `git::child`).
     pub git_fetcher: git::FetcherMode,
+    /// The bounds of the drift history, fleet-wide and per cluster
+    /// (`--drift-history`, `--drift-history-per-cluster`).
+    pub drift_caps: store::DriftCaps,
 }
 
 /// An operator's certificate for the HTTP listeners.
@@ -103,6 +106,7 @@ impl Config {
             git_timeout: git::DEFAULT_FETCH_TIMEOUT,
             git_limits: git::Limits::default(),
             git_fetcher: git::FetcherMode::InProcess,
+            drift_caps: store::DriftCaps::default(),
         }
     }
 }
@@ -135,7 +139,7 @@ impl Hub {
         let keyring = sealed::Keyring::load_or_create(&sealed::key_path(&config.data_dir))
             .context("loading the secrets key")?;
         let store: Arc<dyn Store> = Arc::new(
-            SledStore::open(&config.data_dir.join("store"))
+            SledStore::open_with_drift_caps(&config.data_dir.join("store"), config.drift_caps)
                 .context("opening the store")?
                 .with_keyring(Arc::new(keyring))
                 .context("opening the store's secrets")?,

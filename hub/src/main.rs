@@ -83,6 +83,13 @@ struct Args {
     /// Most files read from one commit of a source.
     #[arg(long, env = "FLOTILLA_GIT_MAX_FILES", default_value_t = flotilla_hub::git::DEFAULT_MAX_FILES)]
     git_max_files: usize,
+    /// Drift events the hub keeps, all clusters together; the oldest go first.
+    #[arg(long, env = "FLOTILLA_DRIFT_HISTORY", default_value_t = flotilla_hub::store::MAX_DRIFT_EVENTS)]
+    drift_history: usize,
+    /// Drift events the hub keeps per cluster: a cluster beyond it drops its own
+    /// oldest, never another cluster's.
+    #[arg(long, env = "FLOTILLA_DRIFT_HISTORY_PER_CLUSTER", default_value_t = flotilla_hub::store::MAX_DRIFT_EVENTS_PER_CLUSTER)]
+    drift_history_per_cluster: usize,
     #[command(subcommand)]
     command: Option<HubCommand>,
 }
@@ -184,6 +191,10 @@ async fn hub_main() -> anyhow::Result<()> {
             max_files: args.git_max_files,
         },
         git_fetcher: flotilla_hub::git::FetcherMode::Child(own_program()?),
+        drift_caps: flotilla_hub::store::DriftCaps {
+            total: args.drift_history,
+            per_cluster: args.drift_history_per_cluster,
+        },
     };
     let listeners = flotilla_hub::Listeners {
         agent,
