@@ -720,6 +720,7 @@ async fn an_agent_that_never_acknowledges_is_disconnected() {
     };
     assert_eq!(ended.code(), tonic::Code::ResourceExhausted, "{ended:?}");
     assert!(received > 16, "closed after {received} sets");
+}
 
 /// A source `name` whose one bundle (named `name` too) goes to clusters with
 /// `env=ENV`, committed at once.
