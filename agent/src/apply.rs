@@ -7,6 +7,8 @@ use std::time::Duration;
 
 use flotilla_shared::bundle::ObjectRef;
 use flotilla_shared::{BUNDLE_LABEL, FIELD_MANAGER};
+
+use crate::plan::Found;
 use k8s_openapi::api::core::v1::Namespace;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams};
@@ -33,6 +35,10 @@ pub fn reason(e: &kube::Error) -> String {
 
 fn is_not_found(e: &kube::Error) -> bool {
     matches!(e, kube::Error::Api(s) if s.is_not_found())
+}
+
+fn is_forbidden(e: &kube::Error) -> bool {
+    matches!(e, kube::Error::Api(s) if s.code == 403)
 }
 
 fn is_already_exists(e: &kube::Error) -> bool {
@@ -236,6 +242,42 @@ impl Cluster {
         Ok(typed_value(live, &object.api_version, &object.kind))
     }
 
+    /// The objects of `kind` in `namespace` (all of a cluster-scoped kind), by name,
+    /// with their bundle label and field managers: what an apply would meet. One
+    /// metadata-only list per kind and namespace, not a read per object.
+    pub async fn found(
+        &self,
+        kind: &Kind,
+        namespace: Option<&str>,
+    ) -> Result<HashMap<String, Found>, String> {
+        let list = self
+            .api(kind, namespace)
+            .list_metadata(&ListParams::default())
+            .await
+            .map_err(|e| reason(&e))?;
+        Ok(list
+            .items
+            .into_iter()
+            .filter_map(|item| {
+                let meta = item.metadata;
+                let mut managers: Vec<String> = Vec::new();
+                for m in meta.managed_fields.iter().flatten() {
+                    if let Some(name) = &m.manager {
+                        if !managers.contains(name) {
+                            managers.push(name.clone());
+                        }
+                    }
+                }
+                let bundle = meta
+                    .labels
+                    .as_ref()
+                    .and_then(|l| l.get(BUNDLE_LABEL))
+                    .cloned();
+                Some((meta.name?, Found { bundle, managers }))
+            })
+            .collect())
+    }
+
     /// Waits until a CRD is Established; returns it as last read.
     pub async fn wait_crd(&self, name: &str) -> Result<serde_json::Value, String> {
         let api: Api<CustomResourceDefinition> = Api::all(self.client.clone());
@@ -291,24 +333,44 @@ impl Cluster {
     }
 
     /// Finds the objects labelled as belonging to `bundle`, among the given kinds
-    /// (apiVersion, kind). Kinds the cluster does not serve are skipped.
+    /// (apiVersion, kind). Kinds the cluster does not serve are skipped. A kind
+    /// the agent may not list cluster-wide (RBAC limited to an allow-list of
+    /// namespaces, `deploy/agent-namespaced`) is listed in each of `namespaces`
+    /// instead; where it may not list at all, it cannot have applied either.
     pub async fn list_owned(
         &mut self,
         bundle: &str,
         kinds: &BTreeSet<(String, String)>,
+        namespaces: &BTreeSet<String>,
     ) -> Result<BTreeSet<ObjectRef>, String> {
         let selector = format!("{BUNDLE_LABEL}={bundle}");
+        let params = ListParams::default().labels(&selector);
         let mut out = BTreeSet::new();
         for (api_version, kind_name) in kinds {
             let Ok(kind) = self.kind(api_version, kind_name, false).await else {
                 continue;
             };
-            let api: Api<DynamicObject> = Api::all_with(self.client.clone(), &kind.resource);
-            let list = api
-                .list_metadata(&ListParams::default().labels(&selector))
-                .await
-                .map_err(|e| format!("listing {kind_name}: {}", reason(&e)))?;
-            for item in list.items {
+            let all: Api<DynamicObject> = Api::all_with(self.client.clone(), &kind.resource);
+            let items = match all.list_metadata(&params).await {
+                Ok(list) => list.items,
+                Err(e) if is_forbidden(&e) && kind.namespaced => {
+                    debug!(kind = %kind_name, "not allowed to list cluster-wide; listing per namespace");
+                    let mut items = Vec::new();
+                    for ns in namespaces {
+                        match self.api(&kind, Some(ns)).list_metadata(&params).await {
+                            Ok(list) => items.extend(list.items),
+                            Err(e) if is_forbidden(&e) => {}
+                            Err(e) => {
+                                return Err(format!("listing {kind_name} in {ns}: {}", reason(&e)))
+                            }
+                        }
+                    }
+                    items
+                }
+                Err(e) if is_forbidden(&e) => continue,
+                Err(e) => return Err(format!("listing {kind_name}: {}", reason(&e))),
+            };
+            for item in items {
                 let Some(name) = item.metadata.name else {
                     continue;
                 };

@@ -1,6 +1,7 @@
 //! Enrolment: the first start trades the join token for a client certificate. The
 //! hub's CA is fetched over unverified TLS and accepted only if it matches the
-//! hash pinned in the token; the CSR then goes over TLS verified against it.
+//! hash pinned in the token and is the only certificate served; the CSR then goes
+//! over TLS verified against it.
 //! Renewal: before two thirds of its life, the certificate is traded (over
 //! mutual TLS with it) for one of a fresh key, saved so that a crash never
 //! leaves a key beside another key's certificate.
@@ -13,7 +14,7 @@ use flotilla_proto::v1::enrolment_client::EnrolmentClient;
 use flotilla_proto::v1::fleet_client::FleetClient;
 use flotilla_proto::v1::{EnrollRequest, GetCaRequest, RenewRequest};
 use flotilla_shared::labels::Labels;
-use flotilla_shared::token::{ca_hash, JoinToken};
+use flotilla_shared::token::{ca_hash, pinned_ca, JoinToken};
 use tonic::transport::Uri;
 use tracing::info;
 
@@ -210,15 +211,13 @@ pub async fn enroll(
         .map_err(|s| refusal(cluster_name, &s))?
         .into_inner()
         .ca_pem;
-    let ca_der = transport::certs_from_pem(&ca_pem)?;
-    let got = ca_hash(ca_der[0].as_ref());
-    if got != token.ca_hash {
-        return Err(Error::Enrolment(format!(
-            "the hub's CA (sha256 {got}) does not match the hash pinned in the join token \
-             ({}); refusing to trust it",
-            token.ca_hash
-        )));
-    }
+    // Exactly one certificate, the pinned one: only it is saved and trusted,
+    // re-encoded from its DER, so nothing else the hub sent comes along.
+    let served = transport::certs_from_pem(&ca_pem)?;
+    let ders: Vec<&[u8]> = served.iter().map(|c| c.as_ref()).collect();
+    let ca_der = pinned_ca(&ders, &token.ca_hash).map_err(|e| Error::Enrolment(e.to_string()))?;
+    let got = ca_hash(ca_der);
+    let ca_pem = transport::pem_of_cert(ca_der);
     info!(ca_hash = %got, "hub CA matches the token's pin");
 
     // 2. The CSR, over TLS verified against that CA.

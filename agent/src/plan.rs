@@ -94,6 +94,81 @@ pub fn intent(
     (!new.is_empty()).then_some(new)
 }
 
+/// Content is applied only if it is what the Desired set declared: the hash the
+/// agent computes from it must be the one the hub named. A mismatch (a hub bug, a
+/// corrupted store, tampering) fails the bundle before anything is applied.
+pub fn check_content_hash(declared: &str, computed: &str) -> Result<(), String> {
+    if declared == computed {
+        return Ok(());
+    }
+    Err(format!(
+        "content hash mismatch: the Desired set declares {declared} but the content held \
+         for it hashes to {computed}; nothing applied"
+    ))
+}
+
+/// An object found in the cluster where a bundle is about to apply one of the same
+/// kind, namespace and name.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Found {
+    /// Its `flotilla.io/bundle` label, if any.
+    pub bundle: Option<String>,
+    /// The field managers of its `managedFields`, in order, without repeats.
+    pub managers: Vec<String>,
+}
+
+/// Whether a bundle may apply over what exists: objects it is about to apply
+/// (file, identity, what the cluster holds under that identity) that exist without
+/// this bundle's label belong to someone else (a person, a controller, another
+/// bundle), and server-side apply with force would silently take them over and a
+/// later prune delete them. Unless the bundle says `takeOwnership: true`, they fail
+/// it: the error names the first such object, its owner and its field managers.
+pub fn refuse_adoption(
+    bundle: &str,
+    take_ownership: bool,
+    objects: &[(&str, &ObjectRef, Option<&Found>)],
+) -> Result<(), String> {
+    if take_ownership {
+        return Ok(());
+    }
+    let foreign: Vec<(&str, &ObjectRef, &Found)> = objects
+        .iter()
+        .filter_map(|(file, r, found)| {
+            found
+                .filter(|f| f.bundle.as_deref() != Some(bundle))
+                .map(|f| (*file, *r, f))
+        })
+        .collect();
+    let Some((file, r, found)) = foreign.first() else {
+        return Ok(());
+    };
+    let owner = match &found.bundle {
+        Some(other) => format!("it belongs to bundle {other}"),
+        None => "it is not part of this bundle".to_string(),
+    };
+    let managers = if found.managers.is_empty() {
+        "none".to_string()
+    } else {
+        found.managers.join(", ")
+    };
+    let more = match foreign.len() - 1 {
+        0 => String::new(),
+        1 => " (and 1 more object like it)".to_string(),
+        n => format!(" (and {n} more objects like it)"),
+    };
+    Err(format!(
+        "{}{more}",
+        object_error(
+            file,
+            r,
+            &format!(
+                "already exists and {owner} (field managers: {managers}); not taking it over \
+                 (set takeOwnership: true in fleet.yaml to adopt existing objects)"
+            )
+        )
+    ))
+}
+
 /// An apply error as users read it: `file: Kind ns/name: reason`.
 pub fn object_error(file: &str, object: &ObjectRef, reason: &str) -> String {
     format!("{file}: {object}: {reason}")
@@ -243,6 +318,79 @@ mod tests {
         assert_eq!(
             intent(&BTreeSet::new(), false, &BTreeSet::new()),
             Some(BTreeSet::new())
+        );
+    }
+
+    #[test]
+    fn content_must_hash_to_what_was_declared() {
+        assert_eq!(check_content_hash("abc", "abc"), Ok(()));
+        let e = check_content_hash("abc", "def").unwrap_err();
+        assert!(
+            e.contains("hash mismatch") && e.contains("abc") && e.contains("def"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn existing_objects_of_others_are_not_taken_over() {
+        let r = |ns: &str, name: &str| ObjectRef {
+            api_version: "v1".into(),
+            kind: "ConfigMap".into(),
+            namespace: Some(ns.into()),
+            name: name.into(),
+        };
+        let (ours, theirs, other, absent) = (
+            r("demo", "ours"),
+            r("kube-system", "coredns"),
+            r("demo", "shared"),
+            r("demo", "new"),
+        );
+        let mine = Found {
+            bundle: Some("web".into()),
+            managers: vec!["flotilla".into()],
+        };
+        let unlabelled = Found {
+            bundle: None,
+            managers: vec!["kubectl-create".into(), "kube-controller-manager".into()],
+        };
+        let another = Found {
+            bundle: Some("db".into()),
+            managers: vec!["flotilla".into()],
+        };
+        // Absent or already ours: applied.
+        assert_eq!(
+            refuse_adoption(
+                "web",
+                false,
+                &[("a.yaml", &ours, Some(&mine)), ("a.yaml", &absent, None)]
+            ),
+            Ok(())
+        );
+        // Unlabelled: refused, naming the object and its managers.
+        let e = refuse_adoption(
+            "web",
+            false,
+            &[
+                ("a.yaml", &ours, Some(&mine)),
+                ("cm.yaml", &theirs, Some(&unlabelled)),
+                ("cm.yaml", &other, Some(&another)),
+            ],
+        )
+        .unwrap_err();
+        assert!(
+            e.starts_with("cm.yaml: ConfigMap kube-system/coredns: already exists"),
+            "{e}"
+        );
+        assert!(e.contains("kubectl-create, kube-controller-manager"), "{e}");
+        assert!(e.contains("takeOwnership: true"), "{e}");
+        assert!(e.ends_with("(and 1 more object like it)"), "{e}");
+        // Another bundle's object is not taken either.
+        let e = refuse_adoption("web", false, &[("cm.yaml", &other, Some(&another))]).unwrap_err();
+        assert!(e.contains("belongs to bundle db"), "{e}");
+        // Unless the bundle asks for it.
+        assert_eq!(
+            refuse_adoption("web", true, &[("cm.yaml", &theirs, Some(&unlabelled))]),
+            Ok(())
         );
     }
 

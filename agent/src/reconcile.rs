@@ -146,13 +146,7 @@ impl Reconciler {
         let content = BundleContent::decode(bytes.as_slice())
             .map_err(|e| format!("stored content {} is unreadable: {e}", b.content_hash))?;
         let rendered = Rendered::try_from(&content).map_err(|e| e.to_string())?;
-        if rendered.content_hash() != b.content_hash {
-            warn!(
-                expected = %b.content_hash,
-                computed = %rendered.content_hash(),
-                "content hash differs from the hub's"
-            );
-        }
+        plan::check_content_hash(&b.content_hash, &rendered.content_hash())?;
 
         // Whether the store holds an inventory for the bundle (a rebuilt one is
         // written with the first intent).
@@ -162,8 +156,17 @@ impl Reconciler {
             None => self.rebuild_inventory(name, &rendered).await?,
         };
 
+        // The bundle's namespace is created unless the bundle brings it: then its
+        // own Namespace object creates it, labelled, and no unlabelled one stands
+        // in its way.
         if let Some(ns) = rendered.options.namespace_to_create() {
-            self.cluster.ensure_namespace(ns).await?;
+            let brings_it = rendered.manifests.iter().any(|m| {
+                let r = m.object_ref();
+                r.api_version == "v1" && r.kind == "Namespace" && r.name == ns
+            });
+            if !brings_it {
+                self.cluster.ensure_namespace(ns).await?;
+            }
         }
 
         let mut applied = BTreeSet::new();
@@ -193,6 +196,39 @@ impl Reconciler {
                 }
             }
             next += group.len();
+            // What exists under these identities without the bundle's label is not
+            // taken over (unless the bundle says takeOwnership), and not recorded:
+            // checked before the intent, so it never enters the inventory either.
+            let key = |kind: &crate::apply::Kind, r: &ObjectRef| {
+                let res = &kind.resource;
+                let ns = r.namespace.clone();
+                (
+                    res.group.clone(),
+                    res.version.clone(),
+                    res.plural.clone(),
+                    ns,
+                )
+            };
+            let mut found = BTreeMap::new();
+            for (_, kind, r, _) in &group {
+                if rendered.options.take_ownership || found.contains_key(&key(kind, r)) {
+                    continue;
+                }
+                let objects = self
+                    .cluster
+                    .found(kind, r.namespace.as_deref())
+                    .await
+                    .map_err(|e| format!("listing {} to check ownership: {e}", r.kind))?;
+                found.insert(key(kind, r), objects);
+            }
+            let meets: Vec<(&str, &ObjectRef, Option<&plan::Found>)> = group
+                .iter()
+                .map(|(m, kind, r, _)| {
+                    let f = found.get(&key(kind, r)).and_then(|o| o.get(&r.name));
+                    (m.file.as_str(), r, f)
+                })
+                .collect();
+            plan::refuse_adoption(name, rendered.options.take_ownership, &meets)?;
             // Recorded before they exist, in one flush for the group, so a crash
             // during the apply still lets them be pruned.
             let refs: BTreeSet<ObjectRef> = group.iter().map(|(_, _, r, _)| r.clone()).collect();
@@ -266,7 +302,17 @@ impl Reconciler {
             let r = m.object_ref();
             (r.api_version, r.kind)
         }));
-        let found = self.cluster.list_owned(name, &kinds).await?;
+        // Where its objects may be, should the agent be allowed to list only there.
+        let namespaces = rendered
+            .manifests
+            .iter()
+            .map(|m| {
+                rendered
+                    .options
+                    .namespace_for(m.object_ref().namespace.as_deref())
+            })
+            .collect();
+        let found = self.cluster.list_owned(name, &kinds, &namespaces).await?;
         if !found.is_empty() {
             info!(
                 objects = found.len(),

@@ -45,13 +45,34 @@ pub fn certs_from_pem(pem: &str) -> Result<Vec<CertificateDer<'static>>> {
     Ok(certs)
 }
 
-fn roots(ca_pem: &str) -> Result<RootCertStore> {
-    let mut roots = RootCertStore::empty();
-    for cert in certs_from_pem(ca_pem)? {
-        roots
-            .add(cert)
-            .map_err(|e| Error::Tls(format!("unusable CA certificate: {e}")))?;
+/// One certificate as PEM (base64 in lines of 64, as RFC 7468 writes it).
+pub fn pem_of_cert(der: &[u8]) -> String {
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::STANDARD.encode(der);
+    let mut pem = String::from("-----BEGIN CERTIFICATE-----\n");
+    for line in b64.as_bytes().chunks(64) {
+        pem.push_str(&String::from_utf8_lossy(line));
+        pem.push('\n');
     }
+    pem.push_str("-----END CERTIFICATE-----\n");
+    pem
+}
+
+/// The trust anchors for the hub: exactly the one fleet CA certificate. More than
+/// one is refused, also from a state directory written before enrolment checked
+/// it: the pin covered one certificate only, so any other is an intruder's.
+fn roots(ca_pem: &str) -> Result<RootCertStore> {
+    let certs = certs_from_pem(ca_pem)?;
+    let [cert] = <[_; 1]>::try_from(certs).map_err(|certs: Vec<_>| {
+        Error::Tls(format!(
+            "the hub's CA must be exactly one certificate, found {}; re-enrol with a new join token",
+            certs.len()
+        ))
+    })?;
+    let mut roots = RootCertStore::empty();
+    roots
+        .add(cert)
+        .map_err(|e| Error::Tls(format!("unusable CA certificate: {e}")))?;
     Ok(roots)
 }
 
@@ -213,5 +234,39 @@ impl ServerCertVerifier for AnyServerCert {
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ca_pem(name: &str) -> String {
+        let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        p.distinguished_name.push(rcgen::DnType::CommonName, name);
+        p.self_signed(&rcgen::KeyPair::generate().unwrap())
+            .unwrap()
+            .pem()
+    }
+
+    #[test]
+    fn pem_of_cert_round_trips() {
+        let pem = ca_pem("fleet CA");
+        let der = certs_from_pem(&pem).unwrap().remove(0);
+        let again = pem_of_cert(der.as_ref());
+        assert_eq!(certs_from_pem(&again).unwrap(), vec![der]);
+        assert!(again.lines().all(|l| l.len() <= 64));
+    }
+
+    /// A CA file holding a second certificate (written before enrolment checked
+    /// for one) is not trusted at all.
+    #[test]
+    fn exactly_one_ca_certificate_is_trusted() {
+        let one = ca_pem("fleet CA");
+        assert!(anonymous_config(&one).is_ok());
+        let two = format!("{one}{}", ca_pem("intruder"));
+        let e = anonymous_config(&two).unwrap_err().to_string();
+        assert!(e.contains("exactly one certificate, found 2"), "{e}");
     }
 }

@@ -11,12 +11,13 @@ mod common;
 
 use std::time::Duration;
 
-use common::{cluster, config_maps, ns, rendered, TestAgent, NOW_MS};
+use common::{cluster, config_maps, desired, ns, rendered, TestAgent, NOW_MS};
 use flotilla_agent::clock::Clock;
 use flotilla_shared::state::BundleState;
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace};
-use kube::api::{Api, DynamicObject, ListParams, Patch, PatchParams};
+use kube::api::{Api, DynamicObject, ListParams, Patch, PatchParams, PostParams};
 use kube::core::{ApiResource, GroupVersionKind};
+use prost::Message;
 
 /// Port for the control plane this test starts (the agent's range is 16500-16599).
 const PORT: u16 = 16531;
@@ -39,6 +40,9 @@ async fn against_a_real_cluster() {
     lost_inventory_is_rebuilt_from_labels(&client).await;
     a_thousand_objects_flush_a_few_times(&client).await;
     two_watches_of_one_bundle_record_in_decision_order(&client).await;
+    content_not_matching_its_hash_applies_nothing(&client).await;
+    existing_objects_are_not_taken_over_or_pruned(&client).await;
+    secret_drift_records_paths_and_hashes_only(&client).await;
 }
 
 async fn applies_updates_prunes_and_removes(client: &kube::Client) {
@@ -347,4 +351,187 @@ spec:
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
+}
+
+/// Content held under a hash it does not hash to (a tampered or corrupted store, a
+/// hub bug) fails its bundle, naming the mismatch, and nothing of it is applied:
+/// not its objects, not its namespace.
+async fn content_not_matching_its_hash_applies_nothing(client: &kube::Client) {
+    let mut agent = TestAgent::new(client);
+    let honest = rendered(&[
+        (
+            "cm.yaml",
+            "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: honest}\n",
+        ),
+        ("fleet.yaml", "defaultNamespace: agt-hash\n"),
+    ]);
+    let smuggled = rendered(&[
+        ("cm.yaml", "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: honest}\n---\napiVersion: v1\nkind: ConfigMap\nmetadata: {name: smuggled}\n"),
+        ("fleet.yaml", "defaultNamespace: agt-hash\n"),
+    ]);
+    let (set, _) = desired(1, &[("hash", &honest)]);
+    let declared = set.bundles[0].content_hash.clone();
+    let contents = vec![(
+        declared.clone(),
+        flotilla_proto::bundle_content(&declared, &smuggled).encode_to_vec(),
+    )];
+    agent.writer.save_desired(set, contents).await.unwrap();
+    agent.rec.pass().await;
+    let (state, message) = agent.state_of("hash").await;
+    assert_eq!(state, BundleState::ErrApplied, "{message}");
+    assert!(
+        message.contains("hash mismatch") && message.contains(&declared),
+        "{message}"
+    );
+    for name in ["honest", "smuggled"] {
+        assert!(
+            cm(client, &ns("agt-hash"), name).await.is_none(),
+            "{name} applied"
+        );
+    }
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    assert!(
+        namespaces.get_opt(&ns("agt-hash")).await.unwrap().is_none(),
+        "not even the namespace is created"
+    );
+}
+
+/// An object someone else made (here a ConfigMap in kube-system, created by
+/// `kubectl create`) is not taken over by a bundle that names it: the bundle fails
+/// naming the object and its field managers, the object is left exactly as it was,
+/// and when the bundle later drops it, it is not deleted. With `takeOwnership:
+/// true` the bundle adopts it.
+async fn existing_objects_are_not_taken_over_or_pruned(client: &kube::Client) {
+    let mut agent = TestAgent::new(client);
+    let victim = ns("agt-victim");
+    let api: Api<ConfigMap> = Api::namespaced(client.clone(), "kube-system");
+    let mut theirs = ConfigMap::default();
+    theirs.metadata.name = Some(victim.clone());
+    theirs.data = Some([("owner".to_string(), "ops".to_string())].into());
+    let create = PostParams {
+        field_manager: Some("kubectl-create".into()),
+        ..Default::default()
+    };
+    let before = api.create(&create, &theirs).await.unwrap();
+
+    let claim = format!(
+        "apiVersion: v1\nkind: ConfigMap\nmetadata: {{name: {victim}, namespace: kube-system}}\ndata: {{owner: flotilla}}\n"
+    );
+    let mine = "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: mine, namespace: agt-own}\n";
+    let ns_yaml = "apiVersion: v1\nkind: Namespace\nmetadata: {name: agt-own}\n";
+    let grab = rendered(&[
+        ("claim.yaml", &claim),
+        ("mine.yaml", mine),
+        ("ns.yaml", ns_yaml),
+    ]);
+    agent.set_desired(1, &[("grab", &grab)]).await;
+    agent.rec.pass().await;
+    let (state, message) = agent.state_of("grab").await;
+    assert_eq!(state, BundleState::ErrApplied, "{message}");
+    assert!(
+        message.starts_with(&format!(
+            "claim.yaml: ConfigMap kube-system/{victim}: already exists"
+        )),
+        "{message}"
+    );
+    assert!(
+        message.contains("kubectl-create"),
+        "names the field manager: {message}"
+    );
+    assert!(message.contains("takeOwnership"), "{message}");
+    let untouched = |now: ConfigMap| {
+        assert_eq!(
+            now.metadata.resource_version, before.metadata.resource_version,
+            "the object is untouched"
+        );
+        assert_eq!(now.data, before.data);
+        assert!(!now
+            .metadata
+            .labels
+            .unwrap_or_default()
+            .contains_key("flotilla.io/bundle"));
+    };
+    untouched(api.get(&victim).await.unwrap());
+    agent.writer.sync().await.unwrap();
+    let inventory = agent.store.inventory("grab").unwrap().unwrap_or_default();
+    assert!(
+        inventory.iter().all(|o| o.name != victim),
+        "never recorded as the bundle's: {inventory:?}"
+    );
+
+    // The bundle drops the object: it applies, and the object stays.
+    let dropped = rendered(&[("mine.yaml", mine), ("ns.yaml", ns_yaml)]);
+    agent.set_desired(2, &[("grab", &dropped)]).await;
+    agent.rec.pass().await;
+    assert_eq!(agent.state_of("grab").await.0, BundleState::Ready);
+    untouched(api.get(&victim).await.unwrap());
+    // And the bundle goes.
+    agent.set_desired(3, &[]).await;
+    agent.rec.pass().await;
+    untouched(api.get(&victim).await.unwrap());
+
+    // With takeOwnership the bundle adopts it.
+    let adopt = rendered(&[
+        ("claim.yaml", &claim),
+        ("fleet.yaml", "takeOwnership: true\n"),
+    ]);
+    assert!(adopt.options.take_ownership);
+    agent.set_desired(4, &[("adopt", &adopt)]).await;
+    agent.rec.pass().await;
+    let (state, message) = agent.state_of("adopt").await;
+    assert_eq!(state, BundleState::Ready, "{message}");
+    let now = api.get(&victim).await.unwrap();
+    assert_eq!(now.data.unwrap()["owner"], "flotilla");
+    assert_eq!(now.metadata.labels.unwrap()["flotilla.io/bundle"], "adopt");
+    // Adopted, it is the bundle's: removing the bundle deletes it.
+    agent.set_desired(5, &[]).await;
+    agent.rec.pass().await;
+    assert!(api.get_opt(&victim).await.unwrap().is_none());
+}
+
+/// A Secret changed behind Flotilla's back: the drift event the agent records (and
+/// would send) names the changed paths, never the values, old or new.
+async fn secret_drift_records_paths_and_hashes_only(client: &kube::Client) {
+    let mut agent = TestAgent::new(client);
+    let secret = rendered(&[
+        ("ns.yaml", "apiVersion: v1\nkind: Namespace\nmetadata: {name: agt-sec}\n"),
+        ("secret.yaml", "apiVersion: v1\nkind: Secret\nmetadata: {name: db, namespace: agt-sec}\ndata: {password: aHVudGVyMg==}\n"),
+        ("fleet.yaml", "drift: {mode: report}\n"),
+    ]);
+    agent.set_desired(1, &[("sec", &secret)]).await;
+    agent.rec.pass().await;
+    agent.wait_state("sec", (BundleState::Ready, "")).await;
+    let api: Api<k8s_openapi::api::core::v1::Secret> =
+        Api::namespaced(client.clone(), &ns("agt-sec"));
+    let patch = serde_json::json!({"data": {"password": "Y29ycmVjdC1ob3JzZQ=="}});
+    api.patch("db", &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + common::DEADLINE;
+    let events = loop {
+        agent.writer.sync().await.unwrap();
+        let events = agent.store.pending_drift().unwrap();
+        if events.iter().any(|e| e.bundle == "sec") {
+            break events;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no drift recorded");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let event = events.iter().find(|e| e.bundle == "sec").unwrap();
+    assert_eq!(event.fields.len(), 1, "{event:?}");
+    assert_eq!(event.fields[0].path, "/data/password");
+    let text = serde_json::to_string(event).unwrap();
+    for value in [
+        "aHVudGVyMg==",
+        "Y29ycmVjdC1ob3JzZQ==",
+        "hunter2",
+        "correct-horse",
+    ] {
+        assert!(!text.contains(value), "{value} in the drift event: {text}");
+    }
+    assert!(text.contains("redacted:sha256:"), "{text}");
+    let wire = flotilla_proto::v1::DriftEvent::from(event);
+    assert!(!format!("{wire:?}").contains("aHVudGVyMg=="));
+    agent.set_desired(2, &[]).await;
+    agent.rec.pass().await;
 }

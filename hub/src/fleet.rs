@@ -172,6 +172,20 @@ pub struct Fleet {
     /// Serialises snapshot commits (store writes, flush, content collection)
     /// without holding the state lock while the store works.
     snapshots: Mutex<()>,
+    /// Drift events refused since start: about bundles not assigned to the
+    /// reporting cluster.
+    drift_refused: std::sync::atomic::AtomicU64,
+}
+
+/// What became of a drift event an agent sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DriftOutcome {
+    /// Stored under this hub id.
+    Stored(u64),
+    /// Stored before (a resend after a lost ack).
+    Resend,
+    /// About a bundle not assigned to the cluster: not stored.
+    Refused,
 }
 
 impl std::fmt::Debug for Fleet {
@@ -567,6 +581,7 @@ impl Fleet {
         }
         let (changed, _) = watch::channel(0);
         Ok(Arc::new(Fleet {
+            drift_refused: std::sync::atomic::AtomicU64::new(0),
             state: Mutex::new(state),
             store,
             changed,
@@ -1059,17 +1074,7 @@ impl Fleet {
     /// an agent speaks only for what it was given.
     pub fn record_status(&self, status: StatusRecord) -> Result<bool, FleetError> {
         let mut st = self.lock();
-        // While a source is not loaded, its bundles' assignments are unknown: a
-        // report is kept rather than lost (it was acknowledged).
-        let loading = st.sources.values().any(|s| !s.loaded);
-        let assigned = st.clusters.get(&status.cluster).is_some_and(|c| {
-            loading
-                || st
-                    .assignments(&c.record)
-                    .iter()
-                    .any(|a| a.bundle == status.bundle)
-        });
-        if !assigned {
+        if !Self::assigned(&st, &status.cluster, &status.bundle) {
             return Ok(false);
         }
         self.store.put_status(&status)?;
@@ -1091,20 +1096,39 @@ impl Fleet {
         Ok(true)
     }
 
+    /// Whether `bundle` is assigned to `cluster` now: an agent speaks only for
+    /// what it was given. While a source is not loaded, its bundles' assignments
+    /// are unknown: a report is kept rather than lost (it was acknowledged).
+    fn assigned(st: &State, cluster: &str, bundle: &str) -> bool {
+        let loading = st.sources.values().any(|s| !s.loaded);
+        st.clusters.get(cluster).is_some_and(|c| {
+            loading || st.assignments(&c.record).iter().any(|a| a.bundle == bundle)
+        })
+    }
+
+    /// Drift events refused so far (bundles not assigned to their cluster).
+    pub fn drift_refused(&self) -> u64 {
+        self.drift_refused
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// Stores a drift event from a cluster's agent (flushed before returning, so
-    /// it may be acknowledged). Returns the hub's id, `None` for a resend.
-    /// An event of a cluster no longer enrolled is dropped (`None`).
+    /// it may be acknowledged). An event about a bundle not assigned to the
+    /// cluster is refused, not stored, and counted.
+    /// A cluster deleted meanwhile has no bundle assigned: its event is refused.
     pub fn record_drift(
         &self,
         cluster: &str,
         event: &DriftEvent,
-    ) -> Result<Option<u64>, FleetError> {
+    ) -> Result<DriftOutcome, FleetError> {
         // Stored under the lock, so that `delete_cluster` (which holds it) either
-        // removes the event or comes before it and the event is dropped here.
+        // removes the event or comes before it and the event is refused here.
         let added = {
             let st = self.lock();
-            if !st.clusters.contains_key(cluster) {
-                return Ok(None);
+            if !Self::assigned(&st, cluster, &event.bundle) {
+                self.drift_refused
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                return Ok(DriftOutcome::Refused);
             }
             self.store.add_drift(cluster, event)?
         };
@@ -1124,7 +1148,7 @@ impl Fleet {
                 }
             }
         }
-        Ok(added.id)
+        Ok(added.id.map_or(DriftOutcome::Resend, DriftOutcome::Stored))
     }
 
     // ---- views for the API --------------------------------------------------
@@ -1404,7 +1428,10 @@ mod tests {
                 fleet.authorize("a", "fp").unwrap(),
                 Err(Refused::NotEnrolled("a".into()))
             );
-            assert_eq!(fleet.record_drift("a", &drift(2)).unwrap(), None, "dropped");
+            assert!(matches!(
+                fleet.record_drift("a", &drift(2)).unwrap(),
+                DriftOutcome::Refused
+            ));
             let left: Vec<String> = store
                 .list_statuses()
                 .unwrap()
@@ -1436,7 +1463,7 @@ mod tests {
         assert_eq!(store.list_drift().unwrap().len(), 1);
         // Enrolled again, the name starts its drift ids afresh.
         assert!(fleet.create_cluster(cluster("b", Some("fp2"))).unwrap());
-        assert!(fleet.record_drift("b", &drift(1)).unwrap().is_some());
+        assert!(store.add_drift("b", &drift(1)).unwrap().id.is_some());
     }
 
     /// A cluster enrolled before pinning pins the first certificate it presents.

@@ -12,6 +12,7 @@ use std::time::Duration;
 use flotilla_proto::v1;
 use flotilla_proto::v1::enrolment_server::{Enrolment, EnrolmentServer};
 use flotilla_proto::v1::fleet_server::{Fleet as FleetRpc, FleetServer};
+use flotilla_shared::caps;
 use flotilla_shared::labels::{validate_key, validate_value};
 use flotilla_shared::objects::validate_name;
 use flotilla_shared::token::{hash_secret, JoinToken};
@@ -26,7 +27,7 @@ use tonic::transport::server::Connected;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
 
-use crate::fleet::{DesiredSet, Fleet, SessionState};
+use crate::fleet::{DesiredSet, DriftOutcome, Fleet, SessionState};
 use crate::pki::{cluster_from_cert, Pki};
 use crate::store::{ClusterRecord, StatusRecord, TokenRefusal};
 
@@ -470,7 +471,7 @@ enum End {
 
 impl Session {
     async fn run(mut self) {
-        let hello = match tokio::time::timeout(HELLO_TIMEOUT, self.inbound.message()).await {
+        let mut hello = match tokio::time::timeout(HELLO_TIMEOUT, self.inbound.message()).await {
             Ok(Ok(Some(v1::AgentMessage {
                 msg: Some(v1::agent_message::Msg::Hello(h)),
             }))) => h,
@@ -495,6 +496,11 @@ impl Session {
                 return;
             }
         };
+        // What the hub keeps of a Hello is capped like everything an agent sends.
+        caps::cut(&mut hello.agent_version, caps::SHORT);
+        caps::cut(&mut hello.kubernetes_version, caps::SHORT);
+        caps::cap_list(&mut hello.api_versions, caps::API_VERSIONS, caps::SHORT);
+        caps::cap_list(&mut hello.held_hashes, caps::HELD_HASHES, caps::SHORT);
         let said = crate::fleet::Hello {
             agent_version: &hello.agent_version,
             kubernetes_version: &hello.kubernetes_version,
@@ -745,19 +751,25 @@ impl Session {
                     Ok(event) => {
                         let fleet = self.fleet.clone();
                         let cluster = self.cluster.clone();
+                        let (bundle, object) = (event.bundle.clone(), event.object.to_string());
                         // Stored and flushed before the ack: an acked event is never lost.
-                        let id = tokio::task::spawn_blocking(move || {
+                        let outcome = tokio::task::spawn_blocking(move || {
                             fleet.record_drift(&cluster, &event)
                         })
                         .await
                         .map_err(|e| End::Error(internal(e)))?
                         .map_err(|e| End::Error(internal(e)))?;
-                        match id {
-                            Some(id) => tracing::info!(id, agent_id, bundle = %d.bundle,
-                                object = %format!("{} {}/{}", d.kind, d.namespace, d.name),
-                                manager = %d.manager, corrected = d.corrected, deleted = d.deleted,
-                                "drift"),
-                            None => tracing::debug!(agent_id, "drift event already stored"),
+                        match outcome {
+                            DriftOutcome::Stored(id) => tracing::info!(id, agent_id, %bundle,
+                                %object, manager = %d.manager, corrected = d.corrected,
+                                deleted = d.deleted, "drift"),
+                            DriftOutcome::Resend => {
+                                tracing::debug!(agent_id, "drift event already stored")
+                            }
+                            // Acknowledged, so the agent's outbox moves on; not stored.
+                            DriftOutcome::Refused => tracing::debug!(agent_id, %bundle,
+                                refused = self.fleet.drift_refused(),
+                                "drift event for a bundle not assigned to this cluster refused"),
                         }
                     }
                     // Acknowledged anyway: resending it would not make it valid.
@@ -778,13 +790,27 @@ fn drift_event(d: &v1::DriftEvent) -> Result<flotilla_shared::drift::DriftEvent,
     if d.kind.is_empty() || d.name.is_empty() || d.api_version.is_empty() {
         return Err("a drift event must name its object".into());
     }
-    flotilla_shared::drift::DriftEvent::try_from(d).map_err(|e| e.to_string())
+    let mut event = flotilla_shared::drift::DriftEvent::try_from(d).map_err(|e| e.to_string())?;
+    // A Secret's values never reach the store, whatever the agent sent.
+    flotilla_shared::drift::redact(
+        &event.object.api_version,
+        &event.object.kind,
+        &mut event.fields,
+    );
+    if caps::cap_drift(&mut event) {
+        tracing::debug!(agent_id = d.id, "drift event cut to the caps");
+    }
+    Ok(event)
 }
 
 /// Checks an agent's status report and turns it into a record for its cluster.
 fn status_record(cluster: &str, s: v1::BundleStatus) -> Result<StatusRecord, String> {
     validate_name(&s.bundle).map_err(|e| e.to_string())?;
     let state = flotilla_proto::status_state(&s).map_err(|e| e.to_string())?;
+    let mut s = s;
+    caps::cut(&mut s.content_hash, caps::SHORT);
+    caps::cut(&mut s.revision, caps::SHORT);
+    caps::cut(&mut s.message, caps::MESSAGE);
     Ok(StatusRecord {
         cluster: cluster.to_string(),
         bundle: s.bundle,

@@ -79,6 +79,9 @@ pub struct Config {
     /// How long agent certificates live (`--agent-cert-ttl`); agents renew
     /// theirs after two thirds of it.
     pub agent_cert_ttl: Duration,
+    /// The bounds of the drift history, fleet-wide and per cluster
+    /// (`--drift-history`, `--drift-history-per-cluster`).
+    pub drift_caps: store::DriftCaps,
 }
 
 /// An operator's certificate for the HTTP listeners.
@@ -110,6 +113,7 @@ impl Config {
             git_fetcher: git::FetcherMode::InProcess,
             max_token_ttl: flotilla_shared::identity::DEFAULT_MAX_TOKEN_TTL,
             agent_cert_ttl: flotilla_shared::identity::DEFAULT_AGENT_CERT_TTL,
+            drift_caps: store::DriftCaps::default(),
         }
     }
 }
@@ -146,7 +150,7 @@ impl Hub {
         let keyring = sealed::Keyring::load_or_create(&sealed::key_path(&config.data_dir))
             .context("loading the secrets key")?;
         let store: Arc<dyn Store> = Arc::new(
-            SledStore::open(&config.data_dir.join("store"))
+            SledStore::open_with_drift_caps(&config.data_dir.join("store"), config.drift_caps)
                 .context("opening the store")?
                 .with_keyring(Arc::new(keyring))
                 .context("opening the store's secrets")?,

@@ -91,6 +91,13 @@ struct Args {
     /// theirs after two thirds of it.
     #[arg(long, env = "FLOTILLA_AGENT_CERT_TTL", default_value = "30d", value_parser = parse_duration)]
     agent_cert_ttl: std::time::Duration,
+    /// Drift events the hub keeps, all clusters together; the oldest go first.
+    #[arg(long, env = "FLOTILLA_DRIFT_HISTORY", default_value_t = flotilla_hub::store::MAX_DRIFT_EVENTS)]
+    drift_history: usize,
+    /// Drift events the hub keeps per cluster: a cluster beyond it drops its own
+    /// oldest, never another cluster's.
+    #[arg(long, env = "FLOTILLA_DRIFT_HISTORY_PER_CLUSTER", default_value_t = flotilla_hub::store::MAX_DRIFT_EVENTS_PER_CLUSTER)]
+    drift_history_per_cluster: usize,
     #[command(subcommand)]
     command: Option<HubCommand>,
 }
@@ -202,6 +209,10 @@ async fn hub_main() -> anyhow::Result<()> {
         git_fetcher: flotilla_hub::git::FetcherMode::Child(own_program()?),
         max_token_ttl: args.max_token_ttl,
         agent_cert_ttl: args.agent_cert_ttl,
+        drift_caps: flotilla_hub::store::DriftCaps {
+            total: args.drift_history,
+            per_cluster: args.drift_history_per_cluster,
+        },
     };
     let listeners = flotilla_hub::Listeners {
         agent,

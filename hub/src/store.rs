@@ -215,6 +215,28 @@ impl SnapshotRecord {
 /// The fleet's drift history is bounded: beyond this many events the oldest are
 /// dropped (and counted), so a cluster fighting a controller cannot fill the disk.
 pub const MAX_DRIFT_EVENTS: usize = 10_000;
+/// Each cluster's share of the history is bounded too: beyond this many of its
+/// events, its own oldest are dropped, so one flooding cluster pushes out only its
+/// own history, never another's (ten clusters fill the fleet-wide bound).
+pub const MAX_DRIFT_EVENTS_PER_CLUSTER: usize = 1_000;
+
+/// The bounds of the drift history.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DriftCaps {
+    /// Events kept, all clusters together.
+    pub total: usize,
+    /// Events kept per cluster.
+    pub per_cluster: usize,
+}
+
+impl Default for DriftCaps {
+    fn default() -> Self {
+        DriftCaps {
+            total: MAX_DRIFT_EVENTS,
+            per_cluster: MAX_DRIFT_EVENTS_PER_CLUSTER,
+        }
+    }
+}
 
 /// A drift event as the hub keeps it: the agent's event, its cluster, and the
 /// hub's own id (the API's), in arrival order.
@@ -319,7 +341,9 @@ pub struct SledStore {
     /// Per cluster, the highest agent event id stored; plus the id counter and
     /// the dropped count under reserved keys.
     drift_meta: sled::Tree,
-    drift_cap: usize,
+    /// Hub ids of each cluster's records, oldest first: `cluster \0 id` (big-endian).
+    drift_by_cluster: sled::Tree,
+    drift_caps: DriftCaps,
     /// Serialises add_drift (dedupe check, id allocation, trimming).
     drift_lock: std::sync::Mutex<()>,
     /// Seals and opens secret records; without it secrets cannot be stored.
@@ -338,6 +362,21 @@ struct StoredSecret {
 const DRIFT_NEXT_ID: &[u8] = b"\0next-id";
 const DRIFT_DROPPED: &[u8] = b"\0dropped";
 
+/// The key of a record in `drift_by_cluster` (cluster names hold no NUL).
+fn cluster_drift_key(cluster: &str, id: u64) -> Vec<u8> {
+    let mut k = Vec::with_capacity(cluster.len() + 9);
+    k.extend_from_slice(cluster.as_bytes());
+    k.push(0);
+    k.extend_from_slice(&id.to_be_bytes());
+    k
+}
+
+fn cluster_drift_prefix(cluster: &str) -> Vec<u8> {
+    let mut k = cluster.as_bytes().to_vec();
+    k.push(0);
+    k
+}
+
 fn u64_at(tree: &sled::Tree, key: &[u8]) -> Result<u64, StoreError> {
     Ok(tree
         .get(key)?
@@ -348,13 +387,25 @@ fn u64_at(tree: &sled::Tree, key: &[u8]) -> Result<u64, StoreError> {
 
 impl SledStore {
     pub fn open(path: &Path) -> Result<SledStore, StoreError> {
-        Self::open_with_drift_cap(path, MAX_DRIFT_EVENTS)
+        Self::open_with_drift_caps(path, DriftCaps::default())
     }
 
-    /// Opens with another bound on the drift history (tests).
+    /// Opens with another fleet-wide bound on the drift history (tests).
     pub fn open_with_drift_cap(path: &Path, drift_cap: usize) -> Result<SledStore, StoreError> {
+        Self::open_with_drift_caps(
+            path,
+            DriftCaps {
+                total: drift_cap,
+                ..DriftCaps::default()
+            },
+        )
+    }
+
+    /// Opens with these bounds on the drift history. The per-cluster index is
+    /// rebuilt when it does not match the history (a store from before it).
+    pub fn open_with_drift_caps(path: &Path, caps: DriftCaps) -> Result<SledStore, StoreError> {
         let db = sled::open(path)?;
-        Ok(SledStore {
+        let store = SledStore {
             tokens: db.open_tree("tokens")?,
             sources: db.open_tree("sources")?,
             groups: db.open_tree("groups")?,
@@ -365,11 +416,51 @@ impl SledStore {
             contents: db.open_tree("contents")?,
             drift: db.open_tree("drift")?,
             drift_meta: db.open_tree("drift_meta")?,
-            drift_cap: drift_cap.max(1),
+            drift_by_cluster: db.open_tree("drift_by_cluster")?,
+            drift_caps: DriftCaps {
+                total: caps.total.max(1),
+                per_cluster: caps.per_cluster.max(1),
+            },
             drift_lock: std::sync::Mutex::new(()),
             keyring: None,
             db,
-        })
+        };
+        if store.drift_by_cluster.len() != store.drift.len() {
+            store.drift_by_cluster.clear()?;
+            for kv in store.drift.iter() {
+                let (k, v) = kv?;
+                let rec: DriftRecord = decode(&k, &v)?;
+                store
+                    .drift_by_cluster
+                    .insert(cluster_drift_key(&rec.cluster, rec.id), Vec::<u8>::new())?;
+            }
+        }
+        Ok(store)
+    }
+
+    /// Drops the oldest records of `cluster` while it holds more than its share.
+    fn trim_cluster(
+        &self,
+        cluster: &str,
+        dropped: &mut Vec<DriftRecord>,
+    ) -> Result<(), StoreError> {
+        let prefix = cluster_drift_prefix(cluster);
+        let held = self.drift_by_cluster.scan_prefix(&prefix).count();
+        let over = held.saturating_sub(self.drift_caps.per_cluster);
+        let oldest = self
+            .drift_by_cluster
+            .scan_prefix(&prefix)
+            .keys()
+            .take(over)
+            .collect::<Result<Vec<_>, _>>()?;
+        for k in oldest {
+            self.drift_by_cluster.remove(&k)?;
+            let id = &k[prefix.len()..];
+            if let Some(v) = self.drift.remove(id)? {
+                dropped.push(decode(id, &v)?);
+            }
+        }
+        Ok(())
     }
 
     /// Gives the store the hub's secrets key, and seals the secrets written in
@@ -692,6 +783,8 @@ impl Store for SledStore {
                 let rec: DriftRecord = decode(&k, &v)?;
                 if rec.cluster == name {
                     self.drift.remove(k)?;
+                    self.drift_by_cluster
+                        .remove(cluster_drift_key(name, rec.id))?;
                 }
             }
             // A cluster enrolled again under this name starts its ids afresh.
@@ -731,12 +824,18 @@ impl Store for SledStore {
         self.drift_meta.insert(DRIFT_NEXT_ID, &id.to_be_bytes())?;
         self.drift_meta
             .insert(cluster.as_bytes(), &event.id.to_be_bytes())?;
+        self.drift_by_cluster
+            .insert(cluster_drift_key(cluster, id), Vec::<u8>::new())?;
         let mut dropped = Vec::new();
-        while self.drift.len() > self.drift_cap {
+        self.trim_cluster(cluster, &mut dropped)?;
+        while self.drift.len() > self.drift_caps.total {
             let Some((k, v)) = self.drift.pop_min()? else {
                 break;
             };
-            dropped.push(decode(&k, &v)?);
+            let rec: DriftRecord = decode(&k, &v)?;
+            self.drift_by_cluster
+                .remove(cluster_drift_key(&rec.cluster, rec.id))?;
+            dropped.push(rec);
         }
         if !dropped.is_empty() {
             let n = u64_at(&self.drift_meta, DRIFT_DROPPED)? + dropped.len() as u64;
@@ -868,6 +967,84 @@ mod tests {
             None,
             "survives reopen"
         );
+    }
+
+    /// One cluster floods the history: it pushes out only its own oldest events,
+    /// never another cluster's, and the bounds hold after a reopen.
+    #[test]
+    fn a_flooding_cluster_pushes_out_only_its_own_history() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store");
+        let caps = DriftCaps {
+            total: 50,
+            per_cluster: 10,
+        };
+        {
+            let store = SledStore::open_with_drift_caps(&path, caps).unwrap();
+            for id in 1..=5 {
+                store.add_drift("b", &event(id)).unwrap();
+            }
+            let mut dropped = 0;
+            for id in 1..=1_000 {
+                dropped += store.add_drift("a", &event(id)).unwrap().dropped.len();
+            }
+            assert_eq!(dropped, 990);
+            let of = |c: &str| {
+                store
+                    .list_drift()
+                    .unwrap()
+                    .into_iter()
+                    .filter(|r| r.cluster == c)
+                    .map(|r| r.event.id)
+                    .collect::<Vec<_>>()
+            };
+            assert_eq!(of("b"), [1, 2, 3, 4, 5], "b's history survives a's flood");
+            assert_eq!(
+                of("a"),
+                (991..=1_000).collect::<Vec<_>>(),
+                "a keeps its newest"
+            );
+            assert_eq!(store.drift_dropped().unwrap(), 990);
+        }
+        // The fleet-wide bound still holds over many clusters, oldest first.
+        let store = SledStore::open_with_drift_caps(&path, caps).unwrap();
+        for c in 0..10 {
+            for id in 1..=10 {
+                store.add_drift(&format!("c{c}"), &event(id)).unwrap();
+            }
+        }
+        let all = store.list_drift().unwrap();
+        assert_eq!(all.len(), 50);
+        assert!(all.iter().all(|r| r.cluster.starts_with('c')));
+        assert_eq!(
+            store.drift_by_cluster.len(),
+            50,
+            "index follows the history"
+        );
+    }
+
+    /// A store written before the per-cluster index gets it at open.
+    #[test]
+    fn the_per_cluster_index_is_rebuilt() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store");
+        {
+            let store = SledStore::open(&path).unwrap();
+            for id in 1..=3 {
+                store.add_drift("a", &event(id)).unwrap();
+            }
+            store.drift_by_cluster.clear().unwrap();
+            store.flush().unwrap();
+        }
+        let caps = DriftCaps {
+            total: 100,
+            per_cluster: 2,
+        };
+        let store = SledStore::open_with_drift_caps(&path, caps).unwrap();
+        assert_eq!(store.drift_by_cluster.len(), 3);
+        let added = store.add_drift("a", &event(4)).unwrap();
+        let gone: Vec<u64> = added.dropped.iter().map(|r| r.event.id).collect();
+        assert_eq!(gone, [1, 2]);
     }
 
     #[test]

@@ -1236,3 +1236,196 @@ async fn an_agent_that_never_acknowledges_is_disconnected() {
     assert_eq!(ended.code(), tonic::Code::ResourceExhausted, "{ended:?}");
     assert!(received > 16, "closed after {received} sets");
 }
+
+/// A source `name` whose one bundle (named `name` too) goes to clusters with
+/// `env=ENV`, committed at once.
+async fn bundle_for_env(th: &TestHub, name: &str, env: &str) {
+    let source = format!("apiVersion: flotilla.io/v1alpha1\nkind: GitSource\nmetadata: {{name: {name}}}\nspec:\n  repo: https://git.example.com/{name}.git\n  targets:\n  - clusterSelector: {{matchLabels: {{env: {env}}}}}\n");
+    let (status, body) = th
+        .call(
+            reqwest::Method::POST,
+            "/api/v1/apply?file=s.yaml",
+            Some(source),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let files: BTreeMap<String, Vec<u8>> = [(
+        "cm.yaml".to_string(),
+        format!("apiVersion: v1\nkind: ConfigMap\nmetadata: {{name: {name}}}\n").into_bytes(),
+    )]
+    .into_iter()
+    .collect();
+    let snapshot = flotilla_hub::git::Snapshot {
+        commit: "c0ffee".into(),
+        files,
+    };
+    assert!(th.hub.inject_snapshot(name, snapshot).await.unwrap());
+}
+
+/// An enrolled cluster's open session: what it sends, what it receives.
+struct AgentSession {
+    tx: mpsc::Sender<v1::AgentMessage>,
+    inbound: tonic::Streaming<v1::HubMessage>,
+}
+
+impl AgentSession {
+    async fn open(th: &TestHub, name: &str, env: &str) -> AgentSession {
+        let key = KeyPair::generate().unwrap();
+        let cert = enroll(th, &th.token("1h").await, name, &[("env", env)], &key)
+            .await
+            .unwrap()
+            .certificate_pem;
+        let channel = th.channel(Some((&cert, &key))).await.unwrap();
+        let (tx, rx) = session_request(hello(vec![]));
+        let mut inbound = FleetClient::new(channel)
+            .session(rx)
+            .await
+            .unwrap()
+            .into_inner();
+        let v1::hub_message::Msg::Desired(_) = next_msg(&mut inbound).await else {
+            panic!("expected Desired first")
+        };
+        AgentSession { tx, inbound }
+    }
+
+    /// Sends a drift event and waits for its ack.
+    async fn drift(&mut self, event: v1::DriftEvent) {
+        let id = event.id;
+        self.tx
+            .send(v1::AgentMessage {
+                msg: Some(v1::agent_message::Msg::Drift(event)),
+            })
+            .await
+            .unwrap();
+        loop {
+            match next_msg(&mut self.inbound).await {
+                v1::hub_message::Msg::DriftAck(ack) => {
+                    assert_eq!(ack.id, id, "acks come in order");
+                    return;
+                }
+                _ => continue,
+            }
+        }
+    }
+}
+
+fn drift_of(id: u64, bundle: &str, kind: &str, fields: Vec<v1::FieldDiff>) -> v1::DriftEvent {
+    v1::DriftEvent {
+        id,
+        bundle: bundle.into(),
+        api_version: "v1".into(),
+        kind: kind.into(),
+        namespace: "demo".into(),
+        name: format!("obj-{id}"),
+        fields,
+        manager: "kubectl-edit".into(),
+        detected_at_unix_ms: 1_000,
+        corrected: false,
+        deleted: false,
+    }
+}
+
+async fn drift_list(th: &TestHub, query: &str) -> Vec<Value> {
+    let (status, body) = th
+        .call(
+            reqwest::Method::GET,
+            &format!("/api/v1/drift?{query}"),
+            None,
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    body.as_array().unwrap().clone()
+}
+
+/// Agents speak only for themselves, and only so much: cluster A reports drift of
+/// a bundle that is B's alone (acknowledged, never stored), sends drift values of
+/// a megabyte (cut with a marker, not refused), reports a Secret's values (stored
+/// as hashes), then floods the history; B's own events survive the flood.
+#[tokio::test]
+async fn drift_reports_are_bounded_and_only_for_the_clusters_bundles() {
+    let th = start_hub_with(|c| {
+        c.drift_caps = flotilla_hub::store::DriftCaps {
+            total: 100,
+            per_cluster: 40,
+        }
+    })
+    .await;
+    bundle_for_env(&th, "aonly", "a").await;
+    bundle_for_env(&th, "bonly", "b").await;
+    let mut a = AgentSession::open(&th, "site-a", "a").await;
+    let mut b = AgentSession::open(&th, "site-b", "b").await;
+
+    // B's own history.
+    for id in 1..=5 {
+        b.drift(drift_of(id, "bonly", "ConfigMap", vec![])).await;
+    }
+    assert_eq!(drift_list(&th, "cluster=site-b").await.len(), 5);
+
+    // A speaks for B's bundle: acknowledged, so A's outbox drains, but not stored.
+    a.drift(drift_of(1, "bonly", "ConfigMap", vec![])).await;
+    assert!(
+        drift_list(&th, "cluster=site-a").await.is_empty(),
+        "a drift event for a bundle not assigned to A was stored"
+    );
+
+    // Oversized values are cut with a marker, the event kept.
+    let huge = "x".repeat(1 << 20);
+    a.drift(drift_of(
+        2,
+        "aonly",
+        "ConfigMap",
+        vec![v1::FieldDiff {
+            path: format!("/data/{huge}"),
+            desired_json: json!(huge).to_string(),
+            live_json: json!({ "k": huge }).to_string(),
+        }],
+    ))
+    .await;
+    // A Secret's values are stored as hashes, whatever the agent sent.
+    a.drift(drift_of(
+        3,
+        "aonly",
+        "Secret",
+        vec![
+            v1::FieldDiff {
+                path: "/data/password".into(),
+                desired_json: json!("aHVudGVyMg==").to_string(),
+                live_json: json!("cGxhaW4tdGV4dA==").to_string(),
+            },
+            v1::FieldDiff {
+                path: "/stringData/token".into(),
+                desired_json: json!("t0ken-in-the-clear").to_string(),
+                live_json: "null".into(),
+            },
+        ],
+    ))
+    .await;
+    let events = drift_list(&th, "cluster=site-a").await;
+    assert_eq!(events.len(), 2, "{events:?}");
+    let text = serde_json::to_string(&events[0]).unwrap();
+    assert!(
+        text.len() < 32 * 1024,
+        "a 3 MiB event is stored as {} bytes",
+        text.len()
+    );
+    assert!(text.contains("…[truncated "), "{text}");
+    let secret = serde_json::to_string(&events[1]).unwrap();
+    for value in ["aHVudGVyMg==", "cGxhaW4tdGV4dA==", "t0ken-in-the-clear"] {
+        assert!(!secret.contains(value), "{value} stored: {secret}");
+    }
+    assert!(secret.contains("/data/password") && secret.contains("redacted:sha256:"));
+
+    // A floods: far more than the fleet-wide bound. Only A's oldest go.
+    for id in 4..=203 {
+        a.drift(drift_of(id, "aonly", "ConfigMap", vec![])).await;
+    }
+    let b_events = drift_list(&th, "cluster=site-b").await;
+    assert_eq!(b_events.len(), 5, "A's flood pushed out B's history");
+    let a_events = drift_list(&th, "cluster=site-a").await;
+    assert_eq!(a_events.len(), 40, "A keeps its share");
+    assert_eq!(
+        a_events.last().unwrap()["object"]["name"],
+        "obj-203",
+        "and its newest events"
+    );
+}

@@ -209,6 +209,7 @@ pub fn bundle_content(content_hash: &str, rendered: &Rendered) -> v1::BundleCont
             .clone()
             .unwrap_or_default(),
         drift: (!rendered.options.drift.is_default()).then(|| (&rendered.options.drift).into()),
+        take_ownership: rendered.options.take_ownership,
     }
 }
 
@@ -243,6 +244,7 @@ impl TryFrom<&v1::BundleContent> for Rendered {
                     .map(DriftPolicy::try_from)
                     .transpose()?
                     .unwrap_or_default(),
+                take_ownership: c.take_ownership,
             },
         })
     }
@@ -295,6 +297,15 @@ mod tests {
         assert_ne!(h2, hash);
         let back = Rendered::try_from(&bundle_content(&h2, &with_policy)).unwrap();
         assert_eq!(back, with_policy);
+
+        // So does takeOwnership; without it the hash is the one it was.
+        let mut adopting = rendered.clone();
+        adopting.options.take_ownership = true;
+        let h3 = adopting.content_hash();
+        assert_ne!(h3, hash);
+        let wire = bundle_content(&h3, &adopting);
+        assert!(wire.take_ownership);
+        assert_eq!(Rendered::try_from(&wire).unwrap(), adopting);
     }
 
     #[test]

@@ -122,6 +122,7 @@ fn sample_hub_message() -> Vec<u8> {
                     mode: 1,
                     ignore: vec![v1::IgnoreRule::default()],
                 }),
+                take_ownership: true,
             }],
         })),
     }
@@ -210,6 +211,7 @@ proptest! {
             default_namespace: String::new(),
             target_namespace: String::new(),
             drift: Some(v1::DriftPolicy { mode, ignore: vec![] }),
+            take_ownership: mode % 2 == 0,
         };
         check_content(&content);
         let status = v1::BundleStatus { state, ..Default::default() };

@@ -73,6 +73,10 @@ pub struct BundleOptions {
     /// What the agent does when objects drift (left out of the hash when default).
     #[serde(default, skip_serializing_if = "crate::drift::DriftPolicy::is_default")]
     pub drift: crate::drift::DriftPolicy,
+    /// Fleet's `takeOwnership`: the agent may take over objects that exist without
+    /// this bundle's label (left out of the hash when false, the default).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub take_ownership: bool,
 }
 
 impl BundleOptions {
@@ -332,6 +336,7 @@ pub fn render_plain(files: &BTreeMap<String, Vec<u8>>) -> Result<Rendered, Rende
     let options = BundleOptions {
         default_namespace: non_empty(spec.default_namespace),
         target_namespace: non_empty(spec.namespace),
+        take_ownership: spec.take_ownership,
         ..Default::default()
     };
     finish(parse_manifests(files)?, options)

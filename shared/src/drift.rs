@@ -430,17 +430,60 @@ pub fn baseline(desired: &Value, applied: &Value) -> BTreeSet<String> {
 }
 
 /// The drift of an object: its differences outside `ignore` and the `baseline`.
-/// Empty when the object holds what was applied.
+/// Empty when the object holds what was applied. A Secret's values are redacted
+/// (see [`redact`]).
 pub fn detect(
     desired: &Value,
     live: &Value,
     ignore: &[String],
     baseline: &BTreeSet<String>,
 ) -> Vec<FieldDiff> {
-    diff(desired, live, ignore)
+    let mut fields: Vec<FieldDiff> = diff(desired, live, ignore)
         .into_iter()
         .filter(|f| !baseline.iter().any(|b| covers(b, &f.path)))
-        .collect()
+        .collect();
+    let kind = |k: &str| desired[k].as_str().unwrap_or_default().to_string();
+    redact(&kind("apiVersion"), &kind("kind"), &mut fields);
+    fields
+}
+
+/// Whether objects of this kind hold values that never leave the cluster in a
+/// drift report: core Secrets.
+pub fn is_secret(api_version: &str, kind: &str) -> bool {
+    api_version == "v1" && kind == "Secret"
+}
+
+/// The prefix of a redacted value.
+pub const REDACTED_PREFIX: &str = "redacted:sha256:";
+
+/// A value as a Secret's drift shows it: a hash naming it, never the value (`null`,
+/// absent, stays `null`). Hashes tell values apart (drifted, corrected, drifted
+/// to the same value again) without saying what they are; short, guessable
+/// values can still be guessed from them by trying, as from any plain hash.
+pub fn redacted(v: &Value) -> Value {
+    use sha2::{Digest, Sha256};
+    if v.is_null() {
+        return Value::Null;
+    }
+    let digest = hex::encode(Sha256::digest(v.to_string().as_bytes()));
+    Value::String(format!("{REDACTED_PREFIX}{}", &digest[..16]))
+}
+
+/// Redacts the drifted fields of a Secret: every path is kept, every value (in
+/// `data`, `stringData` and anywhere else in it: an annotation may carry the whole
+/// Secret) is replaced by [`redacted`]. Other kinds are left as they are. The
+/// agent redacts before recording an event, the hub again before storing one.
+pub fn redact(api_version: &str, kind: &str, fields: &mut [FieldDiff]) {
+    if !is_secret(api_version, kind) {
+        return;
+    }
+    for f in fields {
+        for v in [&mut f.desired, &mut f.live] {
+            if !v.as_str().is_some_and(|s| s.starts_with(REDACTED_PREFIX)) {
+                *v = redacted(v);
+            }
+        }
+    }
 }
 
 /// The manager to name for a set of drifted fields: the one most fields name.
@@ -576,6 +619,61 @@ mod tests {
             Some(&json!({"comparePatches": [{"jsonPointers": ["spec"]}]}))
         )
         .is_err());
+    }
+
+    #[test]
+    fn secret_drift_shows_paths_and_hashes_never_values() {
+        let desired = json!({"apiVersion": "v1", "kind": "Secret",
+            "metadata": {"name": "db", "namespace": "demo",
+                "annotations": {"note": "hunter2-in-an-annotation"}},
+            "type": "Opaque",
+            "data": {"password": "aHVudGVyMg=="},
+            "stringData": {"token": "s3cr3t-token"}});
+        let live = json!({"apiVersion": "v1", "kind": "Secret",
+            "metadata": {"name": "db", "namespace": "demo",
+                "annotations": {"note": "changed-secret-note"}},
+            "type": "Opaque",
+            "data": {"password": "Y29ycmVjdC1ob3JzZQ==", "token": "czNjcjN0LXRva2Vu"}});
+        let fields = detect(&desired, &live, &[], &BTreeSet::new());
+        let paths: BTreeSet<&str> = fields.iter().map(|f| f.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            BTreeSet::from([
+                "/metadata/annotations/note",
+                "/data/password",
+                "/stringData"
+            ])
+        );
+        let at = |p: &str| fields.iter().find(|f| f.path == p).unwrap();
+        let text = serde_json::to_string(&fields).unwrap();
+        for secret in [
+            "aHVudGVyMg==",
+            "Y29ycmVjdC1ob3JzZQ==",
+            "s3cr3t-token",
+            "hunter2",
+            "changed-secret-note",
+        ] {
+            assert!(!text.contains(secret), "{secret} leaked: {text}");
+        }
+        let f = at("/data/password");
+        assert!(f.desired.as_str().unwrap().starts_with(REDACTED_PREFIX));
+        assert_ne!(f.desired, f.live, "different values, different hashes");
+        assert_eq!(f.desired, redacted(&json!("aHVudGVyMg==")), "stable");
+        assert_eq!(at("/stringData").live, Value::Null, "absent stays null");
+
+        // Redacting again (the hub, after the agent) changes nothing.
+        let mut again = fields.clone();
+        redact("v1", "Secret", &mut again);
+        assert_eq!(again, fields);
+        // Other kinds keep their values.
+        let mut cm = vec![FieldDiff {
+            path: "/data/mode".into(),
+            desired: json!("blue"),
+            live: json!("green"),
+            manager: String::new(),
+        }];
+        redact("v1", "ConfigMap", &mut cm);
+        assert_eq!(cm[0].desired, json!("blue"));
     }
 
     #[test]

@@ -9,6 +9,9 @@ pub enum Error {
     Label { label: String, reason: String },
     #[error("invalid join token: {0}")]
     Token(String),
+    /// The CA a hub served does not satisfy the join token's pin.
+    #[error("refusing the hub's CA: {0}")]
+    CaPin(String),
     #[error("{file}: document {document}: {reason}")]
     Object {
         file: String,

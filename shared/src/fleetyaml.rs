@@ -81,6 +81,9 @@ pub struct TargetCustomization {
     pub namespace: Option<String>,
     #[serde(default)]
     pub default_namespace: Option<String>,
+    /// Overrides the bundle's `takeOwnership` for matching clusters.
+    #[serde(default)]
+    pub take_ownership: Option<bool>,
     #[serde(default)]
     pub kustomize: Option<KustomizeOptions>,
     #[serde(default)]
@@ -112,6 +115,10 @@ pub struct BundleSpec {
     pub namespace: Option<String>,
     #[serde(default)]
     pub default_namespace: Option<String>,
+    /// Fleet's `takeOwnership`: objects that already exist in the cluster without
+    /// this bundle's label may be taken over (by default the bundle fails on them).
+    #[serde(default)]
+    pub take_ownership: bool,
     /// Added to every object of the bundle.
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
@@ -467,6 +474,9 @@ pub fn plan(
             .and_then(|c| non_empty(&c.namespace))
             .or_else(|| non_empty(&spec.namespace)),
         drift: crate::drift::policy(spec.drift.as_ref(), spec.diff.as_ref()).map_err(&err)?,
+        take_ownership: custom
+            .and_then(|c| c.take_ownership)
+            .unwrap_or(spec.take_ownership),
     };
     // Namespaces reach helm's command line and the agent: DNS labels only.
     if let Some(ns) = &options.target_namespace {
@@ -924,6 +934,32 @@ mod tests {
             .reason
             .contains("JSON pointer"));
         assert!(plan_for(&files(&[]), 0).unwrap().options.drift.is_default());
+    }
+
+    #[test]
+    fn take_ownership_reaches_the_options() {
+        assert!(!plan_for(&files(&[]), 0).unwrap().options.take_ownership);
+        let f = files(&[(
+            "fleet.yaml",
+            "takeOwnership: true
+targetCustomizations:
+- name: careful
+  clusterName: c1
+  takeOwnership: false
+- name: other
+  clusterName: c2
+",
+        )]);
+        assert!(plan_for(&f, 0).unwrap().options.take_ownership);
+        // Variant 1 is `careful`, variant 2 `other`.
+        assert!(
+            !plan_for(&f, 1).unwrap().options.take_ownership,
+            "a customisation may turn it off"
+        );
+        assert!(
+            plan_for(&f, 2).unwrap().options.take_ownership,
+            "and inherits it otherwise"
+        );
     }
 
     #[test]

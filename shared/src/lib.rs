@@ -7,6 +7,7 @@
 pub mod assign;
 pub mod bundle;
 pub mod capabilities;
+pub mod caps;
 pub mod depends;
 pub mod drift;
 pub mod error;

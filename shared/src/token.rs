@@ -53,6 +53,29 @@ pub fn ca_hash(ca_der: &[u8]) -> String {
     hex::encode(Sha256::digest(ca_der))
 }
 
+/// The one certificate an agent may trust as its hub's CA, out of those the hub
+/// served for `GetCa` (DER, in order): exactly one, whose hash is the token's pin.
+/// A second certificate beside the pinned one is refused rather than ignored:
+/// whoever serves it wants it trusted, and trusting it would let its holder
+/// impersonate the hub (the pin would cover only the first).
+pub fn pinned_ca<'a>(served: &[&'a [u8]], pin: &str) -> Result<&'a [u8], Error> {
+    let [ca] = served else {
+        return Err(Error::CaPin(format!(
+            "the hub served {} certificates as its CA; exactly one, matching the join \
+             token's pin ({pin}), is accepted",
+            served.len()
+        )));
+    };
+    let got = ca_hash(ca);
+    if !got.eq_ignore_ascii_case(pin) {
+        return Err(Error::CaPin(format!(
+            "its certificate (sha256 {got}) does not match the hash pinned in the join \
+             token ({pin})"
+        )));
+    }
+    Ok(ca)
+}
+
 fn check_part(s: &str, len: usize, what: &str) -> Result<(), Error> {
     if s.len() != len
         || !s
@@ -143,6 +166,27 @@ mod tests {
         ] {
             assert!(bad.parse::<JoinToken>().is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn only_a_single_pinned_ca_is_trusted() {
+        let (ca, other) = (b"the hub's CA".as_slice(), b"an attacker's CA".as_slice());
+        let pin = ca_hash(ca);
+        assert_eq!(pinned_ca(&[ca], &pin).unwrap(), ca);
+        assert_eq!(pinned_ca(&[ca], &pin.to_uppercase()).unwrap(), ca);
+        // The pinned certificate first and another after it: the pin covers only
+        // one of them, so neither is trusted.
+        for served in [&[ca, other][..], &[other, ca][..], &[ca, ca][..]] {
+            let e = pinned_ca(served, &pin).unwrap_err().to_string();
+            assert!(
+                e.contains("served 2 certificates") && e.contains("exactly one"),
+                "{e}"
+            );
+        }
+        let e = pinned_ca(&[], &pin).unwrap_err().to_string();
+        assert!(e.contains("served 0 certificates"), "{e}");
+        let e = pinned_ca(&[other], &pin).unwrap_err().to_string();
+        assert!(e.contains("does not match") && e.contains(&pin), "{e}");
     }
 
     #[test]

@@ -349,5 +349,57 @@ fn deploy_manifests_pass_server_dry_run() -> Result<()> {
     ] {
         assert!(out.contains(kind), "{kind} missing from: {out}");
     }
+
+    // The least-privilege variant: no cluster-admin role, a Role per allowed namespace.
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/agent-namespaced");
+    let built = east.kubectl(&["kustomize", &dir.to_string_lossy()])?;
+    for ns in ["team-a", "team-b"] {
+        east.kubectl(&["create", "namespace", ns, "--dry-run=client", "-o", "yaml"])
+            .and_then(|y| east.kubectl_stdin(&["apply", "--server-side", "-f", "-"], &y))?;
+    }
+    let out = east.kubectl_stdin(
+        &[
+            "apply",
+            "--server-side",
+            "--dry-run=server",
+            "-o",
+            "json",
+            "-f",
+            "-",
+        ],
+        &built,
+    )?;
+    let out: serde_json::Value = serde_json::from_str(&out)?;
+    let items = out["items"].as_array().cloned().unwrap_or_default();
+    let has = |kind: &str, name: &str, ns: Option<&str>| {
+        items.iter().any(|o| {
+            o["kind"] == kind
+                && o["metadata"]["name"] == name
+                && ns.is_none_or(|ns| o["metadata"]["namespace"] == ns)
+        })
+    };
+    assert!(
+        !has("ClusterRole", "flotilla-agent", None),
+        "cluster-admin left in: {built}"
+    );
+    assert!(
+        !has("ClusterRoleBinding", "flotilla-agent", None),
+        "{built}"
+    );
+    for ns in ["team-a", "team-b"] {
+        assert!(
+            has("Role", "flotilla-agent", Some(ns)),
+            "no Role in {ns}: {built}"
+        );
+        assert!(has("RoleBinding", "flotilla-agent", Some(ns)), "{built}");
+    }
+    assert!(
+        has("ClusterRole", "flotilla-agent-namespaces", None),
+        "{built}"
+    );
+    assert!(
+        has("Deployment", "flotilla-agent", Some("flotilla-system")),
+        "{built}"
+    );
     Ok(())
 }
