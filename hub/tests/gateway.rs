@@ -1429,3 +1429,254 @@ async fn drift_reports_are_bounded_and_only_for_the_clusters_bundles() {
         "and its newest events"
     );
 }
+
+/// Every gRPC method, from the service definitions in the proto file.
+fn grpc_methods() -> Vec<(String, String)> {
+    let proto = include_str!("../../proto/proto/flotilla.proto");
+    let mut service = String::new();
+    let mut out = Vec::new();
+    for line in proto.lines().map(str::trim) {
+        if let Some(rest) = line.strip_prefix("service ") {
+            service = rest.trim_end_matches('{').trim().to_string();
+        } else if let Some(rest) = line.strip_prefix("rpc ") {
+            let name = rest.split('(').next().unwrap().trim().to_string();
+            out.push((service.clone(), name));
+        }
+    }
+    out
+}
+
+/// Every (method, path) of the admin API, from the router's source: a new
+/// `.route(...)` is in the matrix without anyone adding it.
+fn http_routes() -> Vec<(reqwest::Method, String)> {
+    let api = include_str!("../src/api.rs");
+    let admin = &api[api.find("fn admin_router").unwrap()..];
+    let admin = &admin[..admin.find(".fallback(").unwrap()];
+    let mut out = Vec::new();
+    for chunk in admin.split(".route(").skip(1) {
+        let path = chunk.split('"').nth(1).unwrap();
+        let path = path
+            .replace("{name}", "x")
+            .replace("{id}", "1")
+            .replace("{*rest}", "x");
+        for (word, method) in [
+            ("get(", reqwest::Method::GET),
+            ("post(", reqwest::Method::POST),
+            ("put(", reqwest::Method::PUT),
+            ("delete(", reqwest::Method::DELETE),
+            ("patch(", reqwest::Method::PATCH),
+        ] {
+            if chunk.contains(word) {
+                out.push((method, path.clone()));
+            }
+        }
+    }
+    out
+}
+
+/// Any message: an empty body decodes as the default of every proto3 message.
+#[derive(Clone, PartialEq, prost::Message)]
+struct Empty {}
+
+/// Calls `/flotilla.v1.SERVICE/METHOD` with an empty message on `channel`
+/// (a channel error counts as refused by TLS).
+async fn call_raw(
+    channel: Result<Channel, tonic::transport::Error>,
+    service: &str,
+    method: &str,
+    bearer: Option<&str>,
+) -> Result<(), String> {
+    let channel = channel.map_err(|e| format!("TLS: {e}"))?;
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.map_err(|e| format!("TLS: {e}"))?;
+    let mut req = tonic::Request::new(Empty {});
+    if let Some(b) = bearer {
+        req.metadata_mut()
+            .insert("authorization", format!("Bearer {b}").parse().unwrap());
+    }
+    let path = format!("/flotilla.v1.{service}/{method}")
+        .parse::<tonic::codegen::http::uri::PathAndQuery>()
+        .unwrap();
+    let codec: tonic_prost::ProstCodec<Empty, Empty> = tonic_prost::ProstCodec::default();
+    match grpc.unary(req, path, codec).await {
+        Ok(_) => Ok(()),
+        // A broken handshake can also surface on the first call.
+        Err(s) if s.code() == Code::Unknown || s.code() == Code::Unavailable => {
+            Err(format!("TLS: {s}"))
+        }
+        Err(s) => Err(format!("{:?}", s.code())),
+    }
+}
+
+/// The authorisation matrix: every gRPC method and every API route against
+/// every kind of caller that is not entitled, generated from the proto's
+/// service definitions and the router, so a new method or route cannot be
+/// left out. Only `GetCa` (the public CA certificate, checked by the agent
+/// against its token's pin) is open; `Enroll` needs a join token; everything
+/// else needs the certificate the hub issued to a cluster that still exists.
+#[tokio::test]
+async fn authorisation_matrix() {
+    let th = start_hub().await;
+    // A hub that issues certificates for 3 s, for an expired one.
+    let short = start_hub_with(|c| c.agent_cert_ttl = Duration::from_secs(3)).await;
+    // A revoked cluster: enrolled, then deleted.
+    let revoked_key = KeyPair::generate().unwrap();
+    let revoked = enroll(&th, &th.token("1h").await, "gone-1", &[], &revoked_key)
+        .await
+        .unwrap()
+        .certificate_pem;
+    let (status, body) = th
+        .call(reqwest::Method::DELETE, "/api/v1/clusters/gone-1", None)
+        .await;
+    assert_eq!(status, 200, "{body}");
+    // An expired certificate: issued for 3 s.
+    let expired_key = KeyPair::generate().unwrap();
+    let expired = enroll(
+        &short,
+        &short.token("1h").await,
+        "late-1",
+        &[],
+        &expired_key,
+    )
+    .await
+    .unwrap()
+    .certificate_pem;
+    // A certificate from a CA the hub does not know.
+    let foreign_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::default();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let issuer = rcgen::Issuer::new(ca_params, KeyPair::generate().unwrap());
+    let mut params = CertificateParams::default();
+    params.subject_alt_names = vec![rcgen::SanType::URI(
+        "flotilla://cluster/late-1".try_into().unwrap(),
+    )];
+    params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+    let foreign = params.signed_by(&foreign_key, &issuer).unwrap().pem();
+    let not_after = {
+        let der = flotilla_hub::pki::pem_to_der(&expired).unwrap();
+        let (_, cert) = x509_parser::parse_x509_certificate(&der).unwrap();
+        cert.validity().not_after.timestamp()
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while (std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64)
+        <= not_after
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "certificate never expired"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let join_token = th.token("1h").await.credential();
+
+    let methods = grpc_methods();
+    assert!(methods.len() >= 4, "{methods:?}");
+    let mut failures = Vec::new();
+    for (service, method) in &methods {
+        let public = service == "Enrolment" && method == "GetCa";
+        let token_only = service == "Enrolment" && method == "Enroll";
+        let needs_cert = !public && !token_only;
+        let cells: Vec<(&str, Result<(), String>, &str)> = vec![
+            (
+                "no credential",
+                call_raw(th.channel(None).await, service, method, None).await,
+                if public { "ok" } else { "Unauthenticated" },
+            ),
+            (
+                "wrong token",
+                call_raw(th.channel(None).await, service, method, Some("nope")).await,
+                if public { "ok" } else { "Unauthenticated" },
+            ),
+            (
+                "a join token as bearer",
+                call_raw(th.channel(None).await, service, method, Some(&join_token)).await,
+                if public { "ok" } else { "Unauthenticated" },
+            ),
+            (
+                "foreign CA",
+                call_raw(
+                    th.channel(Some((&foreign, &foreign_key))).await,
+                    service,
+                    method,
+                    None,
+                )
+                .await,
+                "TLS",
+            ),
+            (
+                "revoked cluster",
+                call_raw(
+                    th.channel(Some((&revoked, &revoked_key))).await,
+                    service,
+                    method,
+                    None,
+                )
+                .await,
+                if public {
+                    "ok"
+                } else if needs_cert {
+                    "PermissionDenied"
+                } else {
+                    "Unauthenticated"
+                },
+            ),
+            (
+                "expired certificate",
+                call_raw(
+                    short.channel(Some((&expired, &expired_key))).await,
+                    service,
+                    method,
+                    None,
+                )
+                .await,
+                "TLS",
+            ),
+        ];
+        for (who, got, want) in cells {
+            let got_s = match &got {
+                Ok(()) => "ok".to_string(),
+                Err(e) if e.starts_with("TLS") => "TLS".to_string(),
+                Err(e) => e.clone(),
+            };
+            if got_s != want {
+                failures.push(format!(
+                    "{service}/{method} × {who}: want {want}, got {got:?}"
+                ));
+            }
+        }
+    }
+
+    let routes = http_routes();
+    assert!(routes.len() >= 15, "{routes:?}");
+    for (method, path) in &routes {
+        for (who, auth) in [
+            ("no credential", None),
+            ("wrong token", Some("Bearer nope".to_string())),
+            ("a join token", Some(format!("Bearer {join_token}"))),
+            ("admin token in the query", None),
+        ] {
+            let url = if who == "admin token in the query" {
+                format!("{}{path}?token={}", th.api, th.hub.pki.admin_token())
+            } else {
+                format!("{}{path}", th.api)
+            };
+            let mut req = reqwest::Client::new().request(method.clone(), url);
+            if let Some(a) = auth {
+                req = req.header("authorization", a);
+            }
+            let status = req.send().await.unwrap().status().as_u16();
+            if status != 401 {
+                failures.push(format!("{method} {path} × {who}: want 401, got {status}"));
+            }
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} cell(s) of the matrix are wrong:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+}
