@@ -776,8 +776,10 @@ impl Session {
                 sent.pending.retain(|g, _| *g > ack.generation);
                 sent.sent_at.retain(|g, _| *g > ack.generation);
                 tracing::debug!(generation = ack.generation, "desired set acknowledged");
-                self.fleet
-                    .record_ack(&self.cluster, &set)
+                let (fleet, cluster) = (self.fleet.clone(), self.cluster.clone());
+                tokio::task::spawn_blocking(move || fleet.record_ack(&cluster, &set))
+                    .await
+                    .map_err(|e| End::Error(internal(e)))?
                     .map_err(|e| End::Error(internal(e)))
             }
             Some(Msg::Status(s)) => {
@@ -786,18 +788,19 @@ impl Session {
                     Ok(rec) => {
                         tracing::debug!(bundle = %rec.bundle, state = %rec.state, seq, "status");
                         let bundle = rec.bundle.clone();
-                        let kept = self
-                            .fleet
-                            .record_status(rec)
-                            .map_err(|e| End::Error(internal(e)))?;
+                        // Store work (and the flush before the ack) off the async threads.
+                        let fleet = self.fleet.clone();
+                        let kept = tokio::task::spawn_blocking(move || {
+                            let kept = fleet.record_status(rec)?;
+                            fleet.store().flush()?;
+                            Ok::<_, crate::fleet::FleetError>(kept)
+                        })
+                        .await
+                        .map_err(|e| End::Error(internal(e)))?
+                        .map_err(|e| End::Error(internal(e)))?;
                         if !kept {
                             tracing::warn!(%bundle, seq, "status for a bundle not assigned to this cluster dropped");
                         }
-                        let store = self.fleet.store().clone();
-                        tokio::task::spawn_blocking(move || store.flush())
-                            .await
-                            .map_err(|e| End::Error(internal(e)))?
-                            .map_err(|e| End::Error(internal(e)))?;
                     }
                     // Acknowledged anyway: resending it would not make it valid.
                     Err(reason) => tracing::warn!(seq, %reason, "invalid status dropped"),
