@@ -208,6 +208,28 @@ pub fn accept_loop(
 pub struct Settings {
     /// How long the agent certificates it issues live (`--agent-cert-ttl`).
     pub agent_cert_ttl: Duration,
+    /// Enrolment attempts per peer address: a burst, then so many a second.
+    pub enroll_limit: EnrollLimit,
+}
+
+/// How often one peer address may try to enrol (`--enroll-burst`,
+/// `--enroll-per-second`). Loopback peers are on the hub's own host and are not
+/// limited unless `loopback` is set (simulated fleets enrol thousands from there).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EnrollLimit {
+    pub burst: u32,
+    pub per_second: u32,
+    pub loopback: bool,
+}
+
+impl Default for EnrollLimit {
+    fn default() -> Self {
+        EnrollLimit {
+            burst: 20,
+            per_second: 2,
+            loopback: false,
+        }
+    }
 }
 
 /// Serves Enrolment and Fleet on `listener` until `shutdown` turns true.
@@ -224,6 +246,10 @@ pub async fn serve(
         pki: pki.clone(),
         fleet: fleet.clone(),
         settings,
+        limiter: std::sync::Mutex::new(crate::hooks::RateLimiter::new(
+            settings.enroll_limit.burst,
+            settings.enroll_limit.per_second,
+        )),
     };
     let sessions = FleetService {
         fleet,
@@ -255,6 +281,38 @@ pub struct EnrolmentService {
     pki: Arc<Pki>,
     fleet: Arc<Fleet>,
     settings: Settings,
+    /// Enrolment attempts per peer address.
+    limiter: std::sync::Mutex<crate::hooks::RateLimiter>,
+}
+
+impl EnrolmentService {
+    /// Takes one attempt from the peer's budget; RESOURCE_EXHAUSTED when spent.
+    fn admit_peer<T>(&self, request: &Request<T>) -> Result<(), Status> {
+        let Some(peer) = request
+            .extensions()
+            .get::<PeerInfo>()
+            .and_then(|p| p.remote_addr)
+            .map(|a| a.ip())
+        else {
+            return Ok(());
+        };
+        if peer.is_loopback() && !self.settings.enroll_limit.loopback {
+            return Ok(());
+        }
+        let allowed = self
+            .limiter
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .allow(peer, tokio::time::Instant::now());
+        if allowed {
+            Ok(())
+        } else {
+            tracing::warn!(%peer, "enrolment attempts over the limit");
+            Err(Status::resource_exhausted(
+                "too many enrolment attempts from this address; retry later",
+            ))
+        }
+    }
 }
 
 /// Refuses a call whose certificate no longer stands.
@@ -283,6 +341,8 @@ impl Enrolment for EnrolmentService {
         &self,
         request: Request<v1::EnrollRequest>,
     ) -> Result<Response<v1::EnrollResponse>, Status> {
+        // Before anything else, even the token: a flood costs a bucket lookup.
+        self.admit_peer(&request)?;
         let r = request.into_inner();
         // The token first, before any work on what the caller sent: a caller
         // without a valid token costs a hash and a lookup, never a CSR parse.
@@ -716,8 +776,10 @@ impl Session {
                 sent.pending.retain(|g, _| *g > ack.generation);
                 sent.sent_at.retain(|g, _| *g > ack.generation);
                 tracing::debug!(generation = ack.generation, "desired set acknowledged");
-                self.fleet
-                    .record_ack(&self.cluster, &set)
+                let (fleet, cluster) = (self.fleet.clone(), self.cluster.clone());
+                tokio::task::spawn_blocking(move || fleet.record_ack(&cluster, &set))
+                    .await
+                    .map_err(|e| End::Error(internal(e)))?
                     .map_err(|e| End::Error(internal(e)))
             }
             Some(Msg::Status(s)) => {
@@ -726,18 +788,19 @@ impl Session {
                     Ok(rec) => {
                         tracing::debug!(bundle = %rec.bundle, state = %rec.state, seq, "status");
                         let bundle = rec.bundle.clone();
-                        let kept = self
-                            .fleet
-                            .record_status(rec)
-                            .map_err(|e| End::Error(internal(e)))?;
+                        // Store work (and the flush before the ack) off the async threads.
+                        let fleet = self.fleet.clone();
+                        let kept = tokio::task::spawn_blocking(move || {
+                            let kept = fleet.record_status(rec)?;
+                            fleet.store().flush()?;
+                            Ok::<_, crate::fleet::FleetError>(kept)
+                        })
+                        .await
+                        .map_err(|e| End::Error(internal(e)))?
+                        .map_err(|e| End::Error(internal(e)))?;
                         if !kept {
                             tracing::warn!(%bundle, seq, "status for a bundle not assigned to this cluster dropped");
                         }
-                        let store = self.fleet.store().clone();
-                        tokio::task::spawn_blocking(move || store.flush())
-                            .await
-                            .map_err(|e| End::Error(internal(e)))?
-                            .map_err(|e| End::Error(internal(e)))?;
                     }
                     // Acknowledged anyway: resending it would not make it valid.
                     Err(reason) => tracing::warn!(seq, %reason, "invalid status dropped"),

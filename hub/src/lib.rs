@@ -82,6 +82,8 @@ pub struct Config {
     /// The bounds of the drift history, fleet-wide and per cluster
     /// (`--drift-history`, `--drift-history-per-cluster`).
     pub drift_caps: store::DriftCaps,
+    /// Enrolment attempts per peer address (`--enroll-burst`, `--enroll-per-second`).
+    pub enroll_limit: gateway::EnrollLimit,
 }
 
 /// An operator's certificate for the HTTP listeners.
@@ -114,6 +116,7 @@ impl Config {
             max_token_ttl: flotilla_shared::identity::DEFAULT_MAX_TOKEN_TTL,
             agent_cert_ttl: flotilla_shared::identity::DEFAULT_AGENT_CERT_TTL,
             drift_caps: store::DriftCaps::default(),
+            enroll_limit: gateway::EnrollLimit::default(),
         }
     }
 }
@@ -135,6 +138,8 @@ pub struct Hub {
     pub max_token_ttl: Duration,
     /// See [`Config::agent_cert_ttl`].
     pub agent_cert_ttl: Duration,
+    /// See [`Config::enroll_limit`].
+    pub enroll_limit: gateway::EnrollLimit,
 }
 
 impl Hub {
@@ -197,6 +202,7 @@ impl Hub {
             http_tls: Arc::new(http_tls),
             max_token_ttl: config.max_token_ttl,
             agent_cert_ttl: config.agent_cert_ttl,
+            enroll_limit: config.enroll_limit,
         })
     }
 
@@ -302,6 +308,7 @@ impl Hub {
             self.fleet.clone(),
             gateway::Settings {
                 agent_cert_ttl: self.agent_cert_ttl,
+                enroll_limit: self.enroll_limit,
             },
             stop_rx.clone(),
         ));

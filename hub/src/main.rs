@@ -98,6 +98,13 @@ struct Args {
     /// oldest, never another cluster's.
     #[arg(long, env = "FLOTILLA_DRIFT_HISTORY_PER_CLUSTER", default_value_t = flotilla_hub::store::MAX_DRIFT_EVENTS_PER_CLUSTER)]
     drift_history_per_cluster: usize,
+    /// Enrolment attempts one peer address may make at once (its bucket holds
+    /// this many); loopback peers are not limited.
+    #[arg(long, env = "FLOTILLA_ENROLL_BURST", default_value_t = 20)]
+    enroll_burst: u32,
+    /// Enrolment attempts per second one peer address gets back.
+    #[arg(long, env = "FLOTILLA_ENROLL_PER_SECOND", default_value_t = 2)]
+    enroll_per_second: u32,
     #[command(subcommand)]
     command: Option<HubCommand>,
 }
@@ -212,6 +219,11 @@ async fn hub_main() -> anyhow::Result<()> {
         drift_caps: flotilla_hub::store::DriftCaps {
             total: args.drift_history,
             per_cluster: args.drift_history_per_cluster,
+        },
+        enroll_limit: flotilla_hub::gateway::EnrollLimit {
+            burst: args.enroll_burst.max(1),
+            per_second: args.enroll_per_second,
+            loopback: false,
         },
     };
     let listeners = flotilla_hub::Listeners {

@@ -1680,3 +1680,37 @@ async fn authorisation_matrix() {
         failures.join("\n")
     );
 }
+
+/// Enrolment is rate-limited per peer address, before the token is looked at:
+/// a peer guessing tokens gets RESOURCE_EXHAUSTED after its burst, and no
+/// further attempt of it reaches the store.
+#[tokio::test]
+async fn enrolment_is_rate_limited_per_peer() {
+    let th = start_hub_with(|c| {
+        c.enroll_limit = flotilla_hub::gateway::EnrollLimit {
+            burst: 3,
+            per_second: 1,
+            loopback: true,
+        }
+    })
+    .await;
+    let mut codes = Vec::new();
+    for _ in 0..6 {
+        let mut client = EnrolmentClient::new(th.channel(None).await.unwrap());
+        let err = client
+            .enroll(v1::EnrollRequest {
+                token: "flt_guess.guess".into(),
+                cluster_name: "x".into(),
+                labels: Default::default(),
+                csr_pem: String::new(),
+            })
+            .await
+            .unwrap_err();
+        codes.push(err.code());
+    }
+    assert_eq!(&codes[..3], &[Code::Unauthenticated; 3], "{codes:?}");
+    assert!(
+        codes[3..].iter().all(|c| *c == Code::ResourceExhausted),
+        "{codes:?}"
+    );
+}
