@@ -260,8 +260,10 @@ impl Sessions {
         let channel = transport::channel(&self.hub, self.tls.clone()).await?;
         // The hub gzips what it sends when the agent accepts it: a bundle's content
         // is sent whole on every change, and manifests compress well.
-        let mut client =
-            FleetClient::new(channel).accept_compressed(tonic::codec::CompressionEncoding::Gzip);
+        let mut client = FleetClient::new(channel)
+            .accept_compressed(tonic::codec::CompressionEncoding::Gzip)
+            .max_decoding_message_size(flotilla_proto::MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(flotilla_proto::MAX_MESSAGE_BYTES);
         let kubernetes_version =
             match tokio::time::timeout(VERSION_TIMEOUT, self.kube.apiserver_version()).await {
                 Ok(Ok(v)) => v.git_version,

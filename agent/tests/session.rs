@@ -361,3 +361,73 @@ async fn an_incomplete_desired_set_is_refused() {
         .unwrap();
     stop.send_replace(true);
 }
+
+/// The agent reads a desired set as large as the hub may send
+/// (`MAX_MESSAGE_BYTES`): a set over tonic's 4 MiB default used to break the
+/// session on every reconnect, for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_desired_set_over_four_mib_is_read() {
+    let pki = pki();
+    let blob = "x".repeat(5 * 1024 * 1024);
+    let content = BundleContent {
+        content_hash: "big".into(),
+        manifests: vec![flotilla_proto::v1::Manifest {
+            file: "cm.yaml".into(),
+            json: format!(
+                r#"{{"apiVersion":"v1","kind":"ConfigMap","metadata":{{"name":"big"}},"data":{{"b":"{blob}"}}}}"#
+            ),
+        }],
+        ..Default::default()
+    };
+    let desired = Desired {
+        generation: 3,
+        complete: true,
+        bundles: vec![BundleRef {
+            name: "big".into(),
+            content_hash: "big".into(),
+            revision: "c1".into(),
+        }],
+        contents: vec![content],
+    };
+    let (events_tx, mut events) = mpsc::unbounded_channel();
+    let (port, stop) = serve(
+        &pki,
+        FakeHub {
+            events: events_tx.clone(),
+            desired: vec![desired],
+        },
+    )
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), 1).unwrap();
+    let kube =
+        kube::Client::try_from(kube::Config::new("http://127.0.0.1:9".parse().unwrap())).unwrap();
+    let (writer, status_rx) = Writer::spawn(store.clone()).unwrap();
+    let sessions = Sessions {
+        hub: transport::parse_hub(&format!("https://localhost:{port}")).unwrap(),
+        tls: transport::mutual_config(&pki.ca_pem, &pki.client.0, &pki.client.1).unwrap(),
+        cluster_name: "c1".into(),
+        writer,
+        kube,
+        reconcile: Arc::new(Notify::new()),
+        statuses: status_rx,
+        renewal: None,
+        resend_statuses: false,
+    };
+    let (shut_tx, shut_rx) = watch::channel(false);
+    let agent = tokio::spawn(sessions.run(shut_rx));
+    let AgentMsg::Hello(_) = next(&mut events).await else {
+        panic!("Hello first")
+    };
+    let AgentMsg::Ack(ack) = next(&mut events).await else {
+        panic!("an ack of the large set")
+    };
+    assert_eq!(ack.generation, 3);
+    assert_eq!(store.held_hashes().unwrap(), ["big"]);
+    let _ = shut_tx.send(true);
+    tokio::time::timeout(Duration::from_secs(5), agent)
+        .await
+        .expect("the session stops on shutdown")
+        .unwrap();
+    stop.send_replace(true);
+}

@@ -38,7 +38,7 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// connections costs bounded memory and CPU.
 pub const MAX_HANDSHAKES: usize = 256;
 /// Large fleets send large Desired sets; 64 MiB leaves headroom over the default 4.
-const MAX_MESSAGE: usize = 64 * 1024 * 1024;
+const MAX_MESSAGE: usize = flotilla_proto::MAX_MESSAGE_BYTES;
 /// Last-seen is persisted at least this often while a session lives.
 const PERSIST_LAST_SEEN: Duration = Duration::from_secs(30);
 /// An agent must say Hello this soon after opening its stream.

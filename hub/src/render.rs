@@ -161,7 +161,9 @@ pub async fn render_bundle(
             let r = match done.get(&key) {
                 Some(r) => r.clone(),
                 None => {
-                    let r = render_plan(tools, &plan, files).await;
+                    let r = render_plan(tools, &plan, files)
+                        .await
+                        .and_then(|r| sendable(r, flotilla_proto::MAX_BUNDLE_BYTES));
                     done.insert(key, r.clone());
                     r
                 }
@@ -234,6 +236,15 @@ fn tool_error(file: &str, reason: String) -> RenderError {
         line: None,
         object: None,
         reason,
+    }
+}
+
+/// A rendered content the protocol can carry, or the bundle's error saying why
+/// not: an oversized bundle is refused here, never a broken session later.
+pub fn sendable(rendered: Rendered, max_bytes: usize) -> Result<Rendered, RenderError> {
+    match flotilla_proto::oversized(&rendered.content_hash(), &rendered, max_bytes) {
+        None => Ok(rendered),
+        Some(reason) => Err(tool_error(".", reason)),
     }
 }
 
@@ -654,4 +665,25 @@ pub fn to_yaml_stream(r: &Rendered) -> String {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    #[test]
+    fn a_bundle_over_the_protocol_limit_is_its_error() {
+        let big = flotilla_shared::bundle::Rendered {
+            manifests: vec![flotilla_shared::bundle::Manifest {
+                file: "cm.yaml".into(),
+                object: serde_json::json!({
+                    "apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "big"},
+                    "data": {"blob": "x".repeat(10_000)}
+                }),
+            }],
+            options: Default::default(),
+        };
+        assert!(sendable(big.clone(), 100_000).is_ok());
+        let err = sendable(big, 5_000).unwrap_err().to_string();
+        assert!(err.contains("over the 5000 bytes"), "{err}");
+    }
 }

@@ -187,6 +187,27 @@ pub fn status_state(status: &v1::BundleStatus) -> Result<BundleState, Conversion
 }
 
 /// A rendered bundle as sent to agents.
+/// The largest gRPC message the hub and the agent exchange, both ways: both
+/// sides set it, so a set the hub may send is one the agent may read (tonic's
+/// own default for reading is 4 MiB).
+pub const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
+
+/// The largest content of one bundle the hub sends: a quarter of a message,
+/// leaving room for the rest of a desired set. Larger contents are refused at
+/// render time, with the reason, as the bundle's error.
+pub const MAX_BUNDLE_BYTES: usize = MAX_MESSAGE_BYTES / 4;
+
+/// Why a bundle's content cannot be sent, if it is over `max` bytes on the wire.
+pub fn oversized(content_hash: &str, rendered: &Rendered, max: usize) -> Option<String> {
+    let len = prost::Message::encoded_len(&bundle_content(content_hash, rendered));
+    (len > max).then(|| {
+        format!(
+            "the bundle's content is {len} bytes, over the {max} bytes one bundle may take in \
+             the hub-agent protocol: split it into several bundles"
+        )
+    })
+}
+
 pub fn bundle_content(content_hash: &str, rendered: &Rendered) -> v1::BundleContent {
     v1::BundleContent {
         content_hash: content_hash.to_string(),
