@@ -60,16 +60,109 @@ pub struct PeerInfo {
     pub cluster: Option<String>,
     /// That certificate's fingerprint (SHA-256 of its DER, hex).
     pub cert_sha256: Option<String>,
+    /// The certificate has expired (within [`EXPIRED_GRACE`]): it may only renew.
+    pub expired: bool,
 }
+
+/// How long after its expiry an agent certificate may still be used to renew it
+/// (and for nothing else): an agent whose hub was away longer than its
+/// certificate lived renews it when the hub returns.
+pub const EXPIRED_GRACE: Duration = Duration::from_secs(30 * 86400);
 
 impl PeerInfo {
     /// The cluster and certificate fingerprint of a call, or Unauthenticated.
+    /// An expired certificate is refused here: only `Renew` takes it.
     fn identity<T>(request: &Request<T>) -> Result<(String, String), Status> {
-        request
-            .extensions()
-            .get::<PeerInfo>()
-            .and_then(|p| p.cluster.clone().zip(p.cert_sha256.clone()))
+        let (id, expired) = Self::identity_for_renewal(request)?;
+        if expired {
+            return Err(Status::unauthenticated(
+                "the client certificate has expired: renew it (Fleet.Renew)",
+            ));
+        }
+        Ok(id)
+    }
+
+    /// Like `identity`, but an expired certificate (within the grace) is taken.
+    fn identity_for_renewal<T>(request: &Request<T>) -> Result<((String, String), bool), Status> {
+        let p = request.extensions().get::<PeerInfo>();
+        p.and_then(|p| p.cluster.clone().zip(p.cert_sha256.clone()))
+            .map(|id| (id, p.is_some_and(|p| p.expired)))
             .ok_or_else(|| Status::unauthenticated("a fleet client certificate is required"))
+    }
+}
+
+/// Verifies client certificates against the fleet CA like webpki, except that
+/// a certificate expired less than [`EXPIRED_GRACE`] ago is verified as of its
+/// last valid second (chain, signature, usage: everything but the clock). The
+/// handlers then let it only renew (`PeerInfo::expired`).
+#[derive(Debug)]
+struct GraceVerifier {
+    inner: Arc<dyn rustls::server::danger::ClientCertVerifier>,
+}
+
+/// The certificate's notAfter, seconds since the epoch.
+fn not_after(cert: &rustls::pki_types::CertificateDer<'_>) -> Option<i64> {
+    x509_parser::parse_x509_certificate(cert)
+        .ok()
+        .map(|(_, c)| c.validity().not_after.timestamp())
+}
+
+impl rustls::server::danger::ClientCertVerifier for GraceVerifier {
+    fn offer_client_auth(&self) -> bool {
+        self.inner.offer_client_auth()
+    }
+    fn client_auth_mandatory(&self) -> bool {
+        self.inner.client_auth_mandatory()
+    }
+    fn root_hint_subjects(&self) -> &[rustls::DistinguishedName] {
+        self.inner.root_hint_subjects()
+    }
+    fn verify_client_cert(
+        &self,
+        end_entity: &rustls::pki_types::CertificateDer<'_>,
+        intermediates: &[rustls::pki_types::CertificateDer<'_>],
+        now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::server::danger::ClientCertVerified, rustls::Error> {
+        use rustls::CertificateError;
+        match self
+            .inner
+            .verify_client_cert(end_entity, intermediates, now)
+        {
+            Err(rustls::Error::InvalidCertificate(
+                CertificateError::Expired | CertificateError::ExpiredContext { .. },
+            )) if not_after(end_entity).is_some_and(|na| {
+                let now = now.as_secs() as i64;
+                na < now && now - na <= EXPIRED_GRACE.as_secs() as i64
+            }) =>
+            {
+                let last_valid = not_after(end_entity).unwrap_or(0).max(0) as u64;
+                self.inner.verify_client_cert(
+                    end_entity,
+                    intermediates,
+                    rustls::pki_types::UnixTime::since_unix_epoch(Duration::from_secs(last_valid)),
+                )
+            }
+            other => other,
+        }
+    }
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.inner.supported_verify_schemes()
     }
 }
 
@@ -133,9 +226,11 @@ pub fn server_config(pki: &Pki) -> anyhow::Result<rustls::ServerConfig> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut roots = rustls::RootCertStore::empty();
     roots.add(pki.ca_der.clone())?;
-    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
-        .allow_unauthenticated()
-        .build()?;
+    let verifier = Arc::new(GraceVerifier {
+        inner: WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+            .allow_unauthenticated()
+            .build()?,
+    });
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
@@ -184,12 +279,14 @@ pub fn accept_loop(
                     Ok(Ok(io)) => {
                         let leaf = io.get_ref().1.peer_certificates().and_then(|c| c.first());
                         let cluster = leaf.and_then(|c| cluster_from_cert(c));
+                        let now = (crate::now_ms() / 1000) as i64;
                         let info = PeerInfo {
                             remote_addr: Some(remote),
                             cert_sha256: cluster
                                 .as_ref()
                                 .and(leaf)
                                 .map(|c| flotilla_shared::identity::fingerprint(c)),
+                            expired: leaf.and_then(not_after).is_some_and(|na| na < now),
                             cluster,
                         };
                         let _ = tx.send(Ok(TlsConn { io, info })).await;
@@ -472,7 +569,11 @@ impl FleetRpc for FleetService {
         &self,
         request: Request<v1::RenewRequest>,
     ) -> Result<Response<v1::RenewResponse>, Status> {
-        let (cluster, presented) = PeerInfo::identity(&request)?;
+        // An expired certificate (within the grace) may renew, and do nothing else.
+        let ((cluster, presented), expired) = PeerInfo::identity_for_renewal(&request)?;
+        if expired {
+            tracing::info!(%cluster, "renewing an expired certificate");
+        }
         // Authorised before the CSR is looked at.
         if let Err(refusal) = self
             .fleet
