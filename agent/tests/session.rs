@@ -187,33 +187,30 @@ async fn next(events: &mut mpsc::UnboundedReceiver<AgentMessage>) -> AgentMsg {
         .expect("a message")
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn session_stores_before_ack_and_sends_statuses() {
+/// A fake hub that sends `desired` in order after Hello, and a real agent
+/// session against it over mutual TLS; its store and writer are the test's.
+struct Run {
+    events: mpsc::UnboundedReceiver<AgentMessage>,
+    store: Store,
+    writer: Writer,
+    wake: Arc<Notify>,
+    shut: watch::Sender<bool>,
+    agent: tokio::task::JoinHandle<()>,
+    stop_hub: watch::Sender<bool>,
+    _dir: tempfile::TempDir,
+}
+
+async fn run_against(desired: Vec<Desired>) -> Run {
     let pki = pki();
-    let content = BundleContent {
-        content_hash: "h1".into(),
-        ..Default::default()
-    };
-    let desired = Desired {
-        generation: 7,
-        complete: true,
-        bundles: vec![BundleRef {
-            name: "web".into(),
-            content_hash: "h1".into(),
-            revision: "c1".into(),
-        }],
-        contents: vec![content],
-    };
-    let (events_tx, mut events) = mpsc::unbounded_channel();
-    let (port, stop) = serve(
+    let (events_tx, events) = mpsc::unbounded_channel();
+    let (port, stop_hub) = serve(
         &pki,
         FakeHub {
-            events: events_tx.clone(),
-            desired: vec![desired],
+            events: events_tx,
+            desired,
         },
     )
     .await;
-
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(dir.path(), 1).unwrap();
     // The Kubernetes version is best effort; an unreachable API server is fine here.
@@ -232,27 +229,68 @@ async fn session_stores_before_ack_and_sends_statuses() {
         renewal: None,
         resend_statuses: false,
     };
-    let (shut_tx, shut_rx) = watch::channel(false);
+    let (shut, shut_rx) = watch::channel(false);
     let agent = tokio::spawn(sessions.run(shut_rx));
+    Run {
+        events,
+        store,
+        writer,
+        wake,
+        shut,
+        agent,
+        stop_hub,
+        _dir: dir,
+    }
+}
 
-    let AgentMsg::Hello(hello) = next(&mut events).await else {
+impl Run {
+    /// Stops the session (it must end on shutdown), then the fake hub.
+    async fn stop(self) {
+        let _ = self.shut.send(true);
+        tokio::time::timeout(Duration::from_secs(5), self.agent)
+            .await
+            .expect("the session stops on shutdown")
+            .unwrap();
+        self.stop_hub.send_replace(true);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_stores_before_ack_and_sends_statuses() {
+    let content = BundleContent {
+        content_hash: "h1".into(),
+        ..Default::default()
+    };
+    let desired = Desired {
+        generation: 7,
+        complete: true,
+        bundles: vec![BundleRef {
+            name: "web".into(),
+            content_hash: "h1".into(),
+            revision: "c1".into(),
+        }],
+        contents: vec![content],
+    };
+    let mut run = run_against(vec![desired]).await;
+
+    let AgentMsg::Hello(hello) = next(&mut run.events).await else {
         panic!("Hello first")
     };
     assert!(hello.held_hashes.is_empty());
     assert_eq!(hello.agent_version, env!("CARGO_PKG_VERSION"));
-    let AgentMsg::Ack(ack) = next(&mut events).await else {
+    let AgentMsg::Ack(ack) = next(&mut run.events).await else {
         panic!("then the ack")
     };
     assert_eq!(ack.generation, 7);
-    let stored = store.desired().unwrap().expect("stored before the ack");
+    let stored = run.store.desired().unwrap().expect("stored before the ack");
     assert_eq!(stored.generation, 7);
-    assert_eq!(store.held_hashes().unwrap(), ["h1"]);
-    tokio::time::timeout(Duration::from_secs(5), wake.notified())
+    assert_eq!(run.store.held_hashes().unwrap(), ["h1"]);
+    tokio::time::timeout(Duration::from_secs(5), run.wake.notified())
         .await
         .expect("the reconciler is woken");
 
     // A status recorded through the writer is sent once durable, and its ack recorded.
-    writer
+    run.writer
         .record(vec![Entry::Status {
             bundle: DesiredBundle {
                 name: "web".into(),
@@ -265,26 +303,21 @@ async fn session_stores_before_ack_and_sends_statuses() {
         }])
         .await
         .unwrap();
-    writer.sync().await.unwrap();
-    let st = store.last_status("web").unwrap().expect("recorded");
+    run.writer.sync().await.unwrap();
+    let st = run.store.last_status("web").unwrap().expect("recorded");
     assert_eq!(st.observed_at_unix_ms, 42);
-    let AgentMsg::Status(s) = next(&mut events).await else {
+    let AgentMsg::Status(s) = next(&mut run.events).await else {
         panic!("a status")
     };
     assert_eq!((s.bundle.as_str(), s.seq), ("web", st.seq));
     assert_eq!(s.state, flotilla_proto::v1::BundleState::Ready as i32);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    while store.acked_seq().unwrap() < st.seq {
+    while run.store.acked_seq().unwrap() < st.seq {
         assert!(tokio::time::Instant::now() < deadline, "ack recorded");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 
-    let _ = shut_tx.send(true);
-    tokio::time::timeout(Duration::from_secs(5), agent)
-        .await
-        .expect("the session stops on shutdown")
-        .unwrap();
-    stop.send_replace(true);
+    run.stop().await;
 }
 
 /// A set the hub did not mark complete (an older or buggy hub, or one that has
@@ -292,7 +325,6 @@ async fn session_stores_before_ack_and_sends_statuses() {
 /// what it holds and prunes nothing. Old agents stored and acked it, and pruned.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_incomplete_desired_set_is_refused() {
-    let pki = pki();
     let bundle = |hash: &str| BundleRef {
         name: "web".into(),
         content_hash: hash.into(),
@@ -314,52 +346,22 @@ async fn an_incomplete_desired_set_is_refused() {
         bundles: vec![bundle("h1")],
         contents: vec![content],
     };
-    let (events_tx, mut events) = mpsc::unbounded_channel();
-    let (port, stop) = serve(
-        &pki,
-        FakeHub {
-            events: events_tx.clone(),
-            desired: vec![empty_incomplete, complete],
-        },
-    )
-    .await;
-    let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path(), 1).unwrap();
-    let kube =
-        kube::Client::try_from(kube::Config::new("http://127.0.0.1:9".parse().unwrap())).unwrap();
-    let (writer, status_rx) = Writer::spawn(store.clone()).unwrap();
-    let sessions = Sessions {
-        hub: transport::parse_hub(&format!("https://localhost:{port}")).unwrap(),
-        tls: transport::mutual_config(&pki.ca_pem, &pki.client.0, &pki.client.1).unwrap(),
-        cluster_name: "c1".into(),
-        writer,
-        kube,
-        reconcile: Arc::new(Notify::new()),
-        statuses: status_rx,
-        renewal: None,
-        resend_statuses: false,
-    };
-    let (shut_tx, shut_rx) = watch::channel(false);
-    let agent = tokio::spawn(sessions.run(shut_rx));
-    let AgentMsg::Hello(_) = next(&mut events).await else {
+    let mut run = run_against(vec![empty_incomplete, complete]).await;
+    let AgentMsg::Hello(_) = next(&mut run.events).await else {
         panic!("Hello first")
     };
     // The stream is ordered: had the agent taken generation 7, its ack would come first.
-    let AgentMsg::Ack(ack) = next(&mut events).await else {
+    let AgentMsg::Ack(ack) = next(&mut run.events).await else {
         panic!("an ack")
     };
     assert_eq!(ack.generation, 8, "the incomplete set was acknowledged");
-    let stored = store
+    let stored = run
+        .store
         .desired()
         .unwrap()
         .expect("the complete set is stored");
     assert_eq!(stored.generation, 8);
-    let _ = shut_tx.send(true);
-    tokio::time::timeout(Duration::from_secs(5), agent)
-        .await
-        .expect("the session stops on shutdown")
-        .unwrap();
-    stop.send_replace(true);
+    run.stop().await;
 }
 
 /// The agent reads a desired set as large as the hub may send
@@ -367,7 +369,6 @@ async fn an_incomplete_desired_set_is_refused() {
 /// session on every reconnect, for good.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_desired_set_over_four_mib_is_read() {
-    let pki = pki();
     let blob = "x".repeat(5 * 1024 * 1024);
     let content = BundleContent {
         content_hash: "big".into(),
@@ -389,45 +390,14 @@ async fn a_desired_set_over_four_mib_is_read() {
         }],
         contents: vec![content],
     };
-    let (events_tx, mut events) = mpsc::unbounded_channel();
-    let (port, stop) = serve(
-        &pki,
-        FakeHub {
-            events: events_tx.clone(),
-            desired: vec![desired],
-        },
-    )
-    .await;
-    let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path(), 1).unwrap();
-    let kube =
-        kube::Client::try_from(kube::Config::new("http://127.0.0.1:9".parse().unwrap())).unwrap();
-    let (writer, status_rx) = Writer::spawn(store.clone()).unwrap();
-    let sessions = Sessions {
-        hub: transport::parse_hub(&format!("https://localhost:{port}")).unwrap(),
-        tls: transport::mutual_config(&pki.ca_pem, &pki.client.0, &pki.client.1).unwrap(),
-        cluster_name: "c1".into(),
-        writer,
-        kube,
-        reconcile: Arc::new(Notify::new()),
-        statuses: status_rx,
-        renewal: None,
-        resend_statuses: false,
-    };
-    let (shut_tx, shut_rx) = watch::channel(false);
-    let agent = tokio::spawn(sessions.run(shut_rx));
-    let AgentMsg::Hello(_) = next(&mut events).await else {
+    let mut run = run_against(vec![desired]).await;
+    let AgentMsg::Hello(_) = next(&mut run.events).await else {
         panic!("Hello first")
     };
-    let AgentMsg::Ack(ack) = next(&mut events).await else {
+    let AgentMsg::Ack(ack) = next(&mut run.events).await else {
         panic!("an ack of the large set")
     };
     assert_eq!(ack.generation, 3);
-    assert_eq!(store.held_hashes().unwrap(), ["big"]);
-    let _ = shut_tx.send(true);
-    tokio::time::timeout(Duration::from_secs(5), agent)
-        .await
-        .expect("the session stops on shutdown")
-        .unwrap();
-    stop.send_replace(true);
+    assert_eq!(run.store.held_hashes().unwrap(), ["big"]);
+    run.stop().await;
 }
