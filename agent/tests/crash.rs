@@ -259,7 +259,14 @@ async fn kill_9_during_apply_and_prune_orphans_nothing() {
     let bundles = variant(kills.saturating_sub(1));
     let target = expected(&bundles);
     let deadline = tokio::time::Instant::now() + DEADLINE;
+    let readies = |log: &Path| {
+        std::fs::read_to_string(log)
+            .unwrap_or_default()
+            .matches("bundle=crash state=Ready")
+            .count()
+    };
     loop {
+        let ready_before = readies(&log);
         let mut agent = AgentProc::start(&state, &tc.kubeconfig, &log);
         while labelled(&client).await != target {
             assert!(agent.alive(), "the agent exited");
@@ -271,6 +278,12 @@ async fn kill_9_during_apply_and_prune_orphans_nothing() {
                     .symmetric_difference(&target)
                     .collect::<Vec<_>>()
             );
+            tokio::time::sleep(POLL).await;
+        }
+        // Converged: give it the time to record its health before stopping it
+        // (a loaded machine may take seconds), then look at what it recorded.
+        while readies(&log) == ready_before && tokio::time::Instant::now() < deadline {
+            assert!(agent.alive(), "the agent exited");
             tokio::time::sleep(POLL).await;
         }
         agent.stop();
