@@ -1387,8 +1387,24 @@ mod tests {
         }
     }
 
+    /// Opens the store, waiting (with a deadline) for sled's background flusher
+    /// of a just-dropped handle to let go of the lock.
+    fn reopen(dir: &std::path::Path) -> SledStore {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            match SledStore::open(dir) {
+                Ok(s) => return s,
+                Err(e) if std::time::Instant::now() < deadline => {
+                    let _ = e;
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
+    }
+
     fn open(dir: &std::path::Path) -> Arc<Fleet> {
-        Fleet::load(Arc::new(SledStore::open(dir).unwrap())).unwrap()
+        Fleet::load(Arc::new(reopen(dir))).unwrap()
     }
 
     fn enrol(fleet: &Fleet, name: &str) {
@@ -1415,7 +1431,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("store");
         {
-            let store: Arc<dyn Store> = Arc::new(SledStore::open(&path).unwrap());
+            let store: Arc<dyn Store> = Arc::new(reopen(&path));
             for c in ["a", "b", "ab"] {
                 store.create_cluster(&cluster(c, Some("fp"))).unwrap();
                 store.put_status(&status(c, "b")).unwrap();
@@ -1450,7 +1466,7 @@ mod tests {
             store.delete_cluster("b").unwrap();
             store.flush().unwrap();
         }
-        let store: Arc<dyn Store> = Arc::new(SledStore::open(&path).unwrap());
+        let store: Arc<dyn Store> = Arc::new(reopen(&path));
         let fleet = Fleet::load(store.clone()).unwrap();
         assert_eq!(fleet.clusters().len(), 1);
         let left: Vec<String> = store
@@ -1472,7 +1488,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("store");
         {
-            let store: Arc<dyn Store> = Arc::new(SledStore::open(&path).unwrap());
+            let store: Arc<dyn Store> = Arc::new(reopen(&path));
             store.create_cluster(&cluster("old", None)).unwrap();
             let fleet = Fleet::load(store).unwrap();
             assert_eq!(fleet.authorize("old", "first").unwrap(), Ok(()));
@@ -1481,7 +1497,7 @@ mod tests {
                 Err(Refused::OtherCertificate("old".into()))
             );
         }
-        let store: Arc<dyn Store> = Arc::new(SledStore::open(&path).unwrap());
+        let store: Arc<dyn Store> = Arc::new(reopen(&path));
         let fleet = Fleet::load(store).unwrap();
         assert_eq!(
             fleet.authorize("old", "first").unwrap(),
