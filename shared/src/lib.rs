@@ -17,6 +17,7 @@ pub mod identity;
 pub mod kustomization;
 pub mod labels;
 pub mod objects;
+pub mod rollout;
 pub mod sandbox;
 pub mod selector;
 pub mod state;
