@@ -4,7 +4,7 @@ export CARGO_TARGET_DIR ?= $(HOME)/.cache/flotilla/cargo-target
 CARGO ?= cargo
 TESTENV_BIN := $(CURDIR)/target/testenv/bin
 
-.PHONY: all build testenv tools test unit e2e lint torture fuzz demo demo-stop bench bench-build bench-hub bench-fleet bench-wire bench-agent bench-git bench-report clean
+.PHONY: all build testenv tools test unit e2e lint torture fuzz demo demo-stop bench bench-build bench-hub bench-fleet bench-wire bench-agent bench-git bench-report bench-compare clean
 
 all: build
 
@@ -81,6 +81,10 @@ bench-agent: bench-build testenv
 bench-git: bench-build
 	$(BENCH_RUN) git
 	$(BENCH_RUN) report
+
+## bench-compare: BASE=<rev> [NEW=<rev>]: both builds side by side, alternating, in one session (compare block of BENCHMARKS.md)
+bench-compare: testenv
+	FLOTILLA_TESTENV_BIN=$(TESTENV_BIN) CARGO="$(CARGO)" bash scripts/bench-compare.sh $(BASE) $(NEW)
 
 bench-report: bench-build
 	$(BENCH_RUN) report

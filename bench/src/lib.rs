@@ -6,6 +6,7 @@
 //! Nothing here asserts a number: benchmarks measure, tests enforce behaviour.
 
 pub mod cluster;
+pub mod compare;
 pub mod hubproc;
 pub mod procstat;
 pub mod proxy;

@@ -105,6 +105,25 @@ enum Part {
         #[arg(long, env = "FLOTILLA_BENCH_RUNS", default_value_t = 3)]
         runs: usize,
     },
+    /// Two builds side by side: writes the `compare` block of the report from the
+    /// results of the same parts run for a base and a new build.
+    Compare {
+        /// Results of the base build.
+        #[arg(long)]
+        base: PathBuf,
+        /// Results of the new build.
+        #[arg(long)]
+        new: PathBuf,
+        /// What the base build is (e.g. its commit).
+        #[arg(long)]
+        base_label: String,
+        /// What the new build is.
+        #[arg(long)]
+        new_label: String,
+        /// The Markdown file to write.
+        #[arg(long, env = "FLOTILLA_BENCH_REPORT", default_value = "BENCHMARKS.md")]
+        out: PathBuf,
+    },
     /// Writes BENCHMARKS.md and the figures from the results.
     Report {
         /// The Markdown file to write.
@@ -217,6 +236,30 @@ fn main() -> Result<()> {
             }
         }
         Part::Report { out, figure } => report::write(&args.results, &out, &figure)?,
+        Part::Compare {
+            base,
+            new,
+            base_label,
+            new_label,
+            out,
+        } => {
+            let rows = flotilla_bench::compare::rows(&base, &new);
+            if rows.is_empty() {
+                bail!(
+                    "no part has results in both {} and {}",
+                    base.display(),
+                    new.display()
+                );
+            }
+            let date = humantime::format_rfc3339_seconds(std::time::SystemTime::now());
+            let body = format!(
+                "Generated {date} on: {}. Both builds ran in this session, part by part \
+                 alternating (base, new, base, new, ...), on an otherwise idle machine.\n\n{}",
+                procstat::machine(),
+                flotilla_bench::compare::table(&base_label, &new_label, &rows)
+            );
+            report::write_block(&out, "compare", &body)?;
+        }
     }
     Ok(())
 }

@@ -383,6 +383,13 @@ fn replace_block(doc: &str, name: &str, body: &str) -> String {
     }
 }
 
+/// Replaces one block of the report at `out`.
+pub fn write_block(out: &Path, name: &str, body: &str) -> Result<()> {
+    let doc = std::fs::read_to_string(out).unwrap_or_else(|_| TEMPLATE.to_string());
+    std::fs::write(out, replace_block(&doc, name, body))
+        .with_context(|| format!("writing {}", out.display()))
+}
+
 /// Writes the report from the results in `results`.
 pub fn write(results: &Path, out: &Path, figure: &Path) -> Result<()> {
     let mut doc = std::fs::read_to_string(out).unwrap_or_else(|_| TEMPLATE.to_string());

@@ -35,6 +35,9 @@ impl ApiError {
     fn not_found(m: impl Into<String>) -> Self {
         ApiError(StatusCode::NOT_FOUND, m.into())
     }
+    fn conflict(m: impl Into<String>) -> Self {
+        ApiError(StatusCode::CONFLICT, m.into())
+    }
     fn internal(e: impl std::fmt::Display) -> Self {
         tracing::error!(error = %e, "API internal error");
         ApiError(StatusCode::INTERNAL_SERVER_ERROR, "internal error".into())
@@ -87,6 +90,11 @@ fn admin_router(hub: Hub) -> Router {
         .route("/api/v1/clusters/{name}/labels", patch(patch_labels))
         .route("/api/v1/bundles", get(list_bundles))
         .route("/api/v1/bundles/{name}", get(get_bundle))
+        .route("/api/v1/rollouts/{name}", get(get_rollout))
+        .route("/api/v1/rollouts/{name}/history", get(get_rollout_history))
+        .route("/api/v1/rollouts/{name}/pause", post(pause_rollout))
+        .route("/api/v1/rollouts/{name}/resume", post(resume_rollout))
+        .route("/api/v1/rollouts/{name}/rollback", post(rollback_rollout))
         .route("/api/v1/drift", get(list_drift))
         .route("/api/v1/drift/{id}", get(get_drift))
         .fallback(|| async { ApiError::not_found("no such route") })
@@ -420,6 +428,75 @@ async fn get_bundle(
         .bundle(&name)
         .map(Json)
         .ok_or_else(|| ApiError::not_found(format!("bundle {name} not found")))
+}
+
+fn fleet_error(e: crate::fleet::FleetError) -> ApiError {
+    match e {
+        crate::fleet::FleetError::NotFound(m) => ApiError::not_found(format!("{m} not found")),
+        crate::fleet::FleetError::Refused(m) => ApiError::conflict(m),
+        other => ApiError::internal(other),
+    }
+}
+
+async fn get_rollout(
+    State(hub): State<Hub>,
+    Path(name): Path<String>,
+) -> ApiResult<crate::fleet::RolloutView> {
+    hub.fleet
+        .rollout(&name)
+        .map_err(fleet_error)?
+        .map(Json)
+        .ok_or_else(|| {
+            ApiError::not_found(format!(
+                "bundle {name} has no rollout (no such bundle, or no rolloutStrategy)"
+            ))
+        })
+}
+
+async fn get_rollout_history(
+    State(hub): State<Hub>,
+    Path(name): Path<String>,
+) -> ApiResult<Vec<crate::fleet::RolloutHistoryView>> {
+    hub.fleet
+        .rollout_history(&name)
+        .map(Json)
+        .map_err(fleet_error)
+}
+
+async fn rollout_command(
+    hub: Hub,
+    name: String,
+    command: flotilla_shared::rollout::Command,
+) -> ApiResult<crate::fleet::RolloutView> {
+    let fleet = hub.fleet.clone();
+    let bundle = name.clone();
+    tokio::task::spawn_blocking(move || fleet.rollout_command(&bundle, command, crate::now_ms()))
+        .await
+        .map_err(ApiError::internal)?
+        .map_err(fleet_error)?;
+    tracing::info!(bundle = %name, ?command, "rollout command");
+    get_rollout(State(hub), Path(name)).await
+}
+
+async fn pause_rollout(
+    State(hub): State<Hub>,
+    Path(name): Path<String>,
+) -> ApiResult<crate::fleet::RolloutView> {
+    rollout_command(hub, name, flotilla_shared::rollout::Command::Pause).await
+}
+
+async fn resume_rollout(
+    State(hub): State<Hub>,
+    Path(name): Path<String>,
+) -> ApiResult<crate::fleet::RolloutView> {
+    rollout_command(hub, name, flotilla_shared::rollout::Command::Resume).await
+}
+
+async fn rollback_rollout(
+    State(hub): State<Hub>,
+    Path(name): Path<String>,
+) -> ApiResult<crate::fleet::RolloutView> {
+    rollout_command(hub, name, flotilla_shared::rollout::Command::Rollback).await
 }
 
 /// A drift event as the API shows it (PRODUCT.md's shape, plus `deleted`).

@@ -78,6 +78,9 @@ pub enum Command {
     /// Drift events: managed objects changed or deleted behind Flotilla's back.
     #[command(subcommand)]
     Drift(DriftCommand),
+    /// Staged rollouts of bundles with a `rolloutStrategy`.
+    #[command(subcommand)]
+    Rollout(RolloutCommand),
     /// Offline: each object's health (Current, InProgress, Failed, Terminating,
     /// NotFound, Unknown) and reason, from manifests or `kubectl get -o yaml`.
     Health {
@@ -311,6 +314,42 @@ pub enum BundleCommand {
     Get {
         /// Bundle name.
         name: String,
+        #[command(flatten)]
+        output: Output,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RolloutCommand {
+    /// The bundle's current rollout: partitions, each cluster's progress, and why
+    /// it waits, halted or rolled back.
+    Status {
+        /// Bundle name.
+        bundle: String,
+        #[command(flatten)]
+        output: Output,
+    },
+    /// Stop admitting clusters to the bundle's rollout (those that have the
+    /// revision keep it).
+    Pause {
+        /// Bundle name.
+        bundle: String,
+    },
+    /// Continue a paused or halted rollout.
+    Resume {
+        /// Bundle name.
+        bundle: String,
+    },
+    /// Return every cluster that got the rollout's revision to the last revision
+    /// that completed a rollout.
+    Rollback {
+        /// Bundle name.
+        bundle: String,
+    },
+    /// The bundle's rollouts: revision, start, end, outcome.
+    History {
+        /// Bundle name.
+        bundle: String,
         #[command(flatten)]
         output: Output,
     },
@@ -601,9 +640,145 @@ async fn execute(cli: Cli, out: &mut dyn Write, err: &mut dyn Write) -> Result<(
                 .await?;
             print(out, output.output, &v, drift_details)?;
         }
+        Command::Rollout(RolloutCommand::Status { bundle, output }) => {
+            let v = api
+                .send(
+                    "GET",
+                    &format!("/api/v1/rollouts/{}", segment(&bundle)),
+                    None,
+                )
+                .await?;
+            print(out, output.output, &v, rollout_details)?;
+        }
+        Command::Rollout(RolloutCommand::History { bundle, output }) => {
+            let v = api
+                .send(
+                    "GET",
+                    &format!("/api/v1/rollouts/{}/history", segment(&bundle)),
+                    None,
+                )
+                .await?;
+            print(out, output.output, &v, rollout_history_table)?;
+        }
+        Command::Rollout(RolloutCommand::Pause { bundle }) => {
+            rollout_action(&api, out, &bundle, "pause", "paused").await?;
+        }
+        Command::Rollout(RolloutCommand::Resume { bundle }) => {
+            rollout_action(&api, out, &bundle, "resume", "resumed").await?;
+        }
+        Command::Rollout(RolloutCommand::Rollback { bundle }) => {
+            rollout_action(&api, out, &bundle, "rollback", "rolled back").await?;
+        }
         Command::Health { .. } => {}
     }
     Ok(())
+}
+
+async fn rollout_action(
+    api: &Api,
+    out: &mut dyn Write,
+    bundle: &str,
+    action: &str,
+    done: &str,
+) -> Result<(), CliError> {
+    let v = api
+        .send(
+            "POST",
+            &format!("/api/v1/rollouts/{}/{action}", segment(bundle)),
+            None,
+        )
+        .await?;
+    writeln!(
+        out,
+        "rollout of bundle/{bundle} ({}) {done}: {}",
+        short_field(&v, "revision"),
+        field(&v, "phase")
+    )?;
+    Ok(())
+}
+
+/// `rollout status`: the rollout, then one row per cluster in partition order.
+pub fn rollout_details(r: &Value) -> String {
+    let mut pairs = vec![
+        ("Bundle", field(r, "bundle")),
+        ("Revision", field(r, "revision")),
+        ("Previous", field(r, "previous")),
+        ("Phase", field(r, "phase")),
+        ("Reason", field(r, "reason")),
+        ("Started", field(r, "started")),
+    ];
+    if r.get("ended").is_some_and(|e| !e.is_null()) {
+        pairs.push(("Ended", field(r, "ended")));
+    }
+    pairs.push(("Max unavailable", field(r, "maxUnavailable")));
+    pairs.push(("Max failures", field(r, "maxFailures")));
+    if let Some(u) = r["unmatched"].as_array().filter(|u| !u.is_empty()) {
+        let names: Vec<String> = u.iter().map(plain).collect();
+        pairs.push(("Matched by no partition", names.join(",")));
+    }
+    if let Some(m) = r["matchedSeveral"].as_object().filter(|m| !m.is_empty()) {
+        let names: Vec<String> = m.keys().cloned().collect();
+        pairs.push(("Matched by several", names.join(",")));
+    }
+    let mut out = describe(&pairs);
+    out.push('\n');
+    let mut rows = Vec::new();
+    for p in rows_of(&r["partitions"]) {
+        for c in rows_of(&p["clusters"]) {
+            rows.push(vec![
+                field(p, "name"),
+                field(p, "phase"),
+                field(p, "maxUnavailable"),
+                field(c, "cluster"),
+                field(c, "progress"),
+                if c["connected"] == true { "yes" } else { "no" }.to_string(),
+                field(c, "state"),
+                field(c, "message"),
+            ]);
+        }
+    }
+    out.push_str(&table(
+        &[
+            "PARTITION",
+            "PHASE",
+            "MAX-UNAVAILABLE",
+            "CLUSTER",
+            "PROGRESS",
+            "CONNECTED",
+            "STATE",
+            "MESSAGE",
+        ],
+        &rows,
+    ));
+    let events: Vec<Vec<String>> = rows_of(&r["events"])
+        .iter()
+        .map(|e| vec![field(e, "at"), field(e, "kind"), field(e, "message")])
+        .collect();
+    if !events.is_empty() {
+        out.push('\n');
+        out.push_str(&table(&["AT", "EVENT", "MESSAGE"], &events));
+    }
+    out
+}
+
+/// `rollout history`.
+pub fn rollout_history_table(v: &Value) -> String {
+    let rows: Vec<Vec<String>> = rows_of(v)
+        .iter()
+        .map(|r| {
+            vec![
+                short_field(r, "revision"),
+                field(r, "started"),
+                field(r, "ended"),
+                field(r, "outcome"),
+                field(r, "reason"),
+            ]
+        })
+        .collect();
+    table(
+        &["REVISION", "STARTED", "ENDED", "OUTCOME", "REASON"],
+        &rows,
+    )
 }
 
 /// `flotilla render`: the same rendering code as the hub, on a local directory.

@@ -13,15 +13,19 @@ use flotilla_shared::depends::Dependency;
 use flotilla_shared::drift::DriftEvent;
 use flotilla_shared::labels::Labels;
 use flotilla_shared::objects::{ClusterGroupSpec, GitSourceSpec};
+use flotilla_shared::rollout::RolloutStrategy;
 use flotilla_shared::state::{BundleState, Reported};
 use flotilla_shared::targeting::{ClusterInfo, GroupInfo};
 use serde::Serialize;
 use tokio::sync::watch;
 
 use crate::store::{
-    ClusterRecord, GroupRecord, SnapshotBundle, SnapshotRecord, SourceRecord, StatusRecord, Store,
-    StoreError,
+    ClusterRecord, GroupRecord, RolloutRecord, SnapshotBundle, SnapshotRecord, SourceRecord,
+    StatusRecord, Store, StoreError,
 };
+
+mod rollouts;
+pub use rollouts::{RolloutHistoryView, RolloutView};
 
 /// One bundle of a snapshot, rendered (or not): the default content, and the
 /// content of each target customisation (its `good`/`render_error` are filled in
@@ -36,6 +40,8 @@ pub struct RenderedBundle {
     pub depends_on: Vec<Dependency>,
     /// The labels `dependsOn` selectors match (see `depends::bundle_labels`).
     pub labels: Labels,
+    /// `rolloutStrategy`: the bundle's revisions go out partition by partition.
+    pub rollout: Option<RolloutStrategy>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -48,6 +54,7 @@ struct BundleEntry {
     customizations: Vec<CustomizationInfo>,
     depends_on: Vec<Dependency>,
     labels: Labels,
+    rollout: Option<RolloutStrategy>,
 }
 
 #[derive(Debug, Clone)]
@@ -94,6 +101,7 @@ impl SourceState {
                     customizations: b.customizations.clone(),
                     depends_on: b.depends_on.clone(),
                     labels: b.labels.clone(),
+                    rollout: b.rollout.clone(),
                 })
                 .collect(),
         }
@@ -117,6 +125,8 @@ struct State {
     drift_counts: BTreeMap<(String, String), usize>,
     /// Rendered content by hash, shared by every bundle and cluster that uses it.
     contents: HashMap<String, Arc<Rendered>>,
+    /// Each bundle's current rollout (bundles with a `rolloutStrategy`).
+    rollouts: BTreeMap<String, RolloutRecord>,
     next_session: u64,
     version: u64,
 }
@@ -137,6 +147,10 @@ pub enum FleetError {
     Store(#[from] StoreError),
     #[error("{0} not found")]
     NotFound(String),
+    /// The request makes no sense in the current state (e.g. resuming a rollout
+    /// that is not paused); the message says why.
+    #[error("{0}")]
+    Refused(String),
 }
 
 /// Why the hub refuses a cluster's client certificate.
@@ -240,6 +254,14 @@ impl State {
         let bundles = self.bundles_info();
         let mut out = assign::assignments(&cluster_info(cluster), &self.groups_info(), &bundles);
         flotilla_shared::depends::gate(&mut out, &bundles, |b| self.reported(&cluster.name, b));
+        if !self.rollouts.is_empty() {
+            assign::gate_rollouts(
+                &mut out,
+                &cluster.name,
+                |b| self.rollout_gate(b),
+                |b| self.held(cluster, b),
+            );
+        }
         out
     }
 
@@ -340,6 +362,11 @@ impl State {
                     .chain(b.customizations.iter().map(|c| &c.good))
                     .filter_map(|g| g.as_ref().map(|(h, _)| h.clone()))
             })
+            .chain(
+                self.rollouts
+                    .values()
+                    .flat_map(|r| r.hashes().map(str::to_string)),
+            )
             .collect();
         let dead: Vec<String> = self
             .contents
@@ -506,6 +533,7 @@ impl Fleet {
                                         customizations: b.customizations,
                                         depends_on: b.depends_on,
                                         labels: b.labels,
+                                        rollout: b.rollout,
                                     },
                                 )
                             })
@@ -531,6 +559,28 @@ impl Fleet {
                 ),
             }
             state.sources.insert(s.name.clone(), source);
+        }
+        // Rollouts, with the contents they move between (a rollback needs them).
+        for r in store.list_rollouts()? {
+            let mut got = Vec::new();
+            let mut complete = true;
+            for hash in r.hashes() {
+                if state.contents.contains_key(hash) {
+                    continue;
+                }
+                match store.get_content(hash)? {
+                    Some(c) => got.push((hash.to_string(), Arc::new(c))),
+                    None => complete = false,
+                }
+            }
+            state.contents.extend(got);
+            if !complete {
+                tracing::error!(
+                    bundle = %r.rollout.bundle,
+                    "a content of the stored rollout is missing: its clusters keep what they hold"
+                );
+            }
+            state.rollouts.insert(r.rollout.bundle.clone(), r);
         }
         // Snapshots of deleted sources, and contents nothing refers to.
         for gone in snapshots.keys() {
@@ -726,6 +776,7 @@ impl Fleet {
                 customizations,
                 b.depends_on,
                 b.labels,
+                b.rollout,
             ));
         }
         for (hash, content) in &fresh {
@@ -744,33 +795,39 @@ impl Fleet {
             let mut next = src.clone();
             next.bundles = settled
                 .into_iter()
-                .map(|(name, path, result, customizations, depends_on, labels)| {
-                    let previous = src.bundles.get(&name);
-                    let (good, render_error) = keep(result, previous.and_then(|e| e.good.clone()));
-                    let customizations = customizations
-                        .into_iter()
-                        .map(|(info, r)| {
-                            let previous_good = previous
-                                .and_then(|e| e.customizations.iter().find(|c| c.name == info.name))
-                                .and_then(|c| c.good.clone());
-                            let (good, render_error) = keep(r, previous_good);
-                            CustomizationInfo {
-                                good,
-                                render_error,
-                                ..info
-                            }
-                        })
-                        .collect();
-                    let entry = BundleEntry {
-                        path,
-                        good,
-                        render_error,
-                        customizations,
-                        depends_on,
-                        labels,
-                    };
-                    (name, entry)
-                })
+                .map(
+                    |(name, path, result, customizations, depends_on, labels, rollout)| {
+                        let previous = src.bundles.get(&name);
+                        let (good, render_error) =
+                            keep(result, previous.and_then(|e| e.good.clone()));
+                        let customizations = customizations
+                            .into_iter()
+                            .map(|(info, r)| {
+                                let previous_good = previous
+                                    .and_then(|e| {
+                                        e.customizations.iter().find(|c| c.name == info.name)
+                                    })
+                                    .and_then(|c| c.good.clone());
+                                let (good, render_error) = keep(r, previous_good);
+                                CustomizationInfo {
+                                    good,
+                                    render_error,
+                                    ..info
+                                }
+                            })
+                            .collect();
+                        let entry = BundleEntry {
+                            path,
+                            good,
+                            render_error,
+                            customizations,
+                            depends_on,
+                            labels,
+                            rollout,
+                        };
+                        (name, entry)
+                    },
+                )
                 .collect();
             next.commit = Some(commit.to_string());
             next.last_fetched_ms = Some(now_ms);
@@ -796,9 +853,13 @@ impl Fleet {
             for (hash, content) in fresh {
                 st.contents.entry(hash).or_insert(content);
             }
+            // A new revision of a rolling bundle is held back from its first
+            // sight: its rollout starts here, durable before any session sees it.
+            let rollouts = st.begin_rollouts(now_ms);
+            self.write_rollouts(&rollouts)?;
             let dead = st.gc_contents();
             let statuses = st.prune_statuses();
-            if changed {
+            if changed || !rollouts.put.is_empty() || !rollouts.delete.is_empty() {
                 st.bump(&self.changed);
             }
             (dead, statuses)
@@ -1384,6 +1445,7 @@ mod tests {
             customizations: vec![],
             depends_on: vec![],
             labels: Labels::new(),
+            rollout: None,
         }
     }
 
@@ -1688,5 +1750,145 @@ mod tests {
         assert_eq!(fleet.store().content_hashes().unwrap().len(), 2);
         fleet.delete_source("t").unwrap();
         assert_eq!(fleet.store().content_hashes().unwrap().len(), 1);
+    }
+
+    /// A rolling bundle over four clusters in two partitions: the first
+    /// revision goes partition by partition; a second one that fails on the
+    /// first partition rolls back there and never reaches the second; all of
+    /// it survives a restart, and the history names both outcomes.
+    #[test]
+    fn a_rollout_goes_partition_by_partition_and_rolls_back() {
+        use flotilla_shared::rollout::{OnFailure, PartitionSpec, RolloutStrategy};
+        use flotilla_shared::selector::LabelSelector;
+        let dir = tempfile::tempdir().unwrap();
+        let fleet = open(dir.path());
+        fleet.apply_source("s", spec()).unwrap();
+        for (name, wave) in [("a1", "1"), ("a2", "1"), ("b1", "2"), ("b2", "2")] {
+            enrol(&fleet, name);
+            fleet
+                .set_labels(
+                    name,
+                    flotilla_shared::labels::parse_labels(&format!("wave={wave}")).unwrap(),
+                )
+                .unwrap();
+            let hello = Hello {
+                agent_version: "t",
+                kubernetes_version: "v1.34.0",
+                api_versions: &[],
+            };
+            fleet
+                .connect(name, &format!("cert-{name}"), &hello, 1)
+                .unwrap()
+                .unwrap();
+        }
+        let part = |name: &str, sel: &str| PartitionSpec {
+            name: name.into(),
+            max_unavailable: None,
+            target: flotilla_shared::objects::Target::selector(LabelSelector::parse(sel).unwrap()),
+        };
+        let strategy = RolloutStrategy {
+            partitions: vec![part("one", "wave=1"), part("two", "wave=2")],
+            progress_deadline_ms: 60_000,
+            on_failure: OnFailure::Rollback,
+            ..Default::default()
+        };
+        let web = |data: &str| RenderedBundle {
+            rollout: Some(strategy.clone()),
+            ..bundle("s-web", Ok(rendered(data)))
+        };
+        let has = |fleet: &Fleet, c: &str| -> Option<String> {
+            fleet
+                .desired(c)
+                .unwrap()
+                .bundles
+                .into_iter()
+                .find(|(b, _, _)| b == "s-web")
+                .map(|(_, h, _)| h)
+        };
+        // The agent acknowledges what it is sent and reports it `state`.
+        let report = |fleet: &Fleet, c: &str, state: BundleState, at: i64| {
+            let d = fleet.desired(c).unwrap();
+            fleet.record_ack(c, &d).unwrap();
+            let (_, hash, revision) = d
+                .bundles
+                .into_iter()
+                .find(|(b, _, _)| b == "s-web")
+                .unwrap();
+            fleet
+                .record_status(StatusRecord {
+                    cluster: c.into(),
+                    bundle: "s-web".into(),
+                    content_hash: hash,
+                    revision,
+                    state,
+                    message: String::new(),
+                    observed_at_ms: at,
+                })
+                .unwrap();
+        };
+        let v1 = rendered("1").content_hash();
+        let v2 = rendered("2").content_hash();
+        fleet.set_snapshot("s", "rev1", vec![web("1")], 10).unwrap();
+        assert_eq!(
+            has(&fleet, "a1"),
+            None,
+            "nothing before the planner admits it"
+        );
+        fleet.step_rollouts(11).unwrap();
+        assert_eq!(has(&fleet, "a1").as_deref(), Some(v1.as_str()));
+        assert_eq!(has(&fleet, "b1"), None, "partition two has not started");
+        let b1 = fleet.cluster("b1").unwrap().bundles.unwrap();
+        assert_eq!(b1[0].state, BundleState::OutOfSync, "{b1:?}");
+        report(&fleet, "a1", BundleState::Ready, 12);
+        report(&fleet, "a2", BundleState::Ready, 12);
+        fleet.step_rollouts(13).unwrap();
+        fleet.step_rollouts(14).unwrap();
+        assert_eq!(has(&fleet, "b1").as_deref(), Some(v1.as_str()));
+        report(&fleet, "b1", BundleState::Ready, 15);
+        report(&fleet, "b2", BundleState::Ready, 15);
+        fleet.step_rollouts(16).unwrap();
+        fleet.step_rollouts(17).unwrap();
+        assert_eq!(fleet.rollout("s-web").unwrap().unwrap().phase, "Completed");
+
+        // rev2 fails on partition one: it rolls back, partition two never sees it.
+        fleet.set_snapshot("s", "rev2", vec![web("2")], 20).unwrap();
+        assert_eq!(
+            has(&fleet, "a1").as_deref(),
+            Some(v1.as_str()),
+            "held until admitted"
+        );
+        fleet.step_rollouts(21).unwrap();
+        assert_eq!(has(&fleet, "a1").as_deref(), Some(v2.as_str()));
+        assert_eq!(has(&fleet, "b1").as_deref(), Some(v1.as_str()));
+        report(&fleet, "a1", BundleState::ErrApplied, 22);
+        fleet.step_rollouts(23).unwrap();
+        let view = fleet.rollout("s-web").unwrap().unwrap();
+        assert_eq!(view.phase, "RolledBack", "{view:?}");
+        for c in ["a1", "a2", "b1", "b2"] {
+            assert_eq!(has(&fleet, c).as_deref(), Some(v1.as_str()), "{c}");
+        }
+        assert!(fleet.content(&v1).is_some() && fleet.content(&v2).is_some());
+
+        drop(fleet);
+        let fleet = open(dir.path());
+        assert_eq!(
+            fleet.desired("a1").unwrap().bundles[0].1,
+            v1,
+            "after a restart too"
+        );
+        assert!(fleet.content(&v1).is_some());
+        let outcomes: Vec<(String, String)> = fleet
+            .rollout_history("s-web")
+            .unwrap()
+            .into_iter()
+            .map(|h| (h.revision, h.outcome))
+            .collect();
+        assert_eq!(
+            outcomes,
+            [
+                ("rev1".to_string(), "Completed".to_string()),
+                ("rev2".to_string(), "RolledBack".to_string())
+            ]
+        );
     }
 }

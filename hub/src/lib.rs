@@ -342,6 +342,7 @@ impl Hub {
             };
             tokio::try_join!(api.into_future(), hooks).map(|_| self)
         });
+        let rollouts = tokio::spawn(rollout_loop(self_fleet.clone(), stop_rx.clone()));
         let (mut gateway, mut api) = (gateway, api);
         tokio::select! {
             _ = shutdown => {}
@@ -359,6 +360,7 @@ impl Hub {
         }
         tracing::info!("shutting down");
         stop_tx.send_replace(true);
+        let _ = rollouts.await;
         let drained = tokio::time::timeout(SHUTDOWN_GRACE, async {
             let g = gateway.await;
             let a = api.await;
@@ -391,6 +393,29 @@ pub async fn run(
     let hub = Hub::open(&config)?;
     sandbox::log_protections(&config.tools.helm_repo_allow);
     hub.serve_listeners(listeners, shutdown).await
+}
+
+/// How often the rollout planner steps.
+pub const ROLLOUT_TICK: Duration = Duration::from_secs(1);
+
+/// Steps every bundle's rollout each `ROLLOUT_TICK` (the planner decides; the
+/// fleet applies), until `stop`. A failed step (the store) is logged and tried
+/// again at the next tick.
+async fn rollout_loop(fleet: Arc<Fleet>, mut stop: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(ROLLOUT_TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        let f = fleet.clone();
+        match tokio::task::spawn_blocking(move || f.step_rollouts(now_ms())).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(error)) => tracing::error!(%error, "rollout step failed"),
+            Err(error) => tracing::error!(%error, "rollout step panicked"),
+        }
+    }
 }
 
 /// Binds the agent port with a deep backlog (see `AGENT_BACKLOG`).

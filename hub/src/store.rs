@@ -199,6 +199,8 @@ pub struct SnapshotBundle {
     pub depends_on: Vec<flotilla_shared::depends::Dependency>,
     #[serde(default)]
     pub labels: Labels,
+    #[serde(default)]
+    pub rollout: Option<flotilla_shared::rollout::RolloutStrategy>,
 }
 
 impl SnapshotRecord {
@@ -211,6 +213,34 @@ impl SnapshotRecord {
         })
     }
 }
+
+/// A bundle's current rollout (the latest, whatever its phase) and the contents
+/// it moves clusters between, per variant of the bundle ("" for the default, else
+/// the target customisation's name). A completed record's `target` is what the
+/// next rollout returns to on a rollback.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RolloutRecord {
+    pub rollout: flotilla_shared::rollout::Rollout,
+    /// The rollout's revision: content hash per variant.
+    pub target: BTreeMap<String, String>,
+    /// The last revision that completed a rollout: content hash per variant.
+    #[serde(default)]
+    pub previous: BTreeMap<String, String>,
+}
+
+impl RolloutRecord {
+    pub fn hashes(&self) -> impl Iterator<Item = &str> {
+        self.target
+            .values()
+            .chain(self.previous.values())
+            .map(String::as_str)
+    }
+}
+
+/// Finished rollouts kept per bundle in the history (the oldest are dropped).
+pub const MAX_ROLLOUT_HISTORY: usize = 100;
+/// Rollout events kept fleet-wide (the oldest are dropped).
+pub const MAX_ROLLOUT_EVENTS: usize = 10_000;
 
 /// The fleet's drift history is bounded: beyond this many events the oldest are
 /// dropped (and counted), so a cluster fighting a controller cannot fill the disk.
@@ -321,6 +351,29 @@ pub trait Store: Send + Sync + 'static {
     fn put_content(&self, hash: &str, content: &Rendered) -> Result<(), StoreError>;
     fn delete_content(&self, hash: &str) -> Result<(), StoreError>;
 
+    /// Each bundle's current rollout.
+    fn list_rollouts(&self) -> Result<Vec<RolloutRecord>, StoreError>;
+    fn put_rollout(&self, rollout: &RolloutRecord) -> Result<(), StoreError>;
+    fn delete_rollout(&self, bundle: &str) -> Result<(), StoreError>;
+    /// Records a finished rollout (or replaces the record of the same start);
+    /// at most `MAX_ROLLOUT_HISTORY` are kept per bundle.
+    fn add_rollout_history(
+        &self,
+        rollout: &flotilla_shared::rollout::Rollout,
+    ) -> Result<(), StoreError>;
+    /// A bundle's finished rollouts, oldest first.
+    fn rollout_history(
+        &self,
+        bundle: &str,
+    ) -> Result<Vec<flotilla_shared::rollout::Rollout>, StoreError>;
+    /// Appends planner events (at most `MAX_ROLLOUT_EVENTS` are kept).
+    fn add_rollout_events(
+        &self,
+        events: &[flotilla_shared::rollout::RolloutEvent],
+    ) -> Result<(), StoreError>;
+    /// The kept events, oldest first.
+    fn rollout_events(&self) -> Result<Vec<flotilla_shared::rollout::RolloutEvent>, StoreError>;
+
     /// Makes every write so far durable.
     fn flush(&self) -> Result<(), StoreError>;
 }
@@ -343,6 +396,12 @@ pub struct SledStore {
     drift_meta: sled::Tree,
     /// Hub ids of each cluster's records, oldest first: `cluster \0 id` (big-endian).
     drift_by_cluster: sled::Tree,
+    /// Current rollout per bundle.
+    rollouts: sled::Tree,
+    /// Finished rollouts: `bundle \0 started_ms` (big-endian).
+    rollout_history: sled::Tree,
+    /// Planner events by sequence number (big-endian); the next under a reserved key.
+    rollout_events: sled::Tree,
     drift_caps: DriftCaps,
     /// Serialises add_drift (dedupe check, id allocation, trimming).
     drift_lock: std::sync::Mutex<()>,
@@ -417,6 +476,9 @@ impl SledStore {
             drift: db.open_tree("drift")?,
             drift_meta: db.open_tree("drift_meta")?,
             drift_by_cluster: db.open_tree("drift_by_cluster")?,
+            rollouts: db.open_tree("rollouts")?,
+            rollout_history: db.open_tree("rollout_history")?,
+            rollout_events: db.open_tree("rollout_events")?,
             drift_caps: DriftCaps {
                 total: caps.total.max(1),
                 per_cluster: caps.per_cluster.max(1),
@@ -860,10 +922,106 @@ impl Store for SledStore {
         u64_at(&self.drift_meta, DRIFT_DROPPED)
     }
 
+    fn list_rollouts(&self) -> Result<Vec<RolloutRecord>, StoreError> {
+        list(&self.rollouts)
+    }
+
+    fn put_rollout(&self, rollout: &RolloutRecord) -> Result<(), StoreError> {
+        self.rollouts
+            .insert(rollout.rollout.bundle.as_bytes(), encode(rollout)?)?;
+        Ok(())
+    }
+
+    fn delete_rollout(&self, bundle: &str) -> Result<(), StoreError> {
+        self.rollouts.remove(bundle.as_bytes())?;
+        Ok(())
+    }
+
+    fn add_rollout_history(
+        &self,
+        rollout: &flotilla_shared::rollout::Rollout,
+    ) -> Result<(), StoreError> {
+        let prefix = history_prefix(&rollout.bundle);
+        let mut key = prefix.clone();
+        key.extend_from_slice(&rollout.started_ms.to_be_bytes());
+        self.rollout_history.insert(key, encode(rollout)?)?;
+        let kept = self.rollout_history.scan_prefix(&prefix).count();
+        for old in self
+            .rollout_history
+            .scan_prefix(&prefix)
+            .keys()
+            .take(kept.saturating_sub(MAX_ROLLOUT_HISTORY))
+        {
+            self.rollout_history.remove(old?)?;
+        }
+        Ok(())
+    }
+
+    fn rollout_history(
+        &self,
+        bundle: &str,
+    ) -> Result<Vec<flotilla_shared::rollout::Rollout>, StoreError> {
+        self.rollout_history
+            .scan_prefix(history_prefix(bundle))
+            .map(|kv| {
+                let (k, v) = kv?;
+                decode(&k, &v)
+            })
+            .collect()
+    }
+
+    fn add_rollout_events(
+        &self,
+        events: &[flotilla_shared::rollout::RolloutEvent],
+    ) -> Result<(), StoreError> {
+        if events.is_empty() {
+            return Ok(());
+        }
+        let _one = self.drift_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let mut next = u64_at(&self.rollout_events, EVENTS_NEXT_ID)?;
+        for e in events {
+            self.rollout_events.insert(next.to_be_bytes(), encode(e)?)?;
+            next += 1;
+        }
+        self.rollout_events
+            .insert(EVENTS_NEXT_ID, &next.to_be_bytes())?;
+        let over = (self.rollout_events.len() - 1).saturating_sub(MAX_ROLLOUT_EVENTS);
+        for old in self
+            .rollout_events
+            .iter()
+            .keys()
+            .filter(|k| k.as_ref().map_or(true, |k| k.len() == 8))
+            .take(over)
+        {
+            self.rollout_events.remove(old?)?;
+        }
+        Ok(())
+    }
+
+    fn rollout_events(&self) -> Result<Vec<flotilla_shared::rollout::RolloutEvent>, StoreError> {
+        self.rollout_events
+            .iter()
+            .filter(|kv| kv.as_ref().map_or(true, |(k, _)| k.len() == 8))
+            .map(|kv| {
+                let (k, v) = kv?;
+                decode(&k, &v)
+            })
+            .collect()
+    }
+
     fn flush(&self) -> Result<(), StoreError> {
         self.db.flush()?;
         Ok(())
     }
+}
+
+const EVENTS_NEXT_ID: &[u8] = b"\0next-event-id";
+
+/// The key prefix of a bundle's rollout history (bundle names hold no NUL).
+fn history_prefix(bundle: &str) -> Vec<u8> {
+    let mut k = bundle.as_bytes().to_vec();
+    k.push(0);
+    k
 }
 
 #[cfg(test)]

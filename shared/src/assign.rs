@@ -91,6 +91,8 @@ impl BundleInfo {
             revision: p.good.map(|(_, r)| r.clone()).unwrap_or_default(),
             render_error: p.render_error.map(str::to_string),
             waiting_for: Vec::new(),
+            variant: p.customization.unwrap_or_default().to_string(),
+            held_back: None,
         })
     }
 }
@@ -106,6 +108,92 @@ pub struct Assignment {
     /// Dependencies not `Ready` on the cluster (filled in by
     /// [`crate::depends::gate`]): while any remain, the content is held back.
     pub waiting_for: Vec<String>,
+    /// Which variant of the bundle the cluster gets: "" for the default, else
+    /// the target customisation's name.
+    pub variant: String,
+    /// Held back by a rollout (filled in by [`gate_rollouts`]): why. The agent
+    /// keeps what it holds.
+    pub held_back: Option<String>,
+}
+
+/// A bundle's rollout, as assignment needs it: the rollout and the contents it
+/// moves between, per variant.
+#[derive(Debug, Clone, Copy)]
+pub struct RolloutGate<'a> {
+    pub rollout: &'a crate::rollout::Rollout,
+    /// The rollout's revision: content hash per variant.
+    pub target: &'a BTreeMap<String, String>,
+    /// The last revision that completed a rollout: content hash per variant.
+    pub previous: &'a BTreeMap<String, String>,
+}
+
+/// Applies each bundle's rollout to a cluster's assignments: an admitted
+/// cluster gets the rollout's revision, one not yet admitted keeps what it
+/// holds (`held_back`: it shows `OutOfSync`; with nothing held it gets the
+/// previous revision if there is one), and a rolled-back rollout sends the
+/// previous revision. A bundle without a rollout is left as it is.
+pub fn gate_rollouts<'a>(
+    assignments: &mut [Assignment],
+    cluster: &str,
+    gate: impl Fn(&str) -> Option<RolloutGate<'a>>,
+    held: impl Fn(&str) -> Option<(String, String)>,
+) {
+    use crate::rollout::{Decision, Phase};
+    for a in assignments.iter_mut() {
+        let Some(g) = gate(&a.bundle) else { continue };
+        let previous = || {
+            g.previous
+                .get(&a.variant)
+                .map(|h| (h.clone(), g.rollout.previous.clone().unwrap_or_default()))
+        };
+        match g.rollout.decision(cluster) {
+            Decision::Revision => {
+                if let Some(h) = g.target.get(&a.variant) {
+                    a.content_hash = Some(h.clone());
+                    a.revision = g.rollout.revision.clone();
+                }
+            }
+            Decision::Previous => match previous() {
+                Some((h, r)) => {
+                    a.content_hash = Some(h);
+                    a.revision = r;
+                }
+                // No earlier content of this variant: it keeps what it runs.
+                None => {
+                    a.content_hash = None;
+                    a.held_back = Some(format!(
+                        "rolled back from {}: no earlier revision of this variant, kept as it runs",
+                        short(&g.rollout.revision)
+                    ));
+                }
+            },
+            Decision::Hold => {
+                let why = match g.rollout.phase {
+                    Phase::Paused => "the rollout is paused".to_string(),
+                    Phase::Halted => format!("the rollout halted: {}", g.rollout.reason),
+                    _ if g.rollout.reason.is_empty() => "its partition has not started".into(),
+                    _ => g.rollout.reason.clone(),
+                };
+                a.held_back = Some(format!(
+                    "held back by the rollout of {}: {why}",
+                    short(&g.rollout.revision)
+                ));
+                if held(&a.bundle).is_some() {
+                    // `sendable` keeps what the agent holds.
+                    a.content_hash = None;
+                } else if let Some((h, r)) = previous() {
+                    a.content_hash = Some(h);
+                    a.revision = r;
+                } else {
+                    a.content_hash = None;
+                }
+            }
+        }
+    }
+}
+
+fn short(revision: &str) -> &str {
+    revision.get(..12).unwrap_or(revision)
 }
 
 /// Refuses every bundle whose name another source's bundle also has (see
@@ -185,6 +273,9 @@ pub fn assignment_state(
     acked_hash: Option<&str>,
     reported: Option<&Reported>,
 ) -> (BundleState, String) {
+    if let Some(why) = &a.held_back {
+        return (BundleState::OutOfSync, why.clone());
+    }
     let hash = a.content_hash.as_deref().unwrap_or_default();
     let acknowledged = !hash.is_empty() && acked_hash == Some(hash);
     if !a.waiting_for.is_empty() && !acknowledged && a.render_error.is_none() {
@@ -387,6 +478,8 @@ mod tests {
             revision: String::new(),
             render_error: Some("helm: size is required".into()),
             waiting_for: vec![],
+            variant: String::new(),
+            held_back: None,
         };
         let held = |b: &str| (b == "web").then(|| ("h-old".to_string(), "c-old".to_string()));
         assert_eq!(

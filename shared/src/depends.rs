@@ -150,6 +150,8 @@ mod tests {
                 revision: "c1".into(),
                 render_error: None,
                 waiting_for: vec![],
+                variant: String::new(),
+                held_back: None,
             })
             .collect()
     }

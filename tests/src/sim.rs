@@ -97,9 +97,35 @@ pub async fn session(
     tls: Arc<ClientConfig>,
     gzip: bool,
     events: mpsc::UnboundedSender<Event>,
-    mut stop: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
 ) {
-    let r = run(agent, &hub, tls, gzip, &events, &mut stop).await;
+    session_with(
+        agent,
+        hub,
+        tls,
+        gzip,
+        events,
+        stop,
+        Arc::new(|_| BundleState::Ready),
+    )
+    .await
+}
+
+/// What a simulated agent reports for a bundle at a revision.
+pub type Verdict = Arc<dyn Fn(&str) -> BundleState + Send + Sync>;
+
+/// As [`session`], reporting each received bundle in the state `verdict` gives
+/// its revision (a "bad revision" whose Pods never become Ready, say).
+pub async fn session_with(
+    agent: usize,
+    hub: Uri,
+    tls: Arc<ClientConfig>,
+    gzip: bool,
+    events: mpsc::UnboundedSender<Event>,
+    mut stop: watch::Receiver<bool>,
+    verdict: Verdict,
+) {
+    let r = run(agent, &hub, tls, gzip, &events, &mut stop, &verdict).await;
     if let Err(e) = r {
         let _ = events.send(Event::Failed {
             agent,
@@ -115,6 +141,7 @@ async fn run(
     gzip: bool,
     events: &mpsc::UnboundedSender<Event>,
     stop: &mut watch::Receiver<bool>,
+    verdict: &Verdict,
 ) -> Result<()> {
     let channel = transport::channel(hub, tls).await?;
     let mut client = FleetClient::new(channel);
@@ -162,7 +189,7 @@ async fn run(
                                 bundle: b.name.clone(),
                                 content_hash: b.content_hash.clone(),
                                 revision: b.revision.clone(),
-                                state: BundleState::Ready as i32,
+                                state: verdict(&b.revision) as i32,
                                 message: String::new(),
                                 seq,
                                 observed_at_unix_ms: now_ms(),
