@@ -9,6 +9,7 @@
 #   scripts/bench-compare.sh BASE [NEW]
 #   FLOTILLA_BENCH_COMPARE_PARTS="hub fleet wire git agent"  parts to run
 #   FLOTILLA_BENCH_COMPARE_RUNS=3                              rounds
+#   FLOTILLA_BENCH_COMPARE_BUILD_ONLY=1                        build both, run nothing
 #   FLOTILLA_BENCH_HUB_AGENTS=100,1000,5000                    hub part's agent counts
 #   FLOTILLA_BENCH_FLEET_AGENTS=1000                           fleet part's agent counts
 set -euo pipefail
@@ -23,11 +24,13 @@ cargo=${CARGO:-cargo}
 base_rev=$(git rev-parse --short "$base")
 new_rev=$(git rev-parse --short "$new")
 
-checkout() { # side rev
+checkout() { # side rev (kept when it already holds rev: its build stays fresh)
   local dir=$work/$1-src
+  [ "$(cat "$dir/.bench-rev" 2>/dev/null)" = "$2" ] && return 0
   rm -rf "$dir"
   mkdir -p "$dir"
   git archive "$2" | tar -x -C "$dir"
+  echo "$2" > "$dir/.bench-rev"
 }
 
 mkdir -p "$work"
@@ -41,6 +44,7 @@ for side in base new; do
   rm -rf "$work/results-$side"
   mkdir -p "$work/results-$side"
 done
+[ -n "${FLOTILLA_BENCH_COMPARE_BUILD_ONLY:-}" ] && exit 0
 
 ulimit -n "$(ulimit -Hn)"
 for round in $(seq 1 "$rounds"); do
