@@ -13,6 +13,7 @@ use serde_json::Value;
 
 use crate::bundle::{self, BundleOptions, Manifest, RenderError, CONFIG_FILES};
 use crate::objects::Target;
+use crate::rollout::{self, RolloutStrategy};
 use crate::sandbox;
 use crate::selector::LabelSelector;
 
@@ -106,8 +107,9 @@ impl TargetCustomization {
 }
 
 /// A whole `flotilla.yaml` / `fleet.yaml`. Unknown fields are ignored so a Fleet
-/// repository loads whatever else it says; `dependsOn` and `rolloutStrategy` are
-/// kept for later features and not yet acted on.
+/// repository loads whatever else it says; `dependsOn` is kept for a later
+/// feature. `rolloutStrategy` is checked when the file is parsed (unknown fields
+/// inside it are errors) and read with [`BundleSpec::rollout`].
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct BundleSpec {
@@ -138,8 +140,28 @@ pub struct BundleSpec {
     /// add ignore rules.
     #[serde(default)]
     pub drift: Option<crate::drift::DriftConfig>,
+    /// Fleet's `rolloutStrategy` with Flotilla's additions, as written; see
+    /// [`BundleSpec::rollout`].
     #[serde(default)]
     pub rollout_strategy: Option<Value>,
+    /// The file this was read from (`flotilla.yaml` or `fleet.yaml`), for errors.
+    #[serde(skip)]
+    pub config_file: Option<String>,
+}
+
+impl BundleSpec {
+    /// The bundle's `rolloutStrategy`, validated (`None` when it has none: the
+    /// hub then uses [`RolloutStrategy::default`]). The error names the file,
+    /// `rolloutStrategy`, the field and the reason.
+    pub fn rollout(&self) -> Result<Option<RolloutStrategy>, RenderError> {
+        let Some(v) = &self.rollout_strategy else {
+            return Ok(None);
+        };
+        let file = self.config_file.as_deref().unwrap_or(CONFIG_FILES[0]);
+        rollout::parse_strategy(v)
+            .map(Some)
+            .map_err(|e| config_error(file, None, format!("rolloutStrategy: {e}")))
+    }
 }
 
 fn config_error(file: &str, line: Option<u64>, reason: String) -> RenderError {
@@ -162,7 +184,7 @@ pub fn parse_spec(files: &BTreeMap<String, Vec<u8>>) -> Result<BundleSpec, Rende
         if text.trim().is_empty() {
             return Ok(BundleSpec::default());
         }
-        let spec: BundleSpec = serde_saphyr::from_str(text).map_err(|e| {
+        let mut spec: BundleSpec = serde_saphyr::from_str(text).map_err(|e| {
             config_error(
                 name,
                 e.location().map(|l| l.line()),
@@ -174,6 +196,8 @@ pub fn parse_spec(files: &BTreeMap<String, Vec<u8>>) -> Result<BundleSpec, Rende
                 .validate()
                 .map_err(|e| config_error(name, None, format!("targetCustomizations[{i}]: {e}")))?;
         }
+        spec.config_file = Some(name.to_string());
+        spec.rollout()?;
         return Ok(spec);
     }
     Ok(BundleSpec::default())
@@ -989,6 +1013,11 @@ targetCustomizations:
         assert_eq!(spec.namespace.as_deref(), Some("apps"));
         assert_eq!(spec.depends_on.len(), 1);
         assert!(spec.rollout_strategy.is_some() && spec.diff.is_some());
+        let rollout = spec.rollout().unwrap().unwrap();
+        assert_eq!(
+            rollout.max_unavailable,
+            Some(crate::rollout::Limit::Percent(10))
+        );
         let v = variants(&spec);
         assert_eq!(
             v.iter().map(|v| v.name.as_str()).collect::<Vec<_>>(),
@@ -1263,5 +1292,41 @@ targetCustomizations:
         assert_eq!(p, "kustomization.yaml");
         let v: Value = serde_json::from_slice(&b).unwrap();
         assert_eq!(v["resources"], json!(["manifests.yaml"]));
+    }
+
+    #[test]
+    fn an_invalid_rollout_strategy_is_a_render_error_naming_the_file() {
+        for (file, text, want) in [
+            (
+                "fleet.yaml",
+                "rolloutStrategy:\n  maxUnavailabel: 1\n",
+                "unknown field \"maxUnavailabel\"",
+            ),
+            (
+                "flotilla.yaml",
+                "rolloutStrategy: {maxUnavailable: 150%}\n",
+                "maxUnavailable: \"150%\" is over 100%",
+            ),
+            (
+                "fleet.yaml",
+                "rolloutStrategy: {partitions: [{name: a, clusterSelectr: {}}]}\n",
+                "partitions[0]: unknown field \"clusterSelectr\"",
+            ),
+        ] {
+            let e = parse_spec(&files(&[(file, text)])).unwrap_err();
+            assert_eq!(e.file, file);
+            assert!(
+                e.reason.starts_with("rolloutStrategy: ") && e.reason.contains(want),
+                "{e}"
+            );
+        }
+        // none at all, or an empty one
+        let spec = parse_spec(&files(&[("fleet.yaml", "namespace: x\n")])).unwrap();
+        assert_eq!(spec.rollout().unwrap(), None);
+        let spec = parse_spec(&files(&[("fleet.yaml", "rolloutStrategy: {}\n")])).unwrap();
+        assert_eq!(
+            spec.rollout().unwrap(),
+            Some(crate::rollout::RolloutStrategy::default())
+        );
     }
 }
