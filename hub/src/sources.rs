@@ -99,42 +99,15 @@ pub async fn render_snapshot(
         // A fleet.yaml that does not parse fails the render itself; its dependsOn
         // and labels then do not matter.
         let spec = flotilla_shared::fleetyaml::parse_spec(&bundle).unwrap_or_default();
-        // An invalid rolloutStrategy fails the bundle: a typo must not send a
-        // revision everywhere at once.
-        let (rollout, mut result, mut customizations) = (None, r.default, r.customizations);
-        let rollout = match spec
-            .rollout_strategy
-            .as_ref()
-            .map(flotilla_shared::rollout::parse_strategy)
-        {
-            None => rollout,
-            Some(Ok(strategy)) => Some(strategy),
-            Some(Err(reason)) => {
-                let file = flotilla_shared::bundle::CONFIG_FILES
-                    .iter()
-                    .find(|f| bundle.contains_key(**f))
-                    .copied()
-                    .unwrap_or("fleet.yaml");
-                let error = flotilla_shared::bundle::RenderError {
-                    file: file.to_string(),
-                    line: None,
-                    object: None,
-                    reason: format!("rolloutStrategy: {reason}"),
-                };
-                result = Err(error.clone());
-                for (_, c) in customizations.iter_mut() {
-                    *c = Err(error.clone());
-                }
-                None
-            }
-        };
+        // An invalid rolloutStrategy fails parse_spec, so the render itself.
+        let rollout = spec.rollout().ok().flatten();
         out.push(RenderedBundle {
             depends_on: flotilla_shared::depends::parse_depends_on(&spec.depends_on),
             labels: flotilla_shared::depends::bundle_labels(source, &spec.labels),
             name,
             path: dir.clone(),
-            result,
-            customizations,
+            result: r.default,
+            customizations: r.customizations,
             rollout,
         });
     }
