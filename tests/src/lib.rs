@@ -326,6 +326,36 @@ pub fn shared_clusters() -> &'static [TestCluster; 2] {
     })
 }
 
+/// Four control planes, for tests that need more than two (rollouts across
+/// partitions); started once per test binary, in parallel, like [`shared_clusters`].
+pub fn four_clusters() -> &'static [TestCluster; 4] {
+    static CLUSTERS: OnceLock<[TestCluster; 4]> = OnceLock::new();
+    CLUSTERS.get_or_init(|| {
+        remove_stale_cluster_dirs();
+        let root = tempfile::Builder::new()
+            .prefix(&format!("{SHARED_PREFIX}{}-", std::process::id()))
+            .tempdir()
+            .expect("tempdir")
+            .keep();
+        let started: Vec<_> = ["c1", "c2", "c3", "c4"]
+            .into_iter()
+            .map(|n| {
+                let root = root.clone();
+                std::thread::spawn(move || TestCluster::start(n, &root.join(n)))
+            })
+            .collect();
+        let mut all: Vec<TestCluster> = started
+            .into_iter()
+            .map(|t| t.join().expect("thread").expect("start cluster"))
+            .collect();
+        let d = all.pop().unwrap();
+        let c = all.pop().unwrap();
+        let b = all.pop().unwrap();
+        let a = all.pop().unwrap();
+        [a, b, c, d]
+    })
+}
+
 /// Shared clusters live in `<tmp>/flotilla-e2e-<pid>-*`: a static is never dropped,
 /// so their data dirs outlive the test binary and are removed by the next one.
 const SHARED_PREFIX: &str = "flotilla-e2e-";
