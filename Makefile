@@ -4,7 +4,7 @@ export CARGO_TARGET_DIR ?= $(HOME)/.cache/flotilla/cargo-target
 CARGO ?= cargo
 TESTENV_BIN := $(CURDIR)/target/testenv/bin
 
-.PHONY: all build testenv tools test unit e2e lint torture fuzz demo demo-stop bench bench-build bench-hub bench-fleet bench-wire bench-agent bench-git bench-report clean
+.PHONY: all build testenv tools test unit e2e lint torture fuzz demo demo-stop bench bench-build bench-hub bench-fleet bench-wire bench-agent bench-git bench-planner bench-report clean
 
 all: build
 
@@ -52,7 +52,7 @@ BENCH := $(CARGO_TARGET_DIR)/release/flotilla-bench
 # Simulated agents each hold a connection: raise the open-file limit to the hard limit.
 BENCH_RUN := ulimit -n $$(ulimit -Hn) && FLOTILLA_BENCH_BIN_DIR=$(CARGO_TARGET_DIR)/release FLOTILLA_TESTENV_BIN=$(TESTENV_BIN) $(BENCH)
 
-bench: bench-hub bench-fleet bench-wire bench-agent bench-git bench-report
+bench: bench-hub bench-fleet bench-wire bench-agent bench-git bench-planner bench-report
 
 bench-build:
 	$(CARGO) build --release -p flotilla-hub -p flotilla-agent -p flotilla-bench --bins
@@ -80,6 +80,11 @@ bench-agent: bench-build testenv
 ## bench-git: fetch + render of 200 bundle directories, cold and incremental, vs git clone / fetch
 bench-git: bench-build
 	$(BENCH_RUN) git
+	$(BENCH_RUN) report
+
+## bench-planner: the rollout planner's time per step at 1,000 and 10,000 clusters in 10 partitions (FLOTILLA_BENCH_CLUSTERS=1000)
+bench-planner: bench-build
+	$(BENCH_RUN) planner
 	$(BENCH_RUN) report
 
 bench-report: bench-build
