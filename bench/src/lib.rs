@@ -1,6 +1,6 @@
 //! Flotilla's benchmarks: a load generator of simulated agents that speak the real
 //! protocol over real mutual TLS (reusing the agent's enrolment and transport code),
-//! a byte-counting proxy, readings of a process's memory, CPU and file descriptors
+//! a byte-counting proxy, the rollout planner's cost per step, readings of a process's memory, CPU and file descriptors
 //! from /proc, and the report (BENCHMARKS.md and an SVG figure).
 //!
 //! Nothing here asserts a number: benchmarks measure, tests enforce behaviour.
@@ -8,6 +8,7 @@
 pub mod cluster;
 pub mod compare;
 pub mod hubproc;
+pub mod planner;
 pub mod procstat;
 pub mod proxy;
 pub mod report;

@@ -2,7 +2,7 @@
 //! turns the results into BENCHMARKS.md. Parts: `hub` (capacity and
 //! commit-to-fleet latency with simulated agents, polling), `fleet` (commit to
 //! fleet by push webhook), `wire` (bytes the hub sends for a one-line change),
-//! `agent`, `git`, `report`.
+//! `agent`, `git`, `planner` (the rollout planner's time per step), `report`.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -124,6 +124,24 @@ enum Part {
         #[arg(long, env = "FLOTILLA_BENCH_REPORT", default_value = "BENCHMARKS.md")]
         out: PathBuf,
     },
+    /// The rollout planner: `rollout::step` time per call over a whole simulated
+    /// rollout in 10 partitions, at each cluster count.
+    Planner {
+        /// Cluster counts, comma-separated.
+        #[arg(
+            long,
+            env = "FLOTILLA_BENCH_CLUSTERS",
+            value_delimiter = ',',
+            default_value = "1000,10000"
+        )]
+        clusters: Vec<usize>,
+        /// Repetitions per count.
+        #[arg(long, env = "FLOTILLA_BENCH_RUNS", default_value_t = 3)]
+        runs: usize,
+        /// Extra timed calls of one mid-rollout step, per run.
+        #[arg(long, env = "FLOTILLA_BENCH_REPEAT", default_value_t = 200)]
+        repeat: usize,
+    },
     /// Writes BENCHMARKS.md and the figures from the results.
     Report {
         /// The Markdown file to write.
@@ -233,6 +251,27 @@ fn main() -> Result<()> {
                 eprintln!("  {r:?}");
                 all.push(r);
                 report::save(&path, &all)?;
+            }
+        }
+        Part::Planner {
+            clusters,
+            runs,
+            repeat,
+        } => {
+            let path = args.results.join("planner.json");
+            let mut all: Vec<report::PlannerRun> = report::load(&path).unwrap_or_default();
+            for &n in &clusters {
+                all.retain(|r| r.clusters != n);
+                for run in 1..=runs {
+                    eprintln!("planner: {n} clusters, run {run}/{runs}");
+                    let r = flotilla_bench::planner::run(n, repeat);
+                    eprintln!("  {r:?}");
+                    if !r.completed {
+                        bail!("planner: the simulated rollout of {n} clusters did not complete");
+                    }
+                    all.push(r);
+                    report::save(&path, &all)?;
+                }
             }
         }
         Part::Report { out, figure } => report::write(&args.results, &out, &figure)?,

@@ -97,6 +97,48 @@ pub struct GitRun {
     pub fetch_s: f64,
 }
 
+/// One run of the planner part: `rollout::step` over a whole simulated rollout.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PlannerRun {
+    pub clusters: usize,
+    pub partitions: usize,
+    /// Steps the rollout took from start to Completed.
+    pub steps: usize,
+    /// Calls timed: every step of the rollout, then repeats of a mid-rollout step.
+    pub calls: usize,
+    pub completed: bool,
+    pub step_median_us: f64,
+    pub step_p99_us: f64,
+    pub step_max_us: f64,
+    /// One `rollout::partition` of the clusters.
+    pub partition_ms: f64,
+}
+
+/// The planner table.
+pub fn planner_table(runs: &[PlannerRun]) -> String {
+    let mut groups: BTreeMap<usize, Vec<&PlannerRun>> = BTreeMap::new();
+    for r in runs {
+        groups.entry(r.clusters).or_default().push(r);
+    }
+    let mut s = String::from("| clusters (partitions) | runs | steps to complete | step(), median µs | step(), p99 µs | step(), max µs | partition(), ms |\n|---:|---:|---:|---:|---:|---:|---:|\n");
+    for rs in groups.values() {
+        let r = rs[0];
+        let _ = writeln!(
+            s,
+            "| {} ({}) | {} | {} | {} | {} | {} | {} |",
+            r.clusters,
+            r.partitions,
+            rs.len(),
+            of(rs, |r| r.steps as f64).show(0),
+            of(rs, |r| r.step_median_us).show(0),
+            of(rs, |r| r.step_p99_us).show(0),
+            of(rs, |r| r.step_max_us).show(0),
+            of(rs, |r| r.partition_ms).show(2),
+        );
+    }
+    s
+}
+
 /// The agent table.
 pub fn agent_table(runs: &[AgentRun]) -> String {
     let mut groups: BTreeMap<usize, Vec<&AgentRun>> = BTreeMap::new();
@@ -369,7 +411,7 @@ pub fn memory_svg(runs: &[HubRun]) -> String {
     s
 }
 
-const TEMPLATE: &str = "# Benchmarks\n\n<!-- bench:machine -->\n<!-- /bench:machine -->\n\n## Hub capacity\n\n<!-- bench:hub -->\n<!-- /bench:hub -->\n\n## Commit to fleet\n\n<!-- bench:commit -->\n<!-- /bench:commit -->\n\n## Bytes on the wire\n\n<!-- bench:wire -->\n<!-- /bench:wire -->\n";
+const TEMPLATE: &str = "# Benchmarks\n\n<!-- bench:machine -->\n<!-- /bench:machine -->\n\n## Hub capacity\n\n<!-- bench:hub -->\n<!-- /bench:hub -->\n\n## Commit to fleet\n\n<!-- bench:commit -->\n<!-- /bench:commit -->\n\n## Bytes on the wire\n\n<!-- bench:wire -->\n<!-- /bench:wire -->\n\n## Rollout planner\n\n<!-- bench:planner -->\n<!-- /bench:planner -->\n";
 
 /// Replaces the block `name` in `doc` (appending it when missing).
 fn replace_block(doc: &str, name: &str, body: &str) -> String {
@@ -419,6 +461,9 @@ pub fn write(results: &Path, out: &Path, figure: &Path) -> Result<()> {
     if let Ok(runs) = load::<GitRun>(&results.join("git.json")) {
         doc = replace_block(&doc, "git", &git_table(&runs));
     }
+    if let Ok(runs) = load::<PlannerRun>(&results.join("planner.json")) {
+        doc = replace_block(&doc, "planner", &planner_table(&runs));
+    }
     std::fs::write(out, doc).with_context(|| format!("writing {}", out.display()))
 }
 
@@ -458,5 +503,26 @@ mod tests {
         let svg = memory_svg(&[run(100, 20_000), run(1000, 80_000), run(1000, 90_000)]);
         assert_eq!(svg.matches("<circle").count(), 2);
         assert!(hub_table(&[run(100, 20_000)]).contains("| 100 | 1 |"));
+    }
+
+    #[test]
+    fn planner_rows_per_count() {
+        let run = |clusters, us| PlannerRun {
+            clusters,
+            partitions: 10,
+            steps: 110,
+            calls: 310,
+            completed: true,
+            step_median_us: us,
+            step_p99_us: us,
+            step_max_us: us,
+            partition_ms: 1.0,
+        };
+        let t = planner_table(&[run(1000, 100.0), run(1000, 300.0), run(10000, 900.0)]);
+        assert!(
+            t.contains("| 1000 (10) | 2 | 110 (110–110) | 200 (100–300) |"),
+            "{t}"
+        );
+        assert!(t.contains("| 10000 (10) | 1 |"), "{t}");
     }
 }

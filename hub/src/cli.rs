@@ -78,9 +78,6 @@ pub enum Command {
     /// Drift events: managed objects changed or deleted behind Flotilla's back.
     #[command(subcommand)]
     Drift(DriftCommand),
-    /// Staged rollouts of bundles with a `rolloutStrategy`.
-    #[command(subcommand)]
-    Rollout(RolloutCommand),
     /// Offline: each object's health (Current, InProgress, Failed, Terminating,
     /// NotFound, Unknown) and reason, from manifests or `kubectl get -o yaml`.
     Health {
@@ -97,6 +94,84 @@ pub enum Command {
     /// --kustomize). Cluster groups are not known offline: `clusterGroup` and
     /// `clusterGroupSelector` customisations never match.
     Render(RenderArgs),
+    /// Staged, health-gated rollouts of bundles (docs/rollouts.md).
+    #[command(subcommand)]
+    Rollout(RolloutCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RolloutCommand {
+    /// Offline (no hub): the partitions a rollout of the bundle in DIR goes
+    /// through over the clusters in FILE, in order, with their clusters and
+    /// maxUnavailable after rounding; names the clusters several partitions
+    /// match (each belongs to the first) and those none matches (they form the
+    /// last partition, "unmatched").
+    Plan {
+        /// The bundle directory (the one holding flotilla.yaml/fleet.yaml).
+        #[arg(value_name = "DIR")]
+        dir: std::path::PathBuf,
+        /// A YAML file of `Cluster` (metadata.name, metadata.labels) and
+        /// `ClusterGroup` documents (apiVersion flotilla.io/v1alpha1), or `-`
+        /// for standard input.
+        #[arg(long, value_name = "FILE", env = "FLOTILLA_ROLLOUT_CLUSTERS")]
+        clusters: String,
+        #[command(flatten)]
+        output: Output,
+    },
+    /// The bundle's current rollout: partitions, each cluster's progress, and why
+    /// it waits, halted or rolled back.
+    Status {
+        /// Bundle name.
+        bundle: String,
+        #[command(flatten)]
+        output: Output,
+    },
+    /// Stop admitting clusters to the bundle's rollout (those that have the
+    /// revision keep it).
+    Pause {
+        /// Bundle name.
+        bundle: String,
+    },
+    /// Continue a paused or halted rollout.
+    Resume {
+        /// Bundle name.
+        bundle: String,
+    },
+    /// Return every cluster that got the rollout's revision to the last revision
+    /// that completed a rollout.
+    Rollback {
+        /// Bundle name.
+        bundle: String,
+    },
+    /// The bundle's rollouts: revision, start, end, outcome.
+    History {
+        /// Bundle name.
+        bundle: String,
+        #[command(flatten)]
+        output: Output,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DriftCommand {
+    /// List drift events, oldest first.
+    List {
+        /// Only this cluster's events.
+        #[arg(long, env = "FLOTILLA_DRIFT_CLUSTER")]
+        cluster: Option<String>,
+        /// Only this bundle's events.
+        #[arg(long, env = "FLOTILLA_DRIFT_BUNDLE")]
+        bundle: Option<String>,
+        #[command(flatten)]
+        output: Output,
+    },
+    /// Show one drift event with its field-level diff.
+    Show {
+        /// Event id (from `drift list`).
+        id: String,
+        #[command(flatten)]
+        output: Output,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -319,64 +394,6 @@ pub enum BundleCommand {
     },
 }
 
-#[derive(Debug, Subcommand)]
-pub enum RolloutCommand {
-    /// The bundle's current rollout: partitions, each cluster's progress, and why
-    /// it waits, halted or rolled back.
-    Status {
-        /// Bundle name.
-        bundle: String,
-        #[command(flatten)]
-        output: Output,
-    },
-    /// Stop admitting clusters to the bundle's rollout (those that have the
-    /// revision keep it).
-    Pause {
-        /// Bundle name.
-        bundle: String,
-    },
-    /// Continue a paused or halted rollout.
-    Resume {
-        /// Bundle name.
-        bundle: String,
-    },
-    /// Return every cluster that got the rollout's revision to the last revision
-    /// that completed a rollout.
-    Rollback {
-        /// Bundle name.
-        bundle: String,
-    },
-    /// The bundle's rollouts: revision, start, end, outcome.
-    History {
-        /// Bundle name.
-        bundle: String,
-        #[command(flatten)]
-        output: Output,
-    },
-}
-
-#[derive(Debug, Subcommand)]
-pub enum DriftCommand {
-    /// List drift events, oldest first.
-    List {
-        /// Only this cluster's events.
-        #[arg(long, env = "FLOTILLA_DRIFT_CLUSTER")]
-        cluster: Option<String>,
-        /// Only this bundle's events.
-        #[arg(long, env = "FLOTILLA_DRIFT_BUNDLE")]
-        bundle: Option<String>,
-        #[command(flatten)]
-        output: Output,
-    },
-    /// Show one drift event with its field-level diff.
-    Show {
-        /// Event id (from `drift list`).
-        id: String,
-        #[command(flatten)]
-        output: Output,
-    },
-}
-
 /// Output format of read commands.
 #[derive(Debug, Args, Clone, Copy)]
 pub struct Output {
@@ -470,6 +487,15 @@ async fn execute(cli: Cli, out: &mut dyn Write, err: &mut dyn Write) -> Result<(
                 reason,
             })?;
         return print(out, output.output, &health_report(&objects), health_table);
+    }
+    if let Command::Rollout(RolloutCommand::Plan {
+        dir,
+        clusters,
+        output,
+    }) = &cli.command
+    {
+        let v = rollout_plan(dir, clusters)?;
+        return print(out, output.output, &v, rollout_plan_table);
     }
     let trust = Trust::choose(cli.ca_file.as_deref(), &cli.data_dir);
     let api = Api::new(&cli.hub, cli.token.clone(), &trust)?;
@@ -669,7 +695,7 @@ async fn execute(cli: Cli, out: &mut dyn Write, err: &mut dyn Write) -> Result<(
         Command::Rollout(RolloutCommand::Rollback { bundle }) => {
             rollout_action(&api, out, &bundle, "rollback", "rolled back").await?;
         }
-        Command::Health { .. } => {}
+        Command::Health { .. } | Command::Rollout(RolloutCommand::Plan { .. }) => {}
     }
     Ok(())
 }
@@ -779,6 +805,108 @@ pub fn rollout_history_table(v: &Value) -> String {
         &["REVISION", "STARTED", "ENDED", "OUTCOME", "REASON"],
         &rows,
     )
+}
+
+/// `flotilla rollout plan`: the planner's partitions for a bundle directory and a
+/// file of clusters, as JSON (`partitions`, `matchedSeveral`, `unmatched`).
+fn rollout_plan(dir: &std::path::Path, clusters_file: &str) -> Result<Value, CliError> {
+    use flotilla_shared::rollout;
+    let files = crate::render::read_bundle_dir(dir).map_err(|e| CliError::Input {
+        file: dir.display().to_string(),
+        reason: e.to_string(),
+    })?;
+    let in_dir = |e: flotilla_shared::bundle::RenderError| {
+        let mut file = dir.join(&e.file).display().to_string();
+        if let Some(line) = e.line {
+            file.push_str(&format!(":{line}"));
+        }
+        CliError::Input {
+            file,
+            reason: e.reason,
+        }
+    };
+    let spec = flotilla_shared::fleetyaml::parse_spec(&files).map_err(in_dir)?;
+    let strategy = spec.rollout().map_err(in_dir)?.unwrap_or_default();
+    let (label, text) = read_input(clusters_file)?;
+    let (clusters, groups) =
+        rollout::parse_fleet_file(&label, &text).map_err(|e| CliError::Usage(e.to_string()))?;
+    Ok(rollout_plan_json(&rollout::partition(
+        &strategy, &clusters, &groups,
+    )))
+}
+
+/// The JSON of a partition plan (what `rollout plan -o json` prints).
+pub fn rollout_plan_json(plan: &flotilla_shared::rollout::PartitionPlan) -> Value {
+    json!({
+        "partitions": plan.partitions.iter().map(|p| json!({
+            "name": p.name,
+            "clusters": p.clusters,
+            "maxUnavailable": p.max_unavailable,
+            "maxOffline": p.max_offline,
+        })).collect::<Vec<_>>(),
+        "matchedSeveral": plan.matched_several,
+        "unmatched": plan.unmatched,
+        "maxUnavailable": plan.max_unavailable,
+        "maxUnavailablePartitions": plan.max_unavailable_partitions,
+        "maxFailures": plan.max_failures,
+    })
+}
+
+/// `rollout plan`'s table: one row per partition, in order, then the clusters
+/// several partitions or none matched.
+pub fn rollout_plan_table(v: &Value) -> String {
+    let parts = v["partitions"].as_array().cloned().unwrap_or_default();
+    let rows: Vec<Vec<String>> = parts
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let names: Vec<String> = rows_of(&p["clusters"]).iter().map(plain).collect();
+            vec![
+                (i + 1).to_string(),
+                plain(&p["name"]),
+                names.len().to_string(),
+                plain(&p["maxUnavailable"]),
+                plain(&p["maxOffline"]),
+                if names.is_empty() {
+                    "<none>".into()
+                } else {
+                    names.join(",")
+                },
+            ]
+        })
+        .collect();
+    let mut s = table(
+        &[
+            "#",
+            "PARTITION",
+            "COUNT",
+            "MAX-UNAVAILABLE",
+            "MAX-OFFLINE",
+            "CLUSTERS",
+        ],
+        &rows,
+    );
+    s.push_str(&format!(
+        "bundle-wide: maxUnavailable {}, maxUnavailablePartitions {}, maxFailures {}\n",
+        plain(&v["maxUnavailable"]),
+        plain(&v["maxUnavailablePartitions"]),
+        plain(&v["maxFailures"]),
+    ));
+    if let Some(several) = v["matchedSeveral"].as_object().filter(|m| !m.is_empty()) {
+        s.push_str("matched by several partitions (each belongs to the first):\n");
+        for (c, names) in several {
+            let names: Vec<String> = rows_of(names).iter().map(plain).collect();
+            s.push_str(&format!("  {c}: {}\n", names.join(", ")));
+        }
+    }
+    let unmatched: Vec<String> = rows_of(&v["unmatched"]).iter().map(plain).collect();
+    if !unmatched.is_empty() {
+        s.push_str(&format!(
+            "matched by no partition (they form the last partition, \"unmatched\"): {}\n",
+            unmatched.join(", ")
+        ));
+    }
+    s
 }
 
 /// `flotilla render`: the same rendering code as the hub, on a local directory.
@@ -1685,6 +1813,26 @@ mod tests {
                 output: Format::Json
             }))
         ));
+
+        let cli = parse(&[
+            "rollout",
+            "plan",
+            "apps/web",
+            "--clusters",
+            "c.yaml",
+            "-o",
+            "json",
+        ])
+        .unwrap();
+        assert!(matches!(
+            &cli.command,
+            Command::Rollout(RolloutCommand::Plan { dir, clusters, output: Output { output: Format::Json } })
+                if dir == std::path::Path::new("apps/web") && clusters == "c.yaml"
+        ));
+        assert!(
+            parse(&["rollout", "plan", "apps/web"]).is_err(),
+            "--clusters is required"
+        );
 
         let cli = parse(&[
             "source",

@@ -171,8 +171,16 @@ async fn a_thousand_clusters_in_ten_partitions_progress_halt_and_roll_back() -> 
             );
         }
     }
-    let status = tokio::task::block_in_place(|| hub.cli_json(&["rollout", "status", "fleet-app"]))?;
-    assert_eq!(status["phase"], "Completed", "{}", status["reason"]);
+    let status = tokio::task::block_in_place(|| {
+        wait_until(
+            "the first rollout completed",
+            Duration::from_secs(120),
+            || {
+                let s = hub.cli_json(&["rollout", "status", "fleet-app"])?;
+                Ok((s["phase"] == "Completed").then_some(s))
+            },
+        )
+    })?;
     assert_eq!(status["partitions"].as_array().map(Vec::len), Some(10));
 
     // A bad revision: partition one fails, halts the rollout and rolls back.
