@@ -970,7 +970,9 @@ mod tests {
             "apiVersion": "apps/v1", "kind": "Deployment",
             "metadata": {"name": "web", "uid": uid, "resourceVersion": rv.to_string(), "generation": 1},
             "spec": {"replicas": 2},
-            "status": {"observedGeneration": 1, "replicas": 2, "updatedReplicas": 2, "availableReplicas": available}
+            "status": {"observedGeneration": 1, "replicas": 2, "updatedReplicas": 2,
+                "readyReplicas": available, "availableReplicas": available,
+                "conditions": [{"type": "Available", "status": "True"}]}
         }))
     }
 
@@ -1205,7 +1207,8 @@ mod tests {
                 "resourceVersion": rv.to_string(), "generation": 1},
             "spec": {"replicas": 2},
             "status": {"observedGeneration": 1, "replicas": 2, "updatedReplicas": 2,
-                "availableReplicas": available}
+                "readyReplicas": available, "availableReplicas": available,
+                "conditions": [{"type": "Available", "status": "True"}]}
         })
     }
 

@@ -3,8 +3,11 @@
 //! kinds, a generic rule (observed generation, standard conditions) for everything
 //! else, and how a bundle's state follows the health of its objects.
 //!
-//! The rules follow the semantics documented by sigs.k8s.io/cli-utils `kstatus`;
-//! the code is our own. Messages give the reason only ("1/3 replicas available");
+//! The rules follow sigs.k8s.io/cli-utils `pkg/kstatus/status` (`core.go`,
+//! `generic.go`) check by check; the code is our own. Where Flotilla differs on
+//! purpose (a running Job, a failed Pod, ...: a state that gates a rollout) the
+//! difference is in docs/concepts.md's table and has a case in the corpus
+//! `tests/health/`. Messages give the reason only ("1/3 replicas available");
 //! callers that list several objects put the object's name in front.
 
 use std::fmt;
@@ -193,7 +196,7 @@ pub fn health(obj: &Value) -> Health {
 /// yet, and the `Reconciling`/`Stalled` conditions (kstatus's abnormal-true ones).
 fn generic_preamble(obj: &Value) -> Option<Health> {
     let meta = &obj["metadata"];
-    if !meta["deletionTimestamp"].is_null() {
+    if !text(&meta["deletionTimestamp"]).is_empty() {
         let finalizers: Vec<&str> = meta["finalizers"]
             .as_array()
             .map(|f| f.iter().filter_map(Value::as_str).collect())
@@ -244,6 +247,10 @@ fn desired_replicas(obj: &Value) -> i64 {
     int(&obj["spec"]["replicas"]).unwrap_or(1)
 }
 
+/// kstatus's "no progress deadline": the controller then sets no `Progressing`
+/// condition.
+const NO_PROGRESS_DEADLINE: i64 = i32::MAX as i64;
+
 fn deployment(obj: &Value) -> Health {
     let progressing = condition(obj, "Progressing");
     if progressing.is_some_and(|c| c["reason"] == "ProgressDeadlineExceeded") {
@@ -257,9 +264,10 @@ fn deployment(obj: &Value) -> Health {
     }
     let s = &obj["status"];
     let want = desired_replicas(obj);
-    let (total, updated, available) = (
+    let (total, updated, ready, available) = (
         count(&s["replicas"]),
         count(&s["updatedReplicas"]),
+        count(&s["readyReplicas"]),
         count(&s["availableReplicas"]),
     );
     if updated < want {
@@ -268,16 +276,31 @@ fn deployment(obj: &Value) -> Health {
     if total > updated {
         return Health::progressing(format!(
             "{} old replicas pending termination",
-            total - updated
+            total.saturating_sub(updated)
         ));
     }
     if available < want {
         return Health::progressing(format!("{available}/{want} replicas available"));
     }
-    if condition_is(obj, "Available") == Some("False") {
+    if ready < want {
+        return Health::progressing(format!("{ready}/{want} replicas ready"));
+    }
+    // As kstatus: with a progress deadline the rollout is done only once the
+    // controller says so (`Progressing=True`, `NewReplicaSetAvailable`), and the
+    // Deployment must say it is `Available`.
+    let deadline = int(&obj["spec"]["progressDeadlineSeconds"]).unwrap_or(NO_PROGRESS_DEADLINE);
+    let rolled_out = progressing
+        .is_some_and(|c| c["status"] == "True" && c["reason"] == "NewReplicaSetAvailable");
+    if deadline != NO_PROGRESS_DEADLINE && !rolled_out {
+        return Health::progressing(format!(
+            "rollout not complete: {}",
+            why(progressing, "no Progressing condition yet")
+        ));
+    }
+    if condition_is(obj, "Available") != Some("True") {
         return Health::progressing(format!(
             "not available: {}",
-            why(condition(obj, "Available"), "no reason given")
+            why(condition(obj, "Available"), "no Available condition yet")
         ));
     }
     Health::current(format!("{available}/{want} replicas available"))
@@ -289,41 +312,65 @@ fn stateful_set(obj: &Value) -> Health {
     }
     let s = &obj["status"];
     let want = desired_replicas(obj);
+    let total = count(&s["replicas"]);
     let ready = count(&s["readyReplicas"]);
     let updated = count(&s["updatedReplicas"]);
-    let strategy = &obj["spec"]["updateStrategy"];
-    if strategy["type"] != "OnDelete" {
-        let partition = count(&strategy["rollingUpdate"]["partition"]);
-        if partition > 0 {
-            let target = (want - partition).max(0);
-            if updated < target {
-                return Health::progressing(format!("{updated}/{target} replicas updated"));
-            }
-        } else if !s["updateRevision"].is_null() && s["currentRevision"] != s["updateRevision"] {
-            return Health::progressing(format!("{updated}/{want} replicas updated"));
-        }
-    }
-    if count(&s["replicas"]) > want {
-        return Health::progressing(format!(
-            "{} extra replicas pending termination",
-            count(&s["replicas"]) - want
-        ));
-    }
+    let current = count(&s["currentReplicas"]);
     if ready < want {
         return Health::progressing(format!("{ready}/{want} replicas ready"));
+    }
+    if total < want {
+        return Health::progressing(format!("{total}/{want} replicas created"));
+    }
+    if total > want {
+        return Health::progressing(format!(
+            "{} extra replicas pending termination",
+            total.saturating_sub(want)
+        ));
+    }
+    let strategy = &obj["spec"]["updateStrategy"];
+    // OnDelete: the user replaces pods; no revision is waited for (readiness is, above).
+    if strategy["type"] == "OnDelete" {
+        return Health::current(format!("{ready}/{want} replicas ready (OnDelete)"));
+    }
+    // A partition (the API server writes 0 when none is given): only the pods at
+    // and above it must be updated, as kstatus.
+    if let Some(partition) = int(&strategy["rollingUpdate"]["partition"]) {
+        let target = want.saturating_sub(partition);
+        if updated < target {
+            return Health::progressing(format!("{updated}/{target} replicas updated"));
+        }
+        return Health::current(format!("{ready}/{want} replicas ready"));
+    }
+    if current < want {
+        return Health::progressing(format!("{current}/{want} replicas current"));
+    }
+    if text(&s["currentRevision"]) != text(&s["updateRevision"]) {
+        return Health::progressing(format!(
+            "revision {} not yet current ({updated}/{want} replicas updated)",
+            text(&s["updateRevision"])
+        ));
     }
     Health::current(format!("{ready}/{want} replicas ready"))
 }
 
 fn daemon_set(obj: &Value) -> Health {
+    // As kstatus: a DaemonSet's controller always writes these, so their absence
+    // means it has not acted on the object yet.
+    if int(&obj["metadata"]["generation"]).is_none() {
+        return Health::progressing("no metadata.generation yet");
+    }
     if let Some(h) = unobserved(obj) {
         return h;
     }
     let s = &obj["status"];
-    let want = count(&s["desiredNumberScheduled"]);
+    let Some(want) = int(&s["desiredNumberScheduled"]) else {
+        return Health::progressing("the number of pods to schedule is not yet known");
+    };
     let scheduled = count(&s["currentNumberScheduled"]);
     let updated = count(&s["updatedNumberScheduled"]);
     let available = count(&s["numberAvailable"]);
+    let ready = count(&s["numberReady"]);
     if scheduled < want {
         return Health::progressing(format!("{scheduled}/{want} pods scheduled"));
     }
@@ -332,6 +379,9 @@ fn daemon_set(obj: &Value) -> Health {
     }
     if available < want {
         return Health::progressing(format!("{available}/{want} pods available"));
+    }
+    if ready < want {
+        return Health::progressing(format!("{ready}/{want} pods ready"));
     }
     Health::current(format!("{available}/{want} pods available"))
 }
@@ -348,26 +398,32 @@ fn replica_set(obj: &Value) -> Health {
     }
     let s = &obj["status"];
     let want = desired_replicas(obj);
+    let total = count(&s["replicas"]);
+    let labelled = count(&s["fullyLabeledReplicas"]);
     let available = count(&s["availableReplicas"]);
-    if count(&s["replicas"]) > want {
-        return Health::progressing(format!(
-            "{} extra replicas pending termination",
-            count(&s["replicas"]) - want
-        ));
+    let ready = count(&s["readyReplicas"]);
+    if labelled < want {
+        return Health::progressing(format!("{labelled}/{want} replicas fully labelled"));
     }
     if available < want {
         return Health::progressing(format!("{available}/{want} replicas available"));
+    }
+    if ready < want {
+        return Health::progressing(format!("{ready}/{want} replicas ready"));
+    }
+    if total > want {
+        return Health::progressing(format!(
+            "{} extra replicas pending termination",
+            total.saturating_sub(want)
+        ));
     }
     Health::current(format!("{available}/{want} replicas available"))
 }
 
 /// Container waiting reasons that do not heal without a change to the object.
-const STUCK_REASONS: [&str; 4] = [
-    "CrashLoopBackOff",
-    "CreateContainerConfigError",
-    "InvalidImageName",
-    "ErrImageNeverPull",
-];
+/// (`CreateContainerConfigError` is not one: it heals when the missing ConfigMap
+/// or Secret appears, as kstatus has it.)
+const STUCK_REASONS: [&str; 3] = ["CrashLoopBackOff", "InvalidImageName", "ErrImageNeverPull"];
 
 fn pod(obj: &Value) -> Health {
     let s = &obj["status"];
@@ -384,6 +440,19 @@ fn pod(obj: &Value) -> Health {
             } else {
                 format!("failed: {reason}")
             });
+        }
+        // The node stopped reporting (kstatus cannot tell either).
+        "Unknown" => {
+            return Health::new(
+                HealthStatus::Unknown,
+                format!(
+                    "phase Unknown: {}",
+                    match text(&s["reason"]) {
+                        "" => "its node does not report",
+                        r => r,
+                    }
+                ),
+            )
         }
         _ => {}
     }
@@ -408,6 +477,16 @@ fn pod(obj: &Value) -> Health {
     }
     let scheduled = condition(obj, "PodScheduled");
     if scheduled.is_some_and(|c| c["status"] == "False") {
+        // The scheduler found no node (kstatus: Failed once the pod is 15 s old).
+        if scheduled.is_some_and(|c| c["reason"] == "Unschedulable") {
+            let message = scheduled.map(|c| text(&c["message"])).unwrap_or_default();
+            let message = message.split_whitespace().collect::<Vec<_>>().join(" ");
+            return Health::failed(if message.is_empty() {
+                "unschedulable".to_string()
+            } else {
+                format!("unschedulable: {message}")
+            });
+        }
         return Health::progressing(format!("not scheduled: {}", why(scheduled, "pending")));
     }
     if let Some(line) = waiting {
@@ -436,12 +515,16 @@ fn job(obj: &Value) -> Health {
     if condition_is(obj, "Complete") == Some("True") {
         return Health::current(format!("completed: {succeeded}/{completions} succeeded"));
     }
-    if condition_is(obj, "Suspended") == Some("True") {
+    // As kstatus: suspended only while the spec still asks for it (a resumed Job
+    // whose condition the controller has not cleared yet is not).
+    if condition_is(obj, "Suspended") == Some("True") && obj["spec"]["suspend"] == true {
         return Health::current("suspended");
     }
     if s["startTime"].is_null() {
         return Health::progressing("not started");
     }
+    // kstatus calls a started Job `Current`; Flotilla waits for it to finish, so
+    // that a rollout gated on the bundle does not pass a migration that may fail.
     let failed = count(&s["failed"]);
     let active = count(&s["active"]);
     let mut message = format!("running: {succeeded}/{completions} succeeded, {active} active");
@@ -467,6 +550,11 @@ fn service(obj: &Value) -> Health {
     if kind != "LoadBalancer" {
         return Health::current(kind);
     }
+    // As kstatus: a LoadBalancer needs its cluster IP, not an external address
+    // (a cluster without a load-balancer controller never gives one).
+    if text(&obj["spec"]["clusterIP"]).is_empty() {
+        return Health::progressing("waiting for a cluster IP");
+    }
     let addresses: Vec<&str> = obj["status"]["loadBalancer"]["ingress"]
         .as_array()
         .map(|list| {
@@ -481,12 +569,13 @@ fn service(obj: &Value) -> Health {
         })
         .unwrap_or_default();
     if addresses.is_empty() {
-        Health::progressing("waiting for a load balancer address")
+        Health::current("LoadBalancer, no external address yet")
     } else {
         Health::current(format!("load balancer at {}", addresses.join(", ")))
     }
 }
 
+/// kstatus has `Lost` `InProgress`; Flotilla `Failed`: the volume never comes back.
 fn pvc(obj: &Value) -> Health {
     match text(&obj["status"]["phase"]) {
         "Bound" => Health::current(format!("bound to {}", text(&obj["spec"]["volumeName"]))),
@@ -510,12 +599,20 @@ fn crd(obj: &Value) -> Health {
             why(condition(obj, "NamesAccepted"), "no reason given")
         ));
     }
-    if condition_is(obj, "Established") == Some("True") {
-        return Health::current("established");
+    let established = condition(obj, "Established");
+    match established.map(|c| (text(&c["status"]), text(&c["reason"]))) {
+        Some(("True", _)) => Health::current("established"),
+        // As kstatus: only `Installing` is on its way.
+        Some(("False", reason)) if reason != "Installing" => Health::failed(format!(
+            "not established: {}",
+            why(established, "no reason given")
+        )),
+        _ => Health::progressing("not yet established"),
     }
-    Health::progressing("not yet established")
 }
 
+/// kstatus has no APIService rule (it would be `Current`); an unavailable aggregated
+/// API breaks discovery for the whole cluster, so Flotilla waits for `Available`.
 fn api_service(obj: &Value) -> Health {
     match condition_is(obj, "Available") {
         Some("True") => Health::current("available"),
@@ -527,27 +624,18 @@ fn api_service(obj: &Value) -> Health {
     }
 }
 
-/// Any other kind: `Ready`, else `Available`, decides when present; an object
-/// without conditions (or without a status at all, as a ConfigMap) is current.
+/// Any other kind: the `Ready` condition decides when present (`False` or
+/// `Unknown`: in progress; other values are ignored, as kstatus does); an object
+/// without it (or without a status at all, as a ConfigMap) is current.
 fn generic(obj: &Value) -> Health {
-    for kind in ["Ready", "Available"] {
-        let c = condition(obj, kind);
-        match c.map(|c| text(&c["status"])) {
-            Some("True") => return Health::current(why_true(c, kind)),
-            Some(_) => {
-                return Health::progressing(format!(
-                    "not {}: {}",
-                    kind.to_lowercase(),
-                    why(c, "no reason given")
-                ))
-            }
-            None => {}
+    let c = condition(obj, "Ready");
+    match c.map(|c| text(&c["status"])) {
+        Some("True") => Health::current(why_true(c, "Ready")),
+        Some("False" | "Unknown") => {
+            Health::progressing(format!("not ready: {}", why(c, "no reason given")))
         }
-    }
-    if obj["status"].is_null() {
-        Health::current("no status to wait for")
-    } else {
-        Health::current("current")
+        _ if obj["status"].is_null() => Health::current("no status to wait for"),
+        _ => Health::current("current"),
     }
 }
 
@@ -688,6 +776,47 @@ mod tests {
             health(&json!({"apiVersion": "v1"})).status,
             HealthStatus::Unknown
         );
+    }
+
+    /// Abuse: `flotilla health -f` reads whatever a user gives it. Extreme counts,
+    /// fields of the wrong type and empty objects of every built-in kind give a
+    /// health, never a panic (debug builds check integer overflow).
+    #[test]
+    fn extreme_and_mistyped_fields_never_panic() {
+        let kinds = [
+            ("apps/v1", "Deployment"),
+            ("apps/v1", "StatefulSet"),
+            ("apps/v1", "DaemonSet"),
+            ("apps/v1", "ReplicaSet"),
+            ("v1", "Pod"),
+            ("batch/v1", "Job"),
+            ("v1", "Service"),
+            ("apiextensions.k8s.io/v1", "CustomResourceDefinition"),
+            ("example.com/v1", "Widget"),
+        ];
+        for (api_version, kind) in kinds {
+            for n in [i64::MIN, -1, i64::MAX] {
+                let obj = json!({
+                    "apiVersion": api_version, "kind": kind,
+                    "metadata": {"name": "x", "generation": 1},
+                    "spec": {"replicas": n, "updateStrategy": {"rollingUpdate": {"partition": -n.saturating_add(1)}},
+                        "completions": n, "progressDeadlineSeconds": n},
+                    "status": {"observedGeneration": 1, "replicas": -n.saturating_add(1), "updatedReplicas": n,
+                        "readyReplicas": n, "availableReplicas": n, "currentReplicas": n,
+                        "desiredNumberScheduled": n, "succeeded": n, "startTime": "t"}
+                });
+                health(&obj);
+            }
+            let mistyped = json!({
+                "apiVersion": api_version, "kind": kind,
+                "metadata": {"name": 7, "deletionTimestamp": 5, "generation": "1"},
+                "spec": {"replicas": "3", "type": 1, "clusterIP": []},
+                "status": {"conditions": "Ready", "phase": 3, "containerStatuses": [1, null],
+                    "loadBalancer": {"ingress": [1]}}
+            });
+            health(&mistyped);
+            health(&json!({"apiVersion": api_version, "kind": kind}));
+        }
     }
 
     #[test]

@@ -241,3 +241,94 @@ fn failed_job_then_fixed_in_git() -> Result<()> {
     })?;
     Ok(())
 }
+
+/// kstatus's rules on a real cluster's objects: a LoadBalancer Service (the test
+/// cluster has no load-balancer controller, so it never gets an external address),
+/// a StatefulSet (the API server writes `partition: 0`) and a DaemonSet on the
+/// simulated nodes make their bundle Ready; a Pod no node fits makes its bundle
+/// NotReady with `unschedulable` and the scheduler's reason, and the offline
+/// command agrees.
+#[test]
+fn kstatus_rules_on_real_objects() -> Result<()> {
+    if !e2e_available() {
+        return Ok(());
+    }
+    let [east, _] = shared_clusters();
+    let dir = test_dir("health-kstatus")?;
+    let ns = "e2e-health-kstatus";
+    let hub = Hub::start(&dir.path().join("hub"))?;
+    let repo = GitRepo::new(dir.path(), "hks")?;
+    let service = format!(
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: edge\n  namespace: {ns}\nspec:\n  type: LoadBalancer\n  selector: {{app: db}}\n  ports:\n  - {{port: 443}}\n"
+    );
+    let sts = format!(
+        "apiVersion: apps/v1\nkind: StatefulSet\nmetadata:\n  name: db\n  namespace: {ns}\nspec:\n  replicas: 2\n  serviceName: edge\n  selector:\n    matchLabels: {{app: db}}\n  template:\n    metadata:\n      labels: {{app: db}}\n    spec:\n      containers:\n      - name: db\n        image: registry.example/db:1\n"
+    );
+    let ds = format!(
+        "apiVersion: apps/v1\nkind: DaemonSet\nmetadata:\n  name: node-agent\n  namespace: {ns}\nspec:\n  selector:\n    matchLabels: {{app: node-agent}}\n  template:\n    metadata:\n      labels: {{app: node-agent}}\n    spec:\n      containers:\n      - name: agent\n        image: registry.example/node-agent:1\n"
+    );
+    let homeless = format!(
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: homeless\n  namespace: {ns}\nspec:\n  nodeSelector: {{flotilla.io/no-such-node: \"true\"}}\n  containers:\n  - name: app\n    image: registry.example/app:1\n"
+    );
+    repo.commit(
+        &BTreeMap::from([
+            ("ready/ns.yaml", Some(namespace(ns).as_str())),
+            ("ready/service.yaml", Some(service.as_str())),
+            ("ready/sts.yaml", Some(sts.as_str())),
+            ("ready/ds.yaml", Some(ds.as_str())),
+            ("stuck/pod.yaml", Some(homeless.as_str())),
+        ]),
+        "kstatus objects",
+    )?;
+    let _agent = Agent::start(
+        &hub,
+        &hub.token()?,
+        "health-kstatus",
+        "",
+        east,
+        &dir.path().join("agent"),
+    )?;
+    hub.cli(&[
+        "source", "add", "hks", "--repo", &repo.url, "--path", "ready", "--path", "stuck",
+        "--poll", "1s",
+    ])?;
+    hub.wait_bundle_state("hks-ready", "health-kstatus", "Ready")?;
+    let msg = wait_state(&hub, "hks-stuck", "health-kstatus", "NotReady", |m| {
+        m.contains("unschedulable")
+    })?;
+    assert!(
+        msg.starts_with(&format!("Pod {ns}/homeless: unschedulable: 0/")),
+        "names the Pod and the scheduler's reason: {msg}"
+    );
+
+    // What kubectl prints gets the same health offline.
+    let listed = east.kubectl(&[
+        "get",
+        "services,statefulsets,daemonsets,pods",
+        "-n",
+        ns,
+        "-o",
+        "yaml",
+    ])?;
+    let report = health_json(&listed)?;
+    let of = |kind: &str, name: &str| {
+        report
+            .as_array()
+            .and_then(|a| a.iter().find(|o| o["kind"] == kind && o["name"] == name))
+            .cloned()
+            .unwrap_or_default()
+    };
+    assert_eq!(of("Service", "edge")["status"], "Current", "{report}");
+    assert_eq!(
+        of("Service", "edge")["message"],
+        "LoadBalancer, no external address yet"
+    );
+    assert_eq!(of("StatefulSet", "db")["status"], "Current", "{report}");
+    assert_eq!(
+        of("DaemonSet", "node-agent")["status"],
+        "Current",
+        "{report}"
+    );
+    assert_eq!(of("Pod", "homeless")["status"], "Failed", "{report}");
+    Ok(())
+}
