@@ -142,6 +142,15 @@ async fn a_thousand_clusters_in_ten_partitions_progress_halt_and_roll_back() -> 
             }
         })
     };
+    // Every agent enrolled and connected (it acknowledged its first, empty, set)
+    // before the source exists: partitions are cut over the fleet as it is.
+    let start = Instant::now();
+    while lock(&acks).iter().any(|a| !a.contains_key("")) {
+        if start.elapsed() > Duration::from_secs(300) {
+            bail!("not every agent connected: {:?}", lock(&failures).first());
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     tokio::task::block_in_place(|| {
         hub.cli(&[
             "source", "add", "fleet", "--repo", &repo.url, "--path", "app", "--poll", "1s",
