@@ -4,9 +4,8 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use flotilla_shared::bundle::{BundleOptions, Manifest, ObjectRef};
+use flotilla_shared::bundle::ObjectRef;
 use flotilla_shared::state::BundleState;
-use flotilla_shared::BUNDLE_LABEL;
 
 use crate::store::{DesiredBundle, Status};
 
@@ -212,13 +211,6 @@ mod tests {
             decide(&[moved.clone()], &applied, &BTreeSet::new()),
             vec![Action::Apply(moved)]
         );
-    }
-
-    fn manifest(obj: serde_json::Value) -> Manifest {
-        Manifest {
-            file: "deploy.yaml".into(),
-            object: obj,
-        }
     }
 
     #[test]
