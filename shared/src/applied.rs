@@ -49,12 +49,24 @@ const CLUSTER_SCOPED: [(&str, &str); 33] = [
     ("", "Node"),
     ("", "PersistentVolume"),
     ("", "ComponentStatus"),
-    ("admissionregistration.k8s.io", "MutatingWebhookConfiguration"),
-    ("admissionregistration.k8s.io", "ValidatingWebhookConfiguration"),
+    (
+        "admissionregistration.k8s.io",
+        "MutatingWebhookConfiguration",
+    ),
+    (
+        "admissionregistration.k8s.io",
+        "ValidatingWebhookConfiguration",
+    ),
     ("admissionregistration.k8s.io", "ValidatingAdmissionPolicy"),
-    ("admissionregistration.k8s.io", "ValidatingAdmissionPolicyBinding"),
+    (
+        "admissionregistration.k8s.io",
+        "ValidatingAdmissionPolicyBinding",
+    ),
     ("admissionregistration.k8s.io", "MutatingAdmissionPolicy"),
-    ("admissionregistration.k8s.io", "MutatingAdmissionPolicyBinding"),
+    (
+        "admissionregistration.k8s.io",
+        "MutatingAdmissionPolicyBinding",
+    ),
     ("apiextensions.k8s.io", "CustomResourceDefinition"),
     ("apiregistration.k8s.io", "APIService"),
     ("certificates.k8s.io", "CertificateSigningRequest"),
@@ -164,7 +176,10 @@ pub fn applied(bundle: &str, rendered: &Rendered, scopes: &Scopes) -> Vec<Applie
 /// last-applied annotation, which may carry them all): equal values, equal
 /// hashes, so a diff still tells whether a value changed. Other kinds unchanged.
 pub fn redact_secret(object: &mut Value) {
-    let api_version = object["apiVersion"].as_str().unwrap_or_default().to_string();
+    let api_version = object["apiVersion"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
     let kind = object["kind"].as_str().unwrap_or_default().to_string();
     if !crate::drift::is_secret(&api_version, &kind) {
         return;
@@ -188,8 +203,7 @@ pub fn redact_secret(object: &mut Value) {
 
 /// A value hashed, unless it already is (the hub sends Secrets hashed).
 fn redacted_once(v: &Value) -> Value {
-    if v
-        .as_str()
+    if v.as_str()
         .is_some_and(|s| s.starts_with(crate::drift::REDACTED_PREFIX))
     {
         return v.clone();
@@ -377,7 +391,9 @@ mod tests {
     #[test]
     fn diffs_name_objects_and_paths_and_hide_secret_values() {
         let a = |kind: &str, name: &str, data: Value| {
-            let m = manifest(json!({"apiVersion":"v1","kind":kind,"metadata":{"name":name},"data":data}));
+            let m = manifest(
+                json!({"apiVersion":"v1","kind":kind,"metadata":{"name":name},"data":data}),
+            );
             let (object_ref, object) = prepare("b", &m, &BundleOptions::default(), true);
             Applied {
                 file: "f".into(),
@@ -400,9 +416,18 @@ mod tests {
         let text = diff_text(&diff(&old, &new));
         assert!(text.contains("+ ConfigMap default/new\n"), "{text}");
         assert!(text.contains("- ConfigMap default/gone\n"), "{text}");
-        assert!(text.contains("~ ConfigMap default/c\n    /data/k: \"v\" -> \"w\"\n"), "{text}");
-        assert!(text.contains("~ Secret default/s\n    /data/password: \"redacted:sha256:"), "{text}");
-        assert!(!text.contains("aHVudGVy") && !text.contains("c2VjcmV0"), "{text}");
+        assert!(
+            text.contains("~ ConfigMap default/c\n    /data/k: \"v\" -> \"w\"\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("~ Secret default/s\n    /data/password: \"redacted:sha256:"),
+            "{text}"
+        );
+        assert!(
+            !text.contains("aHVudGVy") && !text.contains("c2VjcmV0"),
+            "{text}"
+        );
         assert!(!text.contains("same"), "{text}");
         assert!(diff(&new, &new).is_empty());
     }

@@ -383,14 +383,18 @@ mod tests {
 
     #[test]
     fn a_billion_laughs_is_refused_naming_the_budget() {
-        let mut text = String::from("a0: &a0 [\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\"]\n");
+        let mut text = String::from(
+            "a0: &a0 [\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\"]\n",
+        );
         for i in 1..10 {
             let p = i - 1;
             text.push_str(&format!(
                 "a{i}: &a{i} [*a{p},*a{p},*a{p},*a{p},*a{p},*a{p},*a{p},*a{p},*a{p}]\n"
             ));
         }
-        let e = objects("lol.yaml", text.as_bytes()).unwrap_err().to_string();
+        let e = objects("lol.yaml", text.as_bytes())
+            .unwrap_err()
+            .to_string();
         assert!(e.starts_with("lol.yaml"), "{e}");
         assert!(e.contains("node budget of 2000000 nodes"), "{e}");
     }
@@ -402,19 +406,35 @@ mod tests {
             text.push_str("*x,");
         }
         text.push_str("]\n");
-        let e = objects("aliases.yaml", text.as_bytes()).unwrap_err().to_string();
+        let e = objects("aliases.yaml", text.as_bytes())
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("alias budget of 10000"), "{e}");
-        let deep = format!("{}1{}", "[".repeat(MAX_DEPTH + 5), "]".repeat(MAX_DEPTH + 5));
-        let e = objects("deep.yaml", deep.as_bytes()).unwrap_err().to_string();
+        let deep = format!(
+            "{}1{}",
+            "[".repeat(MAX_DEPTH + 5),
+            "]".repeat(MAX_DEPTH + 5)
+        );
+        let e = objects("deep.yaml", deep.as_bytes())
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("nesting budget of 100 levels"), "{e}");
-        let deep = format!("{{\"a\":{}1{}}}", "[".repeat(MAX_DEPTH + 5), "]".repeat(MAX_DEPTH + 5));
-        let e = objects("deep.json", deep.as_bytes()).unwrap_err().to_string();
+        let deep = format!(
+            "{{\"a\":{}1{}}}",
+            "[".repeat(MAX_DEPTH + 5),
+            "]".repeat(MAX_DEPTH + 5)
+        );
+        let e = objects("deep.json", deep.as_bytes())
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("nesting budget of 100 levels"), "{e}");
     }
 
     #[test]
     fn oversized_files_and_bundles_are_refused_naming_the_budget() {
-        let e = check_file_size("big.yaml", 200 << 20).unwrap_err().to_string();
+        let e = check_file_size("big.yaml", 200 << 20)
+            .unwrap_err()
+            .to_string();
         assert_eq!(
             e,
             "big.yaml: the file is 209715200 bytes, over the byte budget of 33554432 bytes (32 MiB) per manifest file"
@@ -425,13 +445,19 @@ mod tests {
         let e = check_bundle_size(".", (MAX_BUNDLE_BYTES + 1) as u64)
             .unwrap_err()
             .to_string();
-        assert!(e.contains("byte budget of 67108864 bytes (64 MiB) per bundle"), "{e}");
+        assert!(
+            e.contains("byte budget of 67108864 bytes (64 MiB) per bundle"),
+            "{e}"
+        );
     }
 
     #[test]
     fn duplicate_keys_are_refused_saying_why() {
-        let text = "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: a\ndata:\n  k: one\n  k: two\n";
-        let e = objects("dup.yaml", text.as_bytes()).unwrap_err().to_string();
+        let text =
+            "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: a\ndata:\n  k: one\n  k: two\n";
+        let e = objects("dup.yaml", text.as_bytes())
+            .unwrap_err()
+            .to_string();
         assert!(
             e.starts_with("dup.yaml:7: duplicate key \"k\" in a mapping; Kubernetes would keep the last value"),
             "{e}"
