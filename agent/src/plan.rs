@@ -176,7 +176,6 @@ pub fn announce_wait(last: Option<&Status>, content_hash: &str, revision: &str) 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
 
     fn b(name: &str, hash: &str) -> DesiredBundle {
         DesiredBundle {

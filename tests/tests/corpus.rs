@@ -470,7 +470,7 @@ fn the_corpus_deploys_unchanged_and_render_prints_what_the_agent_applies() -> Re
         // Jobs that ask to be deleted once finished may be gone already.
         let lasting = objs
             .iter()
-            .filter(|o| !(o["kind"] == "Job" && !o["spec"]["ttlSecondsAfterFinished"].is_null()))
+            .filter(|o| o["kind"] != "Job" || o["spec"]["ttlSecondsAfterFinished"].is_null())
             .count();
         ensure!(
             on_west.len() >= lasting && on_west.len() <= objs.len() && lasting == 17,
