@@ -4,9 +4,8 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use flotilla_shared::bundle::{BundleOptions, Manifest, ObjectRef};
+use flotilla_shared::bundle::ObjectRef;
 use flotilla_shared::state::BundleState;
-use flotilla_shared::BUNDLE_LABEL;
 
 use crate::store::{DesiredBundle, Status};
 
@@ -46,37 +45,8 @@ pub fn decide(
     actions
 }
 
-/// Prepares a manifest for server-side apply: places namespaced objects with the
-/// bundle's options, strips the namespace from cluster-scoped ones, and labels the
-/// object with its bundle. Returns the final identity and the object.
-pub fn prepare(
-    bundle: &str,
-    manifest: &Manifest,
-    options: &BundleOptions,
-    namespaced: bool,
-) -> (ObjectRef, serde_json::Value) {
-    let mut obj = manifest.object.clone();
-    let mut r = manifest.object_ref();
-    if !obj["metadata"].is_object() {
-        obj["metadata"] = serde_json::json!({});
-    }
-    let meta = &mut obj["metadata"];
-    if namespaced {
-        let ns = options.namespace_for(r.namespace.as_deref());
-        meta["namespace"] = serde_json::Value::String(ns.clone());
-        r.namespace = Some(ns);
-    } else {
-        if let Some(m) = meta.as_object_mut() {
-            m.remove("namespace");
-        }
-        r.namespace = None;
-    }
-    if !meta["labels"].is_object() {
-        meta["labels"] = serde_json::json!({});
-    }
-    meta["labels"][BUNDLE_LABEL] = serde_json::Value::String(bundle.to_string());
-    (r, obj)
-}
+/// How an object is prepared for applying: shared with `flotilla render`.
+pub use flotilla_shared::applied::prepare;
 
 /// What to add to a bundle's inventory before applying `objects`: those it does not
 /// hold (`None` when it holds them all); when the store holds no inventory for the
@@ -206,7 +176,6 @@ pub fn announce_wait(last: Option<&Status>, content_hash: &str, revision: &str) 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
 
     fn b(name: &str, hash: &str) -> DesiredBundle {
         DesiredBundle {
@@ -241,45 +210,6 @@ mod tests {
             decide(&[moved.clone()], &applied, &BTreeSet::new()),
             vec![Action::Apply(moved)]
         );
-    }
-
-    fn manifest(obj: serde_json::Value) -> Manifest {
-        Manifest {
-            file: "deploy.yaml".into(),
-            object: obj,
-        }
-    }
-
-    #[test]
-    fn prepares_namespaced_objects() {
-        let m = manifest(json!({"apiVersion":"apps/v1","kind":"Deployment",
-            "metadata":{"name":"web","labels":{"app":"web"}}}));
-        let opts = BundleOptions {
-            default_namespace: Some("demo".into()),
-            target_namespace: None,
-            ..Default::default()
-        };
-        let (r, obj) = prepare("apps-web", &m, &opts, true);
-        assert_eq!(r.namespace.as_deref(), Some("demo"));
-        assert_eq!(obj["metadata"]["namespace"], "demo");
-        assert_eq!(obj["metadata"]["labels"]["app"], "web");
-        assert_eq!(obj["metadata"]["labels"][BUNDLE_LABEL], "apps-web");
-        assert_eq!(r.to_string(), "Deployment demo/web");
-    }
-
-    #[test]
-    fn prepares_cluster_scoped_objects() {
-        let m = manifest(json!({"apiVersion":"v1","kind":"Namespace",
-            "metadata":{"name":"demo","namespace":"oops","labels":null}}));
-        let opts = BundleOptions {
-            default_namespace: None,
-            target_namespace: Some("forced".into()),
-            ..Default::default()
-        };
-        let (r, obj) = prepare("b", &m, &opts, false);
-        assert_eq!(r.namespace, None);
-        assert!(obj["metadata"].get("namespace").is_none());
-        assert_eq!(obj["metadata"]["labels"][BUNDLE_LABEL], "b");
     }
 
     #[test]

@@ -88,6 +88,10 @@ fn admin_router(hub: Hub) -> Router {
             get(get_cluster).delete(delete_cluster),
         )
         .route("/api/v1/clusters/{name}/labels", patch(patch_labels))
+        .route(
+            "/api/v1/clusters/{name}/bundles/{bundle}",
+            get(get_cluster_bundle),
+        )
         .route("/api/v1/bundles", get(list_bundles))
         .route("/api/v1/bundles/{name}", get(get_bundle))
         .route("/api/v1/rollouts/{name}", get(get_rollout))
@@ -349,6 +353,30 @@ async fn get_cluster(
         .cluster(&name)
         .map(Json)
         .ok_or_else(|| ApiError::not_found(format!("cluster {name} not found")))
+}
+
+/// What a cluster holds of a bundle: the content its agent acknowledged (and
+/// applies), from the hub's content store, Secret values hashed. `flotilla render
+/// --diff-against` compares a local render with it.
+async fn get_cluster_bundle(
+    State(hub): State<Hub>,
+    Path((name, bundle)): Path<(String, String)>,
+) -> ApiResult<serde_json::Value> {
+    let (hash, revision, content) = hub
+        .fleet
+        .held_content(&name, &bundle)
+        .map_err(ApiError::not_found)?;
+    let mut content = (*content).clone();
+    for m in &mut content.manifests {
+        flotilla_shared::applied::redact_secret(&mut m.object);
+    }
+    Ok(Json(json!({
+        "cluster": name,
+        "bundle": bundle,
+        "contentHash": hash,
+        "revision": revision,
+        "content": content,
+    })))
 }
 
 /// Deletes a cluster: its certificate is refused from now on, its live session

@@ -230,6 +230,13 @@ pub struct RenderArgs {
         value_delimiter = ','
     )]
     pub helm_repo_allow: Vec<String>,
+    /// Instead of the objects, print what would change on this enrolled cluster
+    /// (asks the hub): the objects the render gives compared with those of the
+    /// content the cluster's agent acknowledged for the bundle named
+    /// --bundle-name (`+` created, `-` pruned, `~` changed, with each field).
+    /// Secret values are compared and shown as hashes.
+    #[arg(long, value_name = "CLUSTER", env = "FLOTILLA_RENDER_DIFF_AGAINST")]
+    pub diff_against: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -501,7 +508,7 @@ async fn execute(cli: Cli, out: &mut dyn Write, err: &mut dyn Write) -> Result<(
     let api = Api::new(&cli.hub, cli.token.clone(), &trust)?;
     let now = SystemTime::now();
     match cli.command {
-        Command::Render(args) => render(&args, out, err).await?,
+        Command::Render(args) => render(&args, &api, out, err).await?,
         Command::Token(TokenCommand::Create {
             ttl,
             cluster_name,
@@ -912,6 +919,7 @@ pub fn rollout_plan_table(v: &Value) -> String {
 /// `flotilla render`: the same rendering code as the hub, on a local directory.
 async fn render(
     args: &RenderArgs,
+    api: &Api,
     out: &mut dyn Write,
     err: &mut dyn Write,
 ) -> Result<(), CliError> {
@@ -950,10 +958,63 @@ async fn render(
     )
     .await
     {
-        Ok(Some(r)) => out.write_all(crate::render::to_yaml_stream(&r).as_bytes())?,
+        Ok(Some(r)) => match &args.diff_against {
+            None => out.write_all(crate::render::to_yaml_stream(&bundle_name, &r).as_bytes())?,
+            Some(cluster) => diff_against(api, cluster, &bundle_name, &r, out, err).await?,
+        },
         Ok(None) => writeln!(err, "this cluster does not get the bundle (doNotDeploy)")?,
         Err(e) => return Err(CliError::Render(e.to_string())),
     }
+    Ok(())
+}
+
+/// `flotilla render --diff-against CLUSTER`: the local render against the content
+/// the cluster holds of the bundle, both as the agent applies them.
+async fn diff_against(
+    api: &Api,
+    cluster: &str,
+    bundle: &str,
+    local: &flotilla_shared::bundle::Rendered,
+    out: &mut dyn Write,
+    err: &mut dyn Write,
+) -> Result<(), CliError> {
+    use flotilla_shared::applied;
+    let v = api
+        .send(
+            "GET",
+            &format!(
+                "/api/v1/clusters/{}/bundles/{}",
+                segment(cluster),
+                segment(bundle)
+            ),
+            None,
+        )
+        .await?;
+    let held: flotilla_shared::bundle::Rendered = serde_json::from_value(v["content"].clone())
+        .map_err(|e| CliError::Response(format!("content: {e}")))?;
+    // One view of which kinds are namespaced for both sides.
+    let mut scopes = applied::Scopes::from_objects(local.manifests.iter().map(|m| &m.object));
+    scopes.add(held.manifests.iter().map(|m| &m.object));
+    let changes = applied::diff(
+        &applied::applied(bundle, &held, &scopes),
+        &applied::applied(bundle, local, &scopes),
+    );
+    let mut text = applied::diff_text(&changes);
+    if held.options != local.options {
+        text.push_str(&format!(
+            "~ bundle options: {} -> {}\n",
+            serde_json::to_string(&held.options).unwrap_or_default(),
+            serde_json::to_string(&local.options).unwrap_or_default()
+        ));
+    }
+    out.write_all(text.as_bytes())?;
+    writeln!(
+        err,
+        "compared with content {} (revision {}) that cluster {cluster} holds of bundle {bundle}: {} change(s)",
+        plain(&v["contentHash"]),
+        plain(&v["revision"]),
+        changes.len()
+    )?;
     Ok(())
 }
 

@@ -1257,6 +1257,31 @@ impl Fleet {
         st.clusters.get(name).map(|c| st.cluster_view(c, true))
     }
 
+    /// What a cluster's agent holds of a bundle, as the hub knows it: the content
+    /// hash it acknowledged (flushed to its store), the revision it reported for
+    /// it, and that content from the hub's content store. `Err` says which of
+    /// the three is missing.
+    pub fn held_content(
+        &self,
+        cluster: &str,
+        bundle: &str,
+    ) -> Result<(String, String, Arc<Rendered>), String> {
+        let st = self.lock();
+        let c = st
+            .clusters
+            .get(cluster)
+            .ok_or_else(|| format!("cluster {cluster} not found"))?;
+        let (hash, revision) = st.held(&c.record, bundle).ok_or_else(|| {
+            format!("cluster {cluster} holds no content of bundle {bundle}: none acknowledged")
+        })?;
+        let content = st.contents.get(&hash).cloned().ok_or_else(|| {
+            format!(
+                "the hub no longer holds content {hash}, which cluster {cluster} holds of bundle {bundle}"
+            )
+        })?;
+        Ok((hash, revision, content))
+    }
+
     pub fn cluster_labels(&self, name: &str) -> Option<Labels> {
         self.lock()
             .clusters

@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
+use flotilla_shared::applied;
 use flotilla_shared::assign::CustomizationInfo;
 use flotilla_shared::bundle::{parse_manifests, RenderError, Rendered};
 use flotilla_shared::capabilities;
@@ -30,7 +31,7 @@ use crate::sandbox::{self, Network};
 pub const RENDER_TIMEOUT: Duration = Duration::from_secs(60);
 /// Larger output is a mistake (a loop in a template), and would be too large to
 /// send to agents anyway.
-pub const MAX_OUTPUT: usize = 64 << 20;
+pub const MAX_OUTPUT: usize = flotilla_shared::documents::MAX_BUNDLE_BYTES;
 /// What a tool's error message may take in a bundle's status.
 const MAX_MESSAGE: usize = 2000;
 
@@ -448,7 +449,10 @@ async fn run(
         a.and(b)
             .map_err(|e| format!("reading {label}'s output: {e}"))?;
         if out.len() as u64 > limit {
-            return Err(format!("{label} output is larger than {} MiB", limit >> 20));
+            return Err(format!(
+                "{label} output is over the byte budget of {limit} bytes ({} MiB) per bundle",
+                limit >> 20
+            ));
         }
         let status = child
             .wait()
@@ -626,6 +630,15 @@ pub fn read_bundle_dir(dir: &Path) -> std::io::Result<BTreeMap<String, Vec<u8>>>
             if ty.is_dir() {
                 walk(root, &path, out)?;
             } else if ty.is_file() {
+                // As the Git path does: a file over the byte budget is refused
+                // before it is read.
+                let len = e.metadata()?.len();
+                if let Err(err) = flotilla_shared::documents::check_file_size(&path, len) {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::FileTooLarge,
+                        err.to_string(),
+                    ));
+                }
                 out.insert(path, std::fs::read(e.path())?);
             }
         }
@@ -646,21 +659,29 @@ pub fn read_bundle_dir(dir: &Path) -> std::io::Result<BTreeMap<String, Vec<u8>>>
     Ok(all)
 }
 
-/// A rendered bundle as a multi-document YAML stream, in apply order: a header
-/// with the namespace options, then each object after a `# Source:` comment.
-pub fn to_yaml_stream(r: &Rendered) -> String {
+/// A rendered bundle as the agent applies it (`flotilla_shared::applied`): a
+/// multi-document YAML stream in apply order, each object with its namespace
+/// placed and the bundle label, after a `# Source:` comment. Kinds are known to
+/// be cluster-scoped from Kubernetes' own and the bundle's CRDs (see
+/// `applied::Scopes`). A leading comment names the namespace the agent creates.
+pub fn to_yaml_stream(bundle: &str, r: &Rendered) -> String {
+    let scopes = applied::Scopes::from_objects(r.manifests.iter().map(|m| &m.object));
+    applied_yaml_stream(r, &applied::applied(bundle, r, &scopes))
+}
+
+/// Applied objects as a YAML stream (see [`to_yaml_stream`]).
+pub fn applied_yaml_stream(r: &Rendered, objects: &[applied::Applied]) -> String {
     let mut out = String::new();
-    if let Some(ns) = &r.options.target_namespace {
-        out.push_str(&format!("# namespace: {ns}\n"));
+    if let Some(ns) = r.options.namespace_to_create() {
+        out.push_str(&format!(
+            "# The agent first creates Namespace {ns} if it does not exist (unlabelled, never pruned).\n"
+        ));
     }
-    if let Some(ns) = &r.options.default_namespace {
-        out.push_str(&format!("# defaultNamespace: {ns}\n"));
-    }
-    for m in &r.manifests {
+    for a in objects {
         out.push_str("---\n");
-        out.push_str(&format!("# Source: {}\n", m.file));
+        out.push_str(&format!("# Source: {}\n", a.file));
         let text =
-            serde_saphyr::to_string(&m.object).unwrap_or_else(|e| format!("# cannot print: {e}\n"));
+            serde_saphyr::to_string(&a.object).unwrap_or_else(|e| format!("# cannot print: {e}\n"));
         out.push_str(&text);
         if !text.ends_with('\n') {
             out.push('\n');

@@ -102,7 +102,7 @@ async fn render_cases() {
             )
             .await
             {
-                Ok(Some(r)) => to_yaml_stream(&r),
+                Ok(Some(r)) => to_yaml_stream(&name, &r),
                 Ok(None) => "# not deployed (doNotDeploy)\n".to_string(),
                 Err(e) => format!("# error: {e}\n"),
             };

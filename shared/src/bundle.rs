@@ -323,13 +323,9 @@ pub fn is_manifest_file(rel: &str) -> bool {
         .any(|ext| name.ends_with(ext))
 }
 
-fn first_line(s: &str) -> String {
-    s.lines().next().unwrap_or_default().to_string()
-}
-
 /// Renders a plain-manifest bundle: every `*.yaml`/`*.yml`/`*.json` file (relative
 /// path → bytes), in path order, each document an object. Objects come out in
-/// apply order. `kind: List` documents are expanded.
+/// apply order. Lists (`kind: List`, `ConfigMapList`, ...) are expanded.
 pub fn render_plain(files: &BTreeMap<String, Vec<u8>>) -> Result<Rendered, RenderError> {
     let spec = crate::fleetyaml::parse_spec(files)?;
     let non_empty = |s: Option<String>| s.filter(|s| !s.is_empty());
@@ -342,40 +338,24 @@ pub fn render_plain(files: &BTreeMap<String, Vec<u8>>) -> Result<Rendered, Rende
     finish(parse_manifests(files)?, options)
 }
 
-/// The objects of every manifest file of a plain bundle, in path order.
+/// The objects of every manifest file of a plain bundle, in path order, read as
+/// `kubectl apply -f` reads them (see [`crate::documents`]), within the byte
+/// budgets per file and per bundle.
 pub fn parse_manifests(files: &BTreeMap<String, Vec<u8>>) -> Result<Vec<Manifest>, RenderError> {
+    let manifest_files: Vec<(&String, &Vec<u8>)> =
+        files.iter().filter(|(p, _)| is_manifest_file(p)).collect();
+    for (path, bytes) in &manifest_files {
+        crate::documents::check_file_size(path, bytes.len() as u64)?;
+    }
+    let total: u64 = manifest_files.iter().map(|(_, b)| b.len() as u64).sum();
+    crate::documents::check_bundle_size(".", total)?;
     let mut manifests = Vec::new();
-    for (path, bytes) in files.iter().filter(|(p, _)| is_manifest_file(p)) {
-        let err = |line: Option<u64>, object: Option<String>, reason: String| RenderError {
-            file: path.clone(),
-            line,
-            object,
-            reason,
-        };
-        let text =
-            std::str::from_utf8(bytes).map_err(|_| err(None, None, "file is not UTF-8".into()))?;
-        let docs: Vec<serde_json::Value> = serde_saphyr::from_multiple(text).map_err(|e| {
-            err(
-                e.location().map(|l| l.line()),
-                None,
-                format!("invalid YAML: {}", first_line(&e.to_string())),
-            )
-        })?;
-        for doc in docs {
-            if doc.is_null() {
-                continue;
-            }
-            let items = if doc["kind"] == "List" && doc["items"].is_array() {
-                doc["items"].as_array().cloned().unwrap_or_default()
-            } else {
-                vec![doc]
-            };
-            for object in items {
-                manifests.push(Manifest {
-                    file: path.clone(),
-                    object,
-                });
-            }
+    for (path, bytes) in manifest_files {
+        for object in crate::documents::objects(path, bytes)? {
+            manifests.push(Manifest {
+                file: path.clone(),
+                object,
+            });
         }
     }
     Ok(manifests)

@@ -698,19 +698,7 @@ pub fn apply_overlays(
 }
 
 fn parse_docs(path: &str, bytes: &[u8]) -> Result<Vec<Value>, RenderError> {
-    let text =
-        std::str::from_utf8(bytes).map_err(|_| config_error(path, None, "not UTF-8".into()))?;
-    let docs: Vec<Value> = serde_saphyr::from_multiple(text).map_err(|e| {
-        config_error(
-            path,
-            e.location().map(|l| l.line()),
-            format!(
-                "invalid YAML: {}",
-                e.to_string().lines().next().unwrap_or_default()
-            ),
-        )
-    })?;
-    Ok(docs.into_iter().filter(|d| !d.is_null()).collect())
+    crate::documents::documents(path, bytes)
 }
 
 fn patch_file(
@@ -864,18 +852,11 @@ pub fn parse_tool_output(origin: &str, output: &str) -> Result<Vec<Manifest>, Re
     }
     let mut out = Vec::new();
     for (file, text) in chunks {
-        for doc in parse_docs(&file, text.as_bytes())? {
-            let items = if doc["kind"] == "List" && doc["items"].is_array() {
-                doc["items"].as_array().cloned().unwrap_or_default()
-            } else {
-                vec![doc]
-            };
-            for object in items {
-                out.push(Manifest {
-                    file: file.clone(),
-                    object,
-                });
-            }
+        for object in crate::documents::objects(&file, text.as_bytes())? {
+            out.push(Manifest {
+                file: file.clone(),
+                object,
+            });
         }
     }
     Ok(out)

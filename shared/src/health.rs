@@ -686,27 +686,13 @@ pub fn bundle_health<'a>(
 }
 
 /// The objects in a YAML stream, as `kubectl get -o yaml` or a manifest file gives
-/// them: several documents, each an object or a `kind: List` whose items are
-/// expanded. Empty documents are skipped.
+/// them: several documents (or JSON objects), each an object or a list (`kind:
+/// List`, `PodList`, ...) whose items are expanded. Empty documents are skipped.
 pub fn objects_in_yaml(yaml: &str) -> Result<Vec<Value>, String> {
-    let docs: Vec<Value> = serde_saphyr::from_multiple(yaml).map_err(|e| {
-        let first = e.to_string();
-        format!("invalid YAML: {}", first.lines().next().unwrap_or_default())
-    })?;
-    let mut out = Vec::new();
-    for doc in docs {
-        if doc.is_null() {
-            continue;
-        }
-        // `kubectl get -o yaml` prints `kind: List`; the API itself `ConfigMapList` etc.
-        let is_list = doc["items"].is_array() && text(&doc["kind"]).ends_with("List");
-        if is_list {
-            out.extend(doc["items"].as_array().cloned().unwrap_or_default());
-        } else {
-            out.push(doc);
-        }
-    }
-    Ok(out)
+    crate::documents::objects("", yaml.as_bytes()).map_err(|e| match e.line {
+        Some(line) => format!("{} (line {line})", e.reason),
+        None => e.reason,
+    })
 }
 
 #[cfg(test)]

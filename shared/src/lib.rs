@@ -4,11 +4,13 @@
 //! This crate does no I/O and knows nothing of tonic, kube, gix or sled. Everything
 //! here is a pure function of its inputs, so it is tested with plain `#[test]`s.
 
+pub mod applied;
 pub mod assign;
 pub mod bundle;
 pub mod capabilities;
 pub mod caps;
 pub mod depends;
+pub mod documents;
 pub mod drift;
 pub mod error;
 pub mod fleetyaml;

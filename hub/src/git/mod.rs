@@ -37,7 +37,7 @@ pub const DEFAULT_MAX_SNAPSHOT_BYTES: u64 = 256 << 20;
 /// Default cap on one file: a Kubernetes object cannot exceed ~1.5 MiB (etcd's
 /// request limit) and the largest manifest files (CRD collections) are a few MiB;
 /// 32 MiB still fits a vendored chart archive.
-pub const DEFAULT_MAX_FILE_BYTES: u64 = 32 << 20;
+pub const DEFAULT_MAX_FILE_BYTES: u64 = flotilla_shared::documents::MAX_FILE_BYTES as u64;
 
 /// Default cap on the number of files read: every file is hashed and handed to a
 /// renderer; 10,000 is far beyond the manifests a fleet deploys from one source.
