@@ -58,12 +58,13 @@ for round in $(seq 1 "$rounds"); do
         FLOTILLA_BENCH_AGENTS=$agents \
         FLOTILLA_BENCH_BIN_DIR=$work/$side-target/release \
         FLOTILLA_TESTENV_BIN=$testenv \
-        "$work/$side-target/release/flotilla-bench" --results "$work/results-$side" "$part")
+        "$work/$side-target/release/flotilla-bench" --results "$work/results-$side/round-$round" "$part")
     done
   done
 done
 
-"$work/new-target/release/flotilla-bench" compare \
+# The table comes from this tree's bench (NEW may predate `compare`).
+$cargo run -q -p flotilla-bench -- compare \
   --base "$work/results-base" --new "$work/results-new" \
   --base-label "base $base_rev" --new-label "new $new_rev" --out BENCHMARKS.md
 echo "bench-compare: BENCHMARKS.md (compare block) written; raw results in $work/results-{base,new}"

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::Path;
 
-use crate::report::{load, AgentRun, FleetRun, GitRun, HubRun, WireRun};
+use crate::report::{AgentRun, FleetRun, GitRun, HubRun, WireRun};
 use crate::stats::{summary, Summary};
 
 /// One compared figure.
@@ -58,10 +58,40 @@ fn group<T, K: Ord>(runs: &[T], key: impl Fn(&T) -> K) -> BTreeMap<K, Vec<&T>> {
     m
 }
 
-/// Rows for every part both directories hold results of, per count.
+/// The results of one part in `dir` and in each of its subdirectories (one per
+/// round: a part's file holds the runs of one invocation).
+fn load<T: serde::de::DeserializeOwned>(path: &Path) -> anyhow::Result<Vec<T>> {
+    let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
+        return Ok(Vec::new());
+    };
+    let mut files = vec![path.to_path_buf()];
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        let mut subs: Vec<_> = entries
+            .flatten()
+            .map(|e| e.path().join(name))
+            .filter(|p| p.exists())
+            .collect();
+        subs.sort();
+        files.extend(subs);
+    }
+    let mut out = Vec::new();
+    for f in files.iter().filter(|f| f.exists()) {
+        out.extend(crate::report::load::<T>(f)?);
+    }
+    Ok(out)
+}
+
+fn has(dir: &Path, name: &str) -> bool {
+    !load::<serde_json::Value>(&dir.join(name))
+        .unwrap_or_default()
+        .is_empty()
+}
+
+/// Rows for every part both directories hold results of (in the directory or
+/// its round subdirectories), per count.
 pub fn rows(base: &Path, new: &Path) -> Vec<Row> {
     let mut out = Vec::new();
-    let both = |name: &str| -> bool { base.join(name).exists() && new.join(name).exists() };
+    let both = |name: &str| -> bool { has(base, name) && has(new, name) };
     if both("hub.json") {
         let (b, n) = (
             load::<HubRun>(&base.join("hub.json")).unwrap_or_default(),
