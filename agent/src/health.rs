@@ -320,9 +320,10 @@ impl Book {
         // deletion's own last state says so): collected as asked, not drift.
         let held = self.seen.get(&object);
         let finished = match held {
-            Some(h) if sighting.uid.is_empty() || h.uid == sighting.uid => {
-                sighting.collectable.clone().or_else(|| h.collectable.clone())
-            }
+            Some(h) if sighting.uid.is_empty() || h.uid == sighting.uid => sighting
+                .collectable
+                .clone()
+                .or_else(|| h.collectable.clone()),
             _ => sighting.collectable.clone(),
         }
         .filter(|_| deleted);
@@ -796,9 +797,7 @@ impl Tracker {
             );
             seen.push((o.object, o.live.as_ref().map(Sighting::of)));
         }
-        let report = inner
-            .book
-            .applied_with(b, seen, policy, desires, collected);
+        let report = inner.book.applied_with(b, seen, policy, desires, collected);
         let now = inner.clock.now_unix_ms();
         slot.record(status_entries(report.into_iter().collect(), now));
         inner.adjust_watches(&Arc::downgrade(&self.inner));

@@ -588,9 +588,16 @@ mod tests {
         let s = Store::open(dir.path(), 1).unwrap();
         let mut held = s.collected("a").unwrap();
         held.sort_by(|x, y| x.object.cmp(&y.object));
-        assert_eq!(held, [c("create", "d3"), c("patch", "d2")], "one per object");
+        assert_eq!(
+            held,
+            [c("create", "d3"), c("patch", "d2")],
+            "one per object"
+        );
         assert!(!s
-            .keep_collected("a", &BTreeSet::from([obj("Job", "create"), obj("Job", "patch")]))
+            .keep_collected(
+                "a",
+                &BTreeSet::from([obj("Job", "create"), obj("Job", "patch")])
+            )
             .unwrap());
         assert!(s
             .keep_collected("a", &BTreeSet::from([obj("Job", "patch")]))

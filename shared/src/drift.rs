@@ -488,7 +488,9 @@ pub fn finished_health(live: &Value) -> Option<crate::health::Health> {
 /// had applied (the object after namespace and label placement).
 pub fn applied_digest(desired: &Value) -> String {
     use sha2::{Digest, Sha256};
-    hex::encode(Sha256::digest(serde_json::to_vec(desired).unwrap_or_default()))
+    hex::encode(Sha256::digest(
+        serde_json::to_vec(desired).unwrap_or_default(),
+    ))
 }
 
 /// Whether an apply creates an object again that Kubernetes collected (see
@@ -779,10 +781,7 @@ mod tests {
     #[test]
     fn a_collected_job_keeps_the_health_it_finished_with() {
         use crate::health::HealthStatus;
-        let mut done = job(
-            Some(0),
-            json!([{"type": "Complete", "status": "True"}]),
-        );
+        let mut done = job(Some(0), json!([{"type": "Complete", "status": "True"}]));
         done["status"]["succeeded"] = json!(1);
         // On its way out (foreground deletion): still the Job's own verdict.
         done["metadata"]["deletionTimestamp"] = json!("2026-01-01T00:00:00Z");

@@ -351,6 +351,7 @@ fn jobs_collected_after_finishing_are_not_drift() -> Result<()> {
     let job = ttl_job(ns, 0);
     repo.commit(
         &BTreeMap::from([
+            ("app/fleet.yaml", Some("{}\n")),
             ("app/ns.yaml", Some(namespace(ns).as_str())),
             ("app/cm.yaml", Some(cm.as_str())),
             ("app/job.yaml", Some(job.as_str())),
@@ -370,8 +371,12 @@ fn jobs_collected_after_finishing_are_not_drift() -> Result<()> {
     // The Job runs (about a second), completes and is deleted at once.
     hub.wait_bundle_state(bundle, "drift-ttl", "Ready")?;
     let job_uid = |c: &TestCluster| -> Result<Option<String>> {
-        Ok(c.get("job", Some(ns), "once")?
-            .map(|j| j["metadata"]["uid"].as_str().unwrap_or_default().to_string()))
+        Ok(c.get("job", Some(ns), "once")?.map(|j| {
+            j["metadata"]["uid"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string()
+        }))
     };
     wait_until("the Job collected by the TTL controller", DEADLINE, || {
         Ok(job_uid(east)?.is_none().then_some(()))
@@ -392,7 +397,9 @@ fn jobs_collected_after_finishing_are_not_drift() -> Result<()> {
     assert_eq!(e["object"]["name"], "sentinel", "the only event: {e:#}");
     assert_eq!(job_uid(east)?, None, "the collected Job is not put back");
     assert_eq!(
-        hub.bundle_state(bundle, "drift-ttl")?.map(|(s, _)| s).as_deref(),
+        hub.bundle_state(bundle, "drift-ttl")?
+            .map(|(s, _)| s)
+            .as_deref(),
         Some("Ready")
     );
 
@@ -414,7 +421,10 @@ fn jobs_collected_after_finishing_are_not_drift() -> Result<()> {
 
     // A changed Job is a new one: it runs, and stays five seconds once finished.
     let job = ttl_job(ns, 5);
-    repo.commit(&BTreeMap::from([("app/job.yaml", Some(job.as_str()))]), "ttl 5")?;
+    repo.commit(
+        &BTreeMap::from([("app/job.yaml", Some(job.as_str()))]),
+        "ttl 5",
+    )?;
     wait_until("the changed Job created", DEADLINE, || {
         Ok(east
             .get("job", Some(ns), "once")?
@@ -424,7 +434,7 @@ fn jobs_collected_after_finishing_are_not_drift() -> Result<()> {
     wait_until("the changed Job collected", DEADLINE, || {
         Ok(job_uid(east)?.is_none().then_some(()))
     })?;
-    sentinel("blue")?;
+    sentinel("yellow")?;
     let e = wait_event(&hub, bundle, 3)?;
     assert_eq!(e["object"]["name"], "sentinel", "{e:#}");
     assert_eq!(job_uid(east)?, None);
