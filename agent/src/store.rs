@@ -1,9 +1,11 @@
 //! The agent's durable state in sled (`DIR/state.sled`): the last Desired set, bundle
-//! contents by hash, the inventory of objects applied per bundle (for pruning), and
-//! statuses with their sequence numbers. Writes here are not durable until
-//! [`Store::flush`]: the agent's one writer ([`crate::writer`]) runs them in batches and
-//! flushes each batch once before anything relies on it (an ack to the hub, a status
-//! about to be sent, an object about to be applied). Every call here blocks on disk:
+//! contents by hash, the inventory of objects applied per bundle (for pruning),
+//! statuses with their sequence numbers, drift events, and the Jobs Kubernetes
+//! collected after they finished (not created again for the same content). Writes
+//! here are not durable until [`Store::flush`]: the agent's one writer
+//! ([`crate::writer`]) runs them in batches and flushes each batch once before
+//! anything relies on it (an ack to the hub, a status about to be sent, an object
+//! about to be applied). Every call here blocks on disk:
 //! the agent makes them only on the writer's thread.
 
 use std::collections::BTreeSet;

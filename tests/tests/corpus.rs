@@ -564,11 +564,13 @@ fn the_corpus_deploys_unchanged_and_render_prints_what_the_agent_applies() -> Re
             "{bundle}: kubectl applied other objects than the render names"
         );
         let mut differ = Vec::new();
+        let mut compared = 0;
         for o in objs {
             let key = key_of(o);
             if !(on_east.contains_key(&key) && on_west.contains_key(&key)) {
                 continue;
             }
+            compared += 1;
             let (mut a, mut b) = (Vec::new(), Vec::new());
             at_paths(o, &on_east[&key], "", &mut a);
             at_paths(o, &on_west[&key], "", &mut b);
@@ -580,7 +582,7 @@ fn the_corpus_deploys_unchanged_and_render_prints_what_the_agent_applies() -> Re
         }
         ensure!(differ.is_empty(), "{bundle}: {}", differ.join("\n"));
         eprintln!(
-            "{bundle}: {} objects, the same in both clusters",
+            "{bundle}: {} objects, {compared} in both clusters and the same there",
             objs.len()
         );
     }
