@@ -10,6 +10,10 @@
 //! with what was applied (`flotilla_shared::drift`); a drift becomes an event in the
 //! store (for the hub) and, in `correct` mode, a re-apply of the object; in `report`
 //! mode the bundle is `Modified` until the object holds what was applied again.
+//! A finished Job with `ttlSecondsAfterFinished` that Kubernetes deletes is not
+//! drift (`drift::collectable`): the book returns it as collected, keeps its last
+//! health for the bundle, and the tracker records it for the reconciler, which
+//! does not create it again for the same content (`drift::apply_again`).
 //!
 //! [`Book`] decides (pure, no I/O); [`Tracker`] does: it locks the book, queues the
 //! statuses and drift events the book asks for ([`crate::writer`]), re-applies
@@ -73,6 +77,9 @@ pub struct Sighting {
     /// sightings older than the one held.
     pub version: Option<u64>,
     pub health: Health,
+    /// Kubernetes will delete it as it asks (`drift::collectable`), and the health
+    /// it finished with: its deletion next is not drift.
+    pub collectable: Option<Health>,
 }
 
 impl Sighting {
@@ -85,6 +92,7 @@ impl Sighting {
                 .as_str()
                 .and_then(|v| v.parse().ok()),
             health: health(obj),
+            collectable: drift::finished_health(obj),
         }
     }
 
@@ -166,11 +174,24 @@ impl Finding {
     }
 }
 
-/// What a sighting changed: bundle states to report, drifts to act on.
+/// An object Kubernetes deleted as it asked (a finished Job with a TTL): not drift.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Collection {
+    pub bundle: String,
+    pub object: ObjectRef,
+    /// `drift::applied_digest` of what was applied.
+    pub digest: String,
+    /// Its health when last seen.
+    pub health: Health,
+}
+
+/// What a sighting changed: bundle states to report, drifts to act on, objects
+/// collected by Kubernetes to remember.
 #[derive(Debug, Default)]
 pub struct Outcome {
     pub reports: Vec<Report>,
     pub findings: Vec<Finding>,
+    pub collected: Vec<Collection>,
 }
 
 /// A bundle whose health is tracked.
@@ -185,6 +206,9 @@ struct Tracked {
     /// however many sightings show it; cleared when the object is clean again. In
     /// `report` mode a non-empty map makes the bundle `Modified`.
     drifted: BTreeMap<ObjectRef, String>,
+    /// Objects Kubernetes collected as they asked, with their last health, which
+    /// stands for them (a completed Job stays done, a failed one failed).
+    collected: HashMap<ObjectRef, Health>,
     /// False while its content is being (re)applied: the reconciler speaks for it.
     reporting: bool,
     /// The (state, message) last derived, to report only changes.
@@ -231,18 +255,28 @@ impl Book {
         bundle: &DesiredBundle,
         objects: Vec<(ObjectRef, Option<Sighting>)>,
     ) -> Option<Report> {
-        self.applied_with(bundle, objects, DriftPolicy::default(), HashMap::new())
+        self.applied_with(
+            bundle,
+            objects,
+            DriftPolicy::default(),
+            HashMap::new(),
+            Vec::new(),
+        )
     }
 
-    /// [`Book::applied`], with the drift policy and what was applied per object.
+    /// [`Book::applied`], with the drift policy, what was applied per object, and
+    /// the objects not applied because Kubernetes collected them for this content
+    /// before (with their last health).
     pub fn applied_with(
         &mut self,
         bundle: &DesiredBundle,
         objects: Vec<(ObjectRef, Option<Sighting>)>,
         policy: DriftPolicy,
         desires: HashMap<ObjectRef, Desire>,
+        collected: Vec<(ObjectRef, Health)>,
     ) -> Option<Report> {
-        let refs: Vec<ObjectRef> = objects.iter().map(|(r, _)| r.clone()).collect();
+        let mut refs: Vec<ObjectRef> = objects.iter().map(|(r, _)| r.clone()).collect();
+        refs.extend(collected.iter().map(|(r, _)| r.clone()));
         self.bundles.insert(
             bundle.name.clone(),
             Tracked {
@@ -251,6 +285,7 @@ impl Book {
                 policy,
                 desires,
                 drifted: BTreeMap::new(),
+                collected: collected.into_iter().collect(),
                 reporting: true,
                 last: None,
             },
@@ -281,10 +316,22 @@ impl Book {
             return Outcome::default();
         }
         let deleted = sighting.health.status == HealthStatus::NotFound;
+        // Deleted after a sighting that said Kubernetes would delete it (or the
+        // deletion's own last state says so): collected as asked, not drift.
+        let held = self.seen.get(&object);
+        let finished = match held {
+            Some(h) if sighting.uid.is_empty() || h.uid == sighting.uid => sighting
+                .collectable
+                .clone()
+                .or_else(|| h.collectable.clone()),
+            _ => sighting.collectable.clone(),
+        }
+        .filter(|_| deleted);
         if !self.sight(object.clone(), sighting) {
             return Outcome::default();
         }
         let mut findings = Vec::new();
+        let mut collections = Vec::new();
         for (name, t) in self.bundles.iter_mut() {
             if !t.reporting || !t.objects.contains(&object) {
                 continue;
@@ -292,6 +339,18 @@ impl Book {
             let Some(desire) = t.desires.get(&object) else {
                 continue;
             };
+            if let Some(health) = finished.clone() {
+                collections.push(Collection {
+                    bundle: name.clone(),
+                    object: object.clone(),
+                    digest: drift::applied_digest(&desire.body),
+                    health: health.clone(),
+                });
+                t.desires.remove(&object);
+                t.drifted.remove(&object);
+                t.collected.insert(object.clone(), health);
+                continue;
+            }
             let fields = match (deleted, live) {
                 (false, Some(l)) => {
                     drift::detect(&desire.body, l, &desire.ignore, &desire.baseline)
@@ -326,6 +385,7 @@ impl Book {
         Outcome {
             reports: self.derive(|name| holders.contains(name)),
             findings,
+            collected: collections,
         }
     }
 
@@ -351,11 +411,13 @@ impl Book {
                     uid,
                     version: None,
                     health: Health::not_found(),
+                    collectable: None,
                 },
                 None,
             );
             out.reports.extend(o.reports);
             out.findings.extend(o.findings);
+            out.collected.extend(o.collected);
         }
         out
     }
@@ -385,6 +447,19 @@ impl Book {
             .values()
             .flat_map(|t| t.objects.iter().map(WatchKey::of))
             .collect()
+    }
+
+    /// A bundle's state as it would be derived now, for tests.
+    #[cfg(test)]
+    fn derive_for_test(&mut self, bundle: &str) -> (BundleState, String) {
+        if let Some(t) = self.bundles.get_mut(bundle) {
+            t.last = None;
+        }
+        self.derive(|n| n == bundle)
+            .into_iter()
+            .next()
+            .map(|r| (r.state, r.message))
+            .unwrap_or((BundleState::NotReady, "not tracked".into()))
     }
 
     /// Health as last seen, for tests and logs.
@@ -460,8 +535,10 @@ impl Book {
                 )
             } else {
                 bundle_health(t.objects.iter().map(|r| {
-                    let health = blind
-                        .get(&WatchKey::of(r))
+                    let health = t
+                        .collected
+                        .get(r)
+                        .or_else(|| blind.get(&WatchKey::of(r)))
                         .or_else(|| self.seen.get(r).map(|s| &s.health))
                         .unwrap_or(&waiting);
                     (r, health)
@@ -582,6 +659,18 @@ impl Inner {
                 _ => entries.push(Entry::Drift(f.event(false, now))),
             }
         }
+        for c in outcome.collected {
+            info!(bundle = %c.bundle, object = %c.object, health = %c.health.message,
+                "deleted by Kubernetes as it asked (finished, ttlSecondsAfterFinished): not drift");
+            entries.push(Entry::Collected {
+                bundle: c.bundle,
+                collected: crate::store::Collected {
+                    object: c.object,
+                    digest: c.digest,
+                    health: c.health,
+                },
+            });
+        }
         (entries, corrections)
     }
 
@@ -685,11 +774,14 @@ impl Tracker {
     }
 
     /// Applied: follow its objects' health and drift, and report its state.
+    /// `collected`: objects not applied because Kubernetes collected them for this
+    /// content before, with their last health.
     pub async fn applied(
         &self,
         b: &DesiredBundle,
         objects: Vec<AppliedObject>,
         policy: DriftPolicy,
+        collected: Vec<(ObjectRef, Health)>,
     ) {
         let Some(slot) = self.slot().await else {
             return;
@@ -705,7 +797,7 @@ impl Tracker {
             );
             seen.push((o.object, o.live.as_ref().map(Sighting::of)));
         }
-        let report = inner.book.applied_with(b, seen, policy, desires);
+        let report = inner.book.applied_with(b, seen, policy, desires, collected);
         let now = inner.clock.now_unix_ms();
         slot.record(status_entries(report.into_iter().collect(), now));
         inner.adjust_watches(&Arc::downgrade(&self.inner));
@@ -758,7 +850,7 @@ async fn sighted(
             Seen::Listed(names) => g.book.relisted(key, &names),
             Seen::Blind(why) => Outcome {
                 reports: g.book.blinded(key, why),
-                findings: Vec::new(),
+                ..Outcome::default()
             },
         };
         let now = g.clock.now_unix_ms();
@@ -1122,6 +1214,7 @@ mod tests {
             vec![(cm_ref(), Some(Sighting::of(&applied)))],
             policy,
             desires,
+            Vec::new(),
         );
     }
 
@@ -1193,6 +1286,124 @@ mod tests {
             .is_empty());
     }
 
+    fn job_ref() -> ObjectRef {
+        ObjectRef {
+            api_version: "batch/v1".into(),
+            kind: "Job".into(),
+            namespace: Some("demo".into()),
+            name: "migrate".into(),
+        }
+    }
+
+    fn job(rv: u64, uid: &str, conditions: Value, ttl: bool) -> Value {
+        let mut j = json!({"apiVersion": "batch/v1", "kind": "Job",
+            "metadata": {"name": "migrate", "namespace": "demo", "uid": uid,
+                "resourceVersion": rv.to_string(), "generation": 1},
+            "spec": {"template": {"spec": {"restartPolicy": "Never"}}},
+            "status": {"startTime": "2026-01-01T00:00:00Z", "active": 1,
+                "conditions": conditions}});
+        if ttl {
+            j["spec"]["ttlSecondsAfterFinished"] = json!(0);
+        }
+        j
+    }
+
+    fn applied_job(book: &mut Book, ttl: bool) {
+        let policy = DriftPolicy::default();
+        let mut body = json!({"apiVersion": "batch/v1", "kind": "Job",
+            "metadata": {"name": "migrate", "namespace": "demo"},
+            "spec": {"template": {"spec": {"restartPolicy": "Never"}}}});
+        if ttl {
+            body["spec"]["ttlSecondsAfterFinished"] = json!(0);
+        }
+        let live = job(1, "j1", json!([]), ttl);
+        let desires = HashMap::from([(
+            job_ref(),
+            Desire::new(&job_ref(), body, Some(&live), &policy),
+        )]);
+        book.applied_with(
+            &bundle("b"),
+            vec![(job_ref(), Some(Sighting::of(&live)))],
+            policy,
+            desires,
+            Vec::new(),
+        );
+    }
+
+    /// A finished Job with `ttlSecondsAfterFinished` that Kubernetes deletes was
+    /// collected as it asked: no drift, no correction, the bundle keeps the Job's
+    /// verdict; a Job deleted before it finished, or without a TTL, is drift.
+    #[test]
+    fn a_finished_job_deleted_by_its_ttl_is_collected_not_drift() {
+        let done = json!([{"type": "Complete", "status": "True"}]);
+        let mut book = Book::default();
+        applied_job(&mut book, true);
+        let finished = job(2, "j1", done.clone(), true);
+        let o = book.observe_live(job_ref(), Sighting::of(&finished), Some(&finished));
+        assert!(o.findings.is_empty());
+        assert_eq!(o.reports[0].state, BundleState::Ready);
+        // The TTL controller's foreground deletion: Terminating on the way out...
+        let mut going = job(3, "j1", done.clone(), true);
+        going["metadata"]["deletionTimestamp"] = json!("2026-01-01T00:00:05Z");
+        let o = book.observe_live(job_ref(), Sighting::of(&going), Some(&going));
+        assert!(o.findings.is_empty() && o.collected.is_empty());
+        // ...then gone: collected, not drift, and the bundle stays Ready.
+        let o = book.observe_live(job_ref(), Sighting::gone(&going), None);
+        assert!(o.findings.is_empty(), "{:?}", o.findings);
+        assert_eq!(o.collected.len(), 1);
+        assert_eq!(o.collected[0].object, job_ref());
+        assert_eq!(o.collected[0].health.status, HealthStatus::Current);
+        assert!(o.reports.iter().all(|r| r.state == BundleState::Ready));
+        let key = WatchKey::of(&job_ref());
+        let o = book.relisted(&key, &HashSet::new());
+        assert!(o.findings.is_empty() && o.collected.is_empty() && o.reports.is_empty());
+
+        // The deletion seen alone (the finished sighting missed): its last state says it.
+        let mut book = Book::default();
+        applied_job(&mut book, true);
+        let o = book.observe_live(job_ref(), Sighting::gone(&going), None);
+        assert!(o.findings.is_empty() && o.collected.len() == 1);
+
+        // A failed Job collected stays failed.
+        let mut book = Book::default();
+        applied_job(&mut book, true);
+        let failed = job(
+            2,
+            "j1",
+            json!([{"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded"}]),
+            true,
+        );
+        book.observe_live(job_ref(), Sighting::of(&failed), Some(&failed));
+        let o = book.observe_live(job_ref(), Sighting::gone(&failed), None);
+        assert!(o.findings.is_empty() && o.collected.len() == 1);
+        let r = book.relisted(&key, &HashSet::new());
+        assert!(r.reports.is_empty());
+        assert_eq!(
+            book.derive_for_test("b"),
+            (
+                BundleState::NotReady,
+                "Job demo/migrate: failed: BackoffLimitExceeded".to_string()
+            )
+        );
+
+        // Deleted while running: drift, corrected.
+        let mut book = Book::default();
+        applied_job(&mut book, true);
+        let running = job(2, "j1", json!([]), true);
+        let o = book.observe_live(job_ref(), Sighting::gone(&running), None);
+        assert!(o.collected.is_empty());
+        assert!(o.findings[0].deleted && o.findings[0].mode == DriftMode::Correct);
+
+        // Finished without a TTL, then deleted (by someone): drift.
+        let mut book = Book::default();
+        applied_job(&mut book, false);
+        let finished = job(2, "j1", done, false);
+        book.observe_live(job_ref(), Sighting::of(&finished), Some(&finished));
+        let o = book.observe_live(job_ref(), Sighting::gone(&finished), None);
+        assert!(o.collected.is_empty());
+        assert!(o.findings[0].deleted);
+    }
+
     fn deploy_in(ns: &str) -> ObjectRef {
         ObjectRef {
             namespace: Some(ns.into()),
@@ -1243,7 +1454,9 @@ mod tests {
                     "metadata": {"name": "web", "namespace": ns}}),
             })
             .collect();
-        tracker.applied(&b, applied, DriftPolicy::default()).await;
+        tracker
+            .applied(&b, applied, DriftPolicy::default(), Vec::new())
+            .await;
         writer.sync().await.unwrap();
         assert_eq!(
             store.last_status("pair").unwrap().unwrap().state,

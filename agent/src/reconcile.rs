@@ -37,6 +37,8 @@ pub const RETRY_INTERVAL: Duration = Duration::from_secs(30);
 /// The result of applying one bundle.
 struct Applied {
     objects: Vec<AppliedObject>,
+    /// Objects not applied: Kubernetes collected them for this content before.
+    collected: Vec<(ObjectRef, flotilla_shared::health::Health)>,
     pruned: usize,
     drift: flotilla_shared::drift::DriftPolicy,
 }
@@ -124,7 +126,9 @@ impl Reconciler {
                 );
                 self.applied_ok
                     .insert(b.name.clone(), (b.content_hash.clone(), b.revision.clone()));
-                self.health.applied(b, done.objects, done.drift).await;
+                self.health
+                    .applied(b, done.objects, done.drift, done.collected)
+                    .await;
             }
             Err(message) => {
                 warn!(error = %message, "bundle not applied");
@@ -136,9 +140,15 @@ impl Reconciler {
     async fn apply(&mut self, b: &DesiredBundle) -> Result<Applied, String> {
         let name = b.name.as_str();
         let (hash, bundle) = (b.content_hash.clone(), b.name.clone());
-        let (bytes, held) = self
+        let (bytes, held, was_collected) = self
             .writer
-            .read(move |s| Ok((s.content(&hash)?, s.inventory(&bundle)?)))
+            .read(move |s| {
+                Ok((
+                    s.content(&hash)?,
+                    s.inventory(&bundle)?,
+                    s.collected(&bundle)?,
+                ))
+            })
             .await
             .map_err(|e| e.to_string())?;
         let bytes = bytes
@@ -171,6 +181,9 @@ impl Reconciler {
 
         let mut applied = BTreeSet::new();
         let mut objects = Vec::with_capacity(rendered.manifests.len());
+        // Jobs Kubernetes deleted as they asked once finished are not created again
+        // for the same content (`drift::apply_again`); they stay in the inventory.
+        let mut collected = Vec::new();
         let mut crd_applied = false;
         let mut next = 0;
         while next < rendered.manifests.len() {
@@ -196,6 +209,18 @@ impl Reconciler {
                 }
             }
             next += group.len();
+            group.retain(|(_, _, r, body)| {
+                let c = was_collected.iter().find(|c| &c.object == r);
+                if flotilla_shared::drift::apply_again(c.map(|c| c.digest.as_str()), body) {
+                    return true;
+                }
+                if let Some(c) = c {
+                    info!(object = %r, "deleted by Kubernetes once finished, as it asked; not created again for the same content");
+                    applied.insert(r.clone());
+                    collected.push((r.clone(), c.health.clone()));
+                }
+                false
+            });
             // What exists under these identities without the bundle's label is not
             // taken over (unless the bundle says takeOwnership), and not recorded:
             // checked before the intent, so it never enters the inventory either.
@@ -278,8 +303,20 @@ impl Reconciler {
                 .await
                 .map_err(|e| e.to_string())?;
         }
+        // What was applied again, or left the bundle, is no longer remembered.
+        if collected.len() != was_collected.len() {
+            let keep = collected.iter().map(|(r, _)| r.clone()).collect();
+            self.writer
+                .record(vec![crate::writer::Entry::KeepCollected {
+                    bundle: name.to_string(),
+                    keep,
+                }])
+                .await
+                .map_err(|e| e.to_string())?;
+        }
         Ok(Applied {
             objects,
+            collected,
             pruned,
             drift: rendered.options.drift,
         })

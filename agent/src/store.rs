@@ -1,9 +1,11 @@
 //! The agent's durable state in sled (`DIR/state.sled`): the last Desired set, bundle
-//! contents by hash, the inventory of objects applied per bundle (for pruning), and
-//! statuses with their sequence numbers. Writes here are not durable until
-//! [`Store::flush`]: the agent's one writer ([`crate::writer`]) runs them in batches and
-//! flushes each batch once before anything relies on it (an ack to the hub, a status
-//! about to be sent, an object about to be applied). Every call here blocks on disk:
+//! contents by hash, the inventory of objects applied per bundle (for pruning),
+//! statuses with their sequence numbers, drift events, and the Jobs Kubernetes
+//! collected after they finished (not created again for the same content). Writes
+//! here are not durable until [`Store::flush`]: the agent's one writer
+//! ([`crate::writer`]) runs them in batches and flushes each batch once before
+//! anything relies on it (an ack to the hub, a status about to be sent, an object
+//! about to be applied). Every call here blocks on disk:
 //! the agent makes them only on the writer's thread.
 
 use std::collections::BTreeSet;
@@ -13,6 +15,7 @@ use std::sync::Arc;
 
 use flotilla_shared::bundle::ObjectRef;
 use flotilla_shared::drift::DriftEvent;
+use flotilla_shared::health::Health;
 use flotilla_shared::state::BundleState;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -48,6 +51,18 @@ pub struct DesiredSet {
     pub bundles: Vec<DesiredBundle>,
 }
 
+/// An object of a bundle that Kubernetes deleted as it asked (a finished Job with
+/// `ttlSecondsAfterFinished`, see `flotilla_shared::drift::collectable`): not
+/// created again for the same content, and shown with its last health.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Collected {
+    pub object: ObjectRef,
+    /// `flotilla_shared::drift::applied_digest` of what was applied.
+    pub digest: String,
+    /// Its health when last seen (completed, or failed and why).
+    pub health: Health,
+}
+
 /// A status the agent produced for one bundle.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Status {
@@ -70,6 +85,8 @@ pub struct Store {
     statuses: sled::Tree,
     /// Drift events not yet acknowledged by the hub, by id (big-endian).
     drift: sled::Tree,
+    /// Objects Kubernetes collected as they asked, per bundle ([`Collected`]).
+    collected: sled::Tree,
     /// Flushes made through this store (each one is sled's fsync of its log), for tests
     /// and diagnostics: a bundle's apply must cost a few, not one per object.
     flushes: Arc<AtomicU64>,
@@ -153,6 +170,7 @@ impl Store {
             inventory: db.open_tree("inventory")?,
             statuses: db.open_tree("statuses")?,
             drift: db.open_tree("drift")?,
+            collected: db.open_tree("collected")?,
             flushes: Arc::new(AtomicU64::new(0)),
             db,
         };
@@ -305,8 +323,49 @@ impl Store {
             .unwrap_or_default())
     }
 
+    /// The objects of a bundle Kubernetes collected, in no particular order.
+    pub fn collected(&self, bundle: &str) -> Result<Vec<Collected>> {
+        Ok(self
+            .collected
+            .get(bundle.as_bytes())?
+            .map(|b| decode(bundle.as_bytes(), &b))
+            .transpose()?
+            .unwrap_or_default())
+    }
+
+    /// Remembers that Kubernetes collected an object of a bundle (replacing what
+    /// was remembered of it).
+    pub fn add_collected(&self, bundle: &str, c: Collected) -> Result<()> {
+        let mut held = self.collected(bundle)?;
+        held.retain(|h| h.object != c.object);
+        held.push(c);
+        self.collected.insert(bundle.as_bytes(), encode(&held))?;
+        Ok(())
+    }
+
+    /// Forgets the collected objects of a bundle that an apply created again or
+    /// that left it: only those in `keep` stay. Returns whether anything changed.
+    pub fn keep_collected(&self, bundle: &str, keep: &BTreeSet<ObjectRef>) -> Result<bool> {
+        let held = self.collected(bundle)?;
+        let kept: Vec<Collected> = held
+            .iter()
+            .filter(|c| keep.contains(&c.object))
+            .cloned()
+            .collect();
+        if kept.len() == held.len() {
+            return Ok(false);
+        }
+        if kept.is_empty() {
+            self.collected.remove(bundle.as_bytes())?;
+        } else {
+            self.collected.insert(bundle.as_bytes(), encode(&kept))?;
+        }
+        Ok(true)
+    }
+
     /// Forgets a bundle that was removed and pruned: its inventory and status.
     pub fn remove_bundle(&self, bundle: &str) -> Result<()> {
+        self.collected.remove(bundle.as_bytes())?;
         self.inventory.remove(bundle.as_bytes())?;
         self.statuses.remove(bundle.as_bytes())?;
         Ok(())
@@ -506,6 +565,48 @@ mod tests {
         s.remove_bundle("a").unwrap();
         assert_eq!(s.inventory("a").unwrap(), None);
         assert_eq!(s.known_kinds().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn collected_objects_survive_reopen_until_applied_again_or_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let done = Health {
+            status: flotilla_shared::health::HealthStatus::Current,
+            message: "completed: 1/1 succeeded".into(),
+        };
+        let c = |name: &str, digest: &str| Collected {
+            object: obj("Job", name),
+            digest: digest.into(),
+            health: done.clone(),
+        };
+        {
+            let s = Store::open(dir.path(), 1).unwrap();
+            assert!(s.collected("a").unwrap().is_empty());
+            s.add_collected("a", c("create", "d1")).unwrap();
+            s.add_collected("a", c("patch", "d2")).unwrap();
+            s.add_collected("a", c("create", "d3")).unwrap();
+            s.flush().unwrap();
+        }
+        let s = Store::open(dir.path(), 1).unwrap();
+        let mut held = s.collected("a").unwrap();
+        held.sort_by(|x, y| x.object.cmp(&y.object));
+        assert_eq!(
+            held,
+            [c("create", "d3"), c("patch", "d2")],
+            "one per object"
+        );
+        assert!(!s
+            .keep_collected(
+                "a",
+                &BTreeSet::from([obj("Job", "create"), obj("Job", "patch")])
+            )
+            .unwrap());
+        assert!(s
+            .keep_collected("a", &BTreeSet::from([obj("Job", "patch")]))
+            .unwrap());
+        assert_eq!(s.collected("a").unwrap(), [c("patch", "d2")]);
+        s.remove_bundle("a").unwrap();
+        assert!(s.collected("a").unwrap().is_empty());
     }
 
     #[test]

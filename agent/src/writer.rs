@@ -48,6 +48,17 @@ pub enum Entry {
     },
     /// A drift event; the store gives it its id.
     Drift(DriftEvent),
+    /// Kubernetes collected an object of a bundle as it asked (not drift).
+    Collected {
+        bundle: String,
+        collected: crate::store::Collected,
+    },
+    /// Only these objects of a bundle stay remembered as collected (the others
+    /// were applied again or left the bundle).
+    KeepCollected {
+        bundle: String,
+        keep: BTreeSet<ObjectRef>,
+    },
 }
 
 type Done = oneshot::Sender<Result<()>>;
@@ -369,6 +380,16 @@ impl Batch {
                     self.announce = true;
                 }
                 Err(e) => error!(error = %e, "cannot record a drift event"),
+            },
+            Entry::Collected { bundle, collected } => {
+                match store.add_collected(&bundle, collected) {
+                    Ok(()) => self.dirty = true,
+                    Err(e) => error!(error = %e, "cannot record a collected object"),
+                }
+            }
+            Entry::KeepCollected { bundle, keep } => match store.keep_collected(&bundle, &keep) {
+                Ok(changed) => self.dirty |= changed,
+                Err(e) => error!(error = %e, "cannot forget collected objects"),
             },
         }
     }

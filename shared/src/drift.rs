@@ -447,6 +447,63 @@ pub fn detect(
     fields
 }
 
+/// Whether Kubernetes will delete `live` of its own accord, as it asks: a Job
+/// (`batch`) with `spec.ttlSecondsAfterFinished` set that has finished (its
+/// `Complete` or `Failed` condition is `True`, which is what the TTL-after-finished
+/// controller waits for). Its deletion after such a sighting is the collection it
+/// asked for, not drift: the agent records no event and does not put it back.
+/// A Job deleted before it finished, or without a TTL, is drift as any object.
+pub fn collectable(live: &Value) -> bool {
+    let api = live["apiVersion"].as_str().unwrap_or_default();
+    if live["kind"] != "Job" || api.split('/').next() != Some("batch") {
+        return false;
+    }
+    if !live["spec"]["ttlSecondsAfterFinished"].is_number() {
+        return false;
+    }
+    live["status"]["conditions"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default()
+        .iter()
+        .any(|c| matches!(c["type"].as_str(), Some("Complete" | "Failed")) && c["status"] == "True")
+}
+
+/// The health a [`collectable`] object finished with (`None` when it is not
+/// collectable): the Job's own verdict (completed, or failed and why), not the
+/// `Terminating` its deletion shows on the way out. It stands for the Job once
+/// Kubernetes deleted it.
+pub fn finished_health(live: &Value) -> Option<crate::health::Health> {
+    if !collectable(live) {
+        return None;
+    }
+    let mut done = live.clone();
+    if let Some(m) = done["metadata"].as_object_mut() {
+        m.remove("deletionTimestamp");
+    }
+    Some(crate::health::health(&done))
+}
+
+/// What the agent remembers of an object Kubernetes collected: a digest of what it
+/// had applied (the object after namespace and label placement).
+pub fn applied_digest(desired: &Value) -> String {
+    use sha2::{Digest, Sha256};
+    hex::encode(Sha256::digest(
+        serde_json::to_vec(desired).unwrap_or_default(),
+    ))
+}
+
+/// Whether an apply creates an object again that Kubernetes collected (see
+/// [`collectable`]) after it was applied as `collected` (its [`applied_digest`]):
+/// only when what is applied now differs. The same content (an agent restart, a
+/// new revision of the bundle that leaves the Job as it was) would run the Job
+/// again only to have it deleted again, which neither `kubectl apply` of an
+/// unchanged file after the Job was collected nor a GitOps tool's idea of
+/// "in sync" asks for; a changed Job is a new Job, and runs.
+pub fn apply_again(collected: Option<&str>, desired: &Value) -> bool {
+    collected != Some(applied_digest(desired).as_str())
+}
+
 /// Whether objects of this kind hold values that never leave the cluster in a
 /// drift report: core Secrets.
 pub fn is_secret(api_version: &str, kind: &str) -> bool {
@@ -674,6 +731,81 @@ mod tests {
         }];
         redact("v1", "ConfigMap", &mut cm);
         assert_eq!(cm[0].desired, json!("blue"));
+    }
+
+    fn job(ttl: Option<i64>, conditions: Value) -> Value {
+        let mut j = json!({"apiVersion": "batch/v1", "kind": "Job",
+            "metadata": {"name": "migrate", "namespace": "demo"},
+            "spec": {"template": {"spec": {"restartPolicy": "Never"}}},
+            "status": {"conditions": conditions}});
+        if let Some(ttl) = ttl {
+            j["spec"]["ttlSecondsAfterFinished"] = json!(ttl);
+        }
+        j
+    }
+
+    #[test]
+    fn finished_jobs_with_a_ttl_are_collected_not_drifted() {
+        let done = json!([{"type": "SuccessCriteriaMet", "status": "True"},
+            {"type": "Complete", "status": "True"}]);
+        let failed = json!([{"type": "FailureTarget", "status": "True"},
+            {"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded"}]);
+        assert!(collectable(&job(Some(0), done.clone())));
+        assert!(collectable(&job(Some(3600), failed.clone())));
+        // Not finished (yet): the TTL controller waits for Complete or Failed.
+        assert!(!collectable(&job(Some(0), json!([]))));
+        assert!(!collectable(&job(
+            Some(0),
+            json!([{"type": "SuccessCriteriaMet", "status": "True"}])
+        )));
+        assert!(!collectable(&job(
+            Some(0),
+            json!([{"type": "Complete", "status": "False"}])
+        )));
+        assert!(!collectable(&job(Some(0), Value::Null)));
+        // No TTL: Kubernetes keeps it; its deletion is someone's, and drift.
+        assert!(!collectable(&job(None, done.clone())));
+        let mut odd = job(Some(0), done.clone());
+        odd["spec"]["ttlSecondsAfterFinished"] = json!("0");
+        assert!(!collectable(&odd), "a TTL that is not a number is none");
+        // Other kinds never are, whatever they carry.
+        let mut other = job(Some(0), done.clone());
+        other["apiVersion"] = json!("example.com/v1");
+        assert!(!collectable(&other));
+        let mut pod = job(Some(0), done);
+        pod["apiVersion"] = json!("v1");
+        pod["kind"] = json!("Pod");
+        assert!(!collectable(&pod));
+    }
+
+    #[test]
+    fn a_collected_job_keeps_the_health_it_finished_with() {
+        use crate::health::HealthStatus;
+        let mut done = job(Some(0), json!([{"type": "Complete", "status": "True"}]));
+        done["status"]["succeeded"] = json!(1);
+        // On its way out (foreground deletion): still the Job's own verdict.
+        done["metadata"]["deletionTimestamp"] = json!("2026-01-01T00:00:00Z");
+        let h = finished_health(&done).unwrap();
+        assert_eq!(h.status, HealthStatus::Current, "{h:?}");
+        let failed = job(
+            Some(0),
+            json!([{"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded"}]),
+        );
+        let h = finished_health(&failed).unwrap();
+        assert_eq!(h.status, HealthStatus::Failed);
+        assert!(h.message.contains("BackoffLimitExceeded"), "{h:?}");
+        assert_eq!(finished_health(&job(Some(0), json!([]))), None);
+    }
+
+    #[test]
+    fn a_collected_job_is_applied_again_only_when_it_changed() {
+        let applied = job(Some(0), Value::Null);
+        let digest = applied_digest(&applied);
+        assert!(apply_again(None, &applied), "never collected: applied");
+        assert!(!apply_again(Some(&digest), &applied), "same content: not");
+        let mut changed = applied.clone();
+        changed["spec"]["template"]["spec"]["restartPolicy"] = json!("OnFailure");
+        assert!(apply_again(Some(&digest), &changed), "a new Job: applied");
     }
 
     #[test]

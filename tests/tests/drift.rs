@@ -323,6 +323,129 @@ fn report_mode_leaves_changes_and_marks_the_bundle() -> Result<()> {
 /// drift: defaults, quantities written another way, ports as strings, Secrets
 /// written as stringData, Services, Ingresses, RBAC, a CRD and its resource
 /// (`ratio: 1` for a `number`).
+/// A Job asking to be deleted once finished (`ttlSecondsAfterFinished: 0`, as
+/// ingress-nginx's admission Jobs do).
+fn ttl_job(ns: &str, ttl: u32) -> String {
+    format!(
+        "apiVersion: batch/v1\nkind: Job\nmetadata:\n  name: once\n  namespace: {ns}\nspec:\n  ttlSecondsAfterFinished: {ttl}\n  backoffLimit: 0\n  template:\n    spec:\n      restartPolicy: Never\n      containers:\n      - name: once\n        image: registry.example/once:1\n"
+    )
+}
+
+/// A finished Job with `ttlSecondsAfterFinished` that Kubernetes' TTL controller
+/// deletes was collected as it asked: no drift event, not created again by drift
+/// correction, nor by the agent's restart (the same content applied again), and
+/// the bundle stays `Ready`. A changed Job is a new one: applied, run, collected
+/// again, still without drift. A ConfigMap sentinel changed after each step shows
+/// that the agent's watches saw everything before it (its event is the only one).
+#[test]
+fn jobs_collected_after_finishing_are_not_drift() -> Result<()> {
+    if !e2e_available() {
+        return Ok(());
+    }
+    let [east, _] = shared_clusters();
+    let dir = test_dir("drift-ttl")?;
+    let ns = "e2e-drift-ttl";
+    let hub = Hub::start(&dir.path().join("hub"))?;
+    let repo = GitRepo::new(dir.path(), "dttl")?;
+    let cm = configmap(ns, "sentinel", "blue");
+    let job = ttl_job(ns, 0);
+    repo.commit(
+        &BTreeMap::from([
+            ("app/fleet.yaml", Some("{}\n")),
+            ("app/ns.yaml", Some(namespace(ns).as_str())),
+            ("app/cm.yaml", Some(cm.as_str())),
+            ("app/job.yaml", Some(job.as_str())),
+        ]),
+        "app",
+    )?;
+    let mut agent = Agent::start(
+        &hub,
+        &hub.token()?,
+        "drift-ttl",
+        "",
+        east,
+        &dir.path().join("agent"),
+    )?;
+    hub.cli(&["source", "add", "dttl", "--repo", &repo.url, "--poll", "1s"])?;
+    let bundle = "dttl-app";
+    // The Job runs (about a second), completes and is deleted at once.
+    hub.wait_bundle_state(bundle, "drift-ttl", "Ready")?;
+    let job_uid = |c: &TestCluster| -> Result<Option<String>> {
+        Ok(c.get("job", Some(ns), "once")?.map(|j| {
+            j["metadata"]["uid"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string()
+        }))
+    };
+    wait_until("the Job collected by the TTL controller", DEADLINE, || {
+        Ok(job_uid(east)?.is_none().then_some(()))
+    })?;
+    let sentinel = |mode: &str| {
+        east.kubectl(&[
+            "patch",
+            "-n",
+            ns,
+            "configmap/sentinel",
+            "--type=merge",
+            "-p",
+            &format!(r#"{{"data":{{"mode":"{mode}"}}}}"#),
+        ])
+    };
+    sentinel("green")?;
+    let e = wait_event(&hub, bundle, 1)?;
+    assert_eq!(e["object"]["name"], "sentinel", "the only event: {e:#}");
+    assert_eq!(job_uid(east)?, None, "the collected Job is not put back");
+    assert_eq!(
+        hub.bundle_state(bundle, "drift-ttl")?
+            .map(|(s, _)| s)
+            .as_deref(),
+        Some("Ready")
+    );
+
+    // Restarted, the agent applies its bundles again: the same Job content is
+    // not created again.
+    agent.restart()?;
+    wait_until("the restarted agent applied the bundle", DEADLINE, || {
+        Ok(agent
+            .proc
+            .log_text()
+            .contains("not created again for the same content")
+            .then_some(()))
+    })?;
+    sentinel("red")?;
+    let e = wait_event(&hub, bundle, 2)?;
+    assert_eq!(e["object"]["name"], "sentinel", "{e:#}");
+    assert_eq!(job_uid(east)?, None, "not re-created by the restart");
+    hub.wait_bundle_state(bundle, "drift-ttl", "Ready")?;
+
+    // A changed Job is a new one: it runs, and stays five seconds once finished.
+    let job = ttl_job(ns, 5);
+    repo.commit(
+        &BTreeMap::from([("app/job.yaml", Some(job.as_str()))]),
+        "ttl 5",
+    )?;
+    wait_until("the changed Job created", DEADLINE, || {
+        Ok(east
+            .get("job", Some(ns), "once")?
+            .filter(|j| j["spec"]["ttlSecondsAfterFinished"] == 5)
+            .map(|_| ()))
+    })?;
+    wait_until("the changed Job collected", DEADLINE, || {
+        Ok(job_uid(east)?.is_none().then_some(()))
+    })?;
+    sentinel("yellow")?;
+    let e = wait_event(&hub, bundle, 3)?;
+    assert_eq!(e["object"]["name"], "sentinel", "{e:#}");
+    assert_eq!(job_uid(east)?, None);
+    let all = events(&hub, bundle)?;
+    assert!(
+        all.iter().all(|e| e["object"]["name"] == "sentinel"),
+        "false drift: {all:#?}"
+    );
+    Ok(())
+}
+
 #[test]
 fn ordinary_objects_raise_no_false_drift() -> Result<()> {
     if !e2e_available() {
