@@ -307,7 +307,13 @@ pub struct Settings {
     pub agent_cert_ttl: Duration,
     /// Enrolment attempts per peer address: a burst, then so many a second.
     pub enroll_limit: EnrollLimit,
+    /// A session whose agent sends nothing (not even a heartbeat) this long is
+    /// ended: the cluster shows offline, as a rollout must know (`--agent-silence`).
+    pub agent_silence: Duration,
 }
+
+/// The default of [`Settings::agent_silence`]: two and a half heartbeats.
+pub const DEFAULT_AGENT_SILENCE: Duration = Duration::from_secs(75);
 
 /// How often one peer address may try to enrol (`--enroll-burst`,
 /// `--enroll-per-second`). Loopback peers are on the hub's own host and are not
@@ -559,6 +565,7 @@ impl FleetRpc for FleetService {
             inbound: request.into_inner(),
             tx,
             shutdown: self.shutdown.clone(),
+            silence: self.settings.agent_silence,
         };
         let span = tracing::info_span!("session", cluster = %cluster);
         tokio::spawn(session.run().instrument(span));
@@ -610,6 +617,8 @@ struct Session {
     inbound: Streaming<v1::AgentMessage>,
     tx: mpsc::Sender<Result<v1::HubMessage, Status>>,
     shutdown: watch::Receiver<bool>,
+    /// See [`Settings::agent_silence`].
+    silence: Duration,
 }
 
 /// Per-session bookkeeping of what was sent and what the agent holds.
@@ -714,10 +723,12 @@ impl Session {
         let mut persist = tokio::time::interval(PERSIST_LAST_SEEN);
         persist.tick().await;
         let mut shutdown = self.shutdown.clone();
+        let mut heard = tokio::time::Instant::now();
         loop {
             tokio::select! {
                 msg = self.inbound.message() => match msg {
                     Ok(Some(m)) => {
+                        heard = tokio::time::Instant::now();
                         if let Err(e) = self.fleet.touch(&self.cluster, crate::now_ms(), false) {
                             return End::Error(internal(e));
                         }
@@ -766,6 +777,13 @@ impl Session {
                 }
                 _ = async { let _ = shutdown.wait_for(|s| *s).await; } => {
                     return End::Error(Status::unavailable("hub shutting down"));
+                }
+                _ = tokio::time::sleep_until(heard + self.silence) => {
+                    tracing::warn!(silence = ?self.silence, "the agent sent nothing, not even a heartbeat: disconnecting");
+                    return End::Error(Status::deadline_exceeded(format!(
+                        "no message from the agent for {:?} (heartbeats stopped)",
+                        self.silence
+                    )));
                 }
                 _ = self.tx.closed() => return End::Closed,
             }

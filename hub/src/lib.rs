@@ -84,6 +84,8 @@ pub struct Config {
     pub drift_caps: store::DriftCaps,
     /// Enrolment attempts per peer address (`--enroll-burst`, `--enroll-per-second`).
     pub enroll_limit: gateway::EnrollLimit,
+    /// See [`gateway::Settings::agent_silence`].
+    pub agent_silence: Duration,
 }
 
 /// An operator's certificate for the HTTP listeners.
@@ -117,6 +119,7 @@ impl Config {
             agent_cert_ttl: flotilla_shared::identity::DEFAULT_AGENT_CERT_TTL,
             drift_caps: store::DriftCaps::default(),
             enroll_limit: gateway::EnrollLimit::default(),
+            agent_silence: gateway::DEFAULT_AGENT_SILENCE,
         }
     }
 }
@@ -140,6 +143,8 @@ pub struct Hub {
     pub agent_cert_ttl: Duration,
     /// See [`Config::enroll_limit`].
     pub enroll_limit: gateway::EnrollLimit,
+    /// See [`Config::agent_silence`].
+    pub agent_silence: Duration,
 }
 
 impl Hub {
@@ -203,6 +208,7 @@ impl Hub {
             max_token_ttl: config.max_token_ttl,
             agent_cert_ttl: config.agent_cert_ttl,
             enroll_limit: config.enroll_limit,
+            agent_silence: config.agent_silence,
         })
     }
 
@@ -309,6 +315,7 @@ impl Hub {
             gateway::Settings {
                 agent_cert_ttl: self.agent_cert_ttl,
                 enroll_limit: self.enroll_limit,
+                agent_silence: self.agent_silence,
             },
             stop_rx.clone(),
         ));

@@ -91,6 +91,11 @@ struct Args {
     /// theirs after two thirds of it.
     #[arg(long, env = "FLOTILLA_AGENT_CERT_TTL", default_value = "30d", value_parser = parse_duration)]
     agent_cert_ttl: std::time::Duration,
+    /// A session whose agent sends nothing, not even a heartbeat (every 30 s),
+    /// this long is ended: the cluster shows offline (rollouts skip it, they do
+    /// not fail it).
+    #[arg(long, env = "FLOTILLA_AGENT_SILENCE", default_value = "75s", value_parser = parse_duration)]
+    agent_silence: std::time::Duration,
     /// Drift events the hub keeps, all clusters together; the oldest go first.
     #[arg(long, env = "FLOTILLA_DRIFT_HISTORY", default_value_t = flotilla_hub::store::MAX_DRIFT_EVENTS)]
     drift_history: usize,
@@ -161,6 +166,10 @@ async fn hub_main() -> anyhow::Result<()> {
         args.agent_cert_ttl >= std::time::Duration::from_secs(10),
         "--agent-cert-ttl must be at least 10s (agents renew after two thirds of it)"
     );
+    anyhow::ensure!(
+        args.agent_silence >= std::time::Duration::from_secs(35),
+        "--agent-silence must be at least 35s (agents send a heartbeat every 30s)"
+    );
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
@@ -216,6 +225,7 @@ async fn hub_main() -> anyhow::Result<()> {
         git_fetcher: flotilla_hub::git::FetcherMode::Child(own_program()?),
         max_token_ttl: args.max_token_ttl,
         agent_cert_ttl: args.agent_cert_ttl,
+        agent_silence: args.agent_silence,
         drift_caps: flotilla_hub::store::DriftCaps {
             total: args.drift_history,
             per_cluster: args.drift_history_per_cluster,

@@ -1722,3 +1722,71 @@ async fn enrolment_is_rate_limited_per_peer() {
         "{codes:?}"
     );
 }
+
+/// An agent whose session stays open but that sends nothing, not even a
+/// heartbeat, is cut off after the silence limit, and shows offline (a rollout
+/// then skips it rather than failing it); one that keeps sending heartbeats is
+/// not.
+#[tokio::test]
+async fn a_silent_agent_is_disconnected_and_shows_offline() {
+    let th = start_hub_with(|c| c.agent_silence = Duration::from_secs(2)).await;
+    let mut sessions = Vec::new();
+    let opened = tokio::time::Instant::now();
+    for name in ["mute", "talker"] {
+        let key = KeyPair::generate().unwrap();
+        let cert = enroll(&th, &th.token("1h").await, name, &[], &key)
+            .await
+            .unwrap()
+            .certificate_pem;
+        let channel = th.channel(Some((&cert, &key))).await.unwrap();
+        let (tx, rx) = session_request(hello(vec![]));
+        let inbound = FleetClient::new(channel)
+            .session(rx)
+            .await
+            .unwrap()
+            .into_inner();
+        sessions.push((tx, inbound));
+    }
+    let (talker_tx, mut talker) = sessions.pop().unwrap();
+    let (_mute_tx, mut mute) = sessions.pop().unwrap();
+    let beats = tokio::spawn(async move {
+        loop {
+            let beat = v1::AgentMessage {
+                msg: Some(v1::agent_message::Msg::Heartbeat(v1::Heartbeat {})),
+            };
+            if talker_tx.send(beat).await.is_err() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    });
+    let ended = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            match mute.message().await {
+                Ok(Some(_)) => continue,
+                other => return other,
+            }
+        }
+    })
+    .await
+    .expect("the silent session was never ended");
+    let status = ended.expect_err("ended with a status");
+    assert_eq!(status.code(), Code::DeadlineExceeded, "{status}");
+    assert!(status.message().contains("heartbeat"), "{status}");
+    assert!(
+        opened.elapsed() >= Duration::from_secs(2),
+        "not before the limit"
+    );
+    wait_for(&th, "/api/v1/clusters/mute", |c| c["connected"] == false).await;
+    // The talker outlived the mute one by more than the limit.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let c = wait_for(&th, "/api/v1/clusters/talker", |_| true).await;
+    assert_eq!(c["connected"], true, "{c}");
+    assert!(
+        tokio::time::timeout(Duration::from_millis(100), talker.message())
+            .await
+            .map_or(true, |m| m.is_ok()),
+        "the talking session is still open"
+    );
+    beats.abort();
+}
