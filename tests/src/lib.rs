@@ -310,12 +310,7 @@ impl TestCluster {
 pub fn shared_clusters() -> &'static [TestCluster; 2] {
     static CLUSTERS: OnceLock<[TestCluster; 2]> = OnceLock::new();
     CLUSTERS.get_or_init(|| {
-        remove_stale_cluster_dirs();
-        let root = tempfile::Builder::new()
-            .prefix(&format!("{SHARED_PREFIX}{}-", std::process::id()))
-            .tempdir()
-            .expect("tempdir")
-            .keep();
+        let root = shared_root();
         let a = std::thread::spawn({
             let root = root.clone();
             move || TestCluster::start("east", &root.join("east"))
@@ -331,12 +326,7 @@ pub fn shared_clusters() -> &'static [TestCluster; 2] {
 pub fn four_clusters() -> &'static [TestCluster; 4] {
     static CLUSTERS: OnceLock<[TestCluster; 4]> = OnceLock::new();
     CLUSTERS.get_or_init(|| {
-        remove_stale_cluster_dirs();
-        let root = tempfile::Builder::new()
-            .prefix(&format!("{SHARED_PREFIX}{}-", std::process::id()))
-            .tempdir()
-            .expect("tempdir")
-            .keep();
+        let root = shared_root();
         let started: Vec<_> = ["c1", "c2", "c3", "c4"]
             .into_iter()
             .map(|n| {
@@ -354,6 +344,17 @@ pub fn four_clusters() -> &'static [TestCluster; 4] {
         let a = all.pop().unwrap();
         [a, b, c, d]
     })
+}
+
+/// A fresh directory for this test binary's shared clusters (the stale ones of
+/// binaries no longer running removed first).
+fn shared_root() -> PathBuf {
+    remove_stale_cluster_dirs();
+    tempfile::Builder::new()
+        .prefix(&format!("{SHARED_PREFIX}{}-", std::process::id()))
+        .tempdir()
+        .expect("tempdir")
+        .keep()
 }
 
 /// Shared clusters live in `<tmp>/flotilla-e2e-<pid>-*`: a static is never dropped,

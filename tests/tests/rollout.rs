@@ -85,6 +85,27 @@ fn first_seen(
     Ok(seen)
 }
 
+/// The clusters by the names the tests give them (a1, a2: wave 1; b1, b2: wave 2).
+fn named(clusters: &[TestCluster; 4]) -> Vec<(&'static str, &TestCluster)> {
+    WAVES
+        .iter()
+        .zip(clusters.iter())
+        .map(|((_, n), c)| (*n, c))
+        .collect()
+}
+
+/// The outcomes of `rollout history`, oldest first, and the history itself.
+fn outcomes(hub: &Hub, bundle: &str) -> Result<(Vec<String>, Value)> {
+    let history = hub.cli_json(&["rollout", "history", bundle])?;
+    let outcomes = history
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|h| h["outcome"].as_str().unwrap_or_default().to_string())
+        .collect();
+    Ok((outcomes, history))
+}
+
 fn start_agents(hub: &Hub, dir: &std::path::Path, prefix: &str) -> Result<Vec<Agent>> {
     let clusters = four_clusters();
     WAVES
@@ -123,11 +144,7 @@ fn rollouts_go_by_partition_halt_roll_back_pause_and_resume() -> Result<()> {
         "v1",
     )?;
     let _agents = start_agents(&hub, dir.path(), "ro")?;
-    let named: Vec<(&str, &TestCluster)> = WAVES
-        .iter()
-        .zip(clusters.iter())
-        .map(|((_, n), c)| (*n, c))
-        .collect();
+    let named = named(clusters);
     let (first, second) = (&named[..2], &named[2..]);
     hub.cli(&[
         "source", "add", "ro", "--repo", &repo.url, "--poll", "1s", "--path", "web",
@@ -216,13 +233,7 @@ fn rollouts_go_by_partition_halt_roll_back_pause_and_resume() -> Result<()> {
     first_seen(second, ns, "v4", DEADLINE)?;
     wait_phase(&hub, "ro-web", "Completed", DEADLINE)?;
 
-    let history = hub.cli_json(&["rollout", "history", "ro-web"])?;
-    let outcomes: Vec<&str> = history
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|h| h["outcome"].as_str().unwrap_or_default())
-        .collect();
+    let (outcomes, history) = outcomes(&hub, "ro-web")?;
     assert_eq!(
         outcomes,
         ["Completed", "Superseded", "RolledBack", "Completed"],
@@ -250,11 +261,7 @@ fn an_offline_cluster_is_skipped_and_a_restarted_hub_continues() -> Result<()> {
         "v1",
     )?;
     let mut agents = start_agents(&hub, dir.path(), "rz")?;
-    let named: Vec<(&str, &TestCluster)> = WAVES
-        .iter()
-        .zip(clusters.iter())
-        .map(|((_, n), c)| (*n, c))
-        .collect();
+    let named = named(clusters);
     hub.cli(&[
         "source", "add", "rz", "--repo", &repo.url, "--poll", "1s", "--path", "web",
     ])?;
@@ -299,13 +306,7 @@ fn an_offline_cluster_is_skipped_and_a_restarted_hub_continues() -> Result<()> {
     agents[1].restart()?;
     first_seen(&named[1..2], ns, "v2", DEADLINE)?;
     hub.wait_bundle_state("rz-web", "rz-a2", "Ready")?;
-    let history = hub.cli_json(&["rollout", "history", "rz-web"])?;
-    let outcomes: Vec<&str> = history
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|h| h["outcome"].as_str().unwrap_or_default())
-        .collect();
+    let (outcomes, history) = outcomes(&hub, "rz-web")?;
     assert_eq!(outcomes, ["Completed", "Completed"], "{history}");
     Ok(())
 }

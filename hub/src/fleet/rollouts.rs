@@ -184,6 +184,14 @@ impl State {
     /// The bundles that roll out (those with a `rolloutStrategy`), with their
     /// strategy; colliding names are refused (no content), so never roll out.
     fn rolling(&self) -> Vec<(BundleInfo, RolloutStrategy)> {
+        // Most fleets roll nothing out: skip building every bundle's info each tick.
+        let any = self
+            .sources
+            .values()
+            .any(|s| s.bundles.values().any(|b| b.rollout.is_some()));
+        if !any {
+            return Vec::new();
+        }
         self.bundles_info()
             .into_iter()
             .filter_map(|info| {
@@ -210,6 +218,22 @@ impl State {
             .collect()
     }
 
+    /// The bundle's targeted clusters (with their variants) and its partitions over them.
+    fn plan<'a>(
+        &'a self,
+        info: &BundleInfo,
+        strategy: &RolloutStrategy,
+        groups: &[GroupInfo],
+    ) -> (
+        Vec<(&'a ClusterState, ClusterInfo, String)>,
+        ro::PartitionPlan,
+    ) {
+        let targeted = self.targeted(info, groups);
+        let clusters: Vec<ClusterInfo> = targeted.iter().map(|(_, ci, _)| ci.clone()).collect();
+        let plan = ro::partition(strategy, &clusters, groups);
+        (targeted, plan)
+    }
+
     fn observe(&self, rec: &RolloutRecord, c: &ClusterState, variant: &str) -> Observed {
         let target = rec.target.get(variant);
         let on_revision = target.is_some() && c.record.acked.get(&rec.rollout.bundle) == target;
@@ -229,12 +253,23 @@ impl State {
     /// running one, if any, is superseded), and forgets the rollouts of bundles
     /// that no longer roll out. Nothing is admitted here: that is `step`'s.
     pub(super) fn begin_rollouts(&mut self, now_ms: u64) -> RolloutWrites {
-        let mut w = RolloutWrites::default();
         if self.sources.values().any(|s| !s.loaded) {
-            return w;
+            return RolloutWrites::default();
         }
         let rolling = self.rolling();
-        for (info, _) in &rolling {
+        self.begin_rollouts_of(&rolling, now_ms)
+    }
+
+    fn begin_rollouts_of(
+        &mut self,
+        rolling: &[(BundleInfo, RolloutStrategy)],
+        now_ms: u64,
+    ) -> RolloutWrites {
+        let mut w = RolloutWrites::default();
+        if rolling.is_empty() && self.rollouts.is_empty() {
+            return w;
+        }
+        for (info, _) in rolling {
             let (current, revision) = variants(info);
             if current.is_empty() {
                 continue;
@@ -295,21 +330,23 @@ impl State {
 
     /// One planner step for every rolling bundle.
     fn step_rollouts(&mut self, now_ms: u64) -> RolloutWrites {
-        let mut w = self.begin_rollouts(now_ms);
         if self.sources.values().any(|s| !s.loaded) {
+            return RolloutWrites::default();
+        }
+        let rolling = self.rolling();
+        let mut w = self.begin_rollouts_of(&rolling, now_ms);
+        if rolling.is_empty() {
             return w;
         }
         let groups = self.groups_info();
-        for (info, strategy) in self.rolling() {
+        for (info, strategy) in rolling {
             let Some(rec) = self.rollouts.get(&info.name) else {
                 continue;
             };
             if rec.rollout.phase.is_final() {
                 continue;
             }
-            let targeted = self.targeted(&info, &groups);
-            let clusters: Vec<ClusterInfo> = targeted.iter().map(|(_, ci, _)| ci.clone()).collect();
-            let plan = ro::partition(&strategy, &clusters, &groups);
+            let (targeted, plan) = self.plan(&info, &strategy, &groups);
             let observed: Vec<Observed> = targeted
                 .iter()
                 .map(|(c, _, variant)| self.observe(rec, c, variant))
@@ -334,9 +371,7 @@ impl State {
         let rec = self.rollouts.get(bundle)?;
         let (info, strategy) = self.rolling().into_iter().find(|(i, _)| i.name == bundle)?;
         let groups = self.groups_info();
-        let targeted = self.targeted(&info, &groups);
-        let clusters: Vec<ClusterInfo> = targeted.iter().map(|(_, ci, _)| ci.clone()).collect();
-        let plan = ro::partition(&strategy, &clusters, &groups);
+        let (targeted, plan) = self.plan(&info, &strategy, &groups);
         let by_name: BTreeMap<&str, &ClusterState> = targeted
             .iter()
             .map(|(c, ci, _)| (ci.name.as_str(), *c))
