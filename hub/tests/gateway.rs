@@ -1790,3 +1790,96 @@ async fn a_silent_agent_is_disconnected_and_shows_offline() {
     );
     beats.abort();
 }
+
+/// The rollout routes, tried as an operator with a typo or a crafted name
+/// would: a bundle that does not roll out, one that does not exist, a name that
+/// walks out of its path segment, and commands that make no sense now are each
+/// refused with a status and a reason, never a 500 or a change.
+#[tokio::test]
+async fn rollout_routes_refuse_what_makes_no_sense() {
+    let th = start_hub().await;
+    let source = "apiVersion: flotilla.io/v1alpha1\nkind: GitSource\nmetadata: {name: r}\nspec:\n  repo: https://git.example.com/r.git\n  paths: [web, plain]\n";
+    let (status, body) = th
+        .call(reqwest::Method::POST, "/api/v1/apply", Some(source.into()))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let cm = "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: c}\ndata: {k: v}\n";
+    let files: BTreeMap<String, Vec<u8>> = [
+        ("web/fleet.yaml", "rolloutStrategy: {bakeTime: 1h}\n"),
+        ("web/cm.yaml", cm),
+        ("plain/cm.yaml", cm),
+    ]
+    .into_iter()
+    .map(|(p, c)| (p.to_string(), c.as_bytes().to_vec()))
+    .collect();
+    assert!(th
+        .hub
+        .inject_snapshot(
+            "r",
+            flotilla_hub::git::Snapshot {
+                commit: "c1".into(),
+                files,
+            },
+        )
+        .await
+        .unwrap());
+    let (status, r) = th
+        .call(reqwest::Method::GET, "/api/v1/rollouts/r-web", None)
+        .await;
+    assert_eq!(status, 200, "{r}");
+    assert_eq!(r["revision"], "c1");
+    assert_eq!(r["previous"], Value::Null, "its first rollout");
+
+    for (method, path, want, says) in [
+        (
+            reqwest::Method::GET,
+            "/api/v1/rollouts/r-plain",
+            404,
+            "no rolloutStrategy",
+        ),
+        (reqwest::Method::GET, "/api/v1/rollouts/nope", 404, "nope"),
+        (
+            reqwest::Method::POST,
+            "/api/v1/rollouts/nope/pause",
+            404,
+            "nope",
+        ),
+        (
+            reqwest::Method::GET,
+            "/api/v1/rollouts/..%2F..%2Fsecrets",
+            404,
+            "no rollout",
+        ),
+        (
+            reqwest::Method::POST,
+            "/api/v1/rollouts/r-web/resume",
+            409,
+            "resume",
+        ),
+        (
+            reqwest::Method::POST,
+            "/api/v1/rollouts/r-web/rollback",
+            409,
+            "roll back",
+        ),
+    ] {
+        let (status, body) = th.call(method.clone(), path, None).await;
+        assert_eq!(status, want, "{method} {path}: {body}");
+        let error = body["error"].as_str().unwrap_or_default();
+        assert!(error.contains(says), "{method} {path}: {error}");
+    }
+    // Refused commands changed nothing; a pause then a second pause: one refused.
+    let (status, _) = th
+        .call(reqwest::Method::POST, "/api/v1/rollouts/r-web/pause", None)
+        .await;
+    assert_eq!(status, 200);
+    let (status, body) = th
+        .call(reqwest::Method::POST, "/api/v1/rollouts/r-web/pause", None)
+        .await;
+    assert_eq!(status, 409, "{body}");
+    let (_, history) = th
+        .call(reqwest::Method::GET, "/api/v1/rollouts/r-web/history", None)
+        .await;
+    assert_eq!(history.as_array().map(Vec::len), Some(1), "{history}");
+    assert_eq!(history[0]["outcome"], "Paused", "{history}");
+}
