@@ -351,8 +351,9 @@ fn an_expired_certificate_is_renewed_when_the_hub_returns() -> Result<()> {
             .as_millis() as i64;
         Ok((now > not_after + 1_000).then_some(()))
     })?;
-    hub.restart()?;
+    // Read before the hub returns: with it back, the agent renews at once.
     let expired = stored_identity(&state)?;
+    hub.restart()?;
     assert_ne!(
         dial_with(&hub, &expired)?,
         tonic::Code::Ok,
