@@ -241,6 +241,12 @@ pub async fn enroll(
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     write_atomic(dir, KEY_FILE, key_pem.as_bytes(), 0o600)?;
     write_atomic(dir, CA_FILE, ca_pem.as_bytes(), 0o644)?;
+    // The signing key came over TLS verified against the pinned CA: pinned too
+    // (before the certificate, which marks the enrolment done). A hub that does
+    // not sign sends none.
+    if !resp.signing_public_key.is_empty() {
+        crate::trust::save_pin(dir, &resp.signing_public_key)?;
+    }
     write_atomic(dir, CERT_FILE, resp.certificate_pem.as_bytes(), 0o600)?;
     info!(cluster = %cluster_name, "enrolled with the hub");
     Ok(Identity {

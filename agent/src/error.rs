@@ -32,6 +32,10 @@ pub enum Error {
     Refused(String),
     #[error("Kubernetes: {0}")]
     Kube(String),
+    #[error("desired state refused: {0}")]
+    Untrusted(#[from] flotilla_shared::signing::Refusal),
+    #[error("{0}")]
+    Transfer(String),
 }
 
 impl Error {

@@ -5,14 +5,17 @@
 
 pub mod apply;
 pub mod clock;
+pub mod control;
 pub mod enroll;
 pub mod error;
+pub mod files;
 pub mod health;
 pub mod plan;
 pub mod reconcile;
 pub mod session;
 pub mod store;
 pub mod transport;
+pub mod trust;
 pub mod writer;
 
 use std::future::Future;
@@ -32,8 +35,9 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 /// What the agent is told at start.
 #[derive(Clone)]
 pub struct Config {
-    /// `https://HOST:PORT` of the hub's agent endpoint.
-    pub hub: String,
+    /// `https://HOST:PORT` of the hub's agent endpoint; `None`: no network to
+    /// the hub at all, desired state arrives by file (`flotilla-agent import`).
+    pub hub: Option<String>,
     /// The join token; needed only while the state directory holds no certificate.
     pub token: Option<String>,
     pub cluster_name: String,
@@ -148,7 +152,11 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send) -> R
     // for the process default. Already installed is fine.
     let _ = rustls::crypto::ring::default_provider().install_default();
 
-    let hub = transport::parse_hub(&config.hub)?;
+    let hub = config
+        .hub
+        .as_deref()
+        .map(transport::parse_hub)
+        .transpose()?;
     flotilla_shared::objects::validate_name(&config.cluster_name)
         .map_err(|e| Error::Config(e.to_string()))?;
     std::fs::create_dir_all(&config.state_dir).map_err(|e| Error::io(&config.state_dir, e))?;
@@ -157,11 +165,13 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send) -> R
     tokio::pin!(shutdown);
 
     let clock = clock::system();
-    let (id, enrolled) = tokio::select! {
-        id = identity(&config, &hub, &clock) => id?,
-        _ = &mut shutdown => return Ok(()),
+    let identity = match &hub {
+        Some(hub) => Some(tokio::select! {
+            id = identity(&config, hub, &clock) => id?,
+            _ = &mut shutdown => return Ok(()),
+        }),
+        None => None,
     };
-    let tls = transport::mutual_config(&id.ca_pem, &id.cert_pem, &id.key_pem)?;
     let kube = kube_client(config.kubeconfig.as_deref()).await?;
     let watch_kube = watch_client(config.kubeconfig.as_deref()).await?;
     // Opening waits for sled's lock and reads its log: off the async threads.
@@ -173,41 +183,149 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send) -> R
     let (writer, status_rx) = writer::Writer::spawn(store)?;
 
     let wake = Arc::new(Notify::new());
+    let trust = Arc::new(trust::Trust::load(&config.state_dir, &config.cluster_name)?);
     let reconciler = reconcile::Reconciler::new(
         writer.clone(),
         apply::Cluster::new(kube.clone()).with_watch_client(watch_kube),
         clock.clone(),
     );
-    let sessions = session::Sessions {
-        hub,
-        tls,
-        cluster_name: config.cluster_name.clone(),
+    let control = control::Control {
         writer: writer.clone(),
-        kube,
-        reconcile: wake.clone(),
-        statuses: status_rx,
-        renewal: Some(session::Renewal::new(
-            id.clone(),
-            config.state_dir.clone(),
-            clock.clone(),
-        )),
-        resend_statuses: enrolled,
+        trust: trust.clone(),
+        wake: wake.clone(),
+        state_dir: config.state_dir.clone(),
+        clock: clock.clone(),
+        kube: kube.clone(),
     };
-    info!(cluster = %config.cluster_name, hub = %config.hub, "agent started");
-    let r = tokio::spawn(reconciler.run(wake, stop_rx.clone()));
-    let s = tokio::spawn(sessions.run(stop_rx));
+    let c = tokio::spawn(control.serve(control::bind(&config.state_dir)?, stop_rx.clone()));
+    let r = tokio::spawn(reconciler.run(wake.clone(), stop_rx.clone()));
+    let s = match (hub, identity) {
+        (Some(hub), Some((id, enrolled))) => {
+            let tls = transport::mutual_config(&id.ca_pem, &id.cert_pem, &id.key_pem)?;
+            let sessions = session::Sessions {
+                hub,
+                tls,
+                cluster_name: config.cluster_name.clone(),
+                writer: writer.clone(),
+                kube,
+                reconcile: wake.clone(),
+                trust,
+                statuses: status_rx,
+                renewal: Some(session::Renewal::new(
+                    id.clone(),
+                    config.state_dir.clone(),
+                    clock.clone(),
+                )),
+                resend_statuses: enrolled,
+            };
+            info!(cluster = %config.cluster_name, hub = ?config.hub, "agent started");
+            Some(tokio::spawn(sessions.run(stop_rx)))
+        }
+        _ => {
+            info!(cluster = %config.cluster_name, state_dir = %config.state_dir.display(),
+                "agent started without a hub: desired state arrives by file \
+                 (flotilla-agent import), statuses leave by file (flotilla-agent export-status)");
+            None
+        }
+    };
 
     shutdown.await;
     info!("shutting down");
     let _ = stop_tx.send(true);
     let _ = tokio::time::timeout(SHUTDOWN_GRACE, async {
         let _ = r.await;
-        let _ = s.await;
+        if let Some(s) = s {
+            let _ = s.await;
+        }
+        let _ = c.await;
         // Whatever was queued is durable before the process ends.
         let _ = writer.sync().await;
     })
     .await;
     Ok(())
+}
+
+/// The cluster a state directory's certificate names.
+pub fn cluster_of(state_dir: &std::path::Path) -> Result<String> {
+    let id = enroll::load_identity(state_dir)?.ok_or_else(|| {
+        Error::Config(format!(
+            "{} holds no certificate: enrol the agent first (flotilla-agent enroll-request, \
+             then enroll --response)",
+            state_dir.display()
+        ))
+    })?;
+    let der = transport::certs_from_pem(&id.cert_pem)?;
+    let (_, cert) = x509_parser::parse_x509_certificate(der[0].as_ref())
+        .map_err(|e| Error::Tls(format!("unreadable certificate: {e}")))?;
+    let cn = cert
+        .subject()
+        .iter_common_name()
+        .next()
+        .and_then(|cn| cn.as_str().ok())
+        .map(str::to_string);
+    cn.ok_or_else(|| Error::Tls("the certificate names no cluster".into()))
+}
+
+/// Runs `f` on the agent of `state_dir`: through its control socket when one
+/// runs, else on the store opened here (no agent holds it).
+async fn with_agent<T>(
+    state_dir: &std::path::Path,
+    request: control::Request,
+    payload: &[u8],
+    direct: impl AsyncFnOnce(&writer::Writer, &trust::Trust) -> Result<T>,
+    from_answer: impl FnOnce(String, Vec<u8>) -> T,
+) -> Result<T> {
+    if let Some((message, bytes)) = control::call(state_dir, &request, payload).await? {
+        return Ok(from_answer(message, bytes));
+    }
+    let cluster = cluster_of(state_dir)?;
+    let dir = state_dir.to_path_buf();
+    let now = clock::system().now_unix_ms();
+    let store = tokio::task::spawn_blocking(move || store::Store::open(&dir, now))
+        .await
+        .map_err(|e| Error::Writer(format!("opening the store: {e}")))??;
+    let (writer, _) = writer::Writer::spawn(store)?;
+    let trust = trust::Trust::load(state_dir, &cluster)?;
+    let out = direct(&writer, &trust).await?;
+    writer.sync().await?;
+    Ok(out)
+}
+
+/// `flotilla-agent import`: verifies and stores a desired-state file; the
+/// running agent applies it at once, or the next one to start.
+pub async fn import_file(
+    state_dir: &std::path::Path,
+    bytes: &[u8],
+    allow_downgrade: bool,
+) -> Result<String> {
+    with_agent(
+        state_dir,
+        control::Request::Import { allow_downgrade },
+        bytes,
+        async |w: &writer::Writer, t: &trust::Trust| {
+            let m = files::import(w, t, bytes, allow_downgrade).await?;
+            Ok(format!(
+                "{m}; no agent runs here: the next to start applies it"
+            ))
+        },
+        |message, _| message,
+    )
+    .await
+}
+
+/// `flotilla-agent export-status`: the signed status report.
+pub async fn export_status_file(state_dir: &std::path::Path) -> Result<Vec<u8>> {
+    with_agent(
+        state_dir,
+        control::Request::ExportStatus,
+        &[],
+        async |w: &writer::Writer, t: &trust::Trust| {
+            let now = clock::system().now_unix_ms();
+            files::export_status(w, state_dir, &t.cluster, now, String::new()).await
+        },
+        |_, bytes| bytes,
+    )
+    .await
 }
 
 /// Completes once the shutdown flag is raised (or its sender is gone).

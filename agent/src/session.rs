@@ -80,6 +80,7 @@ pub fn desired_set(d: &Desired) -> (DesiredSet, Vec<(String, Vec<u8>)>) {
                 revision: b.revision.clone(),
             })
             .collect(),
+        signed: None,
     };
     let contents = d
         .contents
@@ -99,6 +100,8 @@ pub struct Sessions {
     pub kube: kube::Client,
     /// Woken after a Desired set is stored.
     pub reconcile: Arc<Notify>,
+    /// The pinned signing key: every set is verified with it before it is stored.
+    pub trust: Arc<crate::trust::Trust>,
     /// The seq of the newest durable status, from the writer (it also changes when
     /// a drift event became durable).
     pub statuses: watch::Receiver<u64>,
@@ -380,23 +383,28 @@ impl Sessions {
             );
             return Ok(());
         }
-        let (set, contents) = desired_set(d);
-        self.writer.save_desired(set.clone(), contents).await?;
-        let wanted = set.bundles.clone();
-        let missing: Vec<String> = self
-            .writer
-            .read(move |s| {
-                let mut missing = Vec::new();
-                for b in wanted {
-                    if s.content(&b.content_hash)?.is_none() {
-                        missing.push(b.name);
-                    }
-                }
-                Ok(missing)
-            })
-            .await?;
-        if !missing.is_empty() {
-            warn!(bundles = ?missing, "the hub sent no content for some bundles");
+        let taken = self
+            .trust
+            .take(
+                &self.writer,
+                d.signed.as_ref(),
+                &d.contents,
+                crate::trust::Via::Network,
+                Some(d),
+            )
+            .await;
+        let taken = match taken {
+            Ok((taken, _)) => taken,
+            Err(e @ Error::Untrusted(_)) => {
+                // Not stored, not acknowledged: the hub times the set out and
+                // the session is dialled again; the cluster keeps what it runs.
+                warn!(generation = d.generation, error = %e, "refusing a desired set");
+                return Ok(());
+            }
+            Err(e) => return Err(e),
+        };
+        if !taken.missing.is_empty() {
+            warn!(bundles = ?taken.missing, "the hub sent no content for some bundles");
         }
         // Only now, with the set on disk, may the hub count it as held.
         send(
@@ -408,11 +416,14 @@ impl Sessions {
         .await?;
         info!(
             generation = d.generation,
-            bundles = set.bundles.len(),
-            new_contents = d.contents.len(),
+            bundles = taken.bundles,
+            new_contents = taken.new_contents,
+            signed = d.signed.is_some(),
             "desired state received"
         );
-        self.reconcile.notify_one();
+        if !taken.same {
+            self.reconcile.notify_one();
+        }
         Ok(())
     }
 
@@ -518,6 +529,7 @@ mod tests {
         let d = Desired {
             generation: 4,
             complete: true,
+            signed: None,
             bundles: vec![BundleRef {
                 name: "a".into(),
                 content_hash: "h".into(),

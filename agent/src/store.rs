@@ -49,6 +49,10 @@ pub struct DesiredBundle {
 pub struct DesiredSet {
     pub generation: u64,
     pub bundles: Vec<DesiredBundle>,
+    /// The signed set it came as (its seq and digest); `None` from a hub that
+    /// does not sign. A set older than this one is refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signed: Option<flotilla_shared::signing::Held>,
 }
 
 /// An object of a bundle that Kubernetes deleted as it asked (a finished Job with
@@ -505,6 +509,7 @@ mod tests {
                     revision: "r1".into(),
                 })
                 .collect(),
+            signed: None,
         }
     }
 

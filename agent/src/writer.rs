@@ -596,6 +596,7 @@ mod tests {
                         DesiredSet {
                             generation: 3,
                             bundles: vec![bundle("a", "h")],
+                            signed: None,
                         },
                         vec![("h".into(), b"content".to_vec())],
                     )

@@ -59,6 +59,7 @@ impl Enrolment for Hub {
         Ok(Response::new(EnrollResponse {
             certificate_pem: cert.pem(),
             ca_pem: self.served_ca.clone(),
+            signing_public_key: vec![],
         }))
     }
 }

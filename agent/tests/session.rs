@@ -225,6 +225,7 @@ async fn run_against(desired: Vec<Desired>) -> Run {
         writer: writer.clone(),
         kube,
         reconcile: wake.clone(),
+        trust: Arc::new(flotilla_agent::trust::Trust::load(dir.path(), "c1").unwrap()),
         statuses: status_rx,
         renewal: None,
         resend_statuses: false,
@@ -264,6 +265,7 @@ async fn session_stores_before_ack_and_sends_statuses() {
     let desired = Desired {
         generation: 7,
         complete: true,
+        signed: None,
         bundles: vec![BundleRef {
             name: "web".into(),
             content_hash: "h1".into(),
@@ -337,12 +339,14 @@ async fn an_incomplete_desired_set_is_refused() {
     let empty_incomplete = Desired {
         generation: 7,
         complete: false,
+        signed: None,
         bundles: vec![],
         contents: vec![],
     };
     let complete = Desired {
         generation: 8,
         complete: true,
+        signed: None,
         bundles: vec![bundle("h1")],
         contents: vec![content],
     };
@@ -383,6 +387,7 @@ async fn a_desired_set_over_four_mib_is_read() {
     let desired = Desired {
         generation: 3,
         complete: true,
+        signed: None,
         bundles: vec![BundleRef {
             name: "big".into(),
             content_hash: "big".into(),

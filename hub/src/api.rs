@@ -101,6 +101,17 @@ fn admin_router(hub: Hub) -> Router {
         .route("/api/v1/rollouts/{name}/rollback", post(rollback_rollout))
         .route("/api/v1/drift", get(list_drift))
         .route("/api/v1/drift/{id}", get(get_drift))
+        .merge(
+            // Files travel whole: a status file of many drift events, a request
+            // with a `--since` report.
+            Router::new()
+                .route("/api/v1/clusters/{name}/export", post(export_cluster))
+                .route("/api/v1/status-files", post(import_status))
+                .route("/api/v1/enrolment-files", post(enrol_by_file))
+                .layer(axum::extract::DefaultBodyLimit::max(MAX_FILE_BODY)),
+        )
+        .route("/api/v1/signing-key/rotate", post(rotate_signing_key))
+        .route("/api/v1/signing-key", get(get_signing_key))
         .fallback(|| async { ApiError::not_found("no such route") })
         .layer(middleware::from_fn_with_state(hub.clone(), require_admin))
         .with_state(hub)
@@ -397,6 +408,89 @@ async fn delete_cluster(
     }
     tracing::info!(cluster = %name, "cluster deleted; its certificate is refused from now on");
     Ok(Json(json!({ "deleted": name })))
+}
+
+/// The largest file the API takes (a status file, an enrolment request, a
+/// `--since` report).
+const MAX_FILE_BODY: usize = 256 << 20;
+
+fn transfer_error(e: crate::transfer::TransferError) -> ApiError {
+    use crate::transfer::TransferError as T;
+    match e {
+        T::NotFound(m) => ApiError::not_found(m),
+        T::Refused(m) => ApiError(StatusCode::FORBIDDEN, m),
+        T::Invalid(m) => ApiError::bad_request(m),
+        T::Unavailable(m) => ApiError(StatusCode::SERVICE_UNAVAILABLE, m),
+        T::Internal(m) => ApiError::internal(m),
+    }
+}
+
+fn file_response(bytes: Vec<u8>) -> Response {
+    ([(header::CONTENT_TYPE, "application/octet-stream")], bytes).into_response()
+}
+
+/// `flotilla bundle export`: the body is empty, or a status file (`--since`).
+async fn export_cluster(
+    State(hub): State<Hub>,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let since = (!body.is_empty()).then_some(body);
+    let file = tokio::task::spawn_blocking(move || {
+        crate::transfer::export(&hub.fleet, &hub.pki, &name, since.as_deref())
+    })
+    .await
+    .map_err(ApiError::internal)?
+    .map_err(transfer_error)?;
+    Ok(file_response(file))
+}
+
+/// `flotilla cluster import-status`.
+async fn import_status(
+    State(hub): State<Hub>,
+    body: Bytes,
+) -> ApiResult<crate::transfer::Imported> {
+    let fleet = hub.fleet.clone();
+    tokio::task::spawn_blocking(move || crate::transfer::import_status(&fleet, &body))
+        .await
+        .map_err(ApiError::internal)?
+        .map(Json)
+        .map_err(transfer_error)
+}
+
+/// `flotilla cluster enroll --request`.
+async fn enrol_by_file(State(hub): State<Hub>, body: Bytes) -> Result<Response, ApiError> {
+    crate::transfer::enrol(&hub.fleet, &hub.pki, hub.agent_cert_ttl, &body)
+        .await
+        .map(file_response)
+        .map_err(transfer_error)
+}
+
+fn signing_key_view(hub: &Hub) -> serde_json::Value {
+    json!({
+        "keyId": hub.pki.signer.key_id(),
+        "publicKey": hex::encode(hub.pki.signer.public_key()),
+        "rotations": hub.pki.signer.rotations(),
+    })
+}
+
+async fn get_signing_key(State(hub): State<Hub>) -> ApiResult<serde_json::Value> {
+    Ok(Json(signing_key_view(&hub)))
+}
+
+/// `flotilla signing-key rotate`: agents follow the endorsement in the next set.
+async fn rotate_signing_key(State(hub): State<Hub>) -> ApiResult<serde_json::Value> {
+    let h = hub.clone();
+    let (old, new) = tokio::task::spawn_blocking(move || h.pki.signer.rotate())
+        .await
+        .map_err(ApiError::internal)?
+        .map_err(ApiError::internal)?;
+    // Every session sends its set again, signed by the new key.
+    hub.fleet.nudge();
+    let mut view = signing_key_view(&hub);
+    view["previousKeyId"] = json!(old);
+    view["keyId"] = json!(new);
+    Ok(Json(view))
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -78,6 +78,9 @@ pub enum Command {
     /// Drift events: managed objects changed or deleted behind Flotilla's back.
     #[command(subcommand)]
     Drift(DriftCommand),
+    /// The key the hub signs every desired set with (agents pin it at enrolment).
+    #[command(subcommand, name = "signing-key")]
+    SigningKey(SigningKeyCommand),
     /// Offline: each object's health (Current, InProgress, Failed, Terminating,
     /// NotFound, Unknown) and reason, from manifests or `kubectl get -o yaml`.
     Health {
@@ -386,6 +389,35 @@ pub enum ClusterCommand {
         /// Cluster name.
         name: String,
     },
+    /// Take an air-gapped agent's status file (`flotilla-agent export-status`)
+    /// into the hub: its statuses and drift events, each exactly once however
+    /// often the file is imported. The next `bundle export` acknowledges them.
+    ImportStatus {
+        /// The status file.
+        file: String,
+    },
+    /// Answer an air-gapped agent's enrolment request file
+    /// (`flotilla-agent enroll-request`) with a response file for
+    /// `flotilla-agent enroll --response`. Spends the join token.
+    Enroll {
+        /// The request file.
+        #[arg(long)]
+        request: String,
+        /// Where to write the response.
+        #[arg(short = 'o', long = "out")]
+        out: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SigningKeyCommand {
+    /// Show the current key's id and public key.
+    Show(Output),
+    /// Replace the signing key by a new one that the current one endorses.
+    /// Connected agents get their set signed anew and follow; agents away
+    /// follow when their next set (or file) arrives, however many rotations
+    /// later. The old private key is deleted.
+    Rotate(Output),
 }
 
 #[derive(Debug, Subcommand)]
@@ -398,6 +430,20 @@ pub enum BundleCommand {
         name: String,
         #[command(flatten)]
         output: Output,
+    },
+    /// Write a cluster's desired state to a file for `flotilla-agent import`:
+    /// the set signed by the hub and every content it names (gzip).
+    Export {
+        /// The cluster.
+        #[arg(long)]
+        cluster: String,
+        /// Where to write the file.
+        #[arg(short = 'o', long = "out")]
+        out: String,
+        /// A status file the agent wrote (`flotilla-agent export-status`): the
+        /// contents it holds are left out.
+        #[arg(long)]
+        since: Option<String>,
     },
 }
 
@@ -640,6 +686,65 @@ async fn execute(cli: Cli, out: &mut dyn Write, err: &mut dyn Write) -> Result<(
         Command::Bundle(BundleCommand::List(o)) => {
             let v = api.send("GET", "/api/v1/bundles", None).await?;
             print(out, o.output, &v, bundles_table)?;
+        }
+        Command::Bundle(BundleCommand::Export {
+            cluster,
+            out: file,
+            since,
+        }) => {
+            let body = match &since {
+                Some(f) => read_bytes(f)?,
+                None => Vec::new(),
+            };
+            let bytes = api
+                .send_raw(
+                    "POST",
+                    &format!("/api/v1/clusters/{}/export", segment(&cluster)),
+                    Some(Body::Bytes(body)),
+                )
+                .await?;
+            write_bytes(&file, &bytes)?;
+            writeln!(
+                out,
+                "desired state of cluster/{cluster} written to {file} ({} bytes)",
+                bytes.len()
+            )?;
+        }
+        Command::Cluster(ClusterCommand::ImportStatus { file }) => {
+            let body = read_bytes(&file)?;
+            let v = api
+                .send("POST", "/api/v1/status-files", Some(Body::Bytes(body)))
+                .await?;
+            writeln!(
+                out,
+                "cluster/{}: {} statuses and {} drift events imported ({} statuses and {} drift \
+                 events were imported before; {} refused)",
+                field(&v, "cluster"),
+                v["statuses"],
+                v["driftEvents"],
+                v["statusesAlready"],
+                v["driftAlready"],
+                v["refused"]
+            )?;
+        }
+        Command::Cluster(ClusterCommand::Enroll { request, out: file }) => {
+            let body = read_bytes(&request)?;
+            let bytes = api
+                .send_raw("POST", "/api/v1/enrolment-files", Some(Body::Bytes(body)))
+                .await?;
+            write_bytes(&file, &bytes)?;
+            writeln!(
+                out,
+                "enrolment response written to {file}: give it to `flotilla-agent enroll --response`"
+            )?;
+        }
+        Command::SigningKey(SigningKeyCommand::Show(o)) => {
+            let v = api.send("GET", "/api/v1/signing-key", None).await?;
+            print(out, o.output, &v, signing_key_details)?;
+        }
+        Command::SigningKey(SigningKeyCommand::Rotate(o)) => {
+            let v = api.send("POST", "/api/v1/signing-key/rotate", None).await?;
+            print(out, o.output, &v, signing_key_details)?;
         }
         Command::Bundle(BundleCommand::Get { name, output }) => {
             let v = api
@@ -1065,6 +1170,38 @@ fn print(
 enum Body {
     Json(Value),
     Yaml(String),
+    Bytes(Vec<u8>),
+}
+
+fn read_bytes(file: &str) -> Result<Vec<u8>, CliError> {
+    std::fs::read(file).map_err(|e| CliError::Input {
+        file: file.to_string(),
+        reason: e.to_string(),
+    })
+}
+
+/// Writes a file whole (a temp file renamed over it): a reader never sees half.
+fn write_bytes(file: &str, bytes: &[u8]) -> Result<(), CliError> {
+    let path = std::path::Path::new(file);
+    let tmp = path.with_extension("partial");
+    std::fs::write(&tmp, bytes)
+        .and_then(|()| std::fs::rename(&tmp, path))
+        .map_err(|e| CliError::Input {
+            file: file.to_string(),
+            reason: e.to_string(),
+        })
+}
+
+pub fn signing_key_details(v: &Value) -> String {
+    let mut pairs = vec![
+        ("Key id", field(v, "keyId")),
+        ("Public key", field(v, "publicKey")),
+        ("Rotations", v["rotations"].to_string()),
+    ];
+    if v.get("previousKeyId").is_some() {
+        pairs.push(("Previous key id", field(v, "previousKeyId")));
+    }
+    describe(&pairs)
 }
 
 struct Api {
@@ -1172,6 +1309,20 @@ impl Api {
 
     /// Sends one request; a 2xx answer's JSON (null when empty) or the hub's error.
     async fn send(&self, method: &str, path: &str, body: Option<Body>) -> Result<Value, CliError> {
+        let bytes = self.send_raw(method, path, body).await?;
+        if bytes.trim_ascii().is_empty() {
+            return Ok(Value::Null);
+        }
+        serde_json::from_slice(&bytes).map_err(|e| CliError::Response(format!("invalid JSON: {e}")))
+    }
+
+    /// Sends one request; a 2xx answer's bytes or the hub's error.
+    async fn send_raw(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<Body>,
+    ) -> Result<Vec<u8>, CliError> {
         let method = reqwest::Method::from_bytes(method.as_bytes())
             .map_err(|e| CliError::Usage(e.to_string()))?;
         let mut req = self.http.request(method, format!("{}{path}", self.base));
@@ -1183,6 +1334,9 @@ impl Api {
             Some(Body::Yaml(s)) => req
                 .header(reqwest::header::CONTENT_TYPE, "application/yaml")
                 .body(s),
+            Some(Body::Bytes(b)) => req
+                .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
+                .body(b),
             None => req,
         };
         let resp = req.send().await.map_err(|e| CliError::Unreachable {
@@ -1190,11 +1344,12 @@ impl Api {
             reason: reqwest_reason(&e),
         })?;
         let status = resp.status();
-        let text = resp.text().await.map_err(|e| CliError::Unreachable {
+        let bytes = resp.bytes().await.map_err(|e| CliError::Unreachable {
             hub: self.base.clone(),
             reason: reqwest_reason(&e),
         })?;
         if !status.is_success() {
+            let text = String::from_utf8_lossy(&bytes);
             let mut message = serde_json::from_str::<Value>(&text)
                 .ok()
                 .and_then(|v| v.get("error").and_then(Value::as_str).map(str::to_string))
@@ -1214,10 +1369,7 @@ impl Api {
                 message,
             });
         }
-        if text.trim().is_empty() {
-            return Ok(Value::Null);
-        }
-        serde_json::from_str(&text).map_err(|e| CliError::Response(format!("invalid JSON: {e}")))
+        Ok(bytes.to_vec())
     }
 }
 

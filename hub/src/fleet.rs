@@ -648,6 +648,12 @@ impl Fleet {
         &self.store
     }
 
+    /// Wakes every session to look at its desired set again (after a signing-key
+    /// rotation: the same set, signed anew).
+    pub fn nudge(&self) {
+        self.lock().bump(&self.changed);
+    }
+
     /// A receiver that changes whenever anything that affects desired sets does.
     pub fn subscribe(&self) -> watch::Receiver<u64> {
         self.changed.subscribe()
@@ -1085,6 +1091,32 @@ impl Fleet {
             if persist {
                 self.store.put_cluster(&c.record)?;
             }
+        }
+        Ok(())
+    }
+
+    /// The cluster's pinned certificates and file marks, for a status file.
+    pub fn cluster_record(&self, name: &str) -> Option<ClusterRecord> {
+        self.lock().clusters.get(name).map(|c| c.record.clone())
+    }
+
+    /// Notes what a status file brought in (only ever upwards) and when the
+    /// agent wrote it (its last-seen, if later than the one known); persisted.
+    pub fn record_file_marks(
+        &self,
+        name: &str,
+        marks: crate::store::FileMarks,
+        seen_ms: u64,
+    ) -> Result<(), FleetError> {
+        let mut st = self.lock();
+        if let Some(c) = st.clusters.get_mut(name) {
+            let m = &mut c.record.file_marks;
+            m.status_seq = m.status_seq.max(marks.status_seq);
+            m.drift_id = m.drift_id.max(marks.drift_id);
+            if c.record.last_seen_ms.is_none_or(|t| t < seen_ms) {
+                c.record.last_seen_ms = Some(seen_ms);
+            }
+            self.store.put_cluster(&c.record)?;
         }
         Ok(())
     }

@@ -451,86 +451,113 @@ impl Enrolment for EnrolmentService {
         // without a valid token costs a hash and a lookup, never a CSR parse.
         let (id, secret) = JoinToken::split_credential(&r.token)
             .map_err(|_| Status::unauthenticated("malformed join token"))?;
-        let store = self.fleet.store().clone();
-        let (id, secret_hash) = (id.to_string(), hash_secret(secret));
-        let (lookup_id, lookup_hash) = (id.clone(), secret_hash.clone());
-        let checked = tokio::task::spawn_blocking(move || {
-            store.check_token(&lookup_id, &lookup_hash, crate::now_ms())
-        })
+        enrol(
+            &self.fleet,
+            &self.pki,
+            self.settings.agent_cert_ttl,
+            id,
+            hash_secret(secret),
+            r.cluster_name,
+            r.labels,
+            &r.csr_pem,
+        )
         .await
-        .map_err(internal)?
-        .map_err(internal)?;
-        let token = match checked {
-            Ok(token) => token,
-            Err(refusal) => {
-                tracing::info!(token_id = %id, reason = %refusal, "enrolment refused");
-                return Err(Status::unauthenticated(refusal.to_string()));
-            }
-        };
-        // What the token binds wins over what the agent claims.
-        let asked: flotilla_shared::labels::Labels = r.labels.into_iter().collect();
-        let admitted = flotilla_shared::identity::admit(&token.binding(), &r.cluster_name, &asked)
-            .map_err(|refusal| {
-                tracing::info!(token_id = %id, asked = %r.cluster_name, reason = %refusal, "enrolment refused");
-                Status::permission_denied(refusal.to_string())
-            })?;
-        let name = admitted.name.clone();
-        validate_name(&name).map_err(|e| Status::invalid_argument(e.to_string()))?;
-        for (k, v) in &admitted.labels {
-            validate_key(k)
-                .and_then(|_| validate_value(v))
-                .map_err(|e| Status::invalid_argument(e.to_string()))?;
-        }
-        if admitted.labels_replaced {
-            tracing::info!(cluster = %name, "labels claimed by the agent replaced by the join token's");
-        }
-        if self.fleet.cluster_exists(&name) {
-            return Err(Status::already_exists(format!(
-                "cluster {name} is already enrolled"
-            )));
-        }
-        Pki::check_csr(&r.csr_pem).map_err(|e| Status::invalid_argument(e.to_string()))?;
-
-        // The token is spent before anything is signed, atomically: of two
-        // enrolments racing with one token, exactly one proceeds.
-        let store = self.fleet.store().clone();
-        let consumed = tokio::task::spawn_blocking(move || {
-            store.consume_token(&id, &secret_hash, crate::now_ms())
-        })
-        .await
-        .map_err(internal)?
-        .map_err(internal)?;
-        match consumed {
-            Ok(()) => {}
-            Err(refusal @ (TokenRefusal::Unknown | TokenRefusal::Used | TokenRefusal::Expired)) => {
-                tracing::info!(cluster = %name, reason = %refusal, "enrolment refused");
-                return Err(Status::unauthenticated(refusal.to_string()));
-            }
-        }
-
-        let signed = self
-            .pki
-            .sign_csr(&r.csr_pem, &name, self.settings.agent_cert_ttl)
-            .map_err(internal)?;
-        let record = ClusterRecord {
-            name: name.clone(),
-            labels: admitted.labels,
-            enrolled_at_ms: crate::now_ms(),
-            // Only this certificate speaks for the cluster from now on.
-            cert_sha256: Some(signed.sha256),
-            ..Default::default()
-        };
-        if !self.fleet.create_cluster(record).map_err(internal)? {
-            return Err(Status::already_exists(format!(
-                "cluster {name} is already enrolled"
-            )));
-        }
-        tracing::info!(cluster = %name, bound = token.binding().is_bound(), "cluster enrolled");
-        Ok(Response::new(v1::EnrollResponse {
-            certificate_pem: signed.pem,
-            ca_pem: self.pki.ca_pem.clone(),
-        }))
+        .map(Response::new)
     }
+}
+
+/// Enrols a cluster with the join token `id`, whose secret hashes to
+/// `secret_hash`: the token is checked, then what it binds wins over what the
+/// agent asked, then the token is spent, then the CSR signed. The network's
+/// `Enroll` and the file's `flotilla cluster enroll` both come here.
+#[allow(clippy::too_many_arguments)]
+pub(crate) async fn enrol(
+    fleet: &Arc<Fleet>,
+    pki: &Pki,
+    cert_ttl: Duration,
+    id: &str,
+    secret_hash: String,
+    cluster_name: String,
+    labels: std::collections::HashMap<String, String>,
+    csr_pem: &str,
+) -> Result<v1::EnrollResponse, Status> {
+    let store = fleet.store().clone();
+    let id = id.to_string();
+    let (lookup_id, lookup_hash) = (id.clone(), secret_hash.clone());
+    let checked = tokio::task::spawn_blocking(move || {
+        store.check_token(&lookup_id, &lookup_hash, crate::now_ms())
+    })
+    .await
+    .map_err(internal)?
+    .map_err(internal)?;
+    let token = match checked {
+        Ok(token) => token,
+        Err(refusal) => {
+            tracing::info!(token_id = %id, reason = %refusal, "enrolment refused");
+            return Err(Status::unauthenticated(refusal.to_string()));
+        }
+    };
+    // What the token binds wins over what the agent claims.
+    let asked: flotilla_shared::labels::Labels = labels.into_iter().collect();
+    let admitted = flotilla_shared::identity::admit(&token.binding(), &cluster_name, &asked)
+        .map_err(|refusal| {
+            tracing::info!(token_id = %id, asked = %cluster_name, reason = %refusal, "enrolment refused");
+            Status::permission_denied(refusal.to_string())
+        })?;
+    let name = admitted.name.clone();
+    validate_name(&name).map_err(|e| Status::invalid_argument(e.to_string()))?;
+    for (k, v) in &admitted.labels {
+        validate_key(k)
+            .and_then(|_| validate_value(v))
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+    }
+    if admitted.labels_replaced {
+        tracing::info!(cluster = %name, "labels claimed by the agent replaced by the join token's");
+    }
+    if fleet.cluster_exists(&name) {
+        return Err(Status::already_exists(format!(
+            "cluster {name} is already enrolled"
+        )));
+    }
+    Pki::check_csr(csr_pem).map_err(|e| Status::invalid_argument(e.to_string()))?;
+
+    // The token is spent before anything is signed, atomically: of two
+    // enrolments racing with one token, exactly one proceeds.
+    let store = fleet.store().clone();
+    let consumed = tokio::task::spawn_blocking(move || {
+        store.consume_token(&id, &secret_hash, crate::now_ms())
+    })
+    .await
+    .map_err(internal)?
+    .map_err(internal)?;
+    match consumed {
+        Ok(()) => {}
+        Err(refusal @ (TokenRefusal::Unknown | TokenRefusal::Used | TokenRefusal::Expired)) => {
+            tracing::info!(cluster = %name, reason = %refusal, "enrolment refused");
+            return Err(Status::unauthenticated(refusal.to_string()));
+        }
+    }
+
+    let signed = pki.sign_csr(csr_pem, &name, cert_ttl).map_err(internal)?;
+    let record = ClusterRecord {
+        name: name.clone(),
+        labels: admitted.labels,
+        enrolled_at_ms: crate::now_ms(),
+        // Only this certificate speaks for the cluster from now on.
+        cert_sha256: Some(signed.sha256),
+        ..Default::default()
+    };
+    if !fleet.create_cluster(record).map_err(internal)? {
+        return Err(Status::already_exists(format!(
+            "cluster {name} is already enrolled"
+        )));
+    }
+    tracing::info!(cluster = %name, bound = token.binding().is_bound(), "cluster enrolled");
+    Ok(v1::EnrollResponse {
+        certificate_pem: signed.pem,
+        ca_pem: pki.ca_pem.clone(),
+        signing_public_key: pki.signer.public_key(),
+    })
 }
 
 /// Serves one long-lived session per cluster, and certificate renewals.
@@ -560,6 +587,7 @@ impl FleetRpc for FleetService {
         let (tx, rx) = mpsc::channel(SESSION_BUFFER);
         let session = Session {
             fleet: self.fleet.clone(),
+            pki: self.pki.clone(),
             cluster: cluster.clone(),
             cert_sha256,
             inbound: request.into_inner(),
@@ -611,6 +639,8 @@ impl FleetRpc for FleetService {
 
 struct Session {
     fleet: Arc<Fleet>,
+    /// Its signer signs every set sent.
+    pki: Arc<Pki>,
     cluster: String,
     /// The certificate the session was opened with.
     cert_sha256: String,
@@ -627,6 +657,9 @@ struct Sent {
     /// (from Hello, then the contents of the last set sent).
     held: HashSet<String>,
     last: Option<DesiredSet>,
+    /// The key that signed the last set sent: after a rotation, the set is sent
+    /// again under the new key.
+    key_id: String,
     generation: u64,
     /// Sent, not yet acknowledged, by generation.
     pending: BTreeMap<u64, DesiredSet>,
@@ -700,6 +733,7 @@ impl Session {
         let mut sent = Sent {
             held: hello.held_hashes.into_iter().collect(),
             last: None,
+            key_id: String::new(),
             generation: 0,
             pending: BTreeMap::new(),
             sent_at: BTreeMap::new(),
@@ -805,7 +839,7 @@ impl Session {
                 "cluster is no longer enrolled",
             )));
         };
-        if sent.last.as_ref() == Some(&desired) {
+        if sent.last.as_ref() == Some(&desired) && sent.key_id == self.pki.signer.key_id() {
             return Ok(());
         }
         if !desired.complete {
@@ -814,9 +848,6 @@ impl Session {
             tracing::debug!("holding the desired set until every source is loaded");
             return Ok(());
         }
-        // Generations only grow, across sessions and hub restarts too: the agent
-        // may compare them with what it persisted.
-        sent.generation = (sent.generation + 1).max(crate::now_ms());
         let mut contents = Vec::new();
         // What the agent holds once it has stored this set: it keeps exactly the
         // contents the set refers to (dropping the rest), and the stream is ordered.
@@ -841,6 +872,15 @@ impl Session {
                 }
             }
         }
+        // Generations are the signed sets' seqs: they only grow, across sessions
+        // and hub restarts too, and the agent refuses one older than it holds.
+        let (seq, envelope) = self
+            .pki
+            .signer
+            .sign_desired(&self.cluster, &desired.bundles, None, crate::now_ms())
+            .map_err(|e| End::Error(internal(e)))?;
+        sent.generation = seq;
+        sent.key_id = envelope.key_id.clone();
         sent.held = will_hold;
         let msg = v1::Desired {
             generation: sent.generation,
@@ -855,6 +895,7 @@ impl Session {
                 .collect(),
             contents,
             complete: true,
+            signed: Some((&envelope).into()),
         };
         tracing::info!(
             generation = sent.generation,
@@ -967,7 +1008,9 @@ impl Session {
 }
 
 /// Checks an agent's drift event and turns it into the domain's.
-fn drift_event(d: &v1::DriftEvent) -> Result<flotilla_shared::drift::DriftEvent, String> {
+pub(crate) fn drift_event(
+    d: &v1::DriftEvent,
+) -> Result<flotilla_shared::drift::DriftEvent, String> {
     validate_name(&d.bundle).map_err(|e| e.to_string())?;
     if d.kind.is_empty() || d.name.is_empty() || d.api_version.is_empty() {
         return Err("a drift event must name its object".into());
@@ -986,7 +1029,7 @@ fn drift_event(d: &v1::DriftEvent) -> Result<flotilla_shared::drift::DriftEvent,
 }
 
 /// Checks an agent's status report and turns it into a record for its cluster.
-fn status_record(cluster: &str, s: v1::BundleStatus) -> Result<StatusRecord, String> {
+pub(crate) fn status_record(cluster: &str, s: v1::BundleStatus) -> Result<StatusRecord, String> {
     validate_name(&s.bundle).map_err(|e| e.to_string())?;
     let state = flotilla_proto::status_state(&s).map_err(|e| e.to_string())?;
     let mut s = s;

@@ -22,8 +22,10 @@ pub mod pki;
 pub mod render;
 pub mod sandbox;
 pub mod sealed;
+pub mod signer;
 pub mod sources;
 pub mod store;
+pub mod transfer;
 
 use std::future::{Future, IntoFuture};
 use std::net::SocketAddr;

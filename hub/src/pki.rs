@@ -50,6 +50,8 @@ pub struct Pki {
     pub server_chain: Vec<CertificateDer<'static>>,
     server_key_der: Vec<u8>,
     admin_token: String,
+    /// The key that signs desired sets (`DATA/signing/`).
+    pub signer: crate::signer::Signer,
 }
 
 impl std::fmt::Debug for Pki {
@@ -193,7 +195,13 @@ impl Pki {
             )));
         }
 
+        let now_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        let signer = crate::signer::Signer::load_or_create(dir, now_ms)
+            .map_err(|e| PkiError::Invalid(e.to_string()))?;
         Ok(Pki {
+            signer,
             ca_pem,
             ca_der,
             ca_issuer,

@@ -148,6 +148,24 @@ pub struct ClusterRecord {
     /// uses it (then it replaces `cert_sha256`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub next_cert_sha256: Option<String>,
+    /// What status files brought in (`flotilla cluster import-status`): the
+    /// highest status seq and drift id imported. A file imported again adds
+    /// nothing, and the next export acknowledges them to the agent.
+    #[serde(default, skip_serializing_if = "FileMarks::is_empty")]
+    pub file_marks: FileMarks,
+}
+
+/// See [`ClusterRecord::file_marks`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileMarks {
+    pub status_seq: u64,
+    pub drift_id: u64,
+}
+
+impl FileMarks {
+    pub fn is_empty(&self) -> bool {
+        *self == FileMarks::default()
+    }
 }
 
 impl ClusterRecord {
@@ -289,6 +307,8 @@ pub struct DriftAdded {
 /// Everything the hub persists. Methods are small and typed; each is atomic.
 pub trait Store: Send + Sync + 'static {
     fn put_token(&self, token: &TokenRecord) -> Result<(), StoreError>;
+    /// The token record, used or not (an enrolment file's MAC is keyed by its hash).
+    fn token(&self, id: &str) -> Result<Option<TokenRecord>, StoreError>;
     /// The token if it exists, `secret_hash` opens it, and it is unused and
     /// unexpired; spends nothing (see `consume_token`).
     fn check_token(
@@ -653,6 +673,13 @@ impl Store for SledStore {
     fn put_token(&self, token: &TokenRecord) -> Result<(), StoreError> {
         self.tokens.insert(token.id.as_bytes(), encode(token)?)?;
         Ok(())
+    }
+
+    fn token(&self, id: &str) -> Result<Option<TokenRecord>, StoreError> {
+        self.tokens
+            .get(id.as_bytes())?
+            .map(|v| decode(id.as_bytes(), &v))
+            .transpose()
     }
 
     fn check_token(

@@ -11,7 +11,10 @@ pub mod v1 {
 
 use flotilla_shared::bundle::{BundleOptions, Manifest, ObjectRef, Rendered};
 use flotilla_shared::drift::{DriftEvent, DriftMode, DriftPolicy, FieldDiff, IgnoreRule};
+use flotilla_shared::signing::{Endorsement, Envelope};
 use flotilla_shared::state::BundleState;
+
+pub mod transfer;
 
 /// A wire value that does not make a valid domain value.
 #[derive(Debug, thiserror::Error)]
@@ -269,6 +272,52 @@ impl TryFrom<&v1::BundleContent> for Rendered {
             },
         })
     }
+}
+
+impl From<&Envelope> for v1::SignedDesired {
+    fn from(e: &Envelope) -> Self {
+        v1::SignedDesired {
+            payload: e.payload.clone(),
+            signature: e.signature.clone(),
+            key_id: e.key_id.clone(),
+            public_key: e.public_key.clone(),
+            chain: e
+                .chain
+                .iter()
+                .map(|c| v1::KeyEndorsement {
+                    public_key: c.public_key.clone(),
+                    endorsed_by: c.endorsed_by.clone(),
+                    signature: c.signature.clone(),
+                })
+                .collect(),
+        }
+    }
+}
+
+impl From<&v1::SignedDesired> for Envelope {
+    fn from(s: &v1::SignedDesired) -> Self {
+        Envelope {
+            payload: s.payload.clone(),
+            signature: s.signature.clone(),
+            key_id: s.key_id.clone(),
+            public_key: s.public_key.clone(),
+            chain: s
+                .chain
+                .iter()
+                .map(|c| Endorsement {
+                    public_key: c.public_key.clone(),
+                    endorsed_by: c.endorsed_by.clone(),
+                    signature: c.signature.clone(),
+                })
+                .collect(),
+        }
+    }
+}
+
+/// The digest a content really has: its manifests and options hashed as the hub
+/// hashed them when it rendered them. Unreadable content has none.
+pub fn content_digest(c: &v1::BundleContent) -> Result<String, ConversionError> {
+    Rendered::try_from(c).map(|r| r.content_hash())
 }
 
 #[cfg(test)]

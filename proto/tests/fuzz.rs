@@ -104,6 +104,7 @@ fn sample_hub_message() -> Vec<u8> {
         msg: Some(v1::hub_message::Msg::Desired(v1::Desired {
             generation: 9,
             complete: true,
+            signed: None,
             bundles: vec![v1::BundleRef {
                 name: "a".into(),
                 content_hash: "h".into(),

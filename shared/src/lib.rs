@@ -22,6 +22,7 @@ pub mod objects;
 pub mod rollout;
 pub mod sandbox;
 pub mod selector;
+pub mod signing;
 pub mod state;
 pub mod targeting;
 pub mod token;

@@ -130,6 +130,7 @@ pub fn desired(
     let mut set = DesiredSet {
         generation,
         bundles: vec![],
+        signed: None,
     };
     let mut contents = vec![];
     for (name, r) in bundles {
