@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
 # Installs the Debian packages the test suite uses that a fresh machine may lack:
-# git (git daemon, git http-backend) and openssh-server (the SSH private-repository
-# test). Needs root for apt-get; without it, prints what is missing and goes on
-# (the SSH test then skips itself with a note).
+# git (git daemon, git http-backend), openssh-server (the SSH private-repository
+# test) and docker-registry (the CNCF distribution server: contents by OCI
+# registry). Needs root for apt-get; without it, prints what is missing and goes
+# on (the SSH test then skips itself with a note; the registry test fails).
 set -euo pipefail
 need=()
 command -v git >/dev/null || need+=(git)
 [[ -x /usr/lib/git-core/git-http-backend ]] || need+=(git)
 [[ -x /usr/sbin/sshd ]] || need+=(openssh-server)
 command -v ssh-keygen >/dev/null || need+=(openssh-client)
+# The OCI registry the registry-transport test pushes to and fetches from.
+[[ -x /usr/bin/docker-registry ]] || need+=(docker-registry)
 if (( ${#need[@]} == 0 )); then exit 0; fi
 if [[ $(id -u) -ne 0 ]]; then
   echo "install-deps: missing ${need[*]} (not root: not installing)" >&2

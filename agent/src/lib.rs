@@ -10,6 +10,7 @@ pub mod enroll;
 pub mod error;
 pub mod files;
 pub mod health;
+pub mod oci;
 pub mod plan;
 pub mod reconcile;
 pub mod session;
@@ -46,6 +47,9 @@ pub struct Config {
     /// Kubeconfig file; without one, in-cluster configuration (or the usual inference).
     pub kubeconfig: Option<PathBuf>,
     pub state_dir: PathBuf,
+    /// `http(s)://HOST[:PORT]/REPOSITORY`: contents are fetched from there by
+    /// digest, and the hub sends only the signed set.
+    pub oci_registry: Option<String>,
 }
 
 impl std::fmt::Debug for Config {
@@ -58,6 +62,7 @@ impl std::fmt::Debug for Config {
             .field("labels", &self.labels)
             .field("kubeconfig", &self.kubeconfig)
             .field("state_dir", &self.state_dir)
+            .field("oci_registry", &self.oci_registry)
             .finish()
     }
 }
@@ -210,6 +215,11 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send) -> R
                 kube,
                 reconcile: wake.clone(),
                 trust,
+                registry: config
+                    .oci_registry
+                    .as_deref()
+                    .map(oci::Registry::new)
+                    .transpose()?,
                 statuses: status_rx,
                 renewal: Some(session::Renewal::new(
                     id.clone(),

@@ -40,6 +40,11 @@ struct RunArgs {
     /// Directory for the agent's certificate and state.
     #[arg(long, env = "FLOTILLA_AGENT_STATE_DIR")]
     state_dir: Option<PathBuf>,
+    /// An OCI registry repository, http(s)://HOST[:PORT]/REPOSITORY (the hub's
+    /// --oci-registry, or a mirror of it): contents are fetched from it by
+    /// digest, and the hub sends only the signed set.
+    #[arg(long, env = "FLOTILLA_AGENT_OCI_REGISTRY")]
+    oci_registry: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -184,6 +189,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         labels: labels(&args.labels)?,
         kubeconfig: args.kubeconfig,
         state_dir: std::path::absolute(&state_dir).context("--state-dir")?,
+        oci_registry: args.oci_registry.filter(|r| !r.trim().is_empty()),
     };
     flotilla_agent::run(config, shutdown).await?;
     Ok(())

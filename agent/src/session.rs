@@ -102,6 +102,8 @@ pub struct Sessions {
     pub reconcile: Arc<Notify>,
     /// The pinned signing key: every set is verified with it before it is stored.
     pub trust: Arc<crate::trust::Trust>,
+    /// Contents come from this OCI registry when the hub leaves them out.
+    pub registry: Option<crate::oci::Registry>,
     /// The seq of the newest durable status, from the writer (it also changes when
     /// a drift event became durable).
     pub statuses: watch::Receiver<u64>,
@@ -306,6 +308,7 @@ impl Sessions {
                 kubernetes_version: kubernetes_version.clone(),
                 held_hashes,
                 api_versions,
+                registry: self.registry.is_some(),
             }),
         )
         .await?;
@@ -383,12 +386,20 @@ impl Sessions {
             );
             return Ok(());
         }
+        let contents = match self.fetch_contents(d).await {
+            Ok(c) => c,
+            Err(e) => {
+                // Not acknowledged: the hub times the set out, and it comes again.
+                warn!(generation = d.generation, error = %e, "cannot fetch contents from the registry");
+                return Ok(());
+            }
+        };
         let taken = self
             .trust
             .take(
                 &self.writer,
                 d.signed.as_ref(),
-                &d.contents,
+                &contents,
                 crate::trust::Via::Network,
                 Some(d),
             )
@@ -425,6 +436,36 @@ impl Sessions {
             self.reconcile.notify_one();
         }
         Ok(())
+    }
+
+    /// The set's contents: those it brought, and those the hub left in the
+    /// registry that the store does not hold, fetched by digest.
+    async fn fetch_contents(&self, d: &Desired) -> Result<Vec<flotilla_proto::v1::BundleContent>> {
+        let mut contents = d.contents.clone();
+        let Some(registry) = &self.registry else {
+            return Ok(contents);
+        };
+        let mut seen: std::collections::HashSet<String> =
+            contents.iter().map(|c| c.content_hash.clone()).collect();
+        let mut fetched = 0;
+        for b in &d.bundles {
+            if b.blob_digest.is_empty() || !seen.insert(b.content_hash.clone()) {
+                continue;
+            }
+            let hash = b.content_hash.clone();
+            if self.writer.read(move |s| s.content(&hash)).await?.is_some() {
+                continue;
+            }
+            let mut c = registry.fetch(&b.blob_digest).await?;
+            // Checked against the signed digest in `trust`, under this name.
+            c.content_hash = b.content_hash.clone();
+            contents.push(c);
+            fetched += 1;
+        }
+        if fetched > 0 {
+            info!(fetched, "contents fetched from the registry");
+        }
+        Ok(contents)
     }
 
     async fn send_drift(&self, tx: &mpsc::Sender<AgentMessage>, sent_upto: &mut u64) -> Result<()> {
@@ -534,6 +575,7 @@ mod tests {
                 name: "a".into(),
                 content_hash: "h".into(),
                 revision: "c".into(),
+                blob_digest: String::new(),
             }],
             contents: vec![BundleContent {
                 content_hash: "h".into(),

@@ -226,6 +226,7 @@ async fn run_against(desired: Vec<Desired>) -> Run {
         kube,
         reconcile: wake.clone(),
         trust: Arc::new(flotilla_agent::trust::Trust::load(dir.path(), "c1").unwrap()),
+        registry: None,
         statuses: status_rx,
         renewal: None,
         resend_statuses: false,
@@ -270,6 +271,7 @@ async fn session_stores_before_ack_and_sends_statuses() {
             name: "web".into(),
             content_hash: "h1".into(),
             revision: "c1".into(),
+            blob_digest: String::new(),
         }],
         contents: vec![content],
     };
@@ -331,6 +333,7 @@ async fn an_incomplete_desired_set_is_refused() {
         name: "web".into(),
         content_hash: hash.into(),
         revision: "c1".into(),
+        blob_digest: String::new(),
     };
     let content = BundleContent {
         content_hash: "h1".into(),
@@ -392,6 +395,7 @@ async fn a_desired_set_over_four_mib_is_read() {
             name: "big".into(),
             content_hash: "big".into(),
             revision: "c1".into(),
+            blob_digest: String::new(),
         }],
         contents: vec![content],
     };

@@ -2,7 +2,7 @@
 //! the TLS layer, verified against the fleet CA when presented), the Enrolment
 //! service, and the Fleet service's per-cluster sessions.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -341,6 +341,7 @@ pub async fn serve(
     pki: Arc<Pki>,
     fleet: Arc<Fleet>,
     settings: Settings,
+    registry: Option<Arc<crate::oci::Registry>>,
     shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
     let acceptor = TlsAcceptor::from(Arc::new(server_config(&pki)?));
@@ -357,6 +358,7 @@ pub async fn serve(
     let sessions = FleetService {
         fleet,
         pki,
+        registry,
         settings,
         shutdown: shutdown.clone(),
     };
@@ -564,6 +566,7 @@ pub(crate) async fn enrol(
 pub struct FleetService {
     fleet: Arc<Fleet>,
     pki: Arc<Pki>,
+    registry: Option<Arc<crate::oci::Registry>>,
     settings: Settings,
     shutdown: watch::Receiver<bool>,
 }
@@ -588,6 +591,7 @@ impl FleetRpc for FleetService {
         let session = Session {
             fleet: self.fleet.clone(),
             pki: self.pki.clone(),
+            registry: self.registry.clone(),
             cluster: cluster.clone(),
             cert_sha256,
             inbound: request.into_inner(),
@@ -641,6 +645,8 @@ struct Session {
     fleet: Arc<Fleet>,
     /// Its signer signs every set sent.
     pki: Arc<Pki>,
+    /// Where contents go for agents that fetch them (`--oci-registry`).
+    registry: Option<Arc<crate::oci::Registry>>,
     cluster: String,
     /// The certificate the session was opened with.
     cert_sha256: String,
@@ -660,6 +666,8 @@ struct Sent {
     /// The key that signed the last set sent: after a rotation, the set is sent
     /// again under the new key.
     key_id: String,
+    /// The agent fetches contents from its OCI registry (Hello).
+    registry: bool,
     generation: u64,
     /// Sent, not yet acknowledged, by generation.
     pending: BTreeMap<u64, DesiredSet>,
@@ -734,6 +742,7 @@ impl Session {
             held: hello.held_hashes.into_iter().collect(),
             last: None,
             key_id: String::new(),
+            registry: hello.registry,
             generation: 0,
             pending: BTreeMap::new(),
             sent_at: BTreeMap::new(),
@@ -882,6 +891,24 @@ impl Session {
         sent.generation = seq;
         sent.key_id = envelope.key_id.clone();
         sent.held = will_hold;
+        // An agent with a registry fetches the contents from it: pushed there
+        // (once per hub), the set goes alone. A registry that fails is bypassed.
+        let mut blobs: HashMap<String, String> = HashMap::new();
+        if let (Some(registry), true) = (&self.registry, sent.registry) {
+            let mut inline = Vec::new();
+            for c in contents.drain(..) {
+                match registry.ensure(&prost::Message::encode_to_vec(&c)).await {
+                    Ok(digest) => {
+                        blobs.insert(c.content_hash.clone(), digest);
+                    }
+                    Err(error) => {
+                        tracing::warn!(%error, "cannot push a content to the registry: sending it inline");
+                        inline.push(c);
+                    }
+                }
+            }
+            contents = inline;
+        }
         let msg = v1::Desired {
             generation: sent.generation,
             bundles: desired
@@ -891,6 +918,7 @@ impl Session {
                     name: name.clone(),
                     content_hash: hash.clone(),
                     revision: revision.clone(),
+                    blob_digest: blobs.get(hash).cloned().unwrap_or_default(),
                 })
                 .collect(),
             contents,
@@ -901,6 +929,7 @@ impl Session {
             generation = sent.generation,
             bundles = msg.bundles.len(),
             contents = msg.contents.len(),
+            from_registry = blobs.len(),
             "sending desired set"
         );
         if sent.pending.len() >= MAX_UNACKED {

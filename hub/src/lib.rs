@@ -18,6 +18,7 @@ pub mod gateway;
 pub mod git;
 pub mod hooks;
 pub mod listen;
+pub mod oci;
 pub mod pki;
 pub mod render;
 pub mod sandbox;
@@ -88,6 +89,9 @@ pub struct Config {
     pub enroll_limit: gateway::EnrollLimit,
     /// See [`gateway::Settings::agent_silence`].
     pub agent_silence: Duration,
+    /// `http(s)://HOST[:PORT]/REPOSITORY`: contents are pushed there for agents
+    /// that fetch them from a registry (`oci`).
+    pub oci_registry: Option<String>,
 }
 
 /// An operator's certificate for the HTTP listeners.
@@ -122,6 +126,7 @@ impl Config {
             drift_caps: store::DriftCaps::default(),
             enroll_limit: gateway::EnrollLimit::default(),
             agent_silence: gateway::DEFAULT_AGENT_SILENCE,
+            oci_registry: None,
         }
     }
 }
@@ -147,6 +152,8 @@ pub struct Hub {
     pub enroll_limit: gateway::EnrollLimit,
     /// See [`Config::agent_silence`].
     pub agent_silence: Duration,
+    /// See [`Config::oci_registry`].
+    pub registry: Option<Arc<oci::Registry>>,
 }
 
 impl Hub {
@@ -211,6 +218,12 @@ impl Hub {
             agent_cert_ttl: config.agent_cert_ttl,
             enroll_limit: config.enroll_limit,
             agent_silence: config.agent_silence,
+            registry: config
+                .oci_registry
+                .as_deref()
+                .map(oci::Registry::new)
+                .transpose()?
+                .map(Arc::new),
         })
     }
 
@@ -319,6 +332,7 @@ impl Hub {
                 enroll_limit: self.enroll_limit,
                 agent_silence: self.agent_silence,
             },
+            self.registry.clone(),
             stop_rx.clone(),
         ));
         let api_listener = listen::HttpListener::new(listeners.api, self.http_tls.clone(), "api")

@@ -96,6 +96,12 @@ struct Args {
     /// not fail it).
     #[arg(long, env = "FLOTILLA_AGENT_SILENCE", default_value = "75s", value_parser = parse_duration)]
     agent_silence: std::time::Duration,
+    /// An OCI registry repository, http(s)://HOST[:PORT]/REPOSITORY: the hub
+    /// pushes each bundle content there by digest, and agents started with
+    /// --oci-registry fetch them from it (or a mirror): the hub then sends them
+    /// only the signed set. The registry holds rendered manifests: keep it private.
+    #[arg(long, env = "FLOTILLA_OCI_REGISTRY")]
+    oci_registry: Option<String>,
     /// Drift events the hub keeps, all clusters together; the oldest go first.
     #[arg(long, env = "FLOTILLA_DRIFT_HISTORY", default_value_t = flotilla_hub::store::MAX_DRIFT_EVENTS)]
     drift_history: usize,
@@ -226,6 +232,7 @@ async fn hub_main() -> anyhow::Result<()> {
         max_token_ttl: args.max_token_ttl,
         agent_cert_ttl: args.agent_cert_ttl,
         agent_silence: args.agent_silence,
+        oci_registry: args.oci_registry.filter(|r| !r.trim().is_empty()),
         drift_caps: flotilla_hub::store::DriftCaps {
             total: args.drift_history,
             per_cluster: args.drift_history_per_cluster,

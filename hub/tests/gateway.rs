@@ -457,6 +457,7 @@ fn hello(held: Vec<String>) -> v1::AgentMessage {
             kubernetes_version: "v1.34.0".into(),
             held_hashes: held,
             api_versions: vec!["apps/v1".into(), "apps/v1/Deployment".into()],
+            registry: false,
         })),
     }
 }

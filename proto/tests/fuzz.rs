@@ -109,6 +109,7 @@ fn sample_hub_message() -> Vec<u8> {
                 name: "a".into(),
                 content_hash: "h".into(),
                 revision: "c".into(),
+                blob_digest: String::new(),
             }],
             contents: vec![v1::BundleContent {
                 content_hash: "h".into(),

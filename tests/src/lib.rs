@@ -5,9 +5,11 @@
 //! Control planes are costly (seconds and ~0.5 GiB each), so a test binary starts
 //! them once ([`shared_clusters`]) and every test works in namespaces of its own.
 
+pub mod counting;
 pub mod faults;
 pub mod githttp;
 pub mod hung;
+pub mod registry;
 pub mod sim;
 pub mod torture;
 
@@ -731,9 +733,22 @@ impl Agent {
         kubeconfig: &Path,
         state_dir: &Path,
     ) -> Result<Agent> {
+        Self::spawn_with(hub_url, token, name, labels, kubeconfig, state_dir, &[])
+    }
+
+    /// As [`Agent::spawn`], with extra flags (not kept by [`Agent::restart`]).
+    pub fn spawn_with(
+        hub_url: &str,
+        token: Option<&str>,
+        name: &str,
+        labels: &str,
+        kubeconfig: &Path,
+        state_dir: &Path,
+        extra: &[&str],
+    ) -> Result<Agent> {
         fs::create_dir_all(state_dir)?;
         let mut cmd = Command::new(bin_dir().join("flotilla-agent"));
-        cmd.arg("--hub")
+        cmd.args(extra).arg("--hub")
             .arg(hub_url)
             .arg("--cluster-name")
             .arg(name)

@@ -162,6 +162,7 @@ async fn run(
         kubernetes_version: "v1.34.0-sim".into(),
         held_hashes: vec![],
         api_versions: vec![],
+        registry: false,
     }))
     .await?;
     let mut inbound = client
@@ -376,6 +377,7 @@ async fn torture_session(
         kubernetes_version: "v1.34.0-sim".into(),
         held_hashes: held.clone(),
         api_versions: vec![],
+        registry: false,
     }))
     .await?;
     let mut inbound = client

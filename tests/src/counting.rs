@@ -20,7 +20,7 @@ pub struct CountingProxy {
 impl CountingProxy {
     /// Proxies 127.0.0.1:<new port> to 127.0.0.1:`upstream`.
     pub async fn start(upstream: u16) -> Result<CountingProxy> {
-        let port = flotilla_tests::free_port();
+        let port = crate::free_port();
         let listener = TcpListener::bind(("127.0.0.1", port)).await?;
         let down = Arc::new(AtomicU64::new(0));
         let up = Arc::new(AtomicU64::new(0));
