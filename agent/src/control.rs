@@ -215,3 +215,67 @@ pub async fn call(
     }
     Ok(Some((answer.message, bytes)))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Whatever a local process writes to the socket gets an answer, never a
+    /// crash, and a desired-state file that is not one is refused by name.
+    #[tokio::test]
+    async fn hostile_requests_are_answered_not_obeyed() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::store::Store::open(dir.path(), 1).unwrap();
+        let (writer, _) = Writer::spawn(store).unwrap();
+        let kube = kube::Client::try_from(kube::Config::new("http://127.0.0.1:9".parse().unwrap()))
+            .unwrap();
+        let control = Control {
+            writer: writer.clone(),
+            trust: Arc::new(Trust::load(dir.path(), "edge-1").unwrap()),
+            wake: Arc::new(Notify::new()),
+            state_dir: dir.path().to_path_buf(),
+            clock: crate::clock::system(),
+            kube,
+        };
+        let listener = bind(dir.path()).unwrap();
+        let mode = std::os::unix::fs::PermissionsExt::mode(
+            &std::fs::metadata(dir.path().join(SOCKET))
+                .unwrap()
+                .permissions(),
+        );
+        assert_eq!(mode & 0o077, 0, "the socket is the agent user's alone");
+        let (_stop, stop_rx) = watch::channel(false);
+        tokio::spawn(control.serve(listener, stop_rx));
+
+        let e = call(
+            dir.path(),
+            &Request::Import {
+                allow_downgrade: false,
+            },
+            b"not a file",
+        )
+        .await
+        .unwrap_err();
+        assert!(
+            e.to_string().contains("not a Flotilla transfer file"),
+            "{e}"
+        );
+        // A raw garbage line.
+        let mut s = UnixStream::connect(dir.path().join(SOCKET)).await.unwrap();
+        s.write_all(b"{\"op\":\"rm -rf\"}\njunk").await.unwrap();
+        s.shutdown().await.unwrap();
+        let mut answer = String::new();
+        s.read_to_string(&mut answer).await.unwrap();
+        assert!(
+            answer.contains("\"ok\":false") && answer.contains("bad control request"),
+            "{answer}"
+        );
+        // An export with no certificate says what to do.
+        let e = call(dir.path(), &Request::ExportStatus, b"")
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("enrol the agent first"), "{e}");
+        // The store is untouched.
+        assert!(writer.read(|s| s.desired()).await.unwrap().is_none());
+    }
+}

@@ -121,6 +121,15 @@ impl Trust {
             .await?;
         let mut pin = self.pinned();
         let envelope = match (signed, &pin, via) {
+            // Only a session verified against the pinned CA may bring the first
+            // key; a file is checked against a pin or not taken at all.
+            (_, None, Via::File { .. }) => {
+                return Err(Error::Config(format!(
+                    "{} holds no pinned signing key: enrol this agent (by file or over the \
+                     network) before importing desired state",
+                    self.dir.display()
+                )))
+            }
             (Some(s), _, _) => Envelope::from(s),
             (None, Some(p), _) => {
                 return Err(Refusal::Unsigned {
@@ -137,13 +146,6 @@ impl Trust {
                 return self
                     .store(writer, set, contents, d.contents.len(), false, None)
                     .await;
-            }
-            (None, None, Via::File { .. }) => {
-                return Err(Error::Config(format!(
-                    "{} holds no pinned signing key: enrol this agent (by file or over the \
-                     network) before importing desired state",
-                    self.dir.display()
-                )))
             }
         };
         if pin.is_none() {
@@ -265,5 +267,211 @@ impl Trust {
             },
             None,
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use flotilla_shared::bundle::{BundleOptions, Manifest, Rendered};
+    use flotilla_shared::signing::{SetBundle, SignedSet, SigningKey};
+
+    fn content(value: &str) -> v1::BundleContent {
+        let r = Rendered {
+            manifests: vec![Manifest {
+                file: "cm.yaml".into(),
+                object: serde_json::json!({"apiVersion": "v1", "kind": "ConfigMap",
+                    "metadata": {"name": "a", "namespace": "ns"}, "data": {"v": value}}),
+            }],
+            options: BundleOptions::default(),
+        };
+        flotilla_proto::bundle_content(&r.content_hash(), &r)
+    }
+
+    fn signed(
+        key: &SigningKey,
+        cluster: &str,
+        seq: u64,
+        c: &v1::BundleContent,
+    ) -> v1::SignedDesired {
+        let env = key.sign(
+            SignedSet {
+                v: 1,
+                cluster: cluster.into(),
+                seq,
+                complete: true,
+                bundles: vec![SetBundle {
+                    name: "web".into(),
+                    content_hash: c.content_hash.clone(),
+                    revision: format!("r{seq}"),
+                }],
+                issued_at_unix_ms: 0,
+                key_id: String::new(),
+                acks: None,
+            },
+            &[],
+        );
+        (&env).into()
+    }
+
+    struct Setup {
+        _dir: tempfile::TempDir,
+        writer: Writer,
+        trust: Trust,
+        key: SigningKey,
+    }
+
+    fn setup(pin: bool) -> Setup {
+        let dir = tempfile::tempdir().unwrap();
+        let key = SigningKey::from_pkcs8(&SigningKey::generate_pkcs8().unwrap()).unwrap();
+        if pin {
+            save_pin(dir.path(), &key.public_key()).unwrap();
+        }
+        let store = crate::store::Store::open(dir.path(), 1).unwrap();
+        let (writer, _) = Writer::spawn(store).unwrap();
+        let trust = Trust::load(dir.path(), "edge-1").unwrap();
+        Setup {
+            _dir: dir,
+            writer,
+            trust,
+            key,
+        }
+    }
+
+    async fn stored(w: &Writer) -> Option<DesiredSet> {
+        w.read(|s| s.desired()).await.unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_verified_set_is_stored_and_a_tampered_one_is_not() {
+        let s = setup(true);
+        let c = content("one");
+        let set = signed(&s.key, "edge-1", 5, &c);
+        let (taken, _) = s
+            .trust
+            .take(
+                &s.writer,
+                Some(&set),
+                std::slice::from_ref(&c),
+                Via::Network,
+                None,
+            )
+            .await
+            .unwrap();
+        assert_eq!((taken.seq, taken.bundles, taken.same), (5, 1, false));
+        assert_eq!(stored(&s.writer).await.unwrap().generation, 5);
+
+        // Content altered under its digest: refused, nothing stored.
+        let c2 = content("two");
+        let set2 = signed(&s.key, "edge-1", 6, &c2);
+        let mut evil = c2.clone();
+        evil.manifests[0].json = evil.manifests[0].json.replace("two", "evil");
+        let e = s
+            .trust
+            .take(&s.writer, Some(&set2), &[evil], Via::Network, None)
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("it was altered"), "{e}");
+        assert_eq!(stored(&s.writer).await.unwrap().generation, 5);
+
+        // Unsigned, while a key is pinned: refused.
+        let legacy = v1::Desired {
+            generation: 7,
+            complete: true,
+            ..Default::default()
+        };
+        let e = s
+            .trust
+            .take(&s.writer, None, &[], Via::Network, Some(&legacy))
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("no signature"), "{e}");
+        // Older: refused.
+        let e = s
+            .trust
+            .take(
+                &s.writer,
+                Some(&signed(&s.key, "edge-1", 4, &c)),
+                &[],
+                Via::Network,
+                None,
+            )
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("older"), "{e}");
+        assert_eq!(stored(&s.writer).await.unwrap().generation, 5);
+    }
+
+    #[tokio::test]
+    async fn a_file_must_bring_or_find_every_content() {
+        let s = setup(true);
+        let c = content("one");
+        let set = signed(&s.key, "edge-1", 5, &c);
+        let e = s
+            .trust
+            .take(
+                &s.writer,
+                Some(&set),
+                &[],
+                Via::File {
+                    allow_downgrade: false,
+                },
+                None,
+            )
+            .await
+            .unwrap_err();
+        assert!(
+            e.to_string().contains("lacks the content of bundles web"),
+            "{e}"
+        );
+        assert!(stored(&s.writer).await.is_none());
+    }
+
+    #[tokio::test]
+    async fn an_agent_that_never_pinned_pins_the_first_key_over_the_network_only() {
+        let s = setup(false);
+        let c = content("one");
+        let set = signed(&s.key, "edge-1", 5, &c);
+        // By file: refused, there is nothing to check it with.
+        let e = s
+            .trust
+            .take(
+                &s.writer,
+                Some(&set),
+                std::slice::from_ref(&c),
+                Via::File {
+                    allow_downgrade: false,
+                },
+                None,
+            )
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("no pinned signing key"), "{e}");
+        // Over the verified session: pinned.
+        s.trust
+            .take(
+                &s.writer,
+                Some(&set),
+                std::slice::from_ref(&c),
+                Via::Network,
+                None,
+            )
+            .await
+            .unwrap();
+        assert_eq!(s.trust.pinned(), Some(s.key.public_key()));
+        // From then on, another key is refused.
+        let stranger = SigningKey::from_pkcs8(&SigningKey::generate_pkcs8().unwrap()).unwrap();
+        let e = s
+            .trust
+            .take(
+                &s.writer,
+                Some(&signed(&stranger, "edge-1", 9, &c)),
+                &[],
+                Via::Network,
+                None,
+            )
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("does not pin"), "{e}");
     }
 }

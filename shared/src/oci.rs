@@ -37,7 +37,9 @@ pub fn parse_registry(url: &str) -> Result<(String, String), String> {
 /// Whether `digest` is a well-formed `sha256:<64 hex>`.
 pub fn is_sha256_digest(digest: &str) -> bool {
     digest.strip_prefix("sha256:").is_some_and(|h| {
-        h.len() == 64 && h.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        h.len() == 64
+            && h.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
     })
 }
 
@@ -74,7 +76,12 @@ mod tests {
     #[test]
     fn digests_are_checked() {
         assert!(is_sha256_digest(&format!("sha256:{}", "a".repeat(64))));
-        for bad in ["sha256:", "sha512:aa", "sha256:../../etc", &format!("sha256:{}", "A".repeat(64))] {
+        for bad in [
+            "sha256:",
+            "sha512:aa",
+            "sha256:../../etc",
+            &format!("sha256:{}", "A".repeat(64)),
+        ] {
             assert!(!is_sha256_digest(bad), "{bad}");
         }
     }

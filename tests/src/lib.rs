@@ -748,7 +748,8 @@ impl Agent {
     ) -> Result<Agent> {
         fs::create_dir_all(state_dir)?;
         let mut cmd = Command::new(bin_dir().join("flotilla-agent"));
-        cmd.args(extra).arg("--hub")
+        cmd.args(extra)
+            .arg("--hub")
             .arg(hub_url)
             .arg("--cluster-name")
             .arg(name)

@@ -45,7 +45,9 @@ impl Registry {
         cmd.arg("serve").arg(&config);
         let proc = Proc::spawn("docker-registry", &mut cmd, &dir.join("registry.log"))?;
         wait_until("the registry listening", Duration::from_secs(30), || {
-            Ok(TcpStream::connect(("127.0.0.1", port)).is_ok().then_some(()))
+            Ok(TcpStream::connect(("127.0.0.1", port))
+                .is_ok()
+                .then_some(()))
         })?;
         Ok(Registry { port, proc, root })
     }
@@ -60,7 +62,11 @@ impl Registry {
         let dir = self.root.join("docker/registry/v2/blobs/sha256");
         let mut out = Vec::new();
         for prefix in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
-            for blob in std::fs::read_dir(prefix.path()).into_iter().flatten().flatten() {
+            for blob in std::fs::read_dir(prefix.path())
+                .into_iter()
+                .flatten()
+                .flatten()
+            {
                 out.push(format!("sha256:{}", blob.file_name().to_string_lossy()));
             }
         }

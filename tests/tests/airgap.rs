@@ -328,6 +328,39 @@ fn an_agent_that_never_saw_the_network() -> Result<()> {
         .unwrap_err();
     assert!(format!("{e:#}").contains("it was altered"), "{e:#}");
 
+    // Another cluster's certificate on this cluster's report: refused.
+    agent_cmd(&[
+        "enroll",
+        "--response",
+        p(&f("resp2")),
+        "--state-dir",
+        p(&other),
+    ])?;
+    agent_cmd(&[
+        "export-status",
+        "--state-dir",
+        p(&other),
+        "-o",
+        p(&f("status-other")),
+    ])?;
+    hub.cli(&["cluster", "import-status", p(&f("status-other"))])?;
+    let other_cert = match transfer::decode(&std::fs::read(f("status-other"))?)? {
+        Body::Status(s) => s.certificate_pem,
+        _ => bail!("not a status file"),
+    };
+    let mut swapped = transfer::decode(&std::fs::read(f("status-2"))?)?;
+    if let Body::Status(s) = &mut swapped {
+        s.certificate_pem = other_cert;
+    }
+    std::fs::write(f("status-swapped"), transfer::encode(swapped))?;
+    let e = hub
+        .cli(&["cluster", "import-status", p(&f("status-swapped"))])
+        .unwrap_err();
+    assert!(
+        format!("{e:#}").contains("gap-other's certificate"),
+        "{e:#}"
+    );
+
     // The next export acknowledges what the hub imported: the agent's outbox empties.
     export(&hub, &f("desired-3"), Some(&f("status-2")))?;
     let acked = agent_cmd(&["import", p(&f("desired-3")), "--state-dir", p(&state)])?;

@@ -20,7 +20,9 @@ fn bundle() -> BTreeMap<String, String> {
         format!("apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {NS}\n"),
     )]);
     for i in 0..OBJECTS {
-        let data: String = (0..1024).map(|_| format!("{:x}", rand::random::<u8>() % 16)).collect();
+        let data: String = (0..1024)
+            .map(|_| format!("{:x}", rand::random::<u8>() % 16))
+            .collect();
         files.insert(
             format!("reg/cm-{i:03}.yaml"),
             format!(
@@ -50,12 +52,21 @@ fn contents_travel_through_the_registry() -> Result<()> {
     let repo = GitRepo::new(dir.path(), "reg")?;
     let files = bundle();
     repo.commit(
-        &files.iter().map(|(k, v)| (k.as_str(), Some(v.as_str()))).collect(),
+        &files
+            .iter()
+            .map(|(k, v)| (k.as_str(), Some(v.as_str())))
+            .collect(),
         "big",
     )?;
-    hub.cli(&["source", "add", "reg", "--repo", &repo.url, "--path", "reg", "--poll", "1s"])?;
+    hub.cli(&[
+        "source", "add", "reg", "--repo", &repo.url, "--path", "reg", "--poll", "1s",
+    ])?;
     wait_until("the bundle rendered", DEADLINE, || {
-        Ok(hub.cli_output(&["bundle", "get", "reg-reg"])?.status.success().then_some(()))
+        Ok(hub
+            .cli_output(&["bundle", "get", "reg-reg"])?
+            .status
+            .success()
+            .then_some(()))
     })?;
 
     let rt = tokio::runtime::Runtime::new()?;
