@@ -108,15 +108,16 @@ pub async fn export_status(
             state_dir.display()
         ))
     })?;
-    let (statuses, drift, held_hashes, desired_seq) = writer
+    let (statuses, drift, held_hashes, desired) = writer
         .read(|s| {
             let statuses = s.statuses_after(s.acked_seq()?)?;
             let drift = s.pending_drift()?;
             let held = s.held_hashes()?;
-            let seq = s.desired()?.and_then(|d| d.signed).map_or(0, |h| h.seq);
-            Ok((statuses, drift, held, seq))
+            let desired = s.desired()?.unwrap_or_default();
+            Ok((statuses, drift, held, desired))
         })
         .await?;
+    let desired_seq = desired.signed.as_ref().map_or(0, |h| h.seq);
     let report = v1::StatusReport {
         cluster: cluster.to_string(),
         exported_at_unix_ms: now_unix_ms,
@@ -138,6 +139,16 @@ pub async fn export_status(
         drift: drift.iter().map(Into::into).collect(),
         held_hashes,
         desired_seq,
+        desired: desired
+            .bundles
+            .iter()
+            .map(|b| v1::BundleRef {
+                name: b.name.clone(),
+                content_hash: b.content_hash.clone(),
+                revision: b.revision.clone(),
+                blob_digest: String::new(),
+            })
+            .collect(),
         agent_version: env!("CARGO_PKG_VERSION").to_string(),
         kubernetes_version,
     }

@@ -171,6 +171,27 @@ pub fn import_status(fleet: &Arc<Fleet>, bytes: &[u8]) -> Result<Imported, Trans
             }
         }
     }
+    // What the agent holds counts as acknowledged, as a session's DesiredAck
+    // would (dependsOn holds, diffs against the cluster).
+    if report.desired_seq > 0 {
+        let mut bundles: Vec<(String, String, String)> = report
+            .desired
+            .iter()
+            .take(flotilla_shared::caps::HELD_HASHES)
+            .filter(|b| flotilla_shared::objects::validate_name(&b.name).is_ok())
+            .map(|b| {
+                let mut hash = b.content_hash.clone();
+                flotilla_shared::caps::cut(&mut hash, flotilla_shared::caps::SHORT);
+                (b.name.clone(), hash, String::new())
+            })
+            .collect();
+        bundles.sort();
+        let set = crate::fleet::DesiredSet {
+            bundles,
+            complete: true,
+        };
+        fleet.record_ack(&cluster, &set).map_err(internal)?;
+    }
     let seen = u64::try_from(report.exported_at_unix_ms)
         .unwrap_or(0)
         .min(crate::now_ms());

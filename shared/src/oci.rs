@@ -22,9 +22,11 @@ pub fn parse_registry(url: &str) -> Result<(String, String), String> {
     let repository = repository.trim_end_matches('/');
     let ok = !repository.is_empty()
         && repository.split('/').all(|c| {
-            !c.is_empty()
-                && c.chars()
-                    .all(|ch| ch.is_ascii_lowercase() || ch.is_ascii_digit() || "._-".contains(ch))
+            let alnum = |ch: char| ch.is_ascii_lowercase() || ch.is_ascii_digit();
+            // Each component starts and ends with a letter or digit: no `.` or `..`.
+            c.starts_with(alnum)
+                && c.ends_with(alnum)
+                && c.chars().all(|ch| alnum(ch) || "._-".contains(ch))
         });
     if !ok {
         return bad(
