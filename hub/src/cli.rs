@@ -714,7 +714,8 @@ async fn execute(cli: Cli, out: &mut dyn Write, err: &mut dyn Write) -> Result<(
             let body = read_bytes(&file)?;
             let v = api
                 .send("POST", "/api/v1/status-files", Some(Body::Bytes(body)))
-                .await?;
+                .await
+                .map_err(|e| refused_file(&file, e))?;
             writeln!(
                 out,
                 "cluster/{}: {} statuses and {} drift events imported ({} statuses and {} drift \
@@ -731,7 +732,8 @@ async fn execute(cli: Cli, out: &mut dyn Write, err: &mut dyn Write) -> Result<(
             let body = read_bytes(&request)?;
             let bytes = api
                 .send_raw("POST", "/api/v1/enrolment-files", Some(Body::Bytes(body)))
-                .await?;
+                .await
+                .map_err(|e| refused_file(&request, e))?;
             write_bytes(&file, &bytes)?;
             writeln!(
                 out,
@@ -1171,6 +1173,17 @@ enum Body {
     Json(Value),
     Yaml(String),
     Bytes(Vec<u8>),
+}
+
+/// The hub's refusal of a file the operator gave, naming the file.
+fn refused_file(file: &str, e: CliError) -> CliError {
+    match e {
+        CliError::Api { status, message } if (400..500).contains(&status) => CliError::Api {
+            status,
+            message: format!("{file}: {message}"),
+        },
+        other => other,
+    }
 }
 
 fn read_bytes(file: &str) -> Result<Vec<u8>, CliError> {

@@ -239,6 +239,10 @@ fn an_agent_that_never_saw_the_network() -> Result<()> {
     std::fs::write(f("edited-content"), transfer::encode(Body::Desired(edited)))?;
     let e = agent_cmd(&["import", p(&f("edited-content")), "--state-dir", p(&state)]).unwrap_err();
     assert!(format!("{e:#}").contains("it was altered"), "{e:#}");
+    assert!(
+        format!("{e:#}").contains("edited-content"),
+        "names the file: {e:#}"
+    );
     // A hand-edited set (a bundle's revision) fails the signature.
     let mut edited = second.clone();
     if let Some(s) = &mut edited.signed {
@@ -327,6 +331,10 @@ fn an_agent_that_never_saw_the_network() -> Result<()> {
         .cli(&["cluster", "import-status", p(&f("status-forged"))])
         .unwrap_err();
     assert!(format!("{e:#}").contains("it was altered"), "{e:#}");
+    assert!(
+        format!("{e:#}").contains("status-forged"),
+        "names the file: {e:#}"
+    );
 
     // Another cluster's certificate on this cluster's report: refused.
     agent_cmd(&[
