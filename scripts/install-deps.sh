@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Installs the Debian packages the test suite uses that a fresh machine may lack:
 # git (git daemon, git http-backend), openssh-server (the SSH private-repository
-# test) and docker-registry (the CNCF distribution server: contents by OCI
-# registry). Needs root for apt-get; without it, prints what is missing and goes
+# test), docker-registry (the CNCF distribution server: contents by OCI
+# registry) and prometheus (the metrics test's scraper). Needs root for apt-get; without it, prints what is missing and goes
 # on (the SSH test then skips itself with a note; the registry test fails).
 set -euo pipefail
 need=()
@@ -12,6 +12,8 @@ command -v git >/dev/null || need+=(git)
 command -v ssh-keygen >/dev/null || need+=(openssh-client)
 # The OCI registry the registry-transport test pushes to and fetches from.
 [[ -x /usr/bin/docker-registry ]] || need+=(docker-registry)
+# The Prometheus the metrics test scrapes the hub with.
+[[ -x /usr/bin/prometheus ]] || need+=(prometheus)
 if (( ${#need[@]} == 0 )); then exit 0; fi
 if [[ $(id -u) -ne 0 ]]; then
   echo "install-deps: missing ${need[*]} (not root: not installing)" >&2

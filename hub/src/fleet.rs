@@ -189,6 +189,8 @@ pub struct Fleet {
     /// Drift events refused since start: about bundles not assigned to the
     /// reporting cluster.
     drift_refused: std::sync::atomic::AtomicU64,
+    /// What the hub exports to Prometheus.
+    pub metrics: crate::metrics::Metrics,
 }
 
 /// What became of a drift event an agent sent.
@@ -632,6 +634,7 @@ impl Fleet {
         let (changed, _) = watch::channel(0);
         Ok(Arc::new(Fleet {
             drift_refused: std::sync::atomic::AtomicU64::new(0),
+            metrics: crate::metrics::Metrics::new(),
             state: Mutex::new(state),
             store,
             changed,
@@ -761,6 +764,7 @@ impl Fleet {
         let mut settle = |result: Result<Rendered, RenderError>| match result {
             Ok(rendered) => {
                 let hash = rendered.content_hash();
+                self.metrics.content_seen(&hash, now_ms);
                 fresh
                     .entry(hash.clone())
                     .or_insert_with(|| Arc::new(rendered));
@@ -1175,6 +1179,9 @@ impl Fleet {
             |s: &StatusRecord| (s.state == BundleState::Ready).then(|| s.content_hash.clone());
         let key = (status.cluster.clone(), status.bundle.clone());
         let readiness_changed = st.statuses.get(&key).map(ready) != Some(ready(&status));
+        if readiness_changed && status.state == BundleState::Ready {
+            self.metrics.ready(&status.content_hash, crate::now_ms());
+        }
         st.statuses.insert(key, status);
         // Bundles that depend on this one may now be sent (or held back). Only
         // then: a bump makes every session recompute its desired set.
@@ -1239,6 +1246,21 @@ impl Fleet {
                 if *n == 0 {
                     st.drift_counts.remove(&key);
                 }
+            }
+        }
+        if added.id.is_some() {
+            let kind = |k: &str| crate::metrics::DriftKind {
+                kind: k.to_string(),
+            };
+            self.metrics
+                .drift_events
+                .get_or_create(&kind("detected"))
+                .inc();
+            if event.corrected {
+                self.metrics
+                    .drift_events
+                    .get_or_create(&kind("corrected"))
+                    .inc();
             }
         }
         Ok(added.id.map_or(DriftOutcome::Resend, DriftOutcome::Stored))

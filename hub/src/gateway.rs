@@ -747,7 +747,17 @@ impl Session {
             pending: BTreeMap::new(),
             sent_at: BTreeMap::new(),
         };
+        self.fleet.metrics.agent_connections.inc();
         let end = self.serve(id, &mut sent).await;
+        let reason = match &end {
+            End::Closed => "closed".to_string(),
+            End::Error(status) => format!("{:?}", status.code()).to_lowercase(),
+        };
+        self.fleet
+            .metrics
+            .agent_disconnects
+            .get_or_create(&crate::metrics::Reason { reason })
+            .inc();
         if let End::Error(status) = end {
             let _ = self.tx.send(Err(status)).await;
         }

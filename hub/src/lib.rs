@@ -18,6 +18,7 @@ pub mod gateway;
 pub mod git;
 pub mod hooks;
 pub mod listen;
+pub mod metrics;
 pub mod oci;
 pub mod pki;
 pub mod render;
@@ -107,6 +108,8 @@ pub struct Listeners {
     pub agent: TcpListener,
     pub api: TcpListener,
     pub webhook: Option<TcpListener>,
+    /// Prometheus' `GET /metrics`, plain HTTP (`--metrics-listen`).
+    pub metrics: Option<TcpListener>,
 }
 
 impl Config {
@@ -300,6 +303,7 @@ impl Hub {
                 agent: agent_listener,
                 api: api_listener,
                 webhook: None,
+                metrics: None,
             },
             shutdown,
         )
@@ -365,6 +369,37 @@ impl Hub {
             };
             tokio::try_join!(api.into_future(), hooks).map(|_| self)
         });
+        if let Some(l) = listeners.metrics {
+            let fleet = self_fleet.clone();
+            let mut stop = stop_rx.clone();
+            let app = axum::Router::new().route(
+                "/metrics",
+                axum::routing::get(move || {
+                    let fleet = fleet.clone();
+                    async move {
+                        let text =
+                            tokio::task::spawn_blocking(move || fleet.metrics.scrape(&fleet))
+                                .await
+                                .unwrap_or_default();
+                        (
+                            [(
+                                axum::http::header::CONTENT_TYPE,
+                                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                            )],
+                            text,
+                        )
+                    }
+                }),
+            );
+            tokio::spawn(async move {
+                let served = axum::serve(l, app).with_graceful_shutdown(async move {
+                    let _ = stop.wait_for(|s| *s).await;
+                });
+                if let Err(error) = served.await {
+                    tracing::warn!(%error, "the metrics listener stopped");
+                }
+            });
+        }
         let rollouts = tokio::spawn(rollout_loop(self_fleet.clone(), stop_rx.clone()));
         let (mut gateway, mut api) = (gateway, api);
         tokio::select! {

@@ -26,6 +26,11 @@ struct Args {
     /// plain HTTP on loopback). Without it, no webhook is served.
     #[arg(long, env = "FLOTILLA_WEBHOOK_LISTEN", value_name = "ADDR")]
     webhook_listen: Option<SocketAddr>,
+    /// Address of a plain-HTTP listener serving Prometheus' `GET /metrics` (only
+    /// that). Without it, no metrics are served. Bind it where only the scraper
+    /// reaches: the metrics name clusters, bundles and sources.
+    #[arg(long, env = "FLOTILLA_METRICS_LISTEN", value_name = "ADDR")]
+    metrics_listen: Option<SocketAddr>,
     /// Host name agents use to reach the hub; put in the serving certificate.
     #[arg(long, env = "FLOTILLA_ADVERTISE_HOST", default_value = "localhost")]
     advertise_host: String,
@@ -243,10 +248,19 @@ async fn hub_main() -> anyhow::Result<()> {
             loopback: false,
         },
     };
+    let metrics = match args.metrics_listen {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding --metrics-listen {addr}"))?,
+        ),
+        None => None,
+    };
     let listeners = flotilla_hub::Listeners {
         agent,
         api,
         webhook,
+        metrics,
     };
     flotilla_hub::run(config, listeners, shutdown_signal()).await
 }

@@ -9,6 +9,7 @@ pub mod counting;
 pub mod faults;
 pub mod githttp;
 pub mod hung;
+pub mod prometheus;
 pub mod registry;
 pub mod sim;
 pub mod torture;

@@ -1,0 +1,292 @@
+//! The hub's Prometheus metrics (`--metrics-listen ADDR`, `GET /metrics`), with
+//! the prometheus-client crate. Names follow Fleet's and Argo CD's where they
+//! have one. Series are bounded by the fleet (bundles × states, clusters,
+//! sources); no label carries a commit, and per bundle × cluster series are not
+//! exported.
+//!
+//! Two kinds: counters and a histogram the hub updates as things happen
+//! (connections, drift, commit-to-Ready), and gauges read from the fleet's
+//! views at each scrape (what the fleet is now).
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+/// Contents remembered for commit-to-Ready; the oldest half go beyond this.
+const SEEN_CAP: usize = 100_000;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BundleState {
+    pub bundle: String,
+    pub state: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ClusterLabel {
+    pub cluster: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ClusterInfo {
+    pub cluster: String,
+    pub agent_version: String,
+    pub kubernetes_version: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Reason {
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SourceLabel {
+    pub source: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DriftKind {
+    /// `detected` or `corrected`.
+    pub kind: String,
+}
+
+/// Every metric the hub exports.
+pub struct Metrics {
+    registry: Registry,
+    /// Serialises scrapes: the gauges are refilled from the views under it.
+    scrape: Mutex<()>,
+    bundle_deployments: Family<BundleState, Gauge>,
+    clusters_connected: Gauge,
+    clusters_total: Gauge,
+    cluster_connected: Family<ClusterLabel, Gauge>,
+    cluster_last_seen: Family<ClusterLabel, Gauge>,
+    cluster_info: Family<ClusterInfo, Gauge>,
+    source_failures: Family<SourceLabel, Gauge>,
+    source_errors: Family<SourceLabel, Gauge>,
+    pub agent_connections: Counter,
+    pub agent_disconnects: Family<Reason, Counter>,
+    pub drift_events: Family<DriftKind, Counter>,
+    commit_to_ready: Histogram,
+    /// When the hub first held each content (ms), for commit-to-Ready.
+    seen: Mutex<HashMap<String, u64>>,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("flotilla");
+        let m = Metrics {
+            registry: Registry::default(),
+            scrape: Mutex::new(()),
+            bundle_deployments: Family::default(),
+            clusters_connected: Gauge::default(),
+            clusters_total: Gauge::default(),
+            cluster_connected: Family::default(),
+            cluster_last_seen: Family::default(),
+            cluster_info: Family::default(),
+            source_failures: Family::default(),
+            source_errors: Family::default(),
+            agent_connections: Counter::default(),
+            agent_disconnects: Family::default(),
+            drift_events: Family::default(),
+            // 0.1 s … about 55 min, doubling.
+            commit_to_ready: Histogram::new(
+                prometheus_client::metrics::histogram::exponential_buckets(0.1, 2.0, 16),
+            ),
+            seen: Mutex::default(),
+        };
+        registry.register(
+            "bundle_deployments",
+            "Bundle deployments (bundle x cluster) by bundle and state",
+            m.bundle_deployments.clone(),
+        );
+        registry.register(
+            "clusters_connected",
+            "Clusters whose agent has a session now",
+            m.clusters_connected.clone(),
+        );
+        registry.register("clusters", "Enrolled clusters", m.clusters_total.clone());
+        registry.register(
+            "cluster_connected",
+            "1 while the cluster's agent has a session",
+            m.cluster_connected.clone(),
+        );
+        registry.register(
+            "cluster_last_seen_timestamp_seconds",
+            "When the cluster's agent was last heard from",
+            m.cluster_last_seen.clone(),
+        );
+        registry.register(
+            "cluster_info",
+            "The cluster's agent and Kubernetes versions (always 1)",
+            m.cluster_info.clone(),
+        );
+        registry.register(
+            "source_consecutive_failures",
+            "Failed fetches or renders of the source in a row",
+            m.source_failures.clone(),
+        );
+        registry.register(
+            "source_error",
+            "1 while the source's last fetch or render failed",
+            m.source_errors.clone(),
+        );
+        registry.register(
+            "agent_connections",
+            "Agent sessions opened",
+            m.agent_connections.clone(),
+        );
+        registry.register(
+            "agent_disconnects",
+            "Agent sessions ended, by reason",
+            m.agent_disconnects.clone(),
+        );
+        registry.register(
+            "drift_events",
+            "Drift events stored, by kind (detected; corrected: the agent re-applied)",
+            m.drift_events.clone(),
+        );
+        registry.register(
+            "commit_to_ready_seconds",
+            "From the hub holding a new content (its commit rendered) to a cluster reporting it Ready",
+            m.commit_to_ready.clone(),
+        );
+        Metrics { registry, ..m }
+    }
+
+    /// The hub holds a content from now on (a commit was rendered).
+    pub fn content_seen(&self, hash: &str, now_ms: u64) {
+        let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        if seen.len() >= SEEN_CAP && !seen.contains_key(hash) {
+            let mut ages: Vec<u64> = seen.values().copied().collect();
+            ages.sort_unstable();
+            let cut = ages[ages.len() / 2];
+            seen.retain(|_, t| *t > cut);
+        }
+        seen.entry(hash.to_string()).or_insert(now_ms);
+    }
+
+    /// A cluster reported `hash` Ready for the first time.
+    pub fn ready(&self, hash: &str, now_ms: u64) {
+        let seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(t) = seen.get(hash) {
+            self.commit_to_ready
+                .observe(now_ms.saturating_sub(*t) as f64 / 1000.0);
+        }
+    }
+
+    /// The exposition text, with the gauges read from `fleet` now.
+    pub fn scrape(&self, fleet: &crate::fleet::Fleet) -> String {
+        let _one = self.scrape.lock().unwrap_or_else(|e| e.into_inner());
+        self.bundle_deployments.clear();
+        for b in fleet.bundles() {
+            for (state, n) in &b.cluster_counts {
+                self.bundle_deployments
+                    .get_or_create(&BundleState {
+                        bundle: b.name.clone(),
+                        state: state.clone(),
+                    })
+                    .set(*n as i64);
+            }
+        }
+        self.cluster_connected.clear();
+        self.cluster_last_seen.clear();
+        self.cluster_info.clear();
+        let clusters = fleet.clusters();
+        let mut connected = 0;
+        for c in &clusters {
+            let label = ClusterLabel {
+                cluster: c.name.clone(),
+            };
+            connected += i64::from(c.connected);
+            self.cluster_connected
+                .get_or_create(&label)
+                .set(i64::from(c.connected));
+            if let Some(t) = c
+                .last_seen
+                .as_deref()
+                .and_then(|t| humantime::parse_rfc3339_weak(t).ok())
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            {
+                self.cluster_last_seen
+                    .get_or_create(&label)
+                    .set(t.as_secs() as i64);
+            }
+            self.cluster_info
+                .get_or_create(&ClusterInfo {
+                    cluster: c.name.clone(),
+                    agent_version: c.agent_version.clone(),
+                    kubernetes_version: c.kubernetes_version.clone(),
+                })
+                .set(1);
+        }
+        self.clusters_connected.set(connected);
+        self.clusters_total.set(clusters.len() as i64);
+        self.source_failures.clear();
+        self.source_errors.clear();
+        for s in fleet.sources() {
+            let label = SourceLabel {
+                source: s.name.clone(),
+            };
+            self.source_failures
+                .get_or_create(&label)
+                .set(i64::from(s.consecutive_failures));
+            self.source_errors
+                .get_or_create(&label)
+                .set(i64::from(s.last_error.is_some()));
+        }
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn commit_to_ready_counts_from_the_first_sighting() {
+        let m = Metrics::new();
+        m.content_seen("h", 1_000);
+        m.content_seen("h", 5_000); // a later snapshot with the same content
+        m.ready("h", 3_500);
+        m.ready("unknown", 9_000); // never seen here (before a restart): not counted
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &m.registry).unwrap();
+        assert!(
+            out.contains("flotilla_commit_to_ready_seconds_count 1"),
+            "{out}"
+        );
+        assert!(
+            out.contains("flotilla_commit_to_ready_seconds_sum 2.5"),
+            "{out}"
+        );
+    }
+
+    #[test]
+    fn the_memory_of_contents_is_bounded() {
+        let m = Metrics::new();
+        for i in 0..(SEEN_CAP as u64 + 10) {
+            m.content_seen(&i.to_string(), i);
+        }
+        assert!(m.seen.lock().unwrap().len() <= SEEN_CAP);
+    }
+}
