@@ -10,6 +10,7 @@ pub mod enroll;
 pub mod error;
 pub mod files;
 pub mod health;
+pub mod metrics;
 pub mod oci;
 pub mod plan;
 pub mod reconcile;
@@ -50,6 +51,8 @@ pub struct Config {
     /// `http(s)://HOST[:PORT]/REPOSITORY`: contents are fetched from there by
     /// digest, and the hub sends only the signed set.
     pub oci_registry: Option<String>,
+    /// Serves Prometheus' `GET /metrics` on this address.
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 impl std::fmt::Debug for Config {
@@ -189,11 +192,19 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send) -> R
 
     let wake = Arc::new(Notify::new());
     let trust = Arc::new(trust::Trust::load(&config.state_dir, &config.cluster_name)?);
+    let metrics = Arc::new(metrics::Metrics::new());
     let reconciler = reconcile::Reconciler::new(
         writer.clone(),
         apply::Cluster::new(kube.clone()).with_watch_client(watch_kube),
         clock.clone(),
-    );
+    )
+    .with_metrics(metrics.clone());
+    if let Some(addr) = config.metrics_listen {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| Error::Config(format!("--metrics-listen {addr}: {e}")))?;
+        tokio::spawn(metrics::serve(listener, metrics, stop_rx.clone()));
+    }
     let control = control::Control {
         writer: writer.clone(),
         trust: trust.clone(),

@@ -45,6 +45,9 @@ struct RunArgs {
     /// digest, and the hub sends only the signed set.
     #[arg(long, env = "FLOTILLA_AGENT_OCI_REGISTRY")]
     oci_registry: Option<String>,
+    /// Serve Prometheus' GET /metrics (plain HTTP) on this address.
+    #[arg(long, env = "FLOTILLA_AGENT_METRICS_LISTEN", value_name = "ADDR")]
+    metrics_listen: Option<std::net::SocketAddr>,
 }
 
 #[derive(Subcommand)]
@@ -190,6 +193,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         kubeconfig: args.kubeconfig,
         state_dir: std::path::absolute(&state_dir).context("--state-dir")?,
         oci_registry: args.oci_registry.filter(|r| !r.trim().is_empty()),
+        metrics_listen: args.metrics_listen,
     };
     flotilla_agent::run(config, shutdown).await?;
     Ok(())

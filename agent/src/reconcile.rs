@@ -51,6 +51,7 @@ pub struct Reconciler {
     applied_ok: BTreeMap<String, (String, String)>,
     /// Follows the applied objects' health and decides every bundle status.
     health: Tracker,
+    metrics: Option<std::sync::Arc<crate::metrics::Metrics>>,
 }
 
 impl Reconciler {
@@ -62,7 +63,14 @@ impl Reconciler {
             cluster,
             applied_ok: BTreeMap::new(),
             health,
+            metrics: None,
         }
+    }
+
+    /// Counts applies and their duration in `metrics`.
+    pub fn with_metrics(mut self, metrics: std::sync::Arc<crate::metrics::Metrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
     }
 
     /// The health tracker (for tests and diagnostics).
@@ -117,7 +125,12 @@ impl Reconciler {
 
     async fn reconcile(&mut self, b: &DesiredBundle) {
         self.health.applying(b).await;
-        match self.apply(b).await {
+        let started = std::time::Instant::now();
+        let result = self.apply(b).await;
+        if let Some(m) = &self.metrics {
+            m.applied(started.elapsed().as_secs_f64(), result.is_ok());
+        }
+        match result {
             Ok(done) => {
                 info!(
                     objects = done.objects.len(),

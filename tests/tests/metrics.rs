@@ -31,9 +31,13 @@ fn prometheus_scrapes_the_hub() -> Result<()> {
         &["--metrics-listen", &format!("127.0.0.1:{metrics_port}")],
         &[],
     )?;
+    let agent_metrics_port = free_port();
     let prom = Prometheus::start(
         &dir.path().join("prometheus"),
-        &[format!("127.0.0.1:{metrics_port}")],
+        &[
+            format!("127.0.0.1:{metrics_port}"),
+            format!("127.0.0.1:{agent_metrics_port}"),
+        ],
     )?;
     let repo = GitRepo::new(dir.path(), "metr")?;
     repo.commit(
@@ -41,13 +45,17 @@ fn prometheus_scrapes_the_hub() -> Result<()> {
         "one",
     )?;
     let mut agents = vec![
-        Agent::start(
-            &hub,
-            &hub.token()?,
+        Agent::spawn_with(
+            &hub.agent_url,
+            Some(&hub.token()?),
             "metr-east",
             "",
-            east,
+            &east.kubeconfig,
             &dir.path().join("a1"),
+            &[
+                "--metrics-listen",
+                &format!("127.0.0.1:{agent_metrics_port}"),
+            ],
         )?,
         Agent::start(
             &hub,
@@ -112,6 +120,18 @@ fn prometheus_scrapes_the_hub() -> Result<()> {
         "histogram_quantile(0.99, sum(rate(flotilla_commit_to_ready_seconds_bucket[1m])) by (le))",
     )?;
     assert!(p99.is_some_and(|v| v > 0.0 && v < 120.0), "p99 {p99:?}");
+
+    // The agent's own: its applies and how long they took.
+    wait_until("PromQL: the agent's applies", DEADLINE, || {
+        let applies = prom.value("flotilla_agent_applies_total")?.unwrap_or(0.0);
+        let timed = prom
+            .value("flotilla_agent_apply_duration_seconds_count")?
+            .unwrap_or(0.0);
+        Ok((applies >= 2.0 && timed >= 2.0).then_some(()))
+    })?;
+    assert_eq!(prom.value("flotilla_agent_apply_errors_total")?, Some(0.0));
+    let (status, _) = http_get(agent_metrics_port, "/other")?;
+    assert_eq!(status, 404, "the agent's listener serves /metrics only");
 
     // An agent goes: one fewer connected, and its disconnect is counted.
     agents[1].proc.stop();
