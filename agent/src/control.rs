@@ -92,20 +92,10 @@ impl Control {
 
     async fn handle(&self, stream: UnixStream) -> Result<()> {
         let (read, mut write) = stream.into_split();
-        let mut read = BufReader::new(read);
-        let mut line = String::new();
-        (&mut read)
-            .take(MAX_LINE)
-            .read_line(&mut line)
+        let (line, payload) = read_message(read)
             .await
             .map_err(|e| Error::Transfer(e.to_string()))?;
         let request: std::result::Result<Request, _> = serde_json::from_str(line.trim());
-        let mut payload = Vec::new();
-        (&mut read)
-            .take(MAX_PAYLOAD + 1)
-            .read_to_end(&mut payload)
-            .await
-            .map_err(|e| Error::Transfer(e.to_string()))?;
         let result = match request {
             Err(e) => Err(Error::Transfer(format!("bad control request: {e}"))),
             Ok(_) if payload.len() as u64 > MAX_PAYLOAD => Err(Error::Transfer(format!(
@@ -166,6 +156,21 @@ impl Control {
     }
 }
 
+/// Reads one message: a line (at most [`MAX_LINE`]), then the payload to end
+/// of stream (one byte over [`MAX_PAYLOAD`] at most, so that an oversized one
+/// is told from one at the limit).
+async fn read_message(read: tokio::net::unix::OwnedReadHalf) -> std::io::Result<(String, Vec<u8>)> {
+    let mut read = BufReader::new(read);
+    let mut line = String::new();
+    (&mut read).take(MAX_LINE).read_line(&mut line).await?;
+    let mut payload = Vec::new();
+    (&mut read)
+        .take(MAX_PAYLOAD + 1)
+        .read_to_end(&mut payload)
+        .await?;
+    Ok((line, payload))
+}
+
 /// Sends a request to the agent running in `state_dir`; `None` when none runs.
 /// An agent's refusal is an error with its message.
 pub async fn call(
@@ -195,21 +200,9 @@ pub async fn call(
         .await
         .map_err(|e| Error::io(&path, e))?;
     write.shutdown().await.map_err(|e| Error::io(&path, e))?;
-    let mut read = BufReader::new(read);
-    let mut line = String::new();
-    (&mut read)
-        .take(MAX_LINE)
-        .read_line(&mut line)
-        .await
-        .map_err(|e| Error::io(&path, e))?;
+    let (line, bytes) = read_message(read).await.map_err(|e| Error::io(&path, e))?;
     let answer: Answer = serde_json::from_str(line.trim())
         .map_err(|e| Error::Transfer(format!("the agent's answer is unreadable: {e}")))?;
-    let mut bytes = Vec::new();
-    (&mut read)
-        .take(MAX_PAYLOAD)
-        .read_to_end(&mut bytes)
-        .await
-        .map_err(|e| Error::io(&path, e))?;
     if !answer.ok {
         return Err(Error::Transfer(answer.message));
     }

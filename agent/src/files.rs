@@ -33,11 +33,8 @@ pub const PENDING_KEY_FILE: &str = "enroll.key";
 /// What the response is checked with: the token's id, its secret's hash, the CA pin.
 pub const PENDING_FILE: &str = "enroll.json";
 
-fn wrong_kind(found: &Body, wanted: &str) -> Error {
-    Error::Transfer(format!(
-        "the file holds {}, not {wanted}",
-        transfer::kind(&Some(found.clone()))
-    ))
+fn wrong_kind(found: &Body, wanted: &'static str) -> Error {
+    Error::Transfer(transfer::wrong_kind(found, wanted).to_string())
 }
 
 fn read(bytes: &[u8]) -> Result<Body> {
@@ -123,18 +120,7 @@ pub async fn export_status(
         exported_at_unix_ms: now_unix_ms,
         statuses: statuses
             .iter()
-            .map(|s| {
-                let state: v1::BundleState = s.state.into();
-                v1::BundleStatus {
-                    bundle: s.bundle.clone(),
-                    content_hash: s.content_hash.clone(),
-                    revision: s.revision.clone(),
-                    state: state as i32,
-                    message: s.message.clone(),
-                    seq: s.seq,
-                    observed_at_unix_ms: s.observed_at_unix_ms,
-                }
-            })
+            .map(crate::session::status_message)
             .collect(),
         drift: drift.iter().map(Into::into).collect(),
         held_hashes,

@@ -85,3 +85,53 @@ impl Registry {
         v1::BundleContent::decode(blob.as_slice()).map_err(|e| fail(format!("not a content: {e}")))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A "registry" that answers every request with `body`.
+    async fn serving(body: Vec<u8>) -> u16 {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = l.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = l.accept().await {
+                let body = body.clone();
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 4096];
+                    let _ = s.read(&mut buf).await;
+                    let head = format!(
+                        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                        body.len()
+                    );
+                    let _ = s.write_all(head.as_bytes()).await;
+                    let _ = s.write_all(&body).await;
+                });
+            }
+        });
+        port
+    }
+
+    /// A registry (or a mirror) serving other bytes under a digest is caught,
+    /// and a digest that is not one never becomes a request path.
+    #[tokio::test]
+    async fn a_registry_is_trusted_for_nothing() {
+        let real = v1::BundleContent {
+            content_hash: "h".into(),
+            ..Default::default()
+        }
+        .encode_to_vec();
+        let digest = format!("sha256:{}", hex::encode(Sha256::digest(&real)));
+        let port = serving(b"something else".to_vec()).await;
+        let r = Registry::new(&format!("http://127.0.0.1:{port}/f/c")).unwrap();
+        let e = r.fetch(&digest).await.unwrap_err();
+        assert!(e.to_string().contains("the registry served sha256:"), "{e}");
+        let e = r.fetch("sha256:../../v2/_catalog").await.unwrap_err();
+        assert!(e.to_string().contains("not a sha256 digest"), "{e}");
+        // The right bytes are taken.
+        let port = serving(real).await;
+        let r = Registry::new(&format!("http://127.0.0.1:{port}/f/c")).unwrap();
+        assert_eq!(r.fetch(&digest).await.unwrap().content_hash, "h");
+    }
+}

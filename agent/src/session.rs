@@ -486,23 +486,24 @@ impl Sessions {
     ) -> Result<()> {
         let after = *sent_upto;
         for s in self.writer.read(move |s| s.statuses_after(after)).await? {
-            let state: flotilla_proto::v1::BundleState = s.state.into();
-            send(
-                tx,
-                AgentMsg::Status(BundleStatus {
-                    bundle: s.bundle.clone(),
-                    content_hash: s.content_hash.clone(),
-                    revision: s.revision.clone(),
-                    state: state as i32,
-                    message: s.message.clone(),
-                    seq: s.seq,
-                    observed_at_unix_ms: s.observed_at_unix_ms,
-                }),
-            )
-            .await?;
+            send(tx, AgentMsg::Status(status_message(&s))).await?;
             *sent_upto = (*sent_upto).max(s.seq);
         }
         Ok(())
+    }
+}
+
+/// A stored status as the hub reads it (over the session or in a status file).
+pub fn status_message(s: &crate::store::Status) -> BundleStatus {
+    let state: flotilla_proto::v1::BundleState = s.state.into();
+    BundleStatus {
+        bundle: s.bundle.clone(),
+        content_hash: s.content_hash.clone(),
+        revision: s.revision.clone(),
+        state: state as i32,
+        message: s.message.clone(),
+        seq: s.seq,
+        observed_at_unix_ms: s.observed_at_unix_ms,
     }
 }
 

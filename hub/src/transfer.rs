@@ -39,10 +39,7 @@ fn read_file(bytes: &[u8]) -> Result<Body, TransferError> {
 }
 
 fn wrong_kind(found: &Body, wanted: &'static str) -> TransferError {
-    TransferError::Invalid(format!(
-        "the file holds {}, not {wanted}",
-        transfer::kind(&Some(found.clone()))
-    ))
+    TransferError::Invalid(transfer::wrong_kind(found, wanted).to_string())
 }
 
 /// A verified status report.

@@ -36,7 +36,7 @@ pub enum FileError {
 }
 
 /// What a file holds, for messages.
-pub fn kind(body: &Option<v1::transfer_file::Body>) -> &'static str {
+pub fn kind(body: Option<&v1::transfer_file::Body>) -> &'static str {
     use v1::transfer_file::Body;
     match body {
         Some(Body::Desired(_)) => "a desired state (flotilla bundle export)",
@@ -44,6 +44,14 @@ pub fn kind(body: &Option<v1::transfer_file::Body>) -> &'static str {
         Some(Body::EnrollRequest(_)) => "an enrolment request (flotilla-agent enroll-request)",
         Some(Body::EnrollResponse(_)) => "an enrolment response (flotilla cluster enroll)",
         None => "nothing",
+    }
+}
+
+/// The error for a file that holds `found` where `wanted` was expected.
+pub fn wrong_kind(found: &v1::transfer_file::Body, wanted: &'static str) -> FileError {
+    FileError::Kind {
+        found: kind(Some(found)),
+        wanted,
     }
 }
 

@@ -648,7 +648,12 @@ pub fn http_post_to(
     s.write_all(body)?;
     let mut out = Vec::new();
     s.read_to_end(&mut out)?;
-    let text = String::from_utf8_lossy(&out).into_owned();
+    parse_response(&out)
+}
+
+/// An unchunked HTTP response's status and body.
+pub(crate) fn parse_response(out: &[u8]) -> Result<(u16, String)> {
+    let text = String::from_utf8_lossy(out).into_owned();
     let status = text
         .split_whitespace()
         .nth(1)

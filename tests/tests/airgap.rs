@@ -61,7 +61,7 @@ fn export(hub: &Hub, out: &Path, since: Option<&Path>) -> Result<flotilla_proto:
     wait_until("an export", DEADLINE, || hub.cli(&args).map(Some))?;
     match transfer::decode(&std::fs::read(out)?)? {
         Body::Desired(d) => Ok(d),
-        other => bail!("export wrote {}", transfer::kind(&Some(other))),
+        other => bail!("export wrote {}", transfer::kind(Some(&other))),
     }
 }
 
