@@ -20,8 +20,9 @@ pub struct CountingProxy {
 impl CountingProxy {
     /// Proxies 127.0.0.1:<new port> to 127.0.0.1:`upstream`.
     pub async fn start(upstream: u16) -> Result<CountingProxy> {
-        let port = crate::free_port();
-        let listener = TcpListener::bind(("127.0.0.1", port)).await?;
+        let (port, listener) = crate::bind_free()?;
+        listener.set_nonblocking(true)?;
+        let listener = TcpListener::from_std(listener)?;
         let down = Arc::new(AtomicU64::new(0));
         let up = Arc::new(AtomicU64::new(0));
         let (d, u) = (down.clone(), up.clone());

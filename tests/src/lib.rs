@@ -89,6 +89,22 @@ pub fn free_port() -> u16 {
     }
 }
 
+/// A listener on a free loopback port, bound for good: a port [`free_port`]
+/// probed can be taken by another process before it is bound again, so a
+/// taken one is skipped.
+pub fn bind_free() -> Result<(u16, TcpListener)> {
+    let mut last = None;
+    for _ in 0..20 {
+        let port = free_port();
+        match TcpListener::bind(("127.0.0.1", port)) {
+            Ok(l) => return Ok((port, l)),
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => last = Some(e),
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Err(last.map_or_else(|| anyhow!("no free port"), Into::into))
+}
+
 /// Polls `f` until it returns `Ok(Some(v))`, or fails with the last error after `deadline`.
 pub fn wait_until<T>(
     what: &str,
@@ -908,8 +924,7 @@ impl FaultProxy {
     pub fn start(upstream: u16) -> Result<FaultProxy> {
         use std::sync::atomic::{AtomicBool, AtomicU64};
         use std::sync::Arc;
-        let port = free_port();
-        let listener = TcpListener::bind(("127.0.0.1", port))?;
+        let (port, listener) = bind_free()?;
         listener.set_nonblocking(true)?;
         let blocked = Arc::new(AtomicBool::new(false));
         let generation = Arc::new(AtomicU64::new(0));
