@@ -2,7 +2,8 @@
 # Installs the Debian packages the test suite uses that a fresh machine may lack:
 # git (git daemon, git http-backend), openssh-server (the SSH private-repository
 # test), docker-registry (the CNCF distribution server: contents by OCI
-# registry) and prometheus (the metrics test's scraper). Needs root for apt-get; without it, prints what is missing and goes
+# registry), prometheus (the metrics test's scraper) and chromium with
+# chromium-driver (the web UI test's browser). Needs root for apt-get; without it, prints what is missing and goes
 # on (the SSH test then skips itself with a note; the registry test fails).
 set -euo pipefail
 need=()
@@ -14,6 +15,9 @@ command -v ssh-keygen >/dev/null || need+=(openssh-client)
 [[ -x /usr/bin/docker-registry ]] || need+=(docker-registry)
 # The Prometheus the metrics test scrapes the hub with.
 [[ -x /usr/bin/prometheus ]] || need+=(prometheus)
+# The headless browser the web UI test drives (WebDriver).
+[[ -x /usr/bin/chromium ]] || need+=(chromium)
+[[ -x /usr/bin/chromedriver ]] || need+=(chromium-driver)
 if (( ${#need[@]} == 0 )); then exit 0; fi
 if [[ $(id -u) -ne 0 ]]; then
   echo "install-deps: missing ${need[*]} (not root: not installing)" >&2

@@ -64,7 +64,9 @@ pub fn router(hub: Hub) -> Router {
             )
         }),
     );
-    admin_router(hub).merge(hooks_elsewhere)
+    admin_router(hub.clone())
+        .merge(hooks_elsewhere)
+        .merge(crate::ui::router(hub))
 }
 
 fn admin_router(hub: Hub) -> Router {

@@ -183,6 +183,10 @@ pub struct Fleet {
     state: Mutex<State>,
     store: Arc<dyn Store>,
     changed: watch::Sender<u64>,
+    /// Bumped when anything an operator sees changes (statuses, drift,
+    /// connections, sources, rollouts) besides desired sets: the web UI's live
+    /// updates. Agent sessions never wait on it.
+    observed: watch::Sender<u64>,
     /// Serialises snapshot commits (store writes, flush, content collection)
     /// without holding the state lock while the store works.
     snapshots: Mutex<()>,
@@ -638,6 +642,7 @@ impl Fleet {
             state: Mutex::new(state),
             store,
             changed,
+            observed: watch::channel(0).0,
             snapshots: Mutex::new(()),
         }))
     }
@@ -660,6 +665,17 @@ impl Fleet {
     /// A receiver that changes whenever anything that affects desired sets does.
     pub fn subscribe(&self) -> watch::Receiver<u64> {
         self.changed.subscribe()
+    }
+
+    /// Marks that something an operator sees changed (see `observed`).
+    pub fn observe(&self) {
+        self.observed.send_modify(|v| *v = v.wrapping_add(1));
+    }
+
+    /// A receiver that changes whenever anything an operator sees does: desired
+    /// sets (`subscribe`) are forwarded by the caller; this is the rest.
+    pub fn subscribe_observed(&self) -> watch::Receiver<u64> {
+        self.observed.subscribe()
     }
 
     // ---- sources and groups -------------------------------------------------
@@ -899,6 +915,7 @@ impl Fleet {
             s.last_error = None;
             s.consecutive_failures = 0;
         }
+        self.observe();
     }
 
     /// Records a failed fetch; the last good snapshot stays.
@@ -907,6 +924,7 @@ impl Fleet {
             s.last_error = Some(error);
             s.consecutive_failures = s.consecutive_failures.saturating_add(1);
         }
+        self.observe();
     }
 
     // ---- clusters and sessions ----------------------------------------------
@@ -1135,6 +1153,8 @@ impl Fleet {
                 self.store.put_cluster(&c.record)?;
             }
         }
+        drop(st);
+        self.observe();
         Ok(())
     }
 
@@ -1193,6 +1213,8 @@ impl Fleet {
         if readiness_changed && any_depends() {
             st.bump(&self.changed);
         }
+        drop(st);
+        self.observe();
         Ok(true)
     }
 
@@ -1263,6 +1285,8 @@ impl Fleet {
                     .inc();
             }
         }
+        drop(st);
+        self.observe();
         Ok(added.id.map_or(DriftOutcome::Resend, DriftOutcome::Stored))
     }
 
@@ -1402,6 +1426,52 @@ impl Fleet {
             });
         }
         out
+    }
+
+    /// Every cluster with the state of each bundle assigned to it: the web UI's
+    /// matrix (`flotilla_shared::matrix` filters and pages it).
+    pub fn matrix_rows(&self) -> Vec<flotilla_shared::matrix::Row> {
+        let st = self.lock();
+        st.clusters
+            .values()
+            .map(|c| flotilla_shared::matrix::Row {
+                cluster: c.record.name.clone(),
+                labels: c.record.labels.clone(),
+                connected: c.session.is_some(),
+                states: st
+                    .cluster_bundles(&c.record)
+                    .into_iter()
+                    .map(|b| (b.bundle, b.state))
+                    .collect(),
+            })
+            .collect()
+    }
+
+    /// Every bundle without its clusters (no assignment is computed): what the
+    /// overview lists; `cluster_counts` is empty.
+    pub fn bundle_heads(&self) -> Vec<BundleView> {
+        let st = self.lock();
+        st.bundles_info()
+            .into_iter()
+            .map(|info| {
+                let latest = st
+                    .sources
+                    .get(&info.source)
+                    .and_then(|s| s.commit.clone())
+                    .unwrap_or_default();
+                BundleView {
+                    name: info.name.clone(),
+                    source: info.source.clone(),
+                    path: info.path.clone(),
+                    revision: info.good.as_ref().map(|(_, r)| r.clone()).unwrap_or(latest),
+                    content_hash: info.good.as_ref().map(|(h, _)| h.clone()),
+                    error: info.render_error.clone(),
+                    cluster_counts: BTreeMap::new(),
+                    drift_events: 0,
+                    clusters: None,
+                }
+            })
+            .collect()
     }
 
     pub fn bundles(&self) -> Vec<BundleView> {

@@ -28,6 +28,7 @@ pub mod signer;
 pub mod sources;
 pub mod store;
 pub mod transfer;
+pub mod ui;
 
 use std::future::{Future, IntoFuture};
 use std::net::SocketAddr;
@@ -157,6 +158,8 @@ pub struct Hub {
     pub agent_silence: Duration,
     /// See [`Config::oci_registry`].
     pub registry: Option<Arc<oci::Registry>>,
+    /// The web UI's sessions.
+    pub ui: Arc<ui::Ui>,
 }
 
 impl Hub {
@@ -227,6 +230,7 @@ impl Hub {
                 .map(oci::Registry::new)
                 .transpose()?
                 .map(Arc::new),
+            ui: Arc::default(),
         })
     }
 
@@ -347,6 +351,15 @@ impl Hub {
             .transpose()
             .context("webhook listener")?;
         let (mut api_stop, mut hook_stop) = (stop_rx.clone(), stop_rx.clone());
+        {
+            // The UI's event streams end first, or the graceful shutdown would
+            // wait on every open browser.
+            let (ui, mut stop) = (self.ui.clone(), stop_rx.clone());
+            tokio::spawn(async move {
+                let _ = stop.wait_for(|s| *s).await;
+                ui.stop();
+            });
+        }
         let api_app =
             api::router(self.clone()).into_make_service_with_connect_info::<listen::Peer>();
         let hook_app =

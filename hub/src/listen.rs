@@ -145,15 +145,16 @@ impl AsyncWrite for Conn {
     }
 }
 
-/// The peer of a connection, for handlers (`ConnectInfo<Peer>`).
+/// The peer of a connection, for handlers (`ConnectInfo<Peer>`), and whether
+/// it speaks TLS (the web UI's cookie is `Secure` then).
 #[derive(Debug, Clone, Copy)]
-pub struct Peer(pub SocketAddr);
+pub struct Peer(pub SocketAddr, pub bool);
 
 impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, HttpListener>>
     for Peer
 {
     fn connect_info(stream: axum::serve::IncomingStream<'_, HttpListener>) -> Peer {
-        Peer(*stream.remote_addr())
+        Peer(*stream.remote_addr(), matches!(stream.io(), Conn::Tls(_)))
     }
 }
 

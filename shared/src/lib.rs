@@ -18,6 +18,7 @@ pub mod health;
 pub mod identity;
 pub mod kustomization;
 pub mod labels;
+pub mod matrix;
 pub mod objects;
 pub mod oci;
 pub mod rollout;

@@ -13,6 +13,7 @@ pub mod prometheus;
 pub mod registry;
 pub mod sim;
 pub mod torture;
+pub mod webdriver;
 
 use std::collections::BTreeMap;
 use std::fs;
