@@ -84,6 +84,11 @@ fn admin_router(hub: Hub) -> Router {
             get(get_source).delete(delete_source),
         )
         .route("/api/v1/groups", get(list_groups))
+        .route("/api/v1/notifications", get(list_notifications))
+        .route(
+            "/api/v1/notifications/{name}",
+            axum::routing::delete(delete_notification),
+        )
         .route("/api/v1/clusters", get(list_clusters))
         .route(
             "/api/v1/clusters/{name}",
@@ -127,6 +132,7 @@ struct SecretBody {
     ssh_private_key: Option<String>,
     known_hosts: Option<String>,
     webhook_secret: Option<String>,
+    url: Option<String>,
 }
 
 /// A secret as the API shows it: which fields are set, never their values.
@@ -138,6 +144,7 @@ fn secret_view(s: &crate::store::SecretRecord) -> serde_json::Value {
         ("sshPrivateKey", s.ssh_private_key.is_some()),
         ("knownHosts", s.known_hosts.is_some()),
         ("webhookSecret", s.webhook_secret.is_some()),
+        ("url", s.url.is_some()),
     ] {
         if set {
             fields.push(name);
@@ -165,6 +172,11 @@ async fn put_secret(
     flotilla_shared::objects::validate_name(&name)
         .map_err(|e| ApiError::bad_request(e.to_string()))?;
     let b: SecretBody = json_body(&body)?;
+    if let Some(url) = &b.url {
+        // Not shown back: the error does not repeat it.
+        flotilla_shared::notify::validate_url(url)
+            .map_err(|reason| ApiError::bad_request(format!("secret {name}: url: {reason}")))?;
+    }
     if b.ssh_private_key.is_some() && b.known_hosts.as_deref().is_none_or(|h| h.trim().is_empty()) {
         return Err(ApiError::bad_request(
             "an SSH key needs knownHosts (host keys are always checked)",
@@ -177,6 +189,7 @@ async fn put_secret(
         ssh_private_key: b.ssh_private_key,
         known_hosts: b.known_hosts,
         webhook_secret: b.webhook_secret,
+        url: b.url,
     };
     hub.fleet
         .store()
@@ -317,11 +330,36 @@ async fn apply(
                 .fleet
                 .apply_group(&name, metadata.labels, spec)
                 .map_err(ApiError::internal)?,
+            Object::Notification { metadata, spec } => hub
+                .notifier
+                .apply(&name, metadata.labels, spec)
+                .map_err(ApiError::internal)?,
         };
         tracing::info!(kind, name = %name, ?action, "applied");
         applied.push(Applied { kind, name, action });
     }
     Ok(Json(json!({ "applied": applied })))
+}
+
+async fn list_notifications(
+    State(hub): State<Hub>,
+) -> ApiResult<Vec<crate::notify::NotificationView>> {
+    hub.notifier
+        .views()
+        .map(Json)
+        .map_err(ApiError::internal)
+}
+
+async fn delete_notification(
+    State(hub): State<Hub>,
+    Path(name): Path<String>,
+) -> ApiResult<serde_json::Value> {
+    if hub.notifier.delete(&name).map_err(ApiError::internal)? {
+        tracing::info!(notification = %name, "notification deleted");
+        Ok(Json(json!({ "deleted": name })))
+    } else {
+        Err(ApiError::not_found(format!("notification {name} not found")))
+    }
 }
 
 async fn list_sources(State(hub): State<Hub>) -> ApiResult<Vec<crate::fleet::SourceView>> {

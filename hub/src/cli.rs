@@ -69,6 +69,10 @@ pub enum Command {
     /// and referred to by name (`source add --secret`, `spec.secretRef`). Never shown.
     #[command(subcommand)]
     Secret(SecretCommand),
+    /// Notifications (`kind: Notification`, created with `apply`): list them
+    /// with their undelivered messages, or delete one.
+    #[command(subcommand)]
+    Notification(NotificationCommand),
     /// Enrolled clusters.
     #[command(subcommand)]
     Cluster(ClusterCommand),
@@ -323,6 +327,17 @@ pub struct SourceAdd {
 }
 
 #[derive(Debug, Subcommand)]
+pub enum NotificationCommand {
+    /// List notifications: sink, events, messages waiting and the last failure.
+    List(Output),
+    /// Delete a notification and its undelivered messages.
+    Delete {
+        /// Notification name.
+        name: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 pub enum SecretCommand {
     /// Create or replace a secret. HTTPS: `--username U --password-file F` (a
     /// token goes in the password file); SSH: `--ssh-key-file K --known-hosts-file H`.
@@ -361,6 +376,10 @@ pub struct SecretCreate {
     /// File holding the webhook secret of the sources using this secret.
     #[arg(long, env = "FLOTILLA_SECRET_WEBHOOK_SECRET_FILE", value_name = "FILE")]
     pub webhook_secret_file: Option<String>,
+    /// File holding a URL that is itself a credential: a Slack notification's
+    /// incoming-webhook URL.
+    #[arg(long, env = "FLOTILLA_SECRET_URL_FILE", value_name = "FILE")]
+    pub url_file: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -631,6 +650,19 @@ async fn execute(cli: Cli, out: &mut dyn Write, err: &mut dyn Write) -> Result<(
             )
             .await?;
             writeln!(out, "secret/{} configured", c.name)?;
+        }
+        Command::Notification(NotificationCommand::List(o)) => {
+            let v = api.send("GET", "/api/v1/notifications", None).await?;
+            print(out, o.output, &v, notifications_table)?;
+        }
+        Command::Notification(NotificationCommand::Delete { name }) => {
+            api.send(
+                "DELETE",
+                &format!("/api/v1/notifications/{}", segment(&name)),
+                None,
+            )
+            .await?;
+            writeln!(out, "notification/{name} deleted")?;
         }
         Command::Secret(SecretCommand::List(o)) => {
             let v = api.send("GET", "/api/v1/secrets", None).await?;
@@ -1458,9 +1490,10 @@ fn secret_body(c: &SecretCreate) -> Result<Value, CliError> {
     let key = read(&c.ssh_key_file)?;
     let hosts = read(&c.known_hosts_file)?;
     let webhook = read(&c.webhook_secret_file)?;
-    if password.is_none() && key.is_none() && webhook.is_none() {
+    let url = read(&c.url_file)?.map(|u| u.trim().to_string());
+    if password.is_none() && key.is_none() && webhook.is_none() && url.is_none() {
         return Err(CliError::Usage(
-            "give --password-file, --ssh-key-file (with --known-hosts-file) or --webhook-secret-file"
+            "give --password-file, --ssh-key-file (with --known-hosts-file), --webhook-secret-file or --url-file"
                 .into(),
         ));
     }
@@ -1472,6 +1505,7 @@ fn secret_body(c: &SecretCreate) -> Result<Value, CliError> {
         "sshPrivateKey": key,
         "knownHosts": hosts,
         "webhookSecret": webhook,
+        "url": url,
     }))
 }
 
@@ -1496,6 +1530,35 @@ pub fn secrets_table(v: &Value) -> String {
         })
         .unwrap_or_default();
     table(&["NAME", "FIELDS"], &rows)
+}
+
+/// `notification list`.
+pub fn notifications_table(v: &Value) -> String {
+    let rows: Vec<Vec<String>> = v
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|n| {
+            let events: Vec<&str> = n["events"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(Value::as_str)
+                .collect();
+            vec![
+                field(n, "name"),
+                field(n, "type"),
+                n["url"].as_str().unwrap_or("(secret)").to_string(),
+                events.join(","),
+                n["queued"].as_u64().unwrap_or(0).to_string(),
+                n["lastError"].as_str().unwrap_or("").to_string(),
+            ]
+        })
+        .collect();
+    table(
+        &["NAME", "TYPE", "URL", "EVENTS", "QUEUED", "LAST ERROR"],
+        &rows,
+    )
 }
 
 /// The body of `PATCH /clusters/{name}/labels`: the last edit of a key wins.

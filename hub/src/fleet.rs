@@ -195,6 +195,8 @@ pub struct Fleet {
     drift_refused: std::sync::atomic::AtomicU64,
     /// What the hub exports to Prometheus.
     pub metrics: crate::metrics::Metrics,
+    /// When this process loaded the fleet: no cluster is offline from before.
+    loaded_ms: u64,
 }
 
 /// What became of a drift event an agent sent.
@@ -644,6 +646,7 @@ impl Fleet {
             changed,
             observed: watch::channel(0).0,
             snapshots: Mutex::new(()),
+            loaded_ms: crate::now_ms(),
         }))
     }
 
@@ -1445,6 +1448,119 @@ impl Fleet {
                     .collect(),
             })
             .collect()
+    }
+
+    /// Each bundle's current rollout phase, for the metrics.
+    pub fn rollout_phases(&self) -> Vec<(String, String)> {
+        self.lock()
+            .rollouts
+            .values()
+            .map(|r| (r.rollout.bundle.clone(), format!("{:?}", r.rollout.phase)))
+            .collect()
+    }
+
+    /// The fleet as notifications see it at `now_ms` (drift is the caller's).
+    pub fn notify_world(&self, now_ms: u64) -> flotilla_shared::notify::World {
+        use flotilla_shared::notify::{
+            BundleSeen, ClusterSeen, OnCluster, RolloutEnd, RolloutSeen, SourceSeen, World,
+        };
+        let st = self.lock();
+        let clusters = st
+            .clusters
+            .values()
+            .map(|c| ClusterSeen {
+                name: c.record.name.clone(),
+                labels: c.record.labels.clone(),
+                offline_since_ms: c.session.is_none().then(|| {
+                    c.record
+                        .last_seen_ms
+                        .unwrap_or(c.record.enrolled_at_ms)
+                        .max(self.loaded_ms)
+                }),
+            })
+            .collect();
+        let infos = st.bundles_info();
+        let mut bundles: BTreeMap<String, BundleSeen> = infos
+            .iter()
+            .map(|info| {
+                let mut variants: Vec<&str> = info
+                    .good
+                    .iter()
+                    .map(|(h, _)| h.as_str())
+                    .chain(
+                        info.customizations
+                            .iter()
+                            .filter_map(|c| c.good.as_ref().map(|(h, _)| h.as_str())),
+                    )
+                    .collect();
+                variants.sort_unstable();
+                let identity = (!variants.is_empty()).then(|| {
+                    use sha2::Digest;
+                    hex::encode(&sha2::Sha256::digest(variants.join("\n").as_bytes())[..16])
+                });
+                let seen = BundleSeen {
+                    name: info.name.clone(),
+                    source: info.source.clone(),
+                    labels: info.labels.clone(),
+                    revision: info.good.as_ref().map(|(_, r)| r.clone()).unwrap_or_default(),
+                    content_hash: identity,
+                    clusters: Vec::new(),
+                };
+                (info.name.clone(), seen)
+            })
+            .collect();
+        for c in st.clusters.values() {
+            for a in st.assignments(&c.record) {
+                let Some(b) = bundles.get_mut(&a.bundle) else {
+                    continue;
+                };
+                let reported = st.reported(&c.record.name, &a.bundle);
+                let (state, message) = assign::assignment_state(
+                    &a,
+                    c.record.acked.get(&a.bundle).map(String::as_str),
+                    reported.as_ref(),
+                );
+                b.clusters.push(OnCluster {
+                    cluster: c.record.name.clone(),
+                    state,
+                    content_hash: reported.map(|r| r.content_hash),
+                    target_hash: a.content_hash.clone(),
+                    message,
+                });
+            }
+        }
+        let sources = st
+            .sources
+            .iter()
+            .map(|(name, s)| SourceSeen {
+                name: name.clone(),
+                error: s.last_error.clone(),
+            })
+            .collect();
+        let rollouts = st
+            .rollouts
+            .values()
+            .map(|r| RolloutSeen {
+                bundle: r.rollout.bundle.clone(),
+                revision: r.rollout.revision.clone(),
+                end: match r.rollout.phase {
+                    flotilla_shared::rollout::Phase::Halted => Some(RolloutEnd::Halted),
+                    flotilla_shared::rollout::Phase::RolledBack => Some(RolloutEnd::RolledBack),
+                    _ => None,
+                },
+                reason: r.rollout.reason.clone(),
+            })
+            .collect();
+        World {
+            now_ms,
+            now: crate::rfc3339(now_ms),
+            clusters,
+            bundles: bundles.into_values().collect(),
+            sources,
+            rollouts,
+            drift: Vec::new(),
+            drift_last_id: 0,
+        }
     }
 
     /// Every bundle without its clusters (no assignment is computed): what the

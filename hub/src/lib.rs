@@ -19,6 +19,7 @@ pub mod git;
 pub mod hooks;
 pub mod listen;
 pub mod metrics;
+pub mod notify;
 pub mod oci;
 pub mod pki;
 pub mod render;
@@ -160,6 +161,8 @@ pub struct Hub {
     pub registry: Option<Arc<oci::Registry>>,
     /// The web UI's sessions.
     pub ui: Arc<ui::Ui>,
+    /// Notifications: specs, decisions, the outbox's delivery.
+    pub notifier: Arc<notify::Notifier>,
 }
 
 impl Hub {
@@ -194,6 +197,8 @@ impl Hub {
             None => listen::server_config(pki.server_chain.clone(), pki.server_key())
                 .context("TLS for the API with the serving certificate")?,
         };
+        let notifier =
+            notify::Notifier::load(store.clone()).context("loading the notifications")?;
         let fleet = Fleet::load(store).context("loading the fleet from the store")?;
         let tools = Arc::new(config.tools.clone());
         let fetcher = Arc::new(git::Fetcher::new(
@@ -231,6 +236,7 @@ impl Hub {
                 .transpose()?
                 .map(Arc::new),
             ui: Arc::default(),
+            notifier,
         })
     }
 
@@ -322,6 +328,7 @@ impl Hub {
     ) -> anyhow::Result<()> {
         let (stop_tx, stop_rx) = watch::channel(false);
         let self_fleet = self.fleet.clone();
+        let notifier = self.notifier.clone();
         for (name, spec) in self.fleet.source_specs() {
             self.pollers.sync(&name, &spec);
         }
@@ -414,6 +421,7 @@ impl Hub {
             });
         }
         let rollouts = tokio::spawn(rollout_loop(self_fleet.clone(), stop_rx.clone()));
+        let notifications = tokio::spawn(notifier.run(self_fleet.clone(), stop_rx.clone()));
         let (mut gateway, mut api) = (gateway, api);
         tokio::select! {
             _ = shutdown => {}
@@ -432,6 +440,7 @@ impl Hub {
         tracing::info!("shutting down");
         stop_tx.send_replace(true);
         let _ = rollouts.await;
+        let _ = notifications.await;
         let drained = tokio::time::timeout(SHUTDOWN_GRACE, async {
             let g = gateway.await;
             let a = api.await;

@@ -50,6 +50,20 @@ pub struct SourceLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Delivery {
+    pub notification: String,
+    /// `delivered`, `failed` (to be retried) or `dropped` (refused by the sink,
+    /// or too old).
+    pub result: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RolloutPhase {
+    pub bundle: String,
+    pub phase: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct DriftKind {
     /// `detected` or `corrected`.
     pub kind: String,
@@ -71,6 +85,9 @@ pub struct Metrics {
     pub agent_connections: Counter,
     pub agent_disconnects: Family<Reason, Counter>,
     pub drift_events: Family<DriftKind, Counter>,
+    pub notification_deliveries: Family<Delivery, Counter>,
+    pub notification_outbox: Gauge,
+    rollout_phase: Family<RolloutPhase, Gauge>,
     commit_to_ready: Histogram,
     /// When the hub first held each content (ms), for commit-to-Ready.
     seen: Mutex<HashMap<String, u64>>,
@@ -105,6 +122,9 @@ impl Metrics {
             agent_connections: Counter::default(),
             agent_disconnects: Family::default(),
             drift_events: Family::default(),
+            notification_deliveries: Family::default(),
+            notification_outbox: Gauge::default(),
+            rollout_phase: Family::default(),
             // 0.1 s … about 55 min, doubling.
             commit_to_ready: Histogram::new(
                 prometheus_client::metrics::histogram::exponential_buckets(0.1, 2.0, 16),
@@ -161,6 +181,21 @@ impl Metrics {
             "drift_events",
             "Drift events stored, by kind (detected; corrected: the agent re-applied)",
             m.drift_events.clone(),
+        );
+        registry.register(
+            "notification_deliveries",
+            "Notification delivery attempts, by notification and result (delivered; failed: retried; dropped)",
+            m.notification_deliveries.clone(),
+        );
+        registry.register(
+            "notification_outbox_messages",
+            "Notification messages waiting for delivery",
+            m.notification_outbox.clone(),
+        );
+        registry.register(
+            "rollout_phase",
+            "1 for each bundle's current rollout phase (Progressing, Paused, Halted, RolledBack, Completed, Superseded)",
+            m.rollout_phase.clone(),
         );
         registry.register(
             "commit_to_ready_seconds",
@@ -250,6 +285,12 @@ impl Metrics {
             self.source_errors
                 .get_or_create(&label)
                 .set(i64::from(s.last_error.is_some()));
+        }
+        self.rollout_phase.clear();
+        for (bundle, phase) in fleet.rollout_phases() {
+            self.rollout_phase
+                .get_or_create(&RolloutPhase { bundle, phase })
+                .set(1);
         }
         let mut out = String::new();
         // Writing into a String cannot fail.

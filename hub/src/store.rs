@@ -94,9 +94,13 @@ pub struct SecretRecord {
     pub ssh_private_key: Option<String>,
     #[serde(default)]
     pub known_hosts: Option<String>,
-    /// Authenticates push webhooks for the sources that use this secret.
+    /// Authenticates push webhooks for the sources that use this secret, and
+    /// signs the messages of webhook notifications that name it.
     #[serde(default)]
     pub webhook_secret: Option<String>,
+    /// A Slack notification's URL (the URL is the credential).
+    #[serde(default)]
+    pub url: Option<String>,
 }
 
 impl std::fmt::Debug for SecretRecord {
@@ -394,8 +398,64 @@ pub trait Store: Send + Sync + 'static {
     /// The kept events, oldest first.
     fn rollout_events(&self) -> Result<Vec<flotilla_shared::rollout::RolloutEvent>, StoreError>;
 
+    /// Drift records with an id above `after`, oldest first, at most `limit`.
+    fn drift_after(&self, after: u64, limit: usize) -> Result<Vec<DriftRecord>, StoreError>;
+    /// The highest drift id given so far.
+    fn drift_last_id(&self) -> Result<u64, StoreError>;
+
+    fn list_notifications(&self) -> Result<Vec<NotificationRecord>, StoreError>;
+    fn put_notification(&self, n: &NotificationRecord) -> Result<(), StoreError>;
+    /// Deletes a notification with its memory and its undelivered messages.
+    fn delete_notification(&self, name: &str) -> Result<bool, StoreError>;
+    /// What a notification has said so far.
+    fn notify_memory(
+        &self,
+        name: &str,
+    ) -> Result<Option<flotilla_shared::notify::Memory>, StoreError>;
+    /// Writes a notification's new memory and queues its messages, atomically:
+    /// a crash leaves both or neither. Returns the queued entries.
+    fn commit_notify(
+        &self,
+        name: &str,
+        memory: &flotilla_shared::notify::Memory,
+        messages: Vec<flotilla_shared::notify::Message>,
+        now_ms: u64,
+    ) -> Result<Vec<OutboxEntry>, StoreError>;
+    /// Every undelivered message, oldest first.
+    fn outbox(&self) -> Result<Vec<OutboxEntry>, StoreError>;
+    /// Records an attempt (or replaces the entry).
+    fn put_outbox(&self, entry: &OutboxEntry) -> Result<(), StoreError>;
+    fn remove_outbox(&self, id: u64) -> Result<(), StoreError>;
+
     /// Makes every write so far durable.
     fn flush(&self) -> Result<(), StoreError>;
+}
+
+/// A `Notification` as applied.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NotificationRecord {
+    pub name: String,
+    #[serde(default)]
+    pub labels: Labels,
+    pub spec: flotilla_shared::notify::NotificationSpec,
+}
+
+/// A message waiting in the outbox until its sink takes it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct OutboxEntry {
+    /// Outbox order.
+    pub id: u64,
+    pub notification: String,
+    pub message: flotilla_shared::notify::Message,
+    pub created_ms: u64,
+    #[serde(default)]
+    pub attempts: u32,
+    #[serde(default)]
+    pub next_attempt_ms: u64,
+    /// Why the last attempt failed (status or connection error; never the URL).
+    #[serde(default)]
+    pub last_error: Option<String>,
 }
 
 /// The embedded store: one sled database, a tree per kind, JSON values.
@@ -422,6 +482,10 @@ pub struct SledStore {
     rollout_history: sled::Tree,
     /// Planner events by sequence number (big-endian); the next under a reserved key.
     rollout_events: sled::Tree,
+    notifications: sled::Tree,
+    /// Notification memories (`m\0name`), the outbox (`o\0id`, big-endian) and
+    /// its id counter, in one tree so that a batch writes them atomically.
+    notify: sled::Tree,
     drift_caps: DriftCaps,
     /// Serialises add_drift (dedupe check, id allocation, trimming).
     drift_lock: std::sync::Mutex<()>,
@@ -499,6 +563,8 @@ impl SledStore {
             rollouts: db.open_tree("rollouts")?,
             rollout_history: db.open_tree("rollout_history")?,
             rollout_events: db.open_tree("rollout_events")?,
+            notifications: db.open_tree("notifications")?,
+            notify: db.open_tree("notify")?,
             drift_caps: DriftCaps {
                 total: caps.total.max(1),
                 per_cluster: caps.per_cluster.max(1),
@@ -663,6 +729,16 @@ fn list<T: DeserializeOwned>(tree: &sled::Tree) -> Result<Vec<T>, StoreError> {
             decode(&k, &v)
         })
         .collect()
+}
+
+const OUTBOX_NEXT_ID: &[u8] = b"c\0next";
+
+fn memory_key(name: &str) -> Vec<u8> {
+    [b"m\0".as_slice(), name.as_bytes()].concat()
+}
+
+fn outbox_key(id: u64) -> Vec<u8> {
+    [b"o\0".as_slice(), &id.to_be_bytes()].concat()
 }
 
 fn status_key(cluster: &str, bundle: &str) -> Vec<u8> {
@@ -1034,6 +1110,104 @@ impl Store for SledStore {
                 decode(&k, &v)
             })
             .collect()
+    }
+
+    fn drift_after(&self, after: u64, limit: usize) -> Result<Vec<DriftRecord>, StoreError> {
+        let from = after.saturating_add(1).to_be_bytes();
+        self.drift
+            .range(from..)
+            .take(limit)
+            .map(|kv| {
+                let (k, v) = kv?;
+                decode(&k, &v)
+            })
+            .collect()
+    }
+
+    fn drift_last_id(&self) -> Result<u64, StoreError> {
+        u64_at(&self.drift_meta, DRIFT_NEXT_ID)
+    }
+
+    fn list_notifications(&self) -> Result<Vec<NotificationRecord>, StoreError> {
+        list(&self.notifications)
+    }
+
+    fn put_notification(&self, n: &NotificationRecord) -> Result<(), StoreError> {
+        self.notifications.insert(n.name.as_bytes(), encode(n)?)?;
+        Ok(())
+    }
+
+    fn delete_notification(&self, name: &str) -> Result<bool, StoreError> {
+        let existed = self.notifications.remove(name.as_bytes())?.is_some();
+        let mut batch = sled::Batch::default();
+        batch.remove(memory_key(name));
+        for entry in self.outbox()? {
+            if entry.notification == name {
+                batch.remove(outbox_key(entry.id));
+            }
+        }
+        self.notify.apply_batch(batch)?;
+        Ok(existed)
+    }
+
+    fn notify_memory(
+        &self,
+        name: &str,
+    ) -> Result<Option<flotilla_shared::notify::Memory>, StoreError> {
+        let key = memory_key(name);
+        self.notify.get(&key)?.map(|v| decode(&key, &v)).transpose()
+    }
+
+    fn commit_notify(
+        &self,
+        name: &str,
+        memory: &flotilla_shared::notify::Memory,
+        messages: Vec<flotilla_shared::notify::Message>,
+        now_ms: u64,
+    ) -> Result<Vec<OutboxEntry>, StoreError> {
+        // One writer allocates ids at a time.
+        let _one = self.drift_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let mut next = u64_at(&self.notify, OUTBOX_NEXT_ID)?;
+        let mut batch = sled::Batch::default();
+        batch.insert(memory_key(name), encode(memory)?);
+        let mut entries = Vec::with_capacity(messages.len());
+        for message in messages {
+            next += 1;
+            let entry = OutboxEntry {
+                id: next,
+                notification: name.to_string(),
+                message,
+                created_ms: now_ms,
+                attempts: 0,
+                next_attempt_ms: now_ms,
+                last_error: None,
+            };
+            batch.insert(outbox_key(next), encode(&entry)?);
+            entries.push(entry);
+        }
+        batch.insert(OUTBOX_NEXT_ID, &next.to_be_bytes());
+        self.notify.apply_batch(batch)?;
+        Ok(entries)
+    }
+
+    fn outbox(&self) -> Result<Vec<OutboxEntry>, StoreError> {
+        self.notify
+            .scan_prefix(b"o\0")
+            .map(|kv| {
+                let (k, v) = kv?;
+                decode(&k, &v)
+            })
+            .collect()
+    }
+
+    fn put_outbox(&self, entry: &OutboxEntry) -> Result<(), StoreError> {
+        self.notify.insert(outbox_key(entry.id), encode(entry)?)?;
+        Ok(())
+    }
+
+    fn remove_outbox(&self, id: u64) -> Result<(), StoreError> {
+        self.notify.remove(outbox_key(id))?;
+        Ok(())
     }
 
     fn flush(&self) -> Result<(), StoreError> {

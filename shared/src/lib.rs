@@ -19,6 +19,7 @@ pub mod identity;
 pub mod kustomization;
 pub mod labels;
 pub mod matrix;
+pub mod notify;
 pub mod objects;
 pub mod oci;
 pub mod rollout;

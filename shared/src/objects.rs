@@ -1,5 +1,5 @@
-//! The declarative objects operators hand to `flotilla apply -f`: `GitSource` and
-//! `ClusterGroup` (apiVersion `flotilla.io/v1alpha1`), and the names and durations in them.
+//! The declarative objects operators hand to `flotilla apply -f`: `GitSource`,
+//! `ClusterGroup` and `Notification` (apiVersion `flotilla.io/v1alpha1`), and the names and durations in them.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -169,6 +169,10 @@ pub enum Object {
         metadata: Metadata,
         spec: ClusterGroupSpec,
     },
+    Notification {
+        metadata: Metadata,
+        spec: crate::notify::NotificationSpec,
+    },
 }
 
 impl Object {
@@ -176,14 +180,15 @@ impl Object {
         match self {
             Object::GitSource { .. } => "GitSource",
             Object::ClusterGroup { .. } => "ClusterGroup",
+            Object::Notification { .. } => "Notification",
         }
     }
 
     pub fn name(&self) -> &str {
         match self {
-            Object::GitSource { metadata, .. } | Object::ClusterGroup { metadata, .. } => {
-                &metadata.name
-            }
+            Object::GitSource { metadata, .. }
+            | Object::ClusterGroup { metadata, .. }
+            | Object::Notification { metadata, .. } => &metadata.name,
         }
     }
 }
@@ -250,6 +255,13 @@ pub fn parse_objects(file: &str, text: &str) -> Result<Vec<Object>, Error> {
                     .validate()
                     .map_err(|e| err(format!("ClusterGroup {}: {e}", metadata.name)))?;
                 Object::ClusterGroup { metadata, spec }
+            }
+            Some("Notification") => {
+                let spec: crate::notify::NotificationSpec = serde_json::from_value(spec)
+                    .map_err(|e| err(format!("Notification {}: spec: {e}", metadata.name)))?;
+                spec.validate(&metadata.name)
+                    .map_err(|e| err(format!("Notification {}: {e}", metadata.name)))?;
+                Object::Notification { metadata, spec }
             }
             other => return Err(err(format!("unknown kind {other:?}"))),
         };

@@ -10,6 +10,7 @@ pub mod faults;
 pub mod githttp;
 pub mod hung;
 pub mod prometheus;
+pub mod receiver;
 pub mod registry;
 pub mod sim;
 pub mod torture;
