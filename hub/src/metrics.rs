@@ -82,6 +82,11 @@ pub struct Metrics {
     cluster_info: Family<ClusterInfo, Gauge>,
     source_failures: Family<SourceLabel, Gauge>,
     source_errors: Family<SourceLabel, Gauge>,
+    source_last_success: Family<SourceLabel, Gauge>,
+    pub source_fetch_duration: Family<SourceLabel, Histogram>,
+    pub source_fetch_errors: Family<SourceLabel, Counter>,
+    pub render_duration: Family<SourceLabel, Histogram>,
+    pub render_errors: Family<SourceLabel, Counter>,
     pub agent_connections: Counter,
     pub agent_disconnects: Family<Reason, Counter>,
     pub drift_events: Family<DriftKind, Counter>,
@@ -105,6 +110,19 @@ impl Default for Metrics {
     }
 }
 
+fn duration_histogram() -> Histogram {
+    Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
+        0.01, 2.0, 15,
+    ))
+}
+
+/// The label of a source's series.
+pub fn source(name: &str) -> SourceLabel {
+    SourceLabel {
+        source: name.to_string(),
+    }
+}
+
 impl Metrics {
     pub fn new() -> Metrics {
         let mut registry = Registry::with_prefix("flotilla");
@@ -119,6 +137,12 @@ impl Metrics {
             cluster_info: Family::default(),
             source_failures: Family::default(),
             source_errors: Family::default(),
+            source_last_success: Family::default(),
+            // 10 ms … about 5.5 min, doubling.
+            source_fetch_duration: Family::new_with_constructor(duration_histogram),
+            source_fetch_errors: Family::default(),
+            render_duration: Family::new_with_constructor(duration_histogram),
+            render_errors: Family::default(),
             agent_connections: Counter::default(),
             agent_disconnects: Family::default(),
             drift_events: Family::default(),
@@ -166,6 +190,31 @@ impl Metrics {
             "source_error",
             "1 while the source's last fetch or render failed",
             m.source_errors.clone(),
+        );
+        registry.register(
+            "source_last_success_timestamp_seconds",
+            "When the source was last fetched (and rendered) without error",
+            m.source_last_success.clone(),
+        );
+        registry.register(
+            "source_fetch_duration_seconds",
+            "Git fetches of the source, by duration (unchanged commits included)",
+            m.source_fetch_duration.clone(),
+        );
+        registry.register(
+            "source_fetch_errors",
+            "Git fetches of the source that failed",
+            m.source_fetch_errors.clone(),
+        );
+        registry.register(
+            "render_duration_seconds",
+            "Renders of a new commit of the source (every bundle), by duration",
+            m.render_duration.clone(),
+        );
+        registry.register(
+            "render_errors",
+            "Bundles of the source whose render failed, counted at each new commit",
+            m.render_errors.clone(),
         );
         registry.register(
             "agent_connections",
@@ -275,6 +324,7 @@ impl Metrics {
         self.clusters_total.set(clusters.len() as i64);
         self.source_failures.clear();
         self.source_errors.clear();
+        self.source_last_success.clear();
         for s in fleet.sources() {
             let label = SourceLabel {
                 source: s.name.clone(),
@@ -285,6 +335,16 @@ impl Metrics {
             self.source_errors
                 .get_or_create(&label)
                 .set(i64::from(s.last_error.is_some()));
+            if let Some(t) = s
+                .last_fetched
+                .as_deref()
+                .and_then(|t| humantime::parse_rfc3339_weak(t).ok())
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            {
+                self.source_last_success
+                    .get_or_create(&label)
+                    .set(t.as_secs() as i64);
+            }
         }
         self.rollout_phase.clear();
         for (bundle, phase) in fleet.rollout_phases() {

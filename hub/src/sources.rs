@@ -337,7 +337,18 @@ async fn poll_loop(p: Poll, wake: Arc<Notify>, mut cancel: watch::Receiver<bool>
                 req.credentials = credentials;
                 req.paths = spec.paths.clone();
                 req.known_commit = known;
-                fetcher.fetch(req, &mut cancel).await
+                let started = std::time::Instant::now();
+                let fetched = fetcher.fetch(req, &mut cancel).await;
+                let label = crate::metrics::source(&name);
+                fleet
+                    .metrics
+                    .source_fetch_duration
+                    .get_or_create(&label)
+                    .observe(started.elapsed().as_secs_f64());
+                if matches!(&fetched, Err(e) if !matches!(e, GitError::Cancelled { .. })) {
+                    fleet.metrics.source_fetch_errors.get_or_create(&label).inc();
+                }
+                fetched
             }
             Err(reason) => {
                 failures += 1;
@@ -371,6 +382,7 @@ async fn poll_loop(p: Poll, wake: Arc<Notify>, mut cancel: watch::Receiver<bool>
                     "read the tree of a new commit"
                 );
                 let mut next = RenderCache::default();
+                let started = std::time::Instant::now();
                 let rendered = tokio::select! {
                     r = render_snapshot(
                         &tools,
@@ -385,6 +397,23 @@ async fn poll_loop(p: Poll, wake: Arc<Notify>, mut cancel: watch::Receiver<bool>
                 };
                 last_versions = versions;
                 renders = next;
+                let label = crate::metrics::source(&name);
+                fleet
+                    .metrics
+                    .render_duration
+                    .get_or_create(&label)
+                    .observe(started.elapsed().as_secs_f64());
+                let failed = match &rendered {
+                    Ok(bundles) => bundles.iter().filter(|b| b.result.is_err()).count(),
+                    Err(_) => 1,
+                };
+                if failed > 0 {
+                    fleet
+                        .metrics
+                        .render_errors
+                        .get_or_create(&label)
+                        .inc_by(failed as u64);
+                }
                 match rendered {
                     Ok(bundles) => {
                         let failed = bundles.iter().filter(|b| b.result.is_err()).count();

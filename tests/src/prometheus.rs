@@ -44,6 +44,15 @@ fn percent_encode(s: &str) -> String {
 impl Prometheus {
     /// Starts Prometheus scraping `targets` (`host:port`, path `/metrics`) every second.
     pub fn start(dir: &Path, targets: &[String]) -> Result<Prometheus> {
+        Self::start_with_rules(dir, targets, &[])
+    }
+
+    /// As [`Prometheus::start`], evaluating the rule files every second too.
+    pub fn start_with_rules(
+        dir: &Path,
+        targets: &[String],
+        rules: &[std::path::PathBuf],
+    ) -> Result<Prometheus> {
         if !Path::new(BINARY).exists() {
             bail!("{BINARY} is missing: `make testenv` installs prometheus");
         }
@@ -51,10 +60,12 @@ impl Prometheus {
         let port = free_port();
         let list: Vec<String> = targets.iter().map(|t| format!("'{t}'")).collect();
         let config = dir.join("prometheus.yml");
+        let rule_files: Vec<String> = rules.iter().map(|r| format!("'{}'", r.display())).collect();
         std::fs::write(
             &config,
             format!(
-                "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nscrape_configs:\n  - job_name: flotilla\n    static_configs:\n      - targets: [{}]\n",
+                "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nrule_files: [{}]\nscrape_configs:\n  - job_name: flotilla\n    static_configs:\n      - targets: [{}]\n",
+                rule_files.join(", "),
                 list.join(", ")
             ),
         )?;
@@ -86,6 +97,21 @@ impl Prometheus {
         }
         let v: Value = serde_json::from_str(&body)?;
         Ok(v["data"]["result"].as_array().cloned().unwrap_or_default())
+    }
+
+    /// Every alerting and recording rule loaded (`/api/v1/rules`), flattened.
+    pub fn rules(&self) -> Result<Vec<Value>> {
+        let (status, body) = http_get(self.port, "/api/v1/rules")?;
+        if status != 200 {
+            bail!("rules: HTTP {status}: {body}");
+        }
+        let v: Value = serde_json::from_str(&body)?;
+        Ok(v["data"]["groups"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .flat_map(|g| g["rules"].as_array().cloned().unwrap_or_default())
+            .collect())
     }
 
     /// The single value of an instant query, if it has one series.

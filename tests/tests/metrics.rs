@@ -2,7 +2,8 @@
 //! connected clusters, a bundle's states, and the commit-to-Ready histogram
 //! after a commit.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
 
 use anyhow::Result;
 use flotilla_tests::prometheus::{http_get, Prometheus};
@@ -32,12 +33,14 @@ fn prometheus_scrapes_the_hub() -> Result<()> {
         &[],
     )?;
     let agent_metrics_port = free_port();
-    let prom = Prometheus::start(
+    let monitoring = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/monitoring");
+    let prom = Prometheus::start_with_rules(
         &dir.path().join("prometheus"),
         &[
             format!("127.0.0.1:{metrics_port}"),
             format!("127.0.0.1:{agent_metrics_port}"),
         ],
+        &[monitoring.join("flotilla-alerts.yaml")],
     )?;
     let repo = GitRepo::new(dir.path(), "metr")?;
     repo.commit(
@@ -121,6 +124,25 @@ fn prometheus_scrapes_the_hub() -> Result<()> {
     )?;
     assert!(p99.is_some_and(|v| v > 0.0 && v < 120.0), "p99 {p99:?}");
 
+    // The source's fetches and renders: timed, none failed, a last success.
+    wait_until("PromQL: fetches and renders timed", DEADLINE, || {
+        let fetches = prom
+            .value(r#"flotilla_source_fetch_duration_seconds_count{source="metr"}"#)?
+            .unwrap_or(0.0);
+        let renders = prom
+            .value(r#"flotilla_render_duration_seconds_count{source="metr"}"#)?
+            .unwrap_or(0.0);
+        Ok((fetches >= 2.0 && renders >= 2.0).then_some(()))
+    })?;
+    assert_eq!(
+        prom.value(r#"flotilla_source_fetch_errors_total{source="metr"}"#)?
+            .unwrap_or(0.0),
+        0.0
+    );
+    let last = prom
+        .value(r#"time() - flotilla_source_last_success_timestamp_seconds{source="metr"}"#)?;
+    assert!(last.is_some_and(|age| (0.0..120.0).contains(&age)), "age {last:?}");
+
     // The agent's own: its applies and how long they took.
     wait_until("PromQL: the agent's applies", DEADLINE, || {
         let applies = prom.value("flotilla_agent_applies_total")?.unwrap_or(0.0);
@@ -145,6 +167,77 @@ fn prometheus_scrapes_the_hub() -> Result<()> {
             >= 1.0)
             .then_some(()))
     })?;
+
+    // The example alert rules: each evaluates, and the offline cluster's alert
+    // is pending (it fires after its `for:`).
+    let rules = wait_until("every alert rule evaluated, the offline one pending", DEADLINE, || {
+        let rules = prom.rules()?;
+        let bad: Vec<String> = rules
+            .iter()
+            .filter(|r| r["health"] != "ok")
+            .map(|r| format!("{}: {} {}", r["name"], r["health"], r["lastError"]))
+            .collect();
+        if !bad.is_empty() {
+            anyhow::bail!("rules not ok: {bad:?}");
+        }
+        let offline = rules.iter().find(|r| r["name"] == "FlotillaClusterOffline");
+        Ok(offline
+            .is_some_and(|r| r["state"] == "pending")
+            .then_some(rules))
+    })?;
+    assert!(rules.len() >= 10, "{rules:#?}");
+    let offline = rules
+        .iter()
+        .find(|r| r["name"] == "FlotillaClusterOffline")
+        .unwrap();
+    assert_eq!(
+        offline["alerts"][0]["labels"]["cluster"], "metr-west",
+        "{offline:#}"
+    );
+
+    // The dashboard: every query is valid PromQL here, and every metric it
+    // names is one the hub or the agent exports.
+    let dashboard: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(
+        monitoring.join("flotilla-dashboard.json"),
+    )?)?;
+    // What the binaries register (families without a series yet, such as
+    // rollout phases here, are not in the exposition), with the suffixes of
+    // their samples.
+    let mut exported = BTreeSet::new();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    for (file, prefix) in [
+        ("hub/src/metrics.rs", "flotilla_"),
+        ("agent/src/metrics.rs", "flotilla_agent_"),
+    ] {
+        let source = std::fs::read_to_string(root.join(file))?;
+        for part in source.split("register(").skip(1) {
+            let name = part.split('"').nth(1).unwrap_or_default();
+            for suffix in ["", "_total", "_bucket", "_count", "_sum"] {
+                exported.insert(format!("{prefix}{name}{suffix}"));
+            }
+        }
+    }
+    // And they are exported under those names.
+    let (_, text) = http_get(metrics_port, "/metrics")?;
+    for name in ["flotilla_clusters_connected", "flotilla_source_fetch_duration_seconds_count"] {
+        assert!(exported.contains(name) && text.contains(name), "{name}");
+    }
+    let exprs: Vec<String> = dashboard["panels"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|p| p["targets"].as_array().cloned().unwrap_or_default())
+        .filter_map(|t| t["expr"].as_str().map(str::to_string))
+        .collect();
+    assert!(exprs.len() >= 15, "{exprs:?}");
+    for expr in &exprs {
+        prom.query(expr)?;
+        for word in expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
+            if word.starts_with("flotilla_") {
+                assert!(exported.contains(word), "{word} (in {expr}) is not exported");
+            }
+        }
+    }
     for a in &mut agents {
         a.proc.stop();
     }
