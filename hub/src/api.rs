@@ -344,10 +344,7 @@ async fn apply(
 async fn list_notifications(
     State(hub): State<Hub>,
 ) -> ApiResult<Vec<crate::notify::NotificationView>> {
-    hub.notifier
-        .views()
-        .map(Json)
-        .map_err(ApiError::internal)
+    hub.notifier.views().map(Json).map_err(ApiError::internal)
 }
 
 async fn delete_notification(
@@ -358,7 +355,9 @@ async fn delete_notification(
         tracing::info!(notification = %name, "notification deleted");
         Ok(Json(json!({ "deleted": name })))
     } else {
-        Err(ApiError::not_found(format!("notification {name} not found")))
+        Err(ApiError::not_found(format!(
+            "notification {name} not found"
+        )))
     }
 }
 

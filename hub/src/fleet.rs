@@ -1502,7 +1502,11 @@ impl Fleet {
                     name: info.name.clone(),
                     source: info.source.clone(),
                     labels: info.labels.clone(),
-                    revision: info.good.as_ref().map(|(_, r)| r.clone()).unwrap_or_default(),
+                    revision: info
+                        .good
+                        .as_ref()
+                        .map(|(_, r)| r.clone())
+                        .unwrap_or_default(),
                     content_hash: identity,
                     clusters: Vec::new(),
                 };

@@ -153,10 +153,8 @@ impl Notifier {
             .specs()
             .values()
             .map(|r| {
-                let mine: Vec<&OutboxEntry> = outbox
-                    .iter()
-                    .filter(|e| e.notification == r.name)
-                    .collect();
+                let mine: Vec<&OutboxEntry> =
+                    outbox.iter().filter(|e| e.notification == r.name).collect();
                 NotificationView {
                     name: r.name.clone(),
                     sink: r.spec.sink,
@@ -184,8 +182,7 @@ impl Notifier {
         loop {
             let this = self.clone();
             let f = fleet.clone();
-            match tokio::task::spawn_blocking(move || this.decide_once(&f, crate::now_ms())).await
-            {
+            match tokio::task::spawn_blocking(move || this.decide_once(&f, crate::now_ms())).await {
                 Ok(Ok(true)) => self.deliver.notify_one(),
                 Ok(Ok(false)) => {}
                 Ok(Err(error)) => tracing::error!(%error, "notifications: deciding failed"),
@@ -410,7 +407,9 @@ impl Notifier {
         };
         let body = match spec.sink {
             SinkType::Webhook => serde_json::to_vec(&entry.message.body),
-            SinkType::Slack => serde_json::to_vec(&notify::slack_body(&record.name, &entry.message)),
+            SinkType::Slack => {
+                serde_json::to_vec(&notify::slack_body(&record.name, &entry.message))
+            }
         }
         .unwrap_or_default();
         let events = entry
@@ -426,7 +425,10 @@ impl Notifier {
             .header(reqwest::header::CONTENT_TYPE, "application/json")
             .header("idempotency-key", &entry.message.key)
             .header("x-flotilla-event", events)
-            .header("x-flotilla-delivery-attempt", (entry.attempts + 1).to_string());
+            .header(
+                "x-flotilla-delivery-attempt",
+                (entry.attempts + 1).to_string(),
+            );
         if spec.sink == SinkType::Webhook {
             if let Some(key) = secret.as_ref().and_then(|s| s.webhook_secret.as_deref()) {
                 req = req.header(SIGNATURE_HEADER, signature(key.as_bytes(), &body));
@@ -443,7 +445,9 @@ impl Notifier {
                 {
                     Sent::Retry(format!("the sink answered {status}"))
                 } else if status.is_redirection() {
-                    Sent::Drop(format!("the sink answered {status}: redirects are not followed"))
+                    Sent::Drop(format!(
+                        "the sink answered {status}: redirects are not followed"
+                    ))
                 } else {
                     Sent::Drop(format!("the sink answered {status}"))
                 }
@@ -456,7 +460,10 @@ impl Notifier {
 /// `sha256=<hex of HMAC-SHA256(key, body)>`.
 pub fn signature(key: &[u8], body: &[u8]) -> String {
     let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, key);
-    format!("sha256={}", hex::encode(ring::hmac::sign(&key, body).as_ref()))
+    format!(
+        "sha256={}",
+        hex::encode(ring::hmac::sign(&key, body).as_ref())
+    )
 }
 
 #[cfg(test)]

@@ -346,7 +346,11 @@ async fn poll_loop(p: Poll, wake: Arc<Notify>, mut cancel: watch::Receiver<bool>
                     .get_or_create(&label)
                     .observe(started.elapsed().as_secs_f64());
                 if matches!(&fetched, Err(e) if !matches!(e, GitError::Cancelled { .. })) {
-                    fleet.metrics.source_fetch_errors.get_or_create(&label).inc();
+                    fleet
+                        .metrics
+                        .source_fetch_errors
+                        .get_or_create(&label)
+                        .inc();
                 }
                 fetched
             }

@@ -1418,4 +1418,58 @@ mod tests {
         assert!(!store.create_cluster(&c).unwrap());
         assert_eq!(store.list_clusters().unwrap(), vec![c]);
     }
+
+    #[test]
+    fn the_outbox_keeps_messages_with_their_memory_across_a_reopen() {
+        use flotilla_shared::notify::{Memory, Message};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store");
+        let message = |key: &str| Message {
+            key: key.into(),
+            events: vec![],
+            title: key.into(),
+            lines: vec![],
+            body: serde_json::json!({}),
+        };
+        let memory = Memory {
+            seq: 2,
+            ..Memory::default()
+        };
+        {
+            let store = SledStore::open(&path).unwrap();
+            let queued = store
+                .commit_notify("n", &memory, vec![message("k1"), message("k2")], 5)
+                .unwrap();
+            assert_eq!(queued.iter().map(|e| e.id).collect::<Vec<_>>(), [1, 2]);
+            store
+                .commit_notify("other", &Memory::default(), vec![message("k3")], 6)
+                .unwrap();
+            store.flush().unwrap();
+        }
+        let store = SledStore::open(&path).unwrap();
+        assert_eq!(store.notify_memory("n").unwrap(), Some(memory));
+        let keys: Vec<String> = store
+            .outbox()
+            .unwrap()
+            .into_iter()
+            .map(|e| e.message.key)
+            .collect();
+        assert_eq!(keys, ["k1", "k2", "k3"], "in order");
+        // Ids keep growing after a reopen.
+        let more = store
+            .commit_notify("n", &Memory::default(), vec![message("k4")], 7)
+            .unwrap();
+        assert_eq!(more[0].id, 4);
+        store.remove_outbox(1).unwrap();
+        // Deleting a notification takes its memory and its messages, not others'.
+        store.delete_notification("n").unwrap();
+        assert_eq!(store.notify_memory("n").unwrap(), None);
+        let left: Vec<String> = store
+            .outbox()
+            .unwrap()
+            .into_iter()
+            .map(|e| e.message.key)
+            .collect();
+        assert_eq!(left, ["k3"]);
+    }
 }

@@ -128,12 +128,10 @@ impl NotificationSpec {
         match (&self.url, self.sink) {
             (Some(url), _) => validate_url(url).map_err(|r| bad(format!("spec.url: {r}")))?,
             (None, SinkType::Webhook) => return Err(bad("spec.url is required".into())),
-            (None, SinkType::Slack) if self.secret_ref.is_none() => {
-                return Err(bad(
-                    "a slack notification needs spec.url or spec.secretRef (a secret with --url-file)"
-                        .into(),
-                ))
-            }
+            (None, SinkType::Slack) if self.secret_ref.is_none() => return Err(bad(
+                "a slack notification needs spec.url or spec.secretRef (a secret with --url-file)"
+                    .into(),
+            )),
             (None, SinkType::Slack) => {}
         }
         if let Some(r) = &self.secret_ref {
@@ -175,7 +173,9 @@ impl NotificationSpec {
     }
 
     fn bundle_matches(&self, labels: &Labels) -> bool {
-        self.bundle_selector.as_ref().is_none_or(|s| s.matches(labels))
+        self.bundle_selector
+            .as_ref()
+            .is_none_or(|s| s.matches(labels))
     }
 
     fn cluster_matches(&self, labels: &Labels) -> bool {
@@ -200,7 +200,9 @@ pub fn validate_url(url: &str) -> Result<(), String> {
         return Err("has no host".into());
     }
     if authority.contains('@') {
-        return Err("must not carry credentials: put a Slack URL in the secret (--url-file)".into());
+        return Err(
+            "must not carry credentials: put a Slack URL in the secret (--url-file)".into(),
+        );
     }
     Ok(())
 }
@@ -458,8 +460,11 @@ pub fn decide(
 }
 
 fn observe(spec: &NotificationSpec, world: &World, out: &mut Out<'_>) {
-    let clusters: BTreeMap<&str, &ClusterSeen> =
-        world.clusters.iter().map(|c| (c.name.as_str(), c)).collect();
+    let clusters: BTreeMap<&str, &ClusterSeen> = world
+        .clusters
+        .iter()
+        .map(|c| (c.name.as_str(), c))
+        .collect();
     digests(spec, world, &clusters, out);
     offline(spec, world, out);
     source_errors(spec, world, out);
@@ -527,9 +532,7 @@ fn digests(
         if outcomes.is_empty() {
             continue;
         }
-        let all_ready = outcomes
-            .iter()
-            .all(|(_, o)| *o == Some(Outcome::Ready));
+        let all_ready = outcomes.iter().all(|(_, o)| *o == Some(Outcome::Ready));
         let previous = out
             .memory
             .digests
@@ -541,8 +544,10 @@ fn digests(
                 if outcomes.iter().any(|(_, o)| o.is_none()) {
                     continue; // not settled yet
                 }
-                let listed: Vec<(&OnCluster, Outcome)> =
-                    outcomes.iter().map(|(on, o)| (*on, o.unwrap_or(Outcome::Ready))).collect();
+                let listed: Vec<(&OnCluster, Outcome)> = outcomes
+                    .iter()
+                    .map(|(on, o)| (*on, o.unwrap_or(Outcome::Ready)))
+                    .collect();
                 let recorded = listed
                     .iter()
                     .map(|(on, o)| (on.cluster.clone(), *o))
@@ -631,9 +636,17 @@ fn send_digest(
         .collect::<Vec<_>>()
         .join(", ");
     let title = if update {
-        format!("bundle {} at {short}: changed on {} cluster(s) ({summary})", b.name, listed.len())
+        format!(
+            "bundle {} at {short}: changed on {} cluster(s) ({summary})",
+            b.name,
+            listed.len()
+        )
     } else {
-        format!("bundle {} at {short} on {} cluster(s): {summary}", b.name, all.len())
+        format!(
+            "bundle {} at {short} on {} cluster(s): {summary}",
+            b.name,
+            all.len()
+        )
     };
     let shown = &listed[..listed.len().min(MAX_LISTED)];
     let lines = shown
@@ -694,7 +707,12 @@ fn offline(spec: &NotificationSpec, world: &World, out: &mut Out<'_>) {
         "{} cluster(s) offline for more than {}: {}",
         names.len(),
         humanize_ms(grace),
-        names.iter().take(20).copied().collect::<Vec<_>>().join(", ")
+        names
+            .iter()
+            .take(20)
+            .copied()
+            .collect::<Vec<_>>()
+            .join(", ")
     );
     let body = json!({
         "kind": "ClusterOffline",
@@ -708,7 +726,7 @@ fn offline(spec: &NotificationSpec, world: &World, out: &mut Out<'_>) {
 }
 
 fn humanize_ms(ms: u64) -> String {
-    if ms % 60_000 == 0 && ms > 0 {
+    if ms.is_multiple_of(60_000) && ms > 0 {
         format!("{}m", ms / 60_000)
     } else {
         format!("{}s", ms / 1000)
@@ -760,7 +778,11 @@ fn rollouts(spec: &NotificationSpec, world: &World, out: &mut Out<'_>) {
             continue;
         }
         let short = &r.revision[..r.revision.len().min(12)];
-        let title = format!("rollout of {} at {short}: {phase}: {}", r.bundle, clip(&r.reason));
+        let title = format!(
+            "rollout of {} at {short}: {phase}: {}",
+            r.bundle,
+            clip(&r.reason)
+        );
         let body = json!({
             "kind": "Rollout",
             "bundle": r.bundle,
@@ -793,14 +815,20 @@ fn drift(
     let mut by_bundle: BTreeMap<&str, Vec<&DriftSeen>> = BTreeMap::new();
     for d in world.drift.iter().filter(|d| d.id > after) {
         let bundle_labels = labels.get(d.bundle.as_str()).copied().unwrap_or(&empty);
-        let cluster_labels = clusters.get(d.cluster.as_str()).map_or(&empty, |c| &c.labels);
+        let cluster_labels = clusters
+            .get(d.cluster.as_str())
+            .map_or(&empty, |c| &c.labels);
         if spec.bundle_matches(bundle_labels) && spec.cluster_matches(cluster_labels) {
             by_bundle.entry(&d.bundle).or_default().push(d);
         }
     }
     for (bundle, events) in by_bundle {
         let shown = &events[..events.len().min(MAX_DRIFT_LISTED)];
-        let cluster_count = events.iter().map(|d| &d.cluster).collect::<BTreeSet<_>>().len();
+        let cluster_count = events
+            .iter()
+            .map(|d| &d.cluster)
+            .collect::<BTreeSet<_>>()
+            .len();
         let title = format!(
             "drift in bundle {bundle}: {} change(s) on {cluster_count} cluster(s)",
             events.len()
@@ -813,7 +841,11 @@ fn drift(
                     "{}: {} changed by {} ({}){}",
                     d.cluster,
                     d.object,
-                    if d.manager.is_empty() { "unknown" } else { &d.manager },
+                    if d.manager.is_empty() {
+                        "unknown"
+                    } else {
+                        &d.manager
+                    },
                     d.fields.join(", "),
                     if d.corrected { ", corrected" } else { "" }
                 )

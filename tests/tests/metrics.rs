@@ -139,9 +139,12 @@ fn prometheus_scrapes_the_hub() -> Result<()> {
             .unwrap_or(0.0),
         0.0
     );
-    let last = prom
-        .value(r#"time() - flotilla_source_last_success_timestamp_seconds{source="metr"}"#)?;
-    assert!(last.is_some_and(|age| (0.0..120.0).contains(&age)), "age {last:?}");
+    let last =
+        prom.value(r#"time() - flotilla_source_last_success_timestamp_seconds{source="metr"}"#)?;
+    assert!(
+        last.is_some_and(|age| (0.0..120.0).contains(&age)),
+        "age {last:?}"
+    );
 
     // The agent's own: its applies and how long they took.
     wait_until("PromQL: the agent's applies", DEADLINE, || {
@@ -170,21 +173,25 @@ fn prometheus_scrapes_the_hub() -> Result<()> {
 
     // The example alert rules: each evaluates, and the offline cluster's alert
     // is pending (it fires after its `for:`).
-    let rules = wait_until("every alert rule evaluated, the offline one pending", DEADLINE, || {
-        let rules = prom.rules()?;
-        let bad: Vec<String> = rules
-            .iter()
-            .filter(|r| r["health"] != "ok")
-            .map(|r| format!("{}: {} {}", r["name"], r["health"], r["lastError"]))
-            .collect();
-        if !bad.is_empty() {
-            anyhow::bail!("rules not ok: {bad:?}");
-        }
-        let offline = rules.iter().find(|r| r["name"] == "FlotillaClusterOffline");
-        Ok(offline
-            .is_some_and(|r| r["state"] == "pending")
-            .then_some(rules))
-    })?;
+    let rules = wait_until(
+        "every alert rule evaluated, the offline one pending",
+        DEADLINE,
+        || {
+            let rules = prom.rules()?;
+            let bad: Vec<String> = rules
+                .iter()
+                .filter(|r| r["health"] != "ok")
+                .map(|r| format!("{}: {} {}", r["name"], r["health"], r["lastError"]))
+                .collect();
+            if !bad.is_empty() {
+                anyhow::bail!("rules not ok: {bad:?}");
+            }
+            let offline = rules.iter().find(|r| r["name"] == "FlotillaClusterOffline");
+            Ok(offline
+                .is_some_and(|r| r["state"] == "pending")
+                .then_some(rules))
+        },
+    )?;
     assert!(rules.len() >= 10, "{rules:#?}");
     let offline = rules
         .iter()
@@ -219,7 +226,10 @@ fn prometheus_scrapes_the_hub() -> Result<()> {
     }
     // And they are exported under those names.
     let (_, text) = http_get(metrics_port, "/metrics")?;
-    for name in ["flotilla_clusters_connected", "flotilla_source_fetch_duration_seconds_count"] {
+    for name in [
+        "flotilla_clusters_connected",
+        "flotilla_source_fetch_duration_seconds_count",
+    ] {
         assert!(exported.contains(name) && text.contains(name), "{name}");
     }
     let exprs: Vec<String> = dashboard["panels"]
@@ -234,7 +244,10 @@ fn prometheus_scrapes_the_hub() -> Result<()> {
         prom.query(expr)?;
         for word in expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
             if word.starts_with("flotilla_") {
-                assert!(exported.contains(word), "{word} (in {expr}) is not exported");
+                assert!(
+                    exported.contains(word),
+                    "{word} (in {expr}) is not exported"
+                );
             }
         }
     }

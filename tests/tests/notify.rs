@@ -95,9 +95,14 @@ fn notifications_digest_retry_survive_restart_and_escape() -> Result<()> {
         "v1",
     )?;
     let mut agents = Vec::new();
-    for (i, (name, env)) in [("nt-a", "prod"), ("nt-b", "prod"), ("nt-c", "prod"), ("nt-d", "dev")]
-        .into_iter()
-        .enumerate()
+    for (i, (name, env)) in [
+        ("nt-a", "prod"),
+        ("nt-b", "prod"),
+        ("nt-c", "prod"),
+        ("nt-d", "dev"),
+    ]
+    .into_iter()
+    .enumerate()
     {
         agents.push(Agent::start(
             &hub,
@@ -158,7 +163,11 @@ fn notifications_digest_retry_survive_restart_and_escape() -> Result<()> {
     let d1 = wait_digest_delivered(&rx, &v1)?;
     assert_eq!(d1.len(), 1, "one message: {d1:#?}");
     let body = d1[0].json();
-    assert_eq!(body["events"], serde_json::json!(["RevisionReady"]), "{body:#}");
+    assert_eq!(
+        body["events"],
+        serde_json::json!(["RevisionReady"]),
+        "{body:#}"
+    );
     assert_eq!(body["bundle"], "nt-web");
     assert_eq!(body["counts"]["Ready"], 3, "{body:#}");
     let listed: BTreeSet<&str> = body["clusters"]
@@ -168,7 +177,10 @@ fn notifications_digest_retry_survive_restart_and_escape() -> Result<()> {
         .filter_map(|c| c["cluster"].as_str())
         .collect();
     assert_eq!(listed, BTreeSet::from(["nt-a", "nt-b", "nt-c"]), "{body:#}");
-    assert_eq!(d1[0].header("idempotency-key"), body["id"].as_str().unwrap());
+    assert_eq!(
+        d1[0].header("idempotency-key"),
+        body["id"].as_str().unwrap()
+    );
     assert_eq!(
         d1[0].header("x-flotilla-signature-256"),
         signature(&d1[0].body),
@@ -177,7 +189,10 @@ fn notifications_digest_retry_survive_restart_and_escape() -> Result<()> {
 
     // Retried while the receiver answers 500, with the same key.
     rx.answer_next(2, 500);
-    let v2 = repo.commit(&BTreeMap::from([("web/app.yaml", Some(app("v2").as_str()))]), "v2")?;
+    let v2 = repo.commit(
+        &BTreeMap::from([("web/app.yaml", Some(app("v2").as_str()))]),
+        "v2",
+    )?;
     let d2 = wait_digest_delivered(&rx, &v2)?;
     let answers: Vec<Option<u16>> = d2.iter().map(|r| r.answered).collect();
     assert_eq!(answers, vec![Some(500), Some(500), Some(200)], "{d2:#?}");
@@ -191,7 +206,10 @@ fn notifications_digest_retry_survive_restart_and_escape() -> Result<()> {
     // The hub is killed while the receiver holds the delivery: after the restart
     // it is sent again with the same key, and no second message is made.
     rx.hold_next();
-    let v3 = repo.commit(&BTreeMap::from([("web/app.yaml", Some(app("v3").as_str()))]), "v3")?;
+    let v3 = repo.commit(
+        &BTreeMap::from([("web/app.yaml", Some(app("v3").as_str()))]),
+        "v3",
+    )?;
     wait_until("digest of v3 held", DEADLINE, || {
         Ok((!digests(&rx, &v3).is_empty()).then_some(()))
     })?;
@@ -199,7 +217,11 @@ fn notifications_digest_retry_survive_restart_and_escape() -> Result<()> {
     rx.release();
     hub.restart()?;
     let d3 = wait_digest_delivered(&rx, &v3)?;
-    assert_eq!(keys(&d3).len(), 1, "the same message after the restart: {d3:#?}");
+    assert_eq!(
+        keys(&d3).len(),
+        1,
+        "the same message after the restart: {d3:#?}"
+    );
     assert!(d3.len() >= 2, "{d3:#?}");
     assert_eq!(d3[0].body, d3[d3.len() - 1].body);
 
@@ -221,8 +243,63 @@ fn notifications_digest_retry_survive_restart_and_escape() -> Result<()> {
     })?;
     let body = drift.json();
     assert_eq!(body["drift"][0]["cluster"], "nt-a", "{body:#}");
-    assert_eq!(body["drift"][0]["object"], format!("ConfigMap {NS}/version"));
+    assert_eq!(
+        body["drift"][0]["object"],
+        format!("ConfigMap {NS}/version")
+    );
     assert_eq!(body["drift"][0]["manager"], "kubectl-patch", "{body:#}");
+
+    // A sink that redirects is not followed (the signed body would go
+    // elsewhere): the message is dropped after one attempt.
+    rx.answer_next(1, 302);
+    clusters[2].kubectl(&[
+        "patch",
+        "-n",
+        NS,
+        "configmap/version",
+        "--type=merge",
+        "-p",
+        r#"{"data":{"version":"edited-again"}}"#,
+    ])?;
+    let redirected = wait_until("a redirected message", DEADLINE, || {
+        Ok(rx.received().into_iter().find(|r| r.answered == Some(302)))
+    })?;
+    wait_until(
+        "the redirected message counted as dropped",
+        DEADLINE,
+        || {
+            let (_, text) = http_get(metrics_port, "/metrics")?;
+            Ok(text
+                .lines()
+                .any(|l| {
+                    l.contains("notification=\"hooks\"")
+                        && l.contains("result=\"dropped\"")
+                        && !l.ends_with(" 0")
+                })
+                .then_some(()))
+        },
+    )?;
+    let key = redirected.header("idempotency-key").to_string();
+    let attempts = rx
+        .received()
+        .iter()
+        .filter(|r| r.header("idempotency-key") == key)
+        .count();
+    assert_eq!(attempts, 1, "not retried, not followed");
+    // A secret URL that is no http(s) URL is refused, and not echoed.
+    std::fs::write(files.join("bad-url"), "file:///etc/passwd")?;
+    let out = hub.cli_output(&[
+        "secret",
+        "create",
+        "bad",
+        "--url-file",
+        files.join("bad-url").to_str().unwrap(),
+    ])?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("url") && !err.contains("/etc/passwd"),
+        "{err}"
+    );
 
     // A commit that fails to apply, whose error carries hostile text: chat gets
     // it escaped; hooks gets one ErrApplied digest of the prod clusters.
@@ -230,14 +307,18 @@ fn notifications_digest_retry_survive_restart_and_escape() -> Result<()> {
         "{}---\napiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: hostile\n  labels: {{bad: \"<!channel>\"}}\ndata: {{}}\n",
         app("v4")
     );
-    let v4 = repo.commit(&BTreeMap::from([("web/app.yaml", Some(bad.as_str()))]), "v4")?;
+    let v4 = repo.commit(
+        &BTreeMap::from([("web/app.yaml", Some(bad.as_str()))]),
+        "v4",
+    )?;
     let text = wait_slack(&rx, "ErrApplied on chat", |t| t.contains("ErrApplied"))?;
     assert!(!text.contains("<!channel>"), "{text}");
     assert!(text.contains("&lt;!channel&gt;"), "{text}");
     let hooks_err = wait_until("ErrApplied digest on hooks", DEADLINE, || {
-        Ok(rx.received().into_iter().find(|r| {
-            r.path == "/hooks" && r.json()["events"].to_string().contains("ErrApplied")
-        }))
+        Ok(rx
+            .received()
+            .into_iter()
+            .find(|r| r.path == "/hooks" && r.json()["events"].to_string().contains("ErrApplied")))
     })?;
     let body = hooks_err.json();
     assert_eq!(body["counts"]["ErrApplied"], 3, "prod only: {body:#}");
@@ -251,7 +332,9 @@ fn notifications_digest_retry_survive_restart_and_escape() -> Result<()> {
 
     // A source that fails.
     repo.stop_serving();
-    wait_slack(&rx, "SourceError on chat", |t| t.contains("source nt fails"))?;
+    wait_slack(&rx, "SourceError on chat", |t| {
+        t.contains("source nt fails")
+    })?;
 
     // Exactly one message per revision, whatever the attempts.
     for rev in [&v1, &v2, &v3] {
@@ -280,7 +363,11 @@ fn notifications_digest_retry_survive_restart_and_escape() -> Result<()> {
         let path = entry?.path();
         if path.extension().is_some_and(|e| e == "log") {
             let log = std::fs::read_to_string(&path)?;
-            assert!(!log.contains("/slack"), "no secret URL in {}", path.display());
+            assert!(
+                !log.contains("/slack"),
+                "no secret URL in {}",
+                path.display()
+            );
             assert!(!log.contains(HMAC_KEY), "no key in {}", path.display());
         }
     }

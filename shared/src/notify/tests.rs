@@ -85,7 +85,11 @@ fn first_look_is_the_baseline() {
     assert!(msgs.is_empty(), "{msgs:?}");
     assert_eq!(m.digests["web"].content_hash, "h1");
     // Nothing changed: nothing to say.
-    let (m2, msgs) = run(&s, &m, &world(2000, "h1", [Ready, Ready, ErrApplied, Ready]));
+    let (m2, msgs) = run(
+        &s,
+        &m,
+        &world(2000, "h1", [Ready, Ready, ErrApplied, Ready]),
+    );
     assert!(msgs.is_empty());
     assert_eq!(m2.digests, m.digests);
 }
@@ -95,7 +99,11 @@ fn one_digest_per_revision_once_every_cluster_has_an_outcome() {
     let s = spec(&[Event::RevisionReady, Event::ErrApplied]);
     let (m, _) = decide("hooks", &s, None, &world(0, "h0", [Ready; 4]));
     // A new revision: two clusters applied, two not yet.
-    let (m, msgs) = run(&s, &m, &world(10, "h1", [Ready, Ready, WaitApplied, WaitApplied]));
+    let (m, msgs) = run(
+        &s,
+        &m,
+        &world(10, "h1", [Ready, Ready, WaitApplied, WaitApplied]),
+    );
     assert!(msgs.is_empty(), "not settled: {msgs:?}");
     let (m, msgs) = run(&s, &m, &world(20, "h1", [Ready, Ready, Ready, Ready]));
     assert_eq!(msgs.len(), 1, "{msgs:?}");
@@ -137,9 +145,17 @@ fn not_ready_counts_after_the_grace_period() {
     let (m, msgs) = run(&s, &m, &world(1_000, "h1", [Ready, Ready, Ready, NotReady]));
     assert!(msgs.is_empty());
     assert_eq!(m.not_ready_since["web/d"], 1_000);
-    let (m, msgs) = run(&s, &m, &world(10_999, "h1", [Ready, Ready, Ready, NotReady]));
+    let (m, msgs) = run(
+        &s,
+        &m,
+        &world(10_999, "h1", [Ready, Ready, Ready, NotReady]),
+    );
     assert!(msgs.is_empty(), "within grace");
-    let (m, msgs) = run(&s, &m, &world(11_000, "h1", [Ready, Ready, Ready, NotReady]));
+    let (m, msgs) = run(
+        &s,
+        &m,
+        &world(11_000, "h1", [Ready, Ready, Ready, NotReady]),
+    );
     assert_eq!(msgs.len(), 1);
     assert_eq!(msgs[0].events, vec![Event::NotReady]);
     assert_eq!(msgs[0].body["counts"]["NotReady"], 1);
@@ -205,7 +221,11 @@ fn an_offline_cluster_settles_a_digest() {
     let (_, msgs) = run(&s, &m, &w);
     // Offline is an outcome; with it, not everything is Ready and nothing failed.
     assert!(msgs.is_empty(), "{msgs:?}");
-    let s = spec(&[Event::RevisionReady, Event::ErrApplied, Event::ClusterOffline]);
+    let s = spec(&[
+        Event::RevisionReady,
+        Event::ErrApplied,
+        Event::ClusterOffline,
+    ]);
     let (m, _) = decide("hooks", &s, None, &world(0, "h0", [Ready; 4]));
     let (m2, msgs) = run(&s, &m, &w);
     assert_eq!(msgs.len(), 1, "the offline message only: {msgs:?}");
@@ -292,8 +312,10 @@ fn hostile_text_is_escaped_for_slack_and_clipped() {
     let s = spec(&[Event::ErrApplied]);
     let (m, _) = decide("hooks", &s, None, &world(0, "h0", [Ready; 4]));
     let mut w = world(10, "h1", [Ready, Ready, Ready, ErrApplied]);
-    w.bundles[0].clusters[3].message =
-        format!("<!channel> <http://evil.example|click> & {}", "x".repeat(2000));
+    w.bundles[0].clusters[3].message = format!(
+        "<!channel> <http://evil.example|click> & {}",
+        "x".repeat(2000)
+    );
     let (_, msgs) = run(&s, &m, &w);
     let body = slack_body("hooks", &msgs[0]);
     let text = body["text"].as_str().unwrap();
@@ -310,7 +332,11 @@ fn spec_validation_names_the_problem() {
     ok.validate("n").unwrap();
     let mut s = ok.clone();
     s.events.clear();
-    assert!(s.validate("n").unwrap_err().to_string().contains("spec.events"));
+    assert!(s
+        .validate("n")
+        .unwrap_err()
+        .to_string()
+        .contains("spec.events"));
     let mut s = ok.clone();
     s.url = Some("file:///etc/passwd".into());
     assert!(s.validate("n").unwrap_err().to_string().contains("http"));
@@ -320,7 +346,11 @@ fn spec_validation_names_the_problem() {
     assert!(e.contains("credentials") && !e.contains("pw@"), "{e}");
     let mut s = ok.clone();
     s.url = None;
-    assert!(s.validate("n").unwrap_err().to_string().contains("spec.url"));
+    assert!(s
+        .validate("n")
+        .unwrap_err()
+        .to_string()
+        .contains("spec.url"));
     let mut s = ok.clone();
     s.sink = SinkType::Slack;
     s.url = None;
@@ -344,7 +374,10 @@ fn parsed_from_yaml_with_unknown_fields_refused() {
     let e = crate::objects::parse_objects("n.yaml", &bad)
         .unwrap_err()
         .to_string();
-    assert!(e.contains("n.yaml") && e.contains("Notification alerts"), "{e}");
+    assert!(
+        e.contains("n.yaml") && e.contains("Notification alerts"),
+        "{e}"
+    );
     let bad = yaml.replace("Drift", "Everything");
     assert!(crate::objects::parse_objects("n.yaml", &bad).is_err());
 }
