@@ -61,13 +61,13 @@ fn gvk_of(api_version: &str, kind: &str) -> GroupVersionKind {
 }
 
 /// Server-side applies one object outside a reconcile pass (a drift correction):
-/// same field manager, forced, as [`Cluster::apply`].
+/// same field manager, forced, as [`Cluster::apply`]. Returns the object's uid.
 pub async fn apply_object(
     client: &Client,
     resource: &ApiResource,
     object: &ObjectRef,
     body: &serde_json::Value,
-) -> Result<(), String> {
+) -> Result<Option<String>, String> {
     let api: Api<DynamicObject> = match &object.namespace {
         Some(ns) => Api::namespaced_with(client.clone(), ns, resource),
         None => Api::all_with(client.clone(), resource),
@@ -75,7 +75,7 @@ pub async fn apply_object(
     let params = PatchParams::apply(FIELD_MANAGER).force();
     api.patch(&object.name, &params, &Patch::Apply(body))
         .await
-        .map(|_| ())
+        .map(|live| live.metadata.uid)
         .map_err(|e| reason(&e))
 }
 

@@ -38,6 +38,7 @@ use tracing::{debug, info, warn};
 
 use crate::apply::apply_object;
 use crate::clock::SharedClock;
+use crate::events::{self, Events};
 use crate::store::DesiredBundle;
 use crate::writer::{Entry, Slot, Writer};
 
@@ -590,16 +591,22 @@ struct Correction {
 }
 
 impl Correction {
-    /// Re-applies the object; returns the event saying whether that worked.
-    async fn make(self, client: &kube::Client) -> DriftEvent {
+    /// Re-applies the object; returns the event saying whether that worked. Its
+    /// Kubernetes Event (`DriftCorrected`, or `ApplyFailed` with the API server's
+    /// reason) is queued, not awaited.
+    async fn make(self, client: &kube::Client, events: &Events) -> DriftEvent {
         let f = &self.finding;
         let corrected = match apply_object(client, &self.resource, &f.object, &f.body).await {
-            Ok(()) => {
+            Ok(uid) => {
                 info!(bundle = %f.bundle, object = %f.object, "drift corrected");
+                events.record(events::drift_corrected(
+                    &f.bundle, &f.object, uid, f.deleted, &f.fields,
+                ));
                 true
             }
             Err(e) => {
                 warn!(bundle = %f.bundle, object = %f.object, error = %e, "cannot correct drift");
+                events.record(events::apply_failed(&f.bundle, None, &f.object, &e));
                 false
             }
         };
@@ -612,6 +619,8 @@ struct Inner {
     client: kube::Client,
     writer: Writer,
     clock: SharedClock,
+    /// Records the `DriftCorrected` Events.
+    events: Events,
     resources: HashMap<WatchKey, ApiResource>,
     watches: HashMap<WatchKey, JoinHandle<()>>,
 }
@@ -725,11 +734,17 @@ impl Tracker {
                 client,
                 writer: writer.clone(),
                 clock,
+                events: Events::disabled(),
                 resources: HashMap::new(),
                 watches: HashMap::new(),
             })),
             writer,
         }
+    }
+
+    /// Records Kubernetes Events for drift corrections through `events`.
+    pub fn set_events(&self, events: Events) {
+        lock(&self.inner).events = events;
     }
 
     /// A place in the writer's queue, or why not (only when shutting down).
@@ -836,7 +851,7 @@ async fn sighted(
     let Some(inner) = tracker.upgrade() else {
         return false;
     };
-    let (corrections, client) = {
+    let (corrections, client, events) = {
         let mut g = lock(&inner);
         let outcome = match seen {
             Seen::Object { name, live } => {
@@ -856,13 +871,13 @@ async fn sighted(
         let now = g.clock.now_unix_ms();
         let (entries, corrections) = g.act(outcome, now);
         slot.record(entries);
-        (corrections, g.client.clone())
+        (corrections, g.client.clone(), g.events.clone())
     };
     drop(inner);
     // A correction's event says whether it worked: it is decided when the re-apply
     // returns, and recorded then.
     for c in corrections {
-        let event = c.make(&client).await;
+        let event = c.make(&client, &events).await;
         if writer.record(vec![Entry::Drift(event)]).await.is_err() {
             return false;
         }

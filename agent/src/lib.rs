@@ -8,6 +8,7 @@ pub mod clock;
 pub mod control;
 pub mod enroll;
 pub mod error;
+pub mod events;
 pub mod files;
 pub mod health;
 pub mod metrics;
@@ -193,12 +194,20 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send) -> R
     let wake = Arc::new(Notify::new());
     let trust = Arc::new(trust::Trust::load(&config.state_dir, &config.cluster_name)?);
     let metrics = Arc::new(metrics::Metrics::new());
+    let events = events::Events::spawn(
+        kube.clone(),
+        events::Reporter::agent(&config.cluster_name),
+        clock.clone(),
+        Some(metrics.clone()),
+        stop_rx.clone(),
+    );
     let reconciler = reconcile::Reconciler::new(
         writer.clone(),
         apply::Cluster::new(kube.clone()).with_watch_client(watch_kube),
         clock.clone(),
     )
-    .with_metrics(metrics.clone());
+    .with_metrics(metrics.clone())
+    .with_events(events);
     if let Some(addr) = config.metrics_listen {
         let listener = tokio::net::TcpListener::bind(addr)
             .await

@@ -1,5 +1,6 @@
 //! The agent's Prometheus metrics (`--metrics-listen ADDR`, `GET /metrics`):
-//! bundle applies, their duration and their errors. Series carry no bundle or
+//! bundle applies, their duration and their errors, and the Kubernetes Events
+//! recorded or not (`crate::events`). Series carry no bundle or
 //! commit label: an agent's metrics stay a handful whatever it runs.
 
 use std::convert::Infallible;
@@ -17,6 +18,8 @@ pub struct Metrics {
     pub applies: Counter,
     pub apply_errors: Counter,
     pub apply_duration: Histogram,
+    pub events: Counter,
+    pub event_errors: Counter,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -49,11 +52,25 @@ impl Metrics {
             "How long applying one bundle took, pruning included",
             apply_duration.clone(),
         );
+        let events = Counter::default();
+        let event_errors = Counter::default();
+        registry.register(
+            "events",
+            "Kubernetes Events recorded in the cluster (created, or a repeat counted on one)",
+            events.clone(),
+        );
+        registry.register(
+            "event_errors",
+            "Kubernetes Events not recorded: refused, timed out, or dropped from a full queue",
+            event_errors.clone(),
+        );
         Metrics {
             registry,
             applies,
             apply_errors,
             apply_duration,
+            events,
+            event_errors,
         }
     }
 
@@ -140,5 +157,9 @@ mod tests {
             t.contains("flotilla_agent_apply_duration_seconds_count 2"),
             "{t}"
         );
+        m.event_errors.inc();
+        let t = m.text();
+        assert!(t.contains("flotilla_agent_events_total 0"), "{t}");
+        assert!(t.contains("flotilla_agent_event_errors_total 1"), "{t}");
     }
 }

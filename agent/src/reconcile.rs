@@ -25,6 +25,7 @@ use tracing::{error, info, info_span, warn, Instrument};
 
 use crate::apply::Cluster;
 use crate::clock::SharedClock;
+use crate::events::{self, Events};
 use crate::health::{AppliedObject, Tracker};
 use crate::plan::{self, Action};
 use crate::store::DesiredBundle;
@@ -52,6 +53,21 @@ pub struct Reconciler {
     /// Follows the applied objects' health and decides every bundle status.
     health: Tracker,
     metrics: Option<std::sync::Arc<crate::metrics::Metrics>>,
+    /// Records an `ApplyFailed` Event for an object not applied.
+    events: Events,
+}
+
+/// An object of `bundle` not applied: its Event (queued, never awaited) and the
+/// bundle's error naming it.
+fn object_failed(
+    events: &Events,
+    bundle: &str,
+    file: &str,
+    object: &ObjectRef,
+    reason: &str,
+) -> String {
+    events.record(events::apply_failed(bundle, Some(file), object, reason));
+    plan::object_error(file, object, reason)
 }
 
 impl Reconciler {
@@ -64,7 +80,16 @@ impl Reconciler {
             applied_ok: BTreeMap::new(),
             health,
             metrics: None,
+            events: Events::disabled(),
         }
+    }
+
+    /// Records Kubernetes Events (apply failures here, drift corrections in the
+    /// health tracker) through `events`.
+    pub fn with_events(mut self, events: Events) -> Self {
+        self.health.set_events(events.clone());
+        self.events = events;
+        self
     }
 
     /// Counts applies and their duration in `metrics`.
@@ -216,7 +241,7 @@ impl Reconciler {
                         group.push((m, kind, r, body));
                     }
                     Err(e) if group.is_empty() => {
-                        return Err(plan::object_error(&m.file, &written, &e))
+                        return Err(object_failed(&self.events, name, &m.file, &written, &e))
                     }
                     Err(_) => break,
                 }
@@ -283,13 +308,13 @@ impl Reconciler {
                     .cluster
                     .apply(&kind, &r, &body)
                     .await
-                    .map_err(|e| plan::object_error(&m.file, &r, &e))?;
+                    .map_err(|e| object_failed(&self.events, name, &m.file, &r, &e))?;
                 if r.kind == "CustomResourceDefinition" && r.group() == "apiextensions.k8s.io" {
                     live = self
                         .cluster
                         .wait_crd(&r.name)
                         .await
-                        .map_err(|e| plan::object_error(&m.file, &r, &e))?;
+                        .map_err(|e| object_failed(&self.events, name, &m.file, &r, &e))?;
                     crd_applied = true;
                 }
                 applied.insert(r.clone());

@@ -397,6 +397,23 @@ fn deploy_manifests_pass_server_dry_run() -> Result<()> {
         has("ClusterRole", "flotilla-agent-namespaces", None),
         "{built}"
     );
+    // Events of cluster-scoped objects go to `default`: create and patch there.
+    let events_role = items.iter().find(|o| {
+        o["kind"] == "Role"
+            && o["metadata"]["name"] == "flotilla-agent-events"
+            && o["metadata"]["namespace"] == "default"
+    });
+    let rules = events_role
+        .map(|r| r["rules"].to_string())
+        .unwrap_or_default();
+    assert!(
+        rules.contains("events.k8s.io") && rules.contains("create") && rules.contains("patch"),
+        "no events Role in default: {built}"
+    );
+    assert!(
+        has("RoleBinding", "flotilla-agent-events", Some("default")),
+        "{built}"
+    );
     assert!(
         has("Deployment", "flotilla-agent", Some("flotilla-system")),
         "{built}"
