@@ -332,7 +332,7 @@ async fn apply(
                 .map_err(ApiError::internal)?,
             Object::Notification { metadata, spec } => hub
                 .notifier
-                .apply(&name, metadata.labels, spec)
+                .apply(&hub.fleet, &name, metadata.labels, spec)
                 .map_err(ApiError::internal)?,
         };
         tracing::info!(kind, name = %name, ?action, "applied");

@@ -75,7 +75,6 @@ enum Sent {
 pub struct Notifier {
     store: Arc<dyn Store>,
     specs: Mutex<BTreeMap<String, NotificationRecord>>,
-    decide: Notify,
     deliver: Notify,
     client: reqwest::Client,
 }
@@ -102,7 +101,6 @@ impl Notifier {
         Ok(Arc::new(Notifier {
             store,
             specs: Mutex::new(specs),
-            decide: Notify::new(),
             deliver: Notify::new(),
             client,
         }))
@@ -112,9 +110,12 @@ impl Notifier {
         self.specs.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// `kind: Notification` through `apply`.
+    /// `kind: Notification` through `apply`. A new notification takes its first
+    /// look (its baseline) before this returns, so that every change after the
+    /// apply is news to it, however busy the decide loop is.
     pub fn apply(
         &self,
+        fleet: &Fleet,
         name: &str,
         labels: Labels,
         spec: NotificationSpec,
@@ -134,7 +135,9 @@ impl Notifier {
         self.store.flush()?;
         specs.insert(name.to_string(), record);
         drop(specs);
-        self.decide.notify_one();
+        if self.decide_once(fleet, crate::now_ms())? {
+            self.deliver.notify_one();
+        }
         Ok(action)
     }
 
@@ -191,7 +194,6 @@ impl Notifier {
             tokio::select! {
                 _ = stop.wait_for(|s| *s) => return,
                 _ = observed.changed() => {}
-                _ = self.decide.notified() => {}
                 _ = tokio::time::sleep(TICK) => {}
             }
             tokio::select! {
