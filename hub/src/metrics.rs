@@ -326,9 +326,7 @@ impl Metrics {
         self.source_errors.clear();
         self.source_last_success.clear();
         for s in fleet.sources() {
-            let label = SourceLabel {
-                source: s.name.clone(),
-            };
+            let label = source(&s.name);
             self.source_failures
                 .get_or_create(&label)
                 .set(i64::from(s.consecutive_failures));

@@ -273,6 +273,25 @@ impl TestCluster {
     }
 
     /// Runs kubectl; fails with its stderr when it fails.
+    /// `kubectl edit` with a sed script as the editor, so the change is made as a
+    /// user editing by hand would (field manager `kubectl-edit`).
+    pub fn kubectl_edit(&self, args: &[&str], sed: &str) -> Result<()> {
+        let out = Command::new(testenv_dir().join("kubectl"))
+            .arg("--kubeconfig")
+            .arg(&self.kubeconfig)
+            .arg("edit")
+            .args(args)
+            .env("EDITOR", format!("sed -i -e '{sed}'"))
+            .env("KUBE_EDITOR", format!("sed -i -e '{sed}'"))
+            .output()?;
+        anyhow::ensure!(
+            out.status.success(),
+            "kubectl edit: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(())
+    }
+
     pub fn kubectl(&self, args: &[&str]) -> Result<String> {
         let out = self.kubectl_raw(args)?;
         if !out.status.success() {

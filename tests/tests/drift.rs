@@ -5,7 +5,6 @@
 //! objects raise no drift at all once applied and their status written.
 
 use std::collections::BTreeMap;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Result};
@@ -45,25 +44,6 @@ fn wait_event(hub: &Hub, bundle: &str, n: usize) -> Result<Value> {
         anyhow::ensure!(ev.len() <= n, "more events than expected: {ev:#?}");
         Ok(ev.get(n - 1).cloned())
     })
-}
-
-/// kubectl edit with a sed script as the editor, so the change is made as a user
-/// editing by hand would (field manager `kubectl-edit`).
-fn kubectl_edit(cluster: &TestCluster, args: &[&str], sed: &str) -> Result<()> {
-    let out = Command::new(testenv_dir().join("kubectl"))
-        .arg("--kubeconfig")
-        .arg(&cluster.kubeconfig)
-        .arg("edit")
-        .args(args)
-        .env("EDITOR", format!("sed -i -e '{sed}'"))
-        .env("KUBE_EDITOR", format!("sed -i -e '{sed}'"))
-        .output()?;
-    anyhow::ensure!(
-        out.status.success(),
-        "kubectl edit: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(())
 }
 
 fn data_mode(cluster: &TestCluster, ns: &str, name: &str) -> Result<Option<String>> {
@@ -148,11 +128,7 @@ fn correct_mode_reports_and_undoes_changes() -> Result<()> {
     eprintln!("patch -> event at hub {to_hub:?}; -> corrected in the cluster {corrected:?}");
 
     // kubectl edit, the way a person does it.
-    kubectl_edit(
-        east,
-        &["-n", ns, "configmap/settings"],
-        "s/mode: blue/mode: red/",
-    )?;
+    east.kubectl_edit(&["-n", ns, "configmap/settings"], "s/mode: blue/mode: red/")?;
     let e = wait_event(&hub, bundle, 2)?;
     assert_eq!(e["manager"], "kubectl-edit", "{e:#}");
     assert_eq!(e["fields"][0]["live"], "red", "{e:#}");

@@ -5,7 +5,6 @@
 //! deleted it, naming paths and the manager: for a Secret, never a value.
 
 use std::collections::BTreeMap;
-use std::process::Command;
 
 use anyhow::Result;
 use flotilla_tests::*;
@@ -69,24 +68,6 @@ fn wait_event(
             .into_iter()
             .find(|e| e["message"].as_str().is_some_and(|m| m.contains(has))))
     })
-}
-
-/// kubectl edit with a sed script as the editor (field manager `kubectl-edit`).
-fn kubectl_edit(cluster: &TestCluster, args: &[&str], sed: &str) -> Result<()> {
-    let out = Command::new(testenv_dir().join("kubectl"))
-        .arg("--kubeconfig")
-        .arg(&cluster.kubeconfig)
-        .arg("edit")
-        .args(args)
-        .env("EDITOR", format!("sed -i -e '{sed}'"))
-        .env("KUBE_EDITOR", format!("sed -i -e '{sed}'"))
-        .output()?;
-    anyhow::ensure!(
-        out.status.success(),
-        "kubectl edit: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(())
 }
 
 #[test]
@@ -172,11 +153,7 @@ fn apply_failures_and_drift_corrections_are_kubernetes_events() -> Result<()> {
 
     // Someone edits a managed field: put back, and a DriftCorrected Event says
     // which path and who.
-    kubectl_edit(
-        east,
-        &["-n", NS, "configmap/settings"],
-        "s/mode: blue/mode: red/",
-    )?;
+    east.kubectl_edit(&["-n", NS, "configmap/settings"], "s/mode: blue/mode: red/")?;
     let e = wait_event(
         east,
         "DriftCorrected",

@@ -22,6 +22,21 @@ fn app(version: &str) -> String {
     format!("apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: version\ndata:\n  version: {version}\n")
 }
 
+/// Changes the managed ConfigMap behind Flotilla's back (manager `kubectl-patch`).
+fn edit_version(cluster: &TestCluster, value: &str) -> Result<()> {
+    let patch = format!(r#"{{"data":{{"version":"{value}"}}}}"#);
+    cluster.kubectl(&[
+        "patch",
+        "-n",
+        NS,
+        "configmap/version",
+        "--type=merge",
+        "-p",
+        &patch,
+    ])?;
+    Ok(())
+}
+
 /// The digests `hooks` got for `revision` (not follow-ups), every attempt.
 fn digests(rx: &Receiver, revision: &str) -> Vec<Received> {
     rx.received()
@@ -226,15 +241,7 @@ fn notifications_digest_retry_survive_restart_and_escape() -> Result<()> {
     assert_eq!(d3[0].body, d3[d3.len() - 1].body);
 
     // Drift on a prod cluster: reported to hooks.
-    clusters[0].kubectl(&[
-        "patch",
-        "-n",
-        NS,
-        "configmap/version",
-        "--type=merge",
-        "-p",
-        r#"{"data":{"version":"edited"}}"#,
-    ])?;
+    edit_version(&clusters[0], "edited")?;
     let drift = wait_until("drift message", DEADLINE, || {
         Ok(rx
             .received()
@@ -252,15 +259,7 @@ fn notifications_digest_retry_survive_restart_and_escape() -> Result<()> {
     // A sink that redirects is not followed (the signed body would go
     // elsewhere): the message is dropped after one attempt.
     rx.answer_next(1, 302);
-    clusters[2].kubectl(&[
-        "patch",
-        "-n",
-        NS,
-        "configmap/version",
-        "--type=merge",
-        "-p",
-        r#"{"data":{"version":"edited-again"}}"#,
-    ])?;
+    edit_version(&clusters[2], "edited-again")?;
     let redirected = wait_until("a redirected message", DEADLINE, || {
         Ok(rx.received().into_iter().find(|r| r.answered == Some(302)))
     })?;
