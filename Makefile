@@ -4,7 +4,7 @@ export CARGO_TARGET_DIR ?= $(HOME)/.cache/flotilla/cargo-target
 CARGO ?= cargo
 TESTENV_BIN := $(CURDIR)/target/testenv/bin
 
-.PHONY: all build testenv tools test unit e2e lint torture fuzz demo demo-stop bench bench-build bench-hub bench-fleet bench-wire bench-agent bench-git bench-planner bench-report bench-compare clean
+.PHONY: all build testenv tools test unit e2e lint torture fuzz demo demo-stop bench bench-build bench-hub bench-fleet bench-wire bench-agent bench-git bench-planner bench-ui bench-report bench-compare clean
 
 all: build
 
@@ -52,7 +52,7 @@ BENCH := $(CARGO_TARGET_DIR)/release/flotilla-bench
 # Simulated agents each hold a connection: raise the open-file limit to the hard limit.
 BENCH_RUN := ulimit -n $$(ulimit -Hn) && FLOTILLA_BENCH_BIN_DIR=$(CARGO_TARGET_DIR)/release FLOTILLA_TESTENV_BIN=$(TESTENV_BIN) $(BENCH)
 
-bench: bench-hub bench-fleet bench-wire bench-agent bench-git bench-planner bench-report
+bench: bench-hub bench-fleet bench-wire bench-agent bench-git bench-planner bench-ui bench-report
 
 bench-build:
 	$(CARGO) build --release -p flotilla-hub -p flotilla-agent -p flotilla-bench --bins
@@ -89,6 +89,11 @@ bench-compare: testenv
 ## bench-planner: the rollout planner's time per step at 1,000 and 10,000 clusters in 10 partitions (FLOTILLA_BENCH_CLUSTERS=1000)
 bench-planner: bench-build
 	$(BENCH_RUN) planner
+	$(BENCH_RUN) report
+
+## bench-ui: the web UI's overview and matrix pages and /metrics at 10,000 clusters × 50 bundles, in process (FLOTILLA_BENCH_UI_CLUSTERS=1000)
+bench-ui: bench-build
+	$(BENCH_RUN) ui
 	$(BENCH_RUN) report
 
 bench-report: bench-build

@@ -1,6 +1,7 @@
 //! Flotilla's benchmarks: a load generator of simulated agents that speak the real
 //! protocol over real mutual TLS (reusing the agent's enrolment and transport code),
-//! a byte-counting proxy, the rollout planner's cost per step, readings of a process's memory, CPU and file descriptors
+//! a byte-counting proxy, the rollout planner's cost per step, the web UI's and
+//! `/metrics`' server time at fleet scale, readings of a process's memory, CPU and file descriptors
 //! from /proc, and the report (BENCHMARKS.md and an SVG figure).
 //!
 //! Nothing here asserts a number: benchmarks measure, tests enforce behaviour.
@@ -16,3 +17,4 @@ pub mod report;
 /// Simulated agents live in `flotilla-tests`, shared with the torture tests.
 pub use flotilla_tests::sim;
 pub mod stats;
+pub mod ui;

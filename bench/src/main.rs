@@ -2,7 +2,8 @@
 //! turns the results into BENCHMARKS.md. Parts: `hub` (capacity and
 //! commit-to-fleet latency with simulated agents, polling), `fleet` (commit to
 //! fleet by push webhook), `wire` (bytes the hub sends for a one-line change),
-//! `agent`, `git`, `planner` (the rollout planner's time per step), `report`.
+//! `agent`, `git`, `planner` (the rollout planner's time per step), `ui` (the
+//! web UI's pages and `/metrics` at fleet scale), `report`.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -142,6 +143,22 @@ enum Part {
         #[arg(long, env = "FLOTILLA_BENCH_REPEAT", default_value_t = 200)]
         repeat: usize,
     },
+    /// The web UI's server time (overview, matrix, cluster and bundle pages) and
+    /// `/metrics`' size and scrape time, at CLUSTERS × BUNDLES, in process.
+    Ui {
+        /// Simulated clusters.
+        #[arg(long, env = "FLOTILLA_BENCH_UI_CLUSTERS", default_value_t = 10_000)]
+        clusters: usize,
+        /// Bundles, each on every cluster.
+        #[arg(long, env = "FLOTILLA_BENCH_UI_BUNDLES", default_value_t = 50)]
+        bundles: usize,
+        /// Repetitions (a fresh hub and fleet each).
+        #[arg(long, env = "FLOTILLA_BENCH_RUNS", default_value_t = 3)]
+        runs: usize,
+        /// Timed requests per page and run.
+        #[arg(long, env = "FLOTILLA_BENCH_REPEAT", default_value_t = 30)]
+        repeat: usize,
+    },
     /// Writes BENCHMARKS.md and the figures from the results.
     Report {
         /// The Markdown file to write.
@@ -272,6 +289,23 @@ fn main() -> Result<()> {
                     all.push(r);
                     report::save(&path, &all)?;
                 }
+            }
+        }
+        Part::Ui {
+            clusters,
+            bundles,
+            runs,
+            repeat,
+        } => {
+            let path = args.results.join("ui.json");
+            let mut all: Vec<report::UiRun> = report::load(&path).unwrap_or_default();
+            all.retain(|r| (r.clusters, r.bundles) != (clusters, bundles));
+            for run in 1..=runs {
+                eprintln!("ui: {clusters} clusters × {bundles} bundles, run {run}/{runs}");
+                let r = rt.block_on(flotilla_bench::ui::run(clusters, bundles, repeat))?;
+                eprintln!("  {r:?}");
+                all.push(r);
+                report::save(&path, &all)?;
             }
         }
         Part::Report { out, figure } => report::write(&args.results, &out, &figure)?,

@@ -114,6 +114,117 @@ pub struct PlannerRun {
     pub partition_ms: f64,
 }
 
+/// One run of the UI part: page and scrape times at fleet scale, in process.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct UiRun {
+    pub clusters: usize,
+    pub bundles: usize,
+    /// Statuses recorded (clusters × bundles).
+    pub statuses: usize,
+    /// Timed requests per page.
+    pub repeat: usize,
+    /// Building the fleet: clusters created, connected, statuses recorded.
+    pub setup_s: f64,
+    pub overview_median_ms: f64,
+    pub overview_p99_ms: f64,
+    pub overview_kib: f64,
+    pub matrix_median_ms: f64,
+    pub matrix_p99_ms: f64,
+    pub matrix_kib: f64,
+    /// The first matrix page after one status report (the rows computed anew).
+    #[serde(default)]
+    pub matrix_after_change_median_ms: f64,
+    #[serde(default)]
+    pub matrix_after_change_p99_ms: f64,
+    pub matrix_filtered_median_ms: f64,
+    pub matrix_filtered_p99_ms: f64,
+    pub cluster_median_ms: f64,
+    pub bundle_median_ms: f64,
+    pub bundle_kib: f64,
+    pub metrics_median_ms: f64,
+    pub metrics_p99_ms: f64,
+    pub metrics_kib: f64,
+    pub metrics_series: usize,
+}
+
+/// The UI table: one row per page, medians of the runs' medians and p99s.
+pub fn ui_table(runs: &[UiRun]) -> String {
+    let mut groups: BTreeMap<(usize, usize), Vec<&UiRun>> = BTreeMap::new();
+    for r in runs {
+        groups.entry((r.clusters, r.bundles)).or_default().push(r);
+    }
+    let mut s = String::from("| clusters × bundles | runs | page | median, ms | p99, ms | size, KiB |\n|---|---:|---|---:|---:|---:|\n");
+    for ((c, b), rs) in &groups {
+        let rows: [(
+            &str,
+            fn(&UiRun) -> f64,
+            fn(&UiRun) -> f64,
+            fn(&UiRun) -> f64,
+        ); 7] = [
+            (
+                "overview `/`",
+                |r| r.overview_median_ms,
+                |r| r.overview_p99_ms,
+                |r| r.overview_kib,
+            ),
+            (
+                "matrix `/matrix` (page 1 of 50 rows)",
+                |r| r.matrix_median_ms,
+                |r| r.matrix_p99_ms,
+                |r| r.matrix_kib,
+            ),
+            (
+                "matrix, first request after a status report (rows computed anew)",
+                |r| r.matrix_after_change_median_ms,
+                |r| r.matrix_after_change_p99_ms,
+                |_| f64::NAN,
+            ),
+            (
+                "matrix filtered (selector + state, page 2)",
+                |r| r.matrix_filtered_median_ms,
+                |r| r.matrix_filtered_p99_ms,
+                |_| f64::NAN,
+            ),
+            (
+                "cluster page",
+                |r| r.cluster_median_ms,
+                |_| f64::NAN,
+                |_| f64::NAN,
+            ),
+            (
+                "bundle page",
+                |r| r.bundle_median_ms,
+                |_| f64::NAN,
+                |r| r.bundle_kib,
+            ),
+            (
+                "`/metrics` scrape",
+                |r| r.metrics_median_ms,
+                |r| r.metrics_p99_ms,
+                |r| r.metrics_kib,
+            ),
+        ];
+        for (page, median, p99, kib) in rows {
+            let _ = writeln!(
+                s,
+                "| {c} × {b} | {} | {page} | {} | {} | {} |",
+                rs.len(),
+                of(rs, median).show(1),
+                of(rs, p99).show(1),
+                of(rs, kib).show(0),
+            );
+        }
+        let _ = writeln!(
+            s,
+            "\n`/metrics` at {c} clusters: {} series. Building the fleet (clusters created and connected, {} statuses recorded): {} s.",
+            of(rs, |r| r.metrics_series as f64).show(0),
+            rs[0].statuses,
+            of(rs, |r| r.setup_s).show(1),
+        );
+    }
+    s
+}
+
 /// The planner table.
 pub fn planner_table(runs: &[PlannerRun]) -> String {
     let mut groups: BTreeMap<usize, Vec<&PlannerRun>> = BTreeMap::new();
@@ -411,7 +522,7 @@ pub fn memory_svg(runs: &[HubRun]) -> String {
     s
 }
 
-const TEMPLATE: &str = "# Benchmarks\n\n<!-- bench:machine -->\n<!-- /bench:machine -->\n\n## Hub capacity\n\n<!-- bench:hub -->\n<!-- /bench:hub -->\n\n## Commit to fleet\n\n<!-- bench:commit -->\n<!-- /bench:commit -->\n\n## Bytes on the wire\n\n<!-- bench:wire -->\n<!-- /bench:wire -->\n\n## Rollout planner\n\n<!-- bench:planner -->\n<!-- /bench:planner -->\n";
+const TEMPLATE: &str = "# Benchmarks\n\n<!-- bench:machine -->\n<!-- /bench:machine -->\n\n## Hub capacity\n\n<!-- bench:hub -->\n<!-- /bench:hub -->\n\n## Commit to fleet\n\n<!-- bench:commit -->\n<!-- /bench:commit -->\n\n## Bytes on the wire\n\n<!-- bench:wire -->\n<!-- /bench:wire -->\n\n## Rollout planner\n\n<!-- bench:planner -->\n<!-- /bench:planner -->\n\n## Web UI\n\n<!-- bench:ui -->\n<!-- /bench:ui -->\n";
 
 /// Replaces the block `name` in `doc` (appending it when missing).
 fn replace_block(doc: &str, name: &str, body: &str) -> String {
@@ -460,6 +571,9 @@ pub fn write(results: &Path, out: &Path, figure: &Path) -> Result<()> {
     }
     if let Ok(runs) = load::<GitRun>(&results.join("git.json")) {
         doc = replace_block(&doc, "git", &git_table(&runs));
+    }
+    if let Ok(runs) = load::<UiRun>(&results.join("ui.json")) {
+        doc = replace_block(&doc, "ui", &ui_table(&runs));
     }
     if let Ok(runs) = load::<PlannerRun>(&results.join("planner.json")) {
         doc = replace_block(&doc, "planner", &planner_table(&runs));

@@ -190,6 +190,12 @@ pub struct Fleet {
     /// Serialises snapshot commits (store writes, flush, content collection)
     /// without holding the state lock while the store works.
     snapshots: Mutex<()>,
+    /// The matrix rows (every cluster's state of every bundle), kept until the
+    /// fleet changes: `(version, observed)` when they were computed. Every change
+    /// a view shows moves one of the two (the web UI's live updates rely on the
+    /// same), so pages of a quiet fleet read them instead of computing
+    /// clusters × bundles states per request.
+    rows: Mutex<Option<((u64, u64), Arc<Vec<flotilla_shared::matrix::Row>>)>>,
     /// Drift events refused since start: about bundles not assigned to the
     /// reporting cluster.
     drift_refused: std::sync::atomic::AtomicU64,
@@ -257,11 +263,25 @@ impl State {
         all
     }
 
+    /// What every cluster's assignments are computed from, gathered once for a
+    /// view over many clusters (not once per cluster).
+    fn assign_inputs(&self) -> AssignInputs {
+        AssignInputs {
+            groups: self.groups_info(),
+            bundles: self.bundles_info(),
+        }
+    }
+
     /// The cluster's assignments, those waiting for their dependencies marked.
     fn assignments(&self, cluster: &ClusterRecord) -> Vec<Assignment> {
-        let bundles = self.bundles_info();
-        let mut out = assign::assignments(&cluster_info(cluster), &self.groups_info(), &bundles);
-        flotilla_shared::depends::gate(&mut out, &bundles, |b| self.reported(&cluster.name, b));
+        self.assignments_with(cluster, &self.assign_inputs())
+    }
+
+    /// [`State::assignments`] from inputs gathered beforehand.
+    fn assignments_with(&self, cluster: &ClusterRecord, inputs: &AssignInputs) -> Vec<Assignment> {
+        let bundles = &inputs.bundles;
+        let mut out = assign::assignments(&cluster_info(cluster), &inputs.groups, bundles);
+        flotilla_shared::depends::gate(&mut out, bundles, |b| self.reported(&cluster.name, b));
         if !self.rollouts.is_empty() {
             assign::gate_rollouts(
                 &mut out,
@@ -288,19 +308,25 @@ impl State {
     fn reported(&self, cluster: &str, bundle: &str) -> Option<Reported> {
         self.statuses
             .get(&(cluster.to_string(), bundle.to_string()))
-            .map(|s| Reported {
-                content_hash: s.content_hash.clone(),
-                revision: s.revision.clone(),
-                state: s.state,
-                message: s.message.clone(),
-            })
+            .map(reported)
     }
 
-    fn cluster_bundles(&self, c: &ClusterRecord) -> Vec<ClusterBundleView> {
-        self.assignments(c)
+    /// Every status a cluster reported, by bundle: one range of the map, for a
+    /// view that looks up each of the cluster's bundles.
+    fn cluster_statuses(&self, cluster: &str) -> BTreeMap<&str, &StatusRecord> {
+        self.statuses
+            .range((cluster.to_string(), String::new())..)
+            .take_while(|((c, _), _)| c == cluster)
+            .map(|((_, b), s)| (b.as_str(), s))
+            .collect()
+    }
+
+    fn cluster_bundles(&self, c: &ClusterRecord, inputs: &AssignInputs) -> Vec<ClusterBundleView> {
+        let statuses = self.cluster_statuses(&c.name);
+        self.assignments_with(c, inputs)
             .iter()
             .map(|a| {
-                let reported = self.reported(&c.name, &a.bundle);
+                let reported = statuses.get(a.bundle.as_str()).map(|s| reported(s));
                 let (state, message) = assign::assignment_state(
                     a,
                     c.acked.get(&a.bundle).map(String::as_str),
@@ -316,8 +342,13 @@ impl State {
             .collect()
     }
 
-    fn cluster_view(&self, c: &ClusterState, with_bundles: bool) -> ClusterView {
-        let bundles = self.cluster_bundles(&c.record);
+    fn cluster_view(
+        &self,
+        c: &ClusterState,
+        with_bundles: bool,
+        inputs: &AssignInputs,
+    ) -> ClusterView {
+        let bundles = self.cluster_bundles(&c.record, inputs);
         let counts = assign::count_states(bundles.iter().map(|b| b.state));
         ClusterView {
             name: c.record.name.clone(),
@@ -405,6 +436,32 @@ fn profile(c: &ClusterRecord) -> Profile {
 /// A cluster as matching sees it: its labels, plus its Kubernetes version and
 /// API-version set (for the profile-pinned Helm renders, see
 /// `shared::capabilities`).
+/// What an agent reported, as the state functions take it.
+fn reported(s: &StatusRecord) -> Reported {
+    Reported {
+        content_hash: s.content_hash.clone(),
+        revision: s.revision.clone(),
+        state: s.state,
+        message: s.message.clone(),
+    }
+}
+
+/// See [`State::assign_inputs`].
+struct AssignInputs {
+    groups: Vec<GroupInfo>,
+    bundles: Vec<BundleInfo>,
+}
+
+/// A cluster without its bundles; see [`Fleet::cluster_heads`].
+#[derive(Debug, Clone)]
+pub struct ClusterHead {
+    pub name: String,
+    pub connected: bool,
+    pub last_seen_ms: Option<u64>,
+    pub agent_version: String,
+    pub kubernetes_version: String,
+}
+
 fn cluster_info(c: &ClusterRecord) -> ClusterInfo {
     let mut labels = c.labels.clone();
     labels.extend(profile(c).labels());
@@ -646,6 +703,7 @@ impl Fleet {
             changed,
             observed: watch::channel(0).0,
             snapshots: Mutex::new(()),
+            rows: Mutex::new(None),
             loaded_ms: crate::now_ms(),
         }))
     }
@@ -1052,7 +1110,7 @@ impl Fleet {
         self.store.put_cluster(&c.record)?;
         st.bump(&self.changed);
         let c = &st.clusters[name];
-        Ok(st.cluster_view(c, true))
+        Ok(st.cluster_view(c, true, &st.assign_inputs()))
     }
 
     /// Starts a session for a cluster, superseding any previous one, if the
@@ -1186,6 +1244,9 @@ impl Fleet {
                 .collect();
             self.store.put_cluster(&c.record)?;
         }
+        drop(st);
+        // What it acknowledged is shown (WaitApplied rather than Pending).
+        self.observe();
         Ok(())
     }
 
@@ -1327,15 +1388,34 @@ impl Fleet {
 
     pub fn clusters(&self) -> Vec<ClusterView> {
         let st = self.lock();
+        let inputs = st.assign_inputs();
         st.clusters
             .values()
-            .map(|c| st.cluster_view(c, false))
+            .map(|c| st.cluster_view(c, false, &inputs))
+            .collect()
+    }
+
+    /// Every cluster without its bundles (no assignment is computed): what the
+    /// metrics read per cluster.
+    pub fn cluster_heads(&self) -> Vec<ClusterHead> {
+        self.lock()
+            .clusters
+            .values()
+            .map(|c| ClusterHead {
+                name: c.record.name.clone(),
+                connected: c.session.is_some(),
+                last_seen_ms: c.record.last_seen_ms,
+                agent_version: c.record.agent_version.clone(),
+                kubernetes_version: c.record.kubernetes_version.clone(),
+            })
             .collect()
     }
 
     pub fn cluster(&self, name: &str) -> Option<ClusterView> {
         let st = self.lock();
-        st.clusters.get(name).map(|c| st.cluster_view(c, true))
+        st.clusters
+            .get(name)
+            .map(|c| st.cluster_view(c, true, &st.assign_inputs()))
     }
 
     /// What a cluster's agent holds of a bundle, as the hub knows it: the content
@@ -1373,22 +1453,44 @@ impl Fleet {
     fn bundle_views(&self, only: Option<&str>) -> Vec<BundleView> {
         let st = self.lock();
         let mut out = Vec::new();
-        // Each cluster's assignments, with dependsOn applied (it needs all of them).
-        let per_cluster: Vec<(&ClusterState, Vec<Assignment>)> = st
+        // Each cluster's assignments, with dependsOn applied (it needs all of
+        // them). Where nothing depends on anything, the one bundle asked for is
+        // all there is to compute (names colliding across sources were refused
+        // when the inputs were gathered).
+        let mut inputs = st.assign_inputs();
+        if let Some(name) = only {
+            if inputs.bundles.iter().all(|b| b.depends_on.is_empty()) {
+                inputs.bundles.retain(|b| b.name == name);
+            }
+        }
+        #[allow(clippy::type_complexity)]
+        let per_cluster: Vec<(
+            &ClusterState,
+            BTreeMap<String, Assignment>,
+            BTreeMap<&str, &StatusRecord>,
+        )> = st
             .clusters
             .values()
-            .map(|c| (c, st.assignments(&c.record)))
+            .map(|c| {
+                let assigned = st
+                    .assignments_with(&c.record, &inputs)
+                    .into_iter()
+                    .filter(|a| only.is_none_or(|n| n == a.bundle))
+                    .map(|a| (a.bundle.clone(), a))
+                    .collect();
+                (c, assigned, st.cluster_statuses(&c.record.name))
+            })
             .collect();
         for info in st.bundles_info() {
             if only.is_some_and(|n| n != info.name) {
                 continue;
             }
             let mut clusters = Vec::new();
-            for (c, assigned) in &per_cluster {
-                let Some(a) = assigned.iter().find(|a| a.bundle == info.name) else {
+            for (c, assigned, statuses) in &per_cluster {
+                let Some(a) = assigned.get(&info.name) else {
                     continue;
                 };
-                let reported = st.reported(&c.record.name, &info.name);
+                let reported = statuses.get(info.name.as_str()).map(|s| reported(s));
                 let (state, message) = assign::assignment_state(
                     a,
                     c.record.acked.get(&info.name).map(String::as_str),
@@ -1433,8 +1535,27 @@ impl Fleet {
 
     /// Every cluster with the state of each bundle assigned to it: the web UI's
     /// matrix (`flotilla_shared::matrix` filters and pages it).
-    pub fn matrix_rows(&self) -> Vec<flotilla_shared::matrix::Row> {
+    /// Every cluster's row of the matrix: its labels, whether it is connected,
+    /// and its state of each bundle assigned to it. Computed once per change of
+    /// the fleet (see `rows`) and shared by the pages and the metrics.
+    pub fn matrix_rows(&self) -> Arc<Vec<flotilla_shared::matrix::Row>> {
+        // The key is read before the state: a change after this read moves it,
+        // so rows computed from a later state are never kept under a later key.
+        let key = (*self.changed.borrow(), *self.observed.borrow());
+        let mut cached = self.rows.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((k, rows)) = cached.as_ref() {
+            if *k == key {
+                return rows.clone();
+            }
+        }
+        let rows = Arc::new(self.compute_matrix_rows());
+        *cached = Some((key, rows.clone()));
+        rows
+    }
+
+    fn compute_matrix_rows(&self) -> Vec<flotilla_shared::matrix::Row> {
         let st = self.lock();
+        let inputs = st.assign_inputs();
         st.clusters
             .values()
             .map(|c| flotilla_shared::matrix::Row {
@@ -1442,7 +1563,7 @@ impl Fleet {
                 labels: c.record.labels.clone(),
                 connected: c.session.is_some(),
                 states: st
-                    .cluster_bundles(&c.record)
+                    .cluster_bundles(&c.record, &inputs)
                     .into_iter()
                     .map(|b| (b.bundle, b.state))
                     .collect(),
@@ -1479,7 +1600,8 @@ impl Fleet {
                 }),
             })
             .collect();
-        let infos = st.bundles_info();
+        let inputs = st.assign_inputs();
+        let infos = &inputs.bundles;
         let mut bundles: BTreeMap<String, BundleSeen> = infos
             .iter()
             .map(|info| {
@@ -1514,11 +1636,12 @@ impl Fleet {
             })
             .collect();
         for c in st.clusters.values() {
-            for a in st.assignments(&c.record) {
+            let statuses = st.cluster_statuses(&c.record.name);
+            for a in st.assignments_with(&c.record, &inputs) {
                 let Some(b) = bundles.get_mut(&a.bundle) else {
                     continue;
                 };
-                let reported = st.reported(&c.record.name, &a.bundle);
+                let reported = statuses.get(a.bundle.as_str()).map(|s| reported(s));
                 let (state, message) = assign::assignment_state(
                     &a,
                     c.record.acked.get(&a.bundle).map(String::as_str),
@@ -2159,5 +2282,62 @@ mod tests {
                 ("rev2".to_string(), "RolledBack".to_string())
             ]
         );
+    }
+
+    /// Per bundle × cluster metric series are exported only when opted in; the
+    /// bundle × state counts always are.
+    #[test]
+    fn bundle_cluster_series_are_opt_in() {
+        let dir = tempfile::tempdir().unwrap();
+        let fleet = open(dir.path());
+        fleet.apply_source("s", spec()).unwrap();
+        enrol(&fleet, "c1");
+        enrol(&fleet, "c2");
+        fleet
+            .set_snapshot("s", "c1", vec![bundle("s-a", Ok(rendered("1")))], 1)
+            .unwrap();
+        for c in ["c1", "c2"] {
+            let (b, hash, revision) = fleet.desired(c).unwrap().bundles.remove(0);
+            let state = if c == "c1" {
+                BundleState::Ready
+            } else {
+                BundleState::ErrApplied
+            };
+            assert!(fleet
+                .record_status(StatusRecord {
+                    cluster: c.into(),
+                    bundle: b,
+                    content_hash: hash,
+                    revision,
+                    state,
+                    message: "cm.yaml: refused".into(),
+                    observed_at_ms: 1,
+                })
+                .unwrap());
+        }
+        let series = |text: &str| -> Vec<String> {
+            text.lines()
+                .filter(|l| l.starts_with("flotilla_bundle_deployment_state{"))
+                .map(str::to_string)
+                .collect()
+        };
+        let text = fleet.metrics.scrape(&fleet);
+        assert!(series(&text).is_empty(), "{text}");
+        assert!(
+            text.contains(r#"flotilla_bundle_deployments{bundle="s-a",state="Ready"} 1"#),
+            "{text}"
+        );
+        fleet.metrics.set_bundle_cluster_series(true);
+        let mut got = series(&fleet.metrics.scrape(&fleet));
+        got.sort();
+        assert_eq!(
+            got,
+            [
+                r#"flotilla_bundle_deployment_state{bundle="s-a",cluster="c1",state="Ready"} 1"#,
+                r#"flotilla_bundle_deployment_state{bundle="s-a",cluster="c2",state="ErrApplied"} 1"#,
+            ]
+        );
+        fleet.metrics.set_bundle_cluster_series(false);
+        assert!(series(&fleet.metrics.scrape(&fleet)).is_empty());
     }
 }

@@ -95,6 +95,8 @@ pub struct Config {
     /// `http(s)://HOST[:PORT]/REPOSITORY`: contents are pushed there for agents
     /// that fetch them from a registry (`oci`).
     pub oci_registry: Option<String>,
+    /// Export one metric series per bundle × cluster (opt-in; see `metrics`).
+    pub metrics_bundle_cluster_series: bool,
 }
 
 /// An operator's certificate for the HTTP listeners.
@@ -132,6 +134,7 @@ impl Config {
             enroll_limit: gateway::EnrollLimit::default(),
             agent_silence: gateway::DEFAULT_AGENT_SILENCE,
             oci_registry: None,
+            metrics_bundle_cluster_series: false,
         }
     }
 }
@@ -200,6 +203,9 @@ impl Hub {
         let notifier =
             notify::Notifier::load(store.clone()).context("loading the notifications")?;
         let fleet = Fleet::load(store).context("loading the fleet from the store")?;
+        fleet
+            .metrics
+            .set_bundle_cluster_series(config.metrics_bundle_cluster_series);
         let tools = Arc::new(config.tools.clone());
         let fetcher = Arc::new(git::Fetcher::new(
             config.git_fetcher.clone(),

@@ -31,6 +31,10 @@ struct Args {
     /// reaches: the metrics name clusters, bundles and sources.
     #[arg(long, env = "FLOTILLA_METRICS_LISTEN", value_name = "ADDR")]
     metrics_listen: Option<SocketAddr>,
+    /// Also export `flotilla_bundle_deployment_state{bundle,cluster,state}`, one
+    /// series per bundle × cluster (off by default: clusters × bundles series).
+    #[arg(long, env = "FLOTILLA_METRICS_BUNDLE_CLUSTER_SERIES")]
+    metrics_bundle_cluster_series: bool,
     /// Host name agents use to reach the hub; put in the serving certificate.
     #[arg(long, env = "FLOTILLA_ADVERTISE_HOST", default_value = "localhost")]
     advertise_host: String,
@@ -238,6 +242,7 @@ async fn hub_main() -> anyhow::Result<()> {
         agent_cert_ttl: args.agent_cert_ttl,
         agent_silence: args.agent_silence,
         oci_registry: args.oci_registry.filter(|r| !r.trim().is_empty()),
+        metrics_bundle_cluster_series: args.metrics_bundle_cluster_series,
         drift_caps: flotilla_hub::store::DriftCaps {
             total: args.drift_history,
             per_cluster: args.drift_history_per_cluster,

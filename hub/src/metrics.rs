@@ -1,14 +1,17 @@
 //! The hub's Prometheus metrics (`--metrics-listen ADDR`, `GET /metrics`), with
 //! the prometheus-client crate. Names follow Fleet's and Argo CD's where they
 //! have one. Series are bounded by the fleet (bundles × states, clusters,
-//! sources); no label carries a commit, and per bundle × cluster series are not
-//! exported.
+//! sources); no label carries a commit, and per bundle × cluster series
+//! (`flotilla_bundle_deployment_state`) are exported only when the operator opts
+//! in (`--metrics-bundle-cluster-series`): at 10,000 clusters × 50 bundles they
+//! are half a million series.
 //!
 //! Two kinds: counters and a histogram the hub updates as things happen
 //! (connections, drift, commit-to-Ready), and gauges read from the fleet's
 //! views at each scrape (what the fleet is now).
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -24,6 +27,13 @@ const SEEN_CAP: usize = 100_000;
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct BundleState {
     pub bundle: String,
+    pub state: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BundleClusterState {
+    pub bundle: String,
+    pub cluster: String,
     pub state: String,
 }
 
@@ -75,6 +85,9 @@ pub struct Metrics {
     /// Serialises scrapes: the gauges are refilled from the views under it.
     scrape: Mutex<()>,
     bundle_deployments: Family<BundleState, Gauge>,
+    /// Opt-in: one series per (bundle, cluster) with its state.
+    bundle_cluster_series: AtomicBool,
+    bundle_deployment_state: Family<BundleClusterState, Gauge>,
     clusters_connected: Gauge,
     clusters_total: Gauge,
     cluster_connected: Family<ClusterLabel, Gauge>,
@@ -130,6 +143,8 @@ impl Metrics {
             registry: Registry::default(),
             scrape: Mutex::new(()),
             bundle_deployments: Family::default(),
+            bundle_cluster_series: AtomicBool::new(false),
+            bundle_deployment_state: Family::default(),
             clusters_connected: Gauge::default(),
             clusters_total: Gauge::default(),
             cluster_connected: Family::default(),
@@ -159,6 +174,11 @@ impl Metrics {
             "bundle_deployments",
             "Bundle deployments (bundle x cluster) by bundle and state",
             m.bundle_deployments.clone(),
+        );
+        registry.register(
+            "bundle_deployment_state",
+            "1 for each bundle x cluster with its state (opt-in: --metrics-bundle-cluster-series)",
+            m.bundle_deployment_state.clone(),
         );
         registry.register(
             "clusters_connected",
@@ -254,6 +274,11 @@ impl Metrics {
         Metrics { registry, ..m }
     }
 
+    /// Exports (or stops exporting) one series per bundle × cluster.
+    pub fn set_bundle_cluster_series(&self, on: bool) {
+        self.bundle_cluster_series.store(on, Ordering::Relaxed);
+    }
+
     /// The hub holds a content from now on (a commit was rendered).
     pub fn content_seen(&self, hash: &str, now_ms: u64) {
         let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
@@ -278,21 +303,39 @@ impl Metrics {
     /// The exposition text, with the gauges read from `fleet` now.
     pub fn scrape(&self, fleet: &crate::fleet::Fleet) -> String {
         let _one = self.scrape.lock().unwrap_or_else(|e| e.into_inner());
-        self.bundle_deployments.clear();
-        for b in fleet.bundles() {
-            for (state, n) in &b.cluster_counts {
-                self.bundle_deployments
-                    .get_or_create(&BundleState {
-                        bundle: b.name.clone(),
-                        state: state.clone(),
-                    })
-                    .set(*n as i64);
+        // Every cluster's state of every bundle, computed once: the counts, and
+        // the opt-in per bundle × cluster series.
+        let rows = fleet.matrix_rows();
+        let per_cluster = self.bundle_cluster_series.load(Ordering::Relaxed);
+        let mut counts: HashMap<(&str, flotilla_shared::state::BundleState), i64> = HashMap::new();
+        self.bundle_deployment_state.clear();
+        for row in rows.iter() {
+            for (bundle, state) in &row.states {
+                *counts.entry((bundle.as_str(), *state)).or_default() += 1;
+                if per_cluster {
+                    self.bundle_deployment_state
+                        .get_or_create(&BundleClusterState {
+                            bundle: bundle.clone(),
+                            cluster: row.cluster.clone(),
+                            state: state.as_str().to_string(),
+                        })
+                        .set(1);
+                }
             }
+        }
+        self.bundle_deployments.clear();
+        for ((bundle, state), n) in counts {
+            self.bundle_deployments
+                .get_or_create(&BundleState {
+                    bundle: bundle.to_string(),
+                    state: state.as_str().to_string(),
+                })
+                .set(n);
         }
         self.cluster_connected.clear();
         self.cluster_last_seen.clear();
         self.cluster_info.clear();
-        let clusters = fleet.clusters();
+        let clusters = fleet.cluster_heads();
         let mut connected = 0;
         for c in &clusters {
             let label = ClusterLabel {
@@ -302,15 +345,10 @@ impl Metrics {
             self.cluster_connected
                 .get_or_create(&label)
                 .set(i64::from(c.connected));
-            if let Some(t) = c
-                .last_seen
-                .as_deref()
-                .and_then(|t| humantime::parse_rfc3339_weak(t).ok())
-                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-            {
+            if let Some(t) = c.last_seen_ms {
                 self.cluster_last_seen
                     .get_or_create(&label)
-                    .set(t.as_secs() as i64);
+                    .set((t / 1000) as i64);
             }
             self.cluster_info
                 .get_or_create(&ClusterInfo {

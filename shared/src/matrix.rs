@@ -66,7 +66,8 @@ pub struct Page {
 /// Filters `rows` by `q`, counts what was kept, and returns page `q.page`
 /// (clamped to the last one). The columns are every bundle assigned to any
 /// cluster whose name contains `q.bundle`.
-pub fn page(rows: Vec<Row>, q: &Query) -> Page {
+/// Only the rows of the page are copied: the fleet's rows are read, not moved.
+pub fn page(rows: &[Row], q: &Query) -> Page {
     let total = rows.len();
     let per_page = match q.per_page {
         0 => DEFAULT_PER_PAGE,
@@ -76,8 +77,8 @@ pub fn page(rows: Vec<Row>, q: &Query) -> Page {
     let mut bundles = std::collections::BTreeSet::new();
     let mut counts = BTreeMap::new();
     let mut connected = 0;
-    let mut kept: Vec<Row> = Vec::new();
-    for mut row in rows {
+    let mut kept: Vec<&Row> = Vec::new();
+    for row in rows {
         if q.cluster
             .as_deref()
             .is_some_and(|f| !row.cluster.contains(f))
@@ -85,14 +86,14 @@ pub fn page(rows: Vec<Row>, q: &Query) -> Page {
         {
             continue;
         }
-        row.states.retain(|b, _| shown(b));
+        let mut states = row.states.iter().filter(|(b, _)| shown(b));
         if q.state
-            .is_some_and(|want| !row.states.values().any(|s| *s == want))
+            .is_some_and(|want| !states.clone().any(|(_, s)| *s == want))
         {
             continue;
         }
-        for (b, s) in &row.states {
-            if !bundles.contains(b) {
+        for (b, s) in states.by_ref() {
+            if !bundles.contains(b.as_str()) {
                 bundles.insert(b.clone());
             }
             *counts.entry(*s).or_insert(0) += 1;
@@ -108,6 +109,17 @@ pub fn page(rows: Vec<Row>, q: &Query) -> Page {
         .into_iter()
         .skip((page - 1) * per_page)
         .take(per_page)
+        .map(|r| Row {
+            states: r
+                .states
+                .iter()
+                .filter(|(b, _)| shown(b))
+                .map(|(b, s)| (b.clone(), *s))
+                .collect(),
+            cluster: r.cluster.clone(),
+            labels: r.labels.clone(),
+            connected: r.connected,
+        })
         .collect();
     Page {
         bundles: bundles.into_iter().collect(),
@@ -154,7 +166,7 @@ mod tests {
     #[test]
     fn no_filter_sorts_counts_and_pages() {
         let p = page(
-            fleet(),
+            &fleet(),
             &Query {
                 per_page: 2,
                 page: 1,
@@ -176,7 +188,7 @@ mod tests {
     #[test]
     fn a_page_past_the_end_is_the_last() {
         let p = page(
-            fleet(),
+            &fleet(),
             &Query {
                 per_page: 2,
                 page: 99,
@@ -191,7 +203,7 @@ mod tests {
     #[test]
     fn filters_by_name_selector_state_and_bundle() {
         let by_state = page(
-            fleet(),
+            &fleet(),
             &Query {
                 state: Some(ErrApplied),
                 ..Query::default()
@@ -201,7 +213,7 @@ mod tests {
         assert_eq!(by_state.rows[0].cluster, "edge-2");
 
         let by_selector = page(
-            fleet(),
+            &fleet(),
             &Query {
                 selector: Some(LabelSelector::parse("env=prod").unwrap()),
                 ..Query::default()
@@ -211,7 +223,7 @@ mod tests {
         assert_eq!(by_selector.counts.get(&ErrApplied), None);
 
         let by_name = page(
-            fleet(),
+            &fleet(),
             &Query {
                 cluster: Some("edge".into()),
                 bundle: Some("db".into()),
@@ -224,7 +236,7 @@ mod tests {
 
         // The state filter looks only at the shown bundles.
         let none = page(
-            fleet(),
+            &fleet(),
             &Query {
                 bundle: Some("web".into()),
                 state: Some(ErrApplied),
@@ -242,7 +254,7 @@ mod tests {
             .map(|i| row(&format!("c{i:04}"), "dev", &[]))
             .collect();
         let p = page(
-            rows,
+            &rows,
             &Query {
                 per_page: usize::MAX,
                 page: 1,

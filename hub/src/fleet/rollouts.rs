@@ -376,6 +376,7 @@ impl State {
             .iter()
             .map(|(c, ci, _)| (ci.name.as_str(), *c))
             .collect();
+        let inputs = self.assign_inputs();
         let partitions = ro::status(&plan, &rec.rollout)
             .into_iter()
             .map(|p| RolloutPartitionView {
@@ -389,7 +390,7 @@ impl State {
                         let c = by_name.get(name.as_str());
                         let (state, message) = c
                             .and_then(|c| {
-                                self.cluster_bundles(&c.record)
+                                self.cluster_bundles(&c.record, &inputs)
                                     .into_iter()
                                     .find(|b| b.bundle == bundle)
                                     .map(|b| (b.state, b.message))

@@ -279,22 +279,31 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
 pub fn overview_page(hub: &Hub) -> Page {
     let fleet = &hub.fleet;
     let rows = fleet.matrix_rows();
-    let mut per_bundle: std::collections::BTreeMap<
-        String,
-        std::collections::BTreeMap<String, usize>,
+    // Counted without an allocation per cell: by bundle name borrowed from the
+    // rows, then by state.
+    let mut cells: std::collections::BTreeMap<
+        &str,
+        std::collections::BTreeMap<flotilla_shared::state::BundleState, usize>,
     > = Default::default();
     let mut states = std::collections::BTreeMap::new();
     let connected = rows.iter().filter(|r| r.connected).count();
-    for r in &rows {
+    for r in rows.iter() {
         for (b, s) in &r.states {
-            *per_bundle
-                .entry(b.clone())
-                .or_default()
-                .entry(format!("{s:?}"))
-                .or_insert(0) += 1;
+            *cells.entry(b.as_str()).or_default().entry(*s).or_insert(0) += 1;
             *states.entry(*s).or_insert(0) += 1;
         }
     }
+    let per_bundle: std::collections::BTreeMap<String, std::collections::BTreeMap<String, usize>> =
+        cells
+            .into_iter()
+            .map(|(b, by)| {
+                let by = by
+                    .into_iter()
+                    .map(|(s, n)| (s.as_str().to_string(), n))
+                    .collect();
+                (b.to_string(), by)
+            })
+            .collect();
     let bundles = fleet.bundle_heads();
     let rollouts: Vec<_> = bundles
         .iter()
@@ -378,7 +387,7 @@ pub fn matrix_view(hub: &Hub, q: &MatrixParams) -> Page {
         page: q.page.parse().unwrap_or(1),
         per_page: q.per.parse().unwrap_or(0),
     };
-    let p = matrix::page(hub.fleet.matrix_rows(), &query);
+    let p = matrix::page(&hub.fleet.matrix_rows(), &query);
     let form = pages::MatrixForm {
         cluster: q.cluster.clone(),
         bundle: q.bundle.clone(),

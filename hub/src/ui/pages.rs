@@ -831,7 +831,7 @@ mod tests {
             per_page: 50,
             ..Default::default()
         };
-        let p = matrix::page(rows, &q);
+        let p = matrix::page(&rows, &q);
         let form = MatrixForm {
             selector: "env in (a,b)&x=\"".into(),
             ..Default::default()
