@@ -25,7 +25,10 @@ use crate::store::{
 };
 
 mod rollouts;
-pub use rollouts::{RolloutHistoryView, RolloutView};
+pub use flotilla_shared::api::{
+    BundleClusterView, BundleView, ClusterBundleView, ClusterView, GroupView, RolloutHistoryView,
+    RolloutView, SourceView,
+};
 
 /// One bundle of a snapshot, rendered (or not): the default content, and the
 /// content of each target customisation (its `good`/`render_error` are filled in
@@ -138,6 +141,17 @@ pub enum Action {
     Created,
     Configured,
     Unchanged,
+}
+
+impl Action {
+    /// As kubectl says it (`created`), and as the API's `ApplyResponse` carries it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Action::Created => "created",
+            Action::Configured => "configured",
+            Action::Unchanged => "unchanged",
+        }
+    }
 }
 
 /// Why a fleet operation was refused.
@@ -412,86 +426,6 @@ fn cluster_info(c: &ClusterRecord) -> ClusterInfo {
         name: c.name.clone(),
         labels,
     }
-}
-
-/// A source as the API shows it.
-#[derive(Debug, Clone, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct SourceView {
-    pub name: String,
-    pub repo: String,
-    pub branch: Option<String>,
-    pub tag: Option<String>,
-    pub revision: Option<String>,
-    pub paths: Vec<String>,
-    pub poll_interval: String,
-    pub targets: Vec<flotilla_shared::objects::Target>,
-    pub commit: Option<String>,
-    pub last_fetched: Option<String>,
-    pub last_error: Option<String>,
-    pub consecutive_failures: u32,
-    pub bundles: Vec<String>,
-}
-
-#[derive(Debug, Clone, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct GroupView {
-    pub name: String,
-    pub labels: Labels,
-    pub selector: flotilla_shared::selector::LabelSelector,
-    pub clusters: Vec<String>,
-}
-
-#[derive(Debug, Clone, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct ClusterBundleView {
-    pub bundle: String,
-    pub state: BundleState,
-    pub applied_revision: Option<String>,
-    pub message: String,
-}
-
-#[derive(Debug, Clone, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct ClusterView {
-    pub name: String,
-    pub labels: Labels,
-    pub connected: bool,
-    pub last_seen: Option<String>,
-    pub agent_version: String,
-    pub kubernetes_version: String,
-    pub bundle_counts: BTreeMap<String, usize>,
-    /// Drift events of this cluster in the hub's history.
-    pub drift_events: usize,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub bundles: Option<Vec<ClusterBundleView>>,
-}
-
-#[derive(Debug, Clone, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct BundleClusterView {
-    pub cluster: String,
-    pub state: BundleState,
-    pub applied_revision: Option<String>,
-    pub message: String,
-    /// Drift events of this bundle on this cluster in the hub's history.
-    pub drift_events: usize,
-}
-
-#[derive(Debug, Clone, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct BundleView {
-    pub name: String,
-    pub source: String,
-    pub path: String,
-    pub revision: String,
-    pub content_hash: Option<String>,
-    pub error: Option<String>,
-    pub cluster_counts: BTreeMap<String, usize>,
-    /// Drift events of this bundle, all clusters, in the hub's history.
-    pub drift_events: usize,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub clusters: Option<Vec<BundleClusterView>>,
 }
 
 /// What an agent says of itself when its session starts.
