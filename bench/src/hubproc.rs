@@ -232,12 +232,18 @@ impl BenchHub {
             .unwrap_or_default())
     }
 
-    /// The bundles as `GET /api/v1/bundles` lists them.
+    /// The bundles as `GET /api/v1/bundles` lists them, every page.
     pub async fn bundles(&self) -> Result<Vec<Value>> {
-        let v = self
-            .call(reqwest::Method::GET, "/api/v1/bundles", None)
-            .await?;
-        Ok(v.as_array().cloned().unwrap_or_default())
+        let mut out = Vec::new();
+        let mut path = "/api/v1/bundles?limit=5000".to_string();
+        loop {
+            let v = self.call(reqwest::Method::GET, &path, None).await?;
+            out.extend(v["items"].as_array().cloned().unwrap_or_default());
+            match v["continue"].as_str() {
+                Some(t) => path = format!("/api/v1/bundles?limit=5000&continue={t}"),
+                None => return Ok(out),
+            }
+        }
     }
 
     /// Waits until `count` bundles are at `revision` (any revision when `None`).

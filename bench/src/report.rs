@@ -147,6 +147,14 @@ pub struct UiRun {
     pub metrics_series: usize,
 }
 
+/// A row of the UI table: the page, and its median, p99 and size in a run.
+type UiRow = (
+    &'static str,
+    fn(&UiRun) -> f64,
+    fn(&UiRun) -> f64,
+    fn(&UiRun) -> f64,
+);
+
 /// The UI table: one row per page, medians of the runs' medians and p99s.
 pub fn ui_table(runs: &[UiRun]) -> String {
     let mut groups: BTreeMap<(usize, usize), Vec<&UiRun>> = BTreeMap::new();
@@ -155,12 +163,7 @@ pub fn ui_table(runs: &[UiRun]) -> String {
     }
     let mut s = String::from("| clusters × bundles | runs | page | median, ms | p99, ms | size, KiB |\n|---|---:|---|---:|---:|---:|\n");
     for ((c, b), rs) in &groups {
-        let rows: [(
-            &str,
-            fn(&UiRun) -> f64,
-            fn(&UiRun) -> f64,
-            fn(&UiRun) -> f64,
-        ); 7] = [
+        let rows: [UiRow; 7] = [
             (
                 "overview `/`",
                 |r| r.overview_median_ms,

@@ -29,7 +29,12 @@ fn labels(i: usize) -> Labels {
     l.insert("region".to_string(), REGIONS[i % REGIONS.len()].to_string());
     l.insert(
         "env".to_string(),
-        if i % 10 == 0 { "staging" } else { "prod" }.to_string(),
+        if i.is_multiple_of(10) {
+            "staging"
+        } else {
+            "prod"
+        }
+        .to_string(),
     );
     l.insert("tier".to_string(), format!("t{}", i % 3));
     l.into_iter().collect()

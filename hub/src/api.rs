@@ -1,23 +1,31 @@
 //! The operator HTTP API (JSON in camelCase, every route behind the admin bearer
-//! token; TLS and plain-on-loopback as `listen` decides). Errors are
-//! `{"error": "..."}` with 400/401/404/409/500. The Git push webhook is `hooks`.
+//! token; TLS and plain-on-loopback as `listen` decides). Requests and answers are
+//! the typed views of `flotilla_shared::api`, built here from the fleet's state.
+//! Errors are `{"error": "..."}` with 400/401/404/409/500. Lists are paginated
+//! (`?limit=N&continue=TOKEN`, `flotilla_shared::paginate`): `{"items": [...],
+//! "continue": "..."}`. The Git push webhook is `hooks`.
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use axum::body::Bytes;
+use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, Request, State};
 use axum::http::{header, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, patch, post};
 use axum::{Json, Router};
+use flotilla_shared::api::{
+    AppliedObject, ApplyResponse, BundleView, ClusterView, Deleted, ErrorBody, GroupView,
+    HeldContentView, LabelPatch, NotificationView, Page, SecretBody, SecretView, SigningKeyView,
+    SourceView, TokenRequest, TokenResponse,
+};
+pub use flotilla_shared::api::{DriftField, DriftObject, DriftView};
 use flotilla_shared::labels::{apply_edits, LabelEdit};
 use flotilla_shared::objects::{parse_duration, parse_objects, Object};
-use serde::{Deserialize, Serialize};
-use serde_json::json;
+use flotilla_shared::paginate::{self, PageKey, PageRequest};
+use serde::Deserialize;
 
-use crate::fleet::Action;
 use crate::Hub;
 
 /// Join tokens live an hour unless asked otherwise: long enough to start an agent
@@ -46,11 +54,49 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.0, Json(json!({ "error": self.1 }))).into_response()
+        (self.0, Json(ErrorBody { error: self.1 })).into_response()
     }
 }
 
 type ApiResult<T> = Result<Json<T>, ApiError>;
+
+/// `?limit=N&continue=TOKEN`, as every list takes it.
+#[derive(Debug, Default, Deserialize)]
+struct ListQuery {
+    limit: Option<String>,
+    #[serde(rename = "continue")]
+    continue_token: Option<String>,
+}
+
+/// A query string the extractor refused (a malformed or repeated parameter) as
+/// the API's JSON error.
+fn query_error(e: QueryRejection) -> ApiError {
+    ApiError::bad_request(format!("invalid query: {}", e.body_text()))
+}
+
+/// The page of a list a checked query asks for.
+fn page_of<T, K: PageKey>(
+    items: impl IntoIterator<Item = T>,
+    key: impl Fn(&T) -> K,
+    req: &PageRequest<K>,
+) -> ApiResult<Page<T>> {
+    Ok(Json(paginate::page(items, key, req)))
+}
+
+/// A list query checked before any work is done for it.
+fn page_request<K: PageKey>(
+    limit: Option<&str>,
+    token: Option<&str>,
+) -> Result<PageRequest<K>, ApiError> {
+    PageRequest::parse(limit, token).map_err(|e| ApiError::bad_request(e.to_string()))
+}
+
+fn list_request<K: PageKey>(
+    q: Result<Query<ListQuery>, QueryRejection>,
+) -> Result<PageRequest<K>, ApiError> {
+    let Query(q) = q.map_err(query_error)?;
+    page_request(q.limit.as_deref(), q.continue_token.as_deref())
+}
 
 /// The API's routes, all behind the admin token. Git push webhooks are not
 /// served here but on their own listener (`hooks`, `--webhook-listen`); a hook
@@ -124,19 +170,8 @@ fn admin_router(hub: Hub) -> Router {
         .with_state(hub)
 }
 
-#[derive(Debug, Default, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct SecretBody {
-    username: Option<String>,
-    password: Option<String>,
-    ssh_private_key: Option<String>,
-    known_hosts: Option<String>,
-    webhook_secret: Option<String>,
-    url: Option<String>,
-}
-
 /// A secret as the API shows it: which fields are set, never their values.
-fn secret_view(s: &crate::store::SecretRecord) -> serde_json::Value {
+fn secret_view(s: &crate::store::SecretRecord) -> SecretView {
     let mut fields = Vec::new();
     for (name, set) in [
         ("username", s.username.is_some()),
@@ -147,28 +182,33 @@ fn secret_view(s: &crate::store::SecretRecord) -> serde_json::Value {
         ("url", s.url.is_some()),
     ] {
         if set {
-            fields.push(name);
+            fields.push(name.to_string());
         }
     }
-    json!({ "name": s.name, "fields": fields })
+    SecretView {
+        name: s.name.clone(),
+        fields,
+    }
 }
 
-async fn list_secrets(State(hub): State<Hub>) -> ApiResult<serde_json::Value> {
+async fn list_secrets(
+    State(hub): State<Hub>,
+    q: Result<Query<ListQuery>, QueryRejection>,
+) -> ApiResult<Page<SecretView>> {
+    let req = list_request(q)?;
     let list = hub
         .fleet
         .store()
         .list_secrets()
         .map_err(ApiError::internal)?;
-    Ok(Json(serde_json::Value::Array(
-        list.iter().map(secret_view).collect(),
-    )))
+    page_of(list.iter().map(secret_view), |s| s.name.clone(), &req)
 }
 
 async fn put_secret(
     State(hub): State<Hub>,
     Path(name): Path<String>,
     body: Bytes,
-) -> ApiResult<serde_json::Value> {
+) -> ApiResult<SecretView> {
     flotilla_shared::objects::validate_name(&name)
         .map_err(|e| ApiError::bad_request(e.to_string()))?;
     let b: SecretBody = json_body(&body)?;
@@ -200,10 +240,7 @@ async fn put_secret(
     Ok(Json(secret_view(&record)))
 }
 
-async fn delete_secret(
-    State(hub): State<Hub>,
-    Path(name): Path<String>,
-) -> ApiResult<serde_json::Value> {
+async fn delete_secret(State(hub): State<Hub>, Path(name): Path<String>) -> ApiResult<Deleted> {
     if !hub
         .fleet
         .store()
@@ -213,7 +250,7 @@ async fn delete_secret(
         return Err(ApiError::not_found(format!("secret {name} not found")));
     }
     tracing::info!(secret = %name, "secret deleted");
-    Ok(Json(json!({ "deleted": name })))
+    Ok(Json(Deleted { deleted: name }))
 }
 
 async fn require_admin(State(hub): State<Hub>, req: Request, next: Next) -> Response {
@@ -240,24 +277,6 @@ fn json_body<T: for<'de> Deserialize<'de> + Default>(body: &Bytes) -> Result<T, 
         return Ok(T::default());
     }
     serde_json::from_slice(body).map_err(|e| ApiError::bad_request(format!("invalid body: {e}")))
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct TokenRequest {
-    ttl: Option<String>,
-    /// Binds the token to this cluster name.
-    cluster_name: Option<String>,
-    /// Binds the token to these labels (the agent's claims are ignored).
-    labels: Option<BTreeMap<String, String>>,
-}
-
-#[derive(Debug, Serialize)]
-#[serde(rename_all = "camelCase")]
-struct TokenResponse {
-    token: String,
-    id: String,
-    expires_at: String,
 }
 
 async fn create_token(State(hub): State<Hub>, body: Bytes) -> ApiResult<TokenResponse> {
@@ -296,18 +315,11 @@ struct ApplyQuery {
     file: Option<String>,
 }
 
-#[derive(Debug, Serialize)]
-struct Applied {
-    kind: &'static str,
-    name: String,
-    action: Action,
-}
-
 async fn apply(
     State(hub): State<Hub>,
     Query(q): Query<ApplyQuery>,
     body: Bytes,
-) -> ApiResult<serde_json::Value> {
+) -> ApiResult<ApplyResponse> {
     let file = q.file.unwrap_or_else(|| "<request>".into());
     let text = std::str::from_utf8(&body)
         .map_err(|_| ApiError::bad_request(format!("{file}: not UTF-8")))?;
@@ -336,24 +348,31 @@ async fn apply(
                 .map_err(ApiError::internal)?,
         };
         tracing::info!(kind, name = %name, ?action, "applied");
-        applied.push(Applied { kind, name, action });
+        applied.push(AppliedObject {
+            kind: kind.to_string(),
+            name,
+            action: action.as_str().to_string(),
+        });
     }
-    Ok(Json(json!({ "applied": applied })))
+    Ok(Json(ApplyResponse { applied }))
 }
 
 async fn list_notifications(
     State(hub): State<Hub>,
-) -> ApiResult<Vec<crate::notify::NotificationView>> {
-    hub.notifier.views().map(Json).map_err(ApiError::internal)
+    q: Result<Query<ListQuery>, QueryRejection>,
+) -> ApiResult<Page<NotificationView>> {
+    let req = list_request(q)?;
+    let views = hub.notifier.views().map_err(ApiError::internal)?;
+    page_of(views, |n| n.name.clone(), &req)
 }
 
 async fn delete_notification(
     State(hub): State<Hub>,
     Path(name): Path<String>,
-) -> ApiResult<serde_json::Value> {
+) -> ApiResult<Deleted> {
     if hub.notifier.delete(&name).map_err(ApiError::internal)? {
         tracing::info!(notification = %name, "notification deleted");
-        Ok(Json(json!({ "deleted": name })))
+        Ok(Json(Deleted { deleted: name }))
     } else {
         Err(ApiError::not_found(format!(
             "notification {name} not found"
@@ -361,8 +380,12 @@ async fn delete_notification(
     }
 }
 
-async fn list_sources(State(hub): State<Hub>) -> ApiResult<Vec<crate::fleet::SourceView>> {
-    Ok(Json(hub.fleet.sources()))
+async fn list_sources(
+    State(hub): State<Hub>,
+    q: Result<Query<ListQuery>, QueryRejection>,
+) -> ApiResult<Page<SourceView>> {
+    let req = list_request(q)?;
+    page_of(hub.fleet.sources(), |s| s.name.clone(), &req)
 }
 
 async fn get_source(
@@ -375,24 +398,29 @@ async fn get_source(
         .ok_or_else(|| ApiError::not_found(format!("source {name} not found")))
 }
 
-async fn delete_source(
-    State(hub): State<Hub>,
-    Path(name): Path<String>,
-) -> ApiResult<serde_json::Value> {
+async fn delete_source(State(hub): State<Hub>, Path(name): Path<String>) -> ApiResult<Deleted> {
     hub.pollers.stop(&name);
     if !hub.fleet.delete_source(&name).map_err(ApiError::internal)? {
         return Err(ApiError::not_found(format!("source {name} not found")));
     }
     tracing::info!(source = %name, "source deleted");
-    Ok(Json(json!({ "deleted": name })))
+    Ok(Json(Deleted { deleted: name }))
 }
 
-async fn list_groups(State(hub): State<Hub>) -> ApiResult<Vec<crate::fleet::GroupView>> {
-    Ok(Json(hub.fleet.groups()))
+async fn list_groups(
+    State(hub): State<Hub>,
+    q: Result<Query<ListQuery>, QueryRejection>,
+) -> ApiResult<Page<GroupView>> {
+    let req = list_request(q)?;
+    page_of(hub.fleet.groups(), |g| g.name.clone(), &req)
 }
 
-async fn list_clusters(State(hub): State<Hub>) -> ApiResult<Vec<crate::fleet::ClusterView>> {
-    Ok(Json(hub.fleet.clusters()))
+async fn list_clusters(
+    State(hub): State<Hub>,
+    q: Result<Query<ListQuery>, QueryRejection>,
+) -> ApiResult<Page<ClusterView>> {
+    let req = list_request(q)?;
+    page_of(hub.fleet.clusters(), |c| c.name.clone(), &req)
 }
 
 async fn get_cluster(
@@ -411,7 +439,7 @@ async fn get_cluster(
 async fn get_cluster_bundle(
     State(hub): State<Hub>,
     Path((name, bundle)): Path<(String, String)>,
-) -> ApiResult<serde_json::Value> {
+) -> ApiResult<HeldContentView> {
     let (hash, revision, content) = hub
         .fleet
         .held_content(&name, &bundle)
@@ -420,22 +448,19 @@ async fn get_cluster_bundle(
     for m in &mut content.manifests {
         flotilla_shared::applied::redact_secret(&mut m.object);
     }
-    Ok(Json(json!({
-        "cluster": name,
-        "bundle": bundle,
-        "contentHash": hash,
-        "revision": revision,
-        "content": content,
-    })))
+    Ok(Json(HeldContentView {
+        cluster: name,
+        bundle,
+        content_hash: hash,
+        revision,
+        content,
+    }))
 }
 
 /// Deletes a cluster: its certificate is refused from now on, its live session
 /// closes, its statuses and drift history go. What its agent applied stays in
 /// that cluster (the agent, cut off, keeps it and stops nothing).
-async fn delete_cluster(
-    State(hub): State<Hub>,
-    Path(name): Path<String>,
-) -> ApiResult<serde_json::Value> {
+async fn delete_cluster(State(hub): State<Hub>, Path(name): Path<String>) -> ApiResult<Deleted> {
     let fleet = hub.fleet.clone();
     let n = name.clone();
     let deleted = tokio::task::spawn_blocking(move || fleet.delete_cluster(&n))
@@ -446,7 +471,7 @@ async fn delete_cluster(
         return Err(ApiError::not_found(format!("cluster {name} not found")));
     }
     tracing::info!(cluster = %name, "cluster deleted; its certificate is refused from now on");
-    Ok(Json(json!({ "deleted": name })))
+    Ok(Json(Deleted { deleted: name }))
 }
 
 /// The largest file the API takes (a status file, an enrolment request, a
@@ -505,20 +530,21 @@ async fn enrol_by_file(State(hub): State<Hub>, body: Bytes) -> Result<Response, 
         .map_err(transfer_error)
 }
 
-fn signing_key_view(hub: &Hub) -> serde_json::Value {
-    json!({
-        "keyId": hub.pki.signer.key_id(),
-        "publicKey": hex::encode(hub.pki.signer.public_key()),
-        "rotations": hub.pki.signer.rotations(),
-    })
+fn signing_key_view(hub: &Hub) -> SigningKeyView {
+    SigningKeyView {
+        key_id: hub.pki.signer.key_id(),
+        public_key: hex::encode(hub.pki.signer.public_key()),
+        rotations: hub.pki.signer.rotations(),
+        previous_key_id: None,
+    }
 }
 
-async fn get_signing_key(State(hub): State<Hub>) -> ApiResult<serde_json::Value> {
+async fn get_signing_key(State(hub): State<Hub>) -> ApiResult<SigningKeyView> {
     Ok(Json(signing_key_view(&hub)))
 }
 
 /// `flotilla signing-key rotate`: agents follow the endorsement in the next set.
-async fn rotate_signing_key(State(hub): State<Hub>) -> ApiResult<serde_json::Value> {
+async fn rotate_signing_key(State(hub): State<Hub>) -> ApiResult<SigningKeyView> {
     let h = hub.clone();
     let (old, new) = tokio::task::spawn_blocking(move || h.pki.signer.rotate())
         .await
@@ -526,19 +552,11 @@ async fn rotate_signing_key(State(hub): State<Hub>) -> ApiResult<serde_json::Val
         .map_err(ApiError::internal)?;
     // Every session sends its set again, signed by the new key.
     hub.fleet.nudge();
-    let mut view = signing_key_view(&hub);
-    view["previousKeyId"] = json!(old);
-    view["keyId"] = json!(new);
-    Ok(Json(view))
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct LabelPatch {
-    #[serde(default)]
-    set: BTreeMap<String, String>,
-    #[serde(default)]
-    remove: Vec<String>,
+    Ok(Json(SigningKeyView {
+        key_id: new,
+        previous_key_id: Some(old),
+        ..signing_key_view(&hub)
+    }))
 }
 
 async fn patch_labels(
@@ -577,8 +595,12 @@ async fn patch_labels(
     Ok(Json(view))
 }
 
-async fn list_bundles(State(hub): State<Hub>) -> ApiResult<Vec<crate::fleet::BundleView>> {
-    Ok(Json(hub.fleet.bundles()))
+async fn list_bundles(
+    State(hub): State<Hub>,
+    q: Result<Query<ListQuery>, QueryRejection>,
+) -> ApiResult<Page<BundleView>> {
+    let req = list_request(q)?;
+    page_of(hub.fleet.bundles(), |b| b.name.clone(), &req)
 }
 
 async fn get_bundle(
@@ -660,64 +682,32 @@ async fn rollback_rollout(
     rollout_command(hub, name, flotilla_shared::rollout::Command::Rollback).await
 }
 
-/// A drift event as the API shows it (PRODUCT.md's shape, plus `deleted`).
-#[derive(Debug, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct DriftView {
-    pub id: u64,
-    pub cluster: String,
-    pub bundle: String,
-    pub object: DriftObject,
-    pub fields: Vec<DriftField>,
-    pub manager: String,
-    pub detected_at: String,
-    pub corrected: bool,
-    pub deleted: bool,
-}
-
-#[derive(Debug, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct DriftObject {
-    pub api_version: String,
-    pub kind: String,
-    pub namespace: Option<String>,
-    pub name: String,
-}
-
-#[derive(Debug, Serialize)]
-pub struct DriftField {
-    pub path: String,
-    pub desired: serde_json::Value,
-    pub live: serde_json::Value,
-}
-
-impl From<crate::store::DriftRecord> for DriftView {
-    fn from(r: crate::store::DriftRecord) -> Self {
-        let e = r.event;
-        DriftView {
-            id: r.id,
-            cluster: r.cluster,
-            bundle: e.bundle,
-            object: DriftObject {
-                api_version: e.object.api_version,
-                kind: e.object.kind,
-                namespace: e.object.namespace,
-                name: e.object.name,
-            },
-            fields: e
-                .fields
-                .into_iter()
-                .map(|f| DriftField {
-                    path: f.path,
-                    desired: f.desired,
-                    live: f.live,
-                })
-                .collect(),
-            manager: e.manager,
-            detected_at: crate::rfc3339(u64::try_from(e.detected_at_unix_ms).unwrap_or(0)),
-            corrected: e.corrected,
-            deleted: e.deleted,
-        }
+/// A stored drift event as the API shows it.
+pub fn drift_view(r: crate::store::DriftRecord) -> DriftView {
+    let e = r.event;
+    DriftView {
+        id: r.id,
+        cluster: r.cluster,
+        bundle: e.bundle,
+        object: DriftObject {
+            api_version: e.object.api_version,
+            kind: e.object.kind,
+            namespace: e.object.namespace,
+            name: e.object.name,
+        },
+        fields: e
+            .fields
+            .into_iter()
+            .map(|f| DriftField {
+                path: f.path,
+                desired: f.desired,
+                live: f.live,
+            })
+            .collect(),
+        manager: e.manager,
+        detected_at: crate::rfc3339(u64::try_from(e.detected_at_unix_ms).unwrap_or(0)),
+        corrected: e.corrected,
+        deleted: e.deleted,
     }
 }
 
@@ -728,12 +718,19 @@ pub const DRIFT_DROPPED_HEADER: &str = "x-flotilla-drift-dropped";
 struct DriftQuery {
     cluster: Option<String>,
     bundle: Option<String>,
+    limit: Option<String>,
+    #[serde(rename = "continue")]
+    continue_token: Option<String>,
 }
 
+/// Drift events oldest first (by id), a page at a time; the header counts the
+/// events dropped from the bounded history.
 async fn list_drift(
     State(hub): State<Hub>,
-    Query(q): Query<DriftQuery>,
+    q: Result<Query<DriftQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
+    let Query(q) = q.map_err(query_error)?;
+    let req = page_request::<u64>(q.limit.as_deref(), q.continue_token.as_deref())?;
     let store = hub.fleet.store().clone();
     let (records, dropped) = tokio::task::spawn_blocking(move || {
         Ok::<_, crate::store::StoreError>((store.list_drift()?, store.drift_dropped()?))
@@ -743,12 +740,13 @@ async fn list_drift(
     .map_err(ApiError::internal)?;
     let want =
         |want: &Option<String>, got: &str| want.as_deref().is_none_or(|w| w.is_empty() || w == got);
-    let views: Vec<DriftView> = records
+    let views = records
         .into_iter()
         .filter(|r| want(&q.cluster, &r.cluster) && want(&q.bundle, &r.event.bundle))
-        .map(DriftView::from)
-        .collect();
-    Ok(([(DRIFT_DROPPED_HEADER, dropped.to_string())], Json(views)).into_response())
+        .filter(|r| req.after.is_none_or(|a| r.id > a))
+        .map(drift_view);
+    let page = page_of(views, |d| d.id, &req)?;
+    Ok(([(DRIFT_DROPPED_HEADER, dropped.to_string())], page).into_response())
 }
 
 async fn get_drift(State(hub): State<Hub>, Path(id): Path<String>) -> ApiResult<DriftView> {
@@ -760,6 +758,6 @@ async fn get_drift(State(hub): State<Hub>, Path(id): Path<String>) -> ApiResult<
         .await
         .map_err(ApiError::internal)?
         .map_err(ApiError::internal)?
-        .map(|r| Json(r.into()))
+        .map(|r| Json(drift_view(r)))
         .ok_or_else(|| ApiError::not_found(format!("drift event {id} not found")))
 }

@@ -25,7 +25,10 @@ use crate::store::{
 };
 
 mod rollouts;
-pub use rollouts::{RolloutHistoryView, RolloutView};
+pub use flotilla_shared::api::{
+    BundleClusterView, BundleView, ClusterBundleView, ClusterView, GroupView, RolloutHistoryView,
+    RolloutView, SourceView,
+};
 
 /// One bundle of a snapshot, rendered (or not): the default content, and the
 /// content of each target customisation (its `good`/`render_error` are filled in
@@ -140,6 +143,17 @@ pub enum Action {
     Unchanged,
 }
 
+impl Action {
+    /// As kubectl says it (`created`), and as the API's `ApplyResponse` carries it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Action::Created => "created",
+            Action::Configured => "configured",
+            Action::Unchanged => "unchanged",
+        }
+    }
+}
+
 /// Why a fleet operation was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum FleetError {
@@ -195,7 +209,7 @@ pub struct Fleet {
     /// a view shows moves one of the two (the web UI's live updates rely on the
     /// same), so pages of a quiet fleet read them instead of computing
     /// clusters × bundles states per request.
-    rows: Mutex<Option<((u64, u64), Arc<Vec<flotilla_shared::matrix::Row>>)>>,
+    rows: Mutex<Option<CachedRows>>,
     /// Drift events refused since start: about bundles not assigned to the
     /// reporting cluster.
     drift_refused: std::sync::atomic::AtomicU64,
@@ -436,6 +450,9 @@ fn profile(c: &ClusterRecord) -> Profile {
 /// A cluster as matching sees it: its labels, plus its Kubernetes version and
 /// API-version set (for the profile-pinned Helm renders, see
 /// `shared::capabilities`).
+/// The matrix rows and the `(version, observed)` they were computed at.
+type CachedRows = ((u64, u64), Arc<Vec<flotilla_shared::matrix::Row>>);
+
 /// What an agent reported, as the state functions take it.
 fn reported(s: &StatusRecord) -> Reported {
     Reported {
@@ -469,86 +486,6 @@ fn cluster_info(c: &ClusterRecord) -> ClusterInfo {
         name: c.name.clone(),
         labels,
     }
-}
-
-/// A source as the API shows it.
-#[derive(Debug, Clone, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct SourceView {
-    pub name: String,
-    pub repo: String,
-    pub branch: Option<String>,
-    pub tag: Option<String>,
-    pub revision: Option<String>,
-    pub paths: Vec<String>,
-    pub poll_interval: String,
-    pub targets: Vec<flotilla_shared::objects::Target>,
-    pub commit: Option<String>,
-    pub last_fetched: Option<String>,
-    pub last_error: Option<String>,
-    pub consecutive_failures: u32,
-    pub bundles: Vec<String>,
-}
-
-#[derive(Debug, Clone, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct GroupView {
-    pub name: String,
-    pub labels: Labels,
-    pub selector: flotilla_shared::selector::LabelSelector,
-    pub clusters: Vec<String>,
-}
-
-#[derive(Debug, Clone, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct ClusterBundleView {
-    pub bundle: String,
-    pub state: BundleState,
-    pub applied_revision: Option<String>,
-    pub message: String,
-}
-
-#[derive(Debug, Clone, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct ClusterView {
-    pub name: String,
-    pub labels: Labels,
-    pub connected: bool,
-    pub last_seen: Option<String>,
-    pub agent_version: String,
-    pub kubernetes_version: String,
-    pub bundle_counts: BTreeMap<String, usize>,
-    /// Drift events of this cluster in the hub's history.
-    pub drift_events: usize,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub bundles: Option<Vec<ClusterBundleView>>,
-}
-
-#[derive(Debug, Clone, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct BundleClusterView {
-    pub cluster: String,
-    pub state: BundleState,
-    pub applied_revision: Option<String>,
-    pub message: String,
-    /// Drift events of this bundle on this cluster in the hub's history.
-    pub drift_events: usize,
-}
-
-#[derive(Debug, Clone, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct BundleView {
-    pub name: String,
-    pub source: String,
-    pub path: String,
-    pub revision: String,
-    pub content_hash: Option<String>,
-    pub error: Option<String>,
-    pub cluster_counts: BTreeMap<String, usize>,
-    /// Drift events of this bundle, all clusters, in the hub's history.
-    pub drift_events: usize,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub clusters: Option<Vec<BundleClusterView>>,
 }
 
 /// What an agent says of itself when its session starts.
@@ -2339,5 +2276,53 @@ mod tests {
         );
         fleet.metrics.set_bundle_cluster_series(false);
         assert!(series(&fleet.metrics.scrape(&fleet)).is_empty());
+    }
+
+    /// The matrix rows are kept while nothing changes, and follow every change a
+    /// view shows: an acknowledgement, a report, a label, a new commit.
+    #[test]
+    fn matrix_rows_follow_every_change() {
+        let dir = tempfile::tempdir().unwrap();
+        let fleet = open(dir.path());
+        fleet.apply_source("s", spec()).unwrap();
+        enrol(&fleet, "c1");
+        fleet
+            .set_snapshot("s", "c1", vec![bundle("s-a", Ok(rendered("1")))], 1)
+            .unwrap();
+        let state = |f: &Fleet| f.matrix_rows()[0].states["s-a"];
+        assert_eq!(state(&fleet), BundleState::Pending);
+        let kept = fleet.matrix_rows();
+        assert!(
+            Arc::ptr_eq(&kept, &fleet.matrix_rows()),
+            "recomputed unchanged"
+        );
+
+        let desired = fleet.desired("c1").unwrap();
+        fleet.record_ack("c1", &desired).unwrap();
+        assert_eq!(state(&fleet), BundleState::WaitApplied);
+        let (b, hash, revision) = desired.bundles[0].clone();
+        let report = |state| StatusRecord {
+            cluster: "c1".into(),
+            bundle: b.clone(),
+            content_hash: hash.clone(),
+            revision: revision.clone(),
+            state,
+            message: String::new(),
+            observed_at_ms: 1,
+        };
+        fleet.record_status(report(BundleState::Ready)).unwrap();
+        assert_eq!(state(&fleet), BundleState::Ready);
+        fleet.record_status(report(BundleState::NotReady)).unwrap();
+        assert_eq!(state(&fleet), BundleState::NotReady);
+
+        fleet
+            .set_labels("c1", [("env".to_string(), "prod".to_string())].into())
+            .unwrap();
+        assert_eq!(fleet.matrix_rows()[0].labels["env"], "prod");
+        // A new commit: the acknowledged content is no longer the one assigned.
+        fleet
+            .set_snapshot("s", "c2", vec![bundle("s-a", Ok(rendered("2")))], 2)
+            .unwrap();
+        assert_eq!(state(&fleet), BundleState::Pending);
     }
 }

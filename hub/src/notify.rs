@@ -20,7 +20,6 @@ use std::time::Duration;
 
 use flotilla_shared::labels::Labels;
 use flotilla_shared::notify::{self, DriftSeen, NotificationSpec, SinkType};
-use serde::Serialize;
 use tokio::sync::{watch, Notify};
 use tokio::task::JoinSet;
 
@@ -47,23 +46,7 @@ pub fn backoff(attempts: u32) -> Duration {
     Duration::from_secs(1u64 << attempts.saturating_sub(1).min(9)).min(Duration::from_secs(300))
 }
 
-/// A notification as the API shows it (a URL without its query; never secrets).
-#[derive(Debug, Clone, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct NotificationView {
-    pub name: String,
-    #[serde(rename = "type")]
-    pub sink: SinkType,
-    pub url: Option<String>,
-    pub secret_ref: Option<String>,
-    pub events: Vec<notify::Event>,
-    pub bundle_selector: Option<flotilla_shared::selector::LabelSelector>,
-    pub cluster_selector: Option<flotilla_shared::selector::LabelSelector>,
-    /// Messages waiting for delivery.
-    pub queued: usize,
-    /// Why the oldest waiting message's last attempt failed.
-    pub last_error: Option<String>,
-}
+pub use flotilla_shared::api::NotificationView;
 
 /// What the sink answered.
 enum Sent {

@@ -93,19 +93,7 @@ fn verify_status(fleet: &Fleet, file: &v1::StatusFile) -> Result<Report, Transfe
     Ok(Report { report })
 }
 
-/// What `import-status` did.
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct Imported {
-    pub cluster: String,
-    pub statuses: usize,
-    /// Statuses this hub had imported already (a file imported twice).
-    pub statuses_already: usize,
-    pub drift_events: usize,
-    pub drift_already: usize,
-    /// Dropped as invalid, or about bundles not assigned to the cluster.
-    pub refused: usize,
-}
+pub use flotilla_shared::api::Imported;
 
 /// Takes a status file into the fleet, exactly once: statuses at or below the
 /// seq imported before, and drift events already stored, add nothing.

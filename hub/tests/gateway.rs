@@ -428,6 +428,7 @@ async fn enrolment_checks_tokens_and_names() {
         .call(reqwest::Method::GET, "/api/v1/clusters", None)
         .await;
     assert_eq!(status, 200);
+    let clusters = &clusters["items"];
     let names: Vec<&str> = clusters
         .as_array()
         .unwrap()
@@ -1001,7 +1002,7 @@ async fn a_deleted_cluster_is_cut_off_and_its_certificate_refused() {
         v1::hub_message::Msg::DriftAck(_)
     ));
     let (_, drift) = th.call(reqwest::Method::GET, "/api/v1/drift", None).await;
-    assert_eq!(drift.as_array().unwrap().len(), 1, "{drift}");
+    assert_eq!(drift["items"].as_array().unwrap().len(), 1, "{drift}");
 
     let (status, body) = th
         .call(reqwest::Method::DELETE, "/api/v1/clusters/edge-1", None)
@@ -1020,7 +1021,7 @@ async fn a_deleted_cluster_is_cut_off_and_its_certificate_refused() {
     let (_, clusters) = th
         .call(reqwest::Method::GET, "/api/v1/clusters", None)
         .await;
-    assert_eq!(clusters.as_array().unwrap().len(), 1, "{clusters}");
+    assert_eq!(clusters["items"].as_array().unwrap().len(), 1, "{clusters}");
     let (_, bv) = th
         .call(
             reqwest::Method::GET,
@@ -1037,7 +1038,7 @@ async fn a_deleted_cluster_is_cut_off_and_its_certificate_refused() {
     assert_eq!(on, ["edge-2"], "{bv}");
     assert_eq!(bv["driftEvents"], 0, "{bv}");
     let (_, drift) = th.call(reqwest::Method::GET, "/api/v1/drift", None).await;
-    assert_eq!(drift, json!([]));
+    assert_eq!(drift, json!({"items": []}));
     let (status, _) = th
         .call(reqwest::Method::DELETE, "/api/v1/clusters/edge-1", None)
         .await;
@@ -1335,7 +1336,7 @@ async fn drift_list(th: &TestHub, query: &str) -> Vec<Value> {
         )
         .await;
     assert_eq!(status, 200, "{body}");
-    body.as_array().unwrap().clone()
+    body["items"].as_array().unwrap().clone()
 }
 
 /// Agents speak only for themselves, and only so much: cluster A reports drift of
@@ -1883,4 +1884,133 @@ async fn rollout_routes_refuse_what_makes_no_sense() {
         .await;
     assert_eq!(history.as_array().map(Vec::len), Some(1), "{history}");
     assert_eq!(history[0]["outcome"], "Paused", "{history}");
+}
+
+/// Every list endpoint pages Kubernetes-style (`?limit=N&continue=TOKEN`): 7
+/// clusters at 3 a page are 3 + 3 + 1, in name order, none twice; bad limits and
+/// tokens are a 400 with the reason, never a panic or a silent first page.
+#[tokio::test]
+async fn list_endpoints_are_paginated() {
+    let th = start_hub().await;
+    let key = KeyPair::generate().unwrap();
+    let names = ["c-5", "c-2", "c-7", "c-1", "c-4", "c-6", "c-3"];
+    for name in names {
+        let token = th.token("1h").await;
+        enroll(&th, &token, name, &[], &key).await.unwrap();
+    }
+
+    let mut seen = Vec::new();
+    let mut sizes = Vec::new();
+    let mut path = "/api/v1/clusters?limit=3".to_string();
+    loop {
+        let (status, page) = th.call(reqwest::Method::GET, &path, None).await;
+        assert_eq!(status, 200, "{page}");
+        let items = page["items"].as_array().unwrap();
+        sizes.push(items.len());
+        seen.extend(
+            items
+                .iter()
+                .map(|c| c["name"].as_str().unwrap().to_string()),
+        );
+        match page["continue"].as_str() {
+            Some(t) => path = format!("/api/v1/clusters?limit=3&continue={t}"),
+            None => {
+                assert!(page.get("continue").is_none(), "omitted on the last page");
+                break;
+            }
+        }
+    }
+    assert_eq!(sizes, [3, 3, 1]);
+    assert_eq!(seen, ["c-1", "c-2", "c-3", "c-4", "c-5", "c-6", "c-7"]);
+
+    // A page is stable under inserts: a cluster enrolled before the token's key
+    // neither shifts nor repeats the next page.
+    let (_, first) = th
+        .call(reqwest::Method::GET, "/api/v1/clusters?limit=3", None)
+        .await;
+    let token = first["continue"].as_str().unwrap().to_string();
+    let fresh = th.token("1h").await;
+    enroll(&th, &fresh, "a-0", &[], &key).await.unwrap();
+    let (_, next) = th
+        .call(
+            reqwest::Method::GET,
+            &format!("/api/v1/clusters?limit=3&continue={token}"),
+            None,
+        )
+        .await;
+    let next: Vec<&str> = next["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(next, ["c-4", "c-5", "c-6"]);
+
+    // No limit: the default (500), one page. A huge limit is cut, not refused.
+    for q in ["", "?limit=99999999999999999999999"] {
+        let (status, page) = th
+            .call(reqwest::Method::GET, &format!("/api/v1/clusters{q}"), None)
+            .await;
+        assert_eq!(status, 200, "{q}: {page}");
+        assert_eq!(page["items"].as_array().unwrap().len(), 8, "{q}");
+        assert!(page.get("continue").is_none(), "{q}");
+    }
+
+    // A token past the end: an empty last page.
+    let (status, page) = th
+        .call(reqwest::Method::GET, "/api/v1/clusters?continue=enp6", None)
+        .await;
+    assert_eq!((status, page), (200, json!({"items": []})));
+
+    // Abuse, on every list: each a 400 with a JSON error saying what is wrong.
+    let long = "A".repeat(10_000);
+    let abuse = [
+        ("limit=0", "limit must be"),
+        ("limit=-1", "limit must be"),
+        ("limit=ten", "limit must be"),
+        ("limit=", "limit must be"),
+        ("limit=1&limit=2", "invalid query"),
+        ("continue=!!!", "continue token"),
+        ("continue=%FF%FE", "continue token"),
+        ("continue=_w", "continue token"),
+        ("continue=YQo", "continue token"),
+        (&format!("continue={long}"), "continue token"),
+    ];
+    for list in [
+        "sources",
+        "groups",
+        "clusters",
+        "bundles",
+        "drift",
+        "secrets",
+        "notifications",
+    ] {
+        let (status, page) = th
+            .call(
+                reqwest::Method::GET,
+                &format!("/api/v1/{list}?limit=1"),
+                None,
+            )
+            .await;
+        assert_eq!(status, 200, "{list}: {page}");
+        assert!(page["items"].is_array(), "{list}: {page}");
+        for (q, says) in &abuse {
+            let (status, body) = th
+                .call(reqwest::Method::GET, &format!("/api/v1/{list}?{q}"), None)
+                .await;
+            assert_eq!(status, 400, "{list}?{}: {body}", &q[..q.len().min(40)]);
+            let error = body["error"].as_str().unwrap_or_default();
+            assert!(error.contains(says), "{list}: {error}");
+            assert!(error.len() < 300, "the input is not echoed whole: {error}");
+        }
+    }
+    // Drift ids are numbers: a name is not a drift token.
+    let (status, body) = th
+        .call(
+            reqwest::Method::GET,
+            &format!("/api/v1/drift?continue={token}"),
+            None,
+        )
+        .await;
+    assert_eq!(status, 400, "{body}");
 }

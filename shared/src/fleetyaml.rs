@@ -3,7 +3,7 @@
 //! what inputs (a [`RenderPlan`]), `yaml.overlays`, merged Helm values, bundle
 //! labels, and reading a tool's output back into manifests.
 //!
-//! The hub runs the tools (`hub/src/render.rs`); everything decided here is a
+//! The hub runs the tools (`render/src/render.rs`); everything decided here is a
 //! function of the bundle's files, so it is tested with fixtures.
 
 use std::collections::BTreeMap;

@@ -4,6 +4,7 @@
 //! This crate does no I/O and knows nothing of tonic, kube, gix or sled. Everything
 //! here is a pure function of its inputs, so it is tested with plain `#[test]`s.
 
+pub mod api;
 pub mod applied;
 pub mod assign;
 pub mod bundle;
@@ -22,6 +23,7 @@ pub mod matrix;
 pub mod notify;
 pub mod objects;
 pub mod oci;
+pub mod paginate;
 pub mod rollout;
 pub mod sandbox;
 pub mod selector;

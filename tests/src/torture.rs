@@ -304,6 +304,22 @@ impl HubApi {
         Ok(serde_json::from_str(&text)?)
     }
 
+    /// Every item of a paginated list (`{"items": [...], "continue": ...}`),
+    /// page after page.
+    pub async fn list(&self, path: &str) -> Result<Vec<Value>> {
+        let sep = if path.contains('?') { '&' } else { '?' };
+        let mut items = Vec::new();
+        let mut next = format!("{path}{sep}limit=5000");
+        loop {
+            let page = self.get(&next).await?;
+            items.extend(page["items"].as_array().cloned().unwrap_or_default());
+            match page["continue"].as_str() {
+                Some(t) => next = format!("{path}{sep}limit=5000&continue={t}"),
+                None => return Ok(items),
+            }
+        }
+    }
+
     pub async fn post(&self, path: &str, body: String) -> Result<Value> {
         let r = self
             .http

@@ -75,9 +75,9 @@ async fn audit(
     for b in bundles {
         shown.insert(b.clone(), api.bundle_states(b).await?);
     }
-    let drift = api.get("/api/v1/drift").await?;
+    let drift = api.list("/api/v1/drift").await?;
     let mut counts: BTreeMap<(String, String), usize> = BTreeMap::new();
-    for e in drift.as_array().into_iter().flatten() {
+    for e in &drift {
         let key = (
             e["cluster"].as_str().unwrap_or_default().to_string(),
             e["object"]["name"].as_str().unwrap_or_default().to_string(),

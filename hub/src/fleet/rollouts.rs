@@ -10,6 +10,9 @@
 
 use std::collections::BTreeMap;
 
+use flotilla_shared::api::{
+    RolloutClusterView, RolloutEventView, RolloutHistoryView, RolloutPartitionView, RolloutView,
+};
 use flotilla_shared::assign::{BundleInfo, RolloutGate};
 use flotilla_shared::rollout::{
     self as ro, Command, EventKind, Observed, Outcome, Phase, Rollout, RolloutEvent,
@@ -17,7 +20,6 @@ use flotilla_shared::rollout::{
 };
 use flotilla_shared::state::BundleState;
 use flotilla_shared::targeting::{ClusterInfo, GroupInfo};
-use serde::Serialize;
 
 use super::{cluster_info, ClusterState, Fleet, FleetError, State};
 use crate::store::RolloutRecord;
@@ -41,74 +43,6 @@ impl RolloutWrites {
             && self.finished.is_empty()
             && self.events.is_empty()
     }
-}
-
-/// A cluster of a rollout as the API shows it.
-#[derive(Debug, Clone, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct RolloutClusterView {
-    pub cluster: String,
-    /// `OutOfSync` (not admitted yet), `Updating`, `Ready`, `Failed`, `Skipped`.
-    pub progress: String,
-    pub connected: bool,
-    pub state: BundleState,
-    pub message: String,
-}
-
-#[derive(Debug, Clone, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct RolloutPartitionView {
-    pub name: String,
-    /// `Waiting`, `Rolling`, `Baking`, `Done`.
-    pub phase: String,
-    pub max_unavailable: usize,
-    pub clusters: Vec<RolloutClusterView>,
-}
-
-#[derive(Debug, Clone, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct RolloutEventView {
-    pub kind: String,
-    pub revision: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub partition: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub cluster: Option<String>,
-    pub message: String,
-    pub at: String,
-}
-
-/// A bundle's current rollout.
-#[derive(Debug, Clone, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct RolloutView {
-    pub bundle: String,
-    pub revision: String,
-    pub previous: Option<String>,
-    pub phase: String,
-    pub reason: String,
-    pub started: String,
-    pub ended: Option<String>,
-    pub max_unavailable: usize,
-    pub max_unavailable_partitions: usize,
-    pub max_failures: usize,
-    pub partitions: Vec<RolloutPartitionView>,
-    pub matched_several: BTreeMap<String, Vec<String>>,
-    pub unmatched: Vec<String>,
-    pub events: Vec<RolloutEventView>,
-}
-
-/// One rollout of the history.
-#[derive(Debug, Clone, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct RolloutHistoryView {
-    pub revision: String,
-    pub previous: Option<String>,
-    pub started: String,
-    pub ended: Option<String>,
-    /// `Completed`, `RolledBack`, `Superseded`, or the phase of the running one.
-    pub outcome: String,
-    pub reason: String,
 }
 
 fn phase_name(p: Phase) -> String {

@@ -528,7 +528,7 @@ async fn drift_list(
             (cluster.is_empty() || r.cluster == cluster)
                 && (bundle.is_empty() || r.event.bundle == bundle)
         })
-        .map(crate::api::DriftView::from)
+        .map(crate::api::drift_view)
         .collect();
     views.reverse();
     let page = pages::drift_list(
@@ -552,7 +552,7 @@ async fn drift_page(
     };
     let store = hub.fleet.store().clone();
     match blocking(move || store.get_drift(n)).await {
-        Ok(Some(r)) => render(&headers, &csrf, &pages::drift(&r.into())),
+        Ok(Some(r)) => render(&headers, &csrf, &pages::drift(&crate::api::drift_view(r))),
         Ok(None) => not_found(&headers, &csrf, format!("drift event {id} not found")),
         Err(e) => {
             tracing::error!(error = %e, "web UI: reading a drift event");

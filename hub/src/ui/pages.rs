@@ -6,11 +6,9 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
+use flotilla_shared::api::{BundleView, ClusterView, DriftView, RolloutView, SourceView};
 use flotilla_shared::matrix;
 use flotilla_shared::state::BundleState;
-
-use crate::api::DriftView;
-use crate::fleet::{BundleView, ClusterView, RolloutView, SourceView};
 
 /// A page: its title, the part that never changes while it is open (forms),
 /// and the part live updates replace.
@@ -757,7 +755,7 @@ pub fn message(title: &str, text: &str) -> Page {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::api::{DriftField, DriftObject};
+    use flotilla_shared::api::{DriftField, DriftObject};
 
     fn drift_view(kind: &str, path: &str) -> DriftView {
         DriftView {
@@ -818,7 +816,7 @@ mod tests {
 
     #[test]
     fn matrix_pages_link_with_the_filters_encoded() {
-        let rows = (0..120)
+        let rows: Vec<matrix::Row> = (0..120)
             .map(|i| matrix::Row {
                 cluster: format!("c{i:03}"),
                 labels: Default::default(),

@@ -1,14 +1,22 @@
 //! The operator CLI `flotilla`: arguments, calls to the hub's HTTP API, and output as
-//! tables (pure functions of the API's JSON), JSON or YAML.
+//! tables (pure functions of the API's typed views, `flotilla_shared::api`), JSON or
+//! YAML.
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use flotilla_shared::api::{
+    ApplyResponse, BundleView, ClusterBundleView, ClusterView, DriftObject, DriftView, ErrorBody,
+    HeldContentView, Imported, LabelPatch, NotificationView, Page, RolloutHistoryView, RolloutView,
+    SecretBody, SecretView, SigningKeyView, SourceView, TokenRequest, TokenResponse,
+};
 use flotilla_shared::labels::LabelEdit;
 use flotilla_shared::objects::{parse_duration, validate_name, GitSourceSpec, Target, API_VERSION};
 use flotilla_shared::selector::LabelSelector;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
 use serde_json::{json, Value};
 
 /// Default address of the hub's HTTP API, as `flotilla-hub` listens by default.
@@ -580,25 +588,19 @@ async fn execute(cli: Cli, out: &mut dyn Write, err: &mut dyn Write) -> Result<(
             labels,
             output,
         }) => {
-            let mut body = json!({ "ttl": ttl });
-            if let Some(n) = &cluster_name {
-                body["clusterName"] = json!(n);
-            }
-            if let Some(l) = &labels {
-                body["labels"] = json!(l);
-            }
-            let v = api
-                .send("POST", "/api/v1/tokens", Some(Body::Json(body)))
+            let body = TokenRequest {
+                ttl: Some(ttl),
+                cluster_name: cluster_name.clone(),
+                labels: labels.clone(),
+            };
+            let v: TokenResponse = api
+                .send("POST", "/api/v1/tokens", Some(Body::json(&body)?))
                 .await?;
-            let token = v
-                .get("token")
-                .and_then(Value::as_str)
-                .ok_or_else(|| CliError::Response("no token in the answer".into()))?;
             if output.output != Format::Table {
                 return print(out, output.output, &v, |_| String::new());
             }
-            writeln!(out, "{token}")?;
-            let expires = v.get("expiresAt").map(plain).unwrap_or_default();
+            writeln!(out, "{}", v.token)?;
+            let expires = cell(&v.expires_at);
             let name = cluster_name.as_deref().unwrap_or("NAME");
             let bound = match (&cluster_name, &labels) {
                 (None, None) => String::new(),
@@ -623,17 +625,17 @@ async fn execute(cli: Cli, out: &mut dyn Write, err: &mut dyn Write) -> Result<(
             out.write_all(applied_lines(&v).as_bytes())?;
         }
         Command::Source(SourceCommand::List(o)) => {
-            let v = api.send("GET", "/api/v1/sources", None).await?;
+            let v: Vec<SourceView> = api.list("/api/v1/sources").await?;
             print(out, o.output, &v, |v| sources_table(v, now))?;
         }
         Command::Source(SourceCommand::Get { name, output }) => {
-            let v = api
+            let v: SourceView = api
                 .send("GET", &format!("/api/v1/sources/{}", segment(&name)), None)
                 .await?;
             print(out, output.output, &v, |v| source_details(v, now))?;
         }
         Command::Source(SourceCommand::Delete { name }) => {
-            api.send(
+            api.send_raw(
                 "DELETE",
                 &format!("/api/v1/sources/{}", segment(&name)),
                 None,
@@ -642,21 +644,21 @@ async fn execute(cli: Cli, out: &mut dyn Write, err: &mut dyn Write) -> Result<(
             writeln!(out, "gitsource/{name} deleted")?;
         }
         Command::Secret(SecretCommand::Create(c)) => {
-            let body = secret_body(&c)?;
-            api.send(
+            let body = Body::json(&secret_body(&c)?)?;
+            api.send_raw(
                 "PUT",
                 &format!("/api/v1/secrets/{}", segment(&c.name)),
-                Some(Body::Json(body)),
+                Some(body),
             )
             .await?;
             writeln!(out, "secret/{} configured", c.name)?;
         }
         Command::Notification(NotificationCommand::List(o)) => {
-            let v = api.send("GET", "/api/v1/notifications", None).await?;
-            print(out, o.output, &v, notifications_table)?;
+            let v: Vec<NotificationView> = api.list("/api/v1/notifications").await?;
+            print(out, o.output, &v, |v| notifications_table(v))?;
         }
         Command::Notification(NotificationCommand::Delete { name }) => {
-            api.send(
+            api.send_raw(
                 "DELETE",
                 &format!("/api/v1/notifications/{}", segment(&name)),
                 None,
@@ -665,11 +667,11 @@ async fn execute(cli: Cli, out: &mut dyn Write, err: &mut dyn Write) -> Result<(
             writeln!(out, "notification/{name} deleted")?;
         }
         Command::Secret(SecretCommand::List(o)) => {
-            let v = api.send("GET", "/api/v1/secrets", None).await?;
-            print(out, o.output, &v, secrets_table)?;
+            let v: Vec<SecretView> = api.list("/api/v1/secrets").await?;
+            print(out, o.output, &v, |v| secrets_table(v))?;
         }
         Command::Secret(SecretCommand::Delete { name }) => {
-            api.send(
+            api.send_raw(
                 "DELETE",
                 &format!("/api/v1/secrets/{}", segment(&name)),
                 None,
@@ -683,27 +685,27 @@ async fn execute(cli: Cli, out: &mut dyn Write, err: &mut dyn Write) -> Result<(
             out.write_all(applied_lines(&v).as_bytes())?;
         }
         Command::Cluster(ClusterCommand::List(o)) => {
-            let v = api.send("GET", "/api/v1/clusters", None).await?;
+            let v: Vec<ClusterView> = api.list("/api/v1/clusters").await?;
             print(out, o.output, &v, |v| clusters_table(v, now))?;
         }
         Command::Cluster(ClusterCommand::Get { name, output }) => {
-            let v = api
+            let v: ClusterView = api
                 .send("GET", &format!("/api/v1/clusters/{}", segment(&name)), None)
                 .await?;
             print(out, output.output, &v, |v| cluster_details(v, now))?;
         }
         Command::Cluster(ClusterCommand::Label { name, edits }) => {
-            let body = label_body(&edits);
-            api.send(
+            let body = Body::json(&label_body(&edits))?;
+            api.send_raw(
                 "PATCH",
                 &format!("/api/v1/clusters/{}/labels", segment(&name)),
-                Some(Body::Json(body)),
+                Some(body),
             )
             .await?;
             writeln!(out, "cluster/{name} labeled")?;
         }
         Command::Cluster(ClusterCommand::Delete { name }) => {
-            api.send(
+            api.send_raw(
                 "DELETE",
                 &format!("/api/v1/clusters/{}", segment(&name)),
                 None,
@@ -716,8 +718,8 @@ async fn execute(cli: Cli, out: &mut dyn Write, err: &mut dyn Write) -> Result<(
             )?;
         }
         Command::Bundle(BundleCommand::List(o)) => {
-            let v = api.send("GET", "/api/v1/bundles", None).await?;
-            print(out, o.output, &v, bundles_table)?;
+            let v: Vec<BundleView> = api.list("/api/v1/bundles").await?;
+            print(out, o.output, &v, |v| bundles_table(v))?;
         }
         Command::Bundle(BundleCommand::Export {
             cluster,
@@ -744,7 +746,7 @@ async fn execute(cli: Cli, out: &mut dyn Write, err: &mut dyn Write) -> Result<(
         }
         Command::Cluster(ClusterCommand::ImportStatus { file }) => {
             let body = read_bytes(&file)?;
-            let v = api
+            let v: Imported = api
                 .send("POST", "/api/v1/status-files", Some(Body::Bytes(body)))
                 .await
                 .map_err(|e| refused_file(&file, e))?;
@@ -752,12 +754,12 @@ async fn execute(cli: Cli, out: &mut dyn Write, err: &mut dyn Write) -> Result<(
                 out,
                 "cluster/{}: {} statuses and {} drift events imported ({} statuses and {} drift \
                  events were imported before; {} refused)",
-                field(&v, "cluster"),
-                v["statuses"],
-                v["driftEvents"],
-                v["statusesAlready"],
-                v["driftAlready"],
-                v["refused"]
+                cell(&v.cluster),
+                v.statuses,
+                v.drift_events,
+                v.statuses_already,
+                v.drift_already,
+                v.refused
             )?;
         }
         Command::Cluster(ClusterCommand::Enroll { request, out: file }) => {
@@ -773,15 +775,15 @@ async fn execute(cli: Cli, out: &mut dyn Write, err: &mut dyn Write) -> Result<(
             )?;
         }
         Command::SigningKey(SigningKeyCommand::Show(o)) => {
-            let v = api.send("GET", "/api/v1/signing-key", None).await?;
+            let v: SigningKeyView = api.send("GET", "/api/v1/signing-key", None).await?;
             print(out, o.output, &v, signing_key_details)?;
         }
         Command::SigningKey(SigningKeyCommand::Rotate(o)) => {
-            let v = api.send("POST", "/api/v1/signing-key/rotate", None).await?;
+            let v: SigningKeyView = api.send("POST", "/api/v1/signing-key/rotate", None).await?;
             print(out, o.output, &v, signing_key_details)?;
         }
         Command::Bundle(BundleCommand::Get { name, output }) => {
-            let v = api
+            let v: BundleView = api
                 .send("GET", &format!("/api/v1/bundles/{}", segment(&name)), None)
                 .await?;
             print(out, output.output, &v, bundle_details)?;
@@ -803,17 +805,17 @@ async fn execute(cli: Cli, out: &mut dyn Write, err: &mut dyn Write) -> Result<(
             } else {
                 format!("/api/v1/drift?{}", query.join("&"))
             };
-            let v = api.send("GET", &path, None).await?;
+            let v: Vec<DriftView> = api.list(&path).await?;
             print(out, output.output, &v, |v| drift_table(v, now))?;
         }
         Command::Drift(DriftCommand::Show { id, output }) => {
-            let v = api
+            let v: DriftView = api
                 .send("GET", &format!("/api/v1/drift/{}", segment(&id)), None)
                 .await?;
             print(out, output.output, &v, drift_details)?;
         }
         Command::Rollout(RolloutCommand::Status { bundle, output }) => {
-            let v = api
+            let v: RolloutView = api
                 .send(
                     "GET",
                     &format!("/api/v1/rollouts/{}", segment(&bundle)),
@@ -823,14 +825,14 @@ async fn execute(cli: Cli, out: &mut dyn Write, err: &mut dyn Write) -> Result<(
             print(out, output.output, &v, rollout_details)?;
         }
         Command::Rollout(RolloutCommand::History { bundle, output }) => {
-            let v = api
+            let v: Vec<RolloutHistoryView> = api
                 .send(
                     "GET",
                     &format!("/api/v1/rollouts/{}/history", segment(&bundle)),
                     None,
                 )
                 .await?;
-            print(out, output.output, &v, rollout_history_table)?;
+            print(out, output.output, &v, |v| rollout_history_table(v))?;
         }
         Command::Rollout(RolloutCommand::Pause { bundle }) => {
             rollout_action(&api, out, &bundle, "pause", "paused").await?;
@@ -853,7 +855,7 @@ async fn rollout_action(
     action: &str,
     done: &str,
 ) -> Result<(), CliError> {
-    let v = api
+    let v: RolloutView = api
         .send(
             "POST",
             &format!("/api/v1/rollouts/{}/{action}", segment(bundle)),
@@ -863,49 +865,49 @@ async fn rollout_action(
     writeln!(
         out,
         "rollout of bundle/{bundle} ({}) {done}: {}",
-        short_field(&v, "revision"),
-        field(&v, "phase")
+        short(&v.revision),
+        cell(&v.phase)
     )?;
     Ok(())
 }
 
 /// `rollout status`: the rollout, then one row per cluster in partition order.
-pub fn rollout_details(r: &Value) -> String {
+pub fn rollout_details(r: &RolloutView) -> String {
     let mut pairs = vec![
-        ("Bundle", field(r, "bundle")),
-        ("Revision", field(r, "revision")),
-        ("Previous", field(r, "previous")),
-        ("Phase", field(r, "phase")),
-        ("Reason", field(r, "reason")),
-        ("Started", field(r, "started")),
+        ("Bundle", cell(&r.bundle)),
+        ("Revision", cell(&r.revision)),
+        ("Previous", opt(&r.previous)),
+        ("Phase", cell(&r.phase)),
+        ("Reason", cell(&r.reason)),
+        ("Started", cell(&r.started)),
     ];
-    if r.get("ended").is_some_and(|e| !e.is_null()) {
-        pairs.push(("Ended", field(r, "ended")));
+    if r.ended.is_some() {
+        pairs.push(("Ended", opt(&r.ended)));
     }
-    pairs.push(("Max unavailable", field(r, "maxUnavailable")));
-    pairs.push(("Max failures", field(r, "maxFailures")));
-    if let Some(u) = r["unmatched"].as_array().filter(|u| !u.is_empty()) {
-        let names: Vec<String> = u.iter().map(plain).collect();
+    pairs.push(("Max unavailable", r.max_unavailable.to_string()));
+    pairs.push(("Max failures", r.max_failures.to_string()));
+    if !r.unmatched.is_empty() {
+        let names: Vec<String> = r.unmatched.iter().map(|n| cell(n)).collect();
         pairs.push(("Matched by no partition", names.join(",")));
     }
-    if let Some(m) = r["matchedSeveral"].as_object().filter(|m| !m.is_empty()) {
-        let names: Vec<String> = m.keys().cloned().collect();
+    if !r.matched_several.is_empty() {
+        let names: Vec<String> = r.matched_several.keys().cloned().collect();
         pairs.push(("Matched by several", names.join(",")));
     }
     let mut out = describe(&pairs);
     out.push('\n');
     let mut rows = Vec::new();
-    for p in rows_of(&r["partitions"]) {
-        for c in rows_of(&p["clusters"]) {
+    for p in &r.partitions {
+        for c in &p.clusters {
             rows.push(vec![
-                field(p, "name"),
-                field(p, "phase"),
-                field(p, "maxUnavailable"),
-                field(c, "cluster"),
-                field(c, "progress"),
-                if c["connected"] == true { "yes" } else { "no" }.to_string(),
-                field(c, "state"),
-                field(c, "message"),
+                cell(&p.name),
+                cell(&p.phase),
+                p.max_unavailable.to_string(),
+                cell(&c.cluster),
+                cell(&c.progress),
+                if c.connected { "yes" } else { "no" }.to_string(),
+                cell(c.state.as_str()),
+                cell(&c.message),
             ]);
         }
     }
@@ -922,9 +924,10 @@ pub fn rollout_details(r: &Value) -> String {
         ],
         &rows,
     ));
-    let events: Vec<Vec<String>> = rows_of(&r["events"])
+    let events: Vec<Vec<String>> = r
+        .events
         .iter()
-        .map(|e| vec![field(e, "at"), field(e, "kind"), field(e, "message")])
+        .map(|e| vec![cell(&e.at), cell(&e.kind), cell(&e.message)])
         .collect();
     if !events.is_empty() {
         out.push('\n');
@@ -934,16 +937,16 @@ pub fn rollout_details(r: &Value) -> String {
 }
 
 /// `rollout history`.
-pub fn rollout_history_table(v: &Value) -> String {
-    let rows: Vec<Vec<String>> = rows_of(v)
+pub fn rollout_history_table(v: &[RolloutHistoryView]) -> String {
+    let rows: Vec<Vec<String>> = v
         .iter()
         .map(|r| {
             vec![
-                short_field(r, "revision"),
-                field(r, "started"),
-                field(r, "ended"),
-                field(r, "outcome"),
-                field(r, "reason"),
+                short(&r.revision),
+                cell(&r.started),
+                opt(&r.ended),
+                cell(&r.outcome),
+                cell(&r.reason),
             ]
         })
         .collect();
@@ -957,7 +960,7 @@ pub fn rollout_history_table(v: &Value) -> String {
 /// file of clusters, as JSON (`partitions`, `matchedSeveral`, `unmatched`).
 fn rollout_plan(dir: &std::path::Path, clusters_file: &str) -> Result<Value, CliError> {
     use flotilla_shared::rollout;
-    let files = crate::render::read_bundle_dir(dir).map_err(|e| CliError::Input {
+    let files = flotilla_render::render::read_bundle_dir(dir).map_err(|e| CliError::Input {
         file: dir.display().to_string(),
         reason: e.to_string(),
     })?;
@@ -1069,7 +1072,7 @@ async fn render(
         labels.extend(parsed);
     }
     let dir = std::path::absolute(&args.dir).unwrap_or_else(|_| args.dir.clone());
-    let files = crate::render::read_bundle_dir(&dir).map_err(|e| CliError::Input {
+    let files = flotilla_render::render::read_bundle_dir(&dir).map_err(|e| CliError::Input {
         file: args.dir.display().to_string(),
         reason: e.to_string(),
     })?;
@@ -1080,13 +1083,13 @@ async fn render(
             .unwrap_or_default();
         flotilla_shared::bundle::bundle_name(&base, "")
     });
-    let tools = crate::render::Tools::new(args.helm.clone(), args.kustomize.clone())
+    let tools = flotilla_render::render::Tools::new(args.helm.clone(), args.kustomize.clone())
         .with_helm_repo_allow(args.helm_repo_allow.clone());
     let cluster = flotilla_shared::targeting::ClusterInfo {
         name: args.cluster_name.clone(),
         labels,
     };
-    match crate::render::render_for_cluster(
+    match flotilla_render::render::render_for_cluster(
         &tools,
         &bundle_name,
         &files,
@@ -1098,7 +1101,9 @@ async fn render(
     .await
     {
         Ok(Some(r)) => match &args.diff_against {
-            None => out.write_all(crate::render::to_yaml_stream(&bundle_name, &r).as_bytes())?,
+            None => {
+                out.write_all(flotilla_render::render::to_yaml_stream(&bundle_name, &r).as_bytes())?
+            }
             Some(cluster) => diff_against(api, cluster, &bundle_name, &r, out, err).await?,
         },
         Ok(None) => writeln!(err, "this cluster does not get the bundle (doNotDeploy)")?,
@@ -1118,7 +1123,7 @@ async fn diff_against(
     err: &mut dyn Write,
 ) -> Result<(), CliError> {
     use flotilla_shared::applied;
-    let v = api
+    let v: HeldContentView = api
         .send(
             "GET",
             &format!(
@@ -1129,13 +1134,12 @@ async fn diff_against(
             None,
         )
         .await?;
-    let held: flotilla_shared::bundle::Rendered = serde_json::from_value(v["content"].clone())
-        .map_err(|e| CliError::Response(format!("content: {e}")))?;
+    let held = &v.content;
     // One view of which kinds are namespaced for both sides.
     let mut scopes = applied::Scopes::from_objects(local.manifests.iter().map(|m| &m.object));
     scopes.add(held.manifests.iter().map(|m| &m.object));
     let changes = applied::diff(
-        &applied::applied(bundle, &held, &scopes),
+        &applied::applied(bundle, held, &scopes),
         &applied::applied(bundle, local, &scopes),
     );
     let mut text = applied::diff_text(&changes);
@@ -1150,8 +1154,8 @@ async fn diff_against(
     writeln!(
         err,
         "compared with content {} (revision {}) that cluster {cluster} holds of bundle {bundle}: {} change(s)",
-        plain(&v["contentHash"]),
-        plain(&v["revision"]),
+        cell(&v.content_hash),
+        cell(&v.revision),
         changes.len()
     )?;
     Ok(())
@@ -1176,11 +1180,11 @@ fn read_input(file: &str) -> Result<(String, String), CliError> {
     }
 }
 
-fn print(
+fn print<T: Serialize>(
     out: &mut dyn Write,
     format: Format,
-    v: &Value,
-    table: impl Fn(&Value) -> String,
+    v: &T,
+    table: impl Fn(&T) -> String,
 ) -> Result<(), CliError> {
     let text = match format {
         Format::Table => table(v),
@@ -1202,9 +1206,17 @@ fn print(
 // Requests
 
 enum Body {
-    Json(Value),
+    Json(Vec<u8>),
     Yaml(String),
     Bytes(Vec<u8>),
+}
+
+impl Body {
+    fn json<T: Serialize>(v: &T) -> Result<Body, CliError> {
+        serde_json::to_vec(v)
+            .map(Body::Json)
+            .map_err(|e| CliError::Usage(format!("request body: {e}")))
+    }
 }
 
 /// The hub's refusal of a file the operator gave, naming the file.
@@ -1237,14 +1249,14 @@ fn write_bytes(file: &str, bytes: &[u8]) -> Result<(), CliError> {
         })
 }
 
-pub fn signing_key_details(v: &Value) -> String {
+pub fn signing_key_details(v: &SigningKeyView) -> String {
     let mut pairs = vec![
-        ("Key id", field(v, "keyId")),
-        ("Public key", field(v, "publicKey")),
-        ("Rotations", v["rotations"].to_string()),
+        ("Key id", cell(&v.key_id)),
+        ("Public key", cell(&v.public_key)),
+        ("Rotations", v.rotations.to_string()),
     ];
-    if v.get("previousKeyId").is_some() {
-        pairs.push(("Previous key id", field(v, "previousKeyId")));
+    if v.previous_key_id.is_some() {
+        pairs.push(("Previous key id", opt(&v.previous_key_id)));
     }
     describe(&pairs)
 }
@@ -1343,7 +1355,7 @@ impl Api {
         Ok(Api { base, token, http })
     }
 
-    async fn apply(&self, file: &str, yaml: String) -> Result<Value, CliError> {
+    async fn apply(&self, file: &str, yaml: String) -> Result<ApplyResponse, CliError> {
         self.send(
             "POST",
             &format!("/api/v1/apply?file={}", segment(file)),
@@ -1352,13 +1364,43 @@ impl Api {
         .await
     }
 
-    /// Sends one request; a 2xx answer's JSON (null when empty) or the hub's error.
-    async fn send(&self, method: &str, path: &str, body: Option<Body>) -> Result<Value, CliError> {
+    /// Sends one request; a 2xx answer read as the view `T`, or the hub's error. An
+    /// answer missing a field the view needs is an error, never a blank column.
+    async fn send<T: DeserializeOwned>(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<Body>,
+    ) -> Result<T, CliError> {
         let bytes = self.send_raw(method, path, body).await?;
-        if bytes.trim_ascii().is_empty() {
-            return Ok(Value::Null);
+        serde_json::from_slice(&bytes)
+            .map_err(|e| CliError::Response(format!("{method} {}: {e}", path_only(path))))
+    }
+
+    /// Every item of a list, following the hub's pages (`continue`) to the last.
+    async fn list<T: DeserializeOwned>(&self, path: &str) -> Result<Vec<T>, CliError> {
+        let sep = if path.contains('?') { '&' } else { '?' };
+        let mut items = Vec::new();
+        let mut token: Option<String> = None;
+        loop {
+            let url = match &token {
+                None => path.to_string(),
+                Some(t) => format!("{path}{sep}continue={}", segment(t)),
+            };
+            let page: Page<T> = self.send("GET", &url, None).await?;
+            items.extend(page.items);
+            match page.continue_token {
+                None => return Ok(items),
+                // A hub that answers a page with its own token would never end.
+                Some(t) if token.as_ref() == Some(&t) => {
+                    return Err(CliError::Response(format!(
+                        "GET {}: the hub sent the same continue token twice",
+                        path_only(path)
+                    )))
+                }
+                Some(t) => token = Some(t),
+            }
         }
-        serde_json::from_slice(&bytes).map_err(|e| CliError::Response(format!("invalid JSON: {e}")))
     }
 
     /// Sends one request; a 2xx answer's bytes or the hub's error.
@@ -1375,7 +1417,9 @@ impl Api {
             req = req.bearer_auth(t);
         }
         req = match body {
-            Some(Body::Json(v)) => req.json(&v),
+            Some(Body::Json(v)) => req
+                .header(reqwest::header::CONTENT_TYPE, "application/json")
+                .body(v),
             Some(Body::Yaml(s)) => req
                 .header(reqwest::header::CONTENT_TYPE, "application/yaml")
                 .body(s),
@@ -1395,10 +1439,9 @@ impl Api {
         })?;
         if !status.is_success() {
             let text = String::from_utf8_lossy(&bytes);
-            let mut message = serde_json::from_str::<Value>(&text)
-                .ok()
-                .and_then(|v| v.get("error").and_then(Value::as_str).map(str::to_string))
-                .unwrap_or_else(|| {
+            let mut message = serde_json::from_str::<ErrorBody>(&text)
+                .map(|e| e.error)
+                .unwrap_or_else(|_| {
                     let t = text.trim();
                     if t.is_empty() {
                         status.to_string()
@@ -1434,6 +1477,11 @@ fn reqwest_reason(e: &reqwest::Error) -> String {
     } else {
         cur.to_string()
     }
+}
+
+/// A request's path without its query (which may name clusters and tokens).
+fn path_only(path: &str) -> &str {
+    path.split('?').next().unwrap_or(path)
 }
 
 /// Percent-encodes one path segment or query value.
@@ -1475,7 +1523,7 @@ pub fn source_yaml(add: &SourceAdd) -> Result<String, CliError> {
 }
 
 /// The body of `PUT /secrets/{name}`, from the files named on the command line.
-fn secret_body(c: &SecretCreate) -> Result<Value, CliError> {
+fn secret_body(c: &SecretCreate) -> Result<SecretBody, CliError> {
     validate_name(&c.name).map_err(|e| CliError::Usage(e.to_string()))?;
     let read = |f: &Option<String>| -> Result<Option<String>, CliError> {
         match f {
@@ -1499,59 +1547,38 @@ fn secret_body(c: &SecretCreate) -> Result<Value, CliError> {
     }
     // The key file keeps its final newline: ssh wants it.
     let key = key.map(|k| format!("{k}\n"));
-    Ok(json!({
-        "username": c.username,
-        "password": password,
-        "sshPrivateKey": key,
-        "knownHosts": hosts,
-        "webhookSecret": webhook,
-        "url": url,
-    }))
+    Ok(SecretBody {
+        username: c.username.clone(),
+        password,
+        ssh_private_key: key,
+        known_hosts: hosts,
+        webhook_secret: webhook,
+        url,
+    })
 }
 
 /// `secret list`: names and which fields are set.
-pub fn secrets_table(v: &Value) -> String {
+pub fn secrets_table(v: &[SecretView]) -> String {
     let rows: Vec<Vec<String>> = v
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .map(|s| {
-                    let fields: Vec<String> = s["fields"]
-                        .as_array()
-                        .map(|f| {
-                            f.iter()
-                                .filter_map(|x| x.as_str().map(String::from))
-                                .collect()
-                        })
-                        .unwrap_or_default();
-                    vec![field(s, "name"), fields.join(",")]
-                })
-                .collect()
-        })
-        .unwrap_or_default();
+        .iter()
+        .map(|s| vec![cell(&s.name), s.fields.join(",")])
+        .collect();
     table(&["NAME", "FIELDS"], &rows)
 }
 
 /// `notification list`.
-pub fn notifications_table(v: &Value) -> String {
+pub fn notifications_table(v: &[NotificationView]) -> String {
     let rows: Vec<Vec<String>> = v
-        .as_array()
-        .into_iter()
-        .flatten()
+        .iter()
         .map(|n| {
-            let events: Vec<&str> = n["events"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .filter_map(Value::as_str)
-                .collect();
+            let events: Vec<String> = n.events.iter().map(name_of).collect();
             vec![
-                field(n, "name"),
-                field(n, "type"),
-                n["url"].as_str().unwrap_or("(secret)").to_string(),
+                cell(&n.name),
+                cell(&name_of(&n.sink)),
+                n.url.as_deref().unwrap_or("(secret)").to_string(),
                 events.join(","),
-                n["queued"].as_u64().unwrap_or(0).to_string(),
-                n["lastError"].as_str().unwrap_or("").to_string(),
+                n.queued.to_string(),
+                n.last_error.as_deref().unwrap_or("").to_string(),
             ]
         })
         .collect();
@@ -1562,7 +1589,7 @@ pub fn notifications_table(v: &Value) -> String {
 }
 
 /// The body of `PATCH /clusters/{name}/labels`: the last edit of a key wins.
-pub fn label_body(edits: &[LabelEdit]) -> Value {
+pub fn label_body(edits: &[LabelEdit]) -> LabelPatch {
     let mut set = BTreeMap::new();
     let mut remove = Vec::new();
     for e in edits {
@@ -1579,11 +1606,11 @@ pub fn label_body(edits: &[LabelEdit]) -> Value {
             }
         }
     }
-    json!({"set": set, "remove": remove})
+    LabelPatch { set, remove }
 }
 
 // ---------------------------------------------------------------------------------
-// Formatting: pure functions of the API's JSON.
+// Formatting: pure functions of the API's views.
 
 const NONE: &str = "<none>";
 
@@ -1664,20 +1691,39 @@ fn plain(v: &Value) -> String {
     s.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
-fn field(v: &Value, key: &str) -> String {
-    plain(v.get(key).unwrap_or(&Value::Null))
+/// A string as one table cell: `<none>` when empty, newlines flattened.
+fn cell(s: &str) -> String {
+    if s.is_empty() {
+        return NONE.to_string();
+    }
+    s.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
-/// A commit id shortened as git shows it.
-fn short(v: &Value) -> String {
-    match v.as_str() {
-        Some(s) if s.len() > 7 && s.chars().all(|c| c.is_ascii_hexdigit()) => s[..7].to_string(),
-        _ => plain(v),
+/// An optional string as one table cell: `<none>` when absent or empty.
+fn opt(s: &Option<String>) -> String {
+    s.as_deref().map_or_else(|| NONE.to_string(), cell)
+}
+
+/// How an enum of the API is spelt in its JSON (`webhook`, `ErrApplied`).
+fn name_of<T: Serialize>(t: &T) -> String {
+    match serde_json::to_value(t) {
+        Ok(Value::String(s)) => s,
+        Ok(other) => other.to_string(),
+        Err(_) => NONE.to_string(),
     }
 }
 
-fn short_field(v: &Value, key: &str) -> String {
-    short(v.get(key).unwrap_or(&Value::Null))
+/// A commit id shortened as git shows it.
+fn short(s: &str) -> String {
+    if s.len() > 7 && s.chars().all(|c| c.is_ascii_hexdigit()) {
+        s[..7].to_string()
+    } else {
+        cell(s)
+    }
+}
+
+fn short_opt(s: &Option<String>) -> String {
+    s.as_deref().map_or_else(|| NONE.to_string(), short)
 }
 
 fn rows_of(v: &Value) -> &[Value] {
@@ -1707,92 +1753,87 @@ pub fn age(v: &Value, now: SystemTime) -> String {
     }
 }
 
-fn age_field(v: &Value, key: &str, now: SystemTime) -> String {
-    age(v.get(key).unwrap_or(&Value::Null), now)
+/// The age of an optional RFC 3339 timestamp; `<none>` when absent.
+fn age_of(t: &Option<String>, now: SystemTime) -> String {
+    match t {
+        Some(s) => age(&Value::String(s.clone()), now),
+        None => NONE.to_string(),
+    }
 }
 
 /// `k=v,k2=v2`, or `<none>`.
-fn labels(v: &Value) -> String {
-    match v.as_object() {
-        Some(m) if !m.is_empty() => m
-            .iter()
-            .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or_default()))
-            .collect::<Vec<_>>()
-            .join(","),
-        _ => NONE.to_string(),
+fn labels(m: &BTreeMap<String, String>) -> String {
+    if m.is_empty() {
+        return NONE.to_string();
     }
+    m.iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 /// `Ready=2,ErrApplied=1`, or `<none>`.
-fn counts(v: &Value) -> String {
-    match v.as_object() {
-        Some(m) if !m.is_empty() => m
-            .iter()
-            .map(|(k, n)| format!("{k}={n}"))
-            .collect::<Vec<_>>()
-            .join(","),
-        _ => NONE.to_string(),
+fn counts(m: &BTreeMap<String, usize>) -> String {
+    if m.is_empty() {
+        return NONE.to_string();
     }
+    m.iter()
+        .map(|(k, n)| format!("{k}={n}"))
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 /// `ready/total` from per-state counts.
-fn ready_of(v: &Value) -> String {
-    let Some(m) = v.as_object() else {
-        return "0/0".into();
-    };
-    let total: u64 = m.values().filter_map(Value::as_u64).sum();
-    let ready = m.get("Ready").and_then(Value::as_u64).unwrap_or(0);
+fn ready_of(m: &BTreeMap<String, usize>) -> String {
+    let total: usize = m.values().sum();
+    let ready = m.get("Ready").copied().unwrap_or(0);
     format!("{ready}/{total}")
 }
 
 /// How a source names what it follows: `branch main`, `tag v1`, `revision 1a2b3c4`.
-fn git_ref(v: &Value) -> String {
-    let s = |k: &str| v.get(k).and_then(Value::as_str).filter(|s| !s.is_empty());
-    if let Some(r) = s("revision") {
-        format!("revision {}", short(&json!(r)))
-    } else if let Some(t) = s("tag") {
+fn git_ref(v: &SourceView) -> String {
+    let s = |o: &Option<String>| o.clone().filter(|s| !s.is_empty());
+    if let Some(r) = s(&v.revision) {
+        format!("revision {}", short(&r))
+    } else if let Some(t) = s(&v.tag) {
         format!("tag {t}")
     } else {
-        format!("branch {}", s("branch").unwrap_or("main"))
+        format!("branch {}", s(&v.branch).as_deref().unwrap_or("main"))
     }
 }
 
 /// Targets, as `selector env=prod`, `group edge`, `cluster c1`, joined by `; `.
-fn targets(v: &Value) -> String {
-    let list = rows_of(v);
+fn targets(list: &[Target]) -> String {
     if list.is_empty() {
         return "<all clusters>".into();
     }
     list.iter()
-        .map(|t| match serde_json::from_value::<Target>(t.clone()) {
-            Ok(t) => {
-                let mut parts = Vec::new();
-                if let Some(n) = &t.cluster_name {
-                    parts.push(format!("cluster {n}"));
-                }
-                if let Some(s) = &t.cluster_selector {
-                    parts.push(format!("selector {s}"));
-                }
-                if let Some(g) = &t.cluster_group {
-                    parts.push(format!("group {g}"));
-                }
-                if let Some(s) = &t.cluster_group_selector {
-                    parts.push(format!("group selector {s}"));
-                }
-                if parts.is_empty() {
-                    "<all clusters>".into()
-                } else {
-                    parts.join(" and ")
-                }
+        .map(|t| {
+            let mut parts = Vec::new();
+            if let Some(n) = &t.cluster_name {
+                parts.push(format!("cluster {n}"));
             }
-            Err(_) => t.as_str().map_or_else(|| t.to_string(), str::to_string),
+            if let Some(s) = &t.cluster_selector {
+                parts.push(format!("selector {s}"));
+            }
+            if let Some(g) = &t.cluster_group {
+                parts.push(format!("group {g}"));
+            }
+            if let Some(s) = &t.cluster_group_selector {
+                parts.push(format!("group selector {s}"));
+            }
+            if parts.is_empty() {
+                "<all clusters>".into()
+            } else {
+                parts.join(" and ")
+            }
         })
         .collect::<Vec<_>>()
         .join("; ")
 }
 
-fn strings(v: &Value) -> String {
-    let list: Vec<String> = rows_of(v).iter().map(plain).collect();
+fn strings(v: &[String]) -> String {
+    let list: Vec<String> = v.iter().map(|s| cell(s)).collect();
     if list.is_empty() {
         NONE.into()
     } else {
@@ -1809,17 +1850,17 @@ fn describe(pairs: &[(&str, String)]) -> String {
         .collect()
 }
 
-pub fn sources_table(v: &Value, now: SystemTime) -> String {
-    let rows: Vec<Vec<String>> = rows_of(v)
+pub fn sources_table(v: &[SourceView], now: SystemTime) -> String {
+    let rows: Vec<Vec<String>> = v
         .iter()
         .map(|s| {
             vec![
-                field(s, "name"),
-                field(s, "repo"),
+                cell(&s.name),
+                cell(&s.repo),
                 git_ref(s),
-                short_field(s, "commit"),
-                age_field(s, "lastFetched", now),
-                field(s, "lastError"),
+                short_opt(&s.commit),
+                age_of(&s.last_fetched, now),
+                opt(&s.last_error),
             ]
         })
         .collect();
@@ -1829,35 +1870,34 @@ pub fn sources_table(v: &Value, now: SystemTime) -> String {
     )
 }
 
-pub fn source_details(s: &Value, now: SystemTime) -> String {
-    let get = |k: &str| s.get(k).unwrap_or(&Value::Null);
+pub fn source_details(s: &SourceView, now: SystemTime) -> String {
     describe(&[
-        ("Name", field(s, "name")),
-        ("Repo", field(s, "repo")),
+        ("Name", cell(&s.name)),
+        ("Repo", cell(&s.repo)),
         ("Ref", git_ref(s)),
-        ("Paths", strings(get("paths"))),
-        ("Poll interval", field(s, "pollInterval")),
-        ("Targets", targets(get("targets"))),
-        ("Commit", field(s, "commit")),
-        ("Last fetched", age_field(s, "lastFetched", now)),
-        ("Last error", field(s, "lastError")),
-        ("Bundles", strings(get("bundles"))),
+        ("Paths", strings(&s.paths)),
+        ("Poll interval", cell(&s.poll_interval)),
+        ("Targets", targets(&s.targets)),
+        ("Commit", opt(&s.commit)),
+        ("Last fetched", age_of(&s.last_fetched, now)),
+        ("Last error", opt(&s.last_error)),
+        ("Bundles", strings(&s.bundles)),
     ])
 }
 
-pub fn clusters_table(v: &Value, now: SystemTime) -> String {
-    let rows: Vec<Vec<String>> = rows_of(v)
+pub fn clusters_table(v: &[ClusterView], now: SystemTime) -> String {
+    let rows: Vec<Vec<String>> = v
         .iter()
         .map(|c| {
             vec![
-                field(c, "name"),
-                labels(c.get("labels").unwrap_or(&Value::Null)),
-                field(c, "connected"),
-                age_field(c, "lastSeen", now),
-                field(c, "agentVersion"),
-                field(c, "kubernetesVersion"),
-                counts(c.get("bundleCounts").unwrap_or(&Value::Null)),
-                field(c, "driftEvents"),
+                cell(&c.name),
+                labels(&c.labels),
+                c.connected.to_string(),
+                age_of(&c.last_seen, now),
+                cell(&c.agent_version),
+                cell(&c.kubernetes_version),
+                counts(&c.bundle_counts),
+                c.drift_events.to_string(),
             ]
         })
         .collect();
@@ -1876,85 +1916,80 @@ pub fn clusters_table(v: &Value, now: SystemTime) -> String {
     )
 }
 
-/// Per-cluster or per-bundle states, keyed by `first` (`bundle` or `cluster`).
-fn states_table(list: &Value, first: &str) -> String {
-    let rows: Vec<Vec<String>> = rows_of(list)
+/// The state of each bundle of a cluster.
+fn cluster_bundles_table(list: &[ClusterBundleView]) -> String {
+    let rows: Vec<Vec<String>> = list
         .iter()
         .map(|b| {
             vec![
-                field(b, first),
-                field(b, "state"),
-                short_field(b, "appliedRevision"),
-                field(b, "message"),
+                cell(&b.bundle),
+                cell(b.state.as_str()),
+                short_opt(&b.applied_revision),
+                cell(&b.message),
             ]
         })
         .collect();
-    table(
-        &[&first.to_uppercase(), "STATE", "REVISION", "MESSAGE"],
-        &rows,
-    )
+    table(&["BUNDLE", "STATE", "REVISION", "MESSAGE"], &rows)
 }
 
-pub fn cluster_details(c: &Value, now: SystemTime) -> String {
+pub fn cluster_details(c: &ClusterView, now: SystemTime) -> String {
     let mut out = describe(&[
-        ("Name", field(c, "name")),
-        ("Labels", labels(c.get("labels").unwrap_or(&Value::Null))),
-        ("Connected", field(c, "connected")),
-        ("Last seen", age_field(c, "lastSeen", now)),
-        ("Agent", field(c, "agentVersion")),
-        ("Kubernetes", field(c, "kubernetesVersion")),
-        (
-            "Bundles",
-            counts(c.get("bundleCounts").unwrap_or(&Value::Null)),
-        ),
-        ("Drift events", field(c, "driftEvents")),
+        ("Name", cell(&c.name)),
+        ("Labels", labels(&c.labels)),
+        ("Connected", c.connected.to_string()),
+        ("Last seen", age_of(&c.last_seen, now)),
+        ("Agent", cell(&c.agent_version)),
+        ("Kubernetes", cell(&c.kubernetes_version)),
+        ("Bundles", counts(&c.bundle_counts)),
+        ("Drift events", c.drift_events.to_string()),
     ]);
     out.push('\n');
-    out.push_str(&states_table(
-        c.get("bundles").unwrap_or(&Value::Null),
-        "bundle",
+    out.push_str(&cluster_bundles_table(
+        c.bundles.as_deref().unwrap_or_default(),
     ));
     out
 }
 
-pub fn bundles_table(v: &Value) -> String {
-    let rows: Vec<Vec<String>> = rows_of(v)
+pub fn bundles_table(v: &[BundleView]) -> String {
+    let rows: Vec<Vec<String>> = v
         .iter()
         .map(|b| {
             vec![
-                field(b, "name"),
-                field(b, "source"),
-                field(b, "path"),
-                short_field(b, "revision"),
-                ready_of(b.get("clusterCounts").unwrap_or(&Value::Null)),
+                cell(&b.name),
+                cell(&b.source),
+                cell(&b.path),
+                short(&b.revision),
+                ready_of(&b.cluster_counts),
             ]
         })
         .collect();
     table(&["NAME", "SOURCE", "PATH", "REVISION", "READY"], &rows)
 }
 
-pub fn bundle_details(b: &Value) -> String {
+pub fn bundle_details(b: &BundleView) -> String {
     let mut pairs = vec![
-        ("Name", field(b, "name")),
-        ("Source", field(b, "source")),
-        ("Path", field(b, "path")),
-        ("Revision", field(b, "revision")),
-        ("Drift events", field(b, "driftEvents")),
+        ("Name", cell(&b.name)),
+        ("Source", cell(&b.source)),
+        ("Path", cell(&b.path)),
+        ("Revision", cell(&b.revision)),
+        ("Drift events", b.drift_events.to_string()),
     ];
-    if b.get("error").is_some_and(|e| !e.is_null()) {
-        pairs.push(("Error", field(b, "error")));
+    if b.error.is_some() {
+        pairs.push(("Error", opt(&b.error)));
     }
     let mut out = describe(&pairs);
     out.push('\n');
-    let rows: Vec<Vec<String>> = rows_of(b.get("clusters").unwrap_or(&Value::Null))
+    let rows: Vec<Vec<String>> = b
+        .clusters
         .iter()
+        .flatten()
         .map(|c| {
             vec![
-                field(c, "cluster"),
-                field(c, "state"),
-                short_field(c, "appliedRevision"),
-                field(c, "driftEvents"),
-                field(c, "message"),
+                cell(&c.cluster),
+                cell(c.state.as_str()),
+                short_opt(&c.applied_revision),
+                c.drift_events.to_string(),
+                cell(&c.message),
             ]
         })
         .collect();
@@ -1966,24 +2001,21 @@ pub fn bundle_details(b: &Value) -> String {
 }
 
 /// `Deployment demo/web` (or `Namespace demo`).
-fn object_of(o: &Value) -> String {
-    let kind = field(o, "kind");
-    let name = field(o, "name");
-    match o.get("namespace").and_then(Value::as_str) {
+fn object_of(o: &DriftObject) -> String {
+    let kind = cell(&o.kind);
+    let name = cell(&o.name);
+    match o.namespace.as_deref() {
         Some(ns) if !ns.is_empty() => format!("{kind} {ns}/{name}"),
         _ => format!("{kind} {name}"),
     }
 }
 
 /// What changed, in a few words: the paths, or `deleted`.
-fn drift_summary(e: &Value) -> String {
-    if e["deleted"] == true {
+fn drift_summary(e: &DriftView) -> String {
+    if e.deleted {
         return "(deleted)".into();
     }
-    let paths: Vec<String> = rows_of(&e["fields"])
-        .iter()
-        .map(|f| field(f, "path"))
-        .collect();
+    let paths: Vec<String> = e.fields.iter().map(|f| cell(&f.path)).collect();
     if paths.len() > 3 {
         format!("{} (+{})", paths[..3].join(","), paths.len() - 3)
     } else {
@@ -1991,19 +2023,19 @@ fn drift_summary(e: &Value) -> String {
     }
 }
 
-pub fn drift_table(v: &Value, now: SystemTime) -> String {
-    let rows: Vec<Vec<String>> = rows_of(v)
+pub fn drift_table(v: &[DriftView], now: SystemTime) -> String {
+    let rows: Vec<Vec<String>> = v
         .iter()
         .map(|e| {
             vec![
-                field(e, "id"),
-                field(e, "cluster"),
-                field(e, "bundle"),
-                object_of(&e["object"]),
+                e.id.to_string(),
+                cell(&e.cluster),
+                cell(&e.bundle),
+                object_of(&e.object),
                 drift_summary(e),
-                field(e, "manager"),
-                age_field(e, "detectedAt", now),
-                field(e, "corrected"),
+                cell(&e.manager),
+                age(&Value::String(e.detected_at.clone()), now),
+                e.corrected.to_string(),
             ]
         })
         .collect();
@@ -2022,20 +2054,21 @@ pub fn drift_table(v: &Value, now: SystemTime) -> String {
     )
 }
 
-pub fn drift_details(e: &Value) -> String {
+pub fn drift_details(e: &DriftView) -> String {
     let mut out = describe(&[
-        ("Id", field(e, "id")),
-        ("Cluster", field(e, "cluster")),
-        ("Bundle", field(e, "bundle")),
-        ("Object", object_of(&e["object"])),
-        ("API version", field(&e["object"], "apiVersion")),
-        ("Manager", field(e, "manager")),
-        ("Detected at", field(e, "detectedAt")),
-        ("Corrected", field(e, "corrected")),
-        ("Deleted", field(e, "deleted")),
+        ("Id", e.id.to_string()),
+        ("Cluster", cell(&e.cluster)),
+        ("Bundle", cell(&e.bundle)),
+        ("Object", object_of(&e.object)),
+        ("API version", cell(&e.object.api_version)),
+        ("Manager", cell(&e.manager)),
+        ("Detected at", cell(&e.detected_at)),
+        ("Corrected", e.corrected.to_string()),
+        ("Deleted", e.deleted.to_string()),
     ]);
     out.push('\n');
-    let rows: Vec<Vec<String>> = rows_of(&e["fields"])
+    let rows: Vec<Vec<String>> = e
+        .fields
         .iter()
         .map(|f| {
             let compact = |v: &Value| match v {
@@ -2043,11 +2076,7 @@ pub fn drift_details(e: &Value) -> String {
                 Value::String(s) => s.clone(),
                 other => other.to_string(),
             };
-            vec![
-                field(f, "path"),
-                compact(&f["desired"]),
-                compact(&f["live"]),
-            ]
+            vec![cell(&f.path), compact(&f.desired), compact(&f.live)]
         })
         .collect();
     out.push_str(&table(&["PATH", "DESIRED", "LIVE"], &rows));
@@ -2055,15 +2084,15 @@ pub fn drift_details(e: &Value) -> String {
 }
 
 /// `gitsource/apps created`, one line per applied object, as kubectl prints.
-pub fn applied_lines(v: &Value) -> String {
-    rows_of(v.get("applied").unwrap_or(&Value::Null))
+pub fn applied_lines(v: &ApplyResponse) -> String {
+    v.applied
         .iter()
         .map(|a| {
             format!(
                 "{}/{} {}\n",
-                field(a, "kind").to_lowercase(),
-                field(a, "name"),
-                field(a, "action")
+                cell(&a.kind).to_lowercase(),
+                cell(&a.name),
+                cell(&a.action)
             )
         })
         .collect()
@@ -2072,6 +2101,11 @@ pub fn applied_lines(v: &Value) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A view from the JSON the hub sends.
+    fn view<T: DeserializeOwned>(v: Value) -> T {
+        serde_json::from_value(v).unwrap()
+    }
 
     fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
         Cli::try_parse_from(std::iter::once("flotilla").chain(args.iter().copied()))
@@ -2251,7 +2285,7 @@ mod tests {
             .map(|s| s.parse().unwrap())
             .collect();
         assert_eq!(
-            label_body(&edits),
+            serde_json::to_value(label_body(&edits)).unwrap(),
             json!({"set": {"env": "prod", "x": "1"}, "remove": ["tier"]})
         );
     }
@@ -2273,16 +2307,16 @@ mod tests {
         let v = json!([
             {"name": "east", "labels": {"env": "prod", "tier": "edge"}, "connected": true,
              "lastSeen": "1970-01-01T00:16:40Z", "agentVersion": "0.1.0",
-             "kubernetesVersion": "v1.34.1", "bundleCounts": {"Ready": 2, "ErrApplied": 1},
+             "kubernetesVersion": "v1.34.1", "bundleCounts": {"ErrApplied": 1, "Ready": 2},
              "driftEvents": 3},
             {"name": "west", "labels": {}, "connected": false, "lastSeen": null,
-             "agentVersion": null, "kubernetesVersion": null, "bundleCounts": {},
+             "agentVersion": "", "kubernetesVersion": "", "bundleCounts": {},
              "driftEvents": 0},
         ]);
-        let t = clusters_table(&v, at(1000 + 7200));
+        let t = clusters_table(&view::<Vec<ClusterView>>(v), at(1000 + 7200));
         let want = "\
 NAME   LABELS               CONNECTED   LAST SEEN   AGENT    KUBERNETES   BUNDLES                DRIFT
-east   env=prod,tier=edge   true        2h          0.1.0    v1.34.1      Ready=2,ErrApplied=1   3
+east   env=prod,tier=edge   true        2h          0.1.0    v1.34.1      ErrApplied=1,Ready=2   3
 west   <none>               false       <none>      <none>   <none>       <none>                 0
 ";
         assert_eq!(t, want);
@@ -2308,15 +2342,15 @@ west   <none>               false       <none>      <none>   <none>       <none>
         let list = json!([
             {"name": "apps-web", "source": "apps", "path": "web",
              "revision": "0123456789abcdef0123456789abcdef01234567", "contentHash": "x",
-             "error": null, "clusterCounts": {"Ready": 2, "WaitApplied": 1}},
+             "error": null, "clusterCounts": {"Ready": 2, "WaitApplied": 1}, "driftEvents": 0},
         ]);
         assert_eq!(
-            bundles_table(&list),
+            bundles_table(&view::<Vec<BundleView>>(list)),
             "NAME       SOURCE   PATH   REVISION   READY\napps-web   apps     web    0123456    2/3\n"
         );
         let one = json!({"name": "apps-web", "source": "apps", "path": "web",
         "revision": "0123456789abcdef0123456789abcdef01234567", "driftEvents": 2,
-        "clusters": [
+        "clusterCounts": {}, "clusters": [
             {"cluster": "east", "state": "ErrApplied", "appliedRevision": "abcdef0123456789",
              "message": "web/d.yaml: Deployment default/web:\n field is immutable", "driftEvents": 0},
             {"cluster": "west", "state": "Modified", "appliedRevision": null, "message": "", "driftEvents": 2}
@@ -2332,7 +2366,7 @@ CLUSTER   STATE        REVISION   DRIFT   MESSAGE
 east      ErrApplied   abcdef0    0       web/d.yaml: Deployment default/web: field is immutable
 west      Modified     <none>     2       <none>
 ";
-        assert_eq!(bundle_details(&one), want);
+        assert_eq!(bundle_details(&view(one)), want);
     }
 
     #[test]
@@ -2352,8 +2386,11 @@ ID   CLUSTER   BUNDLE     OBJECT                FIELDS                          
 4    east      apps-web   Deployment demo/web   /spec/replicas,/metadata/labels/tier   kubectl-edit   60s   true
 5    east      apps-web   Namespace demo        (deleted)                              <none>         60s   false
 ";
-        assert_eq!(drift_table(&json!([e.clone(), gone]), at(1060)), want);
-        let d = drift_details(&e);
+        assert_eq!(
+            drift_table(&view::<Vec<DriftView>>(json!([e.clone(), gone])), at(1060)),
+            want
+        );
+        let d = drift_details(&view(e));
         assert!(d.contains("Manager:     kubectl-edit\n"), "{d}");
         assert!(d.contains("/spec/replicas          2         5\n"), "{d}");
         assert!(
@@ -2367,24 +2404,27 @@ ID   CLUSTER   BUNDLE     OBJECT                FIELDS                          
         let v = json!([
             {"name": "apps", "repo": "https://g/apps.git", "branch": "main", "tag": null,
              "revision": null, "paths": [], "pollInterval": "15s", "targets": [],
-             "commit": "89abcdef0123456789abcdef0123456789abcdef", "lastFetched": 95_000u64,
-             "lastError": null, "bundles": ["apps"]},
+             "commit": "89abcdef0123456789abcdef0123456789abcdef",
+             "lastFetched": "1970-01-01T00:01:35Z", "lastError": null, "consecutiveFailures": 0,
+             "bundles": ["apps"]},
             {"name": "infra", "repo": "git://h/infra", "branch": null, "tag": "v2",
-             "revision": null, "commit": null, "lastFetched": null,
-             "lastError": "cannot reach repository git://h/infra: connection refused"},
+             "revision": null, "paths": [], "pollInterval": "15s", "targets": [],
+             "commit": null, "lastFetched": null,
+             "lastError": "cannot reach repository git://h/infra: connection refused",
+             "consecutiveFailures": 3, "bundles": []},
         ]);
         let want = "\
 NAME    REPO                 REF           COMMIT    LAST FETCHED   ERROR
 apps    https://g/apps.git   branch main   89abcde   5s             <none>
 infra   git://h/infra        tag v2        <none>    <none>         cannot reach repository git://h/infra: connection refused
 ";
-        assert_eq!(sources_table(&v, at(100)), want);
+        assert_eq!(sources_table(&view::<Vec<SourceView>>(v), at(100)), want);
 
         let one = json!({"name": "apps", "repo": "r", "revision": "0123456789abcdef",
             "paths": ["apps/*"], "pollInterval": "15s",
             "targets": [{"clusterSelector": {"matchLabels": {"env": "prod"}}}, {"clusterGroup": "edge"}],
-            "bundles": ["apps-a", "apps-b"]});
-        let d = source_details(&one, at(0));
+            "consecutiveFailures": 0, "bundles": ["apps-a", "apps-b"]});
+        let d = source_details(&view(one), at(0));
         assert!(d.contains("Ref:           revision 0123456\n"), "{d}");
         assert!(
             d.contains("Targets:       selector env=prod; group edge\n"),
@@ -2399,7 +2439,7 @@ infra   git://h/infra        tag v2        <none>    <none>         cannot reach
             {"kind": "GitSource", "name": "apps", "action": "created"},
             {"kind": "ClusterGroup", "name": "edge", "action": "unchanged"}]});
         assert_eq!(
-            applied_lines(&v),
+            applied_lines(&view(v)),
             "gitsource/apps created\nclustergroup/edge unchanged\n"
         );
     }
@@ -2524,10 +2564,23 @@ mod http_tests {
                 "expiresAt": "2030-01-01T00:00:00Z"})),
             ("POST", "/api/v1/apply") => ok(json!({"applied": [
                 {"kind": "GitSource", "name": "apps", "action": "created"}]})),
-            ("GET", "/api/v1/clusters") => ok(json!([{"name": "east", "labels": {"env": "prod"},
-                "connected": true, "lastSeen": null, "agentVersion": "0.1.0",
-                "kubernetesVersion": "v1.34.1", "bundleCounts": {"Ready": 1}}])),
+            // Two pages: the CLI follows `continue`.
+            ("GET", "/api/v1/clusters") if uri.query().is_none() => ok(json!({"items": [
+                {"name": "east", "labels": {"env": "prod"}, "connected": true, "lastSeen": null,
+                 "agentVersion": "0.1.0", "kubernetesVersion": "v1.34.1",
+                 "bundleCounts": {"Ready": 1}, "driftEvents": 0}],
+                "continue": "ZWFzdA"})),
+            ("GET", "/api/v1/clusters") if uri.query() == Some("continue=ZWFzdA") => {
+                ok(json!({"items": [
+                {"name": "west", "labels": {}, "connected": false, "lastSeen": null,
+                 "agentVersion": "", "kubernetesVersion": "", "bundleCounts": {},
+                 "driftEvents": 0}]}))
+            }
+            // A hub that never ends its list.
+            ("GET", "/api/v1/bundles") => ok(json!({"items": [], "continue": "bG9vcA"})),
             ("PATCH", "/api/v1/clusters/east/labels") => ok(json!({"name": "east"})),
+            // An older or newer hub's view, missing `publicKey`.
+            ("GET", "/api/v1/signing-key") => ok(json!({"keyId": "k1", "rotations": 0})),
             ("DELETE", "/api/v1/clusters/east") => ok(json!({"deleted": "east"})),
             ("DELETE", "/api/v1/sources/apps") => StatusCode::NO_CONTENT.into_response(),
             ("PUT", "/api/v1/secrets/git-creds") => {
@@ -2679,10 +2732,13 @@ mod http_tests {
 
         let (code, out, _) = cli(&hub, &["cluster", "list", "-o", "json"]).await;
         assert_eq!(code, 0);
+        let listed: Value = serde_json::from_str(&out).unwrap();
         assert_eq!(
-            serde_json::from_str::<Value>(&out).unwrap()[0]["name"],
-            "east"
+            (&listed[0]["name"], &listed[1]["name"]),
+            (&json!("east"), &json!("west")),
+            "every page, as one list: {out}"
         );
+        assert_eq!(last(&log).uri, "/api/v1/clusters?continue=ZWFzdA");
         assert!(out.contains("\n  {"), "pretty JSON: {out}");
         let (_, out, _) = cli(&hub, &["cluster", "list", "-o", "yaml"]).await;
         assert!(out.contains("name: east"), "{out}");
@@ -2748,12 +2804,14 @@ mod http_tests {
     /// The stand-in hub behind the hub's own TLS listener, with a fleet PKI made
     /// in `dir`; returns its https:// URL on 127.0.0.1.
     async fn start_tls(dir: &std::path::Path) -> String {
-        let pki = crate::pki::Pki::load_or_create(dir, "localhost").unwrap();
-        let tls = crate::listen::server_config(pki.server_chain.clone(), pki.server_key()).unwrap();
+        let pki = flotilla_hub::pki::Pki::load_or_create(dir, "localhost").unwrap();
+        let tls = flotilla_hub::listen::server_config(pki.server_chain.clone(), pki.server_key())
+            .unwrap();
         let app = axum::Router::new().fallback(hub).with_state(Log::default());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let listener = crate::listen::HttpListener::new(listener, Arc::new(tls), "test").unwrap();
+        let listener =
+            flotilla_hub::listen::HttpListener::new(listener, Arc::new(tls), "test").unwrap();
         tokio::spawn(async move { axum::serve(listener, app).await });
         format!("https://{addr}")
     }
@@ -2833,5 +2891,17 @@ mod http_tests {
 
         let (code, _, err) = cli(&hub, &["cluster", "list", "-o", "xml"]).await;
         assert_eq!(code, 2, "{err}");
+
+        // A list that never ends is an error, not a hang.
+        let (code, _, err) = cli(&hub, &["bundle", "list"]).await;
+        assert_eq!(code, 1);
+        assert!(err.contains("same continue token twice"), "{err}");
+
+        // An answer missing a field the view needs is an error, not a blank column.
+        let (code, _, err) = cli(&hub, &["cluster", "label", "east", "a=b"]).await;
+        assert_eq!(code, 0, "{err}");
+        let (code, _, err) = cli(&hub, &["signing-key", "show"]).await;
+        assert_eq!(code, 1);
+        assert!(err.contains("GET /api/v1/signing-key"), "{err}");
     }
 }
