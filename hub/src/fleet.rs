@@ -132,6 +132,10 @@ struct State {
     rollouts: BTreeMap<String, RolloutRecord>,
     next_session: u64,
     version: u64,
+    /// Clusters whose matrix row may have changed without `version` moving (a
+    /// report, an acknowledgement, a disconnect): `Fleet::matrix_rows`
+    /// recomputes these rows only, and clears the set.
+    row_dirty: BTreeSet<String>,
 }
 
 /// What `apply` did to an object.
@@ -209,7 +213,7 @@ pub struct Fleet {
     /// a view shows moves one of the two (the web UI's live updates rely on the
     /// same), so pages of a quiet fleet read them instead of computing
     /// clusters × bundles states per request.
-    rows: Mutex<Option<CachedRows>>,
+    rows: Mutex<Option<RowCache>>,
     /// Drift events refused since start: about bundles not assigned to the
     /// reporting cluster.
     drift_refused: std::sync::atomic::AtomicU64,
@@ -356,6 +360,19 @@ impl State {
             .collect()
     }
 
+    fn matrix_row(&self, c: &ClusterState, inputs: &AssignInputs) -> flotilla_shared::matrix::Row {
+        flotilla_shared::matrix::Row {
+            cluster: c.record.name.clone(),
+            labels: c.record.labels.clone(),
+            connected: c.session.is_some(),
+            states: self
+                .cluster_bundles(&c.record, inputs)
+                .into_iter()
+                .map(|b| (b.bundle, b.state))
+                .collect(),
+        }
+    }
+
     fn cluster_view(
         &self,
         c: &ClusterState,
@@ -450,8 +467,13 @@ fn profile(c: &ClusterRecord) -> Profile {
 /// A cluster as matching sees it: its labels, plus its Kubernetes version and
 /// API-version set (for the profile-pinned Helm renders, see
 /// `shared::capabilities`).
-/// The matrix rows and the `(version, observed)` they were computed at.
-type CachedRows = ((u64, u64), Arc<Vec<flotilla_shared::matrix::Row>>);
+/// The matrix rows: each cluster's, and all of them in name order, as of
+/// `version` plus the dirty rows recomputed since.
+struct RowCache {
+    version: u64,
+    by_cluster: BTreeMap<String, Arc<flotilla_shared::matrix::Row>>,
+    all: Arc<Vec<Arc<flotilla_shared::matrix::Row>>>,
+}
 
 /// What an agent reported, as the state functions take it.
 fn reported(s: &StatusRecord) -> Reported {
@@ -1149,6 +1171,7 @@ impl Fleet {
                 c.session = None;
                 c.record.last_seen_ms = Some(now_ms);
                 self.store.put_cluster(&c.record)?;
+                st.row_dirty.insert(name.to_string());
             }
         }
         drop(st);
@@ -1180,6 +1203,7 @@ impl Fleet {
                 .map(|(b, h, _)| (b.clone(), h.clone()))
                 .collect();
             self.store.put_cluster(&c.record)?;
+            st.row_dirty.insert(name.to_string());
         }
         drop(st);
         // What it acknowledged is shown (WaitApplied rather than Pending).
@@ -1199,11 +1223,13 @@ impl Fleet {
         let ready =
             |s: &StatusRecord| (s.state == BundleState::Ready).then(|| s.content_hash.clone());
         let key = (status.cluster.clone(), status.bundle.clone());
+        let cluster_name = status.cluster.clone();
         let readiness_changed = st.statuses.get(&key).map(ready) != Some(ready(&status));
         if readiness_changed && status.state == BundleState::Ready {
             self.metrics.ready(&status.content_hash, crate::now_ms());
         }
         st.statuses.insert(key, status);
+        st.row_dirty.insert(cluster_name);
         // Bundles that depend on this one may now be sent (or held back). Only
         // then: a bump makes every session recompute its desired set.
         let any_depends = || {
@@ -1473,39 +1499,51 @@ impl Fleet {
     /// Every cluster with the state of each bundle assigned to it: the web UI's
     /// matrix (`flotilla_shared::matrix` filters and pages it).
     /// Every cluster's row of the matrix: its labels, whether it is connected,
-    /// and its state of each bundle assigned to it. Computed once per change of
-    /// the fleet (see `rows`) and shared by the pages and the metrics.
-    pub fn matrix_rows(&self) -> Arc<Vec<flotilla_shared::matrix::Row>> {
-        // The key is read before the state: a change after this read moves it,
-        // so rows computed from a later state are never kept under a later key.
-        let key = (*self.changed.borrow(), *self.observed.borrow());
-        let mut cached = self.rows.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some((k, rows)) = cached.as_ref() {
-            if *k == key {
-                return rows.clone();
+    /// and its state of each bundle assigned to it. Kept between calls and
+    /// shared by the pages and the metrics: all rows are computed again when
+    /// desired sets changed (`version`: a commit, labels, groups, a rollout
+    /// step, a cluster enrolled or deleted), and only the rows of the clusters
+    /// that reported, acknowledged or disconnected since otherwise.
+    pub fn matrix_rows(&self) -> Arc<Vec<Arc<flotilla_shared::matrix::Row>>> {
+        let mut cache = self.rows.lock().unwrap_or_else(|p| p.into_inner());
+        let mut st = self.lock();
+        let dirty = std::mem::take(&mut st.row_dirty);
+        match cache.as_mut() {
+            Some(c) if c.version == st.version => {
+                if dirty.is_empty() {
+                    return c.all.clone();
+                }
+                let inputs = st.assign_inputs();
+                for name in &dirty {
+                    match st.clusters.get(name) {
+                        Some(cs) => {
+                            c.by_cluster
+                                .insert(name.clone(), Arc::new(st.matrix_row(cs, &inputs)));
+                        }
+                        None => {
+                            c.by_cluster.remove(name);
+                        }
+                    }
+                }
+                c.all = Arc::new(c.by_cluster.values().cloned().collect());
+                c.all.clone()
+            }
+            _ => {
+                let inputs = st.assign_inputs();
+                let by_cluster: BTreeMap<String, Arc<flotilla_shared::matrix::Row>> = st
+                    .clusters
+                    .iter()
+                    .map(|(n, cs)| (n.clone(), Arc::new(st.matrix_row(cs, &inputs))))
+                    .collect();
+                let all = Arc::new(by_cluster.values().cloned().collect::<Vec<_>>());
+                *cache = Some(RowCache {
+                    version: st.version,
+                    by_cluster,
+                    all: all.clone(),
+                });
+                all
             }
         }
-        let rows = Arc::new(self.compute_matrix_rows());
-        *cached = Some((key, rows.clone()));
-        rows
-    }
-
-    fn compute_matrix_rows(&self) -> Vec<flotilla_shared::matrix::Row> {
-        let st = self.lock();
-        let inputs = st.assign_inputs();
-        st.clusters
-            .values()
-            .map(|c| flotilla_shared::matrix::Row {
-                cluster: c.record.name.clone(),
-                labels: c.record.labels.clone(),
-                connected: c.session.is_some(),
-                states: st
-                    .cluster_bundles(&c.record, &inputs)
-                    .into_iter()
-                    .map(|b| (b.bundle, b.state))
-                    .collect(),
-            })
-            .collect()
     }
 
     /// Each bundle's current rollout phase, for the metrics.
@@ -2314,6 +2352,28 @@ mod tests {
         assert_eq!(state(&fleet), BundleState::Ready);
         fleet.record_status(report(BundleState::NotReady)).unwrap();
         assert_eq!(state(&fleet), BundleState::NotReady);
+
+        // Only the reporting cluster's row is computed again.
+        enrol(&fleet, "c2");
+        let before = fleet.matrix_rows();
+        fleet.record_status(report(BundleState::Ready)).unwrap();
+        let after = fleet.matrix_rows();
+        assert_eq!(after[0].states["s-a"], BundleState::Ready);
+        assert!(Arc::ptr_eq(&before[1], &after[1]), "c2 recomputed");
+        assert!(!Arc::ptr_eq(&before[0], &after[0]));
+
+        // A session opened, then ended.
+        let hello = Hello {
+            agent_version: "v",
+            kubernetes_version: "v1.34.0",
+            api_versions: &[],
+        };
+        let session = fleet.connect("c1", "fp", &hello, 5).unwrap().unwrap();
+        assert!(fleet.matrix_rows()[0].connected);
+        fleet.disconnect("c1", session, 6).unwrap();
+        assert!(!fleet.matrix_rows()[0].connected);
+        assert!(fleet.delete_cluster("c2").unwrap());
+        assert_eq!(fleet.matrix_rows().len(), 1);
 
         fleet
             .set_labels("c1", [("env".to_string(), "prod".to_string())].into())

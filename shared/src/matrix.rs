@@ -67,7 +67,7 @@ pub struct Page {
 /// (clamped to the last one). The columns are every bundle assigned to any
 /// cluster whose name contains `q.bundle`.
 /// Only the rows of the page are copied: the fleet's rows are read, not moved.
-pub fn page(rows: &[Row], q: &Query) -> Page {
+pub fn page<R: std::borrow::Borrow<Row>>(rows: &[R], q: &Query) -> Page {
     let total = rows.len();
     let per_page = match q.per_page {
         0 => DEFAULT_PER_PAGE,
@@ -79,6 +79,7 @@ pub fn page(rows: &[Row], q: &Query) -> Page {
     let mut connected = 0;
     let mut kept: Vec<&Row> = Vec::new();
     for row in rows {
+        let row: &Row = row.borrow();
         if q.cluster
             .as_deref()
             .is_some_and(|f| !row.cluster.contains(f))
