@@ -131,7 +131,7 @@ pub struct UiRun {
     pub matrix_median_ms: f64,
     pub matrix_p99_ms: f64,
     pub matrix_kib: f64,
-    /// The first matrix page after one status report (the rows computed anew).
+    /// The first matrix page after one status report (that cluster's row computed anew).
     #[serde(default)]
     pub matrix_after_change_median_ms: f64,
     #[serde(default)]
@@ -177,7 +177,7 @@ pub fn ui_table(runs: &[UiRun]) -> String {
                 |r| r.matrix_kib,
             ),
             (
-                "matrix, first request after a status report (rows computed anew)",
+                "matrix, first request after a status report (its row computed anew)",
                 |r| r.matrix_after_change_median_ms,
                 |r| r.matrix_after_change_p99_ms,
                 |_| f64::NAN,

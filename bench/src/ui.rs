@@ -258,8 +258,8 @@ pub async fn run(clusters: usize, bundles: usize, repeat: usize) -> Result<UiRun
         time_get(&ui, url, 1).await?;
         timed.insert(*name, time_get(&ui, url, repeat).await?);
     }
-    // The first matrix page after a change (one status report): the rows are
-    // computed again, clusters × bundles.
+    // The first matrix page after a change (one status report): that cluster's
+    // row is computed again, the others are kept.
     let mut after_change = Vec::with_capacity(repeat);
     for k in 0..repeat {
         let name = format!("c{:05}", (k * 7919) % clusters);
