@@ -4,7 +4,7 @@ export CARGO_TARGET_DIR ?= $(HOME)/.cache/flotilla/cargo-target
 CARGO ?= cargo
 TESTENV_BIN := $(CURDIR)/target/testenv/bin
 
-.PHONY: all build testenv tools test unit e2e lint torture fuzz demo demo-stop bench bench-build bench-hub bench-fleet bench-wire bench-agent bench-git bench-planner bench-ui bench-report bench-compare clean
+.PHONY: all build testenv tools test unit e2e lint torture fuzz demo demo-stop bench bench-build bench-hub bench-fleet bench-reconnect bench-wire bench-agent bench-git bench-planner bench-ui bench-report bench-compare clean
 
 all: build
 
@@ -52,7 +52,7 @@ BENCH := $(CARGO_TARGET_DIR)/release/flotilla-bench
 # Simulated agents each hold a connection: raise the open-file limit to the hard limit.
 BENCH_RUN := ulimit -n $$(ulimit -Hn) && FLOTILLA_BENCH_BIN_DIR=$(CARGO_TARGET_DIR)/release FLOTILLA_TESTENV_BIN=$(TESTENV_BIN) $(BENCH)
 
-bench: bench-hub bench-fleet bench-wire bench-agent bench-git bench-planner bench-ui bench-report
+bench: bench-hub bench-fleet bench-reconnect bench-wire bench-agent bench-git bench-planner bench-ui bench-report
 
 bench-build:
 	$(CARGO) build --release -p flotilla-hub -p flotilla-agent -p flotilla-bench --bins
@@ -65,6 +65,11 @@ bench-hub: bench-build
 ## bench-fleet: commit to fleet by push webhook (source polled hourly) with 1,000 and 10,000 simulated agents (FLOTILLA_BENCH_AGENTS=1000)
 bench-fleet: bench-build
 	$(BENCH_RUN) fleet
+	$(BENCH_RUN) report
+
+## bench-reconnect: mass reconnect of 10,000 simulated agents after a hub kill -9 (FLOTILLA_BENCH_AGENTS=1000)
+bench-reconnect: bench-build
+	$(BENCH_RUN) reconnect
 	$(BENCH_RUN) report
 
 ## bench-wire: bytes the hub sends an agent for a one-line change in a bundle of 500 objects

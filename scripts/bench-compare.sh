@@ -12,6 +12,10 @@
 #   FLOTILLA_BENCH_COMPARE_BUILD_ONLY=1                        build both, run nothing
 #   FLOTILLA_BENCH_HUB_AGENTS=100,1000,5000                    hub part's agent counts
 #   FLOTILLA_BENCH_FLEET_AGENTS=1000                           fleet part's agent counts
+#   FLOTILLA_BENCH_RECONNECT_AGENTS=10000                      reconnect part's agent counts
+#   FLOTILLA_BENCH_COMPARE_HARNESS=new                         drive both sides' hubs with NEW's
+#                                                              bench (a part BASE's bench lacks;
+#                                                              the simulated agents speak v1)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 base=${1:?usage: scripts/bench-compare.sh BASE [NEW]}
@@ -53,12 +57,15 @@ for round in $(seq 1 "$rounds"); do
       echo "bench-compare: round $round/$rounds, $part, $side"
       agents=${FLOTILLA_BENCH_HUB_AGENTS:-100,1000,5000}
       [ "$part" = fleet ] && agents=${FLOTILLA_BENCH_FLEET_AGENTS:-1000}
+      [ "$part" = reconnect ] && agents=${FLOTILLA_BENCH_RECONNECT_AGENTS:-10000}
+      bench=$work/$side-target/release/flotilla-bench
+      [ "${FLOTILLA_BENCH_COMPARE_HARNESS:-}" = new ] && bench=$work/new-target/release/flotilla-bench
       (cd "$work/$side-src" && \
         FLOTILLA_BENCH_RUNS=1 \
         FLOTILLA_BENCH_AGENTS=$agents \
         FLOTILLA_BENCH_BIN_DIR=$work/$side-target/release \
         FLOTILLA_TESTENV_BIN=$testenv \
-        "$work/$side-target/release/flotilla-bench" --results "$work/results-$side/round-$round" "$part")
+        "$bench" --results "$work/results-$side/round-$round" "$part")
     done
   done
 done

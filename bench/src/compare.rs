@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::Path;
 
-use crate::report::{AgentRun, FleetRun, GitRun, HubRun, WireRun};
+use crate::report::{AgentRun, FleetRun, GitRun, HubRun, ReconnectRun, WireRun};
 use crate::stats::{summary, Summary};
 
 /// One compared figure.
@@ -159,6 +159,37 @@ pub fn rows(base: &Path, new: &Path) -> Vec<Row> {
                 rn,
                 0,
                 |r| r.commit.max_ms,
+            ));
+        }
+    }
+    if both("reconnect.json") {
+        let (b, n) = (
+            load::<ReconnectRun>(&base.join("reconnect.json")).unwrap_or_default(),
+            load::<ReconnectRun>(&new.join("reconnect.json")).unwrap_or_default(),
+        );
+        let (gb, gn) = (group(&b, |r| r.agents), group(&n, |r| r.agents));
+        for (count, rb) in &gb {
+            let Some(rn) = gn.get(count) else { continue };
+            out.push(row(
+                format!("mass reconnect after kill -9, last agent back, s ({count} agents)"),
+                rb,
+                rn,
+                2,
+                |r| r.back.max_ms / 1000.0,
+            ));
+            out.push(row(
+                format!("mass reconnect, listen-queue overflows ({count} agents)"),
+                rb,
+                rn,
+                0,
+                |r| r.listen_overflows as f64,
+            ));
+            out.push(row(
+                format!("hub RSS after the reconnect, MiB ({count} agents)"),
+                rb,
+                rn,
+                1,
+                |r| r.rss_kib as f64 / 1024.0,
             ));
         }
     }

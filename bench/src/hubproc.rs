@@ -31,6 +31,10 @@ pub struct BenchHub {
     pub agent_url: String,
     admin_token: String,
     http: reqwest::Client,
+    /// How it was started, for a restart on the same ports and data.
+    dir: std::path::PathBuf,
+    extra: Vec<String>,
+    ports: (u16, u16, u16),
 }
 
 impl BenchHub {
@@ -42,8 +46,23 @@ impl BenchHub {
 
     /// [`BenchHub::start`] with extra command-line arguments for the hub.
     pub async fn start_with(dir: &Path, extra: &[&str]) -> Result<BenchHub> {
+        let ports = (free_port(), free_port(), free_port());
+        let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        Self::start_on(dir, &extra, ports).await
+    }
+
+    /// Kills the hub (`kill -9`) and starts it again on the same ports and data;
+    /// returns once it listens again.
+    pub async fn restart(&mut self) -> Result<()> {
+        self.proc.kill9();
+        let (dir, extra, ports) = (self.dir.clone(), self.extra.clone(), self.ports);
+        *self = Self::start_on(&dir, &extra, ports).await?;
+        Ok(())
+    }
+
+    async fn start_on(dir: &Path, extra: &[String], ports: (u16, u16, u16)) -> Result<BenchHub> {
         std::fs::create_dir_all(dir)?;
-        let (agent_port, api_port, webhook_port) = (free_port(), free_port(), free_port());
+        let (agent_port, api_port, webhook_port) = ports;
         // A profiler may wrap the hub (`FLOTILLA_BENCH_HUB_WRAPPER="heaptrack -o
         // FILE"`); the readings of such a run are the wrapper's, not the hub's.
         let wrapper = std::env::var("FLOTILLA_BENCH_HUB_WRAPPER").unwrap_or_default();
@@ -99,6 +118,9 @@ impl BenchHub {
             agent_url: format!("https://127.0.0.1:{agent_port}"),
             admin_token,
             http: reqwest::Client::new(),
+            dir: dir.to_path_buf(),
+            extra: extra.to_vec(),
+            ports,
         })
     }
 

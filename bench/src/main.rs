@@ -15,7 +15,9 @@ use clap::{Parser, Subcommand};
 use flotilla_bench::cluster;
 use flotilla_bench::hubproc::BenchHub;
 use flotilla_bench::proxy::CountingProxy;
-use flotilla_bench::report::{AgentRun, CommitLatency, FleetRun, GitRun, HubRun, WireRun};
+use flotilla_bench::report::{
+    AgentRun, CommitLatency, FleetRun, GitRun, HubRun, ReconnectRun, WireRun,
+};
 use flotilla_bench::sim::{self, Event};
 use flotilla_bench::{procstat, report, stats};
 use flotilla_tests::GitRepo;
@@ -65,6 +67,26 @@ enum Part {
             env = "FLOTILLA_BENCH_AGENTS",
             value_delimiter = ',',
             default_value = "1000,10000"
+        )]
+        agents: Vec<usize>,
+        /// Repetitions per count (a fresh hub and fleet each).
+        #[arg(long, env = "FLOTILLA_BENCH_RUNS", default_value_t = 3)]
+        runs: usize,
+        /// Enrolments in flight at once.
+        #[arg(long, env = "FLOTILLA_BENCH_CONCURRENCY", default_value_t = 64)]
+        concurrency: usize,
+    },
+    /// Mass reconnect: N simulated agents connected (each redialling with the
+    /// agent's jittered backoff), the hub killed (`kill -9`) and started again
+    /// on the same data and ports; time until every agent has its desired set
+    /// from the new hub, and the kernel's listen-queue overflows meanwhile.
+    Reconnect {
+        /// Agent counts, comma-separated.
+        #[arg(
+            long,
+            env = "FLOTILLA_BENCH_AGENTS",
+            value_delimiter = ',',
+            default_value = "10000"
         )]
         agents: Vec<usize>,
         /// Repetitions per count (a fresh hub and fleet each).
@@ -216,6 +238,24 @@ fn main() -> Result<()> {
                 for run in 1..=runs {
                     eprintln!("fleet: {n} agents by webhook, run {run}/{runs}");
                     let r = rt.block_on(fleet_run(n, concurrency))?;
+                    eprintln!("  {r:?}");
+                    all.push(r);
+                    report::save(&path, &all)?;
+                }
+            }
+        }
+        Part::Reconnect {
+            agents,
+            runs,
+            concurrency,
+        } => {
+            let path = args.results.join("reconnect.json");
+            let mut all: Vec<ReconnectRun> = report::load(&path).unwrap_or_default();
+            for &n in &agents {
+                all.retain(|r| r.agents != n);
+                for run in 1..=runs {
+                    eprintln!("reconnect: {n} agents after a hub kill -9, run {run}/{runs}");
+                    let r = rt.block_on(reconnect_run(n, concurrency))?;
                     eprintln!("  {r:?}");
                     all.push(r);
                     report::save(&path, &all)?;
@@ -393,6 +433,18 @@ async fn connect_fleet(
     concurrency: usize,
     revision: &str,
 ) -> Result<(mpsc::UnboundedReceiver<Event>, watch::Sender<bool>, f64)> {
+    connect_fleet_with(hub, tokens, concurrency, revision, false).await
+}
+
+/// [`connect_fleet`]; with `reconnecting`, each agent redials after a failed
+/// session, as the real agent does.
+async fn connect_fleet_with(
+    hub: &BenchHub,
+    tokens: Vec<String>,
+    concurrency: usize,
+    revision: &str,
+    reconnecting: bool,
+) -> Result<(mpsc::UnboundedReceiver<Event>, watch::Sender<bool>, f64)> {
     let n = tokens.len();
     let uri: Uri = hub.agent_url.parse()?;
     let ca_pem = sim::fetch_ca(&uri, &tokens[0]).await?;
@@ -427,12 +479,93 @@ async fn connect_fleet(
                     }
                 }
             };
-            sim::session(i, uri, tls, false, ev_tx, stop_rx).await;
+            if reconnecting {
+                sim::session_reconnecting(i, uri, tls, ev_tx, stop_rx).await;
+            } else {
+                sim::session(i, uri, tls, false, ev_tx, stop_rx).await;
+            }
         });
     }
     let deadline = Duration::from_secs(60 + n as u64 / 20);
     wait_acks(&mut ev_rx, n, revision, deadline).await?;
     Ok((ev_rx, stop_tx, t.elapsed().as_secs_f64()))
+}
+
+/// The kernel's count of connections dropped because a listen queue was full
+/// (`TcpExt: ListenOverflows` in /proc/net/netstat), machine-wide.
+fn listen_overflows() -> Result<u64> {
+    let text = std::fs::read_to_string("/proc/net/netstat")?;
+    let mut lines = text.lines().filter(|l| l.starts_with("TcpExt:"));
+    let (Some(names), Some(values)) = (lines.next(), lines.next()) else {
+        bail!("no TcpExt in /proc/net/netstat");
+    };
+    names
+        .split_whitespace()
+        .zip(values.split_whitespace())
+        .find(|(n, _)| *n == "ListenOverflows")
+        .map(|(_, v)| v.parse::<u64>())
+        .transpose()?
+        .ok_or_else(|| anyhow::anyhow!("no ListenOverflows in /proc/net/netstat"))
+}
+
+/// Mass reconnect: N agents connected, the hub killed and started again on
+/// the same data and ports, until every agent acked a desired set of the new hub.
+async fn reconnect_run(n: usize, concurrency: usize) -> Result<ReconnectRun> {
+    let dir = tempfile::Builder::new()
+        .prefix("flotilla-bench-reconnect-")
+        .tempdir()?;
+    let repo = GitRepo::new(dir.path(), "fleet")?;
+    let r1 = repo.commit(
+        &[("app/cm.yaml", Some(config_map("bench", "v1", 4).as_str()))].into(),
+        "first",
+    )?;
+    let mut hub = BenchHub::start(&dir.path().join("hub")).await?;
+    hub.add_source("fleet", &repo.url, &["app"], "1h").await?;
+    hub.wait_bundles(1, Some(&r1), Duration::from_secs(60))
+        .await?;
+    let tokens = hub.tokens(n, 8).await?;
+    let (mut ev_rx, stop_tx, _) = connect_fleet_with(&hub, tokens, concurrency, &r1, true).await?;
+    // Statuses of the first delivery settle; then nothing is in flight.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    while ev_rx.try_recv().is_ok() {}
+
+    let overflows = listen_overflows()?;
+    let t = Instant::now();
+    hub.restart().await?;
+    let restart_s = t.elapsed().as_secs_f64();
+    // Every agent acks the set the restarted hub sends it; failed redials (the
+    // hub down, or not yet accepting) are counted, not fatal.
+    let mut acked: BTreeMap<usize, Instant> = BTreeMap::new();
+    let mut failed = 0usize;
+    let end = tokio::time::Instant::now() + Duration::from_secs(120);
+    while acked.len() < n {
+        match tokio::time::timeout_at(end, ev_rx.recv()).await {
+            Ok(Some(Event::Acked { agent, at, .. })) => {
+                acked.entry(agent).or_insert(at);
+            }
+            Ok(Some(Event::Failed { .. })) => failed += 1,
+            Ok(None) => bail!("event channel closed"),
+            Err(_) => bail!(
+                "{} of {n} agents were back within 120 s of the restart",
+                acked.len()
+            ),
+        }
+    }
+    let back = latency(&acked, t);
+    let listen_overflows = listen_overflows()?.saturating_sub(overflows);
+    let rss_kib = procstat::rss_kib(hub.pid())?;
+    hub.proc.kill9();
+    let _ = stop_tx.send(true);
+    drop(ev_rx);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    Ok(ReconnectRun {
+        agents: n,
+        restart_s,
+        back,
+        failed_sessions: failed,
+        listen_overflows,
+        rss_kib,
+    })
 }
 
 /// Per-agent latency from `t` to each agent's ack.

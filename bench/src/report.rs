@@ -54,6 +54,49 @@ pub struct FleetRun {
     pub commit: CommitLatency,
 }
 
+/// One run of the mass-reconnect part.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ReconnectRun {
+    pub agents: usize,
+    /// From the `kill -9` until the restarted hub accepted connections again.
+    pub restart_s: f64,
+    /// From the `kill -9` to each agent's ack of a desired set from the new hub.
+    pub back: CommitLatency,
+    /// Sessions that failed meanwhile (the hub down, or a redial refused).
+    pub failed_sessions: usize,
+    /// Connections the kernel dropped with a listen queue full, machine-wide,
+    /// during the run (`TcpExt: ListenOverflows`).
+    pub listen_overflows: u64,
+    /// The hub's RSS once every agent was back, KiB.
+    pub rss_kib: u64,
+}
+
+/// The mass-reconnect table.
+pub fn reconnect_table(runs: &[ReconnectRun]) -> String {
+    let mut s = String::from(
+        "| agents | runs | hub listening again, s | median agent back, s | p99 agent back, s | last agent back, s | failed redials | listen-queue overflows | hub RSS after, MiB |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+    );
+    let mut counts: BTreeMap<usize, Vec<&ReconnectRun>> = BTreeMap::new();
+    for r in runs {
+        counts.entry(r.agents).or_default().push(r);
+    }
+    for (n, rs) in counts {
+        let _ = writeln!(
+            s,
+            "| {n} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            rs.len(),
+            of(&rs, |r| r.restart_s).show(2),
+            of(&rs, |r| r.back.median_ms / 1000.0).show(2),
+            of(&rs, |r| r.back.p99_ms / 1000.0).show(2),
+            of(&rs, |r| r.back.max_ms / 1000.0).show(2),
+            of(&rs, |r| r.failed_sessions as f64).show(0),
+            of(&rs, |r| r.listen_overflows as f64).show(0),
+            of(&rs, |r| r.rss_kib as f64 / 1024.0).show(1),
+        );
+    }
+    s
+}
+
 /// One run of the bytes-on-the-wire part.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct WireRun {
@@ -565,6 +608,9 @@ pub fn write(results: &Path, out: &Path, figure: &Path) -> Result<()> {
     }
     if let Ok(runs) = load::<FleetRun>(&results.join("fleet.json")) {
         doc = replace_block(&doc, "commit-webhook", &fleet_table(&runs));
+    }
+    if let Ok(runs) = load::<ReconnectRun>(&results.join("reconnect.json")) {
+        doc = replace_block(&doc, "reconnect", &reconnect_table(&runs));
     }
     if let Ok(runs) = load::<WireRun>(&results.join("wire.json")) {
         doc = replace_block(&doc, "wire", &wire_table(&runs));

@@ -19,6 +19,8 @@ use flotilla_shared::targeting::{ClusterInfo, GroupInfo};
 use serde::Serialize;
 use tokio::sync::watch;
 
+use flotilla_shared::index::{Index, Outcome as IndexOutcome};
+
 use crate::store::{
     ClusterRecord, GroupRecord, RolloutRecord, SnapshotBundle, SnapshotRecord, SourceRecord,
     StatusRecord, Store, StoreError,
@@ -136,6 +138,16 @@ struct State {
     /// report, an acknowledgement, a disconnect): `Fleet::matrix_rows`
     /// recomputes these rows only, and clears the set.
     row_dirty: BTreeSet<String>,
+    /// Each cluster's targeted assignments, recomputed only for the clusters
+    /// a change concerns (`shared::index`). Kept in step with `sources`,
+    /// `groups` and `clusters` by every change of them.
+    index: Index,
+    /// Each cluster's wake-up: its session waits on it alone, and it moves when
+    /// the cluster's desired set may have changed, or its session was superseded
+    /// or ended at the hub.
+    wakes: HashMap<String, watch::Sender<u64>>,
+    /// Clusters whose assignments were recomputed by the index since start.
+    recomputed: u64,
 }
 
 /// What `apply` did to an object.
@@ -246,6 +258,66 @@ impl State {
         changed.send_replace(self.version);
     }
 
+    /// Wakes the sessions of these clusters.
+    fn wake<'a>(&self, clusters: impl IntoIterator<Item = &'a String>) {
+        for name in clusters {
+            if let Some(w) = self.wakes.get(name) {
+                w.send_modify(|v| *v = v.wrapping_add(1));
+            }
+        }
+    }
+
+    /// Wakes every session (a signing key rotated, the last source loaded).
+    fn wake_all(&self) {
+        self.wake(self.wakes.keys());
+    }
+
+    /// Wakes the sessions of the clusters a bundle is assigned to (its rollout moved).
+    fn wake_holders(&self, bundle: &str) {
+        for name in self.index.holders(bundle) {
+            if let Some(w) = self.wakes.get(name) {
+                w.send_modify(|v| *v = v.wrapping_add(1));
+            }
+        }
+    }
+
+    /// Wakes the clusters of the bundles whose rollouts these writes moved.
+    fn wake_rollouts(&self, w: &rollouts::RolloutWrites) {
+        for bundle in w.put.iter().map(|r| &r.rollout.bundle).chain(&w.delete) {
+            self.wake_holders(bundle);
+        }
+    }
+
+    /// Takes what the index reports: counts it, wakes the clusters it changed.
+    fn indexed(&mut self, out: IndexOutcome) {
+        self.recomputed += out.recomputed.len() as u64;
+        self.wake(&out.changed);
+    }
+
+    /// The sources' bundles changed: the index follows.
+    fn reindex_bundles(&mut self) {
+        let bundles = self.bundles_info();
+        let out = self.index.set_bundles(bundles);
+        self.indexed(out);
+    }
+
+    /// A cluster's labels or profile changed, or it enrolled: the index follows.
+    fn reindex_cluster(&mut self, name: &str) {
+        let Some(c) = self.clusters.get(name) else {
+            return;
+        };
+        let out = self.index.set_cluster(cluster_info(&c.record));
+        self.wakes
+            .entry(name.to_string())
+            .or_insert_with(|| watch::channel(0).0);
+        self.indexed(out);
+    }
+
+    /// Whether every source is loaded (a desired set is complete).
+    fn loaded(&self) -> bool {
+        self.sources.values().all(|s| s.loaded)
+    }
+
     fn groups_info(&self) -> Vec<GroupInfo> {
         self.groups
             .values()
@@ -281,25 +353,40 @@ impl State {
         all
     }
 
-    /// What every cluster's assignments are computed from, gathered once for a
+    /// What the gates on every cluster's assignments read, gathered once for a
     /// view over many clusters (not once per cluster).
     fn assign_inputs(&self) -> AssignInputs {
+        let bundles = self.index.bundles().clone();
         AssignInputs {
-            groups: self.groups_info(),
-            bundles: self.bundles_info(),
+            depends: bundles.iter().any(|b| !b.depends_on.is_empty()),
+            bundles,
+            only: None,
         }
     }
 
-    /// The cluster's assignments, those waiting for their dependencies marked.
+    /// The cluster's assignments from the index, those waiting for their
+    /// dependencies or held back by a rollout marked.
     fn assignments(&self, cluster: &ClusterRecord) -> Vec<Assignment> {
         self.assignments_with(cluster, &self.assign_inputs())
     }
 
     /// [`State::assignments`] from inputs gathered beforehand.
     fn assignments_with(&self, cluster: &ClusterRecord, inputs: &AssignInputs) -> Vec<Assignment> {
-        let bundles = &inputs.bundles;
-        let mut out = assign::assignments(&cluster_info(cluster), &inputs.groups, bundles);
-        flotilla_shared::depends::gate(&mut out, bundles, |b| self.reported(&cluster.name, b));
+        let mut out: Vec<Assignment> = self
+            .index
+            .targeted(&cluster.name)
+            .map(|t| {
+                t.iter()
+                    .filter(|a| inputs.only.as_ref().is_none_or(|o| *o == a.bundle))
+                    .map(|a| Assignment::clone(a))
+                    .collect()
+            })
+            .unwrap_or_default();
+        if inputs.depends {
+            flotilla_shared::depends::gate(&mut out, &inputs.bundles, |b| {
+                self.reported(&cluster.name, b)
+            });
+        }
         if !self.rollouts.is_empty() {
             assign::gate_rollouts(
                 &mut out,
@@ -487,8 +574,12 @@ fn reported(s: &StatusRecord) -> Reported {
 
 /// See [`State::assign_inputs`].
 struct AssignInputs {
-    groups: Vec<GroupInfo>,
-    bundles: Vec<BundleInfo>,
+    bundles: Arc<Vec<BundleInfo>>,
+    /// Some bundle depends on another: `depends::gate` has work to do.
+    depends: bool,
+    /// Only this bundle's assignment is wanted (a view of one bundle where
+    /// nothing depends on anything).
+    only: Option<String>,
 }
 
 /// A cluster without its bundles; see [`Fleet::cluster_heads`].
@@ -653,6 +744,11 @@ impl Fleet {
             tracing::info!(cluster = %name, "forgetting what a deleted cluster left behind");
             store.forget_cluster(&name)?;
         }
+        state.index = Index::new(state.groups_info(), state.bundles_info());
+        let names: Vec<String> = state.clusters.keys().cloned().collect();
+        for name in names {
+            state.reindex_cluster(&name);
+        }
         let (changed, _) = watch::channel(0);
         Ok(Arc::new(Fleet {
             drift_refused: std::sync::atomic::AtomicU64::new(0),
@@ -679,12 +775,29 @@ impl Fleet {
     /// Wakes every session to look at its desired set again (after a signing-key
     /// rotation: the same set, signed anew).
     pub fn nudge(&self) {
-        self.lock().bump(&self.changed);
+        let mut st = self.lock();
+        st.bump(&self.changed);
+        st.wake_all();
     }
 
-    /// A receiver that changes whenever anything that affects desired sets does.
+    /// A receiver that changes whenever anything that affects desired sets does
+    /// (the web UI's live updates; sessions wait on `subscribe_cluster`).
     pub fn subscribe(&self) -> watch::Receiver<u64> {
         self.changed.subscribe()
+    }
+
+    /// A receiver that changes whenever the cluster's desired set may have
+    /// changed, or its session was superseded or ended at the hub (then check
+    /// `session_state`); it closes when the cluster is deleted. `None` for a
+    /// cluster not enrolled.
+    pub fn subscribe_cluster(&self, name: &str) -> Option<watch::Receiver<u64>> {
+        self.lock().wakes.get(name).map(watch::Sender::subscribe)
+    }
+
+    /// How many clusters the index has recomputed since start (for tests and
+    /// benchmarks: a change concerns only some clusters).
+    pub fn index_recomputed(&self) -> u64 {
+        self.lock().recomputed
     }
 
     /// Marks that something an operator sees changed (see `observed`).
@@ -737,6 +850,7 @@ impl Fleet {
                 st.sources.insert(name.to_string(), source);
             }
         }
+        st.reindex_bundles();
         st.bump(&self.changed);
         Ok(action)
     }
@@ -753,6 +867,12 @@ impl Fleet {
         }
         for (cluster, bundle) in st.prune_statuses() {
             self.store.delete_status(&cluster, &bundle)?;
+        }
+        let was_loaded = st.loaded();
+        st.reindex_bundles();
+        if st.loaded() && !was_loaded {
+            // The source that was not loaded is gone: every set is complete now.
+            st.wake_all();
         }
         st.bump(&self.changed);
         Ok(true)
@@ -777,6 +897,9 @@ impl Fleet {
         };
         self.store.put_group(&rec)?;
         st.groups.insert(name.to_string(), rec);
+        let groups = st.groups_info();
+        let out = st.index.set_groups(groups);
+        st.indexed(out);
         st.bump(&self.changed);
         Ok(action)
     }
@@ -793,8 +916,8 @@ impl Fleet {
         bundles: Vec<RenderedBundle>,
         now_ms: u64,
     ) -> Result<bool, FleetError> {
-        let _one = self.snapshots.lock().unwrap_or_else(|p| p.into_inner());
-        // Hash and store the contents first, without the state lock.
+        // Hash the contents first, outside any lock (a large bundle takes a
+        // while); then store them, without the state lock.
         let mut fresh: HashMap<String, Arc<Rendered>> = HashMap::new();
         let mut settled = Vec::with_capacity(bundles.len());
         let mut settle = |result: Result<Rendered, RenderError>| match result {
@@ -825,6 +948,7 @@ impl Fleet {
                 b.rollout,
             ));
         }
+        let _one = self.snapshots.lock().unwrap_or_else(|p| p.into_inner());
         for (hash, content) in &fresh {
             self.store.put_content(hash, content)?;
         }
@@ -891,20 +1015,32 @@ impl Fleet {
                 return Ok(false);
             };
             let changed = src.bundles != next.bundles || !src.loaded;
+            let was_unloaded = !src.loaded;
             // Fetch state may have moved meanwhile (set_fetched); the snapshot wins.
             *src = SourceState {
                 spec: src.spec.clone(),
                 ..next
             };
+            let newly_complete = was_unloaded && st.loaded();
             for (hash, content) in fresh {
                 st.contents.entry(hash).or_insert(content);
             }
             // A new revision of a rolling bundle is held back from its first
             // sight: its rollout starts here, durable before any session sees it.
+            // (Sessions woken here look once the lock is released: at the
+            // rollouts too.)
+            if changed {
+                st.reindex_bundles();
+            }
             let rollouts = st.begin_rollouts(now_ms);
             self.write_rollouts(&rollouts)?;
             let dead = st.gc_contents();
             let statuses = st.prune_statuses();
+            st.wake_rollouts(&rollouts);
+            if newly_complete {
+                // The sets held back until every source loaded can go now.
+                st.wake_all();
+            }
             if changed || !rollouts.put.is_empty() || !rollouts.delete.is_empty() {
                 st.bump(&self.changed);
             }
@@ -960,6 +1096,7 @@ impl Fleet {
             return Ok(false);
         }
         self.store.flush()?;
+        let name = record.name.clone();
         st.clusters.insert(
             record.name.clone(),
             ClusterState {
@@ -967,6 +1104,7 @@ impl Fleet {
                 session: None,
             },
         );
+        st.reindex_cluster(&name);
         st.bump(&self.changed);
         Ok(true)
     }
@@ -985,6 +1123,10 @@ impl Fleet {
         // Under the lock: a drift event or status of this cluster is either
         // stored before (and removed here) or refused after.
         self.store.forget_cluster(name)?;
+        let out = st.index.remove_cluster(name);
+        st.indexed(out);
+        // Its session sees the close and ends (the cluster is gone).
+        st.wakes.remove(name);
         st.bump(&self.changed);
         Ok(true)
     }
@@ -1067,6 +1209,7 @@ impl Fleet {
             .ok_or_else(|| FleetError::NotFound(format!("cluster {name}")))?;
         c.record.labels = labels;
         self.store.put_cluster(&c.record)?;
+        st.reindex_cluster(name);
         st.bump(&self.changed);
         let c = &st.clusters[name];
         Ok(st.cluster_view(c, true, &st.assign_inputs()))
@@ -1102,7 +1245,10 @@ impl Fleet {
         c.record.api_versions = profile_api_versions(api_versions);
         c.record.last_seen_ms = Some(now_ms);
         self.store.put_cluster(&c.record)?;
-        // Wakes the superseded session so it ends.
+        // A new profile may change what the cluster gets.
+        st.reindex_cluster(name);
+        // Wakes the superseded session (this cluster's only) so it ends.
+        st.wake([&name.to_string()]);
         st.bump(&self.changed);
         Ok(Ok(id))
     }
@@ -1185,7 +1331,7 @@ impl Fleet {
         let c = st.clusters.get(name)?;
         Some(DesiredSet {
             bundles: assign::sendable(&st.assignments(&c.record), |b| st.held(&c.record, b)),
-            complete: st.sources.values().all(|s| s.loaded),
+            complete: st.loaded(),
         })
     }
 
@@ -1229,16 +1375,12 @@ impl Fleet {
             self.metrics.ready(&status.content_hash, crate::now_ms());
         }
         st.statuses.insert(key, status);
-        st.row_dirty.insert(cluster_name);
-        // Bundles that depend on this one may now be sent (or held back). Only
-        // then: a bump makes every session recompute its desired set.
-        let any_depends = || {
-            st.sources
-                .values()
-                .any(|s| s.bundles.values().any(|b| !b.depends_on.is_empty()))
-        };
+        st.row_dirty.insert(cluster_name.clone());
+        // Bundles that depend on this one may now be sent (or held back): this
+        // cluster's session looks again. Nothing else is recomputed.
+        let any_depends = || st.index.bundles().iter().any(|b| !b.depends_on.is_empty());
         if readiness_changed && any_depends() {
-            st.bump(&self.changed);
+            st.wake([&cluster_name]);
         }
         drop(st);
         self.observe();
@@ -1250,9 +1392,7 @@ impl Fleet {
     /// are unknown: a report is kept rather than lost (it was acknowledged).
     fn assigned(st: &State, cluster: &str, bundle: &str) -> bool {
         let loading = st.sources.values().any(|s| !s.loaded);
-        st.clusters.get(cluster).is_some_and(|c| {
-            loading || st.assignments(&c.record).iter().any(|a| a.bundle == bundle)
-        })
+        st.clusters.contains_key(cluster) && (loading || st.index.is_targeted(cluster, bundle))
     }
 
     /// Drift events refused so far (bundles not assigned to their cluster).
@@ -1421,10 +1561,8 @@ impl Fleet {
         // all there is to compute (names colliding across sources were refused
         // when the inputs were gathered).
         let mut inputs = st.assign_inputs();
-        if let Some(name) = only {
-            if inputs.bundles.iter().all(|b| b.depends_on.is_empty()) {
-                inputs.bundles.retain(|b| b.name == name);
-            }
+        if !inputs.depends {
+            inputs.only = only.map(str::to_string);
         }
         #[allow(clippy::type_complexity)]
         let per_cluster: Vec<(
@@ -1444,7 +1582,7 @@ impl Fleet {
                 (c, assigned, st.cluster_statuses(&c.record.name))
             })
             .collect();
-        for info in st.bundles_info() {
+        for info in st.index.bundles().iter() {
             if only.is_some_and(|n| n != info.name) {
                 continue;
             }
@@ -1669,8 +1807,9 @@ impl Fleet {
     /// overview lists; `cluster_counts` is empty.
     pub fn bundle_heads(&self) -> Vec<BundleView> {
         let st = self.lock();
-        st.bundles_info()
-            .into_iter()
+        st.index
+            .bundles()
+            .iter()
             .map(|info| {
                 let latest = st
                     .sources
@@ -1850,6 +1989,92 @@ mod tests {
             repo: "https://example.invalid/r.git".into(),
             ..Default::default()
         }
+    }
+
+    /// Each session waits on its own cluster's receiver: a commit wakes the
+    /// clusters it targets, a relabel or a connection the one cluster, and a
+    /// deletion closes the deleted cluster's receiver only; the index
+    /// recomputes only the clusters concerned.
+    #[test]
+    fn each_change_wakes_only_the_sessions_it_concerns() {
+        use flotilla_shared::objects::Target;
+        use flotilla_shared::selector::LabelSelector;
+        let dir = tempfile::tempdir().unwrap();
+        let fleet = open(dir.path());
+        let labels = |s: &str| flotilla_shared::labels::parse_labels(s).unwrap();
+        for (name, env) in [("a", "env=prod"), ("b", "env=prod"), ("c", "env=dev")] {
+            enrol(&fleet, name);
+            fleet.set_labels(name, labels(env)).unwrap();
+        }
+        let prod = Target {
+            cluster_selector: Some(LabelSelector {
+                match_labels: labels("env=prod"),
+                ..LabelSelector::default()
+            }),
+            ..Target::default()
+        };
+        let mut apps = spec();
+        apps.targets = vec![prod];
+        fleet.apply_source("apps", apps).unwrap();
+        let mut rx: BTreeMap<&str, watch::Receiver<u64>> = ["a", "b", "c"]
+            .into_iter()
+            .map(|n| (n, fleet.subscribe_cluster(n).unwrap()))
+            .collect();
+        let mut woken = || {
+            rx.iter_mut()
+                .filter_map(|(n, r)| {
+                    let woke = r.has_changed().unwrap_or(true);
+                    r.mark_unchanged();
+                    woke.then_some(*n)
+                })
+                .collect::<Vec<_>>()
+        };
+        let recomputed = fleet.index_recomputed();
+        let web = vec![bundle("web", Ok(rendered("1")))];
+        assert!(fleet.set_snapshot("apps", "c1", web, 1).unwrap());
+        assert_eq!(woken(), ["a", "b"], "a commit for prod clusters");
+        assert_eq!(fleet.index_recomputed() - recomputed, 2);
+        assert_eq!(fleet.desired("c").unwrap().bundles, vec![]);
+
+        let recomputed = fleet.index_recomputed();
+        fleet.set_labels("c", labels("env=prod")).unwrap();
+        assert_eq!(woken(), ["c"], "a relabel");
+        assert_eq!(fleet.index_recomputed() - recomputed, 1);
+        assert_eq!(fleet.desired("c").unwrap().bundles.len(), 1);
+
+        let hello = Hello {
+            agent_version: "t",
+            kubernetes_version: "v1.34.0",
+            api_versions: &[],
+        };
+        fleet.connect("a", "cert-a", &hello, 2).unwrap().unwrap();
+        assert_eq!(
+            woken(),
+            ["a"],
+            "a connection wakes the session it supersedes"
+        );
+        let recomputed = fleet.index_recomputed();
+        fleet.connect("a", "cert-a", &hello, 3).unwrap().unwrap();
+        assert_eq!(woken(), ["a"]);
+        assert_eq!(
+            fleet.index_recomputed(),
+            recomputed,
+            "the same profile again recomputes nothing"
+        );
+
+        // A report: nothing depends on anything, nothing wakes or recomputes.
+        let recomputed = fleet.index_recomputed();
+        let hash = fleet.desired("b").unwrap().bundles[0].1.clone();
+        let mut report = status("b", "web");
+        report.content_hash = hash;
+        assert!(fleet.record_status(report).unwrap());
+        assert_eq!(woken(), Vec::<&str>::new(), "a status report");
+        assert_eq!(fleet.index_recomputed(), recomputed);
+
+        assert!(fleet.delete_cluster("b").unwrap());
+        assert_eq!(woken(), ["b"], "a deletion closes only its receiver");
+        assert!(rx["b"].has_changed().is_err());
+        assert!(fleet.subscribe_cluster("b").is_none());
     }
 
     /// Deleting a cluster removes what is kept of it and nothing of the others;

@@ -768,7 +768,14 @@ impl Session {
     }
 
     async fn serve(&mut self, id: u64, sent: &mut Sent) -> End {
-        let mut changes = self.fleet.subscribe();
+        // This cluster's own wake-up: a change elsewhere in the fleet does not
+        // wake this session.
+        let Some(mut changes) = self.fleet.subscribe_cluster(&self.cluster) else {
+            return End::Error(Status::permission_denied(format!(
+                "cluster {} was deleted at the hub or its certificate revoked",
+                self.cluster
+            )));
+        };
         changes.mark_unchanged();
         if let Err(end) = self.send_desired(sent).await {
             return end;
@@ -796,10 +803,13 @@ impl Session {
                     }
                 },
                 changed = changes.changed() => {
-                    if changed.is_err() {
-                        return End::Error(Status::unavailable("hub shutting down"));
-                    }
+                    let closed = changed.is_err();
                     match self.fleet.session_state(&self.cluster, id, &self.cert_sha256) {
+                        // Closed while still enrolled: another sender replaced
+                        // this cluster's (it was deleted and enrolled again).
+                        SessionState::Current if closed => {
+                            return End::Error(Status::aborted("the cluster was enrolled again"));
+                        }
                         SessionState::Current => {}
                         SessionState::Superseded => {
                             tracing::info!("superseded by a newer session");

@@ -98,7 +98,7 @@ impl BundleInfo {
 }
 
 /// One bundle a cluster must run.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Assignment {
     pub bundle: String,
     /// `None` when the bundle never rendered: nothing can be sent yet.

@@ -17,6 +17,7 @@ pub mod error;
 pub mod fleetyaml;
 pub mod health;
 pub mod identity;
+pub mod index;
 pub mod kustomization;
 pub mod labels;
 pub mod matrix;

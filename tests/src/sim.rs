@@ -111,6 +111,54 @@ pub async fn session(
     .await
 }
 
+/// As [`session`], but redialling whenever the stream fails, with the real
+/// agent's jittered backoff (`flotilla_agent::session::backoff`, reset after a
+/// session that got its desired set), until `stop`: what a fleet does when its
+/// hub restarts. Every desired set acknowledged is an [`Event::Acked`]; a
+/// failed session is an [`Event::Failed`] (and a redial).
+pub async fn session_reconnecting(
+    agent: usize,
+    hub: Uri,
+    tls: Arc<ClientConfig>,
+    events: mpsc::UnboundedSender<Event>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let verdict: Verdict = Arc::new(|_| BundleState::Ready);
+    let mut attempt = 0u32;
+    loop {
+        let mut connected = false;
+        let r = run(
+            agent,
+            &hub,
+            tls.clone(),
+            false,
+            &events,
+            &mut stop,
+            &verdict,
+            &mut connected,
+        )
+        .await;
+        match r {
+            Ok(()) => return,
+            Err(e) => {
+                let _ = events.send(Event::Failed {
+                    agent,
+                    error: format!("{e:#}"),
+                });
+            }
+        }
+        if connected {
+            attempt = 0;
+        }
+        let delay = flotilla_agent::session::backoff(attempt, rand::random::<f64>());
+        attempt = attempt.saturating_add(1);
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = async { let _ = stop.wait_for(|s| *s).await; } => return,
+        }
+    }
+}
+
 /// What a simulated agent reports for a bundle at a revision.
 pub type Verdict = Arc<dyn Fn(&str) -> BundleState + Send + Sync>;
 
@@ -125,7 +173,10 @@ pub async fn session_with(
     mut stop: watch::Receiver<bool>,
     verdict: Verdict,
 ) {
-    let r = run(agent, &hub, tls, gzip, &events, &mut stop, &verdict).await;
+    let r = run(
+        agent, &hub, tls, gzip, &events, &mut stop, &verdict, &mut false,
+    )
+    .await;
     if let Err(e) = r {
         let _ = events.send(Event::Failed {
             agent,
@@ -134,6 +185,7 @@ pub async fn session_with(
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn run(
     agent: usize,
     hub: &Uri,
@@ -142,6 +194,7 @@ async fn run(
     events: &mpsc::UnboundedSender<Event>,
     stop: &mut watch::Receiver<bool>,
     verdict: &Verdict,
+    connected: &mut bool,
 ) -> Result<()> {
     let channel = transport::channel(hub, tls).await?;
     let mut client = FleetClient::new(channel);
@@ -180,6 +233,7 @@ async fn run(
             msg = inbound.message() => match msg {
                 Ok(Some(m)) => {
                     if let Some(HubMsg::Desired(d)) = m.msg.filter(|m| !matches!(m, HubMsg::Desired(d) if !d.complete)) {
+                        *connected = true;
                         send(AgentMsg::Ack(DesiredAck { generation: d.generation })).await?;
                         let revision = d.bundles.first().map(|b| b.revision.clone()).unwrap_or_default();
                         let desired_bytes = prost::Message::encoded_len(&d);

@@ -264,6 +264,16 @@ fn agents_renew_short_lived_certificates_and_keep_working() -> Result<()> {
     })?;
     let third = stored_identity(&state)?;
     assert_ne!(third.1, second.1);
+    // The agent logs its renewal before it dials again with the new
+    // certificate; the old one is refused from the new one's first use.
+    wait_until(
+        "the third certificate in use",
+        Duration::from_secs(20),
+        || {
+            let used = log_count(&hub.proc.log_text(), "renewed certificate in use");
+            Ok((used >= 2).then_some(()))
+        },
+    )?;
     let (_, not_after) = flotilla_agent::enroll::validity(&second.1)?;
     let code = dial_with(&hub, &second)?;
     let now_ms = std::time::SystemTime::now()

@@ -126,8 +126,10 @@ impl State {
         if !any {
             return Vec::new();
         }
-        self.bundles_info()
-            .into_iter()
+        self.index
+            .bundles()
+            .iter()
+            .cloned()
             .filter_map(|info| {
                 let entry = self.sources.get(&info.source)?.bundles.get(&info.name)?;
                 let strategy = entry.rollout.clone()?;
@@ -413,6 +415,7 @@ impl Fleet {
         }
         self.write_rollouts(&w)?;
         if !w.put.is_empty() || !w.delete.is_empty() {
+            st.wake_rollouts(&w);
             st.bump(&self.changed);
         }
         Ok(w.events)
@@ -465,6 +468,7 @@ impl Fleet {
         w.put.push(next.clone());
         st.rollouts.insert(bundle.to_string(), next);
         self.write_rollouts(&w)?;
+        st.wake_holders(bundle);
         st.bump(&self.changed);
         Ok(())
     }
