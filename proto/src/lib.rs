@@ -9,6 +9,8 @@ pub mod v1 {
     tonic::include_proto!("flotilla.v1");
 }
 
+pub mod codec;
+
 use flotilla_shared::bundle::{BundleOptions, Manifest, ObjectRef, Rendered};
 use flotilla_shared::drift::{DriftEvent, DriftMode, DriftPolicy, FieldDiff, IgnoreRule};
 use flotilla_shared::signing::{Endorsement, Envelope};
