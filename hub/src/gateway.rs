@@ -33,10 +33,19 @@ use crate::store::{ClusterRecord, StatusRecord, TokenRefusal};
 
 /// A TLS handshake that takes longer is a stuck or hostile peer.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// TLS handshakes in progress at most: beyond, the accept loop waits (new
-/// connections queue in the kernel's backlog), so a flood of slow or idle
-/// connections costs bounded memory and CPU.
+/// TLS handshakes in progress at most (each costs CPU): connections that have
+/// sent their first bytes wait their turn in the hub, not in the kernel.
 pub const MAX_HANDSHAKES: usize = 256;
+/// Connections accepted and not yet through TLS, at most: beyond, new ones
+/// wait in the kernel's backlog. Each costs a file descriptor and a parked
+/// task, so a burst of a whole fleet reconnecting at once (a hub restart) is
+/// taken off the kernel's accept queue, which would otherwise overflow and
+/// make clients retry their SYNs for seconds; and a flood of idle connections
+/// costs a bounded amount, and never holds a handshake slot (a connection
+/// takes one only once its ClientHello has arrived).
+pub const MAX_PENDING: usize = 16_384;
+/// How long a connection that has spoken may wait for a handshake slot.
+const HANDSHAKE_QUEUE_WAIT: Duration = Duration::from_secs(30);
 /// Large fleets send large Desired sets; 64 MiB leaves headroom over the default 4.
 const MAX_MESSAGE: usize = flotilla_proto::MAX_MESSAGE_BYTES;
 /// Last-seen is persisted at least this often while a session lives.
@@ -247,12 +256,13 @@ pub fn accept_loop(
     mut shutdown: watch::Receiver<bool>,
 ) -> ReceiverStream<Result<TlsConn, std::io::Error>> {
     let (tx, rx) = mpsc::channel(128);
+    let pending = Arc::new(tokio::sync::Semaphore::new(MAX_PENDING));
     let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
     tokio::spawn(async move {
         loop {
             let permit = tokio::select! {
                 _ = async { let _ = shutdown.wait_for(|s| *s).await; } => break,
-                p = handshakes.clone().acquire_owned() => match p {
+                p = pending.clone().acquire_owned() => match p {
                     Ok(p) => p,
                     Err(_) => break,
                 },
@@ -271,9 +281,26 @@ pub fn accept_loop(
                 }
             };
             let _ = tcp.set_nodelay(true);
-            let (tx, acceptor) = (tx.clone(), acceptor.clone());
+            let (tx, acceptor, handshakes) = (tx.clone(), acceptor.clone(), handshakes.clone());
             tokio::spawn(async move {
+                // Silent connections wait here, without a handshake slot,
+                // until their first byte (the ClientHello's) has arrived.
+                let mut first = [0u8; 1];
+                if !matches!(
+                    tokio::time::timeout(HANDSHAKE_TIMEOUT, tcp.peek(&mut first)).await,
+                    Ok(Ok(1))
+                ) {
+                    tracing::debug!(%remote, "the client sent nothing: connection dropped");
+                    return;
+                }
+                let Ok(Ok(slot)) =
+                    tokio::time::timeout(HANDSHAKE_QUEUE_WAIT, handshakes.acquire_owned()).await
+                else {
+                    tracing::debug!(%remote, "no handshake slot in time: connection dropped");
+                    return;
+                };
                 let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await;
+                drop(slot);
                 drop(permit);
                 match handshake {
                     Ok(Ok(io)) => {

@@ -2014,3 +2014,25 @@ async fn list_endpoints_are_paginated() {
         .await;
     assert_eq!(status, 400, "{body}");
 }
+
+/// More silent connections than there are handshake slots (a slowloris, or a
+/// fleet whose TCP connects came before its TLS) hold no slot: an agent that
+/// speaks is served at once, not after the silent ones time out (10 s).
+#[tokio::test]
+async fn silent_connections_do_not_block_agents_that_speak() {
+    let th = start_hub().await;
+    let token = th.token("1h").await;
+    let mut silent = Vec::new();
+    for _ in 0..flotilla_hub::gateway::MAX_HANDSHAKES + 44 {
+        silent.push(tokio::net::TcpStream::connect(th.agent_addr).await.unwrap());
+    }
+    let key = KeyPair::generate().unwrap();
+    let enrolled = tokio::time::timeout(
+        Duration::from_secs(5),
+        enroll(&th, &token, "edge-1", &[], &key),
+    )
+    .await
+    .expect("served before the silent connections time out");
+    enrolled.unwrap();
+    drop(silent);
+}
