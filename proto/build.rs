@@ -6,6 +6,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)
+        // A content's chunks are slices of one encoded buffer, not copies.
+        .bytes(".flotilla.v1.ContentChunk.data")
         .compile_fds(fds)?;
     Ok(())
 }

@@ -105,6 +105,7 @@ fn sample_hub_message() -> Vec<u8> {
             generation: 9,
             complete: true,
             signed: None,
+            chunked: vec![],
             bundles: vec![v1::BundleRef {
                 name: "a".into(),
                 content_hash: "h".into(),
