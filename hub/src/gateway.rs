@@ -1013,9 +1013,8 @@ impl Session {
                     // Known, reported: not encoded again on every fleet change.
                     return Ok(());
                 }
-                let c = flotilla_proto::bundle_content(&hash, &rendered);
-                drop(rendered);
-                let len = prost::Message::encoded_len(&c);
+                // Measured before it is built: a content too large is never copied.
+                let len = flotilla_proto::content_len(&hash, &rendered);
                 if len > flotilla_proto::MAX_INLINE_BYTES {
                     let reason = format!(
                         "the bundle's content is {len} bytes, over the {} bytes one content may \
@@ -1027,7 +1026,7 @@ impl Session {
                     sent.too_large.insert(hash.clone());
                     return self.hold_too_large(sent, &desired, &[hash], reason).await;
                 }
-                contents.push(c);
+                contents.push(flotilla_proto::bundle_content(&hash, &rendered));
             }
         }
         // Generations are the signed sets' seqs: they only grow, across sessions

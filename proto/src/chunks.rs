@@ -283,9 +283,9 @@ impl Assembler {
                         cap: if self.done_bytes == 0 { self.cap } else { room },
                     });
                 }
-                // Grown as data arrives, never reserved on the sender's word
-                // beyond the first chunk.
-                let mut buf = Vec::new();
+                // Reserved once (no copies while it grows), up to 256 MiB on
+                // the sender's word; beyond, it grows as data arrives.
+                let mut buf = Vec::with_capacity(c.total_len.min(256 << 20) as usize);
                 buf.extend_from_slice(&c.data);
                 self.partial = Some(Partial {
                     hash,
@@ -409,6 +409,7 @@ mod tests {
             inline
         );
         assert_eq!(streamed, inline.encode_to_vec(), "byte for byte");
+        assert_eq!(crate::content_len(&hash, &r), streamed.len());
         let mut r = r;
         r.options.drift.mode = flotilla_shared::drift::DriftMode::Report;
         r.options.take_ownership = true;

@@ -223,13 +223,37 @@ pub const MAX_INLINE_BYTES: usize = MAX_MESSAGE_BYTES / 4;
 
 /// Why a bundle's content cannot be sent, if it is over `max` bytes on the wire.
 pub fn oversized(content_hash: &str, rendered: &Rendered, max: usize) -> Option<String> {
-    let len = prost::Message::encoded_len(&bundle_content(content_hash, rendered));
+    let len = content_len(content_hash, rendered);
     (len > max).then(|| {
         format!(
             "the bundle's content is {len} bytes, over the {max} bytes one bundle may take in \
              the hub-agent protocol: split it into several bundles"
         )
     })
+}
+
+/// The encoded length of `bundle_content(content_hash, rendered)`, measured one
+/// manifest at a time: no copy of the whole content is made.
+pub fn content_len(content_hash: &str, rendered: &Rendered) -> usize {
+    let head = bundle_content(
+        content_hash,
+        &Rendered {
+            manifests: Vec::new(),
+            options: rendered.options.clone(),
+        },
+    );
+    let manifests: usize = rendered
+        .manifests
+        .iter()
+        .map(|m| {
+            let wire = v1::Manifest {
+                file: m.file.clone(),
+                json: m.object.to_string(),
+            };
+            prost::encoding::message::encoded_len(2, &wire)
+        })
+        .sum();
+    prost::Message::encoded_len(&head) + manifests
 }
 
 pub fn bundle_content(content_hash: &str, rendered: &Rendered) -> v1::BundleContent {
