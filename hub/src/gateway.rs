@@ -717,8 +717,27 @@ struct Session {
     encodings: Arc<Encodings>,
 }
 
+/// The task feeding a set's chunks, then the set, to the session's stream;
+/// aborted with the session.
+struct Feeder(tokio::task::JoinHandle<()>);
+
+impl Feeder {
+    /// Waits until the chunks and the set are queued (or the stream is gone).
+    async fn finish(mut self) {
+        let _ = (&mut self.0).await;
+    }
+}
+
+impl Drop for Feeder {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// Per-session bookkeeping of what was sent and what the agent holds.
 struct Sent {
+    /// The chunks and set still being queued, if any.
+    feeding: Option<Feeder>,
     /// Content hashes the agent holds, or will once it has read what was sent
     /// (from Hello, then the contents of the last set sent).
     held: HashSet<String>,
@@ -826,6 +845,7 @@ impl Session {
             generation: 0,
             pending: BTreeMap::new(),
             sent_at: BTreeMap::new(),
+            feeding: None,
         };
         self.fleet.metrics.agent_connections.inc();
         let end = self.serve(id, &mut sent).await;
@@ -1097,16 +1117,36 @@ impl Session {
         sent.sent_at
             .insert(sent.generation, tokio::time::Instant::now());
         sent.last = Some(desired);
+        // Sets go out in order: the previous one's chunks and set first.
+        if let Some(previous) = sent.feeding.take() {
+            previous.finish().await;
+        }
+        if chunked.is_empty() {
+            return self.send(v1::hub_message::Msg::Desired(msg)).await;
+        }
         // The chunks first, each content whole and in order: the stream is
         // ordered, so the agent has them when the set that names them arrives.
         // Each chunk is a slice of the one encoded buffer, and the session's
-        // channel bounds how many wait to be written.
-        for (hash, encoded) in chunked {
-            for chunk in flotilla_proto::chunks::split(&hash, encoded) {
-                self.send(v1::hub_message::Msg::ContentChunk(chunk)).await?;
+        // channel bounds how many wait to be written. Fed by a task of their
+        // own, so that the session reads the agent's messages (heartbeats,
+        // statuses) meanwhile: on a slow link the transfer may take minutes.
+        let tx = self.tx.clone();
+        sent.feeding = Some(Feeder(tokio::spawn(
+            async move {
+                let out = |msg| v1::HubMessage { msg: Some(msg) };
+                for (hash, encoded) in chunked {
+                    for chunk in flotilla_proto::chunks::split(&hash, encoded) {
+                        let msg = out(v1::hub_message::Msg::ContentChunk(chunk));
+                        if tx.send(Ok(msg)).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+                let _ = tx.send(Ok(out(v1::hub_message::Msg::Desired(msg)))).await;
             }
-        }
-        self.send(v1::hub_message::Msg::Desired(msg)).await
+            .in_current_span(),
+        )));
+        Ok(())
     }
 
     /// Holds a set a v1 agent cannot take in one message: the session goes on

@@ -2088,12 +2088,46 @@ async fn contents_go_in_chunks_to_agents_that_speak_it() {
             h.features = vec!["some-future-feature".into(), "chunked-contents".into()];
         }
         let channel = th.channel(Some((&cert, &key))).await.unwrap();
-        let (_tx2, rx) = session_request(hello2);
+        let (tx2, rx) = session_request(hello2);
         let mut inbound = FleetClient::new(channel)
             .session(rx)
             .await
             .unwrap()
             .into_inner();
+        if !v1_only {
+            // While the chunks wait for this agent to read them (it reads
+            // nothing yet), the session still reads what the agent sends.
+            let (_, small) = th
+                .call(
+                    reqwest::Method::GET,
+                    "/api/v1/bundles/apps-apps-small",
+                    None,
+                )
+                .await;
+            let hash = small["contentHash"].as_str().unwrap().to_string();
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            tx2.send(v1::AgentMessage {
+                msg: Some(v1::agent_message::Msg::Status(v1::BundleStatus {
+                    bundle: "apps-apps-small".into(),
+                    content_hash: hash,
+                    revision: "c1".into(),
+                    state: v1::BundleState::NotReady as i32,
+                    message: "probe during the transfer".into(),
+                    seq: 1,
+                    observed_at_unix_ms: 1,
+                })),
+            })
+            .await
+            .unwrap();
+            wait_for(&th, "/api/v1/bundles/apps-apps-small", |b| {
+                b["clusters"].as_array().is_some_and(|cs| {
+                    cs.iter().any(|c| {
+                        c["cluster"] == "edge-2" && c["message"] == "probe during the transfer"
+                    })
+                })
+            })
+            .await;
+        }
         if v1_only {
             // As a v1 hub: the big content cannot go inline, so the set is held
             // for this agent too, and no chunk comes.
@@ -2124,6 +2158,8 @@ async fn contents_go_in_chunks_to_agents_that_speak_it() {
                 }
                 v1::hub_message::Msg::Desired(d) if d.bundles.len() == 2 => break d,
                 v1::hub_message::Msg::Desired(_) => {}
+                // The probe's ack may come between chunks.
+                v1::hub_message::Msg::StatusAck(a) => assert_eq!(a.seq, 1),
                 other => panic!("unexpected {other:?}"),
             }
         };
