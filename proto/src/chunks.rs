@@ -151,6 +151,9 @@ impl ChunkError {
     }
 }
 
+/// What a content's first chunk reserves, at most.
+const RESERVE_FIRST: u64 = 16 << 20;
+
 struct Partial {
     hash: String,
     total_len: u64,
@@ -254,6 +257,10 @@ impl Assembler {
                         expected: p.buf.len() as u64,
                     });
                 }
+                if p.buf.len() + c.data.len() > p.buf.capacity() {
+                    p.buf
+                        .reserve_exact((p.total_len - p.buf.len() as u64) as usize);
+                }
                 p.buf.extend_from_slice(&c.data);
             }
             Some(p) => {
@@ -283,9 +290,9 @@ impl Assembler {
                         cap: if self.done_bytes == 0 { self.cap } else { room },
                     });
                 }
-                // Reserved once (no copies while it grows), up to 256 MiB on
-                // the sender's word; beyond, it grows as data arrives.
-                let mut buf = Vec::with_capacity(c.total_len.min(256 << 20) as usize);
+                // Up to 16 MiB reserved on the sender's word; the rest once
+                // that much data has come (one copy at most, not one per doubling).
+                let mut buf = Vec::with_capacity(c.total_len.min(RESERVE_FIRST) as usize);
                 buf.extend_from_slice(&c.data);
                 self.partial = Some(Partial {
                     hash,
