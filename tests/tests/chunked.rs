@@ -232,6 +232,21 @@ fn a_bundle_of_50_mib_reaches_a_cluster_in_chunks() -> Result<()> {
     assert_eq!(connects(&hub, "chunk-v1"), 1, "one session, kept");
     assert!(west.get("namespace", None, ns)?.is_none());
 
+    // Where the time went: when the hub sent the set, the agent took it, and it applied.
+    for l in sent.iter().filter(|l| l.contains("chunked=1")).chain(
+        log.lines()
+            .filter(|l| {
+                l.contains("contents received in chunks")
+                    || l.contains("desired state received")
+                    || l.contains("\"big-big\"")
+                    || l.contains("bundle=big-big")
+            })
+            .map(str::to_string)
+            .collect::<Vec<_>>()
+            .iter(),
+    ) {
+        eprintln!("chunked: {}", l.chars().take(220).collect::<String>());
+    }
     let (hub_rss, agent_rss) = (peak_rss_mib(hub.proc.pid()), peak_rss_mib(agent.proc.pid()));
     eprintln!(
         "chunked: {OBJECTS} ConfigMaps, {yaml} bytes of YAML, content {bytes} bytes in {} \
