@@ -8,6 +8,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build_server(true)
         // 1 KiB stream buffers, not 8 KiB (see `codec`).
         .codec_path("crate::codec::SmallCodec")
+        // A content's chunks are slices of one encoded buffer, not copies.
+        .bytes(".flotilla.v1.ContentChunk.data")
         .compile_fds(fds)?;
     Ok(())
 }

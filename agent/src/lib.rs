@@ -54,6 +54,8 @@ pub struct Config {
     pub oci_registry: Option<String>,
     /// Serves Prometheus' `GET /metrics` on this address.
     pub metrics_listen: Option<std::net::SocketAddr>,
+    /// Advertise no protocol features in Hello (`--protocol-v1-only`, hidden).
+    pub protocol_v1_only: bool,
 }
 
 impl std::fmt::Debug for Config {
@@ -247,6 +249,14 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send) -> R
                     clock.clone(),
                 )),
                 resend_statuses: enrolled,
+                features: if config.protocol_v1_only {
+                    Vec::new()
+                } else {
+                    flotilla_proto::features::ALL
+                        .iter()
+                        .map(|f| f.to_string())
+                        .collect()
+                },
             };
             info!(cluster = %config.cluster_name, hub = ?config.hub, "agent started");
             Some(tokio::spawn(sessions.run(stop_rx)))

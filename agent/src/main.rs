@@ -48,6 +48,10 @@ struct RunArgs {
     /// Serve Prometheus' GET /metrics (plain HTTP) on this address.
     #[arg(long, env = "FLOTILLA_AGENT_METRICS_LISTEN", value_name = "ADDR")]
     metrics_listen: Option<std::net::SocketAddr>,
+    /// Speak protocol v1 only: advertise no features in Hello, so the hub
+    /// sends contents inline, as to a v1 agent (for tests of mixed versions).
+    #[arg(long, hide = true)]
+    protocol_v1_only: bool,
 }
 
 #[derive(Subcommand)]
@@ -194,6 +198,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         state_dir: std::path::absolute(&state_dir).context("--state-dir")?,
         oci_registry: args.oci_registry.filter(|r| !r.trim().is_empty()),
         metrics_listen: args.metrics_listen,
+        protocol_v1_only: args.protocol_v1_only,
     };
     flotilla_agent::run(config, shutdown).await?;
     Ok(())

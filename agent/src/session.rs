@@ -10,7 +10,9 @@ use std::time::Duration;
 use flotilla_proto::v1::agent_message::Msg as AgentMsg;
 use flotilla_proto::v1::fleet_client::FleetClient;
 use flotilla_proto::v1::hub_message::Msg as HubMsg;
-use flotilla_proto::v1::{AgentMessage, BundleStatus, Desired, DesiredAck, Heartbeat, Hello};
+use flotilla_proto::v1::{
+    AgentMessage, BundleStatus, ContentChunk, Desired, DesiredAck, Heartbeat, Hello,
+};
 use prost::Message;
 use rustls::ClientConfig;
 use tokio::sync::{mpsc, watch, Notify};
@@ -113,6 +115,9 @@ pub struct Sessions {
     /// in the store, even those an earlier enrolment acknowledged, so the
     /// latest of every bundle is sent again, until the hub acknowledges them.
     pub resend_statuses: bool,
+    /// The protocol features advertised in Hello (`flotilla_proto::features`;
+    /// none with `--protocol-v1-only`).
+    pub features: Vec<String>,
 }
 
 /// What renewing the agent's certificate needs.
@@ -309,6 +314,7 @@ impl Sessions {
                 held_hashes,
                 api_versions,
                 registry: self.registry.is_some(),
+                features: self.features.clone(),
             }),
         )
         .await?;
@@ -338,6 +344,8 @@ impl Sessions {
             tokio::time::interval_at(tokio::time::Instant::now() + HEARTBEAT, HEARTBEAT);
         let renewal = tokio::time::sleep(self.renewal_due());
         tokio::pin!(renewal);
+        // Chunked contents of the next set ("chunked-contents"), bounded.
+        let mut chunks = flotilla_proto::chunks::Assembler::default();
         loop {
             tokio::select! {
                 _ = &mut renewal => {
@@ -348,7 +356,12 @@ impl Sessions {
                 }
                 msg = inbound.message() => match msg {
                     Ok(Some(m)) => match m.msg {
-                        Some(HubMsg::Desired(d)) => self.on_desired(&tx, &d).await?,
+                        Some(HubMsg::Desired(mut d)) => {
+                            if take_chunked(&mut chunks, &mut d) {
+                                self.on_desired(&tx, d).await?;
+                            }
+                        }
+                        Some(HubMsg::ContentChunk(c)) => on_chunk(&mut chunks, c),
                         Some(HubMsg::StatusAck(a)) => {
                             self.writer.ack(a.seq).await?;
                             if resent_upto.is_some_and(|upto| a.seq >= upto) {
@@ -375,7 +388,7 @@ impl Sessions {
         }
     }
 
-    async fn on_desired(&self, tx: &mpsc::Sender<AgentMessage>, d: &Desired) -> Result<()> {
+    async fn on_desired(&self, tx: &mpsc::Sender<AgentMessage>, mut d: Desired) -> Result<()> {
         if !d.complete {
             // Pruning by an incomplete set would remove what Git still has:
             // keep the stored set, and do not acknowledge this one.
@@ -386,7 +399,8 @@ impl Sessions {
             );
             return Ok(());
         }
-        let contents = match self.fetch_contents(d).await {
+        // Moved out of the set, not copied: a content may be tens of MiB.
+        let contents = match self.fetch_contents(&mut d).await {
             Ok(c) => c,
             Err(e) => {
                 // Not acknowledged: the hub times the set out, and it comes again.
@@ -401,7 +415,7 @@ impl Sessions {
                 d.signed.as_ref(),
                 &contents,
                 crate::trust::Via::Network,
-                Some(d),
+                Some(&d),
             )
             .await;
         let taken = match taken {
@@ -440,8 +454,11 @@ impl Sessions {
 
     /// The set's contents: those it brought, and those the hub left in the
     /// registry that the store does not hold, fetched by digest.
-    async fn fetch_contents(&self, d: &Desired) -> Result<Vec<flotilla_proto::v1::BundleContent>> {
-        let mut contents = d.contents.clone();
+    async fn fetch_contents(
+        &self,
+        d: &mut Desired,
+    ) -> Result<Vec<flotilla_proto::v1::BundleContent>> {
+        let mut contents = std::mem::take(&mut d.contents);
         let Some(registry) = &self.registry else {
             return Ok(contents);
         };
@@ -490,6 +507,52 @@ impl Sessions {
             *sent_upto = (*sent_upto).max(s.seq);
         }
         Ok(())
+    }
+}
+
+/// Takes a chunk of a content; one refused is logged here, and refuses the set
+/// that names it when it comes ([`take_chunked`]).
+fn on_chunk(chunks: &mut flotilla_proto::chunks::Assembler, c: ContentChunk) {
+    let (hash, offset, len) = (c.content_hash.clone(), c.offset, c.data.len());
+    // The last chunk of a content decodes and hashes all of it (tens of MiB):
+    // other tasks move to another worker meanwhile.
+    let multi_thread = tokio::runtime::Handle::try_current()
+        .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+    let taken = if multi_thread {
+        tokio::task::block_in_place(|| chunks.chunk(c))
+    } else {
+        chunks.chunk(c)
+    };
+    match taken {
+        Ok(Some(hash)) => tracing::debug!(%hash, "chunked content received whole"),
+        Ok(None) => tracing::trace!(%hash, offset, len, "content chunk"),
+        Err(e) => warn!(error = %e, "refusing a content chunk: the desired set that names it \
+            will be refused"),
+    }
+}
+
+/// Moves the contents that came in chunks for `d` into it, as if they had come
+/// inline (each is checked against the signed digest like those). False, with
+/// the reason logged, when one of them did not arrive whole and sound: the set
+/// is then refused, stored nowhere and not acknowledged (the hub times it out
+/// and the session is dialled again), and the cluster keeps what it runs.
+pub fn take_chunked(chunks: &mut flotilla_proto::chunks::Assembler, d: &mut Desired) -> bool {
+    match chunks.finish(&d.chunked) {
+        Ok(contents) => {
+            if !contents.is_empty() {
+                info!(
+                    generation = d.generation,
+                    chunked = contents.len(),
+                    "contents received in chunks"
+                );
+            }
+            d.contents.extend(contents);
+            true
+        }
+        Err(e) => {
+            warn!(generation = d.generation, error = %e, "refusing a desired set: a content it names did not arrive whole");
+            false
+        }
     }
 }
 
@@ -572,6 +635,7 @@ mod tests {
             generation: 4,
             complete: true,
             signed: None,
+            chunked: vec![],
             bundles: vec![BundleRef {
                 name: "a".into(),
                 content_hash: "h".into(),

@@ -142,9 +142,14 @@ impl Trust {
                     return Err(Error::Config("no desired set".into()));
                 };
                 // A hub that does not sign, and an agent that never pinned a key.
-                let (set, contents) = crate::session::desired_set(d);
+                // The contents are those passed (the set's, moved out of it).
+                let (set, _) = crate::session::desired_set(d);
+                let encoded = contents
+                    .iter()
+                    .map(|c| (c.content_hash.clone(), c.encode_to_vec()))
+                    .collect();
                 return self
-                    .store(writer, set, contents, d.contents.len(), false, None)
+                    .store(writer, set, encoded, contents.len(), false, None)
                     .await;
             }
         };

@@ -17,6 +17,7 @@ use flotilla_proto::v1::hub_message::Msg as HubMsg;
 use flotilla_proto::v1::{AgentMessage, BundleContent, BundleRef, Desired, HubMessage, StatusAck};
 use flotilla_shared::state::BundleState;
 use futures::Stream;
+use prost::Message;
 use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::PrivateKeyDer;
@@ -62,7 +63,7 @@ impl AsyncWrite for Tls {
 struct FakeHub {
     events: mpsc::UnboundedSender<AgentMessage>,
     /// Sent in order after Hello.
-    desired: Vec<Desired>,
+    messages: Vec<HubMsg>,
 }
 
 type HubStream = Pin<Box<dyn Stream<Item = Result<HubMessage, Status>> + Send>>;
@@ -78,13 +79,11 @@ impl Fleet for FakeHub {
         let mut inbound = req.into_inner();
         let (tx, rx) = mpsc::channel(16);
         let events = self.events.clone();
-        let desired = self.desired.clone();
+        let messages = self.messages.clone();
         tokio::spawn(async move {
             while let Ok(Some(m)) = inbound.message().await {
                 let replies = match &m.msg {
-                    Some(AgentMsg::Hello(_)) => {
-                        desired.iter().cloned().map(HubMsg::Desired).collect()
-                    }
+                    Some(AgentMsg::Hello(_)) => messages.clone(),
                     Some(AgentMsg::Status(s)) => vec![HubMsg::StatusAck(StatusAck { seq: s.seq })],
                     _ => vec![],
                 };
@@ -201,13 +200,18 @@ struct Run {
 }
 
 async fn run_against(desired: Vec<Desired>) -> Run {
+    run_against_messages(desired.into_iter().map(HubMsg::Desired).collect()).await
+}
+
+/// An agent that speaks every feature, against a hub that sends `messages`.
+async fn run_against_messages(messages: Vec<HubMsg>) -> Run {
     let pki = pki();
     let (events_tx, events) = mpsc::unbounded_channel();
     let (port, stop_hub) = serve(
         &pki,
         FakeHub {
             events: events_tx,
-            desired,
+            messages,
         },
     )
     .await;
@@ -230,6 +234,10 @@ async fn run_against(desired: Vec<Desired>) -> Run {
         statuses: status_rx,
         renewal: None,
         resend_statuses: false,
+        features: flotilla_proto::features::ALL
+            .iter()
+            .map(|f| f.to_string())
+            .collect(),
     };
     let (shut, shut_rx) = watch::channel(false);
     let agent = tokio::spawn(sessions.run(shut_rx));
@@ -267,6 +275,7 @@ async fn session_stores_before_ack_and_sends_statuses() {
         generation: 7,
         complete: true,
         signed: None,
+        chunked: vec![],
         bundles: vec![BundleRef {
             name: "web".into(),
             content_hash: "h1".into(),
@@ -343,6 +352,7 @@ async fn an_incomplete_desired_set_is_refused() {
         generation: 7,
         complete: false,
         signed: None,
+        chunked: vec![],
         bundles: vec![],
         contents: vec![],
     };
@@ -350,6 +360,7 @@ async fn an_incomplete_desired_set_is_refused() {
         generation: 8,
         complete: true,
         signed: None,
+        chunked: vec![],
         bundles: vec![bundle("h1")],
         contents: vec![content],
     };
@@ -391,6 +402,7 @@ async fn a_desired_set_over_four_mib_is_read() {
         generation: 3,
         complete: true,
         signed: None,
+        chunked: vec![],
         bundles: vec![BundleRef {
             name: "big".into(),
             content_hash: "big".into(),
@@ -408,5 +420,105 @@ async fn a_desired_set_over_four_mib_is_read() {
     };
     assert_eq!(ack.generation, 3);
     assert_eq!(run.store.held_hashes().unwrap(), ["big"]);
+    run.stop().await;
+}
+
+/// Chunked contents that do not arrive whole and sound refuse the set that
+/// names them (neither stored nor acknowledged, the session goes on), and a
+/// sound one after them is taken: a wrong hash, a gap, a total over the cap, a
+/// set naming a content never sent whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unsound_chunked_contents_refuse_their_set() {
+    use flotilla_proto::chunks::{encode_content, split, MAX_CONTENT_BYTES};
+    use flotilla_proto::v1::ContentChunk;
+    use flotilla_shared::bundle::{Manifest, Rendered};
+    let rendered = |name: &str| Rendered {
+        manifests: (0..3)
+            .map(|i| Manifest {
+                file: format!("cm-{i}.yaml"),
+                object: serde_json::json!({
+                    "apiVersion": "v1", "kind": "ConfigMap",
+                    "metadata": {"name": format!("{name}-{i}")},
+                    "data": {"blob": "y".repeat(700_000)}
+                }),
+            })
+            .collect(),
+        options: Default::default(),
+    };
+    let chunks = |hash: &str, r: &Rendered| -> Vec<HubMsg> {
+        split(hash, encode_content(hash, r).into())
+            .map(HubMsg::ContentChunk)
+            .collect()
+    };
+    let set = |generation: u64, hash: &str| {
+        HubMsg::Desired(Desired {
+            generation,
+            complete: true,
+            chunked: vec![hash.to_string()],
+            bundles: vec![BundleRef {
+                name: "web".into(),
+                content_hash: hash.into(),
+                revision: format!("c{generation}"),
+                blob_digest: String::new(),
+            }],
+            ..Default::default()
+        })
+    };
+    let mut messages = Vec::new();
+    // Named for a content it is not.
+    let (a, b) = (rendered("a"), rendered("b"));
+    let named_a = a.content_hash();
+    messages.extend(chunks(&named_a, &b));
+    messages.push(set(5, &named_a));
+    // A gap: the second chunk left out.
+    let c = rendered("c");
+    let hc = c.content_hash();
+    let mut cs = chunks(&hc, &c);
+    assert!(cs.len() >= 3);
+    cs.remove(1);
+    messages.extend(cs);
+    messages.push(set(6, &hc));
+    // A total over the cap.
+    let hd = "d".repeat(64);
+    messages.push(HubMsg::ContentChunk(ContentChunk {
+        content_hash: hd.clone(),
+        offset: 0,
+        total_len: MAX_CONTENT_BYTES + 1,
+        data: vec![0u8; 1024].into(),
+    }));
+    messages.push(set(7, &hd));
+    // Never sent whole: the last chunk missing.
+    let e = rendered("e");
+    let he = e.content_hash();
+    let mut es = chunks(&he, &e);
+    es.pop();
+    messages.extend(es);
+    messages.push(set(8, &he));
+    // Sound.
+    let f = rendered("f");
+    let hf = f.content_hash();
+    messages.extend(chunks(&hf, &f));
+    messages.push(set(9, &hf));
+
+    let mut run = run_against_messages(messages).await;
+    let AgentMsg::Hello(hello) = next(&mut run.events).await else {
+        panic!("Hello first")
+    };
+    assert_eq!(hello.features, [flotilla_proto::features::CHUNKED_CONTENTS]);
+    // The stream is ordered: had the agent taken any earlier set, its ack would come first.
+    let AgentMsg::Ack(ack) = next(&mut run.events).await else {
+        panic!("an ack")
+    };
+    assert_eq!(ack.generation, 9, "an unsound set was acknowledged");
+    let stored = run
+        .store
+        .desired()
+        .unwrap()
+        .expect("the sound set is stored");
+    assert_eq!(stored.generation, 9);
+    assert_eq!(run.store.held_hashes().unwrap(), std::slice::from_ref(&hf));
+    let held = run.store.content(&hf).unwrap().expect("its content");
+    let held = BundleContent::decode(held.as_slice()).unwrap();
+    assert_eq!(flotilla_proto::content_digest(&held).unwrap(), hf);
     run.stop().await;
 }

@@ -337,6 +337,10 @@ pub struct Settings {
     /// A session whose agent sends nothing (not even a heartbeat) this long is
     /// ended: the cluster shows offline, as a rollout must know (`--agent-silence`).
     pub agent_silence: Duration,
+    /// Act on the features agents advertise in Hello (protocol v2). Off
+    /// (`--protocol-v1-only`), the hub sends every agent what a v1 hub sends it:
+    /// contents inline in Desired.
+    pub features: bool,
 }
 
 /// The default of [`Settings::agent_silence`]: two and a half heartbeats.
@@ -388,6 +392,7 @@ pub async fn serve(
         registry,
         settings,
         shutdown: shutdown.clone(),
+        encodings: Arc::default(),
     };
     let mut stop = shutdown;
     tonic::transport::Server::builder()
@@ -596,6 +601,56 @@ pub struct FleetService {
     registry: Option<Arc<crate::oci::Registry>>,
     settings: Settings,
     shutdown: watch::Receiver<bool>,
+    encodings: Arc<Encodings>,
+}
+
+/// Contents encoded for sending in chunks, shared by the sessions sending them:
+/// a content taken by many agents at once is encoded once, and freed when the
+/// last chunk of it has gone out (only weak references are kept here).
+#[derive(Default)]
+struct Encodings {
+    live: std::sync::Mutex<HashMap<String, std::sync::Weak<Vec<u8>>>>,
+}
+
+/// Lends an encoded content to `Bytes`: its chunks are slices of it.
+struct Lent(Arc<Vec<u8>>);
+
+impl AsRef<[u8]> for Lent {
+    fn as_ref(&self) -> &[u8] {
+        self.0.as_slice()
+    }
+}
+
+impl Encodings {
+    /// The encoded content `hash` (the bytes of its `BundleContent`).
+    async fn get(
+        &self,
+        hash: &str,
+        rendered: Arc<flotilla_shared::bundle::Rendered>,
+    ) -> Result<prost::bytes::Bytes, tokio::task::JoinError> {
+        let live = {
+            let map = self.live.lock().unwrap_or_else(|p| p.into_inner());
+            map.get(hash).and_then(std::sync::Weak::upgrade)
+        };
+        let encoded = match live {
+            Some(e) => e,
+            None => {
+                let h = hash.to_string();
+                // Tens of MiB of JSON: off the async threads.
+                let e = Arc::new(
+                    tokio::task::spawn_blocking(move || {
+                        flotilla_proto::chunks::encode_content(&h, &rendered)
+                    })
+                    .await?,
+                );
+                let mut map = self.live.lock().unwrap_or_else(|p| p.into_inner());
+                map.retain(|_, w| w.strong_count() > 0);
+                map.insert(hash.to_string(), Arc::downgrade(&e));
+                e
+            }
+        };
+        Ok(prost::bytes::Bytes::from_owner(Lent(encoded)))
+    }
 }
 
 #[tonic::async_trait]
@@ -625,6 +680,8 @@ impl FleetRpc for FleetService {
             tx,
             shutdown: self.shutdown.clone(),
             silence: self.settings.agent_silence,
+            features: self.settings.features,
+            encodings: self.encodings.clone(),
         };
         let span = tracing::info_span!("session", cluster = %cluster);
         tokio::spawn(session.run().instrument(span));
@@ -682,10 +739,32 @@ struct Session {
     shutdown: watch::Receiver<bool>,
     /// See [`Settings::agent_silence`].
     silence: Duration,
+    /// See [`Settings::features`].
+    features: bool,
+    encodings: Arc<Encodings>,
+}
+
+/// The task feeding a set's chunks, then the set, to the session's stream;
+/// aborted with the session.
+struct Feeder(tokio::task::JoinHandle<()>);
+
+impl Feeder {
+    /// Waits until the chunks and the set are queued (or the stream is gone).
+    async fn finish(mut self) {
+        let _ = (&mut self.0).await;
+    }
+}
+
+impl Drop for Feeder {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// Per-session bookkeeping of what was sent and what the agent holds.
 struct Sent {
+    /// The chunks and set still being queued, if any.
+    feeding: Option<Feeder>,
     /// Content hashes the agent holds, or will once it has read what was sent
     /// (from Hello, then the contents of the last set sent).
     held: HashSet<String>,
@@ -695,6 +774,13 @@ struct Sent {
     key_id: String,
     /// The agent fetches contents from its OCI registry (Hello).
     registry: bool,
+    /// The agent takes contents in chunks (Hello's "chunked-contents", acted on
+    /// unless the hub runs `--protocol-v1-only`).
+    chunked: bool,
+    /// Contents too large to go inline to this v1 agent (each alone).
+    too_large: HashSet<String>,
+    /// Contents of held sets whose bundles' status says why, since the last set sent.
+    reported: HashSet<String>,
     generation: u64,
     /// Sent, not yet acknowledged, by generation.
     pending: BTreeMap<u64, DesiredSet>,
@@ -739,6 +825,14 @@ impl Session {
         caps::cut(&mut hello.kubernetes_version, caps::SHORT);
         caps::cap_list(&mut hello.api_versions, caps::API_VERSIONS, caps::SHORT);
         caps::cap_list(&mut hello.held_hashes, caps::HELD_HASHES, caps::SHORT);
+        caps::cap_list(&mut hello.features, caps::API_VERSIONS, caps::SHORT);
+        // Feature negotiation: the hub acts on the features it knows, ignores
+        // the rest, and answers with what it sends (see flotilla.proto, Hello).
+        let chunked = self.features
+            && hello
+                .features
+                .iter()
+                .any(|f| f == flotilla_proto::features::CHUNKED_CONTENTS);
         let said = crate::fleet::Hello {
             agent_version: &hello.agent_version,
             kubernetes_version: &hello.kubernetes_version,
@@ -763,6 +857,8 @@ impl Session {
             kubernetes_version = %hello.kubernetes_version,
             api_versions = hello.api_versions.len(),
             held = hello.held_hashes.len(),
+            features = ?hello.features,
+            chunked_contents = chunked,
             "agent connected"
         );
         let mut sent = Sent {
@@ -770,9 +866,13 @@ impl Session {
             last: None,
             key_id: String::new(),
             registry: hello.registry,
+            chunked,
+            too_large: HashSet::new(),
+            reported: HashSet::new(),
             generation: 0,
             pending: BTreeMap::new(),
             sent_at: BTreeMap::new(),
+            feeding: None,
         };
         self.fleet.metrics.agent_connections.inc();
         let end = self.serve(id, &mut sent).await;
@@ -904,10 +1004,10 @@ impl Session {
             tracing::debug!("holding the desired set until every source is loaded");
             return Ok(());
         }
-        let mut contents = Vec::new();
         // What the agent holds once it has stored this set: it keeps exactly the
         // contents the set refers to (dropping the rest), and the stream is ordered.
         let mut will_hold = HashSet::new();
+        let mut needed = Vec::new();
         for (bundle, hash, _) in &desired.bundles {
             if will_hold.contains(hash) {
                 continue;
@@ -918,7 +1018,7 @@ impl Session {
             }
             match self.fleet.content(hash) {
                 Some(rendered) => {
-                    contents.push(flotilla_proto::bundle_content(hash, &rendered));
+                    needed.push((hash.clone(), rendered));
                     will_hold.insert(hash.clone());
                 }
                 None => {
@@ -928,6 +1028,64 @@ impl Session {
                 }
             }
         }
+        // How each content travels: by the agent's OCI registry (pushed there
+        // once per hub; one that fails is bypassed), else in chunks to an agent
+        // that speaks "chunked-contents", else inline in the Desired (v1).
+        let mut blobs: HashMap<String, String> = HashMap::new();
+        let mut rest = Vec::new();
+        if let (Some(registry), true) = (&self.registry, sent.registry) {
+            for (hash, rendered) in needed {
+                let encoded = self
+                    .encodings
+                    .get(&hash, rendered.clone())
+                    .await
+                    .map_err(|e| End::Error(internal(e)))?;
+                match registry.ensure(&encoded).await {
+                    Ok(digest) => {
+                        blobs.insert(hash, digest);
+                    }
+                    Err(error) => {
+                        tracing::warn!(%error, "cannot push a content to the registry: sending it to the agent");
+                        rest.push((hash, rendered));
+                    }
+                }
+            }
+        } else {
+            rest = needed;
+        }
+        let mut chunked = Vec::new();
+        let mut contents = Vec::new();
+        if sent.chunked {
+            for (hash, rendered) in rest {
+                let encoded = self
+                    .encodings
+                    .get(&hash, rendered)
+                    .await
+                    .map_err(|e| End::Error(internal(e)))?;
+                chunked.push((hash, encoded));
+            }
+        } else {
+            for (hash, rendered) in rest {
+                if sent.too_large.contains(&hash) {
+                    // Known, reported: not encoded again on every fleet change.
+                    return Ok(());
+                }
+                // Measured before it is built: a content too large is never copied.
+                let len = flotilla_proto::content_len(&hash, &rendered);
+                if len > flotilla_proto::MAX_INLINE_BYTES {
+                    let reason = format!(
+                        "the bundle's content is {len} bytes, over the {} bytes one content may \
+                         take inline in a desired set, and the agent does not speak \
+                         \"{}\" (protocol v2): upgrade the agent, or split the bundle",
+                        flotilla_proto::MAX_INLINE_BYTES,
+                        flotilla_proto::features::CHUNKED_CONTENTS,
+                    );
+                    sent.too_large.insert(hash.clone());
+                    return self.hold_too_large(sent, &desired, &[hash], reason).await;
+                }
+                contents.push(flotilla_proto::bundle_content(&hash, &rendered));
+            }
+        }
         // Generations are the signed sets' seqs: they only grow, across sessions
         // and hub restarts too, and the agent refuses one older than it holds.
         let (seq, envelope) = self
@@ -935,29 +1093,8 @@ impl Session {
             .signer
             .sign_desired(&self.cluster, &desired.bundles, None, crate::now_ms())
             .map_err(|e| End::Error(internal(e)))?;
-        sent.generation = seq;
-        sent.key_id = envelope.key_id.clone();
-        sent.held = will_hold;
-        // An agent with a registry fetches the contents from it: pushed there
-        // (once per hub), the set goes alone. A registry that fails is bypassed.
-        let mut blobs: HashMap<String, String> = HashMap::new();
-        if let (Some(registry), true) = (&self.registry, sent.registry) {
-            let mut inline = Vec::new();
-            for c in contents.drain(..) {
-                match registry.ensure(&prost::Message::encode_to_vec(&c)).await {
-                    Ok(digest) => {
-                        blobs.insert(c.content_hash.clone(), digest);
-                    }
-                    Err(error) => {
-                        tracing::warn!(%error, "cannot push a content to the registry: sending it inline");
-                        inline.push(c);
-                    }
-                }
-            }
-            contents = inline;
-        }
         let msg = v1::Desired {
-            generation: sent.generation,
+            generation: seq,
             bundles: desired
                 .bundles
                 .iter()
@@ -971,11 +1108,35 @@ impl Session {
             contents,
             complete: true,
             signed: Some((&envelope).into()),
+            chunked: chunked.iter().map(|(h, _)| h.clone()).collect(),
         };
+        let len = prost::Message::encoded_len(&msg);
+        if len > MAX_MESSAGE {
+            // Only inline contents make a set this large; tonic would refuse to
+            // send it and the session would break on every reconnect.
+            let hashes: Vec<String> = msg
+                .contents
+                .iter()
+                .map(|c| c.content_hash.clone())
+                .collect();
+            let reason = format!(
+                "the desired set with its contents is {len} bytes, over the {MAX_MESSAGE} bytes \
+                 of one message, and the agent does not speak \"{}\" (protocol v2): upgrade \
+                 the agent, or split the bundles",
+                flotilla_proto::features::CHUNKED_CONTENTS,
+            );
+            return self.hold_too_large(sent, &desired, &hashes, reason).await;
+        }
+        sent.generation = seq;
+        sent.key_id = envelope.key_id.clone();
+        sent.held = will_hold;
+        sent.reported.clear();
         tracing::info!(
             generation = sent.generation,
             bundles = msg.bundles.len(),
             contents = msg.contents.len(),
+            chunked = msg.chunked.len(),
+            chunked_bytes = chunked.iter().map(|(_, b)| b.len()).sum::<usize>(),
             from_registry = blobs.len(),
             "sending desired set"
         );
@@ -993,7 +1154,82 @@ impl Session {
         sent.sent_at
             .insert(sent.generation, tokio::time::Instant::now());
         sent.last = Some(desired);
-        self.send(v1::hub_message::Msg::Desired(msg)).await
+        // Sets go out in order: the previous one's chunks and set first.
+        if let Some(previous) = sent.feeding.take() {
+            previous.finish().await;
+        }
+        if chunked.is_empty() {
+            return self.send(v1::hub_message::Msg::Desired(msg)).await;
+        }
+        // The chunks first, each content whole and in order: the stream is
+        // ordered, so the agent has them when the set that names them arrives.
+        // Each chunk is a slice of the one encoded buffer, and the session's
+        // channel bounds how many wait to be written. Fed by a task of their
+        // own, so that the session reads the agent's messages (heartbeats,
+        // statuses) meanwhile: on a slow link the transfer may take minutes.
+        let tx = self.tx.clone();
+        sent.feeding = Some(Feeder(tokio::spawn(
+            async move {
+                let out = |msg| v1::HubMessage { msg: Some(msg) };
+                for (hash, encoded) in chunked {
+                    for chunk in flotilla_proto::chunks::split(&hash, encoded) {
+                        let msg = out(v1::hub_message::Msg::ContentChunk(chunk));
+                        if tx.send(Ok(msg)).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+                let _ = tx.send(Ok(out(v1::hub_message::Msg::Desired(msg)))).await;
+            }
+            .in_current_span(),
+        )));
+        Ok(())
+    }
+
+    /// Holds a set a v1 agent cannot take in one message: the session goes on
+    /// (a set sent anyway would break it, on every reconnect), the reason is
+    /// logged and, once per content, recorded as the status of its bundles.
+    async fn hold_too_large(
+        &self,
+        sent: &mut Sent,
+        desired: &DesiredSet,
+        hashes: &[String],
+        reason: String,
+    ) -> Result<(), End> {
+        let fresh: Vec<&String> = hashes
+            .iter()
+            .filter(|h| !sent.reported.contains(*h))
+            .collect();
+        if fresh.is_empty() {
+            return Ok(());
+        }
+        tracing::warn!(%reason, "holding the desired set: too large for a v1 agent");
+        let records: Vec<StatusRecord> = desired
+            .bundles
+            .iter()
+            .filter(|(_, h, _)| fresh.contains(&h))
+            .map(|(bundle, hash, revision)| StatusRecord {
+                cluster: self.cluster.clone(),
+                bundle: bundle.clone(),
+                content_hash: hash.clone(),
+                revision: revision.clone(),
+                state: flotilla_shared::state::BundleState::ErrApplied,
+                message: reason.clone(),
+                observed_at_ms: crate::now_ms() as i64,
+            })
+            .collect();
+        sent.reported.extend(fresh.into_iter().cloned());
+        let fleet = self.fleet.clone();
+        tokio::task::spawn_blocking(move || {
+            for r in records {
+                fleet.record_status(r)?;
+            }
+            fleet.store().flush()?;
+            Ok::<_, crate::fleet::FleetError>(())
+        })
+        .await
+        .map_err(|e| End::Error(internal(e)))?
+        .map_err(|e| End::Error(internal(e)))
     }
 
     async fn handle(&self, m: v1::AgentMessage, sent: &mut Sent) -> Result<(), End> {

@@ -95,6 +95,10 @@ pub struct Config {
     pub oci_registry: Option<String>,
     /// Export one metric series per bundle × cluster (opt-in; see `metrics`).
     pub metrics_bundle_cluster_series: bool,
+    /// Speak protocol v1 only: ignore the features agents advertise (see
+    /// [`gateway::Settings::features`]; `--protocol-v1-only`, hidden, for tests
+    /// of mixed versions).
+    pub protocol_v1_only: bool,
 }
 
 /// An operator's certificate for the HTTP listeners.
@@ -133,6 +137,7 @@ impl Config {
             agent_silence: gateway::DEFAULT_AGENT_SILENCE,
             oci_registry: None,
             metrics_bundle_cluster_series: false,
+            protocol_v1_only: false,
         }
     }
 }
@@ -160,6 +165,8 @@ pub struct Hub {
     pub agent_silence: Duration,
     /// See [`Config::oci_registry`].
     pub registry: Option<Arc<oci::Registry>>,
+    /// See [`Config::protocol_v1_only`].
+    pub protocol_v1_only: bool,
     /// The web UI's sessions.
     pub ui: Arc<ui::Ui>,
     /// Notifications: specs, decisions, the outbox's delivery.
@@ -233,6 +240,7 @@ impl Hub {
             agent_cert_ttl: config.agent_cert_ttl,
             enroll_limit: config.enroll_limit,
             agent_silence: config.agent_silence,
+            protocol_v1_only: config.protocol_v1_only,
             registry: config
                 .oci_registry
                 .as_deref()
@@ -350,6 +358,7 @@ impl Hub {
                 agent_cert_ttl: self.agent_cert_ttl,
                 enroll_limit: self.enroll_limit,
                 agent_silence: self.agent_silence,
+                features: !self.protocol_v1_only,
             },
             self.registry.clone(),
             stop_rx.clone(),

@@ -111,6 +111,11 @@ struct Args {
     /// only the signed set. The registry holds rendered manifests: keep it private.
     #[arg(long, env = "FLOTILLA_OCI_REGISTRY")]
     oci_registry: Option<String>,
+    /// Speak protocol v1 only: ignore the features agents advertise and send
+    /// every agent its contents inline, as a v1 hub does (for tests of mixed
+    /// versions).
+    #[arg(long, hide = true)]
+    protocol_v1_only: bool,
     /// Drift events the hub keeps, all clusters together; the oldest go first.
     #[arg(long, env = "FLOTILLA_DRIFT_HISTORY", default_value_t = flotilla_hub::store::MAX_DRIFT_EVENTS)]
     drift_history: usize,
@@ -243,6 +248,7 @@ async fn hub_main() -> anyhow::Result<()> {
         agent_silence: args.agent_silence,
         oci_registry: args.oci_registry.filter(|r| !r.trim().is_empty()),
         metrics_bundle_cluster_series: args.metrics_bundle_cluster_series,
+        protocol_v1_only: args.protocol_v1_only,
         drift_caps: flotilla_hub::store::DriftCaps {
             total: args.drift_history,
             per_cluster: args.drift_history_per_cluster,

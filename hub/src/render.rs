@@ -29,8 +29,10 @@ pub async fn render_bundle(
         .and_then(|r| sendable(r, flotilla_proto::MAX_BUNDLE_BYTES))
 }
 
-/// A rendered content the protocol can carry, or the bundle's error saying why
-/// not: an oversized bundle is refused here, never a broken session later.
+/// A rendered content the protocol can carry (to an agent that takes chunks, up
+/// to its cap: `flotilla_proto::MAX_BUNDLE_BYTES`), or the bundle's error saying
+/// why not. What a v1 agent cannot take inline is held per session instead
+/// (`gateway`), for the agents that can take it.
 pub fn sendable(rendered: Rendered, max_bytes: usize) -> Result<Rendered, RenderError> {
     // Sized with a stand-in of the hash's length: the fleet hashes it later, once.
     const HASH_SIZED: &str = "0000000000000000000000000000000000000000000000000000000000000000";

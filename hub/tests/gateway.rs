@@ -459,6 +459,7 @@ fn hello(held: Vec<String>) -> v1::AgentMessage {
             held_hashes: held,
             api_versions: vec!["apps/v1".into(), "apps/v1/Deployment".into()],
             registry: false,
+            features: vec![],
         })),
     }
 }
@@ -2035,4 +2036,214 @@ async fn silent_connections_do_not_block_agents_that_speak() {
     .expect("served before the silent connections time out");
     enrolled.unwrap();
     drop(silent);
+}
+
+async fn next_msg_within(
+    stream: &mut tonic::Streaming<v1::HubMessage>,
+    within: Duration,
+) -> v1::hub_message::Msg {
+    tokio::time::timeout(within, stream.message())
+        .await
+        .expect("no message from the hub in time")
+        .unwrap()
+        .unwrap()
+        .msg
+        .unwrap()
+}
+
+/// Protocol v2: to an agent that advertises "chunked-contents" the contents go
+/// as chunks of at most 1 MiB before the set that names them, none inline, and
+/// reassemble into what the signed set names; a v1 agent's set with a content
+/// too large to go inline is held (its session kept, the reason its bundle's
+/// status), and with `--protocol-v1-only` the hub ignores the feature.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn contents_go_in_chunks_to_agents_that_speak_it() {
+    use flotilla_proto::chunks::{Assembler, MAX_CHUNK_BYTES};
+    for v1_only in [false, true] {
+        let th = start_hub_with(|c| c.protocol_v1_only = v1_only).await;
+        let source = "apiVersion: flotilla.io/v1alpha1\nkind: GitSource\nmetadata: {name: apps}\nspec:\n  repo: https://git.example.com/apps.git\n  paths: [\"apps/*\"]\n  targets:\n  - clusterSelector: {matchLabels: {env: prod}}\n";
+        let (status, body) = th
+            .call(
+                reqwest::Method::POST,
+                "/api/v1/apply?file=apps.yaml",
+                Some(source.into()),
+            )
+            .await;
+        assert_eq!(status, 200, "{body}");
+        // 20 ConfigMaps of 1 MB (over the 16 MiB a content may take inline), and a small one.
+        let mut files: BTreeMap<String, Vec<u8>> = (0..20)
+            .map(|i| {
+                let blob: String = (0..1_000_000u32)
+                    .map(|j| char::from(b'a' + ((j * 7 + i) % 26) as u8))
+                    .collect();
+                (
+                    format!("apps/big/cm-{i:02}.yaml"),
+                    format!("apiVersion: v1\nkind: ConfigMap\nmetadata: {{name: big-{i}, namespace: demo}}\ndata: {{blob: {blob}}}\n").into_bytes(),
+                )
+            })
+            .collect();
+        files.insert(
+            "apps/small/cm.yaml".into(),
+            b"apiVersion: v1\nkind: ConfigMap\nmetadata: {name: small, namespace: demo}\n".to_vec(),
+        );
+        assert!(th
+            .hub
+            .inject_snapshot(
+                "apps",
+                flotilla_hub::git::Snapshot {
+                    commit: "c1".into(),
+                    files,
+                },
+            )
+            .await
+            .unwrap());
+
+        // An agent that speaks it.
+        let token = th.token("1h").await;
+        let key = KeyPair::generate().unwrap();
+        let cert = enroll(&th, &token, "edge-2", &[("env", "prod")], &key)
+            .await
+            .unwrap()
+            .certificate_pem;
+        let mut hello2 = hello(vec![]);
+        if let Some(v1::agent_message::Msg::Hello(h)) = &mut hello2.msg {
+            h.features = vec!["some-future-feature".into(), "chunked-contents".into()];
+        }
+        let channel = th.channel(Some((&cert, &key))).await.unwrap();
+        let (tx2, rx) = session_request(hello2);
+        let mut inbound = FleetClient::new(channel)
+            .session(rx)
+            .await
+            .unwrap()
+            .into_inner();
+        if !v1_only {
+            // While the chunks wait for this agent to read them (it reads
+            // nothing yet), the session still reads what the agent sends.
+            let (_, small) = th
+                .call(
+                    reqwest::Method::GET,
+                    "/api/v1/bundles/apps-apps-small",
+                    None,
+                )
+                .await;
+            let hash = small["contentHash"].as_str().unwrap().to_string();
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            tx2.send(v1::AgentMessage {
+                msg: Some(v1::agent_message::Msg::Status(v1::BundleStatus {
+                    bundle: "apps-apps-small".into(),
+                    content_hash: hash,
+                    revision: "c1".into(),
+                    state: v1::BundleState::NotReady as i32,
+                    message: "probe during the transfer".into(),
+                    seq: 1,
+                    observed_at_unix_ms: 1,
+                })),
+            })
+            .await
+            .unwrap();
+            wait_for(&th, "/api/v1/bundles/apps-apps-small", |b| {
+                b["clusters"].as_array().is_some_and(|cs| {
+                    cs.iter().any(|c| {
+                        c["cluster"] == "edge-2" && c["message"] == "probe during the transfer"
+                    })
+                })
+            })
+            .await;
+        }
+        if v1_only {
+            // As a v1 hub: the big content cannot go inline, so the set is held
+            // for this agent too, and no chunk comes.
+            let body = wait_for(&th, "/api/v1/bundles/apps-apps-big", |b| {
+                b["clusters"].as_array().is_some_and(|cs| {
+                    cs.iter()
+                        .any(|c| c["cluster"] == "edge-2" && c["state"] == "ErrApplied")
+                })
+            })
+            .await;
+            assert!(body.to_string().contains("chunked-contents"), "{body}");
+            assert!(
+                tokio::time::timeout(Duration::from_millis(500), inbound.message())
+                    .await
+                    .is_err(),
+                "a v1 hub sent something"
+            );
+            continue;
+        }
+        let mut assembler = Assembler::default();
+        let mut chunks = 0;
+        let desired = loop {
+            match next_msg_within(&mut inbound, Duration::from_secs(60)).await {
+                v1::hub_message::Msg::ContentChunk(c) => {
+                    assert!(c.data.len() <= MAX_CHUNK_BYTES);
+                    chunks += 1;
+                    assembler.chunk(c).unwrap();
+                }
+                v1::hub_message::Msg::Desired(d) if d.bundles.len() == 2 => break d,
+                v1::hub_message::Msg::Desired(_) => {}
+                // The probe's ack may come between chunks.
+                v1::hub_message::Msg::StatusAck(a) => assert_eq!(a.seq, 1),
+                other => panic!("unexpected {other:?}"),
+            }
+        };
+        let contents = assembler.finish(&desired.chunked).unwrap();
+        assert!(chunks > 16, "{chunks} chunks");
+        assert!(desired.contents.is_empty(), "nothing inline");
+        assert_eq!(desired.chunked.len(), 2);
+        assert_eq!(contents.len(), 2);
+        for c in &contents {
+            assert_eq!(
+                flotilla_proto::content_digest(c).unwrap(),
+                c.content_hash,
+                "reassembled as rendered"
+            );
+            assert!(desired
+                .bundles
+                .iter()
+                .any(|b| b.content_hash == c.content_hash));
+        }
+        drop(inbound);
+
+        // A v1 agent: the set is held, the session kept, the reason its bundle's status.
+        let token = th.token("1h").await;
+        let key = KeyPair::generate().unwrap();
+        let cert = enroll(&th, &token, "edge-1", &[("env", "prod")], &key)
+            .await
+            .unwrap()
+            .certificate_pem;
+        let channel = th.channel(Some((&cert, &key))).await.unwrap();
+        let (tx1, rx) = session_request(hello(vec![]));
+        let mut inbound = FleetClient::new(channel)
+            .session(rx)
+            .await
+            .unwrap()
+            .into_inner();
+        let body = wait_for(&th, "/api/v1/bundles/apps-apps-big", |b| {
+            b["clusters"].as_array().is_some_and(|cs| {
+                cs.iter()
+                    .any(|c| c["cluster"] == "edge-1" && c["state"] == "ErrApplied")
+            })
+        })
+        .await;
+        let row = body["clusters"]
+            .as_array()
+            .and_then(|cs| cs.iter().find(|c| c["cluster"] == "edge-1"))
+            .unwrap();
+        let message = row["message"].as_str().unwrap_or_default();
+        assert!(
+            message.contains("chunked-contents") && message.contains("inline"),
+            "{message}"
+        );
+        tx1.send(v1::AgentMessage {
+            msg: Some(v1::agent_message::Msg::Heartbeat(v1::Heartbeat {})),
+        })
+        .await
+        .unwrap();
+        // Nothing came, nor an error: the session is open.
+        assert!(
+            tokio::time::timeout(Duration::from_millis(500), inbound.message())
+                .await
+                .is_err(),
+            "the hub sent a v1 agent something, or ended its session"
+        );
+    }
 }

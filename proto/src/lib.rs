@@ -16,7 +16,19 @@ use flotilla_shared::drift::{DriftEvent, DriftMode, DriftPolicy, FieldDiff, Igno
 use flotilla_shared::signing::{Endorsement, Envelope};
 use flotilla_shared::state::BundleState;
 
+pub mod chunks;
 pub mod transfer;
+
+/// The protocol features an agent may advertise in `Hello.features`
+/// (feature negotiation; see `proto/flotilla.proto`).
+pub mod features {
+    /// The hub may send contents as `ContentChunk`s before the `Desired` that
+    /// lists them in `chunked` ([`crate::chunks`]).
+    pub const CHUNKED_CONTENTS: &str = "chunked-contents";
+
+    /// Every feature this build speaks.
+    pub const ALL: &[&str] = &[CHUNKED_CONTENTS];
+}
 
 /// A wire value that does not make a valid domain value.
 #[derive(Debug, thiserror::Error)]
@@ -197,20 +209,53 @@ pub fn status_state(status: &v1::BundleStatus) -> Result<BundleState, Conversion
 /// own default for reading is 4 MiB).
 pub const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
 
-/// The largest content of one bundle the hub sends: a quarter of a message,
-/// leaving room for the rest of a desired set. Larger contents are refused at
-/// render time, with the reason, as the bundle's error.
-pub const MAX_BUNDLE_BYTES: usize = MAX_MESSAGE_BYTES / 4;
+/// The largest content of one bundle the hub renders: what an agent that speaks
+/// "chunked-contents" buffers at most ([`chunks::MAX_CONTENT_BYTES`], 1 GiB);
+/// in practice the manifest budget (`flotilla_shared::documents::MAX_BUNDLE_BYTES`,
+/// 64 MiB) binds first. Larger contents are refused at render time, with the
+/// reason, as the bundle's error.
+pub const MAX_BUNDLE_BYTES: usize = chunks::MAX_CONTENT_BYTES as usize;
+
+/// The largest content the hub sends inline in a `Desired`, to a v1 agent: a
+/// quarter of a message, leaving room for the rest of the set. A set that needs
+/// a larger one (or whose message would exceed [`MAX_MESSAGE_BYTES`]) is held at
+/// the hub, with a warning, until the agent speaks "chunked-contents" or the
+/// content shrinks.
+pub const MAX_INLINE_BYTES: usize = MAX_MESSAGE_BYTES / 4;
 
 /// Why a bundle's content cannot be sent, if it is over `max` bytes on the wire.
 pub fn oversized(content_hash: &str, rendered: &Rendered, max: usize) -> Option<String> {
-    let len = prost::Message::encoded_len(&bundle_content(content_hash, rendered));
+    let len = content_len(content_hash, rendered);
     (len > max).then(|| {
         format!(
             "the bundle's content is {len} bytes, over the {max} bytes one bundle may take in \
              the hub-agent protocol: split it into several bundles"
         )
     })
+}
+
+/// The encoded length of `bundle_content(content_hash, rendered)`, measured one
+/// manifest at a time: no copy of the whole content is made.
+pub fn content_len(content_hash: &str, rendered: &Rendered) -> usize {
+    let head = bundle_content(
+        content_hash,
+        &Rendered {
+            manifests: Vec::new(),
+            options: rendered.options.clone(),
+        },
+    );
+    let manifests: usize = rendered
+        .manifests
+        .iter()
+        .map(|m| {
+            let wire = v1::Manifest {
+                file: m.file.clone(),
+                json: m.object.to_string(),
+            };
+            prost::encoding::message::encoded_len(2, &wire)
+        })
+        .sum();
+    prost::Message::encoded_len(&head) + manifests
 }
 
 pub fn bundle_content(content_hash: &str, rendered: &Rendered) -> v1::BundleContent {

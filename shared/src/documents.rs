@@ -23,7 +23,8 @@ use crate::bundle::RenderError;
 /// Kubernetes object is at most ~1.5 MiB (etcd's request limit).
 pub const MAX_FILE_BYTES: usize = 32 << 20;
 /// The most manifest bytes one bundle may hold (its files, or a tool's output):
-/// what a bundle renders must then still fit the protocol's 16 MiB per bundle.
+/// agents that speak protocol v2 take any such bundle in chunks; a v1 agent only
+/// one whose content is at most 16 MiB on the wire (`flotilla_proto::MAX_INLINE_BYTES`).
 pub const MAX_BUNDLE_BYTES: usize = 64 << 20;
 /// The most nodes (mappings, sequences and scalars, each alias counted as what it
 /// expands to) one file may hold: a CRD collection of 32 MiB has about 1.5 million.

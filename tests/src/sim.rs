@@ -216,6 +216,7 @@ async fn run(
         held_hashes: vec![],
         api_versions: vec![],
         registry: false,
+        features: vec![],
     }))
     .await?;
     let mut inbound = client
@@ -432,6 +433,7 @@ async fn torture_session(
         held_hashes: held.clone(),
         api_versions: vec![],
         registry: false,
+        features: vec![],
     }))
     .await?;
     let mut inbound = client
@@ -555,6 +557,8 @@ async fn torture_session(
                     Some(HubMsg::DriftAck(a)) => {
                         lock(obs).drift_acked.insert(a.id);
                     }
+                    // Never sent: this agent advertises no features (v1).
+                    Some(HubMsg::ContentChunk(_)) => bail!("a chunk to a v1 agent"),
                     None => {}
                 },
                 Ok(None) => bail!("the hub closed the stream"),

@@ -1,0 +1,369 @@
+//! Protocol v2's chunked contents, end to end: a Git bundle of 5,000 ConfigMaps
+//! and about 50 MiB (three times what one content could take inline) reaches a
+//! real cluster in 1 MiB chunks and is Ready; a v1 agent of the same hub is held
+//! with the reason as the bundle's status, its session kept. Mixed versions both
+//! ways (`--protocol-v1-only`, hidden, on either binary) keep working inline.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Result};
+use flotilla_tests::*;
+
+/// ConfigMaps of the large bundle, and the data each carries.
+const OBJECTS: usize = 5_000;
+const BYTES_PER_OBJECT: usize = 10_000;
+/// ConfigMaps per manifest file (files stay about 1 MB, under the 32 MiB cap).
+const PER_FILE: usize = 100;
+
+/// Random-looking hex (xorshift): gzip cannot make it much smaller, so the
+/// content really is tens of MiB on the wire.
+fn hex_data(seed: u64, len: usize) -> String {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut out = Vec::with_capacity(len);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        for i in 0..16 {
+            if out.len() == len {
+                break;
+            }
+            out.push(HEX[((x >> (i * 4)) & 15) as usize]);
+        }
+    }
+    String::from_utf8(out).unwrap_or_default()
+}
+
+fn big_bundle(ns: &str) -> BTreeMap<String, String> {
+    let mut files = BTreeMap::from([(
+        "big/0-ns.yaml".to_string(),
+        format!("apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {ns}\n"),
+    )]);
+    for f in 0..OBJECTS / PER_FILE {
+        let mut text = String::new();
+        for i in f * PER_FILE..(f + 1) * PER_FILE {
+            text.push_str(&format!(
+                "---\napiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: cm-{i:04}\n  namespace: {ns}\ndata:\n  blob: \"{}\"\n",
+                hex_data(i as u64, BYTES_PER_OBJECT)
+            ));
+        }
+        files.insert(format!("big/cms-{f:02}.yaml"), text);
+    }
+    files
+}
+
+fn small_bundle(ns: &str, dir: &str) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        (
+            format!("{dir}/ns.yaml"),
+            format!("apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {ns}\n"),
+        ),
+        (
+            format!("{dir}/cm.yaml"),
+            format!(
+                "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: small\n  namespace: {ns}\ndata:\n  value: \"v1\"\n"
+            ),
+        ),
+    ])
+}
+
+fn commit(repo: &GitRepo, files: &BTreeMap<String, String>, msg: &str) -> Result<String> {
+    repo.commit(
+        &files
+            .iter()
+            .map(|(k, v)| (k.as_str(), Some(v.as_str())))
+            .collect(),
+        msg,
+    )
+}
+
+/// Waits up to `deadline` for `bundle` to be `state` on `cluster`; the last
+/// state seen is in the error.
+fn wait_state(
+    hub: &Hub,
+    bundle: &str,
+    cluster: &str,
+    state: &str,
+    deadline: Duration,
+) -> Result<String> {
+    wait_until(
+        &format!("bundle {bundle} {state} on {cluster}"),
+        deadline,
+        || match hub.bundle_state(bundle, cluster)? {
+            Some((s, m)) if s == state => Ok(Some(m)),
+            Some((s, m)) => Err(anyhow!("state is {s}: {m}")),
+            None => Ok(None),
+        },
+    )
+}
+
+/// Peak resident memory of a process (VmHWM), in MiB.
+fn peak_rss_mib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024)
+}
+
+/// How many times the hub logged a session of `cluster` connecting.
+fn connects(hub: &Hub, cluster: &str) -> usize {
+    hub.proc
+        .log_text()
+        .lines()
+        .filter(|l| l.contains("agent connected") && l.contains(&format!("cluster={cluster}")))
+        .count()
+}
+
+/// The lines of the hub's log that sent `cluster` a set.
+fn sets_sent(hub: &Hub, cluster: &str) -> Vec<String> {
+    hub.proc
+        .log_text()
+        .lines()
+        .filter(|l| l.contains("sending desired set") && l.contains(&format!("cluster={cluster}")))
+        .map(str::to_string)
+        .collect()
+}
+
+#[test]
+fn a_bundle_of_50_mib_reaches_a_cluster_in_chunks() -> Result<()> {
+    if !e2e_available() {
+        return Ok(());
+    }
+    let [east, west] = shared_clusters();
+    let dir = test_dir("chunked-big")?;
+    let ns = "e2e-chunked-big";
+    let hub = Hub::start(&dir.path().join("hub"))?;
+    let repo = GitRepo::new(dir.path(), "big")?;
+    let files = big_bundle(ns);
+    let yaml: usize = files.values().map(String::len).sum();
+    commit(&repo, &files, "5,000 ConfigMaps")?;
+    drop(files);
+    let mut agent = Agent::start(
+        &hub,
+        &hub.token()?,
+        "chunk-east",
+        "size=big",
+        east,
+        &dir.path().join("east"),
+    )?;
+    // The same hub's v1 agent cannot take the content in one message: held.
+    let mut old = Agent::spawn_with(
+        &hub.agent_url,
+        Some(&hub.token()?),
+        "chunk-v1",
+        "size=big",
+        &west.kubeconfig,
+        &dir.path().join("west"),
+        &["--protocol-v1-only"],
+    )?;
+    let start = Instant::now();
+    hub.cli(&[
+        "source", "add", "big", "--repo", &repo.url, "--path", "big", "--target", "size=big",
+        "--poll", "1s",
+    ])?;
+    let bundle = "big-big";
+    wait_state(
+        &hub,
+        bundle,
+        "chunk-east",
+        "Ready",
+        Duration::from_secs(900),
+    )
+    .map_err(|e| e.context(agent.proc.log_text()))?;
+    let to_ready = start.elapsed();
+
+    let names = east.kubectl(&["get", "configmaps", "-n", ns, "-o", "name"])?;
+    assert_eq!(
+        names.lines().filter(|l| l.contains("/cm-")).count(),
+        OBJECTS,
+        "every ConfigMap applied"
+    );
+    for i in [0, 1234, 2500, OBJECTS - 1] {
+        let cm = east
+            .get("configmap", Some(ns), &format!("cm-{i:04}"))?
+            .ok_or_else(|| anyhow!("cm-{i:04} missing"))?;
+        assert_eq!(
+            cm["data"]["blob"].as_str(),
+            Some(hex_data(i as u64, BYTES_PER_OBJECT).as_str()),
+            "cm-{i:04} holds what Git has"
+        );
+    }
+
+    // It went in chunks, none over 1 MiB (the agent checks that), no content inline.
+    let sent = sets_sent(&hub, "chunk-east");
+    let chunked = sent
+        .iter()
+        .find(|l| l.contains("chunked=1"))
+        .ok_or_else(|| anyhow!("no set sent in chunks: {sent:?}"))?;
+    assert!(chunked.contains("contents=0"), "{chunked}");
+    let bytes: usize = chunked
+        .split("chunked_bytes=")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| anyhow!("no chunked_bytes in {chunked}"))?;
+    assert!(
+        bytes > 3 * flotilla_proto::MAX_INLINE_BYTES,
+        "the content is {bytes} bytes"
+    );
+    let log = agent.proc.log_text();
+    assert!(log.contains("contents received in chunks"), "{log}");
+
+    // The v1 agent: held, with the reason as its status, and still connected
+    // (no disconnect loop).
+    let msg = wait_state(&hub, bundle, "chunk-v1", "ErrApplied", DEADLINE)?;
+    assert!(
+        msg.contains("chunked-contents") && msg.contains("inline"),
+        "{msg}"
+    );
+    let v1_sets = sets_sent(&hub, "chunk-v1");
+    assert!(
+        !v1_sets.iter().any(|l| l.contains("bundles=1")),
+        "{v1_sets:?}"
+    );
+    let clusters = hub.cli_json(&["cluster", "list"])?;
+    let row = clusters
+        .as_array()
+        .and_then(|a| a.iter().find(|c| c["name"] == "chunk-v1"))
+        .ok_or_else(|| anyhow!("chunk-v1 not listed: {clusters}"))?;
+    assert_eq!(row["connected"], true, "{row}");
+    assert_eq!(connects(&hub, "chunk-v1"), 1, "one session, kept");
+    assert!(west.get("namespace", None, ns)?.is_none());
+
+    // Where the time went: when the hub sent the set, the agent took it, and it applied.
+    for l in sent.iter().filter(|l| l.contains("chunked=1")).chain(
+        log.lines()
+            .filter(|l| {
+                l.contains("contents received in chunks")
+                    || l.contains("desired state received")
+                    || l.contains("\"big-big\"")
+                    || l.contains("bundle=big-big")
+            })
+            .map(str::to_string)
+            .collect::<Vec<_>>()
+            .iter(),
+    ) {
+        eprintln!("chunked: {}", l.chars().take(220).collect::<String>());
+    }
+    let (hub_rss, agent_rss) = (peak_rss_mib(hub.proc.pid()), peak_rss_mib(agent.proc.pid()));
+    eprintln!(
+        "chunked: {OBJECTS} ConfigMaps, {yaml} bytes of YAML, content {bytes} bytes in {} \
+         chunks; source added to Ready in {:.1} s; peak RSS hub {hub_rss:?} MiB, agent \
+         {agent_rss:?} MiB",
+        bytes.div_ceil(flotilla_proto::chunks::MAX_CHUNK_BYTES),
+        to_ready.as_secs_f64()
+    );
+    agent.proc.stop();
+    old.proc.stop();
+    Ok(())
+}
+
+/// A v1 agent (one that advertises no features) of the new hub gets its
+/// contents inline, as before.
+#[test]
+fn a_v1_agent_gets_inline_contents_from_the_new_hub() -> Result<()> {
+    if !e2e_available() {
+        return Ok(());
+    }
+    let [_, west] = shared_clusters();
+    let dir = test_dir("chunked-v1-agent")?;
+    let ns = "e2e-chunked-v1-agent";
+    let hub = Hub::start(&dir.path().join("hub"))?;
+    let repo = GitRepo::new(dir.path(), "small")?;
+    commit(&repo, &small_bundle(ns, "app"), "small")?;
+    let mut agent = Agent::spawn_with(
+        &hub.agent_url,
+        Some(&hub.token()?),
+        "v1-agent",
+        "",
+        &west.kubeconfig,
+        &dir.path().join("west"),
+        &["--protocol-v1-only"],
+    )?;
+    hub.cli(&[
+        "source", "add", "small", "--repo", &repo.url, "--path", "app", "--poll", "1s",
+    ])?;
+    hub.wait_bundle_state("small-app", "v1-agent", "Ready")
+        .map_err(|e| e.context(agent.proc.log_text()))?;
+    let cm = west
+        .get("configmap", Some(ns), "small")?
+        .ok_or_else(|| anyhow!("configmap missing"))?;
+    assert_eq!(cm["data"]["value"], "v1");
+    let log = hub.proc.log_text();
+    let connected = log
+        .lines()
+        .find(|l| l.contains("agent connected") && l.contains("cluster=v1-agent"))
+        .ok_or_else(|| anyhow!("no session: {log}"))?;
+    assert!(
+        connected.contains("features=[]") && connected.contains("chunked_contents=false"),
+        "{connected}"
+    );
+    let sent = sets_sent(&hub, "v1-agent");
+    if !sent
+        .iter()
+        .any(|l| l.contains("contents=1") && l.contains("chunked=0"))
+    {
+        bail!("the content did not go inline: {sent:?}");
+    }
+    assert!(!agent
+        .proc
+        .log_text()
+        .contains("contents received in chunks"));
+    agent.proc.stop();
+    Ok(())
+}
+
+/// A v2 agent of a hub that speaks v1 (it ignores the features) takes the
+/// contents inline.
+#[test]
+fn a_v2_agent_works_with_a_v1_hub() -> Result<()> {
+    if !e2e_available() {
+        return Ok(());
+    }
+    let [east, _] = shared_clusters();
+    let dir = test_dir("chunked-v1-hub")?;
+    let ns = "e2e-chunked-v1-hub";
+    let hub = Hub::start_with(
+        &dir.path().join("hub"),
+        free_port(),
+        free_port(),
+        &["--protocol-v1-only"],
+        &[],
+    )?;
+    let repo = GitRepo::new(dir.path(), "small")?;
+    commit(&repo, &small_bundle(ns, "app"), "small")?;
+    let mut agent = Agent::start(
+        &hub,
+        &hub.token()?,
+        "v2-agent",
+        "",
+        east,
+        &dir.path().join("east"),
+    )?;
+    hub.cli(&[
+        "source", "add", "small", "--repo", &repo.url, "--path", "app", "--poll", "1s",
+    ])?;
+    hub.wait_bundle_state("small-app", "v2-agent", "Ready")
+        .map_err(|e| e.context(agent.proc.log_text()))?;
+    assert!(east.get("configmap", Some(ns), "small")?.is_some());
+    let log = hub.proc.log_text();
+    let connected = log
+        .lines()
+        .find(|l| l.contains("agent connected") && l.contains("cluster=v2-agent"))
+        .ok_or_else(|| anyhow!("no session: {log}"))?;
+    // The agent advertised the feature; the hub did not act on it.
+    assert!(
+        connected.contains("chunked-contents") && connected.contains("chunked_contents=false"),
+        "{connected}"
+    );
+    let sent = sets_sent(&hub, "v2-agent");
+    assert!(
+        sent.iter()
+            .any(|l| l.contains("contents=1") && l.contains("chunked=0")),
+        "{sent:?}"
+    );
+    agent.proc.stop();
+    Ok(())
+}
