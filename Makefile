@@ -4,7 +4,7 @@ export CARGO_TARGET_DIR ?= $(HOME)/.cache/flotilla/cargo-target
 CARGO ?= cargo
 TESTENV_BIN := $(CURDIR)/target/testenv/bin
 
-.PHONY: all build testenv tools test unit e2e lint torture fuzz demo demo-stop bench bench-build bench-hub bench-fleet bench-reconnect bench-wire bench-agent bench-git bench-planner bench-ui bench-report bench-compare clean
+.PHONY: all build testenv tools test unit e2e lint torture fuzz demo demo-stop bench bench-build bench-hub bench-fleet bench-reconnect bench-wire bench-agent bench-large bench-git bench-planner bench-ui bench-report bench-compare clean
 
 all: build
 
@@ -52,7 +52,7 @@ BENCH := $(CARGO_TARGET_DIR)/release/flotilla-bench
 # Simulated agents each hold a connection: raise the open-file limit to the hard limit.
 BENCH_RUN := ulimit -n $$(ulimit -Hn) && FLOTILLA_BENCH_BIN_DIR=$(CARGO_TARGET_DIR)/release FLOTILLA_TESTENV_BIN=$(TESTENV_BIN) $(BENCH)
 
-bench: bench-hub bench-fleet bench-reconnect bench-wire bench-agent bench-git bench-planner bench-ui bench-report
+bench: bench-hub bench-fleet bench-reconnect bench-wire bench-agent bench-large bench-git bench-planner bench-ui bench-report
 
 bench-build:
 	$(CARGO) build --release -p flotilla-hub -p flotilla-agent -p flotilla-bench --bins
@@ -80,6 +80,11 @@ bench-wire: bench-build
 ## bench-agent: a release agent on a test cluster: first apply of 1,000 objects vs kubectl, idle RSS and CPU
 bench-agent: bench-build testenv
 	$(BENCH_RUN) agent
+	$(BENCH_RUN) report
+
+## bench-large: one bundle of 5,000 ConfigMaps and 50 MiB from a commit to Ready on a test cluster, hub and agent peak memory
+bench-large: bench-build testenv
+	$(BENCH_RUN) large
 	$(BENCH_RUN) report
 
 ## bench-git: fetch + render of 200 bundle directories, cold and incremental, vs git clone / fetch

@@ -255,6 +255,16 @@ impl BenchHub {
     }
 
     /// The bundles as `GET /api/v1/bundles` lists them, every page.
+    /// `GET /api/v1/clusters/{name}`: the cluster with its bundles.
+    pub async fn cluster(&self, name: &str) -> Result<Value> {
+        self.call(
+            reqwest::Method::GET,
+            &format!("/api/v1/clusters/{name}"),
+            None,
+        )
+        .await
+    }
+
     pub async fn bundles(&self) -> Result<Vec<Value>> {
         let mut out = Vec::new();
         let mut path = "/api/v1/bundles?limit=5000".to_string();

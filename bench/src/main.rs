@@ -16,7 +16,7 @@ use flotilla_bench::cluster;
 use flotilla_bench::hubproc::BenchHub;
 use flotilla_bench::proxy::CountingProxy;
 use flotilla_bench::report::{
-    AgentRun, CommitLatency, FleetRun, GitRun, HubRun, ReconnectRun, WireRun,
+    AgentRun, CommitLatency, FleetRun, GitRun, HubRun, LargeRun, ReconnectRun, WireRun,
 };
 use flotilla_bench::sim::{self, Event};
 use flotilla_bench::{procstat, report, stats};
@@ -115,6 +115,20 @@ enum Part {
         #[arg(long, env = "FLOTILLA_BENCH_PER_BUNDLE", default_value_t = 100)]
         per_bundle: usize,
         /// Repetitions.
+        #[arg(long, env = "FLOTILLA_BENCH_RUNS", default_value_t = 3)]
+        runs: usize,
+    },
+    /// One large bundle (OBJECTS ConfigMaps of BYTES each, 5,000 × 10,000 by
+    /// default: about 50 MiB) from a Git commit to Ready on a real test cluster,
+    /// with the hub's and the agent's peak memory.
+    Large {
+        /// ConfigMaps in the bundle.
+        #[arg(long, env = "FLOTILLA_BENCH_OBJECTS", default_value_t = 5_000)]
+        objects: usize,
+        /// Bytes of data per ConfigMap.
+        #[arg(long, env = "FLOTILLA_BENCH_OBJECT_BYTES", default_value_t = 10_000)]
+        bytes: usize,
+        /// Repetitions (a fresh cluster, hub and agent each).
         #[arg(long, env = "FLOTILLA_BENCH_RUNS", default_value_t = 3)]
         runs: usize,
     },
@@ -293,6 +307,28 @@ fn main() -> Result<()> {
                 let cluster =
                     flotilla_tests::TestCluster::start("bench", &root.path().join("cluster"))?;
                 let r = rt.block_on(agent_run(&cluster, run, bundles, per_bundle))?;
+                drop(cluster);
+                eprintln!("  {r:?}");
+                all.push(r);
+                report::save(&path, &all)?;
+            }
+        }
+        Part::Large {
+            objects,
+            bytes,
+            runs,
+        } => {
+            let path = args.results.join("large.json");
+            let mut all: Vec<LargeRun> = report::load(&path).unwrap_or_default();
+            all.retain(|r| (r.objects, r.object_bytes) != (objects, bytes));
+            for run in 1..=runs {
+                eprintln!("large: {objects} ConfigMaps of {bytes} bytes, run {run}/{runs}");
+                let root = tempfile::Builder::new()
+                    .prefix("flotilla-bench-large-")
+                    .tempdir()?;
+                let cluster =
+                    flotilla_tests::TestCluster::start("bench", &root.path().join("cluster"))?;
+                let r = rt.block_on(large_run(&cluster, run, objects, bytes))?;
                 drop(cluster);
                 eprintln!("  {r:?}");
                 all.push(r);
@@ -772,6 +808,117 @@ async fn wire_run(objects: usize, gzip: bool) -> Result<WireRun> {
         change_desired_bytes,
         change_wire_bytes: d1 - d0,
     })
+}
+
+/// One large bundle from a commit to Ready on `kube`: the hub renders it (or
+/// refuses it: a build with a cap below its size), a release agent applies it.
+async fn large_run(
+    kube: &flotilla_tests::TestCluster,
+    run: usize,
+    objects: usize,
+    bytes: usize,
+) -> Result<LargeRun> {
+    let dir = tempfile::Builder::new()
+        .prefix("flotilla-bench-large-")
+        .tempdir()?;
+    let repo = GitRepo::new(dir.path(), "apps")?;
+    let ns = format!("bench-large-{run}");
+    let files = flotilla_tests::big::bundle("big", &ns, objects, bytes, 100);
+    let yaml_bytes: usize = files.values().map(String::len).sum();
+    let r1 = repo.commit(
+        &files
+            .iter()
+            .map(|(p, t)| (p.as_str(), Some(t.as_str())))
+            .collect(),
+        "a large bundle",
+    )?;
+    let hub = BenchHub::start(&dir.path().join("hub")).await?;
+    let t = Instant::now();
+    hub.add_source("apps", &repo.url, &["big"], "1h").await?;
+    // Rendered, or refused with the reason.
+    let (rendered, refused) = loop {
+        let bundles = hub.bundles().await?;
+        let b = bundles.first().cloned().unwrap_or_default();
+        if let Some(e) = b["error"].as_str() {
+            break (None, Some(e.to_string()));
+        }
+        if b["revision"].as_str() == Some(r1.as_str()) && b["contentHash"].is_string() {
+            break (Some(t.elapsed().as_secs_f64()), None);
+        }
+        if t.elapsed() > Duration::from_secs(600) {
+            bail!("the hub neither rendered nor refused the bundle in 600 s");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let mut out = LargeRun {
+        objects,
+        object_bytes: bytes,
+        yaml_bytes,
+        render_s: rendered,
+        refused,
+        ready_s: None,
+        apply_s: None,
+        hub_peak_kib: 0,
+        agent_peak_kib: 0,
+    };
+    let mut hub = hub;
+    if out.refused.is_some() {
+        out.hub_peak_kib = procstat::peak_kib(hub.pid())?;
+        hub.proc.kill9();
+        return Ok(out);
+    }
+    let token = hub.tokens(1, 1).await?.remove(0);
+    let state = dir.path().join("agent");
+    std::fs::create_dir_all(&state)?;
+    let agent_bin = flotilla_bench::hubproc::bin_dir().join("flotilla-agent");
+    let t = Instant::now();
+    let mut agent = flotilla_tests::Proc::spawn(
+        "flotilla-agent",
+        std::process::Command::new(&agent_bin)
+            .arg("--hub")
+            .arg(&hub.agent_url)
+            .arg("--token")
+            .arg(&token)
+            .arg("--cluster-name")
+            .arg(format!("bench-{run}"))
+            .arg("--kubeconfig")
+            .arg(&kube.kubeconfig)
+            .arg("--state-dir")
+            .arg(&state)
+            .env("RUST_LOG", "info"),
+        &dir.path().join("agent.log"),
+    )?;
+    let name = format!("bench-{run}");
+    let deadline = Duration::from_secs(1200);
+    loop {
+        let v = hub.cluster(&name).await.unwrap_or_default();
+        let ready = v["bundles"]
+            .as_array()
+            .is_some_and(|b| b.iter().any(|b| b["state"] == "Ready"));
+        if ready {
+            break;
+        }
+        if t.elapsed() > deadline {
+            bail!("not Ready within {deadline:?}: {}", agent.log_text());
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    out.ready_s = Some(t.elapsed().as_secs_f64());
+    let log = agent.log_text();
+    let received = cluster::log_times(&log, "desired state received");
+    let applied = cluster::log_times(&log, "bundle applied");
+    if let (Some(first), Some(last)) = (received.first(), applied.iter().max()) {
+        out.apply_s = Some(
+            last.duration_since(*first)
+                .unwrap_or_default()
+                .as_secs_f64(),
+        );
+    }
+    out.hub_peak_kib = procstat::peak_kib(hub.pid())?;
+    out.agent_peak_kib = procstat::peak_kib(agent.pid())?;
+    agent.stop();
+    hub.proc.kill9();
+    Ok(out)
 }
 
 async fn agent_run(

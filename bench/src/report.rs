@@ -54,6 +54,62 @@ pub struct FleetRun {
     pub commit: CommitLatency,
 }
 
+/// One run of the large-bundle part.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LargeRun {
+    pub objects: usize,
+    pub object_bytes: usize,
+    /// The bundle's manifest files, bytes of YAML.
+    pub yaml_bytes: usize,
+    /// From `source add` to the bundle rendered at the hub, s.
+    pub render_s: Option<f64>,
+    /// The hub refused the bundle (the error it shows).
+    pub refused: Option<String>,
+    /// From the agent's start to the bundle `Ready` at the hub, s.
+    pub ready_s: Option<f64>,
+    /// From the agent receiving its desired set to the bundle applied, s.
+    pub apply_s: Option<f64>,
+    /// Peak resident memory (VmHWM), KiB.
+    pub hub_peak_kib: u64,
+    pub agent_peak_kib: u64,
+}
+
+/// The large-bundle table.
+pub fn large_table(runs: &[LargeRun]) -> String {
+    let mut s = String::from(
+        "| objects | YAML, MB | runs | rendered after, s | agent start to Ready, s | of which applying, s | hub peak, MiB | agent peak, MiB |\n|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+    );
+    let mut by: BTreeMap<(usize, usize), Vec<&LargeRun>> = BTreeMap::new();
+    for r in runs {
+        by.entry((r.objects, r.object_bytes)).or_default().push(r);
+    }
+    for ((n, _), rs) in by {
+        if let Some(why) = rs.iter().find_map(|r| r.refused.as_deref()) {
+            let _ = writeln!(
+                s,
+                "| {n} | {:.1} | {} | refused: {} | – | – | {} | – |",
+                rs[0].yaml_bytes as f64 / 1e6,
+                rs.len(),
+                why.replace('|', "/"),
+                of(&rs, |r| r.hub_peak_kib as f64 / 1024.0).show(0),
+            );
+            continue;
+        }
+        let _ = writeln!(
+            s,
+            "| {n} | {:.1} | {} | {} | {} | {} | {} | {} |",
+            rs[0].yaml_bytes as f64 / 1e6,
+            rs.len(),
+            of(&rs, |r| r.render_s.unwrap_or_default()).show(1),
+            of(&rs, |r| r.ready_s.unwrap_or_default()).show(1),
+            of(&rs, |r| r.apply_s.unwrap_or_default()).show(1),
+            of(&rs, |r| r.hub_peak_kib as f64 / 1024.0).show(0),
+            of(&rs, |r| r.agent_peak_kib as f64 / 1024.0).show(0),
+        );
+    }
+    s
+}
+
 /// One run of the mass-reconnect part.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ReconnectRun {
@@ -608,6 +664,9 @@ pub fn write(results: &Path, out: &Path, figure: &Path) -> Result<()> {
     }
     if let Ok(runs) = load::<FleetRun>(&results.join("fleet.json")) {
         doc = replace_block(&doc, "commit-webhook", &fleet_table(&runs));
+    }
+    if let Ok(runs) = load::<LargeRun>(&results.join("large.json")) {
+        doc = replace_block(&doc, "large", &large_table(&runs));
     }
     if let Ok(runs) = load::<ReconnectRun>(&results.join("reconnect.json")) {
         doc = replace_block(&doc, "reconnect", &reconnect_table(&runs));

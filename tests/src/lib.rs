@@ -5,6 +5,7 @@
 //! Control planes are costly (seconds and ~0.5 GiB each), so a test binary starts
 //! them once ([`shared_clusters`]) and every test works in namespaces of its own.
 
+pub mod big;
 pub mod counting;
 pub mod faults;
 pub mod githttp;

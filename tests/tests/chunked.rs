@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Result};
+use flotilla_tests::big::hex_data;
 use flotilla_tests::*;
 
 /// ConfigMaps of the large bundle, and the data each carries.
@@ -16,42 +17,8 @@ const BYTES_PER_OBJECT: usize = 10_000;
 /// ConfigMaps per manifest file (files stay about 1 MB, under the 32 MiB cap).
 const PER_FILE: usize = 100;
 
-/// Random-looking hex (xorshift): gzip cannot make it much smaller, so the
-/// content really is tens of MiB on the wire.
-fn hex_data(seed: u64, len: usize) -> String {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut out = Vec::with_capacity(len);
-    while out.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        for i in 0..16 {
-            if out.len() == len {
-                break;
-            }
-            out.push(HEX[((x >> (i * 4)) & 15) as usize]);
-        }
-    }
-    String::from_utf8(out).unwrap_or_default()
-}
-
 fn big_bundle(ns: &str) -> BTreeMap<String, String> {
-    let mut files = BTreeMap::from([(
-        "big/0-ns.yaml".to_string(),
-        format!("apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {ns}\n"),
-    )]);
-    for f in 0..OBJECTS / PER_FILE {
-        let mut text = String::new();
-        for i in f * PER_FILE..(f + 1) * PER_FILE {
-            text.push_str(&format!(
-                "---\napiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: cm-{i:04}\n  namespace: {ns}\ndata:\n  blob: \"{}\"\n",
-                hex_data(i as u64, BYTES_PER_OBJECT)
-            ));
-        }
-        files.insert(format!("big/cms-{f:02}.yaml"), text);
-    }
-    files
+    flotilla_tests::big::bundle("big", ns, OBJECTS, BYTES_PER_OBJECT, PER_FILE)
 }
 
 fn small_bundle(ns: &str, dir: &str) -> BTreeMap<String, String> {
