@@ -1391,8 +1391,7 @@ impl Fleet {
     /// what it was given. While a source is not loaded, its bundles' assignments
     /// are unknown: a report is kept rather than lost (it was acknowledged).
     fn assigned(st: &State, cluster: &str, bundle: &str) -> bool {
-        let loading = st.sources.values().any(|s| !s.loaded);
-        st.clusters.contains_key(cluster) && (loading || st.index.is_targeted(cluster, bundle))
+        st.clusters.contains_key(cluster) && (!st.loaded() || st.index.is_targeted(cluster, bundle))
     }
 
     /// Drift events refused so far (bundles not assigned to their cluster).

@@ -2107,7 +2107,13 @@ async fn contents_go_in_chunks_to_agents_that_speak_it() {
             .certificate_pem;
         let mut hello2 = hello(vec![]);
         if let Some(v1::agent_message::Msg::Hello(h)) = &mut hello2.msg {
-            h.features = vec!["some-future-feature".into(), "chunked-contents".into()];
+            // An oversized and an unknown name are cut or ignored; the
+            // known one still counts.
+            h.features = vec![
+                "x".repeat(100_000),
+                "some-future-feature".into(),
+                "chunked-contents".into(),
+            ];
         }
         let channel = th.channel(Some((&cert, &key))).await.unwrap();
         let (tx2, rx) = session_request(hello2);

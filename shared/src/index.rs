@@ -199,13 +199,7 @@ impl Index {
             .chain(after.keys())
             .collect::<BTreeSet<_>>()
             .into_iter()
-            .filter(|n| {
-                let of = |by: &BTreeMap<String, Vec<usize>>, all: &[BundleInfo]| {
-                    by.get(*n)
-                        .map(|ix| ix.iter().map(|i| all[*i].clone()).collect::<Vec<_>>())
-                };
-                of(&before, &self.bundles) != of(&after, &bundles)
-            })
+            .filter(|n| named(&before, &self.bundles, n) != named(&after, &bundles, n))
             .cloned()
             .collect();
         self.bundles = Arc::new(bundles);
@@ -275,6 +269,15 @@ impl Index {
     fn sweep(&mut self) {
         self.interned.retain(|a| Arc::strong_count(a) > 1);
     }
+}
+
+/// The bundles named `name`, by reference.
+fn named<'a>(
+    by: &BTreeMap<String, Vec<usize>>,
+    all: &'a [BundleInfo],
+    name: &str,
+) -> Option<Vec<&'a BundleInfo>> {
+    by.get(name).map(|ix| ix.iter().map(|i| &all[*i]).collect())
 }
 
 fn position(targeted: &[Arc<Assignment>], bundle: &str) -> Result<usize, usize> {
