@@ -305,6 +305,13 @@ impl Sessions {
         let served = api_versions.len();
         let (tx, rx) = mpsc::channel::<AgentMessage>(OUTBOX);
         let held_hashes = self.writer.read(|s| s.held_hashes()).await?;
+        // The signed set it holds: a hub that knows it acknowledged resumes from it.
+        let held_seq = self
+            .writer
+            .read(|s| s.desired())
+            .await?
+            .and_then(|d| d.signed)
+            .map_or(0, |h| h.seq);
         let held = held_hashes.len();
         send(
             &tx,
@@ -315,6 +322,7 @@ impl Sessions {
                 api_versions,
                 registry: self.registry.is_some(),
                 features: self.features.clone(),
+                held_seq,
             }),
         )
         .await?;
@@ -357,8 +365,23 @@ impl Sessions {
                 msg = inbound.message() => match msg {
                     Ok(Some(m)) => match m.msg {
                         Some(HubMsg::Desired(mut d)) => {
-                            if take_chunked(&mut chunks, &mut d) {
-                                self.on_desired(&tx, d).await?;
+                            if let Some(deltas) = take_chunked(&mut chunks, &mut d) {
+                                match self.resolve(deltas).await? {
+                                    Ok(contents) => {
+                                        d.contents.extend(contents);
+                                        self.on_desired(&tx, d).await?;
+                                    }
+                                    Err(e) => {
+                                        // Not stored, not acknowledged. The next
+                                        // session asks for whole contents: a store
+                                        // that lost an object must not loop.
+                                        warn!(generation = d.generation, error = %e,
+                                            "refusing a desired set: a delta of it cannot be \
+                                            rebuilt; reconnecting without \"object-deltas\"");
+                                        self.features.retain(|f| f != flotilla_proto::features::OBJECT_DELTAS);
+                                        return Err(Error::Hub(format!("a content delta refused: {e}")));
+                                    }
+                                }
                             }
                         }
                         Some(HubMsg::ContentChunk(c)) => on_chunk(&mut chunks, c),
@@ -386,6 +409,49 @@ impl Sessions {
                 _ = crate::stopped(shutdown) => return Ok(Ended::Shutdown),
             }
         }
+    }
+
+    /// Rebuilds contents that came as deltas from the objects in the store
+    /// (`Err` inside: a delta that cannot be rebuilt, with the reason).
+    async fn resolve(
+        &self,
+        deltas: Vec<flotilla_proto::v1::ContentDelta>,
+    ) -> Result<
+        std::result::Result<
+            Vec<flotilla_proto::v1::BundleContent>,
+            flotilla_proto::delta::DeltaError,
+        >,
+    > {
+        if deltas.is_empty() {
+            return Ok(Ok(Vec::new()));
+        }
+        self.writer
+            .read(move |s| {
+                let mut out = Vec::with_capacity(deltas.len());
+                for delta in deltas {
+                    let mut failed = None;
+                    let r = flotilla_proto::delta::resolve(
+                        delta,
+                        |h| {
+                            s.object_list(h)
+                                .map_err(|e| failed = Some(e))
+                                .ok()
+                                .flatten()
+                        },
+                        |d| s.object(d).ok().flatten(),
+                    );
+                    if let Some(e) = failed {
+                        return Err(e);
+                    }
+                    match r {
+                        Ok(c) => out.push(c),
+                        Err(e) => return Ok(Err(e)),
+                    }
+                }
+                info!(rebuilt = out.len(), "contents rebuilt from deltas");
+                Ok(Ok(out))
+            })
+            .await
     }
 
     async fn on_desired(&self, tx: &mpsc::Sender<AgentMessage>, mut d: Desired) -> Result<()> {
@@ -532,26 +598,37 @@ fn on_chunk(chunks: &mut flotilla_proto::chunks::Assembler, c: ContentChunk) {
 }
 
 /// Moves the contents that came in chunks for `d` into it, as if they had come
-/// inline (each is checked against the signed digest like those). False, with
-/// the reason logged, when one of them did not arrive whole and sound: the set
-/// is then refused, stored nowhere and not acknowledged (the hub times it out
-/// and the session is dialled again), and the cluster keeps what it runs.
-pub fn take_chunked(chunks: &mut flotilla_proto::chunks::Assembler, d: &mut Desired) -> bool {
-    match chunks.finish(&d.chunked) {
-        Ok(contents) => {
-            if !contents.is_empty() {
+/// inline (each is checked against the signed digest like those), and returns
+/// those that came as deltas, to rebuild. `None`, with the reason logged, when
+/// one of them did not arrive whole and sound: the set is then refused, stored
+/// nowhere and not acknowledged (the hub times it out and the session is
+/// dialled again), and the cluster keeps what it runs.
+pub fn take_chunked(
+    chunks: &mut flotilla_proto::chunks::Assembler,
+    d: &mut Desired,
+) -> Option<Vec<flotilla_proto::v1::ContentDelta>> {
+    use flotilla_proto::chunks::Assembled;
+    match chunks.finish_all(&d.chunked) {
+        Ok(assembled) => {
+            if !assembled.is_empty() {
                 info!(
                     generation = d.generation,
-                    chunked = contents.len(),
+                    chunked = assembled.len(),
                     "contents received in chunks"
                 );
             }
-            d.contents.extend(contents);
-            true
+            let mut deltas = Vec::new();
+            for a in assembled {
+                match a {
+                    Assembled::Whole(c) => d.contents.push(c),
+                    Assembled::Delta(delta) => deltas.push(delta),
+                }
+            }
+            Some(deltas)
         }
         Err(e) => {
             warn!(generation = d.generation, error = %e, "refusing a desired set: a content it names did not arrive whole");
-            false
+            None
         }
     }
 }

@@ -1,5 +1,6 @@
 //! The agent's durable state in sled (`DIR/state.sled`): the last Desired set, bundle
-//! contents by hash, the inventory of objects applied per bundle (for pruning),
+//! contents by hash (each as its options and the digests of its objects, and each
+//! object stored once by digest, whatever the number of contents that have it), the inventory of objects applied per bundle (for pruning),
 //! statuses with their sequence numbers, drift events, and the Jobs Kubernetes
 //! collected after they finished (not created again for the same content). Writes
 //! here are not durable until [`Store::flush`]: the agent's one writer
@@ -84,7 +85,14 @@ pub struct Status {
 pub struct Store {
     db: sled::Db,
     meta: sled::Tree,
+    /// Contents stored whole (encoded BundleContent): a store of an agent
+    /// before objects were stored once, moved to `split` when opened, and bytes
+    /// that are no BundleContent.
     contents: sled::Tree,
+    /// Contents by hash: [`split_record`] (options and object digests).
+    split: sled::Tree,
+    /// Objects (encoded Manifest) by digest (32 bytes), once each.
+    objects: sled::Tree,
     inventory: sled::Tree,
     statuses: sled::Tree,
     /// Drift events not yet acknowledged by the hub, by id (big-endian).
@@ -106,6 +114,29 @@ fn decode<T: DeserializeOwned>(key: &[u8], bytes: &[u8]) -> Result<T> {
 fn encode<T: Serialize>(value: &T) -> Vec<u8> {
     // Serializing these plain structs cannot fail.
     serde_json::to_vec(value).unwrap_or_default()
+}
+
+fn corrupt(key: &str) -> Error {
+    Error::Corrupt {
+        key: key.to_string(),
+        reason: "not a content record".into(),
+    }
+}
+
+/// A content record: the encoded BundleContent without its manifests (a u32
+/// length first), then the 32-byte digest of each object, in order.
+fn split_record(record: &[u8]) -> Option<(&[u8], Vec<flotilla_proto::delta::Digest>)> {
+    let len = u32::from_be_bytes(record.get(..4)?.try_into().ok()?) as usize;
+    let head = record.get(4..4 + len)?;
+    let rest = record.get(4 + len..)?;
+    if rest.len() % 32 != 0 {
+        return None;
+    }
+    let digests = rest
+        .chunks_exact(32)
+        .map(|c| <[u8; 32]>::try_from(c).unwrap_or_default())
+        .collect();
+    Some((head, digests))
 }
 
 fn u64_of(bytes: Option<sled::IVec>) -> u64 {
@@ -171,6 +202,8 @@ impl Store {
         let store = Store {
             meta: db.open_tree("meta")?,
             contents: db.open_tree("contents")?,
+            split: db.open_tree("content_objects")?,
+            objects: db.open_tree("objects")?,
             inventory: db.open_tree("inventory")?,
             statuses: db.open_tree("statuses")?,
             drift: db.open_tree("drift")?,
@@ -191,7 +224,16 @@ impl Store {
             store.meta.insert(DRIFT_ID_KEY, &seed.to_be_bytes())?;
             seeded = true;
         }
-        if seeded {
+        // Contents of an older agent, stored whole: each object once from now on.
+        let mut moved = false;
+        for entry in store.contents.iter() {
+            let (key, bytes) = entry?;
+            if store.put_split(&String::from_utf8_lossy(&key), &bytes)? {
+                store.contents.remove(key)?;
+                moved = true;
+            }
+        }
+        if seeded || moved {
             store.flush()?;
         }
         Ok(store)
@@ -227,32 +269,128 @@ impl Store {
             .map(|b| b.content_hash.as_str())
             .collect();
         for (hash, bytes) in contents {
-            if wanted.contains(hash.as_str()) {
+            if wanted.contains(hash.as_str())
+                && !self.split.contains_key(hash.as_bytes())?
+                && !self.put_split(hash, bytes)?
+            {
                 self.contents.insert(hash.as_bytes(), bytes.as_slice())?;
             }
         }
         self.meta.insert(DESIRED_KEY, encode(set))?;
-        for key in self.contents.iter().keys() {
-            let key = key?;
-            if !wanted.contains(String::from_utf8_lossy(&key).as_ref()) {
-                self.contents.remove(key)?;
+        let mut dropped = false;
+        for tree in [&self.contents, &self.split] {
+            for key in tree.iter().keys() {
+                let key = key?;
+                if !wanted.contains(String::from_utf8_lossy(&key).as_ref()) {
+                    tree.remove(key)?;
+                    dropped = true;
+                }
+            }
+        }
+        if dropped {
+            // Objects no content held refers to.
+            let mut live = std::collections::HashSet::new();
+            for record in self.split.iter().values() {
+                let record = record?;
+                let (_, digests) =
+                    split_record(&record).ok_or_else(|| corrupt("content_objects"))?;
+                live.extend(digests.iter().copied());
+            }
+            for key in self.objects.iter().keys() {
+                let key = key?;
+                if !<[u8; 32]>::try_from(key.as_ref()).is_ok_and(|d| live.contains(&d)) {
+                    self.objects.remove(key)?;
+                }
             }
         }
         Ok(())
     }
 
+    /// Stores an encoded BundleContent as its options and objects (each object
+    /// once); false, storing nothing, if the bytes are no BundleContent.
+    fn put_split(&self, hash: &str, bytes: &[u8]) -> Result<bool> {
+        use prost::Message;
+        let Ok(mut content) = flotilla_proto::v1::BundleContent::decode(bytes) else {
+            return Ok(false);
+        };
+        let manifests = std::mem::take(&mut content.manifests);
+        let head = content.encode_to_vec();
+        let mut record = Vec::with_capacity(4 + head.len() + 32 * manifests.len());
+        record.extend_from_slice(&(head.len() as u32).to_be_bytes());
+        record.extend_from_slice(&head);
+        for m in &manifests {
+            let digest = flotilla_proto::delta::object_digest(m);
+            if !self.objects.contains_key(digest)? {
+                self.objects.insert(digest, m.encode_to_vec())?;
+            }
+            record.extend_from_slice(&digest);
+        }
+        self.split.insert(hash.as_bytes(), record)?;
+        Ok(true)
+    }
+
     /// The encoded BundleContent for a hash.
     pub fn content(&self, hash: &str) -> Result<Option<Vec<u8>>> {
-        Ok(self.contents.get(hash.as_bytes())?.map(|b| b.to_vec()))
+        use prost::Message;
+        let Some(record) = self.split.get(hash.as_bytes())? else {
+            return Ok(self.contents.get(hash.as_bytes())?.map(|b| b.to_vec()));
+        };
+        let (head, digests) = split_record(&record).ok_or_else(|| corrupt(hash))?;
+        let mut content =
+            flotilla_proto::v1::BundleContent::decode(head).map_err(|_| corrupt(hash))?;
+        content.manifests.reserve_exact(digests.len());
+        for d in digests {
+            let m = self.object(&d)?.ok_or_else(|| Error::Corrupt {
+                key: hash.to_string(),
+                reason: format!("object {} is missing", hex::encode(d)),
+            })?;
+            content.manifests.push(m);
+        }
+        Ok(Some(content.encode_to_vec()))
+    }
+
+    /// The digests of a content's objects, in order; `None` if it is not held
+    /// as objects.
+    pub fn object_list(&self, hash: &str) -> Result<Option<Vec<flotilla_proto::delta::Digest>>> {
+        let Some(record) = self.split.get(hash.as_bytes())? else {
+            return Ok(None);
+        };
+        let (_, digests) = split_record(&record).ok_or_else(|| corrupt(hash))?;
+        Ok(Some(digests))
+    }
+
+    /// An object by digest.
+    pub fn object(
+        &self,
+        digest: &flotilla_proto::delta::Digest,
+    ) -> Result<Option<flotilla_proto::v1::Manifest>> {
+        use prost::Message;
+        self.objects
+            .get(digest)?
+            .map(|b| {
+                flotilla_proto::v1::Manifest::decode(b.as_ref())
+                    .map_err(|_| corrupt(&hex::encode(digest)))
+            })
+            .transpose()
+    }
+
+    /// How many objects are stored (each once).
+    pub fn object_count(&self) -> usize {
+        self.objects.len()
     }
 
     /// The content hashes held, for Hello.
     pub fn held_hashes(&self) -> Result<Vec<String>> {
-        self.contents
+        let mut held: Vec<String> = self
+            .split
             .iter()
             .keys()
+            .chain(self.contents.iter().keys())
             .map(|k| Ok(String::from_utf8_lossy(&k?).into_owned()))
-            .collect()
+            .collect::<Result<_>>()?;
+        held.sort();
+        held.dedup();
+        Ok(held)
     }
 
     /// The objects applied for a bundle; `None` when the store has no record of it.
@@ -543,6 +681,73 @@ mod tests {
         assert_eq!(s.held_hashes().unwrap(), ["h3"]);
         assert_eq!(s.content("h3").unwrap().unwrap(), b"three");
         assert_eq!(s.content("h1").unwrap(), None);
+    }
+
+    fn content(hash: &str, values: &[&str]) -> (String, Vec<u8>) {
+        use prost::Message;
+        let c = flotilla_proto::v1::BundleContent {
+            content_hash: hash.into(),
+            manifests: values
+                .iter()
+                .map(|v| flotilla_proto::v1::Manifest {
+                    file: "f.yaml".into(),
+                    json: format!(r#"{{"kind":"ConfigMap","data":{{"v":"{v}"}}}}"#),
+                })
+                .collect(),
+            default_namespace: "d".into(),
+            ..Default::default()
+        };
+        (hash.to_string(), c.encode_to_vec())
+    }
+
+    #[test]
+    fn each_object_is_kept_once_whatever_refers_to_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path(), 1).unwrap();
+        // Two bundles and two revisions sharing objects: 4 distinct objects.
+        let a1 = content("a1", &["x", "y", "z"]);
+        let b1 = content("b1", &["x", "y"]);
+        s.save_desired(
+            &set(1, &[("a", "a1"), ("b", "b1")]),
+            &[a1.clone(), b1.clone()],
+        )
+        .unwrap();
+        assert_eq!(s.object_count(), 3);
+        let a2 = content("a2", &["x", "y", "w"]);
+        s.save_desired(
+            &set(2, &[("a", "a2"), ("b", "b1")]),
+            std::slice::from_ref(&a2),
+        )
+        .unwrap();
+        assert_eq!(s.object_count(), 3, "z went with a1, w came with a2");
+        // Each content reads back exactly as it came.
+        assert_eq!(s.content("a2").unwrap().unwrap(), a2.1);
+        assert_eq!(s.content("b1").unwrap().unwrap(), b1.1);
+        assert_eq!(s.content("a1").unwrap(), None);
+        assert_eq!(s.object_list("a2").unwrap().unwrap().len(), 3);
+        s.save_desired(&set(3, &[]), &[]).unwrap();
+        assert_eq!(s.object_count(), 0);
+        assert!(s.held_hashes().unwrap().is_empty());
+    }
+
+    #[test]
+    fn contents_an_older_agent_stored_whole_are_kept_as_objects() {
+        let dir = tempfile::tempdir().unwrap();
+        let a1 = content("a1", &["x", "y"]);
+        {
+            let s = Store::open(dir.path(), 1).unwrap();
+            // As the agent before objects were stored once wrote it.
+            s.contents.insert(b"a1", a1.1.as_slice()).unwrap();
+            s.meta
+                .insert(DESIRED_KEY, encode(&set(1, &[("a", "a1")])))
+                .unwrap();
+            s.flush().unwrap();
+        }
+        let s = Store::open(dir.path(), 2).unwrap();
+        assert_eq!(s.contents.len(), 0);
+        assert_eq!(s.object_count(), 2);
+        assert_eq!(s.held_hashes().unwrap(), ["a1"]);
+        assert_eq!(s.content("a1").unwrap().unwrap(), a1.1);
     }
 
     #[test]

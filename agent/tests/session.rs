@@ -485,6 +485,7 @@ async fn unsound_chunked_contents_refuse_their_set() {
         offset: 0,
         total_len: MAX_CONTENT_BYTES + 1,
         data: vec![0u8; 1024].into(),
+        delta: false,
     }));
     messages.push(set(7, &hd));
     // Never sent whole: the last chunk missing.
@@ -504,7 +505,7 @@ async fn unsound_chunked_contents_refuse_their_set() {
     let AgentMsg::Hello(hello) = next(&mut run.events).await else {
         panic!("Hello first")
     };
-    assert_eq!(hello.features, [flotilla_proto::features::CHUNKED_CONTENTS]);
+    assert_eq!(hello.features, flotilla_proto::features::ALL);
     // The stream is ordered: had the agent taken any earlier set, its ack would come first.
     let AgentMsg::Ack(ack) = next(&mut run.events).await else {
         panic!("an ack")
@@ -520,5 +521,109 @@ async fn unsound_chunked_contents_refuse_their_set() {
     let held = run.store.content(&hf).unwrap().expect("its content");
     let held = BundleContent::decode(held.as_slice()).unwrap();
     assert_eq!(flotilla_proto::content_digest(&held).unwrap(), hf);
+    run.stop().await;
+}
+
+/// "object-deltas": a content that comes as a delta is rebuilt from the objects
+/// the store holds, stored (each object once) and acknowledged; a delta that
+/// cannot be rebuilt (it copies from a content the agent does not hold) refuses
+/// its set, and the next session no longer asks for deltas.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deltas_are_rebuilt_from_the_store_and_one_that_cannot_be_ends_deltas() {
+    use flotilla_proto::chunks::{encode_content, split_as};
+    use flotilla_proto::delta::{diff, object_list, Base};
+    use flotilla_shared::bundle::{Manifest, Rendered};
+    let rendered = |values: &[&str]| Rendered {
+        manifests: values
+            .iter()
+            .enumerate()
+            .map(|(i, v)| Manifest {
+                file: format!("cm-{i}.yaml"),
+                object: serde_json::json!({
+                    "apiVersion": "v1", "kind": "ConfigMap",
+                    "metadata": {"name": format!("cm-{i}")},
+                    "data": {"v": v}
+                }),
+            })
+            .collect(),
+        options: Default::default(),
+    };
+    let set = |generation: u64, hash: &str| {
+        HubMsg::Desired(Desired {
+            generation,
+            complete: true,
+            chunked: vec![hash.to_string()],
+            bundles: vec![BundleRef {
+                name: "web".into(),
+                content_hash: hash.into(),
+                revision: format!("c{generation}"),
+                blob_digest: String::new(),
+            }],
+            ..Default::default()
+        })
+    };
+    let (a, b) = (rendered(&["x", "y", "z"]), rendered(&["x", "y", "w"]));
+    let (ha, hb) = (a.content_hash(), b.content_hash());
+    let a_list = object_list(&a);
+    let delta = diff(
+        &hb,
+        &b,
+        &object_list(&b),
+        &[Base {
+            hash: &ha,
+            objects: &a_list,
+        }],
+    )
+    .expect("b shares objects with a");
+    let mut messages: Vec<HubMsg> = split_as(&ha, encode_content(&ha, &a).into(), false)
+        .map(HubMsg::ContentChunk)
+        .collect();
+    messages.push(set(1, &ha));
+    messages.extend(split_as(&hb, delta.encode_to_vec().into(), true).map(HubMsg::ContentChunk));
+    messages.push(set(2, &hb));
+    // A delta against a content the agent never held.
+    let c = rendered(&["x", "q", "r"]);
+    let hc = c.content_hash();
+    let mut bad = delta.clone();
+    bad.content_hash = hc.clone();
+    bad.bases = vec!["f".repeat(64)];
+    messages.extend(split_as(&hc, bad.encode_to_vec().into(), true).map(HubMsg::ContentChunk));
+    messages.push(set(3, &hc));
+
+    let mut run = run_against_messages(messages).await;
+    let AgentMsg::Hello(hello) = next(&mut run.events).await else {
+        panic!("Hello first")
+    };
+    assert!(hello
+        .features
+        .iter()
+        .any(|f| f == flotilla_proto::features::OBJECT_DELTAS));
+    for generation in [1, 2] {
+        let AgentMsg::Ack(ack) = next(&mut run.events).await else {
+            panic!("an ack")
+        };
+        assert_eq!(ack.generation, generation);
+    }
+    let held = run
+        .store
+        .content(&hb)
+        .unwrap()
+        .expect("the rebuilt content");
+    assert_eq!(
+        BundleContent::decode(held.as_slice()).unwrap(),
+        flotilla_proto::bundle_content(&hb, &b)
+    );
+    assert_eq!(run.store.object_count(), 3, "z went with a, w came with b");
+    // The bad delta is refused (no ack) and ends the session; the next one asks
+    // for whole contents.
+    let hello = loop {
+        match next(&mut run.events).await {
+            AgentMsg::Hello(h) => break h,
+            AgentMsg::Ack(a) => assert_ne!(a.generation, 3, "the bad delta's set was taken"),
+            _ => {}
+        }
+    };
+    assert_eq!(hello.features, [flotilla_proto::features::CHUNKED_CONTENTS]);
+    assert_eq!(run.store.desired().unwrap().unwrap().generation, 2);
     run.stop().await;
 }

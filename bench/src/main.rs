@@ -279,10 +279,14 @@ fn main() -> Result<()> {
         Part::Wire { objects, runs } => {
             let path = args.results.join("wire.json");
             let mut all = Vec::new();
-            for gzip in [false, true] {
+            // Side by side in one run: the v1 agent without and with gzip,
+            // and one that speaks "object-deltas".
+            for (gzip, deltas) in [(false, false), (true, false), (true, true)] {
                 for run in 1..=runs {
-                    eprintln!("wire: {objects} objects, gzip {gzip}, run {run}/{runs}");
-                    let r = rt.block_on(wire_run(objects, gzip))?;
+                    eprintln!(
+                        "wire: {objects} objects, gzip {gzip}, deltas {deltas}, run {run}/{runs}"
+                    );
+                    let r = rt.block_on(wire_run(objects, gzip, deltas))?;
                     eprintln!("  {r:?}");
                     all.push(r);
                     report::save(&path, &all)?;
@@ -741,7 +745,7 @@ async fn hub_run(n: usize, concurrency: usize, cpu_window: Duration) -> Result<H
     })
 }
 
-async fn wire_run(objects: usize, gzip: bool) -> Result<WireRun> {
+async fn wire_run(objects: usize, gzip: bool, deltas: bool) -> Result<WireRun> {
     let dir = tempfile::Builder::new()
         .prefix("flotilla-bench-wire-")
         .tempdir()?;
@@ -781,7 +785,18 @@ async fn wire_run(objects: usize, gzip: bool) -> Result<WireRun> {
     let (ev_tx, mut ev_rx) = mpsc::unbounded_channel();
     let (stop_tx, stop_rx) = watch::channel(false);
     let (d_before_session, _) = proxy.counts();
-    tokio::spawn(sim::session(0, uri, tls, gzip, ev_tx, stop_rx));
+    if deltas {
+        tokio::spawn(sim::session_speaking(
+            0,
+            uri,
+            tls,
+            flotilla_proto::features::ALL,
+            ev_tx,
+            stop_rx,
+        ));
+    } else {
+        tokio::spawn(sim::session(0, uri, tls, gzip, ev_tx, stop_rx));
+    }
     let (_, initial_desired_bytes) = wait_acks(&mut ev_rx, 1, &r1, Duration::from_secs(60)).await?;
     // Let the status and its ack pass before counting.
     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -802,6 +817,11 @@ async fn wire_run(objects: usize, gzip: bool) -> Result<WireRun> {
     Ok(WireRun {
         objects,
         gzip,
+        features: if deltas {
+            flotilla_proto::features::OBJECT_DELTAS.into()
+        } else {
+            String::new()
+        },
         object_yaml_bytes,
         initial_desired_bytes,
         initial_wire_bytes: d0 - d_before_session,

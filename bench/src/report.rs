@@ -158,9 +158,14 @@ pub fn reconnect_table(runs: &[ReconnectRun]) -> String {
 pub struct WireRun {
     pub objects: usize,
     pub gzip: bool,
+    /// "object-deltas" for an agent that speaks it (its contents come in
+    /// chunks, whole or as deltas); empty for the v1 agent, inline.
+    #[serde(default)]
+    pub features: String,
     /// Size of the changed object's YAML file.
     pub object_yaml_bytes: usize,
-    /// Protobuf size of the first Desired (whole bundle) and of the one after the change.
+    /// Protobuf size of the first Desired (whole bundle) and of the one after
+    /// the change, with the chunks before it.
     pub initial_desired_bytes: usize,
     pub initial_wire_bytes: u64,
     pub change_desired_bytes: usize,
@@ -489,20 +494,23 @@ pub fn fleet_table(runs: &[FleetRun]) -> String {
 /// The bytes-on-the-wire table.
 pub fn wire_table(runs: &[WireRun]) -> String {
     let mut s = String::from(
-        "| objects | gzip accepted by the agent | runs | changed object (YAML), bytes | Desired for the change (protobuf), bytes | on the wire for the change, bytes | first Desired (protobuf), bytes | on the wire for the first Desired, bytes |\n|---:|---|---:|---:|---:|---:|---:|---:|\n",
+        "| objects | agent | runs | changed object (YAML), bytes | messages for the change (protobuf), bytes | on the wire for the change, bytes | first Desired (protobuf), bytes | on the wire for the first Desired, bytes |\n|---:|---|---:|---:|---:|---:|---:|---:|\n",
     );
-    let mut groups: BTreeMap<(usize, bool), Vec<&WireRun>> = BTreeMap::new();
+    let mut groups: BTreeMap<(usize, &str, bool), Vec<&WireRun>> = BTreeMap::new();
     for r in runs {
-        groups.entry((r.objects, r.gzip)).or_default().push(r);
+        groups
+            .entry((r.objects, r.features.as_str(), r.gzip))
+            .or_default()
+            .push(r);
     }
-    for ((objects, gzip), rs) in groups {
+    for ((objects, features, gzip), rs) in groups {
         let _ = writeln!(
             s,
             "| {objects} | {} | {} | {} | {} | {} | {} | {} |",
-            if gzip {
-                "yes (the agent from this change on)"
-            } else {
-                "no (the agent before this change)"
+            match (features, gzip) {
+                ("object-deltas", _) => "protocol v2, object-deltas (gzip)",
+                (_, true) => "protocol v1, contents inline, gzip",
+                (_, false) => "protocol v1, contents inline, no gzip",
             },
             rs.len(),
             of(&rs, |r| r.object_yaml_bytes as f64).show(0),

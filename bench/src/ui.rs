@@ -151,7 +151,7 @@ pub async fn run(clusters: usize, bundles: usize, repeat: usize) -> Result<UiRun
                     .desired(&name)
                     .with_context(|| format!("{name} has no desired set"))?;
                 // The agent stored the set and acknowledged it, then reports.
-                fleet.record_ack(&name, &desired)?;
+                fleet.record_ack(&name, &desired, None)?;
                 if names.is_empty() {
                     names = desired.bundles.iter().map(|b| b.0.clone()).collect();
                 }

@@ -609,6 +609,20 @@ pub struct Hello<'a> {
     pub api_versions: &'a [String],
 }
 
+/// A digest of a set's bundles, contents and revisions: two sets with the
+/// same digest are the same set.
+pub fn set_digest(set: &DesiredSet) -> String {
+    use sha2::Digest as _;
+    let mut h = sha2::Sha256::new();
+    for (bundle, hash, revision) in &set.bundles {
+        for part in [bundle, hash, revision] {
+            h.update(part.as_bytes());
+            h.update(b"\0");
+        }
+    }
+    hex::encode(h.finalize())
+}
+
 /// What a session sends: the complete set and the contents by hash.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DesiredSet {
@@ -1339,8 +1353,22 @@ impl Fleet {
         self.lock().contents.get(hash).cloned()
     }
 
-    /// Records that the agent holds (flushed) exactly this set.
-    pub fn record_ack(&self, name: &str, set: &DesiredSet) -> Result<(), FleetError> {
+    /// The signed set the cluster's agent last acknowledged over a session.
+    pub fn resume_point(&self, name: &str) -> Option<crate::store::Resume> {
+        self.lock()
+            .clusters
+            .get(name)
+            .and_then(|c| c.record.resume.clone())
+    }
+
+    /// Records that the agent holds (flushed) exactly this set; `resume` when
+    /// it came over a session, signed (see [`crate::store::Resume`]).
+    pub fn record_ack(
+        &self,
+        name: &str,
+        set: &DesiredSet,
+        resume: Option<crate::store::Resume>,
+    ) -> Result<(), FleetError> {
         let mut st = self.lock();
         if let Some(c) = st.clusters.get_mut(name) {
             c.record.acked = set
@@ -1348,6 +1376,7 @@ impl Fleet {
                 .iter()
                 .map(|(b, h, _)| (b.clone(), h.clone()))
                 .collect();
+            c.record.resume = resume;
             self.store.put_cluster(&c.record)?;
             st.row_dirty.insert(name.to_string());
         }
@@ -2399,7 +2428,7 @@ mod tests {
         // The agent acknowledges what it is sent and reports it `state`.
         let report = |fleet: &Fleet, c: &str, state: BundleState, at: i64| {
             let d = fleet.desired(c).unwrap();
-            fleet.record_ack(c, &d).unwrap();
+            fleet.record_ack(c, &d, None).unwrap();
             let (_, hash, revision) = d
                 .bundles
                 .into_iter()
@@ -2560,7 +2589,7 @@ mod tests {
         );
 
         let desired = fleet.desired("c1").unwrap();
-        fleet.record_ack("c1", &desired).unwrap();
+        fleet.record_ack("c1", &desired, None).unwrap();
         assert_eq!(state(&fleet), BundleState::WaitApplied);
         let (b, hash, revision) = desired.bundles[0].clone();
         let report = |state| StatusRecord {

@@ -393,6 +393,7 @@ pub async fn serve(
         settings,
         shutdown: shutdown.clone(),
         encodings: Arc::default(),
+        lists: Arc::default(),
     };
     let mut stop = shutdown;
     tonic::transport::Server::builder()
@@ -602,22 +603,26 @@ pub struct FleetService {
     settings: Settings,
     shutdown: watch::Receiver<bool>,
     encodings: Arc<Encodings>,
+    lists: Arc<ObjectLists>,
 }
 
-/// Contents encoded for sending in chunks, shared by the sessions sending them:
-/// a content taken by many agents at once is encoded once, and freed when the
-/// last chunk of it has gone out (only weak references are kept here).
+/// Contents (and deltas) encoded for sending in chunks, shared by the sessions
+/// sending them: a content taken by many agents at once is encoded once, by
+/// the first session that needs it while the others wait for it, and freed
+/// when the last chunk of it has gone out (only weak references are kept here).
 #[derive(Default)]
 struct Encodings {
-    live: std::sync::Mutex<HashMap<String, std::sync::Weak<Vec<u8>>>>,
+    live: std::sync::Mutex<HashMap<String, std::sync::Weak<Encoded>>>,
 }
 
+type Encoded = tokio::sync::OnceCell<Vec<u8>>;
+
 /// Lends an encoded content to `Bytes`: its chunks are slices of it.
-struct Lent(Arc<Vec<u8>>);
+struct Lent(Arc<Encoded>);
 
 impl AsRef<[u8]> for Lent {
     fn as_ref(&self) -> &[u8] {
-        self.0.as_slice()
+        self.0.get().map_or(&[], Vec::as_slice)
     }
 }
 
@@ -628,28 +633,94 @@ impl Encodings {
         hash: &str,
         rendered: Arc<flotilla_shared::bundle::Rendered>,
     ) -> Result<prost::bytes::Bytes, tokio::task::JoinError> {
-        let live = {
-            let map = self.live.lock().unwrap_or_else(|p| p.into_inner());
-            map.get(hash).and_then(std::sync::Weak::upgrade)
-        };
-        let encoded = match live {
-            Some(e) => e,
-            None => {
-                let h = hash.to_string();
-                // Tens of MiB of JSON: off the async threads.
-                let e = Arc::new(
-                    tokio::task::spawn_blocking(move || {
-                        flotilla_proto::chunks::encode_content(&h, &rendered)
-                    })
-                    .await?,
-                );
-                let mut map = self.live.lock().unwrap_or_else(|p| p.into_inner());
-                map.retain(|_, w| w.strong_count() > 0);
-                map.insert(hash.to_string(), Arc::downgrade(&e));
-                e
+        let h = hash.to_string();
+        self.get_with(hash, move || {
+            flotilla_proto::chunks::encode_content(&h, &rendered)
+        })
+        .await
+    }
+
+    /// The bytes `encode` makes under `key`, made once while anyone holds them.
+    async fn get_with(
+        &self,
+        key: &str,
+        encode: impl FnOnce() -> Vec<u8> + Send + 'static,
+    ) -> Result<prost::bytes::Bytes, tokio::task::JoinError> {
+        let cell = {
+            let mut map = self.live.lock().unwrap_or_else(|p| p.into_inner());
+            match map.get(key).and_then(std::sync::Weak::upgrade) {
+                Some(c) => c,
+                None => {
+                    map.retain(|_, w| w.strong_count() > 0);
+                    let c = Arc::new(Encoded::new());
+                    map.insert(key.to_string(), Arc::downgrade(&c));
+                    c
+                }
             }
         };
-        Ok(prost::bytes::Bytes::from_owner(Lent(encoded)))
+        // Tens of MiB of JSON: off the async threads.
+        cell.get_or_try_init(|| tokio::task::spawn_blocking(encode))
+            .await?;
+        Ok(prost::bytes::Bytes::from_owner(Lent(cell)))
+    }
+}
+
+/// The object digests of contents, for deltas ("object-deltas"): kept past the
+/// contents themselves (a commit drops the content its agents still hold, and
+/// the next delta is made against it), oldest dropped first beyond
+/// [`MAX_LISTED_OBJECTS`] digests in all.
+#[derive(Default)]
+struct ObjectLists {
+    inner: std::sync::Mutex<Lists>,
+}
+
+#[derive(Default)]
+struct Lists {
+    map: HashMap<String, Arc<[flotilla_proto::delta::Digest]>>,
+    order: std::collections::VecDeque<String>,
+    total: usize,
+}
+
+/// 2 Mi digests: 64 MiB at most.
+const MAX_LISTED_OBJECTS: usize = 1 << 21;
+
+impl ObjectLists {
+    fn get(&self, hash: &str) -> Option<Arc<[flotilla_proto::delta::Digest]>> {
+        let lists = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        lists.map.get(hash).cloned()
+    }
+
+    /// The digests of `rendered`'s objects (content `hash`), listed once.
+    async fn get_or_list(
+        &self,
+        hash: &str,
+        rendered: Arc<flotilla_shared::bundle::Rendered>,
+    ) -> Result<Arc<[flotilla_proto::delta::Digest]>, tokio::task::JoinError> {
+        if let Some(l) = self.get(hash) {
+            return Ok(l);
+        }
+        let list: Arc<[flotilla_proto::delta::Digest]> = if rendered.manifests.len() > 256 {
+            tokio::task::spawn_blocking(move || flotilla_proto::delta::object_list(&rendered))
+                .await?
+                .into()
+        } else {
+            flotilla_proto::delta::object_list(&rendered).into()
+        };
+        let mut lists = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(l) = lists.map.get(hash) {
+            return Ok(l.clone());
+        }
+        lists.total += list.len();
+        lists.map.insert(hash.to_string(), list.clone());
+        lists.order.push_back(hash.to_string());
+        while lists.total > MAX_LISTED_OBJECTS && lists.order.len() > 1 {
+            if let Some(old) = lists.order.pop_front() {
+                if let Some(l) = lists.map.remove(&old) {
+                    lists.total -= l.len();
+                }
+            }
+        }
+        Ok(list)
     }
 }
 
@@ -682,6 +753,7 @@ impl FleetRpc for FleetService {
             silence: self.settings.agent_silence,
             features: self.settings.features,
             encodings: self.encodings.clone(),
+            lists: self.lists.clone(),
         };
         let span = tracing::info_span!("session", cluster = %cluster);
         tokio::spawn(session.run().instrument(span));
@@ -742,6 +814,7 @@ struct Session {
     /// See [`Settings::features`].
     features: bool,
     encodings: Arc<Encodings>,
+    lists: Arc<ObjectLists>,
 }
 
 /// The task feeding a set's chunks, then the set, to the session's stream;
@@ -777,6 +850,12 @@ struct Sent {
     /// The agent takes contents in chunks (Hello's "chunked-contents", acted on
     /// unless the hub runs `--protocol-v1-only`).
     chunked: bool,
+    /// The agent takes contents as deltas of objects (Hello's "object-deltas",
+    /// with "chunked-contents").
+    deltas: bool,
+    /// The seq of the signed set the agent holds (Hello), until the first set
+    /// is sent or resumed.
+    resume: Option<u64>,
     /// Contents too large to go inline to this v1 agent (each alone).
     too_large: HashSet<String>,
     /// Contents of held sets whose bundles' status says why, since the last set sent.
@@ -828,11 +907,9 @@ impl Session {
         caps::cap_list(&mut hello.features, caps::API_VERSIONS, caps::SHORT);
         // Feature negotiation: the hub acts on the features it knows, ignores
         // the rest, and answers with what it sends (see flotilla.proto, Hello).
-        let chunked = self.features
-            && hello
-                .features
-                .iter()
-                .any(|f| f == flotilla_proto::features::CHUNKED_CONTENTS);
+        let speaks = |feature: &str| self.features && hello.features.iter().any(|f| f == feature);
+        let chunked = speaks(flotilla_proto::features::CHUNKED_CONTENTS);
+        let deltas = chunked && speaks(flotilla_proto::features::OBJECT_DELTAS);
         let said = crate::fleet::Hello {
             agent_version: &hello.agent_version,
             kubernetes_version: &hello.kubernetes_version,
@@ -859,14 +936,30 @@ impl Session {
             held = hello.held_hashes.len(),
             features = ?hello.features,
             chunked_contents = chunked,
+            object_deltas = deltas,
             "agent connected"
         );
+        if deltas {
+            // The objects of what it holds, listed while the hub has them: a
+            // commit drops an old content, and the next delta is made against it.
+            for hash in &hello.held_hashes {
+                if self.lists.get(hash).is_none() {
+                    if let Some(rendered) = self.fleet.content(hash) {
+                        if let Err(e) = self.lists.get_or_list(hash, rendered).await {
+                            tracing::warn!(error = %e, "cannot list a content's objects");
+                        }
+                    }
+                }
+            }
+        }
         let mut sent = Sent {
             held: hello.held_hashes.into_iter().collect(),
             last: None,
             key_id: String::new(),
             registry: hello.registry,
             chunked,
+            deltas,
+            resume: (hello.held_seq > 0).then_some(hello.held_seq),
             too_large: HashSet::new(),
             reported: HashSet::new(),
             generation: 0,
@@ -1004,6 +1097,30 @@ impl Session {
             tracing::debug!("holding the desired set until every source is loaded");
             return Ok(());
         }
+        if let Some(held_seq) = sent.resume.take() {
+            // The agent holds, stored and acknowledged, the very set it would be
+            // sent (same seq, key, bundles, contents, revisions): the session
+            // resumes from it, and nothing is signed or sent.
+            let resumes = self.fleet.resume_point(&self.cluster).is_some_and(|r| {
+                r.seq == held_seq
+                    && r.key_id == self.pki.signer.key_id()
+                    && r.set_digest == crate::fleet::set_digest(&desired)
+            }) && desired
+                .bundles
+                .iter()
+                .all(|(_, h, _)| sent.held.contains(h));
+            if resumes {
+                tracing::info!(
+                    seq = held_seq,
+                    "the agent holds this very set: resuming from it"
+                );
+                sent.generation = held_seq;
+                sent.key_id = self.pki.signer.key_id();
+                sent.held = desired.bundles.iter().map(|(_, h, _)| h.clone()).collect();
+                sent.last = Some(desired);
+                return Ok(());
+            }
+        }
         // What the agent holds once it has stored this set: it keeps exactly the
         // contents the set refers to (dropping the rest), and the stream is ordered.
         let mut will_hold = HashSet::new();
@@ -1057,12 +1174,22 @@ impl Session {
         let mut contents = Vec::new();
         if sent.chunked {
             for (hash, rendered) in rest {
+                if sent.deltas {
+                    let delta = self
+                        .delta(&hash, &rendered, sent, &desired)
+                        .await
+                        .map_err(|e| End::Error(internal(e)))?;
+                    if let Some(encoded) = delta {
+                        chunked.push((hash, encoded, true));
+                        continue;
+                    }
+                }
                 let encoded = self
                     .encodings
                     .get(&hash, rendered)
                     .await
                     .map_err(|e| End::Error(internal(e)))?;
-                chunked.push((hash, encoded));
+                chunked.push((hash, encoded, false));
             }
         } else {
             for (hash, rendered) in rest {
@@ -1108,7 +1235,7 @@ impl Session {
             contents,
             complete: true,
             signed: Some((&envelope).into()),
-            chunked: chunked.iter().map(|(h, _)| h.clone()).collect(),
+            chunked: chunked.iter().map(|(h, _, _)| h.clone()).collect(),
         };
         let len = prost::Message::encoded_len(&msg);
         if len > MAX_MESSAGE {
@@ -1136,7 +1263,8 @@ impl Session {
             bundles = msg.bundles.len(),
             contents = msg.contents.len(),
             chunked = msg.chunked.len(),
-            chunked_bytes = chunked.iter().map(|(_, b)| b.len()).sum::<usize>(),
+            chunked_bytes = chunked.iter().map(|(_, b, _)| b.len()).sum::<usize>(),
+            deltas = chunked.iter().filter(|(_, _, d)| *d).count(),
             from_registry = blobs.len(),
             "sending desired set"
         );
@@ -1171,8 +1299,8 @@ impl Session {
         sent.feeding = Some(Feeder(tokio::spawn(
             async move {
                 let out = |msg| v1::HubMessage { msg: Some(msg) };
-                for (hash, encoded) in chunked {
-                    for chunk in flotilla_proto::chunks::split(&hash, encoded) {
+                for (hash, encoded, delta) in chunked {
+                    for chunk in flotilla_proto::chunks::split_as(&hash, encoded, delta) {
                         let msg = out(v1::hub_message::Msg::ContentChunk(chunk));
                         if tx.send(Ok(msg)).await.is_err() {
                             return;
@@ -1184,6 +1312,74 @@ impl Session {
             .in_current_span(),
         )));
         Ok(())
+    }
+
+    /// Content `hash` as a delta against the contents the agent holds, encoded
+    /// (shared by the sessions whose agents hold the same), or `None` to send
+    /// it whole: the hub knows the objects of none of them, the agent holds
+    /// none of its objects, or it lacks most of them.
+    async fn delta(
+        &self,
+        hash: &str,
+        rendered: &Arc<flotilla_shared::bundle::Rendered>,
+        sent: &Sent,
+        desired: &DesiredSet,
+    ) -> Result<Option<prost::bytes::Bytes>, tokio::task::JoinError> {
+        let objects = self.lists.get_or_list(hash, rendered.clone()).await?;
+        // The bundles' previous contents first: runs are copied from them.
+        let bundles: HashSet<&str> = desired
+            .bundles
+            .iter()
+            .filter(|(_, h, _)| h == hash)
+            .map(|(b, _, _)| b.as_str())
+            .collect();
+        let previous: HashSet<&str> = sent
+            .last
+            .iter()
+            .flat_map(|l| l.bundles.iter())
+            .filter(|(b, _, _)| bundles.contains(b.as_str()))
+            .map(|(_, h, _)| h.as_str())
+            .collect();
+        let mut bases: Vec<(String, Arc<[flotilla_proto::delta::Digest]>)> = sent
+            .held
+            .iter()
+            .filter_map(|h| self.lists.get(h).map(|l| (h.clone(), l)))
+            .collect();
+        if bases.is_empty() {
+            return Ok(None);
+        }
+        bases.sort_by(|(a, _), (b, _)| {
+            (!previous.contains(a.as_str()), a).cmp(&(!previous.contains(b.as_str()), b))
+        });
+        let key = std::iter::once(format!("delta {hash} from"))
+            .chain(bases.iter().map(|(h, _)| h.clone()))
+            .collect::<Vec<_>>()
+            .join(" ");
+        let (h, rendered) = (hash.to_string(), rendered.clone());
+        let encoded = self
+            .encodings
+            .get_with(&key, move || {
+                let refs: Vec<flotilla_proto::delta::Base<'_>> = bases
+                    .iter()
+                    .map(|(hash, objects)| flotilla_proto::delta::Base { hash, objects })
+                    .collect();
+                let Some(delta) = flotilla_proto::delta::diff(&h, &rendered, &objects, &refs)
+                else {
+                    return Vec::new();
+                };
+                let inline = delta
+                    .ops
+                    .iter()
+                    .filter(|o| matches!(o.op, Some(v1::delta_op::Op::Object(_))))
+                    .count();
+                // Mostly new: whole, encoded once for every agent.
+                if inline * 2 > objects.len() {
+                    return Vec::new();
+                }
+                prost::Message::encode_to_vec(&delta)
+            })
+            .await?;
+        Ok((!encoded.is_empty()).then_some(encoded))
     }
 
     /// Holds a set a v1 agent cannot take in one message: the session goes on
@@ -1249,7 +1445,12 @@ impl Session {
                 sent.sent_at.retain(|g, _| *g > ack.generation);
                 tracing::debug!(generation = ack.generation, "desired set acknowledged");
                 let (fleet, cluster) = (self.fleet.clone(), self.cluster.clone());
-                tokio::task::spawn_blocking(move || fleet.record_ack(&cluster, &set))
+                let resume = crate::store::Resume {
+                    seq: ack.generation,
+                    key_id: sent.key_id.clone(),
+                    set_digest: crate::fleet::set_digest(&set),
+                };
+                tokio::task::spawn_blocking(move || fleet.record_ack(&cluster, &set, Some(resume)))
                     .await
                     .map_err(|e| End::Error(internal(e)))?
                     .map_err(|e| End::Error(internal(e)))

@@ -157,6 +157,21 @@ pub struct ClusterRecord {
     /// nothing, and the next export acknowledges them to the agent.
     #[serde(default, skip_serializing_if = "FileMarks::is_empty")]
     pub file_marks: FileMarks,
+    /// The signed set the agent last acknowledged over a session: a session
+    /// whose agent says it holds that seq, while the cluster's set is the same,
+    /// resumes from it (nothing is sent again).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resume: Option<Resume>,
+}
+
+/// See [`ClusterRecord::resume`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct Resume {
+    pub seq: u64,
+    /// The key that signed it.
+    pub key_id: String,
+    /// [`crate::fleet::set_digest`] of the set.
+    pub set_digest: String,
 }
 
 /// See [`ClusterRecord::file_marks`].

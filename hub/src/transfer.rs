@@ -175,7 +175,7 @@ pub fn import_status(fleet: &Arc<Fleet>, bytes: &[u8]) -> Result<Imported, Trans
             bundles,
             complete: true,
         };
-        fleet.record_ack(&cluster, &set).map_err(internal)?;
+        fleet.record_ack(&cluster, &set, None).map_err(internal)?;
     }
     let seen = u64::try_from(report.exported_at_unix_ms)
         .unwrap_or(0)

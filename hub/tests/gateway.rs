@@ -460,6 +460,7 @@ fn hello(held: Vec<String>) -> v1::AgentMessage {
             api_versions: vec!["apps/v1".into(), "apps/v1/Deployment".into()],
             registry: false,
             features: vec![],
+            held_seq: 0,
         })),
     }
 }
@@ -2251,5 +2252,186 @@ async fn contents_go_in_chunks_to_agents_that_speak_it() {
                 .is_err(),
             "the hub sent a v1 agent something, or ended its session"
         );
+    }
+}
+
+/// "object-deltas": after a one-object change the agent is sent that object
+/// and runs to copy from the content it holds, which rebuild exactly the
+/// content the signed set names; a later session whose agent holds the set it
+/// acknowledged resumes from it (no set is sent again), and one that holds an
+/// older seq is sent the set.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deltas_carry_only_the_changed_objects_and_a_held_set_resumes() {
+    use flotilla_proto::chunks::{Assembled, Assembler};
+    use prost::Message;
+    let th = start_hub().await;
+    let source = "apiVersion: flotilla.io/v1alpha1\nkind: GitSource\nmetadata: {name: apps}\nspec:\n  repo: https://git.example.com/apps.git\n  paths: [\"apps/*\"]\n  targets:\n  - clusterSelector: {matchLabels: {env: prod}}\n";
+    let (status, body) = th
+        .call(
+            reqwest::Method::POST,
+            "/api/v1/apply?file=apps.yaml",
+            Some(source.into()),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let files = |changed: &str| -> BTreeMap<String, Vec<u8>> {
+        (0..50)
+            .map(|i| {
+                let v = if i == 25 { changed } else { "same" };
+                (
+                    format!("apps/web/cm-{i:02}.yaml"),
+                    format!("apiVersion: v1\nkind: ConfigMap\nmetadata: {{name: cm-{i}, namespace: demo}}\ndata: {{v: {v}, pad: {}}}\n", "p".repeat(400)).into_bytes(),
+                )
+            })
+            .collect()
+    };
+    let snapshot = |commit: &str, changed: &str| flotilla_hub::git::Snapshot {
+        commit: commit.into(),
+        files: files(changed),
+    };
+    assert!(th
+        .hub
+        .inject_snapshot("apps", snapshot("c1", "one"))
+        .await
+        .unwrap());
+    let token = th.token("1h").await;
+    let key = KeyPair::generate().unwrap();
+    let cert = enroll(&th, &token, "edge-d", &[("env", "prod")], &key)
+        .await
+        .unwrap()
+        .certificate_pem;
+    let with = |held: Vec<String>, held_seq: u64| {
+        let mut m = hello(held);
+        if let Some(v1::agent_message::Msg::Hello(h)) = &mut m.msg {
+            h.features = vec!["chunked-contents".into(), "object-deltas".into()];
+            h.held_seq = held_seq;
+        }
+        m
+    };
+    // Reads one set and what came in chunks before it.
+    async fn next_set(
+        inbound: &mut tonic::Streaming<v1::HubMessage>,
+    ) -> (v1::Desired, Vec<Assembled>) {
+        let mut assembler = Assembler::default();
+        loop {
+            match next_msg_within(inbound, Duration::from_secs(30)).await {
+                v1::hub_message::Msg::ContentChunk(c) => {
+                    assembler.chunk(c).unwrap();
+                }
+                v1::hub_message::Msg::Desired(d) => {
+                    let got = assembler.finish_all(&d.chunked).unwrap();
+                    return (d, got);
+                }
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+    }
+    let channel = th.channel(Some((&cert, &key))).await.unwrap();
+    let (tx, rx) = session_request(with(vec![], 0));
+    let mut inbound = FleetClient::new(channel.clone())
+        .session(rx)
+        .await
+        .unwrap()
+        .into_inner();
+    // Holding nothing: the content comes whole.
+    let (d1, got) = next_set(&mut inbound).await;
+    let Some(Assembled::Whole(c1)) = got.into_iter().next() else {
+        panic!("the first content is not whole");
+    };
+    assert_eq!(c1.manifests.len(), 50);
+    tx.send(v1::AgentMessage {
+        msg: Some(v1::agent_message::Msg::Ack(v1::DesiredAck {
+            generation: d1.generation,
+        })),
+    })
+    .await
+    .unwrap();
+    // One object changes.
+    assert!(th
+        .hub
+        .inject_snapshot("apps", snapshot("c2", "two"))
+        .await
+        .unwrap());
+    let (d2, got) = next_set(&mut inbound).await;
+    let Some(Assembled::Delta(delta)) = got.into_iter().next() else {
+        panic!("the change did not come as a delta");
+    };
+    let encoded = delta.encoded_len();
+    let objects: std::collections::HashMap<flotilla_proto::delta::Digest, v1::Manifest> = c1
+        .manifests
+        .iter()
+        .map(|m| (flotilla_proto::delta::object_digest(m), m.clone()))
+        .collect();
+    let list: Vec<_> = c1
+        .manifests
+        .iter()
+        .map(flotilla_proto::delta::object_digest)
+        .collect();
+    let c1_hash = c1.content_hash.clone();
+    let c2 = flotilla_proto::delta::resolve(
+        delta,
+        |h| (h == c1_hash).then(|| list.clone()),
+        |d| objects.get(d).cloned(),
+    )
+    .expect("the delta rebuilds the content");
+    assert_eq!(d2.bundles[0].content_hash, c2.content_hash);
+    let changed = c2.manifests[25].encoded_len();
+    assert!(
+        encoded < changed + 300,
+        "a delta of {encoded} bytes for one object of {changed}"
+    );
+    tx.send(v1::AgentMessage {
+        msg: Some(v1::agent_message::Msg::Ack(v1::DesiredAck {
+            generation: d2.generation,
+        })),
+    })
+    .await
+    .unwrap();
+    wait_for(&th, "/api/v1/bundles/apps-apps-web", |b| {
+        b["clusters"].as_array().is_some_and(|cs| {
+            cs.iter()
+                .any(|c| c["cluster"] == "edge-d" && c["state"] == "WaitApplied")
+        })
+    })
+    .await;
+    drop((tx, inbound));
+
+    // The agent holds d2, acknowledged: a new session resumes from it. A
+    // status sent at once is acknowledged first, with no set before it.
+    let status = |seq: u64| v1::AgentMessage {
+        msg: Some(v1::agent_message::Msg::Status(v1::BundleStatus {
+            bundle: "apps-apps-web".into(),
+            content_hash: c2.content_hash.clone(),
+            revision: "c2".into(),
+            state: v1::BundleState::Ready as i32,
+            message: String::new(),
+            seq,
+            observed_at_unix_ms: 1,
+        })),
+    };
+    let held = vec![c2.content_hash.clone()];
+    let resumed = |held_seq: u64, seq: u64| {
+        let (held, status, channel) = (held.clone(), status(seq), channel.clone());
+        async move {
+            let (tx, rx) = session_request(with(held, held_seq));
+            tx.send(status).await.unwrap();
+            let mut inbound = FleetClient::new(channel)
+                .session(rx)
+                .await
+                .unwrap()
+                .into_inner();
+            let first = next_msg_within(&mut inbound, Duration::from_secs(30)).await;
+            drop(tx);
+            first
+        }
+    };
+    match resumed(d2.generation, 1).await {
+        v1::hub_message::Msg::StatusAck(a) => assert_eq!(a.seq, 1),
+        other => panic!("a set was sent to an agent that holds it: {other:?}"),
+    }
+    // An agent that says it holds an older set is sent the set.
+    match resumed(d1.generation, 2).await {
+        v1::hub_message::Msg::Desired(d) => assert!(d.generation > d2.generation),
+        other => panic!("expected the set, got {other:?}"),
     }
 }

@@ -64,6 +64,16 @@ pub fn encode_content(content_hash: &str, rendered: &Rendered) -> Vec<u8> {
 
 /// The chunks of one encoded content: slices of `encoded`, never copies.
 pub fn split(content_hash: &str, encoded: Bytes) -> impl Iterator<Item = v1::ContentChunk> + '_ {
+    split_as(content_hash, encoded, false)
+}
+
+/// The chunks of an encoded content (`delta` false) or of an encoded
+/// [`v1::ContentDelta`] for it (`delta` true, "object-deltas").
+pub fn split_as(
+    content_hash: &str,
+    encoded: Bytes,
+    delta: bool,
+) -> impl Iterator<Item = v1::ContentChunk> + '_ {
     let total = encoded.len();
     (0..total.div_ceil(MAX_CHUNK_BYTES)).map(move |i| {
         let start = i * MAX_CHUNK_BYTES;
@@ -73,6 +83,7 @@ pub fn split(content_hash: &str, encoded: Bytes) -> impl Iterator<Item = v1::Con
             offset: start as u64,
             total_len: total as u64,
             data: encoded.slice(start..end),
+            delta,
         }
     })
 }
@@ -157,7 +168,26 @@ const RESERVE_FIRST: u64 = 16 << 20;
 struct Partial {
     hash: String,
     total_len: u64,
+    delta: bool,
     buf: Vec<u8>,
+}
+
+/// A content reassembled from its chunks: whole (decoded and hashed to its
+/// name), or a delta to rebuild it from ([`crate::delta::resolve`], which
+/// checks the hash).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Assembled {
+    Whole(v1::BundleContent),
+    Delta(v1::ContentDelta),
+}
+
+impl Assembled {
+    pub fn content_hash(&self) -> &str {
+        match self {
+            Assembled::Whole(c) => &c.content_hash,
+            Assembled::Delta(d) => &d.content_hash,
+        }
+    }
 }
 
 /// Reassembles the chunked contents of the next desired set (agent side).
@@ -170,7 +200,7 @@ struct Partial {
 pub struct Assembler {
     cap: u64,
     partial: Option<Partial>,
-    done: BTreeMap<String, v1::BundleContent>,
+    done: BTreeMap<String, Assembled>,
     /// Encoded bytes of `done`.
     done_bytes: u64,
     error: Option<ChunkError>,
@@ -243,7 +273,7 @@ impl Assembler {
         }
         match &mut self.partial {
             Some(p) if p.hash == hash => {
-                if p.total_len != c.total_len {
+                if p.total_len != c.total_len || p.delta != c.delta {
                     return Err(ChunkError::TotalChanged {
                         hash,
                         was: p.total_len,
@@ -297,6 +327,7 @@ impl Assembler {
                 self.partial = Some(Partial {
                     hash,
                     total_len: c.total_len,
+                    delta: c.delta,
                     buf,
                 });
             }
@@ -311,6 +342,22 @@ impl Assembler {
         let Some(p) = self.partial.take() else {
             return Ok(None);
         };
+        if p.delta {
+            let delta =
+                v1::ContentDelta::decode(p.buf.as_slice()).map_err(|e| ChunkError::Decode {
+                    hash: p.hash.clone(),
+                    reason: e.to_string(),
+                })?;
+            if delta.content_hash != p.hash {
+                return Err(ChunkError::WrongHash {
+                    hash: p.hash,
+                    actual: format!("a delta named {}", delta.content_hash),
+                });
+            }
+            self.done_bytes += p.total_len;
+            self.done.insert(p.hash.clone(), Assembled::Delta(delta));
+            return Ok(Some(p.hash));
+        }
         let content =
             v1::BundleContent::decode(p.buf.as_slice()).map_err(|e| ChunkError::Decode {
                 hash: p.hash.clone(),
@@ -334,7 +381,7 @@ impl Assembler {
             });
         }
         self.done_bytes += p.total_len;
-        self.done.insert(p.hash.clone(), content);
+        self.done.insert(p.hash.clone(), Assembled::Whole(content));
         Ok(Some(p.hash))
     }
 
@@ -343,6 +390,20 @@ impl Assembler {
     /// missing). Everything buffered is dropped either way: the next set starts
     /// afresh. Complete contents the set does not list are dropped too.
     pub fn finish(&mut self, chunked: &[String]) -> Result<Vec<v1::BundleContent>, ChunkError> {
+        self.finish_all(chunked)?
+            .into_iter()
+            .map(|a| match a {
+                Assembled::Whole(c) => Ok(c),
+                Assembled::Delta(d) => Err(ChunkError::Decode {
+                    hash: d.content_hash,
+                    reason: "a delta, where a whole content was expected".into(),
+                }),
+            })
+            .collect()
+    }
+
+    /// As [`Assembler::finish`], with deltas ("object-deltas") as they came.
+    pub fn finish_all(&mut self, chunked: &[String]) -> Result<Vec<Assembled>, ChunkError> {
         let partial = self.partial.take();
         let mut done = std::mem::take(&mut self.done);
         self.done_bytes = 0;
@@ -355,10 +416,7 @@ impl Assembler {
                 out.push(c);
                 continue;
             }
-            if out
-                .iter()
-                .any(|c: &v1::BundleContent| &c.content_hash == hash)
-            {
+            if out.iter().any(|c: &Assembled| c.content_hash() == hash) {
                 continue;
             }
             return Err(match &partial {
@@ -485,6 +543,7 @@ mod tests {
                 offset: 0,
                 total_len: 3,
                 data: Bytes::from_static(&[0xff, 0xff, 0xff]),
+                delta: false,
             })
             .unwrap_err();
         assert!(matches!(e, ChunkError::Decode { .. }), "{e}");
@@ -578,6 +637,7 @@ mod tests {
                 offset: 0,
                 total_len: MAX_CONTENT_BYTES + 1,
                 data: Bytes::from_static(b"x"),
+                delta: false,
             })
             .unwrap_err();
         assert!(matches!(e, ChunkError::OverCap { .. }), "{e}");

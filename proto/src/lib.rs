@@ -17,6 +17,7 @@ use flotilla_shared::signing::{Endorsement, Envelope};
 use flotilla_shared::state::BundleState;
 
 pub mod chunks;
+pub mod delta;
 pub mod transfer;
 
 /// The protocol features an agent may advertise in `Hello.features`
@@ -26,8 +27,12 @@ pub mod features {
     /// lists them in `chunked` ([`crate::chunks`]).
     pub const CHUNKED_CONTENTS: &str = "chunked-contents";
 
+    /// With [`CHUNKED_CONTENTS`]: a content may come as a `ContentDelta` of
+    /// the objects the agent lacks ([`crate::delta`]).
+    pub const OBJECT_DELTAS: &str = "object-deltas";
+
     /// Every feature this build speaks.
-    pub const ALL: &[&str] = &[CHUNKED_CONTENTS];
+    pub const ALL: &[&str] = &[CHUNKED_CONTENTS, OBJECT_DELTAS];
 }
 
 /// A wire value that does not make a valid domain value.

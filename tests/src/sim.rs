@@ -132,6 +132,7 @@ pub async fn session_reconnecting(
             &hub,
             tls.clone(),
             false,
+            &[],
             &events,
             &mut stop,
             &verdict,
@@ -174,7 +175,39 @@ pub async fn session_with(
     verdict: Verdict,
 ) {
     let r = run(
-        agent, &hub, tls, gzip, &events, &mut stop, &verdict, &mut false,
+        agent,
+        &hub,
+        tls,
+        gzip,
+        &[],
+        &events,
+        &mut stop,
+        &verdict,
+        &mut false,
+    )
+    .await;
+    if let Err(e) = r {
+        let _ = events.send(Event::Failed {
+            agent,
+            error: format!("{e:#}"),
+        });
+    }
+}
+
+/// As [`session`], advertising `features` in Hello (the chunks and deltas
+/// that come are counted on the wire, not read).
+pub async fn session_speaking(
+    agent: usize,
+    hub: Uri,
+    tls: Arc<ClientConfig>,
+    features: &[&str],
+    events: mpsc::UnboundedSender<Event>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let features: Vec<String> = features.iter().map(|f| f.to_string()).collect();
+    let verdict: Verdict = Arc::new(|_| BundleState::Ready);
+    let r = run(
+        agent, &hub, tls, true, &features, &events, &mut stop, &verdict, &mut false,
     )
     .await;
     if let Err(e) = r {
@@ -191,6 +224,7 @@ async fn run(
     hub: &Uri,
     tls: Arc<ClientConfig>,
     gzip: bool,
+    features: &[String],
     events: &mpsc::UnboundedSender<Event>,
     stop: &mut watch::Receiver<bool>,
     verdict: &Verdict,
@@ -216,7 +250,8 @@ async fn run(
         held_hashes: vec![],
         api_versions: vec![],
         registry: false,
-        features: vec![],
+        features: features.to_vec(),
+        held_seq: 0,
     }))
     .await?;
     let mut inbound = client
@@ -229,15 +264,20 @@ async fn run(
         tokio::time::Instant::now() + flotilla_agent::session::HEARTBEAT,
         flotilla_agent::session::HEARTBEAT,
     );
+    // Protobuf bytes of the chunks before the next set.
+    let mut chunk_bytes = 0;
     loop {
         tokio::select! {
             msg = inbound.message() => match msg {
                 Ok(Some(m)) => {
+                    if let Some(HubMsg::ContentChunk(c)) = &m.msg {
+                        chunk_bytes += prost::Message::encoded_len(c);
+                    }
                     if let Some(HubMsg::Desired(d)) = m.msg.filter(|m| !matches!(m, HubMsg::Desired(d) if !d.complete)) {
                         *connected = true;
                         send(AgentMsg::Ack(DesiredAck { generation: d.generation })).await?;
                         let revision = d.bundles.first().map(|b| b.revision.clone()).unwrap_or_default();
-                        let desired_bytes = prost::Message::encoded_len(&d);
+                        let desired_bytes = prost::Message::encoded_len(&d) + std::mem::take(&mut chunk_bytes);
                         let _ = events.send(Event::Acked { agent, revision, at: Instant::now(), desired_bytes });
                         for b in d.bundles.iter().filter(|b| d.contents.iter().any(|c| c.content_hash == b.content_hash)) {
                             seq += 1;
@@ -434,6 +474,7 @@ async fn torture_session(
         api_versions: vec![],
         registry: false,
         features: vec![],
+        held_seq: 0,
     }))
     .await?;
     let mut inbound = client

@@ -334,3 +334,159 @@ fn a_v2_agent_works_with_a_v1_hub() -> Result<()> {
     agent.proc.stop();
     Ok(())
 }
+
+/// ConfigMaps of the bundle the one-line change is made in.
+const WIRE_OBJECTS: usize = 500;
+
+/// One ConfigMap of the one-line-change bundle, about 540 bytes of YAML.
+fn wire_config_map(ns: &str, i: usize, value: &str) -> String {
+    let mut s = format!(
+        "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: cm-{i:03}\n  namespace: {ns}\ndata:\n  value: \"{value}\"\n"
+    );
+    for k in 0..8 {
+        s.push_str(&format!(
+            "  key{k}: \"some configuration value number {k} of cm-{i:03}\"\n"
+        ));
+    }
+    s
+}
+
+/// Bytes the hub sends an agent, counted on the wire by a proxy between them,
+/// for a one-line change in one ConfigMap of 500: with "object-deltas" about the
+/// changed object and a constant (the signed set, the chunk's header, the
+/// acknowledgements of the agent's statuses); with the agent before deltas
+/// (`--protocol-v1-only`, inline and gzipped) the whole bundle again. A
+/// restarted agent that holds the set resumes from it: the hub signs and sends
+/// nothing.
+#[test]
+fn a_one_line_change_sends_the_changed_object_and_a_restart_resumes() -> Result<()> {
+    if !e2e_available() {
+        return Ok(());
+    }
+    let [east, west] = shared_clusters();
+    let dir = test_dir("chunked-wire")?;
+    let ns = "e2e-wire";
+    let hub = Hub::start(&dir.path().join("hub"))?;
+    let repo = GitRepo::new(dir.path(), "wire")?;
+    let mut files = BTreeMap::from([(
+        "wire/0-ns.yaml".to_string(),
+        format!("apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {ns}\n"),
+    )]);
+    for i in 0..WIRE_OBJECTS {
+        files.insert(format!("wire/cm-{i:03}.yaml"), wire_config_map(ns, i, "v1"));
+    }
+    let r1 = commit(&repo, &files, "500 ConfigMaps")?;
+    let rt = tokio::runtime::Runtime::new()?;
+    let port: u16 = hub
+        .agent_url
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .ok_or_else(|| anyhow!("no port in {}", hub.agent_url))?;
+    let delta_proxy = rt.block_on(flotilla_tests::counting::CountingProxy::start(port))?;
+    let v1_proxy = rt.block_on(flotilla_tests::counting::CountingProxy::start(port))?;
+    let mut agent = Agent::spawn(
+        &format!("https://127.0.0.1:{}", delta_proxy.port),
+        Some(&hub.token()?),
+        "wire-v2",
+        "wire=yes",
+        &east.kubeconfig,
+        &dir.path().join("v2"),
+    )?;
+    let mut old = Agent::spawn_with(
+        &format!("https://127.0.0.1:{}", v1_proxy.port),
+        Some(&hub.token()?),
+        "wire-v1",
+        "wire=yes",
+        &west.kubeconfig,
+        &dir.path().join("v1"),
+        &["--protocol-v1-only"],
+    )?;
+    hub.cli(&[
+        "source", "add", "wire", "--repo", &repo.url, "--path", "wire", "--target", "wire=yes",
+        "--poll", "1s",
+    ])?;
+    let bundle = "wire-wire";
+    let ready_at = |cluster: &str, revision: &str| -> Result<()> {
+        wait_until(
+            &format!("{bundle} Ready at {revision} on {cluster}"),
+            DEADLINE,
+            || {
+                let b = hub.cli_json(&["bundle", "get", bundle])?;
+                let ready = b["clusters"].as_array().is_some_and(|cs| {
+                    cs.iter().any(|c| {
+                        c["cluster"] == cluster
+                            && c["state"] == "Ready"
+                            && c["appliedRevision"] == revision
+                    })
+                });
+                Ok(ready.then_some(()))
+            },
+        )
+    };
+    for (cluster, a) in [("wire-v2", &agent), ("wire-v1", &old)] {
+        ready_at(cluster, &r1).map_err(|e| e.context(a.proc.log_text()))?;
+    }
+    let (v2_before, _) = delta_proxy.counts();
+    let (v1_before, _) = v1_proxy.counts();
+    let changed = wire_config_map(ns, 250, "v2");
+    let r2 = commit(
+        &repo,
+        &BTreeMap::from([("wire/cm-250.yaml".to_string(), changed.clone())]),
+        "one line",
+    )?;
+    for (cluster, a) in [("wire-v2", &agent), ("wire-v1", &old)] {
+        ready_at(cluster, &r2).map_err(|e| e.context(a.proc.log_text()))?;
+    }
+    let cm = east
+        .get("configmap", Some(ns), "cm-250")?
+        .ok_or_else(|| anyhow!("cm-250 missing"))?;
+    assert_eq!(cm["data"]["value"], "v2");
+    let (v2_after, _) = delta_proxy.counts();
+    let (v1_after, _) = v1_proxy.counts();
+    let (delta_bytes, whole_bytes) = (v2_after - v2_before, v1_after - v1_before);
+    let object = changed.len() as u64;
+    eprintln!(
+        "wire: one line changed in one ConfigMap of {WIRE_OBJECTS} ({object} bytes of YAML): hub -> \
+         agent on the wire, object-deltas {delta_bytes} bytes, the agent before them \
+         (inline, gzip) {whole_bytes} bytes"
+    );
+    let log = agent.proc.log_text();
+    assert!(log.contains("contents rebuilt from deltas"), "{log}");
+    // The stated bound: twice the object, plus 4 KiB for the signed set, the
+    // chunk header and the acknowledgements of the agent's statuses.
+    assert!(
+        delta_bytes <= 2 * object + 4096,
+        "{delta_bytes} bytes on the wire for a {object}-byte object"
+    );
+    assert!(
+        delta_bytes * 4 < whole_bytes,
+        "deltas {delta_bytes}, whole {whole_bytes}"
+    );
+
+    // Restarted, the agent holds the set it acknowledged: the session resumes.
+    let sets_before = sets_sent(&hub, "wire-v2").len();
+    let connects_before = connects(&hub, "wire-v2");
+    agent.restart()?;
+    wait_until("the restarted agent's session", DEADLINE, || {
+        Ok((connects(&hub, "wire-v2") > connects_before).then_some(()))
+    })?;
+    wait_until("the hub to resume the session", DEADLINE, || {
+        Ok(hub
+            .proc
+            .log_text()
+            .lines()
+            .any(|l| l.contains("resuming from it") && l.contains("cluster=wire-v2"))
+            .then_some(()))
+    })
+    .map_err(|e| e.context(agent.proc.log_text()))?;
+    assert_eq!(
+        sets_sent(&hub, "wire-v2").len(),
+        sets_before,
+        "a set was sent again"
+    );
+    ready_at("wire-v2", &r2)?;
+    agent.proc.stop();
+    old.proc.stop();
+    Ok(())
+}

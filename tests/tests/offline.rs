@@ -59,7 +59,8 @@ fn agent_restart_without_hub_keeps_cluster_converged() -> Result<()> {
     agent.restart()?;
     wait_value(east, ns, Some("one"))?;
 
-    // The hub returns: the agent reconnects, and the hub sends no content it holds.
+    // The hub returns: the agent reconnects, and the hub sends no content it holds;
+    // the agent holds the very set it acknowledged, so the session resumes from it.
     hub.restart()?;
     wait_until("agent reconnected", DEADLINE, || {
         let c = hub.cli_json(&["cluster", "get", "off-east"])?;
@@ -68,9 +69,17 @@ fn agent_restart_without_hub_keeps_cluster_converged() -> Result<()> {
     hub.wait_bundle_state("off", "off-east", "Ready")?;
     let log = agent.proc.log_text();
     assert!(
-        log.contains("new_contents=0"),
+        !log.lines()
+            .any(|l| l.contains("desired state received") && !l.contains("new_contents=0")),
         "the reconnected agent must not be sent content it holds:\n{log}"
     );
+    wait_until("the hub to resume the session", DEADLINE, || {
+        Ok(hub
+            .proc
+            .log_text()
+            .contains("the agent holds this very set: resuming from it")
+            .then_some(()))
+    })?;
     Ok(())
 }
 

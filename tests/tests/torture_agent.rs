@@ -161,6 +161,7 @@ impl Run<'_> {
         self.agent.proc.kill9();
         self.restarts += 1;
         let acked_before = pre_kill_log.contains("desired state received");
+        let mut hub_log = LogTail::from_end(&self.hub.proc.log);
         self.agent = Agent::spawn(
             &self.hub.agent_url,
             None,
@@ -170,8 +171,26 @@ impl Run<'_> {
             &self.state,
         )?;
         let mut log = LogTail::from_start(&self.agent.proc.log);
-        // The session's first Desired tells whether the store kept the content.
-        let first = log.wait_for("desired state received", DEADLINE);
+        // The session's first Desired tells whether the store kept the content;
+        // or the hub resumes the session from the set the store holds (it sends
+        // none: the store kept the set, seq and contents).
+        let started = Instant::now();
+        let first = loop {
+            log.poll();
+            hub_log.poll();
+            let resumed = hub_log.text.lines().any(|l| {
+                l.contains("resuming from it") && l.contains(&format!("cluster={}", self.name))
+            });
+            if log.text.contains("desired state received") || resumed {
+                break Ok(resumed);
+            }
+            if started.elapsed() > DEADLINE {
+                break Err(anyhow::anyhow!(
+                    "the restarted agent was neither sent a set nor resumed in {DEADLINE:?}"
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        };
         let text = log.text.clone();
         if text.contains("cannot be opened") || text.contains("corrupt") {
             self.store_problems += 1;
@@ -183,8 +202,8 @@ impl Run<'_> {
                     .unwrap_or_default()
             ));
         }
-        first?;
-        if acked_before {
+        let resumed = first?;
+        if acked_before && !resumed {
             let received = text
                 .lines()
                 .find(|l| l.contains("desired state received"))
